@@ -1,0 +1,638 @@
+// Package divert gives every OS the divert socket: it takes IP packets out of
+// the host's path by a filter, hands them to the program, and lets the program
+// reinject them (changed or not), drop them, or inject packets it made itself.
+//
+// The API mirrors WinDivert (Open, Recv, Send, batches, Shutdown, params) and
+// keeps the divert-socket meaning of an address: an outbound address sends out,
+// an inbound address delivers in. Filters are written in WinDivert's filter
+// language on every OS (see package filter).
+//
+// Backends:
+//
+//   - Linux: NFQUEUE, with nftables rules compiled from the filter in a table
+//     owned by the handle (the rules vanish with the process).
+//   - FreeBSD: native divert(4) sockets, with ipfw rules.
+//   - Windows: WinDivert through github.com/imgk/divert-go.
+//
+// Every other OS compiles, and Open returns an error wrapping ErrNotSupported.
+//
+// The classic loop:
+//
+//	h, err := divert.Open("tcp.DstPort == 80", divert.LayerNetwork, 0, 0)
+//	if err != nil {
+//		return err
+//	}
+//	defer h.Close()
+//	buf := make([]byte, divert.MTUMax)
+//	var addr divert.Address
+//	for {
+//		n, err := h.Recv(buf, &addr)
+//		if err != nil {
+//			return err
+//		}
+//		// inspect or change buf[:n] here
+//		if _, err := h.Send(buf[:n], &addr); err != nil {
+//			return err
+//		}
+//	}
+package divert
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/netdivert/divert/filter"
+)
+
+// Limits shared by every backend (WinDivert's values).
+const (
+	// PriorityHighest is the highest handle priority; packets visit
+	// higher-priority handles first.
+	PriorityHighest = 30000
+	// PriorityLowest is the lowest handle priority.
+	PriorityLowest = -30000
+	// BatchMax is the largest number of packets RecvBatch and SendBatch
+	// move in one call.
+	BatchMax = 255
+	// MTUMax is the largest packet a handle carries: 40 bytes of IPv6 header
+	// plus a 65535-byte payload. A buffer of this size never truncates.
+	MTUMax = 40 + 0xFFFF
+)
+
+// Layer selects where in the network stack a handle intercepts.
+type Layer uint8
+
+// Layers, with WinDivert's values.
+const (
+	// LayerNetwork intercepts packets to and from the local host.
+	LayerNetwork Layer = 0
+	// LayerNetworkForward intercepts packets routed through the host.
+	LayerNetworkForward Layer = 1
+	// LayerFlow reports flow established/deleted events (Windows only).
+	LayerFlow Layer = 2
+	// LayerSocket reports socket operations (Windows only).
+	LayerSocket Layer = 3
+	// LayerReflect reports other handles being opened and closed (Windows only).
+	LayerReflect Layer = 4
+)
+
+var layerNames = [...]string{"NETWORK", "NETWORK_FORWARD", "FLOW", "SOCKET", "REFLECT"}
+
+// String returns WinDivert's name of the layer.
+func (l Layer) String() string {
+	if int(l) < len(layerNames) {
+		return layerNames[l]
+	}
+	return fmt.Sprintf("Layer(%d)", uint8(l))
+}
+
+// Event says what an Address describes.
+type Event uint8
+
+// Events, with WinDivert's values.
+const (
+	EventNetworkPacket   Event = 0 // a packet (network layers)
+	EventFlowEstablished Event = 1 // a flow was established (flow layer)
+	EventFlowDeleted     Event = 2 // a flow was deleted (flow layer)
+	EventSocketBind      Event = 3 // a socket was bound (socket layer)
+	EventSocketConnect   Event = 4 // a socket connected (socket layer)
+	EventSocketListen    Event = 5 // a socket listens (socket layer)
+	EventSocketAccept    Event = 6 // a socket accepted a connection (socket layer)
+	EventSocketClose     Event = 7 // a socket was closed (socket layer)
+	EventReflectOpen     Event = 8 // a handle was opened (reflect layer)
+	EventReflectClose    Event = 9 // a handle was closed (reflect layer)
+)
+
+var eventNames = [...]string{"PACKET", "ESTABLISHED", "DELETED", "BIND", "CONNECT", "LISTEN", "ACCEPT", "CLOSE", "OPEN", "CLOSE"}
+
+// String returns WinDivert's name of the event.
+func (e Event) String() string {
+	if int(e) < len(eventNames) {
+		return eventNames[e]
+	}
+	return fmt.Sprintf("Event(%d)", uint8(e))
+}
+
+// Flag modifies how a handle intercepts. The low bits are WinDivert's flags
+// with WinDivert's values; the high bits are divert-socket options.
+type Flag uint64
+
+// Flags.
+const (
+	// FlagSniff leaves packets on their path and hands the program a copy
+	// (Address.Sniffed is set).
+	FlagSniff Flag = 0x01
+	// FlagDrop drops matching packets without queueing them; do not Recv.
+	FlagDrop Flag = 0x02
+	// FlagRecvOnly forbids Send on the handle.
+	FlagRecvOnly Flag = 0x04
+	// FlagSendOnly forbids Recv on the handle (an injection-only handle,
+	// usually opened with the filter "false").
+	FlagSendOnly Flag = 0x08
+	// FlagNoInstall fails instead of installing a missing driver (Windows)
+	// or kernel module.
+	FlagNoInstall Flag = 0x10
+	// FlagFragments hands over IP fragments as they are on the wire instead
+	// of reassembled datagrams (inbound, network layer).
+	FlagFragments Flag = 0x20
+
+	// FlagPassThrough lets packets pass when no program is receiving on the
+	// handle's queue, instead of dropping them (the divert-socket
+	// "pass-through" option).
+	FlagPassThrough Flag = 1 << 32
+	// FlagReassemble always hands over whole datagrams: fragments are
+	// reassembled before Recv sees them (the divert-socket "always
+	// defragment" option). Send refragments what exceeds the path MTU.
+	FlagReassemble Flag = 1 << 33
+	// FlagFailOpen lets packets pass when the handle's queue overflows,
+	// instead of dropping them.
+	FlagFailOpen Flag = 1 << 34
+
+	flagsWinDivert = FlagSniff | FlagDrop | FlagRecvOnly | FlagSendOnly | FlagNoInstall | FlagFragments
+	flagsAll       = flagsWinDivert | FlagPassThrough | FlagReassemble | FlagFailOpen
+)
+
+// Validate reports whether f is a valid combination: no unknown bits, not
+// both FlagSniff and FlagDrop, not both FlagRecvOnly and FlagSendOnly, not both
+// FlagFragments and FlagReassemble.
+func (f Flag) Validate() error {
+	switch {
+	case f&^flagsAll != 0:
+		return fmt.Errorf("divert: unknown flag bits %#x", uint64(f&^flagsAll))
+	case f&(FlagSniff|FlagDrop) == FlagSniff|FlagDrop:
+		return errors.New("divert: FlagSniff and FlagDrop are exclusive")
+	case f&(FlagRecvOnly|FlagSendOnly) == FlagRecvOnly|FlagSendOnly:
+		return errors.New("divert: FlagRecvOnly and FlagSendOnly are exclusive")
+	case f&(FlagFragments|FlagReassemble) == FlagFragments|FlagReassemble:
+		return errors.New("divert: FlagFragments and FlagReassemble are exclusive")
+	}
+	return nil
+}
+
+// Param names a tunable of a handle.
+type Param uint32
+
+// Params, with WinDivert's values.
+const (
+	// ParamQueueLength is the most packets the handle's queue holds
+	// (default 4096, 32..16384).
+	ParamQueueLength Param = 0
+	// ParamQueueTime is how long, in milliseconds, a packet may wait in the
+	// queue before it is dropped (default 2000, 100..16000).
+	ParamQueueTime Param = 1
+	// ParamQueueSize is the most bytes the handle's queue holds
+	// (default 4 MiB, 65535..32 MiB).
+	ParamQueueSize Param = 2
+	// ParamVersionMajor is the backend's major version (read-only).
+	ParamVersionMajor Param = 3
+	// ParamVersionMinor is the backend's minor version (read-only).
+	ParamVersionMinor Param = 4
+)
+
+// Param defaults and ranges.
+const (
+	QueueLengthDefault = 4096
+	QueueLengthMin     = 32
+	QueueLengthMax     = 16384
+	QueueTimeDefault   = 2000
+	QueueTimeMin       = 100
+	QueueTimeMax       = 16000
+	QueueSizeDefault   = 4 << 20
+	QueueSizeMin       = 65535
+	QueueSizeMax       = 32 << 20
+)
+
+var paramNames = [...]string{"QueueLength", "QueueTime", "QueueSize", "VersionMajor", "VersionMinor"}
+
+// String returns the name of the param.
+func (p Param) String() string {
+	if int(p) < len(paramNames) {
+		return paramNames[p]
+	}
+	return fmt.Sprintf("Param(%d)", uint32(p))
+}
+
+// checkParam validates a value for SetParam. It never clamps.
+func checkParam(p Param, v uint64) error {
+	var lo, hi uint64
+	switch p {
+	case ParamQueueLength:
+		lo, hi = QueueLengthMin, QueueLengthMax
+	case ParamQueueTime:
+		lo, hi = QueueTimeMin, QueueTimeMax
+	case ParamQueueSize:
+		lo, hi = QueueSizeMin, QueueSizeMax
+	case ParamVersionMajor, ParamVersionMinor:
+		return fmt.Errorf("divert: param %v is read-only", p)
+	default:
+		return fmt.Errorf("divert: unknown param %d", uint32(p))
+	}
+	if v < lo || v > hi {
+		return fmt.Errorf("divert: param %v value %d out of range [%d, %d]", p, v, lo, hi)
+	}
+	return nil
+}
+
+// ShutdownHow says which direction Shutdown stops.
+type ShutdownHow int
+
+// Shutdown directions, with WinDivert's values.
+const (
+	// ShutdownRecv stops queueing new packets; packets already queued can
+	// still be received, then Recv returns ErrShutdown.
+	ShutdownRecv ShutdownHow = 1
+	// ShutdownSend stops injection; Send returns ErrShutdown.
+	ShutdownSend ShutdownHow = 2
+	// ShutdownBoth is ShutdownRecv and ShutdownSend.
+	ShutdownBoth ShutdownHow = 3
+)
+
+// Errors.
+var (
+	// ErrNotSupported is wrapped by every error that reports a feature the
+	// OS or its backend lacks.
+	ErrNotSupported = errors.New("divert: not supported")
+	// ErrTruncated is returned by Recv, with the truncated packet, when the
+	// buffer is smaller than the packet (WinDivert's
+	// ERROR_INSUFFICIENT_BUFFER).
+	ErrTruncated = errors.New("divert: packet truncated: buffer too small")
+	// ErrShutdown is returned by Recv once the handle was shut down for
+	// receiving and its queue is empty, and by Send after ShutdownSend
+	// (WinDivert's ERROR_NO_DATA). errors.Is(ErrShutdown, io.EOF) holds.
+	ErrShutdown error = shutdownError{}
+)
+
+type shutdownError struct{}
+
+func (shutdownError) Error() string        { return "divert: handle shut down" }
+func (shutdownError) Is(target error) bool { return target == io.EOF }
+
+// FilterError reports a filter that does not compile. It is the filter
+// package's error; Pos is the character position of the fault.
+type FilterError = filter.Error
+
+// FlowData is the flow or socket 5-tuple of an Address at LayerFlow and
+// LayerSocket. Addresses are 16-byte values; IPv4 is IPv4-mapped
+// (::ffff:a.b.c.d), as in WinDivert.
+type FlowData struct {
+	EndpointID       uint64
+	ParentEndpointID uint64
+	ProcessID        uint32
+	LocalAddr        [16]byte
+	RemoteAddr       [16]byte
+	LocalPort        uint16
+	RemotePort       uint16
+	Protocol         uint8
+}
+
+// ReflectData describes another handle at LayerReflect.
+type ReflectData struct {
+	Timestamp int64
+	ProcessID uint32
+	Layer     Layer
+	Flags     Flag
+	Priority  int16
+}
+
+// Address is what comes with every packet: where it was taken and how to put
+// it back. Recv fills it; Send reads Outbound, Impostor, the checksum bits,
+// IfIdx and SubIfIdx (WinDivert's contract), and, for a packet that was
+// received, the hidden reference that lets the backend reinject that exact
+// packet. A zero Address with Outbound set describes a new outbound packet; a
+// zero Address with an IfIdx describes a new inbound packet.
+type Address struct {
+	// Timestamp is when the packet was taken: nanoseconds since the Unix
+	// epoch on Linux and FreeBSD, QueryPerformanceCounter ticks on Windows.
+	Timestamp int64
+	// Layer is the handle's layer.
+	Layer Layer
+	// Event says what the address describes.
+	Event Event
+	// Sniffed is set when the packet was copied, not taken (FlagSniff).
+	Sniffed bool
+	// Outbound is set for packets leaving the host; clear for inbound.
+	Outbound bool
+	// Loopback is set for packets from the host to itself.
+	Loopback bool
+	// Impostor is set for packets injected by someone else.
+	Impostor bool
+	// IPv6 is set for IPv6 packets.
+	IPv6 bool
+	// IPChecksum, TCPChecksum and UDPChecksum are set when that checksum is
+	// known valid. On Send they say the checksum is already valid.
+	IPChecksum  bool
+	TCPChecksum bool
+	UDPChecksum bool
+	// IfIdx is the interface index (the receiving interface for inbound
+	// packets, the sending one for outbound packets when known).
+	IfIdx uint32
+	// SubIfIdx is the sub-interface index (Windows; zero elsewhere).
+	SubIfIdx uint32
+	// Flow holds the 5-tuple at LayerFlow and LayerSocket.
+	Flow FlowData
+	// Reflect describes the other handle at LayerReflect.
+	Reflect ReflectData
+
+	sys sysAddr // backend's reference to the queued packet; zero for new packets
+}
+
+// Message is one packet of a batch: Buf is caller-owned, the packet is
+// Buf[:N].
+type Message struct {
+	Buf  []byte
+	N    int
+	Addr Address
+}
+
+// backend is the seam between Handle and an OS implementation. Handle checks
+// arguments and state; a backend only moves packets.
+type backend interface {
+	recv(b []byte, a *Address) (int, error)
+	recvBatch(ms []Message) (int, error)
+	send(b []byte, a *Address) (int, error)
+	sendBatch(ms []Message) (int, error)
+	drop(a *Address) error
+	shutdown(how ShutdownHow) error
+	close() error
+	setParam(p Param, v uint64) error
+	setReadDeadline(t time.Time) error
+	version() (major, minor uint64)
+}
+
+// openConfig is what Open and OpenPort hand a backend.
+type openConfig struct {
+	filter   *filter.Filter // nil for OpenPort
+	layer    Layer
+	priority int16
+	flags    Flag
+	port     int // -1 for Open; the queue number / divert port for OpenPort
+	params   [3]uint64
+}
+
+// Handle is an open divert handle. It is safe for concurrent use: many
+// goroutines may Recv and Send at once.
+type Handle struct {
+	b      backend
+	layer  Layer
+	flags  Flag
+	closed atomic.Bool
+	shut   atomic.Int32
+	mu     sync.Mutex // guards params
+	params [3]uint64
+}
+
+// Open opens a handle that intercepts the packets filter matches at layer.
+// filter is WinDivert's filter language (see package filter); priority is in
+// [PriorityLowest, PriorityHighest], higher first. A filter error is a
+// *FilterError with the position of the fault. Missing privileges give an
+// error wrapping os.ErrPermission; a layer or flag the OS cannot do gives an
+// error wrapping ErrNotSupported.
+func Open(filterText string, layer Layer, priority int16, flags Flag) (*Handle, error) {
+	if layer > LayerReflect {
+		return nil, fmt.Errorf("divert: invalid layer %d", uint8(layer))
+	}
+	if priority < PriorityLowest || priority > PriorityHighest {
+		return nil, fmt.Errorf("divert: priority %d out of range [%d, %d]", priority, PriorityLowest, PriorityHighest)
+	}
+	if err := flags.Validate(); err != nil {
+		return nil, err
+	}
+	if err := checkLayerFlags(layer, flags); err != nil {
+		return nil, err
+	}
+	f, err := filter.Compile(filterText, filter.Layer(layer))
+	if err != nil {
+		return nil, err
+	}
+	return open(openConfig{filter: f, layer: layer, priority: priority, flags: flags, port: -1})
+}
+
+// OpenPort attaches to a divert rule an administrator set up instead of
+// installing one: on Linux port is the NFQUEUE queue number (for rules such
+// as "iptables -A INPUT -p icmp -j NFQUEUE --queue-num 1234"), on FreeBSD the
+// divert port of an ipfw "divert" rule. Windows has no such rules and returns
+// ErrNotSupported. The handle is at LayerNetwork; every packet the rule
+// queues is received.
+func OpenPort(port uint16, flags Flag) (*Handle, error) {
+	if err := flags.Validate(); err != nil {
+		return nil, err
+	}
+	return open(openConfig{layer: LayerNetwork, flags: flags, port: int(port)})
+}
+
+func checkLayerFlags(layer Layer, flags Flag) error {
+	switch layer {
+	case LayerFlow, LayerReflect:
+		if flags&(FlagSniff|FlagRecvOnly) != FlagSniff|FlagRecvOnly {
+			return fmt.Errorf("divert: layer %v needs FlagSniff|FlagRecvOnly", layer)
+		}
+	case LayerSocket:
+		if flags&FlagRecvOnly == 0 {
+			return fmt.Errorf("divert: layer %v needs FlagRecvOnly", layer)
+		}
+	}
+	if flags&FlagFragments != 0 && layer != LayerNetwork {
+		return fmt.Errorf("divert: FlagFragments needs layer %v", LayerNetwork)
+	}
+	return nil
+}
+
+func open(cfg openConfig) (*Handle, error) {
+	cfg.params = [3]uint64{QueueLengthDefault, QueueTimeDefault, QueueSizeDefault}
+	b, err := openBackend(&cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Handle{b: b, layer: cfg.layer, flags: cfg.flags, params: cfg.params}, nil
+}
+
+var errClosed = fmt.Errorf("divert: use of closed handle: %w", net.ErrClosed)
+
+func (h *Handle) checkRecv() error {
+	if h.closed.Load() {
+		return errClosed
+	}
+	if h.flags&(FlagSendOnly|FlagDrop) != 0 {
+		return errors.New("divert: handle cannot receive (FlagSendOnly or FlagDrop)")
+	}
+	return nil
+}
+
+func (h *Handle) checkSend() error {
+	if h.closed.Load() {
+		return errClosed
+	}
+	if h.flags&FlagRecvOnly != 0 {
+		return errors.New("divert: handle cannot send (FlagRecvOnly)")
+	}
+	if h.shut.Load()&int32(ShutdownSend) != 0 {
+		return ErrShutdown
+	}
+	return nil
+}
+
+// Recv receives one packet into b and fills a. It blocks until a packet
+// comes, the read deadline passes (os.ErrDeadlineExceeded), the handle is
+// shut down and drained (ErrShutdown) or closed (net.ErrClosed). A buffer
+// smaller than the packet receives the first len(b) bytes and ErrTruncated.
+// A received packet stays out of the host's path until it is sent back with
+// Send, dropped with Drop, or its ParamQueueTime runs out (then it is dropped).
+func (h *Handle) Recv(b []byte, a *Address) (int, error) {
+	if err := h.checkRecv(); err != nil {
+		return 0, err
+	}
+	if a == nil {
+		return 0, errors.New("divert: nil Address")
+	}
+	return h.b.recv(b, a)
+}
+
+// RecvBatch receives up to min(len(ms), BatchMax) packets, blocking for the
+// first only. It returns how many messages it filled; each gets its packet
+// in Buf[:N] and its Address. A message whose Buf is too small holds the
+// truncated packet; the call then also returns ErrTruncated.
+func (h *Handle) RecvBatch(ms []Message) (int, error) {
+	if err := h.checkRecv(); err != nil {
+		return 0, err
+	}
+	if len(ms) > BatchMax {
+		ms = ms[:BatchMax]
+	}
+	if len(ms) == 0 {
+		return 0, nil
+	}
+	return h.b.recvBatch(ms)
+}
+
+// Send injects b. With an Address from Recv it reinjects that packet, changed
+// or not, where it was taken (a handle never sees its own reinjected packets
+// again; lower-priority handles do). With a fresh Address it injects a new
+// packet: outbound when a.Outbound is set, else inbound as if received on
+// interface a.IfIdx. Checksums are sent as given; use CalcChecksums after
+// changing a packet.
+func (h *Handle) Send(b []byte, a *Address) (int, error) {
+	if err := h.checkSend(); err != nil {
+		return 0, err
+	}
+	if a == nil {
+		return 0, errors.New("divert: nil Address")
+	}
+	if len(b) == 0 || len(b) > MTUMax {
+		return 0, fmt.Errorf("divert: packet length %d out of range [1, %d]", len(b), MTUMax)
+	}
+	return h.b.send(b, a)
+}
+
+// SendBatch sends up to min(len(ms), BatchMax) messages, each Buf[:N] with
+// its Addr, and returns how many were sent.
+func (h *Handle) SendBatch(ms []Message) (int, error) {
+	if err := h.checkSend(); err != nil {
+		return 0, err
+	}
+	if len(ms) > BatchMax {
+		ms = ms[:BatchMax]
+	}
+	for i := range ms {
+		if ms[i].N <= 0 || ms[i].N > len(ms[i].Buf) || ms[i].N > MTUMax {
+			return 0, fmt.Errorf("divert: message %d: length %d out of range", i, ms[i].N)
+		}
+	}
+	if len(ms) == 0 {
+		return 0, nil
+	}
+	return h.b.sendBatch(ms)
+}
+
+// Drop releases a received packet at once, dropping it. Not sending a packet
+// drops it too, but only when ParamQueueTime runs out (Linux) — Drop says so
+// now. On backends where the packet already left the kernel it is a no-op.
+func (h *Handle) Drop(a *Address) error {
+	if h.closed.Load() {
+		return errClosed
+	}
+	if a == nil {
+		return errors.New("divert: nil Address")
+	}
+	return h.b.drop(a)
+}
+
+// Shutdown stops receiving, sending or both, like WinDivertShutdown: after
+// ShutdownRecv no new packet is queued, packets already queued can still be
+// received, and then Recv returns ErrShutdown.
+func (h *Handle) Shutdown(how ShutdownHow) error {
+	if h.closed.Load() {
+		return errClosed
+	}
+	if how < ShutdownRecv || how > ShutdownBoth {
+		return fmt.Errorf("divert: invalid shutdown direction %d", how)
+	}
+	for {
+		old := h.shut.Load()
+		if h.shut.CompareAndSwap(old, old|int32(how)) {
+			break
+		}
+	}
+	return h.b.shutdown(how)
+}
+
+// Close closes the handle: its rules are removed, packets still queued are
+// reinjected (as WinDivert does), and blocked calls return net.ErrClosed.
+// Later calls return net.ErrClosed.
+func (h *Handle) Close() error {
+	if h.closed.Swap(true) {
+		return errClosed
+	}
+	return h.b.close()
+}
+
+// SetReadDeadline sets the deadline for Recv and RecvBatch; a zero time
+// means none. Past it they return an error wrapping os.ErrDeadlineExceeded.
+func (h *Handle) SetReadDeadline(t time.Time) error {
+	if h.closed.Load() {
+		return errClosed
+	}
+	return h.b.setReadDeadline(t)
+}
+
+// SetParam sets a param. Values out of range are errors, never clamped.
+func (h *Handle) SetParam(p Param, v uint64) error {
+	if h.closed.Load() {
+		return errClosed
+	}
+	if err := checkParam(p, v); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if err := h.b.setParam(p, v); err != nil {
+		return err
+	}
+	h.params[p] = v
+	return nil
+}
+
+// Param returns a param's value.
+func (h *Handle) Param(p Param) (uint64, error) {
+	if h.closed.Load() {
+		return 0, errClosed
+	}
+	switch p {
+	case ParamQueueLength, ParamQueueTime, ParamQueueSize:
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		return h.params[p], nil
+	case ParamVersionMajor:
+		major, _ := h.b.version()
+		return major, nil
+	case ParamVersionMinor:
+		_, minor := h.b.version()
+		return minor, nil
+	}
+	return 0, fmt.Errorf("divert: unknown param %d", uint32(p))
+}
