@@ -1,0 +1,309 @@
+//go:build linux
+
+package inject
+
+import (
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/netdivert/divert/internal/netnstest"
+	"github.com/netdivert/divert/internal/nftrules"
+)
+
+func sum(b []byte, s uint32) uint32 {
+	for len(b) >= 2 {
+		s += uint32(binary.BigEndian.Uint16(b))
+		b = b[2:]
+	}
+	if len(b) > 0 {
+		s += uint32(b[0]) << 8
+	}
+	return s
+}
+
+func fold(s uint32) uint16 {
+	for s > 0xffff {
+		s = s>>16 + s&0xffff
+	}
+	return ^uint16(s)
+}
+
+// build makes an IPv4 or IPv6 packet from src to dst with protocol proto and
+// the L4 bytes l4, whose checksum at csumOff is filled (pseudo-header
+// included for UDP and ICMPv6).
+func build(src, dst netip.Addr, proto byte, l4 []byte, csumOff int) []byte {
+	var pseudo uint32
+	if src.Is4() {
+		s, d := src.As4(), dst.As4()
+		pseudo = sum(s[:], sum(d[:], uint32(proto)+uint32(len(l4))))
+	} else {
+		s, d := src.As16(), dst.As16()
+		pseudo = sum(s[:], sum(d[:], uint32(proto)+uint32(len(l4))))
+	}
+	if proto == 1 { // ICMPv4 has no pseudo-header
+		pseudo = 0
+	}
+	binary.BigEndian.PutUint16(l4[csumOff:], 0)
+	c := fold(sum(l4, pseudo))
+	if proto == 17 && c == 0 {
+		c = 0xffff
+	}
+	binary.BigEndian.PutUint16(l4[csumOff:], c)
+	if src.Is4() {
+		p := make([]byte, 20+len(l4))
+		p[0], p[8], p[9] = 0x45, 64, proto
+		binary.BigEndian.PutUint16(p[2:], uint16(len(p)))
+		binary.BigEndian.PutUint16(p[4:], 0x2222)
+		s, d := src.As4(), dst.As4()
+		copy(p[12:], s[:])
+		copy(p[16:], d[:])
+		binary.BigEndian.PutUint16(p[10:], fold(sum(p[:20], 0)))
+		copy(p[20:], l4)
+		return p
+	}
+	p := make([]byte, 40+len(l4))
+	p[0], p[6], p[7] = 0x60, proto, 64
+	binary.BigEndian.PutUint16(p[4:], uint16(len(l4)))
+	s, d := src.As16(), dst.As16()
+	copy(p[8:], s[:])
+	copy(p[24:], d[:])
+	copy(p[40:], l4)
+	return p
+}
+
+func echo(v6 bool, id, seq uint16) []byte {
+	b := make([]byte, 8+8)
+	b[0] = 8
+	if v6 {
+		b[0] = 128
+	}
+	binary.BigEndian.PutUint16(b[4:], id)
+	binary.BigEndian.PutUint16(b[6:], seq)
+	copy(b[8:], "injected")
+	return b
+}
+
+func udp(sport, dport uint16, payload string) []byte {
+	b := make([]byte, 8+len(payload))
+	binary.BigEndian.PutUint16(b, sport)
+	binary.BigEndian.PutUint16(b[2:], dport)
+	binary.BigEndian.PutUint16(b[4:], uint16(len(b)))
+	copy(b[8:], payload)
+	return b
+}
+
+func newIn(t *testing.T, ns *netnstest.NS, mark uint32) *Injector {
+	t.Helper()
+	var i *Injector
+	if err := ns.Do(func() (err error) { i, err = New(mark); return }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { i.Close() })
+	return i
+}
+
+// TestOutboundEcho injects ICMP echo requests outbound from A and expects
+// B's replies to reach A.
+func TestOutboundEcho(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "inj", 0)
+	inj := newIn(t, l.A.NS, nftrules.Mark(0))
+	for _, tc := range []struct {
+		name     string
+		src, dst netip.Addr
+		network  string
+	}{
+		{"v4", l.A.V4, l.B.V4, "ip4:icmp"},
+		{"v6", l.A.V6, l.B.V6, "ip6:ipv6-icmp"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var c net.PacketConn
+			if err := l.A.NS.Do(func() (err error) { c, err = net.ListenPacket(tc.network, ""); return }); err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			v6 := tc.src.Is6()
+			proto := byte(1)
+			if v6 {
+				proto = 58
+			}
+			const id = 0x5151
+			buf := make([]byte, 1500)
+			for seq := uint16(1); seq <= 3; seq++ {
+				pkt := build(tc.src, tc.dst, proto, echo(v6, id, seq), 2)
+				if err := inj.Outbound(pkt); err != nil {
+					t.Fatal(err)
+				}
+				c.SetReadDeadline(time.Now().Add(2 * time.Second))
+				for {
+					n, _, err := c.ReadFrom(buf)
+					if err != nil {
+						t.Fatalf("seq %d: no echo reply: %v", seq, err)
+					}
+					m := buf[:n]
+					if n >= 8 && (m[0] == 0 || m[0] == 129) && binary.BigEndian.Uint16(m[4:]) == id && binary.BigEndian.Uint16(m[6:]) == seq {
+						break
+					}
+				}
+			}
+		})
+	}
+}
+
+// TestInboundUDP injects UDP datagrams "from A" inbound in B and expects
+// B's socket to receive them with A's address as source.
+func TestInboundUDP(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "inj", 0)
+	inj := newIn(t, l.B.NS, nftrules.Mark(0))
+	for _, tc := range []struct {
+		name     string
+		src, dst netip.Addr
+	}{
+		{"v4", l.A.V4, l.B.V4},
+		{"v6", l.A.V6, l.B.V6},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := l.B.NS.ListenUDP(netip.AddrPortFrom(tc.dst, 0).String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			port := uint16(c.LocalAddr().(*net.UDPAddr).Port)
+			pkt := build(tc.src, tc.dst, 17, udp(4242, port, "inbound hello"), 6)
+			if err := inj.Inbound(pkt, uint32(l.B.IfIdx)); err != nil {
+				t.Fatal(err)
+			}
+			c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			buf := make([]byte, 100)
+			n, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				t.Fatalf("datagram not delivered: %v", err)
+			}
+			if string(buf[:n]) != "inbound hello" || from.Addr().Unmap() != tc.src || from.Port() != 4242 {
+				t.Fatalf("got %q from %v", buf[:n], from)
+			}
+		})
+	}
+}
+
+// TestMarkSkipped: a drop-everything handle of priority 100 at input and
+// output lets through packets injected with the mark of a handle of
+// priority <= 100 and drops those of a higher-priority injector and
+// unmarked ones.
+func TestMarkSkipped(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "inm", 0)
+	var rs *nftrules.Ruleset
+	err := l.B.NS.Do(func() (err error) {
+		rs, err = nftrules.Install(nftrules.Config{
+			Hooks: []nftrules.Hook{nftrules.HookInput, nftrules.HookOutput},
+			IPv4:  true, IPv6: true, Priority: 100, Action: nftrules.ActionDrop,
+		})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rs.Close() })
+	c, err := l.B.NS.ListenUDP(netip.AddrPortFrom(l.B.V4, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	port := uint16(c.LocalAddr().(*net.UDPAddr).Port)
+	for _, tc := range []struct {
+		name      string
+		mark      uint32
+		delivered bool
+	}{
+		{"equal priority", nftrules.Mark(100), true},
+		{"lower priority", nftrules.Mark(-30000), true},
+		{"higher priority", nftrules.Mark(101), false},
+		{"unmarked", 0, false},
+		{"foreign mark", 0x1234, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			inj := newIn(t, l.B.NS, tc.mark)
+			pkt := build(l.A.V4, l.B.V4, 17, udp(4242, port, tc.name), 6)
+			err := inj.Inbound(pkt, 0)
+			if err != nil && !errors.Is(err, os.ErrPermission) {
+				t.Fatal(err) // a drop at output shows as EPERM
+			}
+			c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+			buf := make([]byte, 100)
+			n, err := c.Read(buf)
+			got := err == nil && string(buf[:n]) == tc.name
+			if got != tc.delivered {
+				t.Fatalf("delivered = %v (%v), want %v", got, err, tc.delivered)
+			}
+		})
+	}
+}
+
+func TestErrors(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "ine")
+	inj := newIn(t, ns, 0)
+	for _, p := range [][]byte{{0x45, 0}, {0x60, 0, 0}, {0x10, 1, 2, 3}, make([]byte, 40)} {
+		if err := inj.Outbound(p); err == nil {
+			t.Errorf("Outbound(% x) succeeded", p)
+		}
+	}
+	if err := inj.Outbound(nil); err == nil {
+		t.Error("Outbound(nil) succeeded")
+	}
+	if err := inj.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := inj.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if err := inj.Outbound(build(netip.MustParseAddr("10.1.1.1"), netip.MustParseAddr("10.1.1.2"), 17, udp(1, 2, "x"), 6)); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("after Close: %v, want net.ErrClosed", err)
+	}
+}
+
+func TestSendAllocs(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "ina")
+	inj := newIn(t, ns, 0)
+	// To a local address in an isolated namespace: goes nowhere else.
+	pkt := build(netip.MustParseAddr("127.0.0.2"), netip.MustParseAddr("127.0.0.1"), 17, udp(1, 9, "x"), 6)
+	allocs := testing.AllocsPerRun(100, func() {
+		if err := inj.Outbound(pkt); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("%v allocations per send", allocs)
+	}
+}
+
+func BenchmarkOutbound(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	ns, err := netnstest.New("inb")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ns.Close()
+	var inj *Injector
+	if err := ns.Do(func() (err error) { inj, err = New(0); return }); err != nil {
+		b.Fatal(err)
+	}
+	defer inj.Close()
+	pkt := build(netip.MustParseAddr("127.0.0.2"), netip.MustParseAddr("127.0.0.1"), 17, udp(1, 9, "benchmark payload"), 6)
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := inj.Outbound(pkt); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

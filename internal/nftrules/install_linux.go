@@ -1,0 +1,290 @@
+package nftrules
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Ruleset is an installed table. Its rules live as long as the Ruleset's
+// netlink socket: Close, or the death of the process, removes them.
+type Ruleset struct {
+	table  string
+	exact  bool
+	native bool
+
+	mu   sync.Mutex
+	conn *nftables.Conn // nil once closed
+}
+
+var tableSeq atomic.Uint32
+
+// Install creates an owned table with the rules cfg describes, in the
+// network namespace of the calling thread.
+//
+// Errors wrap os.ErrPermission when the caller lacks CAP_NET_ADMIN, and
+// ErrUnsupported when the kernel lacks nf_tables, table ownership or NFQUEUE.
+func Install(cfg Config) (*Ruleset, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	native := cfg.Action == ActionQueue && HasNativeQueue()
+	name := fmt.Sprintf("divert_%d_%d", os.Getpid(), tableSeq.Add(1))
+	conn, err := openOwned(name)
+	if err != nil {
+		return nil, err
+	}
+	r := &Ruleset{table: name, native: native, conn: conn}
+	exact, err := r.program(&cfg)
+	if err != nil {
+		conn.CloseLasting()
+		return nil, err
+	}
+	r.exact = exact
+	return r, nil
+}
+
+// openOwned opens a lasting nftables connection and creates the inet table
+// name on it with NFT_TABLE_F_OWNER.
+//
+// google/nftables v0.3.0 always sends table flags 0, so the table is created
+// with one raw NEWTABLE batch on the captured lasting socket; chains and
+// rules then travel over the same socket with the library's API. AddTable
+// must never be called for this table (it would ask to clear OWNER).
+func openOwned(name string) (*nftables.Conn, error) {
+	var sock *netlink.Conn
+	conn, err := nftables.New(nftables.AsLasting(), nftables.WithSockOptions(func(c *netlink.Conn) error {
+		sock = c
+		return nil
+	}))
+	if err != nil {
+		return nil, mapErr("open an nftables netlink socket", err)
+	}
+	if sock == nil {
+		conn.CloseLasting()
+		return nil, errors.New("nftrules: no netlink socket captured")
+	}
+	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: unix.NFTA_TABLE_NAME, Data: append([]byte(name), 0)},
+		{Type: unix.NFTA_TABLE_FLAGS, Data: binary.BigEndian.AppendUint32(nil, nftTableFOwner)},
+	})
+	if err != nil {
+		conn.CloseLasting()
+		return nil, err
+	}
+	batchHdr := []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, unix.NFNL_SUBSYS_NFTABLES}
+	msgs := []netlink.Message{
+		{Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_MSG_BATCH_BEGIN), Flags: netlink.Request}, Data: batchHdr},
+		{
+			Header: netlink.Header{
+				Type:  netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWTABLE),
+				Flags: netlink.Request | netlink.Acknowledge | netlink.Create | netlink.Excl,
+			},
+			Data: append([]byte{unix.NFPROTO_INET, unix.NFNETLINK_V0, 0, 0}, attrs...),
+		},
+		{Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_MSG_BATCH_END), Flags: netlink.Request}, Data: batchHdr},
+	}
+	if _, err := sock.SendMessages(msgs); err != nil {
+		conn.CloseLasting()
+		return nil, mapErr("create table "+name, err)
+	}
+	if _, err := sock.Receive(); err != nil {
+		conn.CloseLasting()
+		return nil, mapErr("create table "+name, err)
+	}
+	return conn, nil
+}
+
+// program adds the chains and rules in one batch and reports whether they
+// are exact.
+func (r *Ruleset) program(cfg *Config) (bool, error) {
+	t := &nftables.Table{Name: r.table, Family: nftables.TableFamilyINet}
+	exact := true
+	var action []expr.Any
+	switch {
+	case cfg.Action == ActionDrop:
+		action = []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}
+	case r.native:
+		action = []expr.Any{queueExpr(cfg)}
+	default:
+		action = []expr.Any{queueTarget(cfg)}
+	}
+	var fam []expr.Any
+	switch {
+	case cfg.IPv4 && !cfg.IPv6:
+		fam = isV4
+	case cfg.IPv6 && !cfg.IPv4:
+		fam = isV6
+	}
+	accept := nftables.ChainPolicyAccept
+	for _, h := range cfg.Hooks {
+		l := lowerer{hook: h}
+		d := l.lower(cfg.Lowered)
+		if l.inexact {
+			exact = false
+		}
+		base := r.conn.AddChain(&nftables.Chain{
+			Name:     h.String(),
+			Table:    t,
+			Type:     nftables.ChainTypeFilter,
+			Hooknum:  hookNum(h),
+			Priority: nftables.ChainPriorityRef(nftables.ChainPriority(ChainPriority(h, cfg.Priority))),
+			Policy:   &accept,
+		})
+		r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: markSkip(cfg.Priority)})
+		if cfg.KeepNDP && cfg.IPv6 {
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: ndpKeep()})
+		}
+		if !cfg.IPv4 && !cfg.IPv6 {
+			continue
+		}
+		for i, c := range d {
+			if len(c.guards) == 0 {
+				r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(fam, c.exprs, action)})
+				continue
+			}
+			sub := r.conn.AddChain(&nftables.Chain{Name: fmt.Sprintf("%s_%d", h, i), Table: t})
+			for _, g := range c.guards {
+				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: concat(g, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})})
+			}
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: action})
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(fam, c.exprs,
+				[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}})})
+		}
+	}
+	if err := r.conn.Flush(); err != nil {
+		return false, mapErr("add chains and rules to "+r.table, err)
+	}
+	return exact, nil
+}
+
+func hookNum(h Hook) *nftables.ChainHook {
+	switch h {
+	case HookPrerouting:
+		return nftables.ChainHookPrerouting
+	case HookInput:
+		return nftables.ChainHookInput
+	case HookForward:
+		return nftables.ChainHookForward
+	case HookOutput:
+		return nftables.ChainHookOutput
+	}
+	return nftables.ChainHookPostrouting
+}
+
+func queueFlags(cfg *Config) uint16 {
+	var f uint16
+	if cfg.Bypass {
+		f |= unix.NFT_QUEUE_FLAG_BYPASS
+	}
+	if cfg.QueueCount > 1 {
+		f |= unix.NFT_QUEUE_FLAG_CPU_FANOUT
+	}
+	return f
+}
+
+// queueExpr is the native nft queue expression.
+func queueExpr(cfg *Config) expr.Any {
+	return &expr.Queue{Num: cfg.QueueNum, Total: cfg.QueueCount, Flag: expr.QueueFlag(queueFlags(cfg))}
+}
+
+// queueTarget is the xt NFQUEUE target, revision 3, through nft_compat:
+// struct xt_NFQ_info_v3 {u16 queuenum; u16 queues_total; u16 flags;} in host
+// byte order, padded to 8 bytes (XT_ALIGN). The flag bits equal nft's.
+func queueTarget(cfg *Config) expr.Any {
+	info := make(xt.Unknown, 8)
+	binary.NativeEndian.PutUint16(info[0:], cfg.QueueNum)
+	binary.NativeEndian.PutUint16(info[2:], cfg.QueueCount)
+	binary.NativeEndian.PutUint16(info[4:], queueFlags(cfg))
+	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
+}
+
+// Exact reports whether the kernel rules select exactly the filter's
+// packets, so user space need not evaluate the filter again.
+func (r *Ruleset) Exact() bool { return r.exact }
+
+// Native reports whether the rules use the native nft queue expression
+// (rather than the xt NFQUEUE target through nft_compat).
+func (r *Ruleset) Native() bool { return r.native }
+
+// Table is the name of the table (family inet).
+func (r *Ruleset) Table() string { return r.table }
+
+// Close deletes the table by closing the socket that owns it. It is
+// idempotent.
+func (r *Ruleset) Close() error {
+	r.mu.Lock()
+	c := r.conn
+	r.conn = nil
+	r.mu.Unlock()
+	if c == nil {
+		return nil
+	}
+	if err := c.CloseLasting(); err != nil {
+		return fmt.Errorf("nftrules: close table %s: %w", r.table, err)
+	}
+	return nil
+}
+
+var probe struct {
+	mu     sync.Mutex
+	done   bool
+	native bool
+}
+
+// HasNativeQueue reports whether the kernel has the native nft queue
+// expression (CONFIG_NFT_QUEUE). The probe builds a queue rule in a
+// non-base chain of a scratch owned table, which never sees a packet and
+// vanishes with its socket. A definite answer is cached.
+func HasNativeQueue() bool {
+	probe.mu.Lock()
+	defer probe.mu.Unlock()
+	if probe.done {
+		return probe.native
+	}
+	name := fmt.Sprintf("divert_probe_%d_%d", os.Getpid(), tableSeq.Add(1))
+	conn, err := openOwned(name)
+	if err != nil {
+		return false
+	}
+	defer conn.CloseLasting()
+	t := &nftables.Table{Name: name, Family: nftables.TableFamilyINet}
+	c := conn.AddChain(&nftables.Chain{Name: "probe", Table: t})
+	conn.AddRule(&nftables.Rule{Table: t, Chain: c, Exprs: []expr.Any{&expr.Queue{Num: 0, Total: 1, Flag: expr.QueueFlagBypass}}})
+	err = conn.Flush()
+	switch {
+	case err == nil:
+		probe.done, probe.native = true, true
+	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.EOPNOTSUPP):
+		probe.done, probe.native = true, false
+	}
+	return probe.native
+}
+
+// ErrPermission is os.ErrPermission; errors for a missing CAP_NET_ADMIN
+// wrap it.
+var ErrPermission = os.ErrPermission
+
+func mapErr(op string, err error) error {
+	switch {
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("nftrules: %s: CAP_NET_ADMIN in this network namespace is needed to install nftables rules (run as root or grant the capability): %w", op, err)
+	case errors.Is(err, unix.EPROTONOSUPPORT), errors.Is(err, unix.EAFNOSUPPORT):
+		return fmt.Errorf("%w: %s: the kernel has no nfnetlink/nf_tables: %w", ErrUnsupported, op, err)
+	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.EOPNOTSUPP):
+		return fmt.Errorf("%w: %s: the kernel lacks a needed nf_tables feature (inet tables, table ownership, the nft queue expression or the xt NFQUEUE target): %w", ErrUnsupported, op, err)
+	}
+	return fmt.Errorf("nftrules: %s: %w", op, err)
+}
+
+// nftTableFOwner is NFT_TABLE_F_OWNER (linux/netfilter/nf_tables.h, 5.12).
+const nftTableFOwner = 0x2

@@ -1,0 +1,303 @@
+package nftrules
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	nfqueue "github.com/florianl/go-nfqueue/v2"
+	"github.com/mdlayher/netlink"
+
+	"github.com/netdivert/divert/filter"
+	"github.com/netdivert/divert/internal/netnstest"
+)
+
+func listRuleset(t *testing.T, ns *netnstest.NS) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := ns.Run(ctx, "nft", "list", "ruleset")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(out)
+}
+
+func install(t *testing.T, ns *netnstest.NS, cfg Config) *Ruleset {
+	t.Helper()
+	var r *Ruleset
+	if err := ns.Do(func() (err error) { r, err = Install(cfg); return }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// TestOwnedTable: the table exists with the owner flag, other sockets cannot
+// delete it, and Close removes it.
+func TestOwnedTable(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfto")
+	r := install(t, ns, Config{Hooks: []Hook{HookInput, HookOutput}, IPv4: true, IPv6: true, Priority: -5,
+		Action: ActionQueue, QueueNum: 7, QueueCount: 1, Bypass: true, KeepNDP: true})
+	rs := listRuleset(t, ns)
+	for _, want := range []string{"table inet " + r.Table(), "flags owner", "hook input priority filter + 5", "hook output priority filter + 5"} {
+		if !strings.Contains(rs, want) {
+			t.Errorf("ruleset lacks %q:\n%s", want, rs)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if out, err := ns.Run(ctx, "nft", "delete", "table", "inet", r.Table()); err == nil {
+		t.Errorf("another socket deleted the owned table: %s", out)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if rs := listRuleset(t, ns); strings.Contains(rs, r.Table()) {
+		t.Errorf("table still there after Close:\n%s", rs)
+	}
+}
+
+func TestChainPriority(t *testing.T) {
+	for _, h := range []Hook{HookPrerouting, HookInput, HookForward, HookOutput, HookPostrouting} {
+		prev := ChainPriority(h, PriorityLowest)
+		for p := PriorityLowest + 1; p <= PriorityHighest; p++ {
+			cur := ChainPriority(h, int16(p))
+			if cur != prev-1 {
+				t.Fatalf("%v: priority %d → %d, previous %d", h, p, cur, prev)
+			}
+			prev = cur
+		}
+	}
+	if ChainPriority(HookPrerouting, PriorityLowest) >= -400 || ChainPriority(HookPostrouting, PriorityHighest) <= 100 {
+		t.Error("prerouting must stay below -400 and postrouting above 100")
+	}
+	if Mark(0) != 0xD1007530 || Mark(-30000) != MarkMagic || Mark(30000) != MarkMagic|60000 {
+		t.Errorf("Mark: %#x %#x %#x", Mark(0), Mark(-30000), Mark(30000))
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	for _, c := range []Config{
+		{},
+		{Hooks: []Hook{9}, QueueCount: 1},
+		{Hooks: []Hook{HookInput, HookInput}, QueueCount: 1},
+		{Hooks: []Hook{HookInput}, QueueCount: 0},
+		{Hooks: []Hook{HookInput}, QueueNum: 65535, QueueCount: 2},
+		{Hooks: []Hook{HookInput}, Priority: 30001, QueueCount: 1},
+		{Hooks: []Hook{HookInput}, Action: 7},
+	} {
+		if _, err := Install(c); err == nil {
+			t.Errorf("Install(%+v) succeeded", c)
+		}
+	}
+}
+
+// consumer is a go-nfqueue listener inside ns that accepts every packet and
+// counts them.
+func consumer(t *testing.T, ns *netnstest.NS, queue uint16) *atomic.Int64 {
+	t.Helper()
+	var n atomic.Int64
+	var q *nfqueue.Nfqueue
+	err := ns.Do(func() (err error) {
+		q, err = nfqueue.Open(&nfqueue.Config{NfQueue: queue, MaxPacketLen: 0xFFFF, MaxQueueLen: 1024,
+			Copymode: nfqueue.NfQnlCopyPacket, WriteTimeout: time.Second})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(func() { cancel(); q.Close() })
+	if err := q.SetOption(netlink.NoENOBUFS, true); err != nil {
+		t.Fatal(err)
+	}
+	err = q.RegisterWithErrorFunc(ctx, func(a nfqueue.Attribute) int {
+		n.Add(1)
+		q.SetVerdict(*a.PacketID, nfqueue.NfAccept)
+		return 0
+	}, func(e error) int { return 0 })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &n
+}
+
+// TestQueueAll: a match-all queue rule at B's input hands pings to a real
+// NFQUEUE consumer; without a consumer the packets are dropped, unless the
+// rule has the bypass flag. ICMPv6 neighbour discovery stays out of the
+// queue with KeepNDP.
+func TestQueueAll(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "nftq", 0)
+	r := install(t, l.B.NS, Config{Hooks: []Hook{HookInput}, IPv4: true, IPv6: true, Action: ActionQueue,
+		QueueNum: 3, QueueCount: 1, KeepNDP: true})
+	t.Logf("native queue: %v", r.Native())
+	// No listener, no bypass: dropped.
+	if got, err := l.A.NS.Ping(l.B.V4, 2, 300*time.Millisecond); err != nil || got != 0 {
+		t.Fatalf("no listener: %d replies, %v", got, err)
+	}
+	n := consumer(t, l.B.NS, 3)
+	for _, dst := range []string{"v4", "v6"} {
+		a := l.B.V4
+		if dst == "v6" {
+			a = l.B.V6
+		}
+		before := n.Load()
+		got, err := l.A.NS.Ping(a, 3, 2*time.Second)
+		if err != nil || got != 3 {
+			t.Fatalf("%s via consumer: %d/3 replies, %v", dst, got, err)
+		}
+		if d := n.Load() - before; d != 3 {
+			t.Errorf("%s: consumer saw %d packets, want 3 echo requests", dst, d)
+		}
+	}
+	// Bypass: no listener, packets pass.
+	r.Close()
+	install(t, l.B.NS, Config{Hooks: []Hook{HookInput}, IPv4: true, IPv6: true, Action: ActionQueue,
+		QueueNum: 4, QueueCount: 1, Bypass: true})
+	if got, err := l.A.NS.Ping(l.B.V4, 2, time.Second); err != nil || got != 2 {
+		t.Fatalf("bypass: %d/2 replies, %v", got, err)
+	}
+}
+
+// TestQueueFiltered: only what the filter selects is queued.
+func TestQueueFiltered(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "nftf", 0)
+	install(t, l.B.NS, Config{Hooks: []Hook{HookInput}, IPv4: true, IPv6: true, Action: ActionQueue,
+		QueueNum: 5, QueueCount: 1, KeepNDP: true,
+		Lowered: L(T(C(filter.FieldUDP, eq, 1), C(filter.FieldUDPDstPort, eq, 9999)))})
+	n := consumer(t, l.B.NS, 5)
+	if got, _ := l.A.NS.Ping(l.B.V6, 2, time.Second); got != 2 || n.Load() != 0 {
+		t.Fatalf("ping: %d replies, %d queued", got, n.Load())
+	}
+	c, err := l.B.NS.ListenUDP(fmt.Sprintf("[%s]:9999", l.B.V6))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := l.A.NS.SendUDP(c.LocalAddr().(*net.UDPAddr).AddrPort(), []byte("x"), 4, 0); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := netnstest.RecvUDP(c, 4, 2*time.Second)
+	if err != nil || len(msgs) != 4 || n.Load() != 4 {
+		t.Fatalf("udp: %d delivered, %d queued, %v", len(msgs), n.Load(), err)
+	}
+}
+
+const childEnv = "NFTRULES_TEST_CHILD"
+
+// TestMain lets the test binary act as the child of the crash and
+// permission tests.
+func TestMain(m *testing.M) {
+	switch os.Getenv(childEnv) {
+	case "":
+		os.Exit(m.Run())
+	case "crash":
+		r, err := Install(Config{Hooks: []Hook{HookInput}, IPv4: true, IPv6: true, Action: ActionDrop})
+		if err != nil {
+			fmt.Println("error", err)
+			os.Exit(1)
+		}
+		fmt.Println("table", r.Table())
+		time.Sleep(30 * time.Second) // killed long before
+		os.Exit(2)
+	case "noperm":
+		if err := syscall.Setuid(65534); err != nil {
+			fmt.Println("setuid", err)
+			os.Exit(1)
+		}
+		_, err := Install(Config{Hooks: []Hook{HookInput}, IPv4: true, Action: ActionDrop})
+		fmt.Printf("perm=%v err=%v\n", errors.Is(err, os.ErrPermission), err)
+		os.Exit(0)
+	}
+	os.Exit(3)
+}
+
+// TestCrashRemovesTable: a child installs a drop-everything ruleset and is
+// SIGKILLed; the table vanishes and traffic flows again.
+func TestCrashRemovesTable(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "nftc", 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", l.B.NS.Name, os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"=crash")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "table ") {
+		t.Fatalf("child: %q %v", line, err)
+	}
+	table := strings.TrimSpace(strings.TrimPrefix(line, "table "))
+	if !strings.Contains(listRuleset(t, l.B.NS), table) {
+		t.Fatalf("table %s not installed", table)
+	}
+	if got, _ := l.A.NS.Ping(l.B.V4, 1, 300*time.Millisecond); got != 0 {
+		t.Fatal("drop rule not effective")
+	}
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	if rs := listRuleset(t, l.B.NS); strings.Contains(rs, table) {
+		t.Fatalf("table survived SIGKILL:\n%s", rs)
+	}
+	if got, _ := l.A.NS.Ping(l.B.V4, 2, time.Second); got != 2 {
+		t.Fatalf("traffic blocked after the crash: %d/2", got)
+	}
+}
+
+// TestNoPermission: without CAP_NET_ADMIN, Install fails with an error
+// wrapping os.ErrPermission that says what is missing.
+func TestNoPermission(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nftp")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"=noperm")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v: %s", err, out)
+	}
+	s := string(out)
+	if !strings.Contains(s, "perm=true") || !strings.Contains(s, "CAP_NET_ADMIN") {
+		t.Fatalf("child said: %s", s)
+	}
+}
+
+// TestNativeProbe: the probe answers consistently and leaves no table.
+func TestNativeProbe(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nftn")
+	var a, b bool
+	ns.Do(func() error { a = HasNativeQueue(); b = HasNativeQueue(); return nil })
+	if a != b {
+		t.Fatal("probe not stable")
+	}
+	t.Logf("native queue expression: %v", a)
+	if rs := listRuleset(t, ns); strings.Contains(rs, "divert_probe") {
+		t.Fatalf("probe table left behind:\n%s", rs)
+	}
+}
