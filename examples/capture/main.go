@@ -1,0 +1,194 @@
+// Command capture sniffs the packets a filter matches into a pcapng file
+// that Wireshark and tshark read: one interface block per interface the
+// packets name (LINKTYPE_RAW, nanosecond timestamps) and each packet's
+// direction in its epb_flags. The packets are copies (FlagSniff): traffic
+// is not disturbed.
+//
+//	sudo capture -filter "tcp.DstPort == 443 or tcp.SrcPort == 443" -o https.pcapng -duration 30s
+//	tshark -r https.pcapng
+//
+// Ctrl-C stops it; the file is complete whenever it stops.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/netdivert/divert"
+	"github.com/netdivert/divert/examples/internal/exutil"
+)
+
+const prog = "capture"
+
+// config is the command line.
+type config struct {
+	filter   string
+	layer    divert.Layer
+	priority int16
+	out      string
+	count    uint64
+	duration time.Duration
+	snaplen  uint
+	quiet    bool
+}
+
+func parseFlags(args []string) (*config, error) {
+	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
+	c := &config{}
+	fs.StringVar(&c.filter, "filter", "true", "WinDivert filter selecting the packets to capture")
+	layer := fs.String("layer", "network", "layer: network or forward")
+	prio := fs.Int("priority", 0, "handle priority, -30000..30000")
+	fs.StringVar(&c.out, "o", "capture.pcapng", "output file (- for stdout)")
+	fs.Uint64Var(&c.count, "count", 0, "stop after this many packets (0 = no limit)")
+	fs.DurationVar(&c.duration, "duration", 0, "stop after this long (0 = until Ctrl-C)")
+	fs.UintVar(&c.snaplen, "snaplen", 0, "keep at most this many bytes of each packet (0 = all)")
+	fs.BoolVar(&c.quiet, "quiet", false, "no status line")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	var err error
+	if c.layer, err = exutil.ParseLayer(*layer); err != nil {
+		return nil, err
+	}
+	if *prio < divert.PriorityLowest || *prio > divert.PriorityHighest {
+		return nil, fmt.Errorf("-priority %d outside %d..%d", *prio, divert.PriorityLowest, divert.PriorityHighest)
+	}
+	c.priority = int16(*prio)
+	if c.snaplen > divert.MTUMax {
+		c.snaplen = 0
+	}
+	return c, nil
+}
+
+func main() {
+	c, err := parseFlags(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", prog, err)
+		os.Exit(2)
+	}
+	ctx, stop := exutil.SignalContext()
+	defer stop()
+	if c.duration > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.duration)
+		defer cancel()
+	}
+	if err := run(ctx, c); err != nil {
+		stop()
+		exutil.Fatal(prog, err)
+	}
+}
+
+func run(ctx context.Context, c *config) error {
+	h, err := divert.Open(c.filter, c.layer, c.priority, divert.FlagSniff|divert.FlagRecvOnly)
+	if err != nil {
+		return fmt.Errorf("open filter %q: %w", c.filter, err)
+	}
+	defer h.Close()
+
+	var w io.Writer = os.Stdout
+	if c.out != "-" {
+		f, err := os.Create(c.out)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		w = f
+	}
+	pw, err := newPcapngWriter(w, uint32(c.snaplen), "divert capture example")
+	if err != nil {
+		return err
+	}
+
+	fmt.Fprintf(os.Stderr, "%s: capturing %q to %s; Ctrl-C stops\n", prog, c.filter, c.out)
+	var packets, bytes atomic.Uint64
+	if !c.quiet {
+		var meter exutil.Meter
+		sl := exutil.NewStatusLine(os.Stderr)
+		sctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			sl.Run(sctx, time.Second, func() string {
+				pk, by := packets.Load(), bytes.Load()
+				pps, bps := meter.Rate(time.Now(), pk, by)
+				return fmt.Sprintf("captured %d packets, %s  rate %.0f pkt/s %s", pk, exutil.Bytes(by), pps, exutil.BitRate(bps))
+			})
+		}()
+		defer func() { cancel(); <-done }()
+	}
+
+	loopDone := exutil.StopOnDone(ctx, h, 2*time.Second)
+	err = capture(ctx, h, c, pw, &packets, &bytes)
+	loopDone()
+	if ferr := pw.Flush(); err == nil {
+		err = ferr
+	}
+	if err == nil && c.out != "-" {
+		fmt.Fprintf(os.Stderr, "%s: %d packets written to %s\n", prog, packets.Load(), c.out)
+	}
+	return err
+}
+
+// capture receives copies until ctx is done or c.count packets were
+// written. The file is flushed at least once a second.
+func capture(ctx context.Context, h *divert.Handle, c *config, pw *pcapngWriter, packets, bytes *atomic.Uint64) error {
+	buf := make([]byte, divert.MTUMax)
+	var addr divert.Address
+	lastFlush := time.Now()
+	for c.count == 0 || packets.Load() < c.count {
+		n, err := h.Recv(buf, &addr)
+		if err != nil && !errors.Is(err, divert.ErrTruncated) {
+			if exutil.Stopped(err) && ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("receive: %w", err)
+		}
+		id, err := pw.AddInterface(addr.IfIdx, ifaceName(addr.IfIdx), ifaceDesc(addr.IfIdx))
+		if err != nil {
+			return err
+		}
+		if err := pw.WritePacket(id, exutil.PacketTime(&addr), buf[:n], addr.Outbound); err != nil {
+			return err
+		}
+		packets.Add(1)
+		bytes.Add(uint64(n))
+		if now := time.Now(); now.Sub(lastFlush) >= time.Second {
+			if err := pw.Flush(); err != nil {
+				return err
+			}
+			lastFlush = now
+		}
+	}
+	return nil
+}
+
+// ifaceName names the interface with index idx, as the system does where
+// it can; called once per interface.
+func ifaceName(idx uint32) string {
+	if idx == 0 {
+		return "unknown"
+	}
+	if ifi, err := net.InterfaceByIndex(int(idx)); err == nil {
+		return ifi.Name
+	}
+	return "if" + strconv.Itoa(int(idx))
+}
+
+func ifaceDesc(idx uint32) string {
+	return "divert interface index " + strconv.Itoa(int(idx))
+}

@@ -1,0 +1,7 @@
+//go:build linux
+
+package extest
+
+import "syscall"
+
+const interrupt = syscall.SIGINT
