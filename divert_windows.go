@@ -1,10 +1,380 @@
 package divert
 
-import "fmt"
+// Windows backend: WinDivert 2.x through github.com/imgk/divert-go v0.1.0,
+// behind the seam internal/windivert (GPL-3.0: a Windows binary that links
+// this package is a combined work under GPLv3).
+//
+// The filter is compiled by package filter first (the same errors on every
+// OS) and handed to WinDivertOpen in its normalized form (f.String()).
+// WinDivert.dll and WinDivert64.sys (WinDivert32.sys on 386) must sit next to
+// the executable or on the DLL search path; a failed load is reported by
+// Open, every time. Priorities use the full ±30000 range (WinDivertOpen is
+// called through the DLL directly; imgk's own Open stops at ±3000).
+//
+// Defects of imgk guarded here: one OVERLAPPED per direction is shared by
+// all callers (receives are serialised, sends too), an empty buffer panics
+// (checked first), its Shutdown constants are off by one (WinDivert's values
+// are passed), its error type hides syscall.Errno (converted back).
+//
+// Deadlines cancel the pending receive with CancelIoEx on its OVERLAPPED.
+// FlagReassemble is not supported on Windows yet (WinDivert reassembles
+// inbound datagrams at LayerNetwork by default; outbound and forwarded
+// fragments would need internal/reassembly), nor are FlagPassThrough and
+// FlagFailOpen (the driver drops the oldest packet when the queue is full).
 
-// sysAddr is the backend's reference to a queued packet. TODO: real backend.
+import (
+	"fmt"
+	"os"
+	"sync"
+	"time"
+	"unsafe"
+
+	"github.com/netdivert/divert/internal/windivert"
+)
+
+// sysAddr is empty: WinDivertSend needs only the public Address fields.
 type sysAddr struct{}
 
+// openWinDivert is the seam; tests replace it with a fake.
+var openWinDivert = windivert.Open
+
+type winBackend struct {
+	h     windivert.Handle
+	layer Layer
+
+	recvMu sync.Mutex // serialises receives; guards the fields below
+	rbuf   []byte
+	raddrs [BatchMax]windivert.RawAddr
+	lens   [BatchMax]int
+	timer  *time.Timer
+	// guarded by dlMu
+	deadline time.Time
+	timedOut bool
+
+	sendMu sync.Mutex // guards sbuf, saddrs
+	sbuf   []byte
+	saddrs [BatchMax]windivert.RawAddr
+
+	dlMu   sync.Mutex // guards deadline, timedOut, closed
+	closed bool
+}
+
 func openBackend(cfg *openConfig) (backend, error) {
-	return nil, fmt.Errorf("%w: windows backend not written yet", ErrNotSupported)
+	if cfg.filter == nil {
+		return nil, fmt.Errorf("%w: OpenPort on windows (WinDivert has no divert rules to attach to)", ErrNotSupported)
+	}
+	if cfg.flags&FlagReassemble != 0 {
+		return nil, fmt.Errorf("%w: FlagReassemble on windows", ErrNotSupported)
+	}
+	if cfg.flags&(FlagPassThrough|FlagFailOpen) != 0 {
+		return nil, fmt.Errorf("%w: FlagPassThrough/FlagFailOpen on windows", ErrNotSupported)
+	}
+	h, err := openWinDivert(cfg.filter.String(), uint8(cfg.layer), cfg.priority, uint64(cfg.flags&flagsWinDivert))
+	if err != nil {
+		return nil, mapOpenError(err)
+	}
+	b := &winBackend{h: h, layer: cfg.layer}
+	b.timer = time.AfterFunc(time.Hour, b.expire)
+	b.timer.Stop()
+	return b, nil
+}
+
+func mapOpenError(err error) error {
+	code := windivert.Code(err)
+	msg := windivert.Describe(code, int(unsafe.Sizeof(uintptr(0))))
+	switch {
+	case code == windivert.ErrorAccessDenied:
+		return fmt.Errorf("divert: WinDivertOpen: %s: %w", msg, os.ErrPermission)
+	case msg != "":
+		return fmt.Errorf("divert: WinDivertOpen: %s: %w", msg, err)
+	case code == 0:
+		return fmt.Errorf("divert: %w", err)
+	}
+	return fmt.Errorf("divert: WinDivertOpen: %w", err)
+}
+
+// mapError maps an I/O error of the handle.
+func (b *winBackend) mapError(op string, err error) error {
+	switch windivert.Code(err) {
+	case windivert.ErrorNoData:
+		return ErrShutdown
+	case windivert.ErrorInsufficientBuffer:
+		return ErrTruncated
+	case windivert.ErrorAccessDenied:
+		return fmt.Errorf("divert: %s: %w: %w", op, os.ErrPermission, err)
+	case windivert.ErrorInvalidHandle:
+		return errClosed
+	}
+	return fmt.Errorf("divert: %s: %w", op, err)
+}
+
+func (b *winBackend) expire() {
+	b.dlMu.Lock()
+	b.timedOut = true
+	b.dlMu.Unlock()
+	_ = b.h.CancelRecv()
+}
+
+// recvRaw runs one RecvEx into buf with up to len(addrs) items, honouring
+// the deadline. recvMu is held.
+func (b *winBackend) recvRaw(buf []byte, addrs []windivert.RawAddr) (int, int, error) {
+	for {
+		b.dlMu.Lock()
+		dl := b.deadline
+		b.timedOut = false
+		if !dl.IsZero() {
+			d := time.Until(dl)
+			if d <= 0 {
+				b.dlMu.Unlock()
+				return 0, 0, fmt.Errorf("divert: recv: %w", os.ErrDeadlineExceeded)
+			}
+			b.timer.Reset(d)
+		}
+		b.dlMu.Unlock()
+		n, c, err := b.h.RecvEx(buf, addrs)
+		if !dl.IsZero() {
+			b.timer.Stop()
+		}
+		if windivert.Code(err) == windivert.ErrorOperationAborted {
+			b.dlMu.Lock()
+			to, closed := b.timedOut, b.closed
+			b.dlMu.Unlock()
+			switch {
+			case closed:
+				return 0, 0, errClosed
+			case to:
+				return 0, 0, fmt.Errorf("divert: recv: %w", os.ErrDeadlineExceeded)
+			}
+			continue // cancelled by a deadline that was since moved
+		}
+		if err != nil && windivert.Code(err) != windivert.ErrorInsufficientBuffer {
+			b.dlMu.Lock()
+			closed := b.closed
+			b.dlMu.Unlock()
+			if closed {
+				return 0, 0, errClosed
+			}
+			return 0, 0, b.mapError("recv", err)
+		}
+		return n, c, err
+	}
+}
+
+func (b *winBackend) recv(p []byte, a *Address) (int, error) {
+	b.recvMu.Lock()
+	defer b.recvMu.Unlock()
+	buf := p
+	var one [1]byte
+	if len(buf) == 0 {
+		buf = one[:] // imgk and the driver need a buffer; the packet is truncated
+	}
+	if b.layer == LayerFlow || b.layer == LayerSocket {
+		buf = one[:] // no data at these layers
+	}
+	n, c, err := b.recvRaw(buf, b.raddrs[:1])
+	if err != nil && windivert.Code(err) != windivert.ErrorInsufficientBuffer {
+		return 0, err
+	}
+	if c < 1 {
+		return 0, fmt.Errorf("divert: recv: driver returned no address")
+	}
+	decodeAddr(&b.raddrs[0], a)
+	if len(p) == 0 || b.layer == LayerFlow || b.layer == LayerSocket {
+		n = 0
+	}
+	if err != nil {
+		return n, ErrTruncated
+	}
+	return n, nil
+}
+
+func (b *winBackend) recvBatch(ms []Message) (int, error) {
+	b.recvMu.Lock()
+	defer b.recvMu.Unlock()
+	total := 0
+	for i := range ms {
+		total += len(ms[i].Buf)
+	}
+	if total < 1 {
+		total = 1
+	}
+	if total > BatchMax*MTUMax {
+		total = BatchMax * MTUMax
+	}
+	if cap(b.rbuf) < total {
+		b.rbuf = make([]byte, total)
+	}
+	buf := b.rbuf[:total]
+	n, c, err := b.recvRaw(buf, b.raddrs[:len(ms)])
+	if err != nil && windivert.Code(err) != windivert.ErrorInsufficientBuffer {
+		return 0, err
+	}
+	trunc := err != nil
+	if c < 1 || c > len(ms) {
+		return 0, fmt.Errorf("divert: recv: driver returned %d addresses", c)
+	}
+	layer := uint8(b.layer)
+	if !windivert.Split(buf, n, c, layer, b.lens[:c]) {
+		return 0, fmt.Errorf("divert: recv: cannot split a batch of %d items in %d bytes", c, n)
+	}
+	off := 0
+	for i := 0; i < c; i++ {
+		l := b.lens[i]
+		ms[i].N = copy(ms[i].Buf, buf[off:off+l])
+		trunc = trunc || ms[i].N < l
+		off += l
+		decodeAddr(&b.raddrs[i], &ms[i].Addr)
+	}
+	if trunc {
+		return c, ErrTruncated
+	}
+	return c, nil
+}
+
+func (b *winBackend) send(p []byte, a *Address) (int, error) {
+	b.sendMu.Lock()
+	defer b.sendMu.Unlock()
+	encodeAddr(&b.saddrs[0], a, b.layer)
+	n, err := b.h.SendEx(p, b.saddrs[:1])
+	if err != nil {
+		return 0, b.mapError("send", err)
+	}
+	return n, nil
+}
+
+func (b *winBackend) sendBatch(ms []Message) (int, error) {
+	b.sendMu.Lock()
+	defer b.sendMu.Unlock()
+	total := 0
+	for i := range ms {
+		total += ms[i].N
+	}
+	if cap(b.sbuf) < total {
+		b.sbuf = make([]byte, total)
+	}
+	buf := b.sbuf[:0]
+	for i := range ms {
+		buf = append(buf, ms[i].Buf[:ms[i].N]...)
+		encodeAddr(&b.saddrs[i], &ms[i].Addr, b.layer)
+	}
+	if _, err := b.h.SendEx(buf, b.saddrs[:len(ms)]); err != nil {
+		return 0, b.mapError("send", err)
+	}
+	return len(ms), nil
+}
+
+// drop is a no-op: a received packet is gone unless sent back.
+func (b *winBackend) drop(*Address) error { return nil }
+
+func (b *winBackend) shutdown(how ShutdownHow) error {
+	if err := b.h.Shutdown(uint32(how)); err != nil {
+		return b.mapError("shutdown", err)
+	}
+	return nil
+}
+
+func (b *winBackend) close() error {
+	b.dlMu.Lock()
+	b.closed = true
+	b.dlMu.Unlock()
+	b.timer.Stop()
+	if err := b.h.Close(); err != nil {
+		return fmt.Errorf("divert: close: %w", err)
+	}
+	return nil
+}
+
+func (b *winBackend) setParam(p Param, v uint64) error {
+	if err := b.h.SetParam(uint32(p), v); err != nil {
+		return b.mapError("set param", err)
+	}
+	return nil
+}
+
+func (b *winBackend) setReadDeadline(t time.Time) error {
+	b.dlMu.Lock()
+	defer b.dlMu.Unlock()
+	b.deadline = t
+	if !t.IsZero() && !time.Now().Before(t) {
+		// Already past: wake a pending receive now.
+		b.timedOut = true
+		_ = b.h.CancelRecv()
+	}
+	return nil
+}
+
+func (b *winBackend) version() (major, minor uint64) {
+	major, err := b.h.GetParam(uint32(ParamVersionMajor))
+	if err != nil {
+		return 0, 0
+	}
+	minor, err = b.h.GetParam(uint32(ParamVersionMinor))
+	if err != nil {
+		return major, 0
+	}
+	return major, minor
+}
+
+// decodeAddr converts a WINDIVERT_ADDRESS into an Address.
+func decodeAddr(r *windivert.RawAddr, a *Address) {
+	var w windivert.Addr
+	r.Decode(&w)
+	*a = Address{
+		Timestamp:   w.Timestamp,
+		Layer:       Layer(w.Layer),
+		Event:       Event(w.Event),
+		Sniffed:     w.Sniffed,
+		Outbound:    w.Outbound,
+		Loopback:    w.Loopback,
+		Impostor:    w.Impostor,
+		IPv6:        w.IPv6,
+		IPChecksum:  w.IPChecksum,
+		TCPChecksum: w.TCPChecksum,
+		UDPChecksum: w.UDPChecksum,
+		IfIdx:       w.IfIdx,
+		SubIfIdx:    w.SubIfIdx,
+	}
+	switch a.Layer {
+	case LayerFlow, LayerSocket:
+		a.Flow = FlowData{
+			EndpointID:       w.EndpointID,
+			ParentEndpointID: w.ParentEndpointID,
+			ProcessID:        w.ProcessID,
+			LocalAddr:        w.LocalAddr,
+			RemoteAddr:       w.RemoteAddr,
+			LocalPort:        w.LocalPort,
+			RemotePort:       w.RemotePort,
+			Protocol:         w.Protocol,
+		}
+	case LayerReflect:
+		a.Reflect = ReflectData{
+			Timestamp: w.ReflectTimestamp,
+			ProcessID: w.ProcessID,
+			Layer:     Layer(w.ReflectLayer),
+			Flags:     Flag(w.ReflectFlags),
+			Priority:  w.ReflectPriority,
+		}
+	}
+}
+
+// encodeAddr converts an Address for WinDivertSend, which reads Outbound,
+// Impostor, the checksum bits, IfIdx and SubIfIdx. The layer is the
+// handle's.
+func encodeAddr(r *windivert.RawAddr, a *Address, layer Layer) {
+	w := windivert.Addr{
+		Timestamp:   a.Timestamp,
+		Layer:       uint8(layer),
+		Event:       uint8(a.Event),
+		Sniffed:     a.Sniffed,
+		Outbound:    a.Outbound,
+		Loopback:    a.Loopback,
+		Impostor:    a.Impostor,
+		IPv6:        a.IPv6,
+		IPChecksum:  a.IPChecksum,
+		TCPChecksum: a.TCPChecksum,
+		UDPChecksum: a.UDPChecksum,
+		IfIdx:       a.IfIdx,
+		SubIfIdx:    a.SubIfIdx,
+	}
+	r.Encode(&w)
 }

@@ -1,0 +1,176 @@
+// Package bsdaddr encodes and decodes the struct sockaddr_in that a FreeBSD
+// divert(4) socket attaches to every packet, and maps it to and from the
+// direction / interface view of divert.Address.
+//
+// The kernel contract (sys/netinet/ip_divert.c, ip_divert.h):
+//
+//   - sin_len is 16 and sin_family AF_INET, also for IPv6 packets.
+//   - sin_port is the number of the ipfw rule that diverted the packet, in
+//     host byte order. Writing the packet back with it resumes the ruleset at
+//     the first rule numbered higher.
+//   - sin_addr is INADDR_ANY for outbound packets and the first IPv4 address
+//     of the receiving interface for inbound ones. On sendto, the kernel
+//     decides the direction from sin_addr alone: zero sends out (ip_output),
+//     anything else delivers in (netisr, as if received).
+//   - sin_zero holds the receiving interface's name, NUL-terminated within
+//     its 8 bytes (so at most 7 characters survive). On sendto a non-empty
+//     name picks the receiving interface of an inbound packet.
+//
+// The package is pure Go with no build tags so that it is tested on every OS.
+package bsdaddr
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+)
+
+// Size is the size of struct sockaddr_in on FreeBSD.
+const Size = 16
+
+// AFInet is FreeBSD's AF_INET.
+const AFInet = 2
+
+// NameLen is the room for an interface name in sin_zero, including the NUL.
+const NameLen = 8
+
+// Sockaddr is a raw FreeBSD struct sockaddr_in:
+// sin_len, sin_family, sin_port[2], sin_addr[4], sin_zero[8].
+type Sockaddr [Size]byte
+
+// Errors.
+var (
+	// ErrBadSockaddr reports a sockaddr that is not a 16-byte AF_INET one.
+	ErrBadSockaddr = errors.New("bsdaddr: not a 16-byte AF_INET sockaddr")
+	// ErrNoInterface reports an inbound packet without an interface.
+	ErrNoInterface = errors.New("bsdaddr: an inbound packet needs an interface index")
+)
+
+// Rule returns sin_port, the ipfw rule number, read in byte order order
+// (the kernel writes it in host order: pass binary.NativeEndian).
+func (s *Sockaddr) Rule(order binary.ByteOrder) uint16 { return order.Uint16(s[2:4]) }
+
+// Addr returns sin_addr.
+func (s *Sockaddr) Addr() [4]byte { return [4]byte(s[4:8]) }
+
+// Name returns the interface name in sin_zero (up to the first NUL); it
+// aliases s.
+func (s *Sockaddr) Name() []byte {
+	z := s[8:16]
+	for i, c := range z {
+		if c == 0 {
+			return z[:i]
+		}
+	}
+	// Not NUL-terminated: the kernel ignores such a name on sendto.
+	return nil
+}
+
+// Outbound reports whether the kernel treats s as outbound: sin_addr is zero.
+func (s *Sockaddr) Outbound() bool { return s[4]|s[5]|s[6]|s[7] == 0 }
+
+// Valid reports whether s has the length and family the kernel requires.
+func (s *Sockaddr) Valid() bool { return s[0] == Size && s[1] == AFInet }
+
+// Set fills s with a 16-byte AF_INET sockaddr. name must be shorter than
+// NameLen; an empty name leaves sin_zero zero.
+func (s *Sockaddr) Set(order binary.ByteOrder, rule uint16, addr [4]byte, name []byte) error {
+	if len(name) >= NameLen {
+		return fmt.Errorf("bsdaddr: interface name %q longer than %d bytes", name, NameLen-1)
+	}
+	*s = Sockaddr{}
+	s[0] = Size
+	s[1] = AFInet
+	order.PutUint16(s[2:4], rule)
+	copy(s[4:8], addr[:])
+	copy(s[8:], name)
+	return nil
+}
+
+// Received is what a received sockaddr says about its packet.
+type Received struct {
+	Outbound bool   // sin_addr was zero
+	IfIdx    uint32 // index of the interface named in sin_zero, 0 if none or unknown
+	Rule     uint16 // the diverting ipfw rule
+}
+
+// Parse decodes a sockaddr from recvfrom. lookup maps an interface name to
+// its index (nil, or a false result, leaves IfIdx zero); it must not retain
+// the name, which aliases s. For outbound packets the name, when present, is
+// the interface a forwarded packet came in on; it is reported as IfIdx too
+// (WinDivert reports the sending interface, which FreeBSD does not give).
+func Parse(s *Sockaddr, order binary.ByteOrder, lookup func(name []byte) (uint32, bool)) (Received, error) {
+	if !s.Valid() {
+		return Received{}, ErrBadSockaddr
+	}
+	r := Received{Outbound: s.Outbound(), Rule: s.Rule(order)}
+	if name := s.Name(); len(name) > 0 && lookup != nil {
+		if idx, ok := lookup(name); ok {
+			r.IfIdx = idx
+		}
+	}
+	return r, nil
+}
+
+// Iface describes an interface for inbound injection.
+type Iface struct {
+	Name []byte  // interface name; used when shorter than NameLen
+	Addr [4]byte // first IPv4 address, zero if none
+}
+
+// placeholder is the sin_addr used for an inbound packet on an interface
+// without an IPv4 address: any non-zero value makes the kernel deliver the
+// packet in, and the interface name picks the interface.
+var placeholder = [4]byte{0, 0, 0, 1}
+
+// Target computes the sockaddr for sendto.
+//
+//   - recv is the sockaddr the packet was received with, or nil for a new
+//     packet. When the requested direction and interface equal the received
+//     ones, recv is sent back unchanged so that ipfw resumes after the
+//     diverting rule and the interface name survives.
+//   - Otherwise an outbound packet gets INADDR_ANY and rule, and an inbound
+//     one gets the interface's name and address (a placeholder address when
+//     the interface has no IPv4 address, so that the kernel does not send it
+//     out). rule is where ipfw resumes: the received rule, or for a new packet
+//     the handle's own rule number so that its own rules skip it.
+//   - recvIfIdx is the IfIdx the received packet was reported with.
+//   - iface resolves ifIdx for inbound packets.
+func Target(dst *Sockaddr, order binary.ByteOrder, outbound bool, ifIdx uint32, rule uint16,
+	recv *Sockaddr, recvIfIdx uint32, iface func(idx uint32) (Iface, error)) error {
+	if recv != nil && recv.Valid() && recv.Outbound() == outbound && (outbound || ifIdx == recvIfIdx) {
+		*dst = *recv
+		return nil
+	}
+	if recv != nil && recv.Valid() {
+		rule = recv.Rule(order)
+	}
+	if outbound {
+		return dst.Set(order, rule, [4]byte{}, nil)
+	}
+	if ifIdx == 0 {
+		return ErrNoInterface
+	}
+	if iface == nil {
+		return fmt.Errorf("bsdaddr: no interface resolver for index %d", ifIdx)
+	}
+	ifc, err := iface(ifIdx)
+	if err != nil {
+		return fmt.Errorf("bsdaddr: interface %d: %w", ifIdx, err)
+	}
+	name := ifc.Name
+	if len(name) >= NameLen {
+		// The kernel cannot take the name: fall back to the address, which
+		// must then exist.
+		name = nil
+	}
+	addr := ifc.Addr
+	if addr == [4]byte{} {
+		if name == nil {
+			return fmt.Errorf("bsdaddr: interface %d (%s) has no IPv4 address and a name longer than %d bytes: the kernel cannot inject inbound on it",
+				ifIdx, ifc.Name, NameLen-1)
+		}
+		addr = placeholder
+	}
+	return dst.Set(order, rule, addr, name)
+}

@@ -1,0 +1,204 @@
+package bsdaddr
+
+import (
+	"encoding/binary"
+	"errors"
+	"testing"
+)
+
+// received builds the bytes the kernel's divert_packet() writes: host-order
+// rule, interface address, strlcpy'd name.
+func received(order binary.ByteOrder, rule uint16, addr [4]byte, name string) Sockaddr {
+	var s Sockaddr
+	s[0], s[1] = 16, 2
+	order.PutUint16(s[2:], rule)
+	copy(s[4:], addr[:])
+	n := copy(s[8:15], name) // strlcpy: at most 7 bytes and a NUL
+	s[8+n] = 0
+	return s
+}
+
+func lookupTable(m map[string]uint32) func([]byte) (uint32, bool) {
+	return func(b []byte) (uint32, bool) {
+		idx, ok := m[string(b)]
+		return idx, ok
+	}
+}
+
+func TestParse(t *testing.T) {
+	ifs := lookupTable(map[string]uint32{"vtnet0": 1, "lo0": 2, "epair0a": 7})
+	for _, tc := range []struct {
+		name  string
+		order binary.ByteOrder
+		sa    Sockaddr
+		want  Received
+	}{
+		{"outbound", binary.LittleEndian, received(binary.LittleEndian, 100, [4]byte{}, ""), Received{Outbound: true, Rule: 100}},
+		{"inbound", binary.LittleEndian, received(binary.LittleEndian, 31000, [4]byte{10, 0, 0, 1}, "vtnet0"), Received{IfIdx: 1, Rule: 31000}},
+		{"inbound big endian", binary.BigEndian, received(binary.BigEndian, 31000, [4]byte{10, 0, 0, 1}, "epair0a"), Received{IfIdx: 7, Rule: 31000}},
+		{"forwarded outbound keeps rcvif", binary.LittleEndian, received(binary.LittleEndian, 65534, [4]byte{}, "lo0"), Received{Outbound: true, IfIdx: 2, Rule: 65534}},
+		{"unknown interface", binary.LittleEndian, received(binary.LittleEndian, 5, [4]byte{192, 0, 2, 1}, "em9"), Received{Rule: 5}},
+		{"truncated long name", binary.LittleEndian, received(binary.LittleEndian, 5, [4]byte{192, 0, 2, 1}, "bridge10"), Received{Rule: 5}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := Parse(&tc.sa, tc.order, ifs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tc.want {
+				t.Fatalf("Parse = %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestRuleByteOrder(t *testing.T) {
+	// The rule number is host order: 100 on a little-endian host is the
+	// bytes 0x64 0x00 (x/sys's Recvfrom would report 25600).
+	s := received(binary.LittleEndian, 100, [4]byte{}, "")
+	if s[2] != 0x64 || s[3] != 0 {
+		t.Fatalf("port bytes %x", s[2:4])
+	}
+	if got := s.Rule(binary.LittleEndian); got != 100 {
+		t.Fatalf("Rule = %d", got)
+	}
+	if got := s.Rule(binary.BigEndian); got != 25600 {
+		t.Fatalf("Rule(BE) = %d", got)
+	}
+}
+
+func TestParseBad(t *testing.T) {
+	for _, s := range []Sockaddr{{}, {16, 28}, {8, 2}} {
+		if _, err := Parse(&s, binary.LittleEndian, nil); !errors.Is(err, ErrBadSockaddr) {
+			t.Errorf("Parse(%x) err = %v", s[:2], err)
+		}
+	}
+	// An unterminated name is not a name.
+	s := received(binary.LittleEndian, 1, [4]byte{1, 2, 3, 4}, "")
+	copy(s[8:], "abcdefgh")
+	if n := s.Name(); n != nil {
+		t.Fatalf("Name = %q", n)
+	}
+}
+
+func TestTarget(t *testing.T) {
+	le := binary.LittleEndian
+	ifaces := func(idx uint32) (Iface, error) {
+		switch idx {
+		case 1:
+			return Iface{Name: []byte("vtnet0"), Addr: [4]byte{10, 0, 0, 1}}, nil
+		case 3:
+			return Iface{Name: []byte("gif0")}, nil // IPv6-only tunnel
+		case 4:
+			return Iface{Name: []byte("bridge10"), Addr: [4]byte{10, 9, 0, 1}}, nil
+		case 5:
+			return Iface{Name: []byte("bridge11")}, nil
+		}
+		return Iface{}, errors.New("no such interface")
+	}
+	in := received(le, 31000, [4]byte{10, 0, 0, 1}, "vtnet0")
+	out := received(le, 29000, [4]byte{}, "")
+	for _, tc := range []struct {
+		name     string
+		outbound bool
+		ifIdx    uint32
+		rule     uint16
+		recv     *Sockaddr
+		recvIf   uint32
+		want     Sockaddr
+		wantErr  bool
+	}{
+		{name: "reinject inbound unchanged", ifIdx: 1, rule: 1, recv: &in, recvIf: 1, want: in},
+		{name: "reinject outbound unchanged", outbound: true, rule: 1, recv: &out, want: out},
+		{name: "outbound turned inbound keeps rule", ifIdx: 1, rule: 1, recv: &out, want: received(le, 29000, [4]byte{10, 0, 0, 1}, "vtnet0")},
+		{name: "inbound turned outbound keeps rule", outbound: true, rule: 1, recv: &in, recvIf: 1, want: received(le, 31000, [4]byte{}, "")},
+		{name: "inbound moved to another interface", ifIdx: 3, rule: 1, recv: &in, recvIf: 1, want: received(le, 31000, placeholder, "gif0")},
+		{name: "new outbound resumes after own rule", outbound: true, rule: 30500, want: received(le, 30500, [4]byte{}, "")},
+		{name: "new inbound", ifIdx: 1, rule: 30500, want: received(le, 30500, [4]byte{10, 0, 0, 1}, "vtnet0")},
+		{name: "new inbound ipv6-only interface", ifIdx: 3, rule: 7, want: received(le, 7, placeholder, "gif0")},
+		{name: "new inbound long name uses address", ifIdx: 4, rule: 7, want: received(le, 7, [4]byte{10, 9, 0, 1}, "")},
+		{name: "new inbound long name no address", ifIdx: 5, rule: 7, wantErr: true},
+		{name: "new inbound no interface", ifIdx: 0, wantErr: true},
+		{name: "new inbound unknown interface", ifIdx: 99, wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got Sockaddr
+			err := Target(&got, le, tc.outbound, tc.ifIdx, tc.rule, tc.recv, tc.recvIf, ifaces)
+			if tc.wantErr {
+				if err == nil {
+					t.Fatalf("Target = %x, want error", got)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tc.want {
+				t.Fatalf("Target = %x, want %x", got, tc.want)
+			}
+			// What we send must parse back to the direction asked for.
+			r, err := Parse(&got, le, nil)
+			if err != nil || r.Outbound != tc.outbound {
+				t.Fatalf("round trip: %+v %v", r, err)
+			}
+		})
+	}
+}
+
+func TestSetLongName(t *testing.T) {
+	var s Sockaddr
+	if err := s.Set(binary.LittleEndian, 1, [4]byte{1, 1, 1, 1}, []byte("12345678")); err == nil {
+		t.Fatal("8-byte name accepted")
+	}
+	if err := s.Set(binary.LittleEndian, 1, [4]byte{1, 1, 1, 1}, []byte("1234567")); err != nil {
+		t.Fatal(err)
+	}
+	if string(s.Name()) != "1234567" || s[15] != 0 {
+		t.Fatalf("name bytes %q", s[8:])
+	}
+}
+
+func TestParseAllocs(t *testing.T) {
+	s := received(binary.LittleEndian, 1, [4]byte{10, 0, 0, 1}, "vtnet0")
+	m := map[string]uint32{"vtnet0": 1}
+	lookup := func(b []byte) (uint32, bool) { i, ok := m[string(b)]; return i, ok }
+	var sink Received
+	n := testing.AllocsPerRun(100, func() { sink, _ = Parse(&s, binary.LittleEndian, lookup) })
+	if n != 0 || sink.IfIdx != 1 {
+		t.Fatalf("Parse allocates %v times (IfIdx %d)", n, sink.IfIdx)
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add(make([]byte, 16))
+	in := received(binary.LittleEndian, 31000, [4]byte{10, 0, 0, 1}, "vtnet0")
+	f.Add(in[:])
+	out := received(binary.LittleEndian, 1, [4]byte{}, "lo0")
+	f.Add(out[:])
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var s Sockaddr
+		copy(s[:], b)
+		r, err := Parse(&s, binary.LittleEndian, func(n []byte) (uint32, bool) { return uint32(len(n)) + 1, len(n) > 0 })
+		if err != nil {
+			if s.Valid() {
+				t.Fatalf("valid sockaddr rejected: %v", err)
+			}
+			return
+		}
+		if r.Outbound != (s[4]|s[5]|s[6]|s[7] == 0) {
+			t.Fatal("direction not from sin_addr")
+		}
+		if len(s.Name()) >= NameLen {
+			t.Fatal("name overruns sin_zero")
+		}
+		// Sending back with the same direction and interface reproduces the
+		// received bytes exactly.
+		var back Sockaddr
+		if err := Target(&back, binary.LittleEndian, r.Outbound, r.IfIdx, 0, &s, r.IfIdx, nil); err != nil {
+			t.Fatal(err)
+		}
+		if back != s {
+			t.Fatalf("round trip %x != %x", back, s)
+		}
+	})
+}

@@ -1,0 +1,426 @@
+package ipfw
+
+import (
+	"encoding/binary"
+	"strings"
+	"testing"
+
+	"github.com/netdivert/divert/filter"
+)
+
+func c(f filter.Field, op filter.Op, v uint64) filter.Cond {
+	return filter.Cond{Field: f, Op: op, Value: filter.Value{Lo: v}}
+}
+
+func neg(f filter.Field, op filter.Op, v uint64) filter.Cond {
+	return filter.Cond{Field: f, Op: op, Value: filter.Value{Lo: v, Neg: true}}
+}
+
+func v4(a, b, cc, d byte) uint64 {
+	return 0xFFFF_0000_0000 | uint64(a)<<24 | uint64(b)<<16 | uint64(cc)<<8 | uint64(d)
+}
+
+func v6(f filter.Field, op filter.Op, hi, lo uint64) filter.Cond {
+	return filter.Cond{Field: f, Op: op, Value: filter.Value{Hi: hi, Lo: lo}}
+}
+
+func terms(ts ...[]filter.Cond) *filter.Lowered {
+	l := &filter.Lowered{Exact: true}
+	for _, t := range ts {
+		l.Terms = append(l.Terms, filter.Term{Conds: t})
+	}
+	return l
+}
+
+func conds(cs ...filter.Cond) []filter.Cond { return cs }
+
+var (
+	yes = func(f filter.Field) filter.Cond { return c(f, filter.OpEq, 1) }
+	no  = func(f filter.Field) filter.Cond { return c(f, filter.OpEq, 0) }
+)
+
+const tag = "netdivert pid=42 port=40000"
+
+func TestLowerGolden(t *testing.T) {
+	ifName := func(idx uint32) (string, bool) {
+		if idx == 2 {
+			return "vtnet0", true
+		}
+		return "", false
+	}
+	base := Config{Number: 31000, Set: 5, Port: 40000, Action: Divert, IfName: ifName, Tag: tag}
+	for _, tc := range []struct {
+		name  string
+		cfg   func(*Config)
+		l     *filter.Lowered
+		want  []string
+		exact bool
+	}{
+		{
+			name: "nothing",
+			l:    terms(),
+			want: nil, exact: true,
+		},
+		{
+			name: "true",
+			l:    terms(conds()),
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to any in // " + tag,
+				"add 31000 set 5 divert 40000 ip from any to any out not recv * // " + tag,
+			},
+		},
+		{
+			name: "outbound tcp dst port 80",
+			l:    terms(conds(yes(filter.FieldOutbound), yes(filter.FieldTCP), c(filter.FieldTCPDstPort, filter.OpEq, 80))),
+			want: []string{
+				"add 31000 set 5 divert 40000 tcp from any to any dst-port 80 out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 tcp from any to any frag out not recv * // " + tag,
+			},
+		},
+		{
+			name: "inbound udp port range and exclusion, ipv4 source cidr",
+			l: terms(conds(yes(filter.FieldInbound),
+				c(filter.FieldUDPDstPort, filter.OpGe, 1000), c(filter.FieldUDPDstPort, filter.OpLe, 2000),
+				c(filter.FieldUDPDstPort, filter.OpNe, 1500),
+				c(filter.FieldIPSrcAddr, filter.OpGe, v4(10, 1, 0, 0)), c(filter.FieldIPSrcAddr, filter.OpLe, v4(10, 1, 255, 255)))),
+			want: []string{
+				"add 31000 set 5 divert 40000 udp from 10.1.0.0/16 to any ip4 dst-port 1000-1499,1501-2000 in // " + tag,
+				"add 31000 set 5 divert 40000 udp from 10.1.0.0/16 to any ip4 frag in // " + tag,
+			},
+		},
+		{
+			name: "not one address",
+			l:    terms(conds(yes(filter.FieldOutbound), c(filter.FieldIPDstAddr, filter.OpNe, v4(192, 0, 2, 1)))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to not 192.0.2.1 ip4 out not recv * // " + tag,
+			},
+			exact: false, // direction layer approximation only applies inbound, but ipv4 "ip" presence is exact; outbound rules are still marked inexact by the layer
+		},
+		{
+			name: "address range as a cidr list",
+			l: terms(conds(yes(filter.FieldInbound),
+				c(filter.FieldIPDstAddr, filter.OpGe, v4(10, 0, 0, 1)), c(filter.FieldIPDstAddr, filter.OpLe, v4(10, 0, 0, 6)))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to 10.0.0.1,10.0.0.2/31,10.0.0.4/31,10.0.0.6 ip4 in // " + tag,
+			},
+		},
+		{
+			name: "ipv6 prefix and icmpv6 types",
+			l: terms(conds(yes(filter.FieldIPv6), yes(filter.FieldICMPv6),
+				c(filter.FieldICMPv6Type, filter.OpGe, 133), c(filter.FieldICMPv6Type, filter.OpLe, 136),
+				v6(filter.FieldIPv6SrcAddr, filter.OpGe, 0xfd00_0000_0000_0000, 0), v6(filter.FieldIPv6SrcAddr, filter.OpLe, 0xfd00_0000_0000_00ff, ^uint64(0)))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ipv6-icmp from fd00::/56 to any ip6 icmp6types 133,134,135,136 in // " + tag,
+				"add 31000 set 5 divert 40000 ipv6-icmp from fd00::/56 to any ip6 frag in // " + tag,
+				"add 31000 set 5 divert 40000 ipv6-icmp from fd00::/56 to any ip6 icmp6types 133,134,135,136 out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 ipv6-icmp from fd00::/56 to any ip6 frag out not recv * // " + tag,
+			},
+		},
+		{
+			name: "icmp echo request types",
+			l:    terms(conds(yes(filter.FieldICMP), c(filter.FieldICMPType, filter.OpEq, 8), yes(filter.FieldInbound))),
+			want: []string{
+				"add 31000 set 5 divert 40000 icmp from any to any ip4 icmptypes 8 in // " + tag,
+				// icmptypes never matches a non-first fragment either
+				"add 31000 set 5 divert 40000 icmp from any to any ip4 frag in // " + tag,
+			},
+		},
+		{
+			name: "tcp syn without ack, two terms, duplicates merged",
+			l: terms(
+				conds(yes(filter.FieldTCP), yes(filter.FieldTCPSyn), no(filter.FieldTCPAck), yes(filter.FieldOutbound)),
+				conds(yes(filter.FieldTCP), yes(filter.FieldTCPSyn), no(filter.FieldTCPAck), yes(filter.FieldOutbound)),
+			),
+			want: []string{
+				"add 31000 set 5 divert 40000 tcp from any to any tcpflags syn,!ack out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 tcp from any to any frag out not recv * // " + tag,
+			},
+		},
+		{
+			name: "tcp or udp by protocol",
+			l: terms(conds(yes(filter.FieldInbound),
+				c(filter.FieldProtocol, filter.OpGe, 6), c(filter.FieldProtocol, filter.OpLe, 17),
+				c(filter.FieldProtocol, filter.OpNe, 7), c(filter.FieldProtocol, filter.OpNe, 8),
+				c(filter.FieldProtocol, filter.OpLe, 8))),
+			want: []string{
+				"add 31000 set 5 divert 40000 tcp from any to any in // " + tag,
+			},
+		},
+		{
+			name: "protocol exclusions",
+			l:    terms(conds(yes(filter.FieldInbound), c(filter.FieldProtocol, filter.OpNe, 6), c(filter.FieldProtocol, filter.OpNe, 17))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to any not proto tcp not proto udp in // " + tag,
+			},
+		},
+		{
+			name: "ifIdx inbound",
+			l:    terms(conds(yes(filter.FieldInbound), c(filter.FieldIfIdx, filter.OpEq, 2))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to any in recv vtnet0 // " + tag,
+			},
+		},
+		{
+			name: "ifIdx unknown is left to user space",
+			l:    terms(conds(yes(filter.FieldInbound), c(filter.FieldIfIdx, filter.OpEq, 9))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to any in // " + tag,
+			},
+		},
+		{
+			name: "local and remote endpoints by direction",
+			l: terms(conds(yes(filter.FieldOutbound), yes(filter.FieldIP), yes(filter.FieldTCP),
+				c(filter.FieldLocalAddr, filter.OpEq, v4(10, 0, 0, 2)), c(filter.FieldRemotePort, filter.OpEq, 443))),
+			want: []string{
+				"add 31000 set 5 divert 40000 tcp from 10.0.0.2 to any ip4 dst-port 443 out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 tcp from 10.0.0.2 to any ip4 frag out not recv * // " + tag,
+			},
+		},
+		{
+			name: "contradictions drop terms",
+			l: terms(
+				conds(yes(filter.FieldTCP), yes(filter.FieldUDP)),
+				conds(c(filter.FieldTCPDstPort, filter.OpLt, 0)),
+				conds(neg(filter.FieldTCPDstPort, filter.OpEq, 0)),
+				conds(yes(filter.FieldInbound), yes(filter.FieldOutbound)),
+				conds(c(filter.FieldFalse, filter.OpEq, 1)),
+				conds(c(filter.FieldIPSrcAddr, filter.OpEq, 5)), // not an IPv4-mapped value
+			),
+			want: nil, exact: true, // no term can match: no rules is exact
+		},
+		{
+			name: "negative constant compares below everything",
+			l:    terms(conds(yes(filter.FieldInbound), neg(filter.FieldTCPDstPort, filter.OpGe, 0))),
+			// no port option is emitted, so fragments match and need no companion
+			want: []string{
+				"add 31000 set 5 divert 40000 tcp from any to any in // " + tag,
+			},
+		},
+		{
+			name: "unlowerable fields keep their presence",
+			l:    terms(conds(yes(filter.FieldOutbound), c(filter.FieldIPTTL, filter.OpEq, 64), c(filter.FieldTCPPayload, filter.OpEq, 0x47))),
+			want: []string{
+				"add 31000 set 5 divert 40000 tcp from any to any ip4 out not recv * // " + tag,
+			},
+		},
+		{
+			name: "forward layer tee",
+			cfg:  func(c *Config) { c.Forward = true; c.Action = Tee },
+			l:    terms(conds(yes(filter.FieldUDP), c(filter.FieldUDPDstPort, filter.OpEq, 53))),
+			want: []string{
+				"add 31000 set 5 tee 40000 udp from any to any dst-port 53 out recv * // " + tag,
+				"add 31000 set 5 tee 40000 udp from any to any frag out recv * // " + tag,
+			},
+		},
+		{
+			name: "deny, untagged",
+			cfg:  func(c *Config) { c.Action = Deny; c.Tag = "" },
+			l:    terms(conds(yes(filter.FieldInbound), yes(filter.FieldIPv6))),
+			want: []string{
+				"add 31000 set 5 deny ip from any to any ip6 in",
+			},
+		},
+		{
+			name: "too many port ranges widen to the hull",
+			l: terms(conds(yes(filter.FieldInbound), c(filter.FieldTCPDstPort, filter.OpGe, 10), c(filter.FieldTCPDstPort, filter.OpLe, 30),
+				c(filter.FieldTCPDstPort, filter.OpNe, 12), c(filter.FieldTCPDstPort, filter.OpNe, 14), c(filter.FieldTCPDstPort, filter.OpNe, 16),
+				c(filter.FieldTCPDstPort, filter.OpNe, 18), c(filter.FieldTCPDstPort, filter.OpNe, 20), c(filter.FieldTCPDstPort, filter.OpNe, 22),
+				c(filter.FieldTCPDstPort, filter.OpNe, 24), c(filter.FieldTCPDstPort, filter.OpNe, 26))),
+			want: []string{
+				"add 31000 set 5 divert 40000 tcp from any to any dst-port 10-30 in // " + tag,
+				"add 31000 set 5 divert 40000 tcp from any to any frag in // " + tag,
+			},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := base
+			if tc.cfg != nil {
+				tc.cfg(&cfg)
+			}
+			res, err := Lower(tc.l, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, r := range res.Rules {
+				got = append(got, r.String())
+			}
+			if strings.Join(got, "\n") != strings.Join(tc.want, "\n") {
+				t.Fatalf("rules:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(tc.want, "\n"))
+			}
+			if res.Exact != tc.exact {
+				t.Errorf("Exact = %v, want %v", res.Exact, tc.exact)
+			}
+		})
+	}
+}
+
+func TestLowerExactForward(t *testing.T) {
+	// At the forward layer nothing approximates "udp.DstPort == 53 and udp"
+	// except the presence test of udp itself.
+	res, err := Lower(terms(conds(c(filter.FieldUDPDstPort, filter.OpEq, 53))), Config{Number: 1, Port: 1, Forward: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Exact {
+		t.Fatal("port test at the forward layer should be exact")
+	}
+	res, _ = Lower(&filter.Lowered{Terms: []filter.Term{{}}}, Config{Number: 1, Port: 1, Forward: true})
+	if res.Exact {
+		t.Fatal("an inexact Lowered stays inexact")
+	}
+}
+
+func TestLowerConfigErrors(t *testing.T) {
+	for _, cfg := range []Config{
+		{Number: 0},
+		{Number: 65535},
+		{Number: 1, Set: 31},
+		{Number: 1, Tag: "a // b"},
+		{Number: 1, Action: 9},
+	} {
+		if _, err := Lower(terms(), cfg); err == nil {
+			t.Errorf("Lower(%+v) accepted", cfg)
+		}
+	}
+}
+
+func TestRuleNumber(t *testing.T) {
+	for _, tc := range []struct {
+		p    int16
+		want uint16
+	}{{30000, 1000}, {0, 31000}, {-30000, 61000}, {1, 30999}, {32767, 1000}, {-32768, 61000}} {
+		if got := RuleNumber(tc.p); got != tc.want {
+			t.Errorf("RuleNumber(%d) = %d, want %d", tc.p, got, tc.want)
+		}
+	}
+	// higher priority, lower number
+	for p := int16(-30000); p < 30000; p += 97 {
+		if RuleNumber(p) <= RuleNumber(p+1) {
+			t.Fatalf("RuleNumber not decreasing at %d", p)
+		}
+	}
+}
+
+func TestCIDRs(t *testing.T) {
+	cs, ok := cidrs(v4Lo, v4Hi, 32, 8)
+	if !ok || len(cs) != 1 || cidrText(cs[0], 32) != "0.0.0.0/0" {
+		t.Fatalf("full range: %v %v", cs, ok)
+	}
+	cs, ok = cidrs(u128{}, maxU128, 128, 8)
+	if !ok || len(cs) != 1 || cidrText(cs[0], 128) != "::/0" {
+		t.Fatalf("full v6 range: %v %v", cs, ok)
+	}
+	if c := cover(u64(v4(10, 0, 0, 1)), u64(v4(10, 0, 1, 0)), 32); cidrText(c, 32) != "10.0.0.0/23" {
+		t.Fatalf("cover = %s", cidrText(c, 32))
+	}
+}
+
+func TestParseList(t *testing.T) {
+	out := `00100 set 0 allow ip from any to any via lo0
+31000 set 5 divert 40000 ip from any to any in // netdivert pid=42 port=40000
+31000 set 5 divert 40000 ip from any to any out not recv * // netdivert pid=42 port=40000
+01000 set 6 tee 40001 udp from any to any dst-port 53 in // netdivert pid=77 port=40001
+02000 set 7 allow ip from any to any // someone else's comment
+garbage
+65535 set 31 deny ip from any to any
+`
+	got := ParseList(out)
+	want := []Listed{
+		{Number: 100, Set: 0},
+		{Number: 31000, Set: 5, Owned: true, PID: 42, Port: 40000},
+		{Number: 31000, Set: 5, Owned: true, PID: 42, Port: 40000},
+		{Number: 1000, Set: 6, Owned: true, PID: 77, Port: 40001},
+		{Number: 2000, Set: 7},
+		{Number: 65535, Set: 31},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %d rules: %+v", len(got), got)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("rule %d = %+v, want %+v", i, got[i], want[i])
+		}
+	}
+	alive := func(pid int) bool { return pid == 77 }
+	plan := PlanSets(got, 1<<1, 1, alive)
+	// set 1 disabled, 2 free, 5 stale (pid 42 dead), 6 live, 7 foreign
+	if plan.Free != 2 || len(plan.Stale) != 1 || plan.Stale[0] != 5 {
+		t.Fatalf("plan = %+v", plan)
+	}
+	// all sets taken: a stale one is reused
+	var full []Listed
+	for s := uint8(1); s <= MaxSet; s++ {
+		full = append(full, Listed{Number: 1, Set: s, Owned: true, PID: 77})
+	}
+	full[3].PID = 42
+	plan = PlanSets(full, 0, 1, alive)
+	if plan.Free != 4 || len(plan.Stale) != 1 {
+		t.Fatalf("plan = %+v", plan)
+	}
+}
+
+func TestParseSetShow(t *testing.T) {
+	d, err := ParseSetShow("disable 3 4 enable 0 1 2 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31\n")
+	if err != nil || d != 1<<3|1<<4 {
+		t.Fatalf("disabled = %b, %v", d, err)
+	}
+	d, err = ParseSetShow("enable 0 1 2 31")
+	if err != nil || d != 0 {
+		t.Fatalf("disabled = %b, %v", d, err)
+	}
+	if _, err := ParseSetShow("0 1 2"); err == nil {
+		t.Fatal("no mode accepted")
+	}
+}
+
+// FuzzLower checks, on random terms, that Lower never fails for a valid
+// config and that every rule is well formed.
+func FuzzLower(f *testing.F) {
+	f.Add([]byte{byte(filter.FieldTCPDstPort), byte(filter.OpEq), 0, 80})
+	f.Add([]byte{byte(filter.FieldIPSrcAddr), byte(filter.OpGe), 1, 5, byte(filter.FieldOutbound), 0, 0, 1})
+	f.Add([]byte{byte(filter.FieldIPv6DstAddr), byte(filter.OpLt), 0, 9, 0xff, byte(filter.OpNe), 0, 2})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var l filter.Lowered
+		term := filter.Term{}
+		for len(b) >= 4 {
+			field := filter.Field(b[0] % 88)
+			op := filter.Op(b[1] % 6)
+			v := filter.Value{Lo: uint64(binary.BigEndian.Uint16(b[2:4]))}
+			if b[2]&0x80 != 0 {
+				v.Lo |= 0xFFFF_0000_0000
+			}
+			if b[1]&0x80 != 0 {
+				v.Neg = true
+			}
+			if b[1]&0x40 != 0 {
+				v.Hi = uint64(b[3])
+			}
+			term.Conds = append(term.Conds, filter.Cond{Field: field, Op: op, Value: v})
+			if b[1]&0x20 != 0 {
+				l.Terms = append(l.Terms, term)
+				term = filter.Term{}
+			}
+			b = b[4:]
+		}
+		l.Terms = append(l.Terms, term)
+		res, err := Lower(&l, Config{Number: 31000, Set: 3, Port: 9, Tag: tag, IfName: func(uint32) (string, bool) { return "em0", true }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range res.Rules {
+			s := r.String()
+			if !strings.HasPrefix(s, "add 31000 set 3 divert 9 ") || !strings.HasSuffix(s, "// "+tag) {
+				t.Fatalf("malformed rule %q", s)
+			}
+			for _, a := range r {
+				if a == "" {
+					t.Fatalf("empty argument in %q", s)
+				}
+			}
+			if !strings.Contains(s, " from ") || !strings.Contains(s, " to ") {
+				t.Fatalf("no from/to in %q", s)
+			}
+		}
+	})
+}

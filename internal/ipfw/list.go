@@ -1,0 +1,133 @@
+package ipfw
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// TagPrefix starts the comment of every rule the divert backend installs.
+const TagPrefix = "netdivert"
+
+// Tag returns the comment that marks a rule as installed by process pid for
+// divert port port.
+func Tag(pid int, port uint16) string {
+	return fmt.Sprintf("%s pid=%d port=%d", TagPrefix, pid, port)
+}
+
+// Listed is one rule of "ipfw -S list" output.
+type Listed struct {
+	Number uint16
+	Set    uint8
+	Owned  bool // the comment is one of our tags
+	PID    int  // from the tag
+	Port   uint16
+}
+
+// ParseList parses the output of "ipfw -S list" (lines such as
+// "31000 set 5 divert 40000 ip from any to any in // netdivert pid=7 port=40000").
+// Lines it does not understand are skipped.
+func ParseList(out string) []Listed {
+	var rules []Listed
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 || f[1] != "set" {
+			continue
+		}
+		n, err := strconv.ParseUint(f[0], 10, 16)
+		if err != nil {
+			continue
+		}
+		s, err := strconv.ParseUint(f[2], 10, 8)
+		if err != nil || s > 31 {
+			continue
+		}
+		r := Listed{Number: uint16(n), Set: uint8(s)}
+		if i := strings.Index(line, "// "); i >= 0 {
+			r.PID, r.Port, r.Owned = parseTag(strings.TrimSpace(line[i+3:]))
+		}
+		rules = append(rules, r)
+	}
+	return rules
+}
+
+func parseTag(c string) (pid int, port uint16, ok bool) {
+	f := strings.Fields(c)
+	if len(f) != 3 || f[0] != TagPrefix || !strings.HasPrefix(f[1], "pid=") || !strings.HasPrefix(f[2], "port=") {
+		return 0, 0, false
+	}
+	p, err := strconv.Atoi(f[1][4:])
+	if err != nil || p <= 0 {
+		return 0, 0, false
+	}
+	q, err := strconv.ParseUint(f[2][5:], 10, 16)
+	if err != nil {
+		return 0, 0, false
+	}
+	return p, uint16(q), true
+}
+
+// ParseSetShow parses "ipfw set show" ("disable 3 4 enable 0 1 2 5 ...")
+// and returns the disabled sets as a bit mask.
+func ParseSetShow(out string) (disabled uint32, err error) {
+	mode := ""
+	for _, w := range strings.Fields(out) {
+		switch w {
+		case "disable", "enable":
+			mode = w
+			continue
+		}
+		n, err := strconv.ParseUint(w, 10, 8)
+		if err != nil || n > 31 || mode == "" {
+			return 0, fmt.Errorf("ipfw: cannot parse set show output %q", out)
+		}
+		if mode == "disable" {
+			disabled |= 1 << n
+		}
+	}
+	return disabled, nil
+}
+
+// SetPlan is what to do with the sets at Open.
+type SetPlan struct {
+	Free  int     // a set to use, -1 if none is free
+	Stale []uint8 // sets holding only rules of dead processes: delete them
+}
+
+// PlanSets picks a free set in [first, MaxSet] and finds stale ones. A set
+// is free when it holds no rules and is enabled; it is stale when it holds
+// only our rules and none of their processes is alive. Sets holding a rule
+// that is not ours are never touched.
+func PlanSets(rules []Listed, disabled uint32, first uint8, alive func(pid int) bool) SetPlan {
+	var used, foreign, live uint32
+	for _, r := range rules {
+		used |= 1 << r.Set
+		switch {
+		case !r.Owned:
+			foreign |= 1 << r.Set
+		case alive(r.PID):
+			live |= 1 << r.Set
+		}
+	}
+	plan := SetPlan{Free: -1}
+	for s := first; s <= MaxSet; s++ {
+		bit := uint32(1) << s
+		switch {
+		case used&bit == 0:
+			if plan.Free < 0 && disabled&bit == 0 {
+				plan.Free = int(s)
+			}
+		case foreign&bit == 0 && live&bit == 0:
+			plan.Stale = append(plan.Stale, s)
+		}
+	}
+	if plan.Free < 0 {
+		for _, s := range plan.Stale {
+			if disabled&(1<<s) == 0 {
+				plan.Free = int(s) // usable once its stale rules are gone
+				break
+			}
+		}
+	}
+	return plan
+}
