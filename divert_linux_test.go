@@ -1,0 +1,1222 @@
+package divert
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/netdivert/divert/filter"
+	"github.com/netdivert/divert/internal/netnstest"
+	"github.com/netdivert/divert/internal/nftrules"
+)
+
+// openIn opens a handle inside ns (its sockets stay there) and closes it
+// when the test ends.
+func openIn(t testing.TB, ns *netnstest.NS, filt string, layer Layer, prio int16, flags Flag) *Handle {
+	t.Helper()
+	var h *Handle
+	if err := ns.Do(func() (err error) { h, err = Open(filt, layer, prio, flags); return err }); err != nil {
+		t.Fatalf("Open(%q, %v, %d, %#x): %v", filt, layer, prio, uint64(flags), err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+// seen is one packet a handle received.
+type seen struct {
+	addr Address
+	pkt  []byte
+}
+
+// pump receives on h until it is closed or shut down; for each packet it
+// records a copy and, when reinject is set, sends it back unchanged (after
+// edit, when edit is not nil). It returns a function that stops the pump
+// (closing h) and returns what was seen.
+func pump(t testing.TB, h *Handle, reinject bool, edit func([]byte, *Address) []byte) func() []seen {
+	t.Helper()
+	var mu sync.Mutex
+	var got []seen
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, MTUMax)
+		var a Address
+		for {
+			n, err := h.Recv(buf, &a)
+			if err != nil {
+				if !errors.Is(err, net.ErrClosed) && !errors.Is(err, ErrShutdown) {
+					t.Errorf("Recv: %v", err)
+				}
+				return
+			}
+			mu.Lock()
+			got = append(got, seen{a, bytes.Clone(buf[:n])})
+			mu.Unlock()
+			if !reinject {
+				continue
+			}
+			out := buf[:n]
+			if edit != nil {
+				out = edit(out, &a)
+			}
+			if _, err := h.Send(out, &a); err != nil && !errors.Is(err, net.ErrClosed) {
+				t.Errorf("Send: %v", err)
+			}
+		}
+	}()
+	var once sync.Once
+	return func() []seen {
+		once.Do(func() {
+			h.Close()
+			<-done
+		})
+		mu.Lock()
+		defer mu.Unlock()
+		return got
+	}
+}
+
+// icmpEcho returns (type, seq) of an ICMP or ICMPv6 echo packet, ok false
+// for anything else.
+func icmpEcho(pkt []byte) (typ uint8, id, seq uint16, ok bool) {
+	if len(pkt) < 1 {
+		return
+	}
+	var l4 []byte
+	switch pkt[0] >> 4 {
+	case 4:
+		ihl := int(pkt[0]&15) * 4
+		if len(pkt) < ihl+8 || pkt[9] != 1 {
+			return
+		}
+		l4 = pkt[ihl:]
+	case 6:
+		if len(pkt) < 48 || pkt[6] != 58 {
+			return
+		}
+		l4 = pkt[40:]
+	default:
+		return
+	}
+	switch l4[0] {
+	case 0, 8, 128, 129:
+		return l4[0], binary.BigEndian.Uint16(l4[4:]), binary.BigEndian.Uint16(l4[6:]), true
+	}
+	return
+}
+
+// countEchoes maps "type/seq" of the echo packets in got to how often each
+// was seen, checking the direction each came with.
+func countEchoes(t *testing.T, got []seen) map[string]int {
+	t.Helper()
+	m := map[string]int{}
+	for _, s := range got {
+		typ, _, seq, ok := icmpEcho(s.pkt)
+		if !ok {
+			continue
+		}
+		m[fmt.Sprintf("%d/%d/out=%v", typ, seq, s.addr.Outbound)]++
+	}
+	return m
+}
+
+func TestLinuxSwallowInboundAndOutbound(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dsw", 0)
+	for _, tc := range []struct {
+		name, filter string
+		from         *netnstest.End
+		to           netip.Addr
+		outbound     bool
+	}{
+		{"inbound", "inbound and icmp", &l.A, l.B.V4, false},
+		{"outbound", "outbound and icmp", &l.B, l.A.V4, true},
+		{"inbound6", "inbound and icmpv6 and icmpv6.Type == 128", &l.A, l.B.V6, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := openIn(t, l.B.NS, tc.filter, LayerNetwork, 0, 0)
+			if err := h.SetParam(ParamQueueTime, 200); err != nil {
+				t.Fatal(err)
+			}
+			stop := pump(t, h, false, nil)
+			replies, err := tc.from.NS.Ping(tc.to, 2, 500*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := stop()
+			if replies != 0 {
+				t.Fatalf("%d ping replies came through a swallowing handle", replies)
+			}
+			if len(got) < 2 {
+				t.Fatalf("handle saw %d packets, want ≥ 2", len(got))
+			}
+			for _, s := range got {
+				a := s.addr
+				if a.Outbound != tc.outbound || a.Layer != LayerNetwork || a.IPv6 != tc.to.Is6() || a.Sniffed || a.Loopback {
+					t.Fatalf("address %+v", a)
+				}
+				if int(a.IfIdx) != l.B.IfIdx {
+					t.Fatalf("IfIdx %d, want %d", a.IfIdx, l.B.IfIdx)
+				}
+				if d := time.Since(time.Unix(0, a.Timestamp)); d < 0 || d > 10*time.Second {
+					t.Fatalf("timestamp %v off by %v", time.Unix(0, a.Timestamp), d)
+				}
+				if _, _, _, ok := icmpEcho(s.pkt); !ok {
+					t.Fatalf("not an echo: %x", s.pkt)
+				}
+			}
+		})
+	}
+}
+
+func TestLinuxReinjectSeenOnce(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dre", 0)
+	for _, dst := range []netip.Addr{l.B.V4, l.B.V6} {
+		t.Run(fmt.Sprint(dst.Is6()), func(t *testing.T) {
+			h := openIn(t, l.B.NS, "icmp or icmpv6", LayerNetwork, 0, 0)
+			stop := pump(t, h, true, nil)
+			replies, err := l.A.NS.Ping(dst, 3, 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := stop()
+			if replies != 3 {
+				t.Fatalf("%d of 3 replies through a reinjecting handle", replies)
+			}
+			req, rep := uint8(8), uint8(0)
+			if dst.Is6() {
+				req, rep = 128, 129
+			}
+			m := countEchoes(t, got)
+			for seq := 1; seq <= 3; seq++ {
+				for _, k := range []string{fmt.Sprintf("%d/%d/out=false", req, seq), fmt.Sprintf("%d/%d/out=true", rep, seq)} {
+					if m[k] != 1 {
+						t.Errorf("%s seen %d times, want once (all: %v)", k, m[k], m)
+					}
+				}
+			}
+		})
+	}
+}
+
+func TestLinuxForward(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dfw", 0)
+	dst := r.Right.B.V4
+	t.Run("reinject", func(t *testing.T) {
+		h := openIn(t, r.Router(), "icmp", LayerNetworkForward, 0, 0)
+		stop := pump(t, h, true, nil)
+		replies, err := r.LeftHost().Ping(dst, 3, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := stop()
+		if replies != 3 {
+			t.Fatalf("%d of 3 replies through the router", replies)
+		}
+		m := countEchoes(t, got)
+		for seq := 1; seq <= 3; seq++ {
+			if m[fmt.Sprintf("8/%d/out=false", seq)] != 1 || m[fmt.Sprintf("0/%d/out=false", seq)] != 1 {
+				t.Fatalf("forwarded echoes seen %v, want each request and reply once", m)
+			}
+		}
+		for _, s := range got {
+			if s.addr.Layer != LayerNetworkForward {
+				t.Fatalf("layer %v", s.addr.Layer)
+			}
+		}
+	})
+	t.Run("swallow", func(t *testing.T) {
+		h := openIn(t, r.Router(), "icmp", LayerNetworkForward, 0, 0)
+		h.SetParam(ParamQueueTime, 200)
+		stop := pump(t, h, false, nil)
+		replies, err := r.LeftHost().Ping(dst, 2, 500*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := stop(); replies != 0 || len(got) < 2 {
+			t.Fatalf("%d replies, %d packets seen; want 0 and ≥ 2", replies, len(got))
+		}
+	})
+	// Layer network does not see forwarded packets.
+	t.Run("network-layer-blind", func(t *testing.T) {
+		h := openIn(t, r.Router(), "icmp", LayerNetwork, 0, 0)
+		stop := pump(t, h, false, nil)
+		replies, err := r.LeftHost().Ping(dst, 2, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := stop(); replies != 2 || len(got) != 0 {
+			t.Fatalf("%d replies, %d packets seen; want 2 and 0", replies, len(got))
+		}
+	})
+}
+
+func TestLinuxNoListenerAndQueueTime(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dnl", 0)
+	// A handle nobody receives on: packets wait in the queue, then their
+	// queue time runs out and they are dropped.
+	h := openIn(t, l.B.NS, "icmp", LayerNetwork, 0, 0)
+	if err := h.SetParam(ParamQueueTime, 100); err != nil {
+		t.Fatal(err)
+	}
+	replies, err := l.A.NS.Ping(l.B.V4, 2, 500*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if replies != 0 {
+		t.Fatalf("%d replies with nobody receiving", replies)
+	}
+	// A packet received but held past the queue time cannot be sent any more.
+	done := make(chan error, 1)
+	go func() {
+		buf := make([]byte, MTUMax)
+		var a Address
+		h.SetReadDeadline(time.Now().Add(3 * time.Second))
+		n, err := h.Recv(buf, &a)
+		if err != nil {
+			done <- err
+			return
+		}
+		time.Sleep(400 * time.Millisecond)
+		_, err = h.Send(buf[:n], &a)
+		done <- err
+	}()
+	l.A.NS.Ping(l.B.V4, 1, time.Second)
+	if err := <-done; err == nil || !strings.Contains(err.Error(), "no longer queued") {
+		t.Fatalf("Send after the queue time: %v, want a no-longer-queued error", err)
+	}
+}
+
+func TestLinuxUnreadSniffPasses(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dun", 0)
+	// Nobody reads the sniffing handle: after the queue time its packets
+	// are let go, so traffic flows (late), and a later Recv sees fresh
+	// packets only.
+	h := openIn(t, l.B.NS, "icmp", LayerNetwork, 0, FlagSniff|FlagRecvOnly)
+	if err := h.SetParam(ParamQueueTime, QueueTimeMin); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := l.A.NS.Ping(l.B.V4, 3, 3*time.Second); err != nil || n != 3 {
+		t.Fatalf("%d of 3 replies past an unread sniffing handle (%v)", n, err)
+	}
+	// The same for a diverting handle: its unread packets are dropped.
+	h2 := openIn(t, l.B.NS, "udp.DstPort == 6400", LayerNetwork, 0, 0)
+	h2.SetParam(ParamQueueTime, QueueTimeMin)
+	ap := netip.AddrPortFrom(l.B.V4, 6400)
+	if err := l.A.NS.SendUDP(ap, []byte("old"), 5, 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if n, _, ok := queueStat(t, l.B.NS, h2.b.(*linuxBackend).queue); !ok || n != 0 {
+		t.Fatalf("kernel queue holds %d unread packets past the queue time (found %v)", n, ok)
+	}
+	if err := l.A.NS.SendUDP(ap, []byte("new"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 100)
+	var a Address
+	h2.SetReadDeadline(time.Now().Add(2 * time.Second))
+	n, err := h2.Recv(buf, &a)
+	if err != nil || string(buf[28:n]) != "new" {
+		t.Fatalf("Recv: %q, %v; want the fresh datagram", buf[:n], err)
+	}
+}
+
+func TestLinuxPassThrough(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dpt", 0)
+	// A handle shut down for receiving queues nothing new: packets pass.
+	h := openIn(t, l.B.NS, "icmp", LayerNetwork, 0, FlagPassThrough)
+	if err := h.Shutdown(ShutdownRecv); err != nil {
+		t.Fatal(err)
+	}
+	replies, err := l.A.NS.Ping(l.B.V4, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if replies != 2 {
+		t.Fatalf("%d of 2 replies after ShutdownRecv", replies)
+	}
+	buf := make([]byte, 100)
+	var a Address
+	if _, err := h.Recv(buf, &a); !errors.Is(err, ErrShutdown) || !errors.Is(err, io.EOF) {
+		t.Fatalf("Recv after shutdown: %v", err)
+	}
+}
+
+// udpPacket builds an IPv4 or IPv6 UDP packet with valid checksums.
+func udpPacket(t testing.TB, src, dst netip.AddrPort, payload []byte) []byte {
+	t.Helper()
+	var b []byte
+	if dst.Addr().Is4() {
+		b = make([]byte, 20+8+len(payload))
+		b[0], b[8], b[9] = 0x45, 64, 17
+		binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
+		s, d := src.Addr().As4(), dst.Addr().As4()
+		copy(b[12:], s[:])
+		copy(b[16:], d[:])
+	} else {
+		b = make([]byte, 40+8+len(payload))
+		b[0], b[6], b[7] = 0x60, 17, 64
+		binary.BigEndian.PutUint16(b[4:], uint16(8+len(payload)))
+		s, d := src.Addr().As16(), dst.Addr().As16()
+		copy(b[8:], s[:])
+		copy(b[24:], d[:])
+	}
+	l4 := b[len(b)-8-len(payload):]
+	binary.BigEndian.PutUint16(l4[0:], src.Port())
+	binary.BigEndian.PutUint16(l4[2:], dst.Port())
+	binary.BigEndian.PutUint16(l4[4:], uint16(8+len(payload)))
+	copy(l4[8:], payload)
+	if err := CalcChecksums(b, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// echoRequest builds an ICMP or ICMPv6 echo request with valid checksums.
+func echoRequest(t testing.TB, src, dst netip.Addr, id, seq uint16) []byte {
+	t.Helper()
+	var b []byte
+	var l4 []byte
+	if dst.Is4() {
+		b = make([]byte, 20+8+8)
+		b[0], b[8], b[9] = 0x45, 64, 1
+		binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
+		s, d := src.As4(), dst.As4()
+		copy(b[12:], s[:])
+		copy(b[16:], d[:])
+		l4 = b[20:]
+		l4[0] = 8
+	} else {
+		b = make([]byte, 40+8+8)
+		b[0], b[6], b[7] = 0x60, 58, 64
+		binary.BigEndian.PutUint16(b[4:], 16)
+		s, d := src.As16(), dst.As16()
+		copy(b[8:], s[:])
+		copy(b[24:], d[:])
+		l4 = b[40:]
+		l4[0] = 128
+	}
+	binary.BigEndian.PutUint16(l4[4:], id)
+	binary.BigEndian.PutUint16(l4[6:], seq)
+	copy(l4[8:], "injected")
+	if err := CalcChecksums(b, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestLinuxInjectOutboundEcho(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dio", 0)
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprint(v6), func(t *testing.T) {
+			src, dst, filt, reply := l.A.V4, l.B.V4, "inbound and icmp.Type == 0", uint8(0)
+			if v6 {
+				src, dst, filt, reply = l.A.V6, l.B.V6, "inbound and icmpv6.Type == 129", 129
+			}
+			// A sniffing handle in A watches for the reply to the injected request.
+			watch := openIn(t, l.A.NS, filt, LayerNetwork, 0, FlagSniff|FlagRecvOnly)
+			inj := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
+			req := echoRequest(t, src, dst, 0xbeef, 7)
+			if n, err := inj.Send(req, &Address{Outbound: true}); err != nil || n != len(req) {
+				t.Fatalf("Send: %d, %v", n, err)
+			}
+			watch.SetReadDeadline(time.Now().Add(3 * time.Second))
+			buf := make([]byte, MTUMax)
+			var a Address
+			for {
+				n, err := watch.Recv(buf, &a)
+				if err != nil {
+					t.Fatalf("no echo reply to the injected request: %v", err)
+				}
+				if typ, id, seq, ok := icmpEcho(buf[:n]); ok && typ == reply && id == 0xbeef && seq == 7 {
+					if !a.Sniffed || a.IPv6 != v6 {
+						t.Fatalf("address %+v", a)
+					}
+					return
+				}
+			}
+		})
+	}
+}
+
+func TestLinuxInjectInboundUDP(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dii", 0)
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprint(v6), func(t *testing.T) {
+			src, dst := netip.AddrPortFrom(l.A.V4, 1234), netip.AddrPortFrom(l.B.V4, 4321)
+			if v6 {
+				src, dst = netip.AddrPortFrom(l.A.V6, 1234), netip.AddrPortFrom(l.B.V6, 4321)
+			}
+			sink, err := l.B.NS.ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			h := openIn(t, l.B.NS, "false", LayerNetwork, 0, FlagSendOnly)
+			if _, err := h.Send(udpPacket(t, src, dst, []byte("hello inbound")), &Address{IfIdx: uint32(l.B.IfIdx)}); err != nil {
+				t.Fatal(err)
+			}
+			got, err := netnstest.RecvUDP(sink, 1, 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != 1 || string(got[0]) != "hello inbound" {
+				t.Fatalf("sink got %q", got)
+			}
+		})
+	}
+}
+
+func TestLinuxMangleUDP(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dmg", 0)
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprint(v6), func(t *testing.T) {
+			src, dst := l.A.V4, l.B.V4
+			if v6 {
+				src, dst = l.A.V6, l.B.V6
+			}
+			ap := netip.AddrPortFrom(dst, 5555)
+			sink, err := l.B.NS.ListenUDP(ap.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			h := openIn(t, l.B.NS, "udp.DstPort == 5555", LayerNetwork, 0, 0)
+			stop := pump(t, h, true, func(b []byte, a *Address) []byte {
+				i := bytes.Index(b, []byte("hello"))
+				if i < 0 {
+					t.Errorf("payload not found in %x", b)
+					return b
+				}
+				copy(b[i:], "HELLO")
+				if err := CalcChecksums(b, a, 0); err != nil {
+					t.Error(err)
+				}
+				return b
+			})
+			defer stop()
+			_ = src
+			if err := l.A.NS.SendUDP(ap, []byte("hello world"), 3, 10*time.Millisecond); err != nil {
+				t.Fatal(err)
+			}
+			got, err := netnstest.RecvUDP(sink, 3, 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != 3 {
+				t.Fatalf("sink got %d of 3", len(got))
+			}
+			for _, g := range got {
+				if string(g) != "HELLO world" {
+					t.Fatalf("sink got %q, want the changed payload", g)
+				}
+			}
+		})
+	}
+}
+
+func TestLinuxPriorities(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dpr", 0)
+	var order []string
+	var mu sync.Mutex
+	mark := func(name string) func([]byte, *Address) []byte {
+		return func(b []byte, a *Address) []byte {
+			if typ, _, seq, ok := icmpEcho(b); ok && typ == 8 {
+				mu.Lock()
+				order = append(order, fmt.Sprintf("%s%d", name, seq))
+				mu.Unlock()
+			}
+			return b
+		}
+	}
+	lo := openIn(t, l.B.NS, "inbound and icmp", LayerNetwork, -5, 0)
+	hi := openIn(t, l.B.NS, "inbound and icmp", LayerNetwork, 100, 0)
+	stopLo := pump(t, lo, true, mark("lo"))
+	stopHi := pump(t, hi, true, mark("hi"))
+	replies, err := l.A.NS.Ping(l.B.V4, 3, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopHi()
+	stopLo()
+	if replies != 3 {
+		t.Fatalf("%d of 3 replies through two handles", replies)
+	}
+	want := "hi1 lo1 hi2 lo2 hi3 lo3"
+	if got := strings.Join(order, " "); got != want {
+		t.Fatalf("visits %q, want %q", got, want)
+	}
+}
+
+// TestLinuxHelperChild is not a test: the SIGKILL test runs it in a child
+// process inside a namespace.
+func TestLinuxHelperChild(t *testing.T) {
+	if os.Getenv("DIVERT_TEST_CHILD") != "1" {
+		return
+	}
+	h, err := Open("icmp", LayerNetwork, 0, 0)
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+	_ = h
+	fmt.Println("ready")
+	time.Sleep(30 * time.Second) // killed long before
+	os.Exit(2)
+}
+
+func TestLinuxKilledProcessLeavesNoRules(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dkl", 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", l.B.NS.Name, os.Args[0], "-test.run=^TestLinuxHelperChild$")
+	cmd.Env = append(os.Environ(), "DIVERT_TEST_CHILD=1")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	line, _ := bufio.NewReader(out).ReadString('\n')
+	if strings.TrimSpace(line) != "ready" {
+		t.Fatalf("child: %q", line)
+	}
+	if n, _ := l.A.NS.Ping(l.B.V4, 1, 500*time.Millisecond); n != 0 {
+		t.Fatal("ping passed while the child holds an icmp handle")
+	}
+	tables, _ := l.B.NS.Run(ctx, "nft", "list", "tables")
+	if len(bytes.TrimSpace(tables)) == 0 {
+		t.Fatal("no nft table while the child runs")
+	}
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	tables, err = l.B.NS.Run(ctx, "nft", "list", "tables")
+	if err != nil || len(bytes.TrimSpace(tables)) != 0 {
+		t.Fatalf("tables after SIGKILL: %q, %v", tables, err)
+	}
+	if n, _ := l.A.NS.Ping(l.B.V4, 2, time.Second); n != 2 {
+		t.Fatalf("%d of 2 replies after the child died", n)
+	}
+}
+
+// queueLines returns the lines of /proc/net/netfilter/nfnetlink_queue read
+// inside ns.
+func queueLines(t *testing.T, ns *netnstest.NS) []string {
+	t.Helper()
+	var s string
+	ns.Do(func() error {
+		b, err := os.ReadFile("/proc/thread-self/net/netfilter/nfnetlink_queue") // this thread's namespace
+		s = string(b)
+		return err
+	})
+	return strings.Fields(strings.ReplaceAll(s, "\n", " | "))
+}
+
+func TestLinuxCloseReinjectsHeld(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dcl", 0)
+	ap := netip.AddrPortFrom(l.B.V4, 6000)
+	sink, err := l.B.NS.ListenUDP(ap.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, l.B.NS, "udp.DstPort == 6000", LayerNetwork, 0, 0)
+	// Hold everything (no Send) while 40 datagrams come; Close must
+	// reinject them all: the 20 received and the 20 never received.
+	if err := l.A.NS.SendUDP(ap, []byte("held"), 40, 0); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, MTUMax)
+	var a Address
+	h.SetReadDeadline(time.Now().Add(3 * time.Second))
+	for i := 0; i < 20; i++ {
+		if _, err := h.Recv(buf, &a); err != nil {
+			t.Fatalf("packet %d: %v", i, err)
+		}
+	}
+	if got, _ := netnstest.RecvUDP(sink, 1, 200*time.Millisecond); len(got) != 0 {
+		t.Fatal("a held packet reached the sink")
+	}
+	if n, _, ok := queueStat(t, l.B.NS, h.b.(*linuxBackend).queue); !ok || n != 40 {
+		t.Fatalf("kernel queue holds %d (found %v), want 40", n, ok)
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Close(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("second Close: %v", err)
+	}
+	got, err := netnstest.RecvUDP(sink, 40, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 40 {
+		t.Fatalf("sink got %d of 40 after Close", len(got))
+	}
+	if lines := queueLines(t, l.B.NS); len(lines) != 0 {
+		t.Fatalf("queues left after Close: %v", lines)
+	}
+}
+
+func TestLinuxNDPUnderBroadFilter(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dnd", 0)
+	h := openIn(t, l.B.NS, "true", LayerNetwork, 0, 0)
+	var ndp atomic.Int32
+	stop := pump(t, h, true, func(b []byte, a *Address) []byte {
+		if len(b) >= 48 && b[0]>>4 == 6 && b[6] == 58 && b[40] >= 133 && b[40] <= 137 {
+			ndp.Add(1)
+		}
+		return b
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, ns := range []*netnstest.NS{l.A.NS, l.B.NS} {
+		if out, err := ns.Run(ctx, "ip", "-6", "neigh", "flush", "all"); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+	}
+	replies, err := l.A.NS.Ping(l.B.V6, 2, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := stop()
+	if replies != 2 {
+		t.Fatalf("%d of 2 IPv6 replies under filter \"true\"", replies)
+	}
+	if ndp.Load() != 0 {
+		t.Fatalf("the broad handle received %d neighbour discovery packets", ndp.Load())
+	}
+	if len(got) < 4 {
+		t.Fatalf("the handle saw %d packets, want the echoes", len(got))
+	}
+	// An explicit request for neighbour solicitations gets them.
+	h2 := openIn(t, l.B.NS, "icmpv6.Type == 135 or icmpv6.Type == 136", LayerNetwork, 0, FlagSniff)
+	stop2 := pump(t, h2, false, nil)
+	for _, ns := range []*netnstest.NS{l.A.NS, l.B.NS} {
+		ns.Run(ctx, "ip", "-6", "neigh", "flush", "all")
+	}
+	l.A.NS.Ping(l.B.V6, 1, 2*time.Second)
+	if got := stop2(); len(got) == 0 {
+		t.Fatal("a handle asking for NDP saw none")
+	}
+}
+
+func TestLinuxDeadlineShutdownClose(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "ddl")
+	h := openIn(t, ns, "udp.DstPort == 1", LayerNetwork, 0, 0)
+	buf := make([]byte, 100)
+	var a Address
+	h.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if _, err := h.Recv(buf, &a); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Recv past deadline: %v", err)
+	}
+	ms := make([]Message, 4)
+	for i := range ms {
+		ms[i].Buf = make([]byte, 100)
+	}
+	if _, err := h.RecvBatch(ms); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("RecvBatch past deadline: %v", err)
+	}
+	h.SetReadDeadline(time.Time{})
+
+	// Shutdown wakes a blocked Recv, which then reports ErrShutdown.
+	errc := make(chan error, 1)
+	go func() { _, err := h.Recv(buf, &a); errc <- err }()
+	time.Sleep(50 * time.Millisecond)
+	if err := h.Shutdown(ShutdownRecv); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-errc:
+		if !errors.Is(err, ErrShutdown) {
+			t.Fatalf("blocked Recv after Shutdown: %v", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Shutdown did not unblock Recv")
+	}
+
+	h2 := openIn(t, ns, "udp.DstPort == 1", LayerNetwork, 0, 0)
+	go func() { _, err := h2.Recv(buf, &a); errc <- err }()
+	time.Sleep(50 * time.Millisecond)
+	h2.Close()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("blocked Recv after Close: %v", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Close did not unblock Recv")
+	}
+	if _, err := h2.Recv(buf, &a); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Recv after Close: %v", err)
+	}
+}
+
+func TestLinuxConcurrentRecvSend(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dcc", 0)
+	ap := netip.AddrPortFrom(l.B.V4, 7000)
+	sink, err := l.B.NS.ListenUDP(ap.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, l.B.NS, "udp.DstPort == 7000", LayerNetwork, 0, 0)
+	const total = 400
+	var wg sync.WaitGroup
+	var handled atomic.Int32
+	// Four receivers hand packets to four senders.
+	ch := make(chan seen, 64)
+	for i := 0; i < 4; i++ {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, MTUMax)
+			ms := make([]Message, 8)
+			for i := range ms {
+				ms[i].Buf = make([]byte, 2048)
+			}
+			for {
+				if i%2 == 0 {
+					var a Address
+					n, err := h.Recv(buf, &a)
+					if err != nil {
+						return
+					}
+					ch <- seen{a, bytes.Clone(buf[:n])}
+					continue
+				}
+				k, err := h.RecvBatch(ms)
+				if err != nil {
+					return
+				}
+				for _, m := range ms[:k] {
+					ch <- seen{m.Addr, bytes.Clone(m.Buf[:m.N])}
+				}
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			// Every fourth packet goes alone through Send, the others in
+			// batches, sent when three are in or nothing else is waiting.
+			batch := make([]Message, 0, 4)
+			flush := func() {
+				if len(batch) == 0 {
+					return
+				}
+				if n, err := h.SendBatch(batch); (err != nil || n != len(batch)) && !errors.Is(err, net.ErrClosed) {
+					t.Errorf("SendBatch: %d, %v", n, err)
+				}
+				batch = batch[:0]
+			}
+			for {
+				var s seen
+				var ok bool
+				select {
+				case s, ok = <-ch:
+				default:
+					flush()
+					s, ok = <-ch
+				}
+				if !ok {
+					flush()
+					return
+				}
+				if handled.Add(1)%4 == 0 {
+					if _, err := h.Send(s.pkt, &s.addr); err != nil && !errors.Is(err, net.ErrClosed) {
+						t.Errorf("Send: %v", err)
+					}
+					continue
+				}
+				batch = append(batch, Message{Buf: s.pkt, N: len(s.pkt), Addr: s.addr})
+				if len(batch) == 3 {
+					flush()
+				}
+			}
+		}()
+	}
+	go func() {
+		for i := 0; i < total/100; i++ {
+			// Paced, so that the sink's socket buffer (read by a slow
+			// test loop under -race) does not overflow.
+			if err := l.A.NS.SendUDP(ap, []byte("concurrent"), 100, 200*time.Microsecond); err != nil {
+				t.Error(err)
+			}
+		}
+	}()
+	got, err := netnstest.RecvUDP(sink, total, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.Close()
+	close(ch)
+	wg.Wait()
+	if len(got) != total || handled.Load() != total {
+		snmp, _ := l.B.NS.Run(context.Background(), "cat", "/proc/net/snmp")
+		t.Fatalf("sink got %d, handlers saw %d, want %d each\n%s", len(got), handled.Load(), total, snmp)
+	}
+}
+
+func TestLinuxNotSupported(t *testing.T) {
+	for _, layer := range []Layer{LayerFlow, LayerSocket, LayerReflect} {
+		_, err := Open("true", layer, 0, FlagSniff|FlagRecvOnly)
+		if !errors.Is(err, ErrNotSupported) {
+			t.Errorf("layer %v: %v, want ErrNotSupported", layer, err)
+		}
+	}
+}
+
+// BenchmarkLinuxRecvSend measures the Recv→Send loop on UDP datagrams
+// queued at the receiver's input hook; BenchmarkLinuxRecvSendBatch the
+// RecvBatch→SendBatch loop. One op is one packet.
+func BenchmarkLinuxRecvSend(b *testing.B) { benchLoop(b, 1) }
+
+// BenchmarkLinuxRecvSendBatch: see BenchmarkLinuxRecvSend.
+func BenchmarkLinuxRecvSendBatch(b *testing.B) { benchLoop(b, 32) }
+
+func benchLoop(b *testing.B, batch int) {
+	netnstest.RequireRoot(b)
+	l := netnstest.Pair(b, "dbn", 0)
+	ap := netip.AddrPortFrom(l.B.V4, 8000)
+	sink, err := l.B.NS.ListenUDP(ap.String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer sink.Close()
+	go func() { // drain the sink
+		buf := make([]byte, 2048)
+		for {
+			if _, err := sink.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
+	h := openIn(b, l.B.NS, "udp.DstPort == 8000", LayerNetwork, 0, 0)
+	var conn *net.UDPConn
+	l.A.NS.Do(func() (err error) { conn, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(ap)); return err })
+	defer conn.Close()
+	// The sender keeps at most 128 datagrams in flight, so none is lost to
+	// a full queue or socket buffer, and sends exactly b.N.
+	var got atomic.Int64
+	go func() {
+		msg := make([]byte, 64)
+		for sent := 0; sent < b.N; {
+			if int64(sent)-got.Load() >= 128 {
+				time.Sleep(20 * time.Microsecond)
+				continue
+			}
+			if _, err := conn.Write(msg); err != nil {
+				return
+			}
+			sent++
+		}
+	}()
+	ms := make([]Message, batch)
+	for i := range ms {
+		ms[i].Buf = make([]byte, 2048)
+	}
+	h.SetReadDeadline(time.Now().Add(60 * time.Second))
+	b.ReportAllocs()
+	b.ResetTimer()
+	for done := 0; done < b.N; {
+		if batch == 1 {
+			n, err := h.Recv(ms[0].Buf, &ms[0].Addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := h.Send(ms[0].Buf[:n], &ms[0].Addr); err != nil {
+				b.Fatal(err)
+			}
+			done++
+		} else {
+			k, err := h.RecvBatch(ms[:min(batch, b.N-done)])
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := h.SendBatch(ms[:k]); err != nil {
+				b.Fatal(err)
+			}
+			done += k
+		}
+		got.Store(int64(done))
+	}
+}
+
+func TestLinuxOpenPort(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dop", 0)
+	const q = 4242
+	// The administrator's rule: queue ICMP arriving at B to queue 4242.
+	var rs *nftrules.Ruleset
+	err := l.B.NS.Do(func() (err error) {
+		rs, err = nftrules.Install(nftrules.Config{
+			Hooks: []nftrules.Hook{nftrules.HookInput}, IPv4: true,
+			Lowered: &filter.Lowered{Exact: true, Terms: []filter.Term{{Conds: []filter.Cond{
+				{Field: filter.FieldICMP, Op: filter.OpEq, Value: filter.Value{Lo: 1}}}}}},
+			Action: nftrules.ActionQueue, QueueNum: q, QueueCount: 1,
+		})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rs.Close() })
+	var h *Handle
+	if err := l.B.NS.Do(func() (err error) { h, err = OpenPort(q, 0); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	// A second handle on the same queue fails.
+	if err := l.B.NS.Do(func() error { _, err := OpenPort(q, 0); return err }); err == nil {
+		t.Fatal("a second OpenPort on a bound queue succeeded")
+	}
+	stop := pump(t, h, true, nil)
+	replies, err := l.A.NS.Ping(l.B.V4, 2, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := stop()
+	m := countEchoes(t, got)
+	if replies != 2 || m["8/1/out=false"] != 1 || m["8/2/out=false"] != 1 || len(got) != 2 {
+		t.Fatalf("%d replies, seen %v; want 2 and each request once", replies, m)
+	}
+}
+
+// queueStat returns the /proc/net/netfilter/nfnetlink_queue columns of
+// queue q inside ns: current length and packets dropped for a full queue.
+func queueStat(t *testing.T, ns *netnstest.NS, q uint16) (length, dropped int, ok bool) {
+	t.Helper()
+	var s string
+	ns.Do(func() error {
+		b, err := os.ReadFile("/proc/thread-self/net/netfilter/nfnetlink_queue") // this thread's namespace
+		s = string(b)
+		return err
+	})
+	for _, line := range strings.Split(s, "\n") {
+		var f [9]int
+		if n, _ := fmt.Sscan(line, &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8]); n == 9 && f[0] == int(q) {
+			return f[2], f[5], true
+		}
+	}
+	return 0, 0, false
+}
+
+func TestLinuxQueueLength(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dql", 0)
+	ap := netip.AddrPortFrom(l.B.V4, 6100)
+	h := openIn(t, l.B.NS, "udp.DstPort == 6100", LayerNetwork, 0, 0)
+	if err := h.SetParam(ParamQueueLength, QueueLengthMin); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := h.Param(ParamQueueLength); v != QueueLengthMin {
+		t.Fatalf("Param(QueueLength) = %d", v)
+	}
+	// Nobody receives: the kernel holds 32 and drops the rest.
+	if err := l.A.NS.SendUDP(ap, []byte("x"), 50, 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	q := h.b.(*linuxBackend).queue
+	n, dropped, ok := queueStat(t, l.B.NS, q)
+	if !ok || n != QueueLengthMin || dropped != 50-QueueLengthMin {
+		t.Fatalf("queue %d: length %d, dropped %d (found %v); want %d and %d", q, n, dropped, ok, QueueLengthMin, 50-QueueLengthMin)
+	}
+}
+
+func TestLinuxFlagDrop(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "ddr", 0)
+	h := openIn(t, l.B.NS, "inbound and icmp", LayerNetwork, 0, FlagDrop)
+	if n, _ := l.A.NS.Ping(l.B.V4, 2, 300*time.Millisecond); n != 0 {
+		t.Fatalf("%d replies through a drop handle", n)
+	}
+	if _, err := h.Recv(make([]byte, 10), &Address{}); err == nil {
+		t.Fatal("Recv on a FlagDrop handle succeeded")
+	}
+	if _, _, ok := queueStat(t, l.B.NS, queueBase); ok {
+		t.Fatal("a FlagDrop handle bound a queue")
+	}
+	h.Close()
+	if n, _ := l.A.NS.Ping(l.B.V4, 1, time.Second); n != 1 {
+		t.Fatal("ping still fails after the drop handle closed")
+	}
+}
+
+func TestLinuxTruncatedRecv(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dtr", 0)
+	ap := netip.AddrPortFrom(l.B.V4, 6200)
+	sink, err := l.B.NS.ListenUDP(ap.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, l.B.NS, "udp.DstPort == 6200", LayerNetwork, 0, 0)
+	payload := bytes.Repeat([]byte("0123456789"), 100)
+	if err := l.A.NS.SendUDP(ap, payload, 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 30)
+	var a Address
+	h.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, err := h.Recv(buf, &a)
+	if !errors.Is(err, ErrTruncated) || n != 30 || buf[0] != 0x45 || binary.BigEndian.Uint16(buf[22:]) != 6200 {
+		t.Fatalf("Recv into 30 bytes: n %d, err %v, % x", n, err, buf[:n])
+	}
+	// Sending the unchanged prefix back reinjects the whole packet. Nothing
+	// else is buffered, so the verdict goes out at once, not when the
+	// receiver blocks next or the reaper ticks.
+	if _, err := h.Send(buf[:n], &a); err != nil {
+		t.Fatal(err)
+	}
+	lb := h.b.(*linuxBackend)
+	lb.vmu.Lock()
+	pending := len(lb.acc) + len(lb.vbuf)
+	lb.vmu.Unlock()
+	if lb.more.Load() || pending != 0 {
+		t.Fatalf("after the only packet was sent: more %v, %d bytes/ids of verdicts pending", lb.more.Load(), pending)
+	}
+	got, _ := netnstest.RecvUDP(sink, 1, 2*time.Second)
+	if len(got) != 1 || !bytes.Equal(got[0], payload) {
+		t.Fatalf("sink got %d datagrams, want the whole original", len(got))
+	}
+}
+
+func TestLinuxUserSpaceFilter(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dus", 0)
+	// No kernel rule can test the timestamp: the rules queue all ICMP and
+	// user space finishes the match. Nothing matches "timestamp < 0", so
+	// every packet goes through unseen.
+	h := openIn(t, l.B.NS, "icmp and timestamp < 0", LayerNetwork, 0, 0)
+	if !h.b.(*linuxBackend).userSide {
+		t.Fatal("the rules claim to test the timestamp exactly")
+	}
+	stop := pump(t, h, true, nil)
+	replies, err := l.A.NS.Ping(l.B.V4, 3, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := stop(); replies != 3 || len(got) != 0 {
+		t.Fatalf("%d replies, %d packets seen; want 3 and 0", replies, len(got))
+	}
+	h2 := openIn(t, l.B.NS, "icmp and timestamp > 0", LayerNetwork, 0, 0)
+	stop2 := pump(t, h2, true, nil)
+	replies, _ = l.A.NS.Ping(l.B.V4, 2, 2*time.Second)
+	if got := stop2(); replies != 2 || len(got) != 4 {
+		t.Fatalf("%d replies, %d packets seen; want 2 and 4", replies, len(got))
+	}
+}
+
+// TestLinuxHelperPermission is not a test: TestLinuxPermission runs it in
+// a child process, inside a namespace, that gives up root first.
+func TestLinuxHelperPermission(t *testing.T) {
+	if os.Getenv("DIVERT_TEST_CHILD") != "perm" {
+		return
+	}
+	if err := syscall.Setgid(65534); err != nil {
+		fmt.Println("setgid:", err)
+		os.Exit(1)
+	}
+	if err := syscall.Setuid(65534); err != nil {
+		fmt.Println("setuid:", err)
+		os.Exit(1)
+	}
+	// Without FlagRecvOnly the injection sockets fail first; with it, the
+	// NFQUEUE bind.
+	_, err := Open("icmp", LayerNetwork, 0, 0)
+	_, err2 := Open("icmp", LayerNetwork, 0, FlagRecvOnly)
+	fmt.Printf("permission=%v\n%v\n%v\n", errors.Is(err, os.ErrPermission) && errors.Is(err2, os.ErrPermission), err, err2)
+	os.Exit(0)
+}
+
+func TestLinuxPermission(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "dpm")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, os.Args[0], "-test.run=^TestLinuxHelperPermission$")
+	cmd.Env = append(os.Environ(), "DIVERT_TEST_CHILD=perm")
+	out, _ := cmd.CombinedOutput()
+	if !bytes.HasPrefix(out, []byte("permission=true\n")) {
+		t.Fatalf("Open without privileges: %s", out)
+	}
+	if !bytes.Contains(out, []byte("CAP_NET_RAW")) || !bytes.Contains(out, []byte("bind NFQUEUE queue")) {
+		t.Fatalf("the error does not say what is missing: %s", out)
+	}
+}
+
+func TestLinuxCloseUnderLoad(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dcu", 0)
+	ap := netip.AddrPortFrom(l.B.V4, 6300)
+	sink, err := l.B.NS.ListenUDP(ap.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	sink.SetReadBuffer(4 << 20)
+	h := openIn(t, l.B.NS, "udp.DstPort == 6300", LayerNetwork, 0, 0)
+	stop := pump(t, h, true, nil)
+	const total = 2000
+	sent := make(chan error, 1)
+	go func() { sent <- l.A.NS.SendUDP(ap, []byte("load"), total, 50*time.Microsecond) }()
+	var got [][]byte
+	for len(got) < total/4 {
+		g, err := netnstest.RecvUDP(sink, 1, 2*time.Second)
+		if err != nil || len(g) == 0 {
+			t.Fatalf("traffic did not start: %v", err)
+		}
+		got = append(got, g...)
+	}
+	seen := len(stop()) // Close in the middle of the flow
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	rest, err := netnstest.RecvUDP(sink, total-len(got), 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(got) + len(rest); n != total {
+		t.Fatalf("sink got %d of %d (the handle saw %d before Close)", n, total, seen)
+	}
+	if seen >= total {
+		t.Fatalf("the handle saw all %d packets: Close came too late to test anything", seen)
+	}
+	if lines := queueLines(t, l.B.NS); len(lines) != 0 {
+		t.Fatalf("queues left after Close: %v", lines)
+	}
+}

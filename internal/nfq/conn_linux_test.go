@@ -1,0 +1,231 @@
+package nfq
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/netdivert/divert/filter"
+	"github.com/netdivert/divert/internal/netnstest"
+	"github.com/netdivert/divert/internal/nftrules"
+)
+
+// queueRule queues IPv4 UDP to port on the input hook of ns to queue q,
+// through the project's own rule installer (a table owned by the test).
+func queueRule(t *testing.T, ns *netnstest.NS, q uint16, port int) {
+	t.Helper()
+	cfg := nftrules.Config{
+		Hooks: []nftrules.Hook{nftrules.HookInput},
+		IPv4:  true,
+		Lowered: &filter.Lowered{Exact: true, Terms: []filter.Term{{Conds: []filter.Cond{
+			{Field: filter.FieldUDPDstPort, Op: filter.OpEq, Value: filter.Value{Lo: uint64(port)}},
+		}}}},
+		Action:     nftrules.ActionQueue,
+		QueueNum:   q,
+		QueueCount: 1,
+	}
+	var rs *nftrules.Ruleset
+	if err := ns.Do(func() (err error) { rs, err = nftrules.Install(cfg); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rs.Close() })
+}
+
+func openIn(t *testing.T, ns *netnstest.NS, cfg Config) *Conn {
+	t.Helper()
+	var c *Conn
+	if err := ns.Do(func() (err error) { c, err = Open(cfg); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestConnQueueAndVerdicts(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "nfq", 0)
+	c := openIn(t, l.B.NS, Config{Queue: 100, Auto: true, MaxLen: 64, RcvBuf: 1 << 20})
+	if c.Queue() < 100 {
+		t.Fatalf("queue %d below the base", c.Queue())
+	}
+	const port = 9999
+	queueRule(t, l.B.NS, c.Queue(), port)
+	sink, err := l.B.NS.ListenUDP(netip.AddrPortFrom(l.B.V4, port).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	for i := 0; i < 5; i++ {
+		if err := l.A.NS.SendUDP(netip.AddrPortFrom(l.B.V4, port), []byte(fmt.Sprintf("pkt%d", i)), 1, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	var ps [5]Packet
+	var payloads [5][]byte
+	if err := c.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	for i := range ps {
+		if err := c.Next(&ps[i], true); err != nil {
+			t.Fatalf("packet %d: %v", i, err)
+		}
+		payloads[i] = bytes.Clone(ps[i].Payload)
+		p := &ps[i]
+		if p.Hook != HookInput || p.HwProto != 0x0800 || int(p.InDev) != l.B.IfIdx || p.OutDev != 0 || p.Queue != c.Queue() {
+			t.Fatalf("packet %d: %+v (want input hook, indev %d)", i, *p, l.B.IfIdx)
+		}
+		if i > 0 && p.ID <= ps[i-1].ID {
+			t.Fatalf("ids not increasing: %d after %d", p.ID, ps[i-1].ID)
+		}
+		// The kernel sends a timestamp only when the skb carries one.
+		if p.Timestamp != 0 && time.Since(time.Unix(0, p.Timestamp)).Abs() > time.Minute {
+			t.Fatalf("packet %d: timestamp %v", i, time.Unix(0, p.Timestamp))
+		}
+		pl := payloads[i]
+		if len(pl) != 20+8+4 || pl[9] != 17 || string(pl[28:]) != fmt.Sprintf("pkt%d", i) {
+			t.Fatalf("packet %d: payload %x", i, pl)
+		}
+	}
+	if err := c.Next(&Packet{}, false); !errors.Is(err, ErrNoData) {
+		t.Fatalf("sixth packet: %v, want ErrNoData", err)
+	}
+
+	// p0 accepted, p1 dropped, p2 changed (UDP checksum 0 = none), then a
+	// batch accepting p3 and p4, all in one sendmsg.
+	changed := bytes.Clone(payloads[2])
+	copy(changed[28:], "PKT2")
+	binary.BigEndian.PutUint16(changed[26:], 0)
+	b := AppendVerdict(nil, c.Queue(), ps[0].ID, Accept, nil)
+	b = AppendVerdict(b, c.Queue(), ps[1].ID, Drop, nil)
+	b = AppendVerdict(b, c.Queue(), ps[2].ID, Accept, changed)
+	b = AppendVerdictBatch(b, c.Queue(), ps[4].ID, Accept)
+	if err := c.Send(b); err != nil {
+		t.Fatal(err)
+	}
+	got, err := netnstest.RecvUDP(sink, 5, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"pkt0", "PKT2", "pkt3", "pkt4"}
+	if len(got) != len(want) {
+		t.Fatalf("sink got %q, want %q", got, want)
+	}
+	for i := range want {
+		if string(got[i]) != want[i] {
+			t.Fatalf("sink got %q, want %q", got, want)
+		}
+	}
+	// A verdict for an id no longer queued draws ENOENT, counted by Next.
+	if err := c.Send(AppendVerdict(nil, c.Queue(), ps[0].ID, Accept, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Next(&Packet{}, false); !errors.Is(err, ErrNoData) {
+		t.Fatalf("after stale verdict: %v", err)
+	}
+	if s := c.Stats(); s.KernelErrors != 1 || s.LastErrno.Error() != "no such file or directory" {
+		t.Fatalf("stats %+v", s)
+	}
+}
+
+func TestConnBusyDeadlineClose(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfqb")
+	c := openIn(t, ns, Config{Queue: 7})
+	var err error
+	if e := ns.Do(func() error { _, err = Open(Config{Queue: 7}); return nil }); e != nil {
+		t.Fatal(e)
+	}
+	if !errors.Is(err, ErrQueueBusy) {
+		t.Fatalf("second bind of queue 7: %v, want ErrQueueBusy", err)
+	}
+	c2 := openIn(t, ns, Config{Queue: 7, Auto: true})
+	if c2.Queue() != 8 {
+		t.Fatalf("auto bind from 7: queue %d, want 8", c2.Queue())
+	}
+
+	c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	start := time.Now()
+	if err := c.Next(&Packet{}, true); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Next past deadline: %v", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("deadline took %v", d)
+	}
+	c.SetReadDeadline(time.Time{})
+	done := make(chan error, 1)
+	go func() { done <- c.Next(&Packet{}, true) }()
+	time.Sleep(50 * time.Millisecond)
+	c.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, os.ErrClosed) {
+			t.Fatalf("blocked Next after Close: %v", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Close did not unblock Next")
+	}
+}
+
+func TestConnStopQueueing(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "nfqs", 0)
+	c := openIn(t, l.B.NS, Config{Queue: 200, Auto: true})
+	const port = 9998
+	queueRule(t, l.B.NS, c.Queue(), port)
+	sink, err := l.B.NS.ListenUDP(netip.AddrPortFrom(l.B.V4, port).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	dst := netip.AddrPortFrom(l.B.V4, port)
+	if err := l.A.NS.SendUDP(dst, []byte("queued"), 2, 0); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var p Packet
+	for i := 0; i < 2; i++ {
+		if err := c.Next(&p, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.StopQueueing(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetMaxLen(100); err != nil { // must not restart queueing
+		t.Fatal(err)
+	}
+	if err := l.A.NS.SendUDP(dst, []byte("passed"), 2, 0); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := recvStrings(sink, 4, 500*time.Millisecond)
+	if len(got) != 2 || got[0] != "passed" || got[1] != "passed" {
+		t.Fatalf("after StopQueueing the sink got %q, want the two new datagrams only", got)
+	}
+	if err := c.Next(&p, false); !errors.Is(err, ErrNoData) {
+		t.Fatalf("a packet was queued after StopQueueing: %v", err)
+	}
+	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
+		t.Fatal(err)
+	}
+	got, _ = recvStrings(sink, 2, 2*time.Second)
+	if len(got) != 2 || got[0] != "queued" {
+		t.Fatalf("the held packets: sink got %q", got)
+	}
+}
+
+// recvStrings is netnstest.RecvUDP with string results.
+func recvStrings(c *net.UDPConn, max int, wait time.Duration) ([]string, error) {
+	b, err := netnstest.RecvUDP(c, max, wait)
+	s := make([]string, len(b))
+	for i := range b {
+		s[i] = string(b[i])
+	}
+	return s, err
+}
