@@ -84,7 +84,7 @@ func mapOpenError(err error) error {
 	msg := windivert.Describe(code, int(unsafe.Sizeof(uintptr(0))))
 	switch {
 	case code == windivert.ErrorAccessDenied:
-		return fmt.Errorf("divert: WinDivertOpen: %s: %w", msg, os.ErrPermission)
+		return fmt.Errorf("divert: WinDivertOpen: %s: %w: %w", msg, os.ErrPermission, err)
 	case msg != "":
 		return fmt.Errorf("divert: WinDivertOpen: %s: %w", msg, err)
 	case code == 0:
@@ -108,8 +108,21 @@ func (b *winBackend) mapError(op string, err error) error {
 	return fmt.Errorf("divert: %s: %w", op, err)
 }
 
+// expire runs when the deadline timer fires. A deadline moved later or
+// cleared since the timer was armed does not cancel the receive: the timer
+// is re-armed for the new time instead.
 func (b *winBackend) expire() {
 	b.dlMu.Lock()
+	dl := b.deadline
+	if dl.IsZero() {
+		b.dlMu.Unlock()
+		return
+	}
+	if d := time.Until(dl); d > 0 {
+		b.timer.Reset(d)
+		b.dlMu.Unlock()
+		return
+	}
 	b.timedOut = true
 	b.dlMu.Unlock()
 	_ = b.h.CancelRecv()
@@ -132,9 +145,7 @@ func (b *winBackend) recvRaw(buf []byte, addrs []windivert.RawAddr) (int, int, e
 		}
 		b.dlMu.Unlock()
 		n, c, err := b.h.RecvEx(buf, addrs)
-		if !dl.IsZero() {
-			b.timer.Stop()
-		}
+		b.timer.Stop() // also one armed by SetReadDeadline during the receive
 		if windivert.Code(err) == windivert.ErrorOperationAborted {
 			b.dlMu.Lock()
 			to, closed := b.timedOut, b.closed
@@ -295,10 +306,16 @@ func (b *winBackend) setReadDeadline(t time.Time) error {
 	b.dlMu.Lock()
 	defer b.dlMu.Unlock()
 	b.deadline = t
-	if !t.IsZero() && !time.Now().Before(t) {
+	switch {
+	case t.IsZero():
+		b.timer.Stop()
+	case !time.Now().Before(t):
 		// Already past: wake a pending receive now.
 		b.timedOut = true
 		_ = b.h.CancelRecv()
+	default:
+		// A pending receive gets the new deadline (expire re-checks it).
+		b.timer.Reset(time.Until(t))
 	}
 	return nil
 }
