@@ -1,0 +1,194 @@
+// Command benchadapter is the "ours" mode of the NFQUEUE throughput bench
+// (/work/shared/bench/run.sh, OURS_DIR=internal/benchadapter): it attaches to
+// the bench's NFQUEUE queue with divert.OpenPort and reinjects every packet
+// unchanged with the batch loop the package documentation recommends
+// (RecvBatch then SendBatch on the same messages).
+//
+// Contract with run.sh: flags -q N, -qlen L, -rcvbuf B, -t DURATION; bind
+// queue N in copy-packet mode; no fail-open, no bypass; exit within 3 s of
+// SIGTERM/SIGINT (and after -t at the latest), then print
+// "daemon_verdicts=<packets reinjected>" on stdout.
+//
+// Extra flags: -batch (messages per RecvBatch, 1..divert.BatchMax), -loop
+// single (Recv→Send instead of the batch loop) and -cpuprofile FILE (a pprof
+// CPU profile of the whole run, for `go tool pprof -top`). Because run.sh
+// passes no extra flags, the environment variables BENCHADAPTER_LOOP,
+// BENCHADAPTER_BATCH and BENCHADAPTER_CPUPROFILE (a path prefix; the pid is
+// appended) set the same things:
+//
+//	BENCHADAPTER_CPUPROFILE=/tmp/ours OURS_DIR=internal/benchadapter ../shared/bench/run.sh
+//	go tool pprof -top /tmp/ours.<pid>
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"runtime/pprof"
+	"strconv"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/netdivert/divert"
+)
+
+func main() {
+	queue := flag.Uint("q", 0, "NFQUEUE number (0..65535)")
+	qlen := flag.Uint64("qlen", divert.QueueLengthDefault, "kernel queue max length (divert.ParamQueueLength)")
+	rcvbuf := flag.Uint64("rcvbuf", divert.QueueSizeDefault, "netlink receive buffer bytes (divert.ParamQueueSize)")
+	maxdur := flag.Duration("t", 60*time.Second, "hard cap on lifetime")
+	batch := flag.Int("batch", 64, "messages per RecvBatch (1..255)")
+	loop := flag.String("loop", "batch", "loop under test: batch (RecvBatch→SendBatch) or single (Recv→Send)")
+	cpuprofile := flag.String("cpuprofile", "", "write a pprof CPU profile of the run to this file")
+	if v := os.Getenv("BENCHADAPTER_LOOP"); v != "" {
+		*loop = v
+	}
+	if v := os.Getenv("BENCHADAPTER_BATCH"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "ours: BENCHADAPTER_BATCH:", err)
+			os.Exit(2)
+		}
+		*batch = n
+	}
+	if v := os.Getenv("BENCHADAPTER_CPUPROFILE"); v != "" {
+		*cpuprofile = fmt.Sprintf("%s.%d", v, os.Getpid())
+	}
+	flag.Parse()
+
+	if err := run(*queue, *qlen, *rcvbuf, *maxdur, *batch, *loop, *cpuprofile); err != nil {
+		fmt.Fprintln(os.Stderr, "ours:", err)
+		os.Exit(1)
+	}
+}
+
+func run(queue uint, qlen, rcvbuf uint64, maxdur time.Duration, batch int, loop, cpuprofile string) error {
+	if queue > 0xFFFF {
+		return fmt.Errorf("queue %d out of range", queue)
+	}
+	if batch < 1 || batch > divert.BatchMax {
+		return fmt.Errorf("-batch %d out of range [1, %d]", batch, divert.BatchMax)
+	}
+	if loop != "batch" && loop != "single" {
+		return fmt.Errorf("-loop %q: want batch or single", loop)
+	}
+	// No FlagPassThrough, no FlagFailOpen: a slow loop must show up as loss.
+	h, err := divert.OpenPort(uint16(queue), 0)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	if err := h.SetParam(divert.ParamQueueLength, qlen); err != nil {
+		return err
+	}
+	if err := h.SetParam(divert.ParamQueueSize, rcvbuf); err != nil {
+		return err
+	}
+	if cpuprofile != "" {
+		f, err := os.Create(cpuprofile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
+
+	// Stop: a past read deadline makes the blocked RecvBatch return
+	// os.ErrDeadlineExceeded, so the packets in hand are still reinjected.
+	// Close is the backstop if the loop does not notice within 2 s.
+	var stopping atomic.Bool
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-sig:
+		case <-time.After(maxdur):
+		case <-done:
+			return
+		}
+		stopping.Store(true)
+		h.SetReadDeadline(time.Unix(1, 0))
+		select {
+		case <-done:
+		case <-time.After(2 * time.Second):
+			h.Close()
+		}
+	}()
+
+	var verdicts uint64
+	if loop == "batch" {
+		verdicts, err = batchLoop(h, batch, &stopping)
+	} else {
+		verdicts, err = singleLoop(h, &stopping)
+	}
+	fmt.Printf("daemon_verdicts=%d\n", verdicts)
+	return err
+}
+
+// stopErr reports whether err ends the loop normally: the stop deadline
+// passed or the backstop closed the handle.
+func stopErr(err error, stopping *atomic.Bool) bool {
+	return stopping.Load() && (errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, net.ErrClosed))
+}
+
+// batchLoop is the documented fast loop: one RecvBatch, then one SendBatch of
+// the same messages, unchanged.
+func batchLoop(h *divert.Handle, batch int, stopping *atomic.Bool) (uint64, error) {
+	ms := make([]divert.Message, batch)
+	for i := range ms {
+		ms[i].Buf = make([]byte, divert.MTUMax)
+	}
+	var verdicts uint64
+	for {
+		n, err := h.RecvBatch(ms)
+		if errors.Is(err, divert.ErrTruncated) {
+			// Cannot happen with MTUMax buffers; never echo a cut packet.
+			return verdicts, fmt.Errorf("RecvBatch: %w", err)
+		}
+		if n > 0 {
+			sent, serr := h.SendBatch(ms[:n])
+			verdicts += uint64(sent)
+			if serr != nil && !stopErr(serr, stopping) {
+				return verdicts, fmt.Errorf("SendBatch: %w", serr)
+			}
+		}
+		if err != nil {
+			if stopErr(err, stopping) {
+				return verdicts, nil
+			}
+			return verdicts, fmt.Errorf("RecvBatch: %w", err)
+		}
+	}
+}
+
+// singleLoop is the classic loop of the package documentation: Recv, Send.
+func singleLoop(h *divert.Handle, stopping *atomic.Bool) (uint64, error) {
+	buf := make([]byte, divert.MTUMax)
+	var addr divert.Address
+	var verdicts uint64
+	for {
+		n, err := h.Recv(buf, &addr)
+		if err != nil {
+			if stopErr(err, stopping) {
+				return verdicts, nil
+			}
+			return verdicts, fmt.Errorf("Recv: %w", err)
+		}
+		if _, err := h.Send(buf[:n], &addr); err != nil {
+			if stopErr(err, stopping) {
+				return verdicts, nil
+			}
+			return verdicts, fmt.Errorf("Send: %w", err)
+		}
+		verdicts++
+	}
+}
