@@ -394,23 +394,64 @@ type Handle struct {
 // error wrapping os.ErrPermission; a layer or flag the OS cannot do gives an
 // error wrapping ErrNotSupported.
 func Open(filterText string, layer Layer, priority int16, flags Flag) (*Handle, error) {
-	if layer > LayerReflect {
-		return nil, fmt.Errorf("divert: invalid layer %d", uint8(layer))
-	}
-	if priority < PriorityLowest || priority > PriorityHighest {
-		return nil, fmt.Errorf("divert: priority %d out of range [%d, %d]", priority, PriorityLowest, PriorityHighest)
-	}
-	if err := flags.Validate(); err != nil {
-		return nil, err
-	}
-	if err := checkLayerFlags(layer, flags); err != nil {
-		return nil, err
-	}
-	f, err := filter.Compile(filterText, filter.Layer(layer))
+	cfg, err := prepare(filterText, layer, priority, flags)
 	if err != nil {
 		return nil, err
 	}
-	return open(openConfig{filter: f, layer: layer, priority: priority, flags: flags, port: -1})
+	return open(cfg)
+}
+
+// MaxQueues is the most handles OpenQueues opens at once.
+const MaxQueues = 64
+
+// OpenQueues is Open for a multi-core consumer: it opens n handles that share
+// one filter, layer, priority and flags and split the matching packets
+// between them, one reader goroutine per handle. On Linux each handle reads
+// its own NFQUEUE queue and the kernel spreads packets over the queues by
+// flow hash (a flow stays on one handle), so throughput grows with cores
+// when the consumer is the bottleneck. WinDivert and divert(4) serve
+// concurrent readers from one queue: there the n handles share it, with its
+// read deadline and Shutdown state. The rules stay until the last of the n
+// handles is closed.
+func OpenQueues(filterText string, layer Layer, priority int16, flags Flag, n int) ([]*Handle, error) {
+	if n < 1 || n > MaxQueues {
+		return nil, fmt.Errorf("divert: queue count %d out of range [1, %d]", n, MaxQueues)
+	}
+	cfg, err := prepare(filterText, layer, priority, flags)
+	if err != nil {
+		return nil, err
+	}
+	cfg.params = [3]uint64{QueueLengthDefault, QueueTimeDefault, QueueSizeDefault}
+	bs, err := openBackends(&cfg, n)
+	if err != nil {
+		return nil, err
+	}
+	hs := make([]*Handle, len(bs))
+	for i, b := range bs {
+		hs[i] = &Handle{b: b, layer: cfg.layer, flags: cfg.flags, params: cfg.params}
+	}
+	return hs, nil
+}
+
+// prepare validates Open's arguments and compiles the filter.
+func prepare(filterText string, layer Layer, priority int16, flags Flag) (openConfig, error) {
+	if layer > LayerReflect {
+		return openConfig{}, fmt.Errorf("divert: invalid layer %d", uint8(layer))
+	}
+	if priority < PriorityLowest || priority > PriorityHighest {
+		return openConfig{}, fmt.Errorf("divert: priority %d out of range [%d, %d]", priority, PriorityLowest, PriorityHighest)
+	}
+	if err := flags.Validate(); err != nil {
+		return openConfig{}, err
+	}
+	if err := checkLayerFlags(layer, flags); err != nil {
+		return openConfig{}, err
+	}
+	f, err := filter.Compile(filterText, filter.Layer(layer))
+	if err != nil {
+		return openConfig{}, err
+	}
+	return openConfig{filter: f, layer: layer, priority: priority, flags: flags, port: -1}, nil
 }
 
 // OpenPort attaches to a divert rule an administrator set up instead of

@@ -293,3 +293,37 @@ func TestErrShutdownIsEOF(t *testing.T) {
 	require.True(t, errors.Is(ErrShutdown, io.EOF))
 	require.False(t, errors.Is(ErrTruncated, io.EOF))
 }
+
+func TestOpenQueuesArguments(t *testing.T) {
+	_, err := OpenQueues("true", LayerNetwork, 0, 0, 0)
+	require.ErrorContains(t, err, "queue count")
+	_, err = OpenQueues("true", LayerNetwork, 0, 0, MaxQueues+1)
+	require.ErrorContains(t, err, "queue count")
+	_, err = OpenQueues("tcp.DstPort ==", LayerNetwork, 0, 0, 2)
+	var fe *FilterError
+	require.ErrorAs(t, err, &fe)
+}
+
+func TestSharedBackendClosesWithLastView(t *testing.T) {
+	f := newFake()
+	bs := shareBackend(f, 3)
+	require.Len(t, bs, 3)
+	hs := make([]*Handle, 3)
+	for i, b := range bs {
+		hs[i] = &Handle{b: b}
+	}
+	f.in <- []byte{1}
+	var a Address
+	n, err := hs[2].Recv(make([]byte, 4), &a)
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	require.NoError(t, hs[0].Close())
+	require.ErrorIs(t, hs[0].Close(), net.ErrClosed)
+	require.NoError(t, hs[1].Close())
+	require.False(t, f.closed, "backend must outlive all but the last view")
+	_, err = hs[2].Send([]byte{0x45}, &a)
+	require.NoError(t, err)
+	require.NoError(t, hs[2].Close())
+	require.True(t, f.closed)
+	require.Len(t, shareBackend(f, 1), 1)
+}
