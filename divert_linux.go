@@ -39,9 +39,17 @@ import (
 // unchanged one keeps its checksum offload state. A change that hashes
 // equal (odds 2^-64) would be lost.
 //
-// Not supported: FlagFragments (the input hook sees reassembled datagrams
-// only), FlagReassemble at LayerNetworkForward, the flow, socket and
-// reflect layers; one queue per handle (no CPU fan-out yet).
+// A new packet (a fresh Address) whose IPChecksum, TCPChecksum or
+// UDPChecksum bit is clear gets those checksums computed before it is sent,
+// as WinDivert treats such packets as checksum-offloaded (a packet taken
+// from a veth often carries an unfinished checksum); the caller's buffer is
+// left as it is.
+//
+// Fragments: see frag_linux.go for what a handle sees at each layer and
+// direction, with and without FlagFragments and FlagReassemble.
+//
+// Not supported: the flow, socket and reflect layers; one queue per handle
+// (no CPU fan-out yet).
 
 const (
 	linuxVersionMajor = 1
@@ -59,6 +67,12 @@ type sysAddr struct {
 	n     uint32 // bytes handed to the program
 	hash  uint64 // maphash of those bytes, to tell a changed packet
 	trunc bool   // the kernel copied less than the whole packet
+
+	// A datagram reassembled in user space (see frag_linux.go): its
+	// fragments are already dropped; Send emits it again.
+	dgram   bool
+	fragID  uint32 // identification to refragment with
+	fragMTU uint32 // size of its largest fragment
 }
 
 var (
@@ -76,7 +90,11 @@ type linuxBackend struct {
 	conn  *nfq.Conn         // nil without a queue (FlagDrop, FlagSendOnly)
 	rules *nftrules.Ruleset // nil for OpenPort and FlagSendOnly
 	inj   *inject.Injector  // nil with FlagRecvOnly
+	frag  *fragState        // user-space reassembly (see frag_linux.go); nil without
 	queue uint16
+
+	cmu  sync.Mutex // guards cbuf
+	cbuf []byte     // scratch for new packets whose checksums Send computes
 
 	queueTime atomic.Int64 // ns
 	shutRecv  atomic.Bool
@@ -110,12 +128,6 @@ func openBackend(cfg *openConfig) (backend, error) {
 	case LayerNetwork, LayerNetworkForward:
 	default:
 		return nil, fmt.Errorf("divert: layer %v: %w: NFQUEUE sees packets only; flow, socket and reflect events have no Linux counterpart", cfg.layer, ErrNotSupported)
-	}
-	if cfg.flags&FlagFragments != 0 {
-		return nil, fmt.Errorf("divert: FlagFragments: %w: the Linux input hook sees only reassembled datagrams", ErrNotSupported)
-	}
-	if cfg.flags&FlagReassemble != 0 && cfg.layer != LayerNetwork {
-		return nil, fmt.Errorf("divert: FlagReassemble at layer %v: %w: the forward hook sees fragments as routed", cfg.layer, ErrNotSupported)
 	}
 	b := &linuxBackend{
 		serial: handleSerial.Add(1),
@@ -192,10 +204,23 @@ func (b *linuxBackend) open(cfg *openConfig) error {
 	if cfg.flags&FlagDrop != 0 {
 		rc.Action = nftrules.ActionDrop
 	}
+	// User-space reassembly: asked for, or WinDivert's default for
+	// LayerNetwork (the IPv6 input hook sees fragments unless conntrack
+	// runs; see frag_linux.go).
+	reasm := rc.Action == nftrules.ActionQueue && (cfg.flags&FlagReassemble != 0 ||
+		cfg.layer == LayerNetwork && cfg.flags&FlagFragments == 0)
+	if reasm {
+		rc.Fragments = nftrules.FragNone // taken by openFrag's chains, reassembled here
+	}
 	if cfg.layer == LayerNetworkForward {
 		rc.Hooks = []nftrules.Hook{nftrules.HookForward}
 	} else {
-		if an.Inbound {
+		if an.Inbound && cfg.flags&FlagFragments != 0 {
+			// Before reassembly (conntrack's at -400, local delivery's
+			// after input), only what the host will deliver to itself.
+			rc.Hooks = append(rc.Hooks, nftrules.HookPrerouting)
+			rc.Dest = nftrules.DestLocal
+		} else if an.Inbound {
 			rc.Hooks = append(rc.Hooks, nftrules.HookInput)
 		}
 		if an.Outbound {
@@ -209,6 +234,12 @@ func (b *linuxBackend) open(cfg *openConfig) error {
 		return mapSetupError("install nftables rules", err)
 	}
 	b.userSide = !b.rules.Exact()
+	if reasm {
+		if err := b.openFrag(rc, cfg.layer, time.Duration(cfg.params[ParamQueueTime])*time.Millisecond); err != nil {
+			return err
+		}
+		b.userSide = true // the fragments' chain selects every fragment
+	}
 	return nil
 }
 
@@ -226,6 +257,9 @@ func mapSetupError(what string, err error) error {
 }
 
 func (b *linuxBackend) release() {
+	if b.frag != nil {
+		b.frag.close()
+	}
 	if b.rules != nil {
 		b.rules.Close()
 	}
@@ -384,6 +418,15 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 			return 0, fmt.Errorf("divert: recv: %w", err)
 		}
 		now := time.Now().UnixNano()
+		if b.frag != nil {
+			n, handled, delivered, err := b.reassemble(p, buf, a, now)
+			if delivered {
+				return n, err
+			}
+			if handled {
+				continue
+			}
+		}
 		ts := p.Timestamp
 		if ts == 0 {
 			ts = now
@@ -546,6 +589,9 @@ func (b *linuxBackend) send(pkt []byte, a *Address) (int, error) {
 }
 
 func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
+	if a.sys.dgram && a.sys.owner == b.serial && b.frag != nil {
+		return b.sendDgram(pkt, a)
+	}
 	if b.held(a) {
 		var payload []byte
 		if uint32(len(pkt)) != a.sys.n || maphash.Bytes(hashSeed, pkt) != a.sys.hash {
@@ -567,11 +613,33 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 	if b.inj == nil {
 		return 0, errors.New("divert: handle cannot inject")
 	}
+	out := pkt
+	if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) {
+		// Checksum-offloaded, as WinDivert reads the clear bits: finish
+		// the missing checksums in a copy.
+		b.cmu.Lock()
+		defer b.cmu.Unlock()
+		b.cbuf = append(b.cbuf[:0], pkt...)
+		out = b.cbuf
+		fl := NoICMPChecksum | NoICMPv6Checksum // no Address bit says they are unfinished
+		if a.IPChecksum {
+			fl |= NoIPChecksum
+		}
+		if a.TCPChecksum {
+			fl |= NoTCPChecksum
+		}
+		if a.UDPChecksum {
+			fl |= NoUDPChecksum
+		}
+		// A packet that does not parse, or a fragment whose transport
+		// checksum covers bytes it lacks, goes out with what could be done.
+		_ = CalcChecksums(out, nil, fl)
+	}
 	var err error
 	if a.Outbound || b.layer == LayerNetworkForward {
-		err = b.inj.Outbound(pkt)
+		err = b.inj.Outbound(out)
 	} else {
-		err = b.inj.Inbound(pkt, a.IfIdx)
+		err = b.inj.Inbound(out, a.IfIdx)
 	}
 	if err != nil {
 		return 0, fmt.Errorf("divert: inject: %w", err)
@@ -593,6 +661,10 @@ func (b *linuxBackend) sendBatch(ms []Message) (int, error) {
 }
 
 func (b *linuxBackend) drop(a *Address) error {
+	if a.sys.dgram {
+		a.sys = sysAddr{} // its fragments were dropped when it was received
+		return nil
+	}
 	if !b.held(a) {
 		return nil // a copy or a new packet: nothing is queued
 	}
@@ -625,6 +697,9 @@ func (b *linuxBackend) reaper() {
 			}
 			b.track.PopOldest()
 			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, nfq.Drop, nil)
+		}
+		if b.frag != nil {
+			b.expirePending(now, qt)
 		}
 		b.flushLocked()
 		b.vmu.Unlock()
@@ -767,6 +842,9 @@ func (b *linuxBackend) close() error {
 		b.conn.Send(b.vbuf) // ENOENT when nothing was queued: harmless
 		b.vbuf = b.vbuf[:0]
 		b.vmu.Unlock()
+	}
+	if b.frag != nil {
+		errs = append(errs, b.frag.close())
 	}
 	if b.rules != nil {
 		errs = append(errs, b.rules.Close())

@@ -144,6 +144,9 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 		if cfg.KeepNDP && cfg.IPv6 {
 			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: ndpKeep()})
 		}
+		for _, pre := range selectSkips(cfg) {
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: pre})
+		}
 		if !cfg.IPv4 && !cfg.IPv6 {
 			continue
 		}
@@ -165,6 +168,31 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 		return false, mapErr("add chains and rules to "+r.table, err)
 	}
 	return exact, nil
+}
+
+// selectSkips returns the rules that accept, before the filter's rules,
+// the packets cfg.Fragments and cfg.Dest exclude.
+func selectSkips(cfg *Config) [][]expr.Any {
+	acc := []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}
+	var out [][]expr.Any
+	switch cfg.Fragments {
+	case FragOnly:
+		out = append(out, concat(v4NotFrag, acc), concat(v6NotFrag, acc))
+	case FragNone:
+		out = append(out, concat(v4Frag, acc), concat(v6Frag, acc))
+	}
+	if cfg.Dest != DestAny {
+		op := expr.CmpOpNeq // DestLocal: accept what is not local
+		if cfg.Dest == DestRemote {
+			op = expr.CmpOpEq
+		}
+		local := binary.NativeEndian.AppendUint32(nil, unix.RTN_LOCAL)
+		out = append(out, concat([]expr.Any{
+			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+			cmp(op, local),
+		}, acc))
+	}
+	return out
 }
 
 func hookNum(h Hook) *nftables.ChainHook {

@@ -137,6 +137,8 @@ type Config struct {
 	QueueCount uint16          // ≥1; >1 = CPU fanout over QueueNum..QueueNum+QueueCount-1
 	Bypass     bool            // accept instead of drop when no program listens on the queue
 	KeepNDP    bool            // never select ICMPv6 types 133-137 (router/neighbour discovery, redirect)
+	Fragments  FragSelect      // FragAny (default), or only / never IP fragments
+	Dest       DestSelect      // DestAny (default), or only packets to / not to a local address
 }
 
 func (c *Config) validate() error {
@@ -155,6 +157,12 @@ func (c *Config) validate() error {
 	}
 	if c.Priority < PriorityLowest || c.Priority > PriorityHighest {
 		return fmt.Errorf("nftrules: priority %d outside %d..%d", c.Priority, PriorityLowest, PriorityHighest)
+	}
+	if c.Fragments > FragNone {
+		return fmt.Errorf("nftrules: unknown fragment selection %d", c.Fragments)
+	}
+	if c.Dest > DestRemote {
+		return fmt.Errorf("nftrules: unknown destination selection %d", c.Dest)
 	}
 	switch c.Action {
 	case ActionQueue:

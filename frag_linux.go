@@ -1,0 +1,424 @@
+package divert
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netdivert/divert/filter"
+	"github.com/netdivert/divert/internal/nfq"
+	"github.com/netdivert/divert/internal/nftrules"
+	"github.com/netdivert/divert/internal/reassembly"
+)
+
+// Fragments on Linux.
+//
+// Where netfilter shows fragments (measured on Linux 6.18):
+//
+//   - prerouting, below priority -400: IP fragments as on the wire. At -400
+//     conntrack's defragmentation (registered in a namespace only when
+//     something uses conntrack: a ct expression, NAT, ...) reassembles them.
+//   - input: IPv4 whole datagrams always (local delivery reassembles
+//     first); IPv6 fragments as they arrived unless conntrack runs (IPv6
+//     reassembles after the input hook, as an extension header handler).
+//   - forward: fragments as routed without conntrack; whole datagrams with
+//     conntrack (the kernel refragments them on output to the size they
+//     came in).
+//   - output and postrouting: whole datagrams (the host fragments after
+//     postrouting), for datagrams the host generates as for raw sends.
+//
+// What a Linux handle hands the program, per layer, direction and flag:
+//
+//   - LayerNetwork, no flag or FlagReassemble (WinDivert's default): whole
+//     datagrams, inbound and outbound, with and without conntrack. Outbound
+//     and IPv4 inbound this is what the output and input hooks see. IPv6
+//     fragments at the input hook (and any fragment a raw socket sends at
+//     output) are taken by a second, fragments-only table and reassembled in
+//     user space (internal/reassembly); the filter is evaluated on the whole
+//     datagram. Reinjecting a datagram the kernel handed over whole is an
+//     ACCEPT; the kernel fragments what it then sends. A datagram
+//     reassembled in user space had its fragments dropped when it was
+//     received: Send delivers it whole to the local stack (inbound) or
+//     refragments it and sends the fragments as marked raw packets
+//     (outbound). With FlagSniff the fragments continue and the program gets
+//     a copy of the datagram.
+//   - LayerNetwork with FlagFragments: inbound, the packets addressed to the
+//     host as they are on the wire, fragments included, before any
+//     reassembly (a prerouting chain below -400 restricted to local
+//     destinations by the routing table); outbound, whole datagrams as
+//     above, since Linux fragments after every hook. Each fragment is one
+//     packet: reinject each (ACCEPT, it continues to reassembly), change or
+//     drop it alone. A filter on transport fields cannot match non-first
+//     fragments, which have no transport header (as in WinDivert).
+//   - LayerNetworkForward, no flag: what the forward hook sees, i.e.
+//     fragments as routed when nothing in the namespace uses conntrack, whole
+//     datagrams when something does (then reinjected whole and refragmented
+//     by the kernel).
+//   - LayerNetworkForward with FlagReassemble: whole datagrams always. The
+//     forward hook takes unfragmented packets; a prerouting chain below -400
+//     takes every fragment not addressed to the host, and user space
+//     reassembles them. Each fragment is held in the queue until its
+//     datagram is complete; then the fragments are dropped and the datagram
+//     is handed to the program (a datagram the filter does not match has its
+//     fragments accepted unchanged). Send emits it again, changed or not,
+//     from the router as marked raw packets, fragmented to the size its
+//     largest fragment had (and smaller when the route's MTU says so); an
+//     IPv4 datagram with DF set that does not fit gives an error wrapping
+//     reassembly.ErrDontFragment. The re-emitted packets leave through the
+//     router's output path: lower-priority forward handles do not see them.
+//   - FlagDrop: the kernel rules drop what they select, fragments included
+//     as each hook sees them; nothing is reassembled.
+//
+// For every user-space reassembly: Drop of a reassembled datagram has
+// nothing left to release; fragments whose datagram does not complete
+// within ParamQueueTime (its value at Open for the reassembler, its current
+// value for the queue) are dropped; malformed, overlapping or otherwise
+// refused fragments are dropped at once, with the fragments held for the
+// same datagram (the kernel's reassembly would refuse them too).
+
+// fragKey identifies a datagram the way internal/reassembly keys it.
+type fragKey struct {
+	src, dst [16]byte
+	id       uint32
+	proto    uint8 // IPv4 only
+	v6       bool
+}
+
+// parseFragKey returns the key of an IPv4 or IPv6 fragment; ok is false
+// for a packet that is not a fragment or does not parse.
+func parseFragKey(p []byte) (k fragKey, ok bool) {
+	if len(p) < 1 {
+		return k, false
+	}
+	switch p[0] >> 4 {
+	case 4:
+		if len(p) < 20 || binary.BigEndian.Uint16(p[6:])&0x3FFF == 0 {
+			return k, false
+		}
+		copy(k.src[:], p[12:16])
+		copy(k.dst[:], p[16:20])
+		k.id = uint32(binary.BigEndian.Uint16(p[4:]))
+		k.proto = p[9]
+		return k, true
+	case 6:
+		if len(p) < 40 {
+			return k, false
+		}
+		nh, off := p[6], 40
+		for {
+			switch nh {
+			case unix.IPPROTO_HOPOPTS, unix.IPPROTO_ROUTING, unix.IPPROTO_DSTOPTS:
+				if len(p) < off+8 {
+					return k, false
+				}
+				nh, off = p[off], off+(int(p[off+1])+1)*8
+				continue
+			case unix.IPPROTO_AH:
+				if len(p) < off+8 {
+					return k, false
+				}
+				nh, off = p[off], off+(int(p[off+1])+2)*4
+				continue
+			case unix.IPPROTO_FRAGMENT:
+				if len(p) < off+8 {
+					return k, false
+				}
+				copy(k.src[:], p[8:24])
+				copy(k.dst[:], p[24:40])
+				k.id = binary.BigEndian.Uint32(p[off+4:])
+				k.v6 = true
+				return k, true
+			}
+			return k, false
+		}
+	}
+	return k, false
+}
+
+// pendingDgram is a datagram being reassembled: the queue ids of its
+// fragments, all held.
+type pendingDgram struct {
+	ids   []uint32
+	first int64 // when its first fragment arrived (ns)
+}
+
+// fragState is a handle's user-space reassembly.
+type fragState struct {
+	rules *nftrules.Ruleset // the prerouting chain that queues fragments
+	reasm *reassembly.Reassembler
+	info  reassembly.Info
+
+	pending map[fragKey]*pendingDgram // guarded by vmu
+	spare   []*pendingDgram           // reused entries, guarded by vmu
+
+	smu    sync.Mutex // Send side: fragment buffers and the MTU sockets
+	fbuf   []byte
+	flist  [][]byte
+	mtuFd4 int // UDP sockets of the handle's namespace, connected to ask a route's MTU
+	mtuFd6 int
+}
+
+// openFrag installs the chains that queue fragments (prerouting for
+// forwarded ones at LayerNetworkForward, the main rules' hooks at
+// LayerNetwork) and sets up the reassembly. Called by open, in the
+// caller's namespace.
+func (b *linuxBackend) openFrag(rc nftrules.Config, layer Layer, qt time.Duration) error {
+	fs := &fragState{
+		reasm:   reassembly.New(reassembly.Config{Timeout: qt}),
+		pending: make(map[fragKey]*pendingDgram),
+		fbuf:    make([]byte, 0, 2*MTUMax),
+		flist:   make([][]byte, 0, 64),
+		mtuFd4:  -1,
+		mtuFd6:  -1,
+	}
+	b.frag = fs
+	var err error
+	if fs.mtuFd4, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
+		return fmt.Errorf("divert: open a route MTU socket: %w", err)
+	}
+	if fs.mtuFd6, err = unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
+		return fmt.Errorf("divert: open a route MTU socket: %w", err)
+	}
+	if layer == LayerNetworkForward {
+		rc.Hooks = []nftrules.Hook{nftrules.HookPrerouting}
+		rc.Dest = nftrules.DestRemote
+	} // LayerNetwork: the main rules' input and output hooks
+	rc.Lowered = nil // every fragment: the filter is evaluated on the datagram
+	rc.Fragments = nftrules.FragOnly
+	rc.KeepNDP = false
+	if fs.rules, err = nftrules.Install(rc); err != nil {
+		return mapSetupError("install nftables rules for fragments", err)
+	}
+	return nil
+}
+
+func (fs *fragState) close() error {
+	var err error
+	if fs.rules != nil {
+		err = fs.rules.Close()
+	}
+	for _, fd := range []*int{&fs.mtuFd4, &fs.mtuFd6} {
+		if *fd >= 0 {
+			unix.Close(*fd)
+			*fd = -1
+		}
+	}
+	return err
+}
+
+// reassemble takes a fragment queued at prerouting. It returns handled
+// false for a packet to go the ordinary way (an IPv6 atomic fragment, or
+// anything that is not a fragment), and delivered true when buf[:n] and a
+// hold a whole datagram for the program. Called with rmu held.
+func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int64) (n int, handled, delivered bool, err error) {
+	fs := b.frag
+	outbound := p.Hook == nfq.HookOutput || p.Hook == nfq.HookPostrouting
+	ifIdx := p.InDev
+	if outbound {
+		ifIdx = p.OutDev
+	}
+	if b.layer == LayerNetwork && !outbound && p.InDev == loIfIndex {
+		return 0, false, false, nil // loopback is seen outbound only
+	}
+	k, ok := parseFragKey(p.Payload)
+	if !ok {
+		return 0, false, false, nil
+	}
+	dgram, done, rerr := fs.reasm.AddInfo(buf[:0], p.Payload, time.Unix(0, now), &fs.info)
+	b.vmu.Lock()
+	defer b.vmu.Unlock()
+	b.noteID(p.ID)
+	switch {
+	case rerr != nil:
+		// Refused: the kernel would drop it; what was held for the
+		// datagram is gone from the reassembler, so drop it too.
+		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, p.ID, nfq.Drop, nil)
+		b.finishPending(k, nfq.Drop)
+		return 0, true, false, nil
+	case !done:
+		pd := fs.pending[k]
+		if pd == nil {
+			if m := len(fs.spare); m > 0 {
+				pd, fs.spare = fs.spare[m-1], fs.spare[:m-1]
+			} else {
+				pd = &pendingDgram{ids: make([]uint32, 0, 8)}
+			}
+			pd.first = now
+			fs.pending[k] = pd
+		}
+		pd.ids = append(pd.ids, p.ID)
+		b.track.Add(p.ID, now)
+		return 0, true, false, nil
+	case fs.info.Atomic || !fs.info.Fragmented:
+		return 0, false, false, nil
+	}
+	ipv6 := k.v6
+	if b.userSide && b.filt != nil {
+		b.meta = filter.Meta{
+			Layer:     filter.Layer(b.layer),
+			Outbound:  outbound,
+			Loopback:  p.InDev == loIfIndex || p.OutDev == loIfIndex,
+			IPv6:      ipv6,
+			IfIdx:     ifIdx,
+			Timestamp: now,
+		}
+		if !b.filt.Match(dgram, &b.meta) {
+			b.acc = append(b.acc, p.ID)
+			b.finishPending(k, nfq.Accept)
+			return 0, true, false, nil
+		}
+	}
+	sniff := b.flags&FlagSniff != 0
+	if sniff {
+		// A copy: the fragments continue.
+		b.acc = append(b.acc, p.ID)
+		b.finishPending(k, nfq.Accept)
+	} else {
+		// Handed to the program: the fragments leave the kernel.
+		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, p.ID, nfq.Drop, nil)
+		b.finishPending(k, nfq.Drop)
+	}
+	n = copy(buf, dgram)
+	ts := p.Timestamp
+	if ts == 0 {
+		ts = now
+	}
+	*a = Address{
+		Timestamp:   ts,
+		Layer:       b.layer,
+		Event:       EventNetworkPacket,
+		Outbound:    outbound && b.layer == LayerNetwork,
+		Loopback:    p.InDev == loIfIndex || p.OutDev == loIfIndex,
+		IPv6:        ipv6,
+		IPChecksum:  true,
+		TCPChecksum: true, // reassembly copies the sender's bytes: its checksum is final
+		UDPChecksum: true,
+		IfIdx:       ifIdx,
+		sys: sysAddr{
+			owner:   b.serial,
+			dgram:   true,
+			fragID:  fs.info.ID,
+			fragMTU: uint32(fs.info.MaxFragLen),
+		},
+	}
+	if sniff {
+		a.Sniffed, a.sys = true, sysAddr{}
+	}
+	if n < len(dgram) {
+		err = ErrTruncated
+	}
+	return n, true, true, err
+}
+
+// finishPending gives verdict v to every fragment held for k that the
+// reaper has not dropped yet, and forgets k. Called with vmu held.
+func (b *linuxBackend) finishPending(k fragKey, v nfq.Verdict) {
+	fs := b.frag
+	pd := fs.pending[k]
+	if pd == nil {
+		return
+	}
+	delete(fs.pending, k)
+	for _, id := range pd.ids {
+		if !b.track.Release(id) {
+			continue // dropped by the reaper after ParamQueueTime
+		}
+		if v == nfq.Accept {
+			b.acc = append(b.acc, id)
+		} else {
+			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, v, nil)
+		}
+	}
+	pd.ids = pd.ids[:0]
+	fs.spare = append(fs.spare, pd)
+}
+
+// expirePending forgets datagrams whose fragments the reaper dropped (they
+// waited ParamQueueTime). Called with vmu held.
+func (b *linuxBackend) expirePending(now, qt int64) {
+	fs := b.frag
+	for k, pd := range fs.pending {
+		if now-pd.first >= qt {
+			b.finishPending(k, nfq.Drop)
+		}
+	}
+	fs.reasm.Expire(time.Unix(0, now))
+}
+
+// sendDgram emits a datagram reassembled in user space: inbound at
+// LayerNetwork whole to the local stack, otherwise refragmented to the size
+// it came in (or the route's MTU when smaller), each fragment a marked raw
+// packet.
+func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
+	if b.inj == nil {
+		return 0, errors.New("divert: handle cannot inject")
+	}
+	if b.layer == LayerNetwork && !a.Outbound {
+		// Delivered whole to the local stack (the raw send loops
+		// through lo, whose MTU holds any datagram).
+		if err := b.inj.Inbound(pkt, a.IfIdx); err != nil {
+			return 0, fmt.Errorf("divert: inject: %w", err)
+		}
+		a.sys = sysAddr{}
+		return len(pkt), nil
+	}
+	fs := b.frag
+	fs.smu.Lock()
+	defer fs.smu.Unlock()
+	mtu := int(a.sys.fragMTU)
+	for try := 0; ; try++ {
+		frags, err := reassembly.Fragment(fs.fbuf[:0], fs.flist, pkt, mtu, a.sys.fragID)
+		if err != nil {
+			if errors.Is(err, reassembly.ErrDontFragment) {
+				return 0, fmt.Errorf("divert: send: the %d-byte datagram exceeds the %d-byte MTU and has DF set, so it cannot be refragmented: %w", len(pkt), mtu, err)
+			}
+			return 0, fmt.Errorf("divert: send: refragment the %d-byte datagram to %d bytes: %w", len(pkt), mtu, err)
+		}
+		if cap(frags) > cap(fs.flist) {
+			fs.flist = frags[:0]
+		}
+		for i, f := range frags {
+			if err = b.inj.Outbound(f); err != nil {
+				if i == 0 && try == 0 && errors.Is(err, unix.EMSGSIZE) {
+					break // the route's MTU is smaller: ask it, then again
+				}
+				return 0, fmt.Errorf("divert: inject fragment %d of %d: %w", i+1, len(frags), err)
+			}
+		}
+		if err == nil {
+			a.sys = sysAddr{}
+			return len(pkt), nil
+		}
+		rm, merr := fs.routeMTU(pkt)
+		if merr != nil {
+			return 0, fmt.Errorf("divert: inject: %w (route MTU: %w)", err, merr)
+		}
+		if rm >= mtu {
+			return 0, fmt.Errorf("divert: inject: %w", err)
+		}
+		mtu = rm
+	}
+}
+
+// routeMTU asks the namespace's routing table for the MTU towards the
+// datagram's destination, by connecting a UDP socket there (IP_MTU).
+func (fs *fragState) routeMTU(pkt []byte) (int, error) {
+	if pkt[0]>>4 == 4 {
+		sa := &unix.SockaddrInet4{Port: 9}
+		copy(sa.Addr[:], pkt[16:20])
+		if err := unix.Connect(fs.mtuFd4, sa); err != nil {
+			return 0, err
+		}
+		return unix.GetsockoptInt(fs.mtuFd4, unix.IPPROTO_IP, unix.IP_MTU)
+	}
+	sa := &unix.SockaddrInet6{Port: 9}
+	copy(sa.Addr[:], pkt[24:40])
+	if err := unix.Connect(fs.mtuFd6, sa); err != nil {
+		return 0, err
+	}
+	return unix.GetsockoptInt(fs.mtuFd6, unix.IPPROTO_IPV6, unix.IPV6_MTU)
+}

@@ -1,0 +1,555 @@
+package divert
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/netdivert/divert/internal/netnstest"
+	"github.com/netdivert/divert/internal/reassembly"
+)
+
+const fragPayloadLen = 3000
+
+// fragPayload is a recognisable payload of fragPayloadLen bytes starting
+// with tag.
+func fragPayload(tag string) []byte {
+	b := make([]byte, fragPayloadLen)
+	for i := range b {
+		b[i] = byte('a' + i%23)
+	}
+	copy(b, tag)
+	return b
+}
+
+// withConntrack turns conntrack (and so its defragmentation at -400) on in
+// ns with a rule in a table of its own, removed when the test ends.
+func withConntrack(t *testing.T, ns *netnstest.NS) {
+	t.Helper()
+	name := fmt.Sprintf("ct_%d", time.Now().UnixNano()%1e9)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, argv := range [][]string{
+		{"nft", "add", "table", "inet", name},
+		{"nft", "add", "chain", "inet", name, "c", "{ type filter hook prerouting priority 0 ; }"},
+		{"nft", "add", "rule", "inet", name, "c", "ct", "state", "established", "accept"},
+	} {
+		if out, err := ns.Run(ctx, argv...); err != nil {
+			t.Fatalf("%v: %v: %s", argv, err, out)
+		}
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if out, err := ns.Run(ctx, "nft", "delete", "table", "inet", name); err != nil {
+			t.Errorf("delete table %s: %v: %s", name, err, out)
+		}
+	})
+}
+
+// fragPump receives on h until it is closed; for each packet it records a
+// copy, lets edit change it, and sends it back (recording Send's error).
+type fragPump struct {
+	mu   sync.Mutex
+	got  []seen
+	errs []error
+	done chan struct{}
+	h    *Handle
+}
+
+func startFragPump(t *testing.T, h *Handle, edit func([]byte, *Address) []byte) *fragPump {
+	p := &fragPump{done: make(chan struct{}), h: h}
+	go func() {
+		defer close(p.done)
+		buf := make([]byte, MTUMax)
+		var a Address
+		for {
+			n, err := h.Recv(buf, &a)
+			if err != nil {
+				if !errors.Is(err, net.ErrClosed) && !errors.Is(err, ErrShutdown) {
+					t.Errorf("Recv: %v", err)
+				}
+				return
+			}
+			p.mu.Lock()
+			p.got = append(p.got, seen{a, bytes.Clone(buf[:n])})
+			p.mu.Unlock()
+			out := buf[:n]
+			if edit != nil {
+				out = edit(out, &a)
+			}
+			_, err = h.Send(out, &a)
+			p.mu.Lock()
+			p.errs = append(p.errs, err)
+			p.mu.Unlock()
+		}
+	}()
+	return p
+}
+
+func (p *fragPump) stop() ([]seen, []error) {
+	p.h.Close()
+	<-p.done
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.got, p.errs
+}
+
+// udpData returns the UDP payload of a whole (unfragmented) IP packet.
+func udpData(t *testing.T, pkt []byte) []byte {
+	t.Helper()
+	p, err := ParsePacket(pkt)
+	if err != nil {
+		t.Fatalf("parse %d-byte packet: %v", len(pkt), err)
+	}
+	if p.UDP == nil {
+		t.Fatalf("%d-byte packet is not a whole UDP datagram", len(pkt))
+	}
+	return p.Payload
+}
+
+// changeTag rewrites a payload starting with "chg" to "CHG" and fixes the
+// checksums; other packets stay as they are.
+func changeTag(t *testing.T) func([]byte, *Address) []byte {
+	return func(b []byte, a *Address) []byte {
+		p, err := ParsePacket(b)
+		if err != nil || p.UDP == nil {
+			return b
+		}
+		if bytes.HasPrefix(p.Payload, []byte("chg")) {
+			copy(p.Payload, "CHG")
+			if err := CalcChecksums(b, a, 0); err != nil {
+				t.Errorf("CalcChecksums: %v", err)
+			}
+		}
+		return b
+	}
+}
+
+// isFragment reports whether pkt is an IPv4 or IPv6 fragment.
+func isFragment(pkt []byte) bool {
+	_, ok := parseFragKey(pkt)
+	return ok
+}
+
+func fragCases() []struct{ v6, ct bool } {
+	return []struct{ v6, ct bool }{{false, false}, {true, false}, {false, true}, {true, true}}
+}
+
+func caseName(v6, ct bool) string {
+	s := "ipv4"
+	if v6 {
+		s = "ipv6"
+	}
+	if ct {
+		s += "/conntrack"
+	}
+	return s
+}
+
+// TestFragReassembleInbound: at LayerNetwork inbound, a 3000-byte UDP
+// datagram that crossed a 1500-MTU link as fragments is seen as one
+// packet (the input hook reassembles), with and without FlagReassemble,
+// and reinjected unchanged or changed it reaches the socket intact.
+func TestFragReassembleInbound(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dfi", 1500)
+	for _, c := range fragCases() {
+		for _, flags := range []Flag{FlagReassemble, 0} {
+			t.Run(fmt.Sprintf("%s/flags=%#x", caseName(c.v6, c.ct), uint64(flags)), func(t *testing.T) {
+				if c.ct {
+					withConntrack(t, l.B.NS)
+				}
+				dst := netip.AddrPortFrom(l.B.V4, 7101)
+				if c.v6 {
+					dst = netip.AddrPortFrom(l.B.V6, 7101)
+				}
+				sink, err := l.B.NS.ListenUDP(dst.String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer sink.Close()
+				h := openIn(t, l.B.NS, "inbound && udp.DstPort == 7101", LayerNetwork, 0, flags)
+				p := startFragPump(t, h, changeTag(t))
+				for _, tag := range []string{"chg", "keep"} {
+					if err := l.A.NS.SendUDP(dst, fragPayload(tag), 1, 0); err != nil {
+						t.Fatal(err)
+					}
+				}
+				recvd, err := netnstest.RecvUDP(sink, 2, 3*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				got, errs := p.stop()
+				checkWhole(t, got, errs, recvd, c.v6)
+			})
+		}
+	}
+}
+
+// checkWhole checks that the handle saw the two datagrams whole and the
+// sink got "CHG..." and "keep..." intact.
+func checkWhole(t *testing.T, got []seen, errs []error, recvd [][]byte, v6 bool) {
+	t.Helper()
+	for _, err := range errs {
+		if err != nil {
+			t.Errorf("Send: %v", err)
+		}
+	}
+	hdr := 20
+	if v6 {
+		hdr = 40
+	}
+	if len(got) != 2 {
+		t.Fatalf("handle saw %d packets, want the 2 datagrams whole", len(got))
+	}
+	for _, s := range got {
+		if len(s.pkt) != hdr+8+fragPayloadLen || isFragment(s.pkt) {
+			t.Fatalf("handle saw a %d-byte packet (fragment %v), want %d bytes whole", len(s.pkt), isFragment(s.pkt), hdr+8+fragPayloadLen)
+		}
+		if s.addr.IPv6 != v6 {
+			t.Fatalf("Address.IPv6 = %v", s.addr.IPv6)
+		}
+		if d := udpData(t, s.pkt); !bytes.Equal(d[4:], fragPayload("chg")[4:]) {
+			t.Fatalf("handle saw a corrupt payload")
+		}
+	}
+	if len(recvd) != 2 {
+		t.Fatalf("sink got %d of 2 datagrams", len(recvd))
+	}
+	want := map[string]bool{string(fragPayload("CHG")): true, string(fragPayload("keep")): true}
+	for _, r := range recvd {
+		if !want[string(r)] {
+			t.Fatalf("sink got a %d-byte datagram starting %q, not the expected one", len(r), r[:min(8, len(r))])
+		}
+		delete(want, string(r))
+	}
+}
+
+// TestFragFragmentsInbound: with FlagFragments the handle sees the
+// fragments as on the wire (before conntrack's defragmentation too), and
+// reinjecting each lets the datagram reach the socket intact.
+func TestFragFragmentsInbound(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dff", 1500)
+	for _, c := range fragCases() {
+		t.Run(caseName(c.v6, c.ct), func(t *testing.T) {
+			if c.ct {
+				withConntrack(t, l.B.NS)
+			}
+			filt := "inbound && ip.SrcAddr == " + l.A.V4.String()
+			dst := netip.AddrPortFrom(l.B.V4, 7102)
+			hdr := 20
+			if c.v6 {
+				filt = "inbound && ipv6.SrcAddr == " + l.A.V6.String()
+				dst = netip.AddrPortFrom(l.B.V6, 7102)
+				hdr = 40
+			}
+			sink, err := l.B.NS.ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			h := openIn(t, l.B.NS, filt, LayerNetwork, 0, FlagFragments)
+			p := startFragPump(t, h, nil)
+			payload := fragPayload("frag")
+			if err := l.A.NS.SendUDP(dst, payload, 1, 0); err != nil {
+				t.Fatal(err)
+			}
+			recvd, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, errs := p.stop()
+			for _, err := range errs {
+				if err != nil {
+					t.Errorf("Send: %v", err)
+				}
+			}
+			var frags, data int
+			for _, s := range got {
+				if !isFragment(s.pkt) {
+					continue // e.g. neighbour discovery
+				}
+				if s.addr.Outbound || s.addr.IPv6 != c.v6 || s.addr.IfIdx != uint32(l.B.IfIdx) {
+					t.Errorf("fragment address %+v", s.addr)
+				}
+				if len(s.pkt) > 1500 {
+					t.Errorf("%d-byte fragment exceeds the MTU", len(s.pkt))
+				}
+				frags++
+				data += len(s.pkt) - hdr
+				if c.v6 {
+					data -= 8 // Fragment header
+				}
+			}
+			if frags < 2 || frags > 3 {
+				t.Fatalf("handle saw %d fragments (of %d packets), want 2 or 3", frags, len(got))
+			}
+			if data != 8+fragPayloadLen {
+				t.Fatalf("fragments carry %d bytes, want %d", data, 8+fragPayloadLen)
+			}
+			if len(recvd) != 1 || !bytes.Equal(recvd[0], payload) {
+				t.Fatalf("sink got %d datagrams, want the one intact", len(recvd))
+			}
+		})
+	}
+}
+
+// TestFragReassembleForward: at LayerNetworkForward with FlagReassemble a
+// router sees a forwarded 3000-byte datagram as one packet, whether or not
+// conntrack defragments in the router; sent back, changed or not, it
+// reaches the host behind the router intact. A datagram the filter does
+// not match passes unseen; one the program marks DF cannot be
+// refragmented and Send says so.
+func TestFragReassembleForward(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dfw", 1500)
+	for _, c := range fragCases() {
+		t.Run(caseName(c.v6, c.ct), func(t *testing.T) {
+			if c.ct {
+				withConntrack(t, r.Router())
+			}
+			dstAddr := r.Right.B.V4
+			if c.v6 {
+				dstAddr = r.Right.B.V6
+			}
+			dst := netip.AddrPortFrom(dstAddr, 7103)
+			other := netip.AddrPortFrom(dstAddr, 7104)
+			sink, err := r.RightHost().ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			sink2, err := r.RightHost().ListenUDP(other.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink2.Close()
+			h := openIn(t, r.Router(), "udp.DstPort == 7103", LayerNetworkForward, 0, FlagReassemble)
+			edit := changeTag(t)
+			p := startFragPump(t, h, func(b []byte, a *Address) []byte {
+				if !c.v6 && bytes.Contains(b, []byte("dfdf")) {
+					b[6] |= 0x40 // set DF: cannot be refragmented
+					CalcChecksums(b, a, 0)
+				}
+				return edit(b, a)
+			})
+			for _, tag := range []string{"chg", "keep"} {
+				if err := r.LeftHost().SendUDP(dst, fragPayload(tag), 1, 0); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := r.LeftHost().SendUDP(other, fragPayload("other"), 1, 0); err != nil {
+				t.Fatal(err)
+			}
+			recvd, err := netnstest.RecvUDP(sink, 2, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			recvd2, err := netnstest.RecvUDP(sink2, 1, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(recvd2) != 1 || !bytes.Equal(recvd2[0], fragPayload("other")) {
+				t.Errorf("a datagram the filter does not match: sink got %d", len(recvd2))
+			}
+			if c.v6 {
+				got, errs := p.stop()
+				checkWhole(t, got, errs, recvd, c.v6)
+				return
+			}
+			// IPv4: a DF datagram larger than the MTU.
+			if err := r.LeftHost().SendUDP(dst, fragPayload("dfdf"), 1, 0); err != nil {
+				t.Fatal(err)
+			}
+			late, err := netnstest.RecvUDP(sink, 1, 500*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, errs := p.stop()
+			if len(late) != 0 {
+				t.Errorf("the DF datagram arrived")
+			}
+			if len(got) != 3 || len(errs) != 3 {
+				t.Fatalf("handle saw %d datagrams, want 3", len(got))
+			}
+			if !errors.Is(errs[2], reassembly.ErrDontFragment) || !strings.Contains(errs[2].Error(), "DF") {
+				t.Errorf("Send of a DF datagram larger than the MTU: %v, want ErrDontFragment", errs[2])
+			}
+			checkWhole(t, got[:2], errs[:2], recvd, c.v6)
+			for _, s := range got {
+				if s.addr.Layer != LayerNetworkForward || s.addr.Outbound || s.addr.IfIdx != uint32(r.Left.B.IfIdx) {
+					t.Errorf("address %+v", s.addr)
+				}
+			}
+		})
+	}
+}
+
+// TestFragForwardExpiry: fragments of a datagram that never completes are
+// held for ParamQueueTime, then dropped, and the handle never sees them.
+func TestFragForwardExpiry(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dfx", 1500)
+	h := openIn(t, r.Router(), "udp", LayerNetworkForward, 0, FlagReassemble)
+	if err := h.SetParam(ParamQueueTime, 200); err != nil {
+		t.Fatal(err)
+	}
+	p := startFragPump(t, h, nil)
+	// One first fragment, sent raw from the left host: MF set, offset 0.
+	src, dst := netip.AddrPortFrom(r.Left.A.V4, 5000), netip.AddrPortFrom(r.Right.B.V4, 7105)
+	sink, err := r.RightHost().ListenUDP(dst.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	pkt := udpPacket(t, src, dst, make([]byte, 1000))
+	pkt[6] |= 0x20 // MF
+	binary.BigEndian.PutUint16(pkt[4:], 0x4242)
+	CalcChecksums(pkt, nil, NoUDPChecksum)
+	var ls *Handle
+	if err := r.LeftHost().Do(func() (err error) { ls, err = Open("false", LayerNetwork, 0, FlagSendOnly); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer ls.Close()
+	if _, err := ls.Send(pkt, &Address{Outbound: true, IPChecksum: true, UDPChecksum: true}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(600 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	out, err := r.Router().Run(ctx, "cat", "/proc/net/netfilter/nfnetlink_queue")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[2] != "0" {
+			t.Errorf("queue still holds packets after ParamQueueTime: %s", line)
+		}
+	}
+	if got, _ := p.stop(); len(got) != 0 {
+		t.Errorf("handle saw %d packets of an incomplete datagram", len(got))
+	}
+	if s := h.b.(*linuxBackend); s.frag != nil && len(s.frag.pending) != 0 {
+		t.Errorf("%d datagrams still pending", len(s.frag.pending))
+	}
+}
+
+// TestLinuxNewPacketChecksums: a new packet whose Address checksum bits
+// are clear gets its checksums computed (a packet with a bad UDP checksum
+// arrives); with the bits set it is sent as given (and the receiver drops
+// it), proving the receiver checks.
+func TestLinuxNewPacketChecksums(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dnc", 0)
+	h := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprint(v6), func(t *testing.T) {
+			src, dst := netip.AddrPortFrom(l.A.V4, 1234), netip.AddrPortFrom(l.B.V4, 7106)
+			if v6 {
+				src, dst = netip.AddrPortFrom(l.A.V6, 1234), netip.AddrPortFrom(l.B.V6, 7106)
+			}
+			sink, err := l.B.NS.ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			bad := udpPacket(t, src, dst, []byte("offloaded"))
+			ck := len(bad) - len("offloaded") - 2
+			bad[ck] ^= 0x5a // a wrong (non-zero) UDP checksum
+			orig := bytes.Clone(bad)
+			// Bits set: sent as given, dropped by the receiver.
+			if _, err := h.Send(bad, &Address{Outbound: true, IPChecksum: true, TCPChecksum: true, UDPChecksum: true}); err != nil {
+				t.Fatal(err)
+			}
+			got, err := netnstest.RecvUDP(sink, 1, 500*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != 0 {
+				t.Fatalf("a packet with a bad UDP checksum was delivered; the test cannot tell")
+			}
+			// Bits clear: computed.
+			if _, err := h.Send(bad, &Address{Outbound: true}); err != nil {
+				t.Fatal(err)
+			}
+			got, err = netnstest.RecvUDP(sink, 1, 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != 1 || string(got[0]) != "offloaded" {
+				t.Fatalf("sink got %q, want the packet with its checksum computed", got)
+			}
+			if !bytes.Equal(bad, orig) {
+				t.Errorf("Send changed the caller's buffer")
+			}
+		})
+	}
+}
+
+func TestFragParseKey(t *testing.T) {
+	src, dst := netip.MustParseAddrPort("10.1.2.3:1"), netip.MustParseAddrPort("10.4.5.6:2")
+	pkt := udpPacket(t, src, dst, make([]byte, 3000))
+	frags, err := reassembly.Fragment(nil, nil, pkt, 1500, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := parseFragKey(pkt); ok {
+		t.Fatal("a whole datagram parsed as a fragment")
+	}
+	var k0 fragKey
+	for i, f := range frags {
+		k, ok := parseFragKey(f)
+		if !ok || k.v6 || k.proto != 17 || netip.AddrFrom4([4]byte(k.dst[:4])) != dst.Addr() {
+			t.Fatalf("fragment %d: %+v %v", i, k, ok)
+		}
+		if i > 0 && k != k0 {
+			t.Fatalf("fragment %d key %+v differs from %+v", i, k, k0)
+		}
+		k0 = k
+	}
+	src6, dst6 := netip.MustParseAddrPort("[fd00::1]:1"), netip.MustParseAddrPort("[fd00::2]:2")
+	pkt6 := udpPacket(t, src6, dst6, make([]byte, 3000))
+	frags, err = reassembly.Fragment(nil, nil, pkt6, 1500, 0xabcdef01)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, f := range frags {
+		k, ok := parseFragKey(f)
+		if !ok || !k.v6 || k.id != 0xabcdef01 || netip.AddrFrom16(k.src) != src6.Addr() {
+			t.Fatalf("IPv6 fragment %d: %+v %v", i, k, ok)
+		}
+	}
+	if _, ok := parseFragKey(pkt6); ok {
+		t.Fatal("a whole IPv6 datagram parsed as a fragment")
+	}
+}
+
+func FuzzFragParseKey(f *testing.F) {
+	f.Add([]byte{0x45, 0, 0, 20, 0, 1, 0x20, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2})
+	f.Add(append([]byte{0x60, 0, 0, 0, 0, 16, 0, 64}, make([]byte, 32+8+8)...))
+	f.Add(append([]byte{0x60, 0, 0, 0, 0, 16, 44, 64}, make([]byte, 32+8+8)...))
+	f.Add([]byte{0x60})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		k, ok := parseFragKey(b)
+		if !ok {
+			return
+		}
+		if (b[0]>>4 == 6) != k.v6 {
+			t.Fatalf("version %d, key v6 %v", b[0]>>4, k.v6)
+		}
+		if b[0]>>4 == 4 && binary.BigEndian.Uint16(b[6:])&0x3fff == 0 {
+			t.Fatal("IPv4 non-fragment parsed as a fragment")
+		}
+	})
+}
