@@ -17,23 +17,59 @@ package divert
 // are passed), its error type hides syscall.Errno (converted back).
 //
 // Deadlines cancel the pending receive with CancelIoEx on its OVERLAPPED.
-// FlagReassemble is not supported on Windows yet (WinDivert reassembles
-// inbound datagrams at LayerNetwork by default; outbound and forwarded
-// fragments would need internal/reassembly), nor are FlagPassThrough and
-// FlagFailOpen (the driver drops the oldest packet when the queue is full).
+//
+// FlagReassemble: WinDivert reassembles inbound datagrams at LayerNetwork by
+// itself; outbound packets and LayerNetworkForward come as fragments, which
+// this backend holds and reassembles with internal/reassembly (see
+// reassemble_windows.go). Recv and RecvBatch then return whole datagrams
+// only; a reassembled datagram comes with the Address of its last fragment
+// (the one that completed it: its Timestamp, Outbound, IfIdx, SubIfIdx and
+// checksum flags, with IPChecksum set for IPv4 since its header checksum was
+// recomputed). Fragments held longer than ParamQueueTime are dropped with
+// their datagram, as the driver drops packets queued too long; so are
+// fragments the reassembler refuses (overlaps, tiny TCP fragments, ...).
+// Send of a reassembled datagram larger than the largest fragment it came in
+// refragments it at that size with its identification and injects the
+// fragments in one batch; an IPv4 datagram with DF set is then an error
+// that says so, and nothing is sent. Held fragments are lost on Close
+// (they were out of the stack already). FlagReassemble needs a network
+// layer.
+//
+// FlagPassThrough is accepted and is what WinDivert always does: when the
+// handle goes away (Close, or the process dies) the driver removes its
+// filter at once and matching packets pass untouched, so packets pass when
+// no program is receiving. It does not mean that packets pass while the
+// handle is open but nobody calls Recv: they wait in the handle's queue and
+// are dropped after ParamQueueTime (or when the queue overflows), as
+// without the flag. At Close the driver reinjects the packets still queued
+// and not expired (WinDivert >= 1.4; fragments held for FlagReassemble
+// have left the driver's queue and are lost). When a process dies, Windows
+// closes its handles, with the same effect; a process that hangs keeps its
+// handle, and the packets wait out ParamQueueTime.
+//
+// FlagFailOpen is not supported: on overflow (ParamQueueLength or
+// ParamQueueSize reached) the driver drops the oldest queued packet, and
+// WinDivert has no way to let packets pass instead.
 
 import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
 	"github.com/netdivert/divert/internal/windivert"
 )
 
-// sysAddr is empty: WinDivertSend needs only the public Address fields.
-type sysAddr struct{}
+// sysAddr marks a datagram reassembled under FlagReassemble (WinDivertSend
+// needs only the public Address fields otherwise): Send refragments it at
+// fragLen with identification id when it is larger.
+type sysAddr struct {
+	reassembled bool
+	id          uint32 // IPv4 identification, or the IPv6 Fragment header's
+	fragLen     uint32 // the largest fragment it came in (whole IP packet)
+}
 
 // openWinDivert is the seam; tests replace it with a fake.
 var openWinDivert = windivert.Open
@@ -57,23 +93,31 @@ type winBackend struct {
 
 	dlMu   sync.Mutex // guards deadline, timedOut, closed
 	closed bool
+
+	reasm     *winReasm    // FlagReassemble, else nil
+	queueTime atomic.Int64 // ParamQueueTime, ns
 }
 
 func openBackend(cfg *openConfig) (backend, error) {
 	if cfg.filter == nil {
 		return nil, fmt.Errorf("%w: OpenPort on windows (WinDivert has no divert rules to attach to)", ErrNotSupported)
 	}
-	if cfg.flags&FlagReassemble != 0 {
-		return nil, fmt.Errorf("%w: FlagReassemble on windows", ErrNotSupported)
+	if cfg.flags&FlagReassemble != 0 && cfg.layer != LayerNetwork && cfg.layer != LayerNetworkForward {
+		return nil, fmt.Errorf("divert: FlagReassemble at layer %v: %w: no packets at this layer", cfg.layer, ErrNotSupported)
 	}
-	if cfg.flags&(FlagPassThrough|FlagFailOpen) != 0 {
-		return nil, fmt.Errorf("%w: FlagPassThrough/FlagFailOpen on windows", ErrNotSupported)
+	if cfg.flags&FlagFailOpen != 0 {
+		return nil, fmt.Errorf("divert: FlagFailOpen on windows: %w: WinDivert drops the oldest queued packet when the queue is full and cannot let packets pass instead", ErrNotSupported)
 	}
+	// FlagPassThrough is WinDivert's own behaviour (see above): nothing to do.
 	h, err := openWinDivert(cfg.filter.String(), uint8(cfg.layer), cfg.priority, uint64(cfg.flags&flagsWinDivert))
 	if err != nil {
 		return nil, mapOpenError(err)
 	}
 	b := &winBackend{h: h, layer: cfg.layer}
+	b.queueTime.Store(int64(cfg.params[ParamQueueTime]) * int64(time.Millisecond))
+	if cfg.flags&FlagReassemble != 0 {
+		b.reasm = newWinReasm()
+	}
 	b.timer = time.AfterFunc(time.Hour, b.expire)
 	b.timer.Stop()
 	return b, nil
@@ -174,6 +218,9 @@ func (b *winBackend) recvRaw(buf []byte, addrs []windivert.RawAddr) (int, int, e
 func (b *winBackend) recv(p []byte, a *Address) (int, error) {
 	b.recvMu.Lock()
 	defer b.recvMu.Unlock()
+	if b.reasm != nil {
+		return b.recvReassembled(p, a)
+	}
 	buf := p
 	var one [1]byte
 	if len(buf) == 0 {
@@ -202,6 +249,9 @@ func (b *winBackend) recv(p []byte, a *Address) (int, error) {
 func (b *winBackend) recvBatch(ms []Message) (int, error) {
 	b.recvMu.Lock()
 	defer b.recvMu.Unlock()
+	if b.reasm != nil {
+		return b.recvBatchReassembled(ms)
+	}
 	total := 0
 	for i := range ms {
 		total += len(ms[i].Buf)
@@ -243,6 +293,9 @@ func (b *winBackend) recvBatch(ms []Message) (int, error) {
 }
 
 func (b *winBackend) send(p []byte, a *Address) (int, error) {
+	if b.reasm != nil {
+		return b.sendReassembled(p, a)
+	}
 	b.sendMu.Lock()
 	defer b.sendMu.Unlock()
 	encodeAddr(&b.saddrs[0], a, b.layer)
@@ -254,6 +307,9 @@ func (b *winBackend) send(p []byte, a *Address) (int, error) {
 }
 
 func (b *winBackend) sendBatch(ms []Message) (int, error) {
+	if b.reasm != nil {
+		return b.sendBatchReassembled(ms)
+	}
 	b.sendMu.Lock()
 	defer b.sendMu.Unlock()
 	total := 0
@@ -298,6 +354,9 @@ func (b *winBackend) close() error {
 func (b *winBackend) setParam(p Param, v uint64) error {
 	if err := b.h.SetParam(uint32(p), v); err != nil {
 		return b.mapError("set param", err)
+	}
+	if p == ParamQueueTime {
+		b.queueTime.Store(int64(v) * int64(time.Millisecond))
 	}
 	return nil
 }

@@ -9,8 +9,12 @@ package divert
 // run under Wine in CI (.ci/wine.sh).
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
+	"math/rand"
 	"net"
 	"os"
 	"strings"
@@ -20,6 +24,7 @@ import (
 	"time"
 
 	"github.com/netdivert/divert/filter"
+	"github.com/netdivert/divert/internal/reassembly"
 	"github.com/netdivert/divert/internal/windivert"
 )
 
@@ -181,7 +186,8 @@ func TestWinOpenNotSupported(t *testing.T) {
 	if _, err := OpenPort(1, 0); !errors.Is(err, ErrNotSupported) {
 		t.Errorf("OpenPort: %v", err)
 	}
-	for _, fl := range []Flag{FlagReassemble, FlagPassThrough, FlagFailOpen, FlagSniff | FlagFailOpen} {
+	// FlagReassemble and FlagPassThrough are supported: TestWinOpenFlagsSupport.
+	for _, fl := range []Flag{FlagFailOpen, FlagSniff | FlagFailOpen, FlagPassThrough | FlagFailOpen} {
 		if _, err := Open("true", LayerNetwork, 0, fl); !errors.Is(err, ErrNotSupported) {
 			t.Errorf("flags %#x: %v", uint64(fl), err)
 		}
@@ -649,5 +655,751 @@ func TestWinParamsAndVersion(t *testing.T) {
 	minor, _ := h.Param(ParamVersionMinor)
 	if major != 2 || minor != 2 {
 		t.Errorf("version %d.%d, want the fake's 2.2", major, minor)
+	}
+}
+
+// FlagReassemble and FlagPassThrough. The fragments fed in are made by the
+// helpers below (independent of internal/reassembly); what Send injects is
+// checked field by field and reassembled again.
+
+func winCsum(h []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(h); i += 2 {
+		s += uint32(binary.BigEndian.Uint16(h[i:]))
+	}
+	for s>>16 != 0 {
+		s = s&0xFFFF + s>>16
+	}
+	return ^uint16(s)
+}
+
+// winUDP4 is an IPv4 UDP datagram of n bytes with identification id and a
+// valid header checksum; the payload is a pattern seeded by seed.
+func winUDP4(n int, id uint16, seed byte) []byte {
+	p := make([]byte, n)
+	p[0] = 0x45
+	binary.BigEndian.PutUint16(p[2:], uint16(n))
+	binary.BigEndian.PutUint16(p[4:], id)
+	p[8], p[9] = 64, 17
+	copy(p[12:], []byte{10, 0, 0, 1, 10, 0, 0, 2})
+	binary.BigEndian.PutUint16(p[20:], 5000)
+	binary.BigEndian.PutUint16(p[22:], 53)
+	binary.BigEndian.PutUint16(p[24:], uint16(n-20))
+	for i := 28; i < n; i++ {
+		p[i] = seed + byte(i*7)
+	}
+	binary.BigEndian.PutUint16(p[10:], winCsum(p[:20]))
+	return p
+}
+
+// winUDP6 is an IPv6 UDP datagram with an n-byte payload.
+func winUDP6(n int, seed byte) []byte {
+	p := make([]byte, 40+n)
+	p[0] = 0x60
+	binary.BigEndian.PutUint16(p[4:], uint16(n))
+	p[6], p[7] = 17, 64
+	p[8], p[23] = 0xfd, 1
+	p[24], p[39] = 0xfd, 2
+	binary.BigEndian.PutUint16(p[40:], 5000)
+	binary.BigEndian.PutUint16(p[42:], 53)
+	binary.BigEndian.PutUint16(p[44:], uint16(n))
+	for i := 48; i < len(p); i++ {
+		p[i] = seed + byte(i*5)
+	}
+	return p
+}
+
+// winFrag4 splits an IPv4 datagram (20-byte header) into fragments of at
+// most mtu bytes.
+func winFrag4(d []byte, mtu int) [][]byte {
+	data := d[20:]
+	per := (mtu - 20) &^ 7
+	var out [][]byte
+	for off := 0; off < len(data); off += per {
+		end := min(off+per, len(data))
+		f := make([]byte, 20+end-off)
+		copy(f, d[:20])
+		copy(f[20:], data[off:end])
+		binary.BigEndian.PutUint16(f[2:], uint16(len(f)))
+		fo := uint16(off / 8)
+		if end < len(data) {
+			fo |= 0x2000
+		}
+		binary.BigEndian.PutUint16(f[6:], fo)
+		f[10], f[11] = 0, 0
+		binary.BigEndian.PutUint16(f[10:], winCsum(f[:20]))
+		out = append(out, f)
+	}
+	return out
+}
+
+// winFrag6 splits an IPv6 datagram (no extension headers) into fragments
+// of at most mtu bytes with identification id.
+func winFrag6(d []byte, mtu int, id uint32) [][]byte {
+	data := d[40:]
+	per := (mtu - 48) &^ 7
+	var out [][]byte
+	for off := 0; off < len(data); off += per {
+		end := min(off+per, len(data))
+		f := make([]byte, 48+end-off)
+		copy(f, d[:40])
+		f[6] = 44
+		binary.BigEndian.PutUint16(f[4:], uint16(8+end-off))
+		f[40] = d[6]
+		fo := uint16(off)
+		if end < len(data) {
+			fo |= 1
+		}
+		binary.BigEndian.PutUint16(f[42:], fo)
+		binary.BigEndian.PutUint32(f[44:], id)
+		copy(f[48:], data[off:end])
+		out = append(out, f)
+	}
+	return out
+}
+
+// winCheckFrags checks that frags are fragments of d of at most mtu bytes
+// with identification id, in order, and that they reassemble to d.
+func winCheckFrags(t *testing.T, frags [][]byte, d []byte, mtu int, id uint32) {
+	t.Helper()
+	if len(frags) < 2 {
+		t.Fatalf("%d fragments", len(frags))
+	}
+	v6 := d[0]>>4 == 6
+	next := 0
+	for i, f := range frags {
+		if len(f) > mtu {
+			t.Fatalf("fragment %d: %d bytes > %d", i, len(f), mtu)
+		}
+		var off, hl int
+		var more bool
+		var fid uint32
+		if v6 {
+			hl = 48
+			if f[6] != 44 || int(binary.BigEndian.Uint16(f[4:]))+40 != len(f) {
+				t.Fatalf("fragment %d: not an IPv6 fragment: %x", i, f[:48])
+			}
+			fo := binary.BigEndian.Uint16(f[42:])
+			off, more, fid = int(fo&^7), fo&1 != 0, binary.BigEndian.Uint32(f[44:])
+		} else {
+			hl = 20
+			if int(binary.BigEndian.Uint16(f[2:])) != len(f) || winCsum(f[:20]) != 0 {
+				t.Fatalf("fragment %d: bad length or checksum: %x", i, f[:20])
+			}
+			fo := binary.BigEndian.Uint16(f[6:])
+			off, more, fid = int(fo&0x1FFF)*8, fo&0x2000 != 0, uint32(binary.BigEndian.Uint16(f[4:]))
+		}
+		if fid != id || off != next || more != (i < len(frags)-1) {
+			t.Fatalf("fragment %d: id %#x offset %d more %v; want id %#x offset %d", i, fid, off, more, id, next)
+		}
+		next += len(f) - hl
+	}
+	r := reassembly.New(reassembly.Config{MaxFragments: 1 << 14})
+	var got []byte
+	for i, f := range frags {
+		out, done, err := r.Add(nil, f, time.Now())
+		if err != nil || done != (i == len(frags)-1) {
+			t.Fatalf("reassembling fragment %d: done %v, %v", i, done, err)
+		}
+		got = out
+	}
+	if !bytes.Equal(got, d) {
+		t.Fatalf("fragments reassemble to %x\nwant %x", got, d)
+	}
+}
+
+// countHandle counts SendEx calls and their item counts.
+type countHandle struct {
+	*windivert.Fake
+	mu    sync.Mutex
+	calls []int
+}
+
+func (c *countHandle) SendEx(b []byte, a []windivert.RawAddr) (int, error) {
+	c.mu.Lock()
+	c.calls = append(c.calls, len(a))
+	c.mu.Unlock()
+	if len(a) > BatchMax {
+		return 0, windivert.FakeErrno(windivert.ErrorInvalidParameter)
+	}
+	return c.Fake.SendEx(b, a)
+}
+
+func winOpenCount(t *testing.T, layer Layer, flags Flag) (*Handle, *countHandle) {
+	t.Helper()
+	c := &countHandle{Fake: windivert.NewFake()}
+	winSeam(t, c, nil)
+	h, err := Open("true", layer, 0, flags)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h, c
+}
+
+// winNoMore checks that nothing more comes within a short deadline.
+func winNoMore(t *testing.T, h *Handle) {
+	t.Helper()
+	h.SetReadDeadline(time.Now().Add(40 * time.Millisecond))
+	defer h.SetReadDeadline(time.Time{})
+	var a Address
+	buf := make([]byte, MTUMax)
+	if n, err := h.Recv(buf, &a); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("unexpected Recv = %d bytes %x, %v", n, buf[:min(n, 48)], err)
+	}
+}
+
+func TestWinReassembleRandomOrder(t *testing.T) {
+	for _, layer := range []Layer{LayerNetwork, LayerNetworkForward} {
+		h, f := winOpen(t, "true", layer, 0, FlagReassemble)
+		rng := rand.New(rand.NewSource(1))
+		buf := make([]byte, MTUMax)
+		for round := 0; round < 12; round++ {
+			var d []byte
+			var frags [][]byte
+			var id uint32
+			if round%2 == 0 {
+				id = uint32(0x1200 + round)
+				d = winUDP4(1000+rng.Intn(20000), uint16(id), byte(round))
+				frags = winFrag4(d, 576+8*rng.Intn(120))
+			} else {
+				id = 0xabcd0000 + uint32(round)
+				d = winUDP6(1000+rng.Intn(20000), byte(round))
+				frags = winFrag6(d, 1280+8*rng.Intn(30), id)
+			}
+			maxLen := len(frags[0])
+			rng.Shuffle(len(frags), func(i, j int) { frags[i], frags[j] = frags[j], frags[i] })
+			for i, fr := range frags {
+				f.Push(windivert.Item{Data: fr, Addr: windivert.Addr{Timestamp: int64(1000*round + i), Layer: uint8(layer),
+					Outbound: true, IPv6: d[0]>>4 == 6, IfIdx: uint32(i + 1), SubIfIdx: 9}})
+			}
+			var a Address
+			n, err := h.Recv(buf, &a)
+			if err != nil || !bytes.Equal(buf[:n], d) {
+				t.Fatalf("%v round %d (%d fragments): Recv = %d, %v; datagram differs", layer, round, len(frags), n, err)
+			}
+			last := len(frags) - 1
+			want := Address{Timestamp: int64(1000*round + last), Layer: layer, Outbound: true, IPv6: d[0]>>4 == 6,
+				IPChecksum: d[0]>>4 == 4, IfIdx: uint32(last + 1), SubIfIdx: 9,
+				sys: sysAddr{reassembled: true, id: id, fragLen: uint32(maxLen)}}
+			if a != want {
+				t.Fatalf("%v round %d: address %+v\nwant %+v (the last fragment's)", layer, round, a, want)
+			}
+		}
+		winNoMore(t, h)
+		if st := h.b.(*winBackend).reasm.r.Stats(); st.Pending != 0 || st.Completed != 12 {
+			t.Fatalf("%v: stats %+v", layer, st)
+		}
+	}
+}
+
+// Fragments and other packets mixed in a batch: whole datagrams come out
+// in the order they were completed; fragments take no message.
+func TestWinReassembleBatch(t *testing.T) {
+	h, f := winOpen(t, "true", LayerNetwork, 0, FlagReassemble)
+	d4 := winUDP4(3000, 0x4242, 1)
+	d6 := winUDP6(2500, 2)
+	f4 := winFrag4(d4, 1500)
+	f6 := winFrag6(d6, 1280, 77)
+	plain := winUDP4(100, 1, 3)
+	seq := [][]byte{f4[2], f6[0], plain, f4[0], f6[2], f4[1], f6[1]}
+	for i, p := range seq {
+		f.Push(windivert.Item{Data: p, Addr: windivert.Addr{Timestamp: int64(i), Outbound: true, IPv6: p[0]>>4 == 6}})
+	}
+	ms := make([]Message, 8)
+	for i := range ms {
+		ms[i].Buf = make([]byte, 4000)
+	}
+	n, err := h.RecvBatch(ms)
+	if err != nil || n != 3 {
+		t.Fatalf("RecvBatch = %d, %v", n, err)
+	}
+	for i, want := range [][]byte{plain, d4, d6} {
+		if !bytes.Equal(ms[i].Buf[:ms[i].N], want) {
+			t.Errorf("message %d: %d bytes, want %d", i, ms[i].N, len(want))
+		}
+	}
+	if ms[0].Addr.Timestamp != 2 || ms[0].Addr.sys.reassembled || ms[1].Addr.Timestamp != 5 || ms[2].Addr.Timestamp != 6 {
+		t.Errorf("addresses %+v %+v %+v", ms[0].Addr, ms[1].Addr, ms[2].Addr)
+	}
+	// A batch of fragments only blocks for the rest; a small buffer gets
+	// the datagram's head and ErrTruncated.
+	for _, p := range f4[:2] {
+		f.Push(windivert.Item{Data: p, Addr: windivert.Addr{Outbound: true}})
+	}
+	go func() {
+		time.Sleep(30 * time.Millisecond)
+		f.Push(windivert.Item{Data: f4[2], Addr: windivert.Addr{Outbound: true, IfIdx: 5}})
+	}()
+	small := []Message{{Buf: make([]byte, 100)}, {Buf: make([]byte, 100)}}
+	n, err = h.RecvBatch(small)
+	if n != 1 || !errors.Is(err, ErrTruncated) || small[0].N != 100 || !bytes.Equal(small[0].Buf, d4[:100]) || small[0].Addr.IfIdx != 5 {
+		t.Fatalf("truncated datagram: %d, %v, N %d", n, err, small[0].N)
+	}
+}
+
+// Packets that are not fragments come through untouched, addresses too,
+// including a non-fragment with a wrong checksum and IPv6 with extension
+// headers; refused fragments are dropped.
+func TestWinReassemblePassesNonFragments(t *testing.T) {
+	h, f := winOpen(t, "true", LayerNetworkForward, 0, FlagReassemble)
+	df := winUDP4(1400, 7, 4)
+	df[6] = 0x40 // DF, checksum now wrong: not a fragment, not checked
+	hbh := winUDP6(64, 5)
+	hbh = append(hbh[:40], append([]byte{17, 0, 1, 4, 0, 0, 0, 0}, hbh[40:]...)...)
+	hbh[6] = 0
+	binary.BigEndian.PutUint16(hbh[4:], uint16(len(hbh)-40))
+	atomic := winFrag6(winUDP6(100, 6), 2000, 99)[0] // offset 0, M clear
+	pkts := [][]byte{winUDP4(60, 1, 1), df, winUDP6(12, 2), hbh, atomic, winIPv4(20, 0)}
+	for i, p := range pkts {
+		f.Push(windivert.Item{Data: p, Addr: windivert.Addr{Timestamp: int64(i), Layer: 1, Loopback: i == 1, IPv6: p[0]>>4 == 6, IfIdx: uint32(i), TCPChecksum: true}})
+	}
+	buf := make([]byte, MTUMax)
+	for i, p := range pkts {
+		var a Address
+		n, err := h.Recv(buf, &a)
+		if err != nil || !bytes.Equal(buf[:n], p) {
+			t.Fatalf("packet %d: Recv = %d, %v; bytes differ", i, n, err)
+		}
+		want := Address{Timestamp: int64(i), Layer: LayerNetworkForward, Loopback: i == 1, IPv6: p[0]>>4 == 6, IfIdx: uint32(i), TCPChecksum: true}
+		if a != want {
+			t.Fatalf("packet %d: address %+v\nwant %+v", i, a, want)
+		}
+		if m, err := h.Send(buf[:n], &a); err != nil || m != n {
+			t.Fatalf("packet %d: Send = %d, %v", i, m, err)
+		}
+	}
+	for i, s := range f.Sent() {
+		if !bytes.Equal(s.Data, pkts[i]) {
+			t.Errorf("sent %d differs", i)
+		}
+	}
+	// Inbound fragments with a bad header checksum (no offload excuse) and
+	// overlapping fragments are dropped.
+	d := winUDP4(3000, 0x77, 7)
+	fr := winFrag4(d, 1500)
+	bad := append([]byte(nil), fr[0]...)
+	bad[10] ^= 0xff
+	for _, p := range [][]byte{bad, fr[1], fr[2]} {
+		f.Push(windivert.Item{Data: p, Addr: windivert.Addr{Layer: 1}})
+	}
+	winNoMore(t, h)
+	d2 := winUDP4(3000, 0x78, 8)
+	fr2 := winFrag4(d2, 1500)
+	o := append([]byte(nil), fr2[1]...)
+	o[len(o)-1] ^= 1 // same bounds, different bytes: an overlap
+	for _, p := range [][]byte{fr2[1], o, fr2[0], fr2[2]} {
+		f.Push(windivert.Item{Data: p, Addr: windivert.Addr{Layer: 1}})
+	}
+	winNoMore(t, h)
+	st := h.b.(*winBackend).reasm.r.Stats()
+	if st.RejectedMalformed != 1 || st.RejectedOverlap != 1 || st.Completed != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+// Outbound fragments whose IPv4 header checksum was left to the NIC
+// (IPChecksum clear) are reassembled all the same.
+func TestWinReassembleChecksumOffload(t *testing.T) {
+	h, f := winOpen(t, "true", LayerNetwork, 0, FlagReassemble)
+	d := winUDP4(4000, 0x99, 9)
+	for _, p := range winFrag4(d, 1500) {
+		p[10], p[11] = 0, 0
+		f.Push(windivert.Item{Data: p, Addr: windivert.Addr{Outbound: true}})
+	}
+	buf := make([]byte, MTUMax)
+	var a Address
+	if n, err := h.Recv(buf, &a); err != nil || !bytes.Equal(buf[:n], d) || !a.IPChecksum {
+		t.Fatalf("Recv = %d, %v, %+v", n, err, a)
+	}
+}
+
+// Send refragments a reassembled datagram at the size it came in, with its
+// identification, in one SendEx; a smaller one goes whole.
+func TestWinReassembleSendRefragments(t *testing.T) {
+	h, c := winOpenCount(t, LayerNetwork, FlagReassemble)
+	buf := make([]byte, MTUMax)
+	for _, tc := range []struct {
+		d     []byte
+		frags [][]byte
+		mtu   int
+		id    uint32
+	}{
+		{winUDP4(9000, 0x5151, 1), nil, 1500, 0x5151},
+		{winUDP6(9000, 2), nil, 1280, 0xdeadbeef},
+	} {
+		if tc.d[0]>>4 == 4 {
+			tc.frags = winFrag4(tc.d, tc.mtu)
+		} else {
+			tc.frags = winFrag6(tc.d, tc.mtu, tc.id)
+		}
+		for i := len(tc.frags) - 1; i >= 0; i-- {
+			c.Push(windivert.Item{Data: tc.frags[i], Addr: windivert.Addr{Outbound: true, IfIdx: 3, IPv6: tc.d[0]>>4 == 6}})
+		}
+		var a Address
+		n, err := h.Recv(buf, &a)
+		if err != nil || !bytes.Equal(buf[:n], tc.d) {
+			t.Fatalf("Recv = %d, %v", n, err)
+		}
+		c.mu.Lock()
+		c.calls = c.calls[:0]
+		c.mu.Unlock()
+		before := len(c.Sent())
+		if m, err := h.Send(buf[:n], &a); err != nil || m != n {
+			t.Fatalf("Send = %d, %v", m, err)
+		}
+		sent := c.Sent()[before:]
+		c.mu.Lock()
+		calls := append([]int(nil), c.calls...)
+		c.mu.Unlock()
+		if len(calls) != 1 || calls[0] != len(sent) {
+			t.Fatalf("SendEx calls %v for %d fragments, want one", calls, len(sent))
+		}
+		var got [][]byte
+		for _, s := range sent {
+			want := windivert.Addr{Outbound: true, IfIdx: 3, IPv6: tc.d[0]>>4 == 6, IPChecksum: tc.d[0]>>4 == 4}
+			if s.Addr != want {
+				t.Fatalf("fragment address %+v, want %+v", s.Addr, want)
+			}
+			got = append(got, s.Data)
+		}
+		if len(got) != len(tc.frags) {
+			t.Errorf("%d fragments sent, %d came", len(got), len(tc.frags))
+		}
+		winCheckFrags(t, got, tc.d, tc.mtu, tc.id)
+
+		// Shortened to fit one fragment, it goes whole.
+		short := append([]byte(nil), tc.d[:600]...)
+		if short[0]>>4 == 4 {
+			binary.BigEndian.PutUint16(short[2:], 600)
+			short[10], short[11] = 0, 0
+			binary.BigEndian.PutUint16(short[10:], winCsum(short[:20]))
+		} else {
+			binary.BigEndian.PutUint16(short[4:], 560)
+		}
+		before = len(c.Sent())
+		if m, err := h.Send(short, &a); err != nil || m != 600 {
+			t.Fatalf("Send short = %d, %v", m, err)
+		}
+		if s := c.Sent()[before:]; len(s) != 1 || !bytes.Equal(s[0].Data, short) {
+			t.Fatalf("short datagram sent as %d packets", len(s))
+		}
+	}
+	// A fresh address never refragments: the driver gets the datagram.
+	big := winUDP4(9000, 1, 3)
+	before := len(c.Sent())
+	if _, err := h.Send(big, &Address{Outbound: true}); err != nil {
+		t.Fatal(err)
+	}
+	if s := c.Sent()[before:]; len(s) != 1 || !bytes.Equal(s[0].Data, big) {
+		t.Fatalf("fresh datagram sent as %d packets", len(s))
+	}
+}
+
+func TestWinReassembleSendBatch(t *testing.T) {
+	h, c := winOpenCount(t, LayerNetwork, FlagReassemble)
+	d4 := winUDP4(5000, 0x6161, 1)
+	d6 := winUDP6(4000, 2)
+	plain := winUDP4(80, 2, 3)
+	for _, p := range winFrag4(d4, 1500) {
+		c.Push(windivert.Item{Data: p, Addr: windivert.Addr{Outbound: true}})
+	}
+	c.Push(windivert.Item{Data: plain, Addr: windivert.Addr{IfIdx: 4}})
+	for _, p := range winFrag6(d6, 1400, 0x10203) {
+		c.Push(windivert.Item{Data: p, Addr: windivert.Addr{Outbound: true, IPv6: true}})
+	}
+	ms := make([]Message, 3)
+	for i := range ms {
+		ms[i].Buf = make([]byte, MTUMax)
+	}
+	got := 0
+	for got < 3 {
+		n, err := h.RecvBatch(ms[got:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		got += n
+	}
+	if !bytes.Equal(ms[0].Buf[:ms[0].N], d4) || !bytes.Equal(ms[1].Buf[:ms[1].N], plain) || !bytes.Equal(ms[2].Buf[:ms[2].N], d6) {
+		t.Fatal("datagrams differ")
+	}
+	if n, err := h.SendBatch(ms); n != 3 || err != nil {
+		t.Fatalf("SendBatch = %d, %v", n, err)
+	}
+	sent := c.Sent()
+	c.mu.Lock()
+	calls := append([]int(nil), c.calls...)
+	c.mu.Unlock()
+	if len(calls) != 1 || calls[0] != len(sent) {
+		t.Fatalf("SendEx calls %v for %d packets", calls, len(sent))
+	}
+	var frags4, frags6 [][]byte
+	i := 0
+	for ; i < len(sent) && sent[i].Addr.Outbound && !sent[i].Addr.IPv6; i++ {
+		frags4 = append(frags4, sent[i].Data)
+	}
+	if i >= len(sent) || !bytes.Equal(sent[i].Data, plain) || sent[i].Addr.IfIdx != 4 {
+		t.Fatalf("item %d is not the plain packet", i)
+	}
+	for i++; i < len(sent); i++ {
+		frags6 = append(frags6, sent[i].Data)
+	}
+	winCheckFrags(t, frags4, d4, 1500, 0x6161)
+	winCheckFrags(t, frags6, d6, 1400, 0x10203)
+
+	// More than BatchMax fragments: several SendEx calls, all sent. The
+	// datagram came in 68-byte fragments and was grown by the program.
+	d := winUDP4(148, 0x7171, 4)
+	for _, p := range winFrag4(d, 68) {
+		c.Push(windivert.Item{Data: p, Addr: windivert.Addr{Outbound: true}})
+	}
+	var a Address
+	buf := make([]byte, MTUMax)
+	if n, err := h.Recv(buf, &a); err != nil || !bytes.Equal(buf[:n], d) {
+		t.Fatalf("Recv = %d, %v", n, err)
+	}
+	grown := winUDP4(20000, 0x7171, 5)
+	c.mu.Lock()
+	c.calls = c.calls[:0]
+	c.mu.Unlock()
+	before := len(c.Sent())
+	if n, err := h.SendBatch([]Message{{Buf: grown, N: len(grown), Addr: a}, {Buf: plain, N: len(plain), Addr: Address{Outbound: true}}}); n != 2 || err != nil {
+		t.Fatalf("SendBatch grown = %d, %v", n, err)
+	}
+	sent = c.Sent()[before:]
+	c.mu.Lock()
+	calls = append([]int(nil), c.calls...)
+	c.mu.Unlock()
+	want := (len(grown)-20+47)/48 + 1
+	if len(sent) != want || len(calls) != 2 || calls[0] != BatchMax || calls[0]+calls[1] != want {
+		t.Fatalf("%d packets in SendEx calls %v, want %d in chunks of at most %d", len(sent), calls, want, BatchMax)
+	}
+	var fr [][]byte
+	for _, s := range sent[:len(sent)-1] {
+		fr = append(fr, s.Data)
+	}
+	winCheckFrags(t, fr, grown, 68, 0x7171)
+	if !bytes.Equal(sent[len(sent)-1].Data, plain) {
+		t.Fatal("the plain packet did not follow")
+	}
+}
+
+// A reassembled IPv4 datagram with DF set that does not fit is an error;
+// nothing is sent, in Send or in SendBatch (which sends what came before).
+func TestWinReassembleDontFragment(t *testing.T) {
+	h, f := winOpen(t, "true", LayerNetwork, 0, FlagReassemble)
+	d := winUDP4(3000, 0x3333, 1)
+	fr := winFrag4(d, 1000) // 996-byte fragments
+	for _, p := range fr {
+		f.Push(windivert.Item{Data: p, Addr: windivert.Addr{Outbound: true}})
+	}
+	buf := make([]byte, MTUMax)
+	var a Address
+	n, err := h.Recv(buf, &a)
+	if err != nil || !bytes.Equal(buf[:n], d) {
+		t.Fatalf("Recv = %d, %v", n, err)
+	}
+	buf[6] |= 0x40
+	_, err = h.Send(buf[:n], &a)
+	if err == nil || !errors.Is(err, reassembly.ErrDontFragment) || !strings.Contains(err.Error(), "DF") ||
+		!strings.Contains(err.Error(), "3000 bytes") || !strings.Contains(err.Error(), fmt.Sprintf("%d-byte", len(fr[0]))) {
+		t.Fatalf("Send with DF: %v", err)
+	}
+	if len(f.Sent()) != 0 {
+		t.Fatalf("sent %d packets", len(f.Sent()))
+	}
+	plain := winUDP4(60, 1, 1)
+	ms := []Message{{Buf: plain, N: len(plain), Addr: Address{Outbound: true}}, {Buf: buf, N: n, Addr: a}}
+	if n, err := h.SendBatch(ms); n != 1 || !errors.Is(err, reassembly.ErrDontFragment) || !strings.Contains(err.Error(), "message 1") {
+		t.Fatalf("SendBatch with DF = %d, %v", n, err)
+	}
+	if s := f.Sent(); len(s) != 1 || !bytes.Equal(s[0].Data, plain) {
+		t.Fatalf("sent %d packets", len(s))
+	}
+	// DF on a datagram that fits is fine.
+	buf[6] &^= 0x40
+	if _, err := h.Send(buf[:n], &a); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Held fragments follow ParamQueueTime: older than it, their datagram is
+// dropped; a later SetParam applies to what is held.
+func TestWinReassembleTimeout(t *testing.T) {
+	h, f := winOpen(t, "true", LayerNetwork, 0, FlagReassemble)
+	b := h.b.(*winBackend)
+	buf := make([]byte, MTUMax)
+	d := winUDP4(3000, 0x4444, 1)
+	fr := winFrag4(d, 1500)
+	// Default 2000 ms: 150 ms between fragments is fine.
+	f.Push(windivert.Item{Data: fr[0], Addr: windivert.Addr{Outbound: true}})
+	winNoMore(t, h)
+	time.Sleep(150 * time.Millisecond)
+	f.Push(windivert.Item{Data: fr[1], Addr: windivert.Addr{Outbound: true}})
+	f.Push(windivert.Item{Data: fr[2], Addr: windivert.Addr{Outbound: true}})
+	var a Address
+	if n, err := h.Recv(buf, &a); err != nil || !bytes.Equal(buf[:n], d) {
+		t.Fatalf("Recv = %d, %v", n, err)
+	}
+	// 100 ms: the first fragment expires, the rest never completes.
+	if err := h.SetParam(ParamQueueTime, 100); err != nil {
+		t.Fatal(err)
+	}
+	f.Push(windivert.Item{Data: fr[0], Addr: windivert.Addr{Outbound: true}})
+	winNoMore(t, h)
+	time.Sleep(150 * time.Millisecond)
+	f.Push(windivert.Item{Data: fr[1], Addr: windivert.Addr{Outbound: true}})
+	f.Push(windivert.Item{Data: fr[2], Addr: windivert.Addr{Outbound: true}})
+	winNoMore(t, h)
+	st := b.reasm.r.Stats()
+	if st.Timeouts != 1 || st.Pending != 1 || st.Completed != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+	// The leftovers expire too; a whole set then completes.
+	time.Sleep(150 * time.Millisecond)
+	for _, p := range fr {
+		f.Push(windivert.Item{Data: p, Addr: windivert.Addr{Outbound: true}})
+	}
+	if n, err := h.Recv(buf, &a); err != nil || !bytes.Equal(buf[:n], d) {
+		t.Fatalf("Recv after expiry = %d, %v", n, err)
+	}
+	if st := b.reasm.r.Stats(); st.Timeouts != 2 || st.Pending != 0 || st.Completed != 2 {
+		t.Fatalf("stats %+v", st)
+	}
+	// A longer queue time applies to fragments already held.
+	if err := h.SetParam(ParamQueueTime, 100); err != nil {
+		t.Fatal(err)
+	}
+	f.Push(windivert.Item{Data: fr[0], Addr: windivert.Addr{Outbound: true}})
+	winNoMore(t, h)
+	if err := h.SetParam(ParamQueueTime, 5000); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(150 * time.Millisecond)
+	f.Push(windivert.Item{Data: fr[1], Addr: windivert.Addr{Outbound: true}})
+	f.Push(windivert.Item{Data: fr[2], Addr: windivert.Addr{Outbound: true}})
+	if n, err := h.Recv(buf, &a); err != nil || !bytes.Equal(buf[:n], d) {
+		t.Fatalf("Recv with a longer queue time = %d, %v", n, err)
+	}
+}
+
+// loopHandle hands out the same packets over and over and discards what
+// is sent, without allocating: for the steady-state allocation test.
+type loopHandle struct {
+	windivert.Fake
+	pkts  [][]byte
+	addrs []windivert.Addr
+	i     int
+	sent  int
+}
+
+func (l *loopHandle) RecvEx(buf []byte, addrs []windivert.RawAddr) (int, int, error) {
+	p := l.pkts[l.i%len(l.pkts)]
+	addrs[0].Encode(&l.addrs[l.i%len(l.pkts)])
+	l.i++
+	return copy(buf, p), 1, nil
+}
+
+func (l *loopHandle) SendEx(buf []byte, addrs []windivert.RawAddr) (int, error) {
+	l.sent += len(addrs)
+	return len(buf), nil
+}
+
+func (l *loopHandle) CancelRecv() error { return nil }
+func (l *loopHandle) Close() error      { return nil }
+
+func TestWinReassembleAllocs(t *testing.T) {
+	d := winUDP4(9000, 0x5555, 1)
+	fr := winFrag4(d, 1500)
+	plain := winUDP4(200, 2, 2)
+	l := &loopHandle{pkts: append(fr, plain)}
+	for range l.pkts {
+		l.addrs = append(l.addrs, windivert.Addr{Outbound: true})
+	}
+	winSeam(t, l, nil)
+	h, err := Open("true", LayerNetwork, 0, FlagReassemble)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	buf := make([]byte, MTUMax)
+	var a Address
+	ms := []Message{{Buf: make([]byte, MTUMax)}}
+	cycle := func() {
+		for _, want := range [][]byte{d, plain} {
+			n, err := h.Recv(buf, &a)
+			if err != nil || n != len(want) {
+				t.Fatalf("Recv = %d, %v", n, err)
+			}
+			if _, err := h.Send(buf[:n], &a); err != nil {
+				t.Fatal(err)
+			}
+		}
+		n, err := h.RecvBatch(ms)
+		if err != nil || n != 1 || ms[0].N != len(d) {
+			t.Fatalf("RecvBatch = %d, %v", n, err)
+		}
+		if _, err := h.SendBatch(ms); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := h.RecvBatch(ms); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cycle()
+	if allocs := testing.AllocsPerRun(100, cycle); allocs != 0 {
+		t.Fatalf("%v allocations per cycle of 2 datagrams of %d fragments and 2 packets", allocs, len(fr))
+	}
+	if l.sent == 0 {
+		t.Fatal("nothing sent")
+	}
+}
+
+func TestWinOpenFlagsSupport(t *testing.T) {
+	// FlagPassThrough and FlagReassemble open; neither reaches the driver.
+	for _, tc := range []struct {
+		layer Layer
+		flags Flag
+		want  uint64
+	}{
+		{LayerNetwork, FlagPassThrough, 0},
+		{LayerNetwork, FlagPassThrough | FlagSniff, 0x01},
+		{LayerNetworkForward, FlagReassemble | FlagPassThrough, 0},
+		{LayerNetwork, FlagReassemble | FlagRecvOnly, 0x04},
+		{LayerFlow, FlagPassThrough | FlagSniff | FlagRecvOnly, 0x05},
+	} {
+		calls := winSeam(t, windivert.NewFake(), nil)
+		h, err := Open("true", tc.layer, 0, tc.flags)
+		if err != nil {
+			t.Fatalf("%v %#x: %v", tc.layer, uint64(tc.flags), err)
+		}
+		if len(*calls) != 1 || (*calls)[0].flags != tc.want {
+			t.Errorf("%v %#x: driver calls %+v, want flags %#x", tc.layer, uint64(tc.flags), *calls, tc.want)
+		}
+		if (h.b.(*winBackend).reasm != nil) != (tc.flags&FlagReassemble != 0) {
+			t.Errorf("%v %#x: reassembler %v", tc.layer, uint64(tc.flags), h.b.(*winBackend).reasm != nil)
+		}
+		h.Close()
+	}
+	// FlagFailOpen, and FlagReassemble without packets, do not.
+	calls := winSeam(t, windivert.NewFake(), nil)
+	for _, tc := range []struct {
+		layer Layer
+		flags Flag
+		text  string
+	}{
+		{LayerNetwork, FlagFailOpen, "drops the oldest"},
+		{LayerNetwork, FlagFailOpen | FlagPassThrough, "drops the oldest"},
+		{LayerFlow, FlagReassemble | FlagSniff | FlagRecvOnly, "FlagReassemble"},
+		{LayerSocket, FlagReassemble | FlagRecvOnly, "FlagReassemble"},
+		{LayerReflect, FlagReassemble | FlagSniff | FlagRecvOnly, "FlagReassemble"},
+	} {
+		_, err := Open("true", tc.layer, 0, tc.flags)
+		if !errors.Is(err, ErrNotSupported) || !strings.Contains(err.Error(), tc.text) {
+			t.Errorf("%v %#x: %v", tc.layer, uint64(tc.flags), err)
+		}
+	}
+	if len(*calls) != 0 {
+		t.Fatalf("unsupported opens reached WinDivertOpen: %+v", *calls)
 	}
 }

@@ -109,7 +109,15 @@ func Open(filter string, layer uint8, priority int16, flags uint64) (Handle, err
 	return ih, nil
 }
 
+// errnoOf converts imgk's error type back to windows.Errno; it allocates
+// nothing for nil (every successful call) or an imgk.Error itself.
 func errnoOf(err error) error {
+	switch e := err.(type) {
+	case nil:
+		return nil
+	case imgk.Error:
+		return windows.Errno(e)
+	}
 	var e imgk.Error
 	if errors.As(err, &e) {
 		return windows.Errno(e)

@@ -26,7 +26,16 @@ type Handle interface {
 
 // Code returns the Windows error code in err (a windows.Errno, which is a
 // syscall.Errno, on Windows; a FakeErrno from Fake), 0 if it has none.
+// It allocates nothing when err is nil or is the code itself.
 func Code(err error) uint32 {
+	switch e := err.(type) {
+	case nil:
+		return 0
+	case syscall.Errno:
+		return uint32(e)
+	case FakeErrno:
+		return uint32(e)
+	}
 	var e syscall.Errno
 	if errors.As(err, &e) {
 		return uint32(e)

@@ -3,6 +3,9 @@ package windivert
 import (
 	"bytes"
 	"encoding/hex"
+	"errors"
+	"fmt"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -195,4 +198,21 @@ func TestDescribe(t *testing.T) {
 	if Describe(1, 8) != "" {
 		t.Error("description for an unrelated code")
 	}
+}
+
+// Code runs on every receive: it must not allocate for nil or a bare code,
+// and must still find a wrapped one.
+func TestCodeAllocs(t *testing.T) {
+	wrapped := fmt.Errorf("op: %w", FakeErrno(ErrorNoData))
+	if Code(nil) != 0 || Code(FakeErrno(5)) != 5 || Code(syscall.Errno(6)) != 6 || Code(wrapped) != ErrorNoData ||
+		Code(errors.New("x")) != 0 {
+		t.Fatal("Code gives wrong codes")
+	}
+	var sink uint32
+	if n := testing.AllocsPerRun(100, func() {
+		sink += Code(nil) + Code(FakeErrno(ErrorInsufficientBuffer)) + Code(syscall.Errno(ErrorOperationAborted))
+	}); n != 0 {
+		t.Fatalf("Code allocates %v times", n)
+	}
+	_ = sink
 }
