@@ -48,6 +48,7 @@ import (
 	"time"
 
 	"github.com/netdivert/divert/filter"
+	"github.com/netdivert/divert/internal/reassembly"
 )
 
 // Limits shared by every backend (WinDivert's values).
@@ -266,6 +267,10 @@ var (
 	// receiving and its queue is empty, and by Send after ShutdownSend
 	// (WinDivert's ERROR_NO_DATA). errors.Is(ErrShutdown, io.EOF) holds.
 	ErrShutdown error = shutdownError{}
+	// ErrDontFragment is wrapped by the error Send returns when a
+	// reassembled datagram (FlagReassemble) is larger than the path MTU and
+	// has DF set, so it cannot be refragmented. Nothing is sent.
+	ErrDontFragment = reassembly.ErrDontFragment
 )
 
 type shutdownError struct{}
