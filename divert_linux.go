@@ -48,8 +48,9 @@ import (
 // Fragments: see frag_linux.go for what a handle sees at each layer and
 // direction, with and without FlagFragments and FlagReassemble.
 //
-// Not supported: the flow, socket and reflect layers; one queue per handle
-// (no CPU fan-out yet).
+// OpenQueues: see queues_linux.go.
+//
+// Not supported: the flow, socket and reflect layers.
 
 const (
 	linuxVersionMajor = 1
@@ -88,7 +89,8 @@ type linuxBackend struct {
 	userSide bool           // the kernel rules over-approximate: finish with filt.Match
 
 	conn  *nfq.Conn         // nil without a queue (FlagDrop, FlagSendOnly)
-	rules *nftrules.Ruleset // nil for OpenPort and FlagSendOnly
+	rules *nftrules.Ruleset // nil for OpenPort and FlagSendOnly, and for a member of group
+	group *queueGroup       // the rules OpenQueues' handles share; nil for Open
 	inj   *inject.Injector  // nil with FlagRecvOnly
 	frag  *fragState        // user-space reassembly (see frag_linux.go); nil without
 	queue uint16
@@ -124,11 +126,28 @@ type linuxBackend struct {
 }
 
 func openBackend(cfg *openConfig) (backend, error) {
-	switch cfg.layer {
-	case LayerNetwork, LayerNetworkForward:
-	default:
-		return nil, fmt.Errorf("divert: layer %v: %w: NFQUEUE sees packets only; flow, socket and reflect events have no Linux counterpart", cfg.layer, ErrNotSupported)
+	if err := checkLayer(cfg.layer); err != nil {
+		return nil, err
 	}
+	b := newLinuxBackend(cfg)
+	if err := b.open(cfg); err != nil {
+		b.release()
+		return nil, err
+	}
+	b.start()
+	return b, nil
+}
+
+func checkLayer(l Layer) error {
+	switch l {
+	case LayerNetwork, LayerNetworkForward:
+		return nil
+	}
+	return fmt.Errorf("divert: layer %v: %w: NFQUEUE sees packets only; flow, socket and reflect events have no Linux counterpart", l, ErrNotSupported)
+}
+
+// newLinuxBackend makes a backend with no sockets yet.
+func newLinuxBackend(cfg *openConfig) *linuxBackend {
 	b := &linuxBackend{
 		serial: handleSerial.Add(1),
 		layer:  cfg.layer,
@@ -142,64 +161,111 @@ func openBackend(cfg *openConfig) (backend, error) {
 		b.serial = handleSerial.Add(1)
 	}
 	b.queueTime.Store(int64(cfg.params[ParamQueueTime]) * int64(time.Millisecond))
-	if err := b.open(cfg); err != nil {
-		b.release()
-		return nil, err
+	return b
+}
+
+// start starts the reaper of a backend with a queue. Called on the
+// caller's thread, in the namespace of the handle.
+func (b *linuxBackend) start() {
+	if b.conn == nil {
+		return
 	}
-	if b.conn != nil {
-		// Opened here, on the caller's thread, the file shows the queues
-		// of the caller's namespace whichever thread reads it later.
-		b.procQ, _ = os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
-		b.lastRecv.Store(time.Now().UnixNano())
-		b.stop, b.done = make(chan struct{}), make(chan struct{})
-		go b.reaper()
+	// Opened here, on the caller's thread, the file shows the queues
+	// of the caller's namespace whichever thread reads it later.
+	b.procQ, _ = os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
+	b.lastRecv.Store(time.Now().UnixNano())
+	b.stop, b.done = make(chan struct{}), make(chan struct{})
+	go b.reaper()
+}
+
+// queueConfig is the NFQUEUE configuration of a handle's queue.
+func queueConfig(cfg *openConfig) nfq.Config {
+	nc := nfq.Config{
+		Queue:    queueBase,
+		Auto:     cfg.port < 0,
+		MaxLen:   uint32(cfg.params[ParamQueueLength]),
+		RcvBuf:   int(cfg.params[ParamQueueSize]),
+		FailOpen: cfg.flags&FlagFailOpen != 0,
 	}
-	return b, nil
+	if cfg.port >= 0 {
+		nc.Queue = uint16(cfg.port)
+	}
+	return nc
+}
+
+// openInjector opens the injection sockets unless the handle only
+// receives.
+func (b *linuxBackend) openInjector(cfg *openConfig) error {
+	if cfg.flags&FlagRecvOnly != 0 {
+		return nil
+	}
+	var err error
+	if b.inj, err = inject.New(nftrules.Mark(cfg.priority)); err != nil {
+		return mapSetupError("open injection sockets", err)
+	}
+	return nil
+}
+
+// attach makes c the backend's queue.
+func (b *linuxBackend) attach(c *nfq.Conn) {
+	b.conn = c
+	b.queue = c.Queue()
+	c.SetFlush(b.flush)
 }
 
 func (b *linuxBackend) open(cfg *openConfig) error {
-	var err error
-	if cfg.flags&FlagRecvOnly == 0 {
-		if b.inj, err = inject.New(nftrules.Mark(cfg.priority)); err != nil {
-			return mapSetupError("open injection sockets", err)
-		}
+	if err := b.openInjector(cfg); err != nil {
+		return err
 	}
-	needQueue := cfg.flags&(FlagSendOnly|FlagDrop) == 0
-	if needQueue {
-		nc := nfq.Config{
-			Queue:    queueBase,
-			Auto:     cfg.port < 0,
-			MaxLen:   uint32(cfg.params[ParamQueueLength]),
-			RcvBuf:   int(cfg.params[ParamQueueSize]),
-			FailOpen: cfg.flags&FlagFailOpen != 0,
-		}
-		if cfg.port >= 0 {
-			nc.Queue = uint16(cfg.port)
-		}
-		if b.conn, err = nfq.Open(nc); err != nil {
+	if cfg.flags&(FlagSendOnly|FlagDrop) == 0 {
+		c, err := nfq.Open(queueConfig(cfg))
+		if err != nil {
 			return mapSetupError("bind NFQUEUE queue", err)
 		}
-		b.queue = b.conn.Queue()
-		b.conn.SetFlush(b.flush)
+		b.attach(c)
 	}
 	if cfg.port >= 0 || cfg.flags&FlagSendOnly != 0 {
 		return nil // OpenPort attaches to an external rule; send-only handles divert nothing
 	}
+	rc, reasm, ok := rulesConfig(cfg, b.queue, 1)
+	if !ok {
+		return nil
+	}
+	var err error
+	if b.rules, err = nftrules.Install(rc); err != nil {
+		return mapSetupError("install nftables rules", err)
+	}
+	b.userSide = !b.rules.Exact()
+	if reasm {
+		if err := b.openFrag(rc, cfg.layer, time.Duration(cfg.params[ParamQueueTime])*time.Millisecond); err != nil {
+			return err
+		}
+		b.userSide = true // the fragments' chain selects every fragment
+	}
+	return nil
+}
+
+// rulesConfig is the nftables configuration of Open's rules, queueing to
+// count queues from queue (spread by flow when count > 1). reasm says
+// whether user space reassembles (openFrag's chains are needed); ok is
+// false when the filter needs no rules at all.
+func rulesConfig(cfg *openConfig, queue, count uint16) (rc nftrules.Config, reasm, ok bool) {
 	an := cfg.filter.Analyze()
 	lw := cfg.filter.Lower()
 	if an.None || len(lw.Terms) == 0 {
-		return nil // the filter matches nothing: no rules, Recv just waits
+		return rc, false, false // the filter matches nothing: no rules, Recv just waits
 	}
-	rc := nftrules.Config{
-		IPv4:       an.IPv4,
-		IPv6:       an.IPv6,
-		Priority:   cfg.priority,
-		Lowered:    lw,
-		Action:     nftrules.ActionQueue,
-		QueueNum:   b.queue,
-		QueueCount: 1,
-		Bypass:     cfg.flags&FlagPassThrough != 0,
-		KeepNDP:    !asksNDP(lw),
+	rc = nftrules.Config{
+		IPv4:        an.IPv4,
+		IPv6:        an.IPv6,
+		Priority:    cfg.priority,
+		Lowered:     lw,
+		Action:      nftrules.ActionQueue,
+		QueueNum:    queue,
+		QueueCount:  count,
+		FlowBalance: count > 1,
+		Bypass:      cfg.flags&FlagPassThrough != 0,
+		KeepNDP:     !asksNDP(lw),
 	}
 	if cfg.flags&FlagDrop != 0 {
 		rc.Action = nftrules.ActionDrop
@@ -207,7 +273,7 @@ func (b *linuxBackend) open(cfg *openConfig) error {
 	// User-space reassembly: asked for, or WinDivert's default for
 	// LayerNetwork (the IPv6 input hook sees fragments unless conntrack
 	// runs; see frag_linux.go).
-	reasm := rc.Action == nftrules.ActionQueue && (cfg.flags&FlagReassemble != 0 ||
+	reasm = rc.Action == nftrules.ActionQueue && (cfg.flags&FlagReassemble != 0 ||
 		cfg.layer == LayerNetwork && cfg.flags&FlagFragments == 0)
 	if reasm {
 		rc.Fragments = nftrules.FragNone // taken by openFrag's chains, reassembled here
@@ -228,19 +294,9 @@ func (b *linuxBackend) open(cfg *openConfig) error {
 		}
 	}
 	if len(rc.Hooks) == 0 || !(rc.IPv4 || rc.IPv6) {
-		return nil
+		return rc, false, false
 	}
-	if b.rules, err = nftrules.Install(rc); err != nil {
-		return mapSetupError("install nftables rules", err)
-	}
-	b.userSide = !b.rules.Exact()
-	if reasm {
-		if err := b.openFrag(rc, cfg.layer, time.Duration(cfg.params[ParamQueueTime])*time.Millisecond); err != nil {
-			return err
-		}
-		b.userSide = true // the fragments' chain selects every fragment
-	}
-	return nil
+	return rc, reasm, true
 }
 
 // mapSetupError wraps a setup error so that errors.Is finds
@@ -259,6 +315,9 @@ func mapSetupError(what string, err error) error {
 func (b *linuxBackend) release() {
 	if b.frag != nil {
 		b.frag.close()
+	}
+	if b.group != nil {
+		b.group.leave()
 	}
 	if b.rules != nil {
 		b.rules.Close()
@@ -848,6 +907,9 @@ func (b *linuxBackend) close() error {
 	}
 	if b.rules != nil {
 		errs = append(errs, b.rules.Close())
+	}
+	if b.group != nil {
+		errs = append(errs, b.group.leave()) // the last handle of OpenQueues removes the rules
 	}
 	if b.conn != nil {
 		errs = append(errs, b.conn.Close())

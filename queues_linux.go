@@ -1,11 +1,226 @@
 package divert
 
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netdivert/divert/internal/nfq"
+	"github.com/netdivert/divert/internal/nftrules"
+	"github.com/netdivert/divert/internal/reassembly"
+)
+
+// OpenQueues on Linux.
+//
+// The n handles read n consecutive NFQUEUE queues Q..Q+n-1, each with its
+// own socket, verdict state, tracker, reaper and injection sockets; one
+// ruleset (one owned nftables table) queues the filter's packets to all of
+// them with the kernel's flow balancing (nft "queue num Q-Q+n-1", or the xt
+// NFQUEUE target revision 3 with queues_total = n and no CPU fanout flag),
+// so that a flow stays on one handle. The kernel's flow hash
+// (nfqueue_hash) covers the two addresses, and the protocol for IPv4, in
+// either order, and no ports: every packet between two hosts, both ways,
+// lands on the same handle (all fragments of a datagram too), so the
+// packets spread only when many address pairs are diverted.
+//
+// Each handle is closed on its own. Close of one gives every packet it
+// holds or that waits in its queue one verdict (ACCEPT), as Close of an
+// Open handle does, and unbinds its queue; the rules stay until the last
+// of the n handles is closed. Packets that hash to a closed handle's queue
+// meet a queue without a listener: with FlagPassThrough the kernel accepts
+// them (queue bypass), otherwise it drops them, as for an Open handle whose
+// program stopped reading (DESIGN.md: "no listener: default drop"). They
+// are not moved to the other handles: the kernel's hash has no notion of a
+// queue that went away. Shutdown, SetParam and SetReadDeadline act on one
+// handle's queue.
+//
+// Fragments: user-space reassembly (FlagReassemble, and LayerNetwork's
+// default) works with n > 1 as with one handle. The fragments-only chains
+// are installed once, with the same fanout, and every fragment of a
+// datagram carries the same addresses and protocol, so all of them reach
+// the same handle, whose own reassembler (see frag_linux.go) completes the
+// datagram. FlagFragments hands fragments one by one and needs nothing
+// more.
+//
+// FlagDrop and FlagSendOnly handles have no queue: the n handles then share
+// one backend (shareBackend), as on the other systems.
+
+// queueGroup is the kernel rules OpenQueues' handles share.
+type queueGroup struct {
+	mu    sync.Mutex
+	refs  int
+	rules *nftrules.Ruleset // the filter's rules
+	frag  *nftrules.Ruleset // the fragments' chains (user-space reassembly); nil without
+}
+
+// leave drops one reference; the last removes the rules.
+func (g *queueGroup) leave() error {
+	g.mu.Lock()
+	g.refs--
+	last := g.refs == 0
+	g.mu.Unlock()
+	if !last {
+		return nil
+	}
+	var errs []error
+	if g.frag != nil {
+		errs = append(errs, g.frag.Close())
+	}
+	if g.rules != nil {
+		errs = append(errs, g.rules.Close())
+	}
+	return errors.Join(errs...)
+}
+
 // openBackends opens n backends for OpenQueues.
-// TODO(queues): spread over n NFQUEUE queues with one ruleset (fanout).
 func openBackends(cfg *openConfig, n int) ([]backend, error) {
-	b, err := openBackend(cfg)
-	if err != nil {
+	if n == 1 || cfg.flags&(FlagSendOnly|FlagDrop) != 0 {
+		b, err := openBackend(cfg)
+		if err != nil {
+			return nil, err
+		}
+		return shareBackend(b, n), nil
+	}
+	if err := checkLayer(cfg.layer); err != nil {
 		return nil, err
 	}
-	return shareBackend(b, n), nil
+	conns, err := bindQueues(queueConfig(cfg), n)
+	if err != nil {
+		return nil, mapSetupError(fmt.Sprintf("bind %d consecutive NFQUEUE queues", n), err)
+	}
+	bs := make([]*linuxBackend, n)
+	for i := range bs {
+		bs[i] = newLinuxBackend(cfg)
+		bs[i].attach(conns[i])
+	}
+	fail := func(err error) ([]backend, error) {
+		for _, b := range bs {
+			b.release() // leaves the group too, whose last member removes the rules
+		}
+		return nil, err
+	}
+	for _, b := range bs {
+		if err := b.openInjector(cfg); err != nil {
+			return fail(err)
+		}
+	}
+	rc, reasm, ok := rulesConfig(cfg, bs[0].queue, uint16(n))
+	if ok {
+		g := &queueGroup{refs: n}
+		for _, b := range bs {
+			b.group = g
+		}
+		if g.rules, err = nftrules.Install(rc); err != nil {
+			return fail(mapSetupError("install nftables rules", err))
+		}
+		userSide := !g.rules.Exact()
+		if reasm {
+			qt := time.Duration(cfg.params[ParamQueueTime]) * time.Millisecond
+			for _, b := range bs {
+				if b.frag, err = newFragState(qt); err != nil {
+					return fail(err)
+				}
+			}
+			// openFrag's chains, once, spread over the n queues as the
+			// main rules are.
+			if g.frag, err = nftrules.Install(fragRulesConfig(rc, cfg.layer)); err != nil {
+				return fail(mapSetupError("install nftables rules for fragments", err))
+			}
+			userSide = true // the fragments' chain selects every fragment
+		}
+		for _, b := range bs {
+			b.userSide = userSide
+		}
+	}
+	out := make([]backend, n)
+	for i, b := range bs {
+		b.start()
+		out[i] = b
+	}
+	return out, nil
+}
+
+// bindQueues binds n consecutive free queue numbers, the first at or above
+// nc.Queue, each on its own socket.
+func bindQueues(nc nfq.Config, n int) ([]*nfq.Conn, error) {
+	conns := make([]*nfq.Conn, 0, n)
+	closeAll := func() {
+		for _, c := range conns {
+			c.Close()
+		}
+		conns = conns[:0]
+	}
+	next := int(nc.Queue)
+	for next+n-1 <= 0xFFFF {
+		first := nc
+		first.Queue, first.Auto = uint16(next), true
+		c, err := nfq.Open(first)
+		if err != nil {
+			return nil, err
+		}
+		conns = append(conns, c)
+		base := int(c.Queue())
+		if base+n-1 > 0xFFFF {
+			break
+		}
+		busy := false
+		for q := base + 1; q < base+n; q++ {
+			qc := nc
+			qc.Queue, qc.Auto = uint16(q), false
+			c, err := nfq.Open(qc)
+			if errors.Is(err, nfq.ErrQueueBusy) {
+				closeAll()
+				next, busy = q+1, true
+				break
+			}
+			if err != nil {
+				closeAll()
+				return nil, err
+			}
+			conns = append(conns, c)
+		}
+		if !busy {
+			return conns, nil
+		}
+	}
+	closeAll()
+	return nil, fmt.Errorf("nfq: %w: no %d consecutive free queue numbers from %d up", nfq.ErrQueueBusy, n, nc.Queue)
+}
+
+// fragRulesConfig is the configuration openFrag installs for the
+// fragments' chains, from the main rules' rc (keep the two in step).
+func fragRulesConfig(rc nftrules.Config, layer Layer) nftrules.Config {
+	if layer == LayerNetworkForward {
+		rc.Hooks = []nftrules.Hook{nftrules.HookPrerouting}
+		rc.Dest = nftrules.DestRemote
+	} // LayerNetwork: the main rules' input and output hooks
+	rc.Lowered = nil // every fragment: the filter is evaluated on the datagram
+	rc.Fragments = nftrules.FragOnly
+	rc.KeepNDP = false
+	return rc
+}
+
+// newFragState is openFrag's reassembly state without the chains, which
+// OpenQueues installs once for all its handles (keep the two in step).
+func newFragState(qt time.Duration) (*fragState, error) {
+	fs := &fragState{
+		reasm:   reassembly.New(reassembly.Config{Timeout: qt}),
+		pending: make(map[fragKey]*pendingDgram),
+		fbuf:    make([]byte, 0, 2*MTUMax),
+		flist:   make([][]byte, 0, 64),
+		mtuFd4:  -1,
+		mtuFd6:  -1,
+	}
+	var err error
+	if fs.mtuFd4, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
+		return nil, fmt.Errorf("divert: open a route MTU socket: %w", err)
+	}
+	if fs.mtuFd6, err = unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
+		unix.Close(fs.mtuFd4)
+		return nil, fmt.Errorf("divert: open a route MTU socket: %w", err)
+	}
+	return fs, nil
 }

@@ -214,7 +214,7 @@ func queueFlags(cfg *Config) uint16 {
 	if cfg.Bypass {
 		f |= unix.NFT_QUEUE_FLAG_BYPASS
 	}
-	if cfg.QueueCount > 1 {
+	if cfg.QueueCount > 1 && !cfg.FlowBalance {
 		f |= unix.NFT_QUEUE_FLAG_CPU_FANOUT
 	}
 	return f

@@ -128,17 +128,18 @@ func ChainPriority(h Hook, p int16) int32 {
 
 // Config describes the rules of one handle.
 type Config struct {
-	Hooks      []Hook          // base chains to create, one per hook
-	IPv4, IPv6 bool            // families the rules may match (neither: nothing matches)
-	Priority   int16           // WinDivert priority (-30000..30000), higher = earlier chain
-	Lowered    *filter.Lowered // nil = every packet; otherwise the rules select the Terms
-	Action     Action          // queue or drop
-	QueueNum   uint16          // first queue
-	QueueCount uint16          // ≥1; >1 = CPU fanout over QueueNum..QueueNum+QueueCount-1
-	Bypass     bool            // accept instead of drop when no program listens on the queue
-	KeepNDP    bool            // never select ICMPv6 types 133-137 (router/neighbour discovery, redirect)
-	Fragments  FragSelect      // FragAny (default), or only / never IP fragments
-	Dest       DestSelect      // DestAny (default), or only packets to / not to a local address
+	Hooks       []Hook          // base chains to create, one per hook
+	IPv4, IPv6  bool            // families the rules may match (neither: nothing matches)
+	Priority    int16           // WinDivert priority (-30000..30000), higher = earlier chain
+	Lowered     *filter.Lowered // nil = every packet; otherwise the rules select the Terms
+	Action      Action          // queue or drop
+	QueueNum    uint16          // first queue
+	QueueCount  uint16          // ≥1; >1 = fanout over QueueNum..QueueNum+QueueCount-1 (by CPU, or by flow with FlowBalance)
+	FlowBalance bool            // with QueueCount > 1: pick the queue by the kernel's flow hash (addresses, and the IPv4 protocol) instead of by CPU
+	Bypass      bool            // accept instead of drop when no program listens on the queue
+	KeepNDP     bool            // never select ICMPv6 types 133-137 (router/neighbour discovery, redirect)
+	Fragments   FragSelect      // FragAny (default), or only / never IP fragments
+	Dest        DestSelect      // DestAny (default), or only packets to / not to a local address
 }
 
 func (c *Config) validate() error {
