@@ -80,15 +80,26 @@ type Conn struct {
 	rflags  int
 	rn      int
 	rerr    syscall.Errno
-	readFn  func(fd uintptr) bool
-	ctlFn   func(fd uintptr)
+	// drained: the last read returned fewer datagrams than it had slots,
+	// so the socket was empty then; the first non-blocking fill after it
+	// reports ErrNoData without a syscall (once), unless a message went
+	// to the kernel since (sendGen moved: its answer may be waiting).
+	drained    bool
+	drainedGen uint32
+	readFn     func(fd uintptr) bool
+	ctlFn      func(fd uintptr)
 
 	// send state
 	sbuf    []byte
 	serr    syscall.Errno
 	writeFn func(fd uintptr) bool
 
+	sendGen atomic.Uint32 // bumped after every completed Send
+
 	closed    atomic.Bool
+	reads     atomic.Uint64
+	emptyRds  atomic.Uint64
+	sends     atomic.Uint64
 	enobufs   atomic.Uint64
 	truncs    atomic.Uint64
 	kernErrs  atomic.Uint64
@@ -277,17 +288,34 @@ func (c *Conn) read(fd uintptr) bool {
 		c.hdrs[i].Hdr.Flags = 0
 	}
 	n, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&c.hdrs[0])), uintptr(len(c.hdrs)), uintptr(c.rflags), 0, 0)
-	if e == unix.EAGAIN && c.rflags == 0 {
-		return false // wait in the poller
+	c.reads.Add(1)
+	if e == unix.EAGAIN {
+		c.emptyRds.Add(1)
+		if c.rflags == 0 {
+			return false // wait in the poller
+		}
 	}
 	c.rn, c.rerr = int(n), e
 	return true
 }
 
-// fill appends datagrams to the (fully consumed) buffer. When accumulate is
-// set it appends after buffered datagrams (used by request); otherwise the
-// buffer must be consumed and is reused from the start.
+// fill reads datagrams into the buffer. With datagrams still buffered
+// (request looking for its answer) it appends after them; otherwise the
+// buffer is fully consumed and is reused from the start.
+//
+// A non-blocking fill right after a read that left slots free (the socket
+// was empty at that moment) returns ErrNoData without a syscall: such a
+// read would almost always fail with EAGAIN, and a batch receive loop
+// issues one after every partial read. The shortcut is taken once per read
+// and never after a Send completed since the read, so a caller that polls
+// again, or that sent something drawing an answer, does read the socket.
 func (c *Conn) fill(block bool) error {
+	if !block && c.drained {
+		c.drained = false
+		if c.drainedGen == c.sendGen.Load() {
+			return ErrNoData
+		}
+	}
 	if c.cur < c.count {
 		// request: keep what is buffered, read into the free slots.
 		return c.readInto(c.count, block)
@@ -303,7 +331,11 @@ func (c *Conn) readInto(first int, block bool) error {
 	hdrs := c.hdrs
 	c.hdrs = c.hdrs[first:]
 	defer func() { c.hdrs = hdrs }()
+	c.drained = false
 	for {
+		// Loaded before the syscall: a Send completing after this point
+		// moves sendGen, so its answer cannot hide behind the hint.
+		gen := c.sendGen.Load()
 		var err error
 		if block {
 			c.rflags = 0
@@ -325,6 +357,7 @@ func (c *Conn) readInto(first int, block bool) error {
 				}
 			}
 			c.count = first + c.rn
+			c.drained, c.drainedGen = c.rn < len(c.hdrs), gen
 			return nil
 		case unix.EAGAIN:
 			return ErrNoData
@@ -445,6 +478,10 @@ func (c *Conn) Send(b []byte) error {
 		}
 	}
 	c.sbuf = nil
+	c.sends.Add(1)
+	// The kernel handled the messages inside the write, so any answer is
+	// in the receive buffer now.
+	c.sendGen.Add(1)
 	if c.serr != 0 {
 		return fmt.Errorf("nfq: send: %w", c.serr)
 	}
@@ -509,6 +546,9 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 
 // Stats are counters of a Conn.
 type Stats struct {
+	Reads        uint64        // receive syscalls (recvmmsg), EmptyReads included
+	EmptyReads   uint64        // receive syscalls that found nothing (EAGAIN)
+	Sends        uint64        // send syscalls (one per Send)
 	ENOBUFS      uint64        // receive overflows reported to the socket
 	Truncated    uint64        // datagrams larger than a receive slot (skipped)
 	KernelErrors uint64        // error answers to verdicts (e.g. ENOENT)
@@ -518,6 +558,9 @@ type Stats struct {
 // Stats returns the counters.
 func (c *Conn) Stats() Stats {
 	return Stats{
+		Reads:        c.reads.Load(),
+		EmptyReads:   c.emptyRds.Load(),
+		Sends:        c.sends.Load(),
 		ENOBUFS:      c.enobufs.Load(),
 		Truncated:    c.truncs.Load(),
 		KernelErrors: c.kernErrs.Load(),

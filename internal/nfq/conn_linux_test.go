@@ -229,3 +229,92 @@ func recvStrings(c *net.UDPConn, max int, wait time.Duration) ([]string, error) 
 	}
 	return s, err
 }
+
+// TestConnDrainedHint checks the syscalls Next spends: after a read that
+// left slots free, the next non-blocking Next at the end of the buffer
+// answers ErrNoData without a syscall, once; a read that filled every slot
+// leaves no such hint; and a Send after the read voids it (the kernel's
+// answer must be read).
+func TestConnDrainedHint(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "nfqd", 0)
+	c := openIn(t, l.B.NS, Config{Queue: 300, Auto: true, Slots: 2})
+	const port = 9997
+	queueRule(t, l.B.NS, c.Queue(), port)
+	dst := netip.AddrPortFrom(l.B.V4, port)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+
+	// queued waits until the kernel holds n packets for the queue, so
+	// that all of them are in the socket before the first read.
+	queued := func(n int) {
+		t.Helper()
+		for i := 0; i < 200; i++ {
+			var b []byte
+			l.B.NS.Do(func() (err error) {
+				b, err = os.ReadFile("/proc/thread-self/net/netfilter/nfnetlink_queue")
+				return err
+			})
+			for _, line := range bytes.Split(b, []byte("\n")) {
+				if f := bytes.Fields(line); len(f) > 2 && string(f[0]) == fmt.Sprint(c.Queue()) && string(f[2]) == fmt.Sprint(n) {
+					return
+				}
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Fatalf("the queue never held %d packets", n)
+	}
+	var p Packet
+	var last uint32
+	next := func(block bool, wantReads uint64) {
+		t.Helper()
+		if err := c.Next(&p, block); err != nil {
+			t.Fatalf("Next(%v): %v", block, err)
+		}
+		last = p.ID
+		if s := c.Stats(); s.Reads != wantReads {
+			t.Fatalf("after a packet: %d reads, want %d", s.Reads, wantReads)
+		}
+	}
+	noData := func(wantReads, wantEmpty uint64) {
+		t.Helper()
+		if err := c.Next(&p, false); !errors.Is(err, ErrNoData) {
+			t.Fatalf("Next(false): %v, want ErrNoData", err)
+		}
+		if s := c.Stats(); s.Reads != wantReads || s.EmptyReads != wantEmpty {
+			t.Fatalf("after ErrNoData: %d reads (%d empty), want %d (%d)", s.Reads, s.EmptyReads, wantReads, wantEmpty)
+		}
+	}
+	s0 := c.Stats()
+	r, e := s0.Reads, s0.EmptyReads
+
+	// Three packets, two slots: the first read fills both slots (no
+	// hint), the second gets the third packet and leaves a slot free.
+	if err := l.A.NS.SendUDP(dst, []byte("x"), 3, 0); err != nil {
+		t.Fatal(err)
+	}
+	queued(3)
+	next(true, r+1)
+	next(false, r+1)
+	next(false, r+2)
+	noData(r+2, e)   // hinted: no syscall
+	noData(r+3, e+1) // the hint is spent: a real read, EAGAIN
+
+	// A Send after the read voids the hint: a stale verdict draws ENOENT,
+	// and the non-blocking Next must read it.
+	if err := l.A.NS.SendUDP(dst, []byte("y"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	queued(4)
+	next(true, r+4)
+	kerr := c.Stats().KernelErrors
+	if err := c.Send(AppendVerdict(nil, c.Queue(), last+1000, Accept, nil)); err != nil {
+		t.Fatal(err)
+	}
+	noData(r+5, e+1) // read the answer (not EAGAIN), counted
+	if s := c.Stats(); s.KernelErrors != kerr+1 || s.Sends < 1 {
+		t.Fatalf("stats %+v: want the ENOENT answer counted", s)
+	}
+	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), last, Accept)); err != nil {
+		t.Fatal(err)
+	}
+}

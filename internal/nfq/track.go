@@ -48,8 +48,10 @@ func (t *Tracker) Len() int { return t.live }
 
 func (t *Tracker) at(i uint32) *trackEntry { return &t.ring[int(i)&(len(t.ring)-1)] }
 
-// Add records packet id, received at time now. Ids must come in increasing
-// order.
+// Add records packet id, received at time now. Ids come in increasing
+// order (the kernel's, wrapping at 2^32); one that does not (a queue whose
+// sequence restarted, a packet put back and added again) is inserted in
+// order, at a cost linear in the entries it passes.
 func (t *Tracker) Add(id uint32, now int64) {
 	if int(t.tail-t.head) == len(t.ring) {
 		// Full: drop released entries, and grow if half or more are live.
@@ -59,27 +61,42 @@ func (t *Tracker) Add(id uint32, now int64) {
 		}
 		t.grow(size)
 	}
-	*t.at(t.tail) = trackEntry{id: id, t: now}
+	i := t.tail
+	for i != t.head && int32(t.at(i-1).id-id) > 0 {
+		*t.at(i) = *t.at(i - 1)
+		i--
+	}
+	*t.at(i) = trackEntry{id: id, t: now}
 	t.tail++
 	t.live++
 }
 
-// find returns the ring index of a held id.
+// find returns the ring index of a held id. The search runs over offsets
+// from head: head and tail are free-running counters, and once tail wraps
+// past 2^32 (after that many Adds without a grow) comparing them directly
+// would end the search at once.
 func (t *Tracker) find(id uint32) (uint32, bool) {
-	lo, hi := t.head, t.tail
+	lo, hi := uint32(0), t.tail-t.head
 	for lo < hi {
 		mid := lo + (hi-lo)/2
-		if int32(t.at(mid).id-id) < 0 {
+		if int32(t.at(t.head+mid).id-id) < 0 {
 			lo = mid + 1
 		} else {
 			hi = mid
 		}
 	}
-	if lo == t.tail {
-		return 0, false
+	// The first entry not before id; an id added again after its release
+	// follows its released twin.
+	for i := t.head + lo; i != t.tail; i++ {
+		e := t.at(i)
+		if e.id != id {
+			break
+		}
+		if !e.done {
+			return i, true
+		}
 	}
-	e := t.at(lo)
-	return lo, e.id == id && !e.done
+	return 0, false
 }
 
 // Release forgets a held id and reports whether it was held.

@@ -62,3 +62,65 @@ func TestTracker(t *testing.T) {
 		t.Fatalf("Add/Release allocate %v", a)
 	}
 }
+
+// TestTrackerIndexWrap runs the ring's free-running head and tail counters
+// across 2^32, as after four billion packets held and released in order
+// (the ring never fills, so nothing resets them).
+func TestTrackerIndexWrap(t *testing.T) {
+	tr := NewTracker(16)
+	tr.head, tr.tail = 0xfffffff8, 0xfffffff8
+	id := uint32(1000)
+	for step := 0; step < 64; step++ {
+		// Hold four, release them out of order; the counters pass 2^32
+		// while ids are held.
+		for k := uint32(1); k <= 4; k++ {
+			tr.Add(id+k, int64(step))
+		}
+		for _, k := range []uint32{3, 1, 4, 2} {
+			if !tr.Release(id + k) {
+				t.Fatalf("step %d (head %#x tail %#x): id %d held but not found", step, tr.head, tr.tail, id+k)
+			}
+		}
+		if tr.Len() != 0 {
+			t.Fatalf("step %d: Len %d", step, tr.Len())
+		}
+		id += 4
+	}
+	if tr.tail > 0x1000 {
+		t.Fatalf("tail %#x: the counters did not wrap", tr.tail)
+	}
+}
+
+// TestTrackerOutOfOrder adds ids that are not newer than the newest held
+// (a restarted sequence, an id added again after its release): each must
+// still be found exactly once, and Oldest must stay the oldest.
+func TestTrackerOutOfOrder(t *testing.T) {
+	tr := NewTracker(4)
+	for _, id := range []uint32{10, 20, 30, 15, 5, 25} {
+		tr.Add(id, int64(id))
+	}
+	if id, at, ok := tr.Oldest(); !ok || id != 5 || at != 5 {
+		t.Fatalf("Oldest = %d, %d, %v; want 5", id, at, ok)
+	}
+	for _, id := range []uint32{15, 30, 5} {
+		if !tr.Release(id) {
+			t.Fatalf("id %d not found", id)
+		}
+	}
+	// 20 released, then added again (put back): found once more, once.
+	if !tr.Release(20) {
+		t.Fatal("id 20 not found")
+	}
+	tr.Add(20, 99)
+	if !tr.Release(20) || tr.Release(20) {
+		t.Fatal("id 20 added again: want exactly one more release")
+	}
+	for _, id := range []uint32{10, 25} {
+		if !tr.Release(id) {
+			t.Fatalf("id %d not found", id)
+		}
+	}
+	if tr.Len() != 0 {
+		t.Fatalf("Len %d, want 0", tr.Len())
+	}
+}
