@@ -100,6 +100,7 @@ type linuxBackend struct {
 
 	queueTime atomic.Int64 // ns
 	shutRecv  atomic.Bool
+	shutting  atomic.Bool // Shutdown(ShutdownRecv) has begun
 	closed    atomic.Bool
 	more      atomic.Bool  // the receive buffer holds undecoded packets
 	lastRecv  atomic.Int64 // when a Recv last started or ended (ns)
@@ -173,7 +174,7 @@ func (b *linuxBackend) start() {
 	// Opened here, on the caller's thread, the file shows the queues
 	// of the caller's namespace whichever thread reads it later.
 	b.procQ, _ = os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
-	b.lastRecv.Store(time.Now().UnixNano())
+	b.lastRecv.Store(monoNow())
 	b.stop, b.done = make(chan struct{}), make(chan struct{})
 	go b.reaper()
 }
@@ -397,12 +398,12 @@ func (b *linuxBackend) recv(buf []byte, a *Address) (int, error) {
 	if b.conn == nil {
 		return 0, b.noQueueError()
 	}
-	b.lastRecv.Store(time.Now().UnixNano())
+	b.lastRecv.Store(monoNow())
 	b.rmu.Lock()
 	n, err := b.next(buf, a, true)
 	b.more.Store(b.conn.Buffered())
 	b.rmu.Unlock()
-	b.lastRecv.Store(time.Now().UnixNano())
+	b.lastRecv.Store(monoNow())
 	return n, err
 }
 
@@ -410,11 +411,11 @@ func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 	if b.conn == nil {
 		return 0, b.noQueueError()
 	}
-	b.lastRecv.Store(time.Now().UnixNano())
+	b.lastRecv.Store(monoNow())
 	b.rmu.Lock()
 	defer func() {
 		b.rmu.Unlock()
-		b.lastRecv.Store(time.Now().UnixNano())
+		b.lastRecv.Store(monoNow())
 	}()
 	var terr error
 	k := 0
@@ -476,7 +477,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 			}
 			return 0, fmt.Errorf("divert: recv: %w", err)
 		}
-		now := time.Now().UnixNano()
+		now := monoNow()
 		if b.frag != nil {
 			n, handled, delivered, err := b.reassemble(p, buf, a, now)
 			if delivered {
@@ -746,7 +747,7 @@ func (b *linuxBackend) reaper() {
 			return
 		case <-time.After(tick):
 		}
-		now := time.Now().UnixNano()
+		now := monoNow()
 		qt := b.queueTime.Load()
 		b.vmu.Lock()
 		for {
@@ -862,11 +863,14 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 	if b.conn == nil && b.rules != nil {
 		errs = append(errs, b.rules.Close()) // FlagDrop: nothing is queued
 	}
-	if b.conn != nil && !b.shutRecv.Swap(true) {
-		// Wake a blocked Recv so that it drains without blocking.
+	if b.conn != nil && !b.shutting.Swap(true) {
+		// Stop new packets first, then mark the handle shut down, so that
+		// a concurrent Recv cannot report ErrShutdown while packets still
+		// arrive; then wake a blocked Recv so that it drains.
 		b.vmu.Lock()
 		errs = append(errs, b.conn.StopQueueing())
 		b.vmu.Unlock()
+		b.shutRecv.Store(true)
 		errs = append(errs, b.conn.SetReadDeadline(time.Unix(1, 0)))
 	}
 	b.shutRecv.Store(true)
@@ -961,4 +965,15 @@ func (b *linuxBackend) setReadDeadline(t time.Time) error {
 
 func (b *linuxBackend) version() (major, minor uint64) {
 	return linuxVersionMajor, linuxVersionMinor
+}
+
+// clockBase anchors monoNow: the wall clock when the package started.
+var clockBase = time.Now()
+
+// monoNow is nanoseconds since the Unix epoch read from the monotonic
+// clock: the wall clock at start plus the monotonic time since. Queue-time
+// ageing uses it, so a wall-clock step (NTP, a resumed VM) neither drops
+// held packets early nor keeps them too long.
+func monoNow() int64 {
+	return clockBase.UnixNano() + int64(time.Since(clockBase))
 }
