@@ -344,7 +344,8 @@ type Address struct {
 	// Reflect describes the other handle at LayerReflect.
 	Reflect ReflectData
 
-	sys sysAddr // backend's reference to the queued packet; zero for new packets
+	sys  sysAddr // backend's reference to the queued packet; zero for new packets
+	pipe uint64  // a Pipe's reference to the queued packet (NewPipe)
 }
 
 // Message is one packet of a batch: Buf is caller-owned, the packet is

@@ -1,0 +1,306 @@
+package divert
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/netdivert/divert/filter"
+)
+
+// Pipe is the far side of a Handle made by NewPipe: a divert handle backed by
+// memory instead of an OS, for testing code above the OS layer on any OS and
+// without privileges. The test plays the network stack: Deliver offers the
+// handle a packet as if the stack met it, and Next reads what continued on
+// the path — packets the filter did not take, sniffed originals, and
+// everything the handle sent (reinjected or injected).
+//
+// The handle behaves as on a real OS where the semantics are portable: the
+// filter is WinDivert's, evaluated in user space; FlagSniff hands over a
+// copy; FlagDrop drops what matches; ParamQueueLength bounds the queue (a
+// full queue drops the oldest packet, as WinDivert does); a received packet
+// that is neither sent nor dropped within ParamQueueTime is dropped; Close
+// puts still-queued packets back on the path.
+type Pipe struct {
+	f      *filter.Filter
+	layer  Layer
+	flags  Flag
+	mu     sync.Mutex
+	cond   *sync.Cond // signalled when queue or path changes, or on close/shutdown
+	queue  []pipePacket
+	path   []pipePacket
+	held   map[uint64]time.Time // received, not yet sent or dropped
+	serial uint64
+	stats  PipeStats
+	qlen   int
+	qtime  time.Duration
+	dl     time.Time
+	shut   bool
+	closed bool
+	timer  *time.Timer
+}
+
+// PipeStats counts what happened to the packets a Pipe saw.
+type PipeStats struct {
+	Delivered uint64 // packets offered with Deliver
+	Passed    uint64 // went on unseen: the filter did not match
+	Queued    uint64 // queued for the handle
+	Dropped   uint64 // dropped: FlagDrop, Drop, queue overflow or QueueTime expiry
+	Sent      uint64 // sent by the handle (reinjected or new)
+}
+
+type pipePacket struct {
+	data []byte
+	addr Address
+}
+
+// NewPipe returns a Handle at layer that diverts what filter matches from a
+// Pipe instead of from the OS, and that Pipe.
+func NewPipe(filterText string, layer Layer, flags Flag) (*Handle, *Pipe, error) {
+	cfg, err := prepare(filterText, layer, 0, flags)
+	if err != nil {
+		return nil, nil, err
+	}
+	p := &Pipe{
+		f: cfg.filter, layer: layer, flags: flags,
+		held: make(map[uint64]time.Time),
+		qlen: QueueLengthDefault, qtime: QueueTimeDefault * time.Millisecond,
+	}
+	p.cond = sync.NewCond(&p.mu)
+	h := &Handle{b: p, layer: layer, flags: flags,
+		params: [3]uint64{QueueLengthDefault, QueueTimeDefault, QueueSizeDefault}}
+	return h, p, nil
+}
+
+// Deliver offers the handle a packet as if the network stack met it, with
+// a describing it (Outbound, IfIdx, Loopback, ...). It reports whether the
+// handle took the packet out of the path (false: it went on, see Next).
+func (p *Pipe) Deliver(pkt []byte, a Address) (taken bool, err error) {
+	a.Layer = p.layer
+	a.IPv6 = len(pkt) > 0 && pkt[0]>>4 == 6
+	meta := filter.Meta{
+		Layer: filter.Layer(p.layer), Outbound: a.Outbound, Loopback: a.Loopback,
+		Impostor: a.Impostor, IPv6: a.IPv6, IfIdx: a.IfIdx, SubIfIdx: a.SubIfIdx,
+		Timestamp: a.Timestamp,
+	}
+	match, err := p.f.Eval(pkt, &meta)
+	if err != nil {
+		return false, fmt.Errorf("divert: pipe: %w", err)
+	}
+	data := append([]byte(nil), pkt...)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	defer p.cond.Broadcast()
+	p.stats.Delivered++
+	if p.closed {
+		return false, errClosed
+	}
+	p.expireLocked(time.Now())
+	switch {
+	case !match || p.shut:
+		p.stats.Passed++
+		p.path = append(p.path, pipePacket{data, a})
+		return false, nil
+	case p.flags&FlagDrop != 0:
+		p.stats.Dropped++
+		return true, nil
+	case p.flags&FlagSniff != 0:
+		p.path = append(p.path, pipePacket{data, a})
+		a.Sniffed = true
+		taken = false
+	default:
+		taken = true
+	}
+	if len(p.queue) >= p.qlen {
+		p.queue = p.queue[1:] // the oldest goes, as in WinDivert
+		p.stats.Dropped++
+	}
+	p.stats.Queued++
+	p.queue = append(p.queue, pipePacket{data, a})
+	return taken, nil
+}
+
+// Next returns the next packet that continued on the path, waiting up to
+// timeout. ok is false when none came in time.
+func (p *Pipe) Next(timeout time.Duration) (pkt []byte, a Address, ok bool) {
+	deadline := time.Now().Add(timeout)
+	t := time.AfterFunc(timeout, func() { p.mu.Lock(); p.cond.Broadcast(); p.mu.Unlock() })
+	defer t.Stop()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for len(p.path) == 0 {
+		if !time.Now().Before(deadline) {
+			return nil, Address{}, false
+		}
+		p.cond.Wait()
+	}
+	x := p.path[0]
+	p.path = p.path[1:]
+	return x.data, x.addr, true
+}
+
+// Stats returns the counters.
+func (p *Pipe) Stats() PipeStats {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stats
+}
+
+func (p *Pipe) expireLocked(now time.Time) {
+	for id, at := range p.held {
+		if now.Sub(at) >= p.qtime {
+			delete(p.held, id)
+			p.stats.Dropped++
+		}
+	}
+}
+
+func (p *Pipe) recv(b []byte, a *Address) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for len(p.queue) == 0 {
+		switch {
+		case p.closed:
+			return 0, errClosed
+		case p.shut:
+			return 0, ErrShutdown
+		case !p.dl.IsZero() && !time.Now().Before(p.dl):
+			return 0, fmt.Errorf("divert: recv: %w", os.ErrDeadlineExceeded)
+		}
+		p.cond.Wait()
+	}
+	x := p.queue[0]
+	p.queue = p.queue[1:]
+	p.serial++
+	*a = x.addr
+	a.pipe = p.serial
+	if !a.Sniffed {
+		p.held[p.serial] = time.Now()
+	}
+	n := copy(b, x.data)
+	if n < len(x.data) {
+		return n, ErrTruncated
+	}
+	return n, nil
+}
+
+func (p *Pipe) recvBatch(ms []Message) (int, error) {
+	n, err := p.recv(ms[0].Buf, &ms[0].Addr)
+	ms[0].N = n
+	if err != nil && !errors.Is(err, ErrTruncated) {
+		return 0, err
+	}
+	k := 1
+	for ; k < len(ms); k++ {
+		p.mu.Lock()
+		empty := len(p.queue) == 0
+		p.mu.Unlock()
+		if empty {
+			break
+		}
+		m, rerr := p.recv(ms[k].Buf, &ms[k].Addr)
+		ms[k].N = m
+		if rerr != nil && err == nil {
+			err = rerr
+		}
+	}
+	return k, err
+}
+
+func (p *Pipe) send(b []byte, a *Address) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	defer p.cond.Broadcast()
+	if p.closed {
+		return 0, errClosed
+	}
+	if id := a.pipe; id != 0 {
+		if _, ok := p.held[id]; !ok {
+			return 0, errors.New("divert: pipe: packet is no longer queued (sent, dropped or expired)")
+		}
+		delete(p.held, id)
+	}
+	out := *a
+	out.pipe = 0
+	p.path = append(p.path, pipePacket{append([]byte(nil), b...), out})
+	p.stats.Sent++
+	return len(b), nil
+}
+
+func (p *Pipe) sendBatch(ms []Message) (int, error) {
+	for i := range ms {
+		if _, err := p.send(ms[i].Buf[:ms[i].N], &ms[i].Addr); err != nil {
+			return i, err
+		}
+	}
+	return len(ms), nil
+}
+
+func (p *Pipe) drop(a *Address) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if id := a.pipe; id != 0 {
+		if _, ok := p.held[id]; ok {
+			delete(p.held, id)
+			p.stats.Dropped++
+		}
+	}
+	return nil
+}
+
+func (p *Pipe) shutdown(how ShutdownHow) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if how&ShutdownRecv != 0 {
+		p.shut = true
+		p.cond.Broadcast()
+	}
+	return nil
+}
+
+func (p *Pipe) close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.closed = true
+	for _, x := range p.queue { // reinjected, as WinDivert does on close
+		if !x.addr.Sniffed {
+			p.path = append(p.path, x)
+		}
+	}
+	p.queue = nil
+	if p.timer != nil {
+		p.timer.Stop()
+	}
+	p.cond.Broadcast()
+	return nil
+}
+
+func (p *Pipe) setParam(param Param, v uint64) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch param {
+	case ParamQueueLength:
+		p.qlen = int(v)
+	case ParamQueueTime:
+		p.qtime = time.Duration(v) * time.Millisecond
+	}
+	return nil
+}
+
+func (p *Pipe) setReadDeadline(t time.Time) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.dl = t
+	if p.timer != nil {
+		p.timer.Stop()
+	}
+	if !t.IsZero() {
+		p.timer = time.AfterFunc(time.Until(t), func() { p.mu.Lock(); p.cond.Broadcast(); p.mu.Unlock() })
+	}
+	p.cond.Broadcast()
+	return nil
+}
+
+func (p *Pipe) version() (uint64, uint64) { return 2, 2 }

@@ -1,0 +1,199 @@
+package divert_test
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/netdivert/divert"
+)
+
+// udp4 builds an IPv4 UDP packet with valid checksums.
+func udp4(t testing.TB, dport uint16, payload string) []byte {
+	pkt := []byte{
+		0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+		0x30, 0x39, byte(dport >> 8), byte(dport), 0, 0, 0, 0,
+	}
+	pkt = append(pkt, payload...)
+	pkt[2], pkt[3] = byte(len(pkt)>>8), byte(len(pkt))
+	pkt[24], pkt[25] = byte((len(pkt)-20)>>8), byte(len(pkt)-20)
+	if err := divert.CalcChecksums(pkt, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	return pkt
+}
+
+func TestPipeFilterAndReinject(t *testing.T) {
+	h, p, err := divert.NewPipe("udp.DstPort == 53", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer h.Close()
+
+	taken, err := p.Deliver(udp4(t, 80, "web"), divert.Address{Outbound: true})
+	require.NoError(t, err)
+	require.False(t, taken)
+	got, _, ok := p.Next(time.Second)
+	require.True(t, ok)
+	require.Equal(t, udp4(t, 80, "web"), got, "non-matching packet continues unchanged")
+
+	taken, err = p.Deliver(udp4(t, 53, "dns"), divert.Address{Outbound: true, IfIdx: 7})
+	require.NoError(t, err)
+	require.True(t, taken)
+	_, _, ok = p.Next(20 * time.Millisecond)
+	require.False(t, ok, "a taken packet is off the path")
+
+	buf := make([]byte, divert.MTUMax)
+	var a divert.Address
+	n, err := h.Recv(buf, &a)
+	require.NoError(t, err)
+	require.Equal(t, udp4(t, 53, "dns"), buf[:n])
+	require.True(t, a.Outbound)
+	require.EqualValues(t, 7, a.IfIdx)
+
+	copy(buf[28:], "DNS")
+	require.NoError(t, divert.CalcChecksums(buf[:n], &a, 0))
+	_, err = h.Send(buf[:n], &a)
+	require.NoError(t, err)
+	got, ga, ok := p.Next(time.Second)
+	require.True(t, ok)
+	require.Equal(t, udp4(t, 53, "DNS"), got, "the changed packet is reinjected")
+	require.True(t, ga.UDPChecksum)
+
+	_, err = h.Send(buf[:n], &a)
+	require.ErrorContains(t, err, "no longer queued", "a packet is reinjected once")
+	st := p.Stats()
+	require.Equal(t, divert.PipeStats{Delivered: 2, Passed: 1, Queued: 1, Sent: 1}, st)
+}
+
+func TestPipeSniffAndDrop(t *testing.T) {
+	h, p, err := divert.NewPipe("udp", divert.LayerNetwork, divert.FlagSniff|divert.FlagRecvOnly)
+	require.NoError(t, err)
+	taken, err := p.Deliver(udp4(t, 1, "x"), divert.Address{})
+	require.NoError(t, err)
+	require.False(t, taken)
+	_, _, ok := p.Next(time.Second)
+	require.True(t, ok, "the original goes on")
+	var a divert.Address
+	buf := make([]byte, 100)
+	_, err = h.Recv(buf, &a)
+	require.NoError(t, err)
+	require.True(t, a.Sniffed)
+	require.NoError(t, h.Close())
+
+	h, p, err = divert.NewPipe("udp", divert.LayerNetwork, divert.FlagDrop)
+	require.NoError(t, err)
+	defer h.Close()
+	taken, err = p.Deliver(udp4(t, 1, "x"), divert.Address{})
+	require.NoError(t, err)
+	require.True(t, taken)
+	_, _, ok = p.Next(20 * time.Millisecond)
+	require.False(t, ok)
+	require.EqualValues(t, 1, p.Stats().Dropped)
+	_, err = h.Recv(buf, &a)
+	require.Error(t, err, "a FlagDrop handle does not receive")
+}
+
+func TestPipeQueueLimits(t *testing.T) {
+	h, p, err := divert.NewPipe("true", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer h.Close()
+	require.NoError(t, h.SetParam(divert.ParamQueueLength, 32))
+	for i := 0; i < 40; i++ {
+		_, err := p.Deliver(udp4(t, uint16(i), ""), divert.Address{})
+		require.NoError(t, err)
+	}
+	require.EqualValues(t, 8, p.Stats().Dropped, "overflow drops the oldest")
+	buf := make([]byte, 100)
+	var a divert.Address
+	n, err := h.Recv(buf, &a)
+	require.NoError(t, err)
+	require.EqualValues(t, 8, buf[n-8+3], "the oldest 8 (ports 0..7) are gone")
+
+	require.NoError(t, h.SetParam(divert.ParamQueueTime, 100))
+	time.Sleep(150 * time.Millisecond)
+	_, err = p.Deliver(udp4(t, 99, ""), divert.Address{}) // services the queue
+	require.NoError(t, err)
+	_, err = h.Send(buf[:n], &a)
+	require.ErrorContains(t, err, "no longer queued", "expired after QueueTime")
+}
+
+func TestPipeLifecycle(t *testing.T) {
+	h, p, err := divert.NewPipe("true", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	buf := make([]byte, 100)
+	var a divert.Address
+
+	require.NoError(t, h.SetReadDeadline(time.Now().Add(30*time.Millisecond)))
+	_, err = h.Recv(buf, &a)
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	require.NoError(t, h.SetReadDeadline(time.Time{}))
+
+	_, err = p.Deliver(udp4(t, 1, "a"), divert.Address{})
+	require.NoError(t, err)
+	require.NoError(t, h.Shutdown(divert.ShutdownRecv))
+	_, err = h.Recv(buf, &a)
+	require.NoError(t, err, "queued packets drain after Shutdown")
+	_, err = h.Recv(buf, &a)
+	require.ErrorIs(t, err, divert.ErrShutdown)
+
+	var wg sync.WaitGroup
+	h2, p2, err := divert.NewPipe("true", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	wg.Add(1)
+	var rerr error
+	go func() {
+		defer wg.Done()
+		var a divert.Address
+		_, rerr = h2.Recv(make([]byte, 100), &a)
+	}()
+	time.Sleep(20 * time.Millisecond)
+	require.NoError(t, h2.Close())
+	wg.Wait()
+	require.ErrorIs(t, rerr, net.ErrClosed, "Close unblocks a blocked Recv")
+	_, err = p2.Deliver(udp4(t, 2, "b"), divert.Address{})
+	require.ErrorIs(t, err, net.ErrClosed)
+
+	h3, p3, err := divert.NewPipe("true", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	_, err = p3.Deliver(udp4(t, 3, "c"), divert.Address{})
+	require.NoError(t, err)
+	require.NoError(t, h3.Close())
+	got, _, ok := p3.Next(time.Second)
+	require.True(t, ok, "Close reinjects what is still queued")
+	require.Equal(t, udp4(t, 3, "c"), got)
+
+	_, _, err = divert.NewPipe("tcp.DstPort = ", divert.LayerNetwork, 0)
+	require.Error(t, err)
+}
+
+// A unit test of a divert program without root: the Pipe plays the network.
+func ExampleNewPipe() {
+	h, p, err := divert.NewPipe("udp.DstPort == 53", divert.LayerNetwork, 0)
+	if err != nil {
+		panic(err)
+	}
+	defer h.Close()
+	pkt := []byte{ // IPv4 UDP 10.0.0.1:12345 -> 10.0.0.2:53, "q"
+		0x45, 0, 0, 29, 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+		0x30, 0x39, 0, 53, 0, 9, 0, 0, 'q',
+	}
+	taken, _ := p.Deliver(pkt, divert.Address{Outbound: true})
+	fmt.Println("taken:", taken)
+
+	buf := make([]byte, divert.MTUMax)
+	var addr divert.Address
+	n, _ := h.Recv(buf, &addr) // the program under test would do this
+	buf[n-1] = 'Q'
+	divert.CalcChecksums(buf[:n], &addr, 0)
+	h.Send(buf[:n], &addr)
+
+	out, _, _ := p.Next(time.Second)
+	fmt.Printf("on the path: %q\n", out[28:])
+	// Output:
+	// taken: true
+	// on the path: "Q"
+}
