@@ -30,41 +30,29 @@ const prog = "capture"
 
 // config is the command line.
 type config struct {
-	filter   string
-	layer    divert.Layer
-	priority int16
-	out      string
-	count    uint64
-	duration time.Duration
-	snaplen  uint
-	quiet    bool
+	exutil.HandleFlags // -filter, -layer, -priority
+	out                string
+	count              uint64
+	duration           time.Duration
+	snaplen            uint
+	quiet              bool
 }
 
 func parseFlags(args []string) (*config, error) {
 	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
 	c := &config{}
-	fs.StringVar(&c.filter, "filter", "true", "WinDivert filter selecting the packets to capture")
-	layer := fs.String("layer", "network", "layer: network or forward")
-	prio := fs.Int("priority", 0, "handle priority, -30000..30000")
+	c.Register(fs, "true", "WinDivert filter selecting the packets to capture", "handle priority, -30000..30000")
 	fs.StringVar(&c.out, "o", "capture.pcapng", "output file (- for stdout)")
 	fs.Uint64Var(&c.count, "count", 0, "stop after this many packets (0 = no limit)")
 	fs.DurationVar(&c.duration, "duration", 0, "stop after this long (0 = until Ctrl-C)")
 	fs.UintVar(&c.snaplen, "snaplen", 0, "keep at most this many bytes of each packet (0 = all)")
 	fs.BoolVar(&c.quiet, "quiet", false, "no status line")
-	if err := fs.Parse(args); err != nil {
+	if err := exutil.ParseArgs(fs, args); err != nil {
 		return nil, err
 	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	var err error
-	if c.layer, err = exutil.ParseLayer(*layer); err != nil {
+	if err := c.HandleFlags.Parse(); err != nil {
 		return nil, err
 	}
-	if *prio < divert.PriorityLowest || *prio > divert.PriorityHighest {
-		return nil, fmt.Errorf("-priority %d outside %d..%d", *prio, divert.PriorityLowest, divert.PriorityHighest)
-	}
-	c.priority = int16(*prio)
 	if c.snaplen > divert.MTUMax {
 		c.snaplen = 0
 	}
@@ -73,30 +61,14 @@ func parseFlags(args []string) (*config, error) {
 
 func main() {
 	c, err := parseFlags(os.Args[1:])
-	if errors.Is(err, flag.ErrHelp) {
-		os.Exit(0)
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "%s: %v\n", prog, err)
-		os.Exit(2)
-	}
-	ctx, stop := exutil.SignalContext()
-	defer stop()
-	if c.duration > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.duration)
-		defer cancel()
-	}
-	if err := run(ctx, c); err != nil {
-		stop()
-		exutil.Fatal(prog, err)
-	}
+	exutil.CheckFlags(prog, err)
+	exutil.Run(prog, c.duration, func(ctx context.Context) error { return run(ctx, c) })
 }
 
 func run(ctx context.Context, c *config) error {
-	h, err := divert.Open(c.filter, c.layer, c.priority, divert.FlagSniff|divert.FlagRecvOnly)
+	h, err := divert.Open(c.Filter, c.Layer, c.Priority, divert.FlagSniff|divert.FlagRecvOnly)
 	if err != nil {
-		return fmt.Errorf("open filter %q: %w", c.filter, err)
+		return fmt.Errorf("open filter %q: %w", c.Filter, err)
 	}
 	defer h.Close()
 
@@ -114,22 +86,16 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 
-	fmt.Fprintf(os.Stderr, "%s: capturing %q to %s; Ctrl-C stops\n", prog, c.filter, c.out)
+	fmt.Fprintf(os.Stderr, "%s: capturing %q to %s; Ctrl-C stops\n", prog, c.Filter, c.out)
 	var packets, bytes atomic.Uint64
 	if !c.quiet {
 		var meter exutil.Meter
-		sl := exutil.NewStatusLine(os.Stderr)
-		sctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			sl.Run(sctx, time.Second, func() string {
-				pk, by := packets.Load(), bytes.Load()
-				pps, bps := meter.Rate(time.Now(), pk, by)
-				return fmt.Sprintf("captured %d packets, %s  rate %.0f pkt/s %s", pk, exutil.Bytes(by), pps, exutil.BitRate(bps))
-			})
-		}()
-		defer func() { cancel(); <-done }()
+		stopStatus := exutil.NewStatusLine(os.Stderr).Start(context.Background(), time.Second, func() string {
+			pk, by := packets.Load(), bytes.Load()
+			pps, bps := meter.Rate(time.Now(), pk, by)
+			return fmt.Sprintf("captured %d packets, %s  rate %.0f pkt/s %s", pk, exutil.Bytes(by), pps, exutil.BitRate(bps))
+		})
+		defer stopStatus()
 	}
 
 	loopDone := exutil.StopOnDone(ctx, h, 2*time.Second)

@@ -55,11 +55,8 @@ func parseFlags(args []string) (*config, error) {
 	fs.IntVar(&c.count, "count", 1, "packets to send (ICMP sequence numbers count up)")
 	fs.DurationVar(&c.gap, "gap", 100*time.Millisecond, "pause between packets")
 	fs.BoolVar(&c.verbose, "v", false, "print each packet in hex")
-	if err := fs.Parse(args); err != nil {
+	if err := exutil.ParseArgs(fs, args); err != nil {
 		return nil, err
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	var err error
 	if *dst == "" {
@@ -121,19 +118,8 @@ func parseFlags(args []string) (*config, error) {
 
 func main() {
 	c, err := parseFlags(os.Args[1:])
-	if errors.Is(err, flag.ErrHelp) {
-		os.Exit(0)
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "%s: %v\n", prog, err)
-		os.Exit(2)
-	}
-	ctx, stop := exutil.SignalContext()
-	defer stop()
-	if err := run(ctx, c, os.Stdout); err != nil {
-		stop()
-		exutil.Fatal(prog, err)
-	}
+	exutil.CheckFlags(prog, err)
+	exutil.Run(prog, 0, func(ctx context.Context) error { return run(ctx, c, os.Stdout) })
 }
 
 func run(ctx context.Context, c *config, out io.Writer) error {

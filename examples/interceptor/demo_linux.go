@@ -43,8 +43,8 @@ func runDemo(ctx context.Context, c *config, out io.Writer) error {
 	snd, rcv := &link.A, &link.B
 
 	filter := defaultDemoFilter()
-	if c.filter != "true" {
-		filter = c.filter
+	if c.Filter != "true" {
+		filter = c.Filter
 	}
 	res := &DemoResult{
 		Sender:    fmt.Sprintf("%s (%s, %s)", snd.NS.Name, snd.V4, snd.V6),
@@ -55,7 +55,7 @@ func runDemo(ctx context.Context, c *config, out io.Writer) error {
 	}
 	if !c.json {
 		fmt.Fprintf(out, "divert demo\n  sender   %s\n  receiver %s\n  diverting in the receiver with filter %q, priority %d, layer %v\n\n",
-			res.Sender, res.Receiver, filter, c.priority, c.layer)
+			res.Sender, res.Receiver, filter, c.Priority, c.Layer)
 	}
 
 	// Sockets and the handle opened inside Do stay in the receiver's
@@ -73,7 +73,7 @@ func runDemo(ctx context.Context, c *config, out io.Writer) error {
 	var h *divert.Handle
 	err = rcv.NS.Do(func() error {
 		var err error
-		h, err = divert.Open(filter, c.layer, c.priority, 0)
+		h, err = divert.Open(filter, c.Layer, c.Priority, 0)
 		return err
 	})
 	if err != nil {

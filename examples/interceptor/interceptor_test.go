@@ -204,7 +204,7 @@ func TestFlags(t *testing.T) {
 		}
 	}
 	c, err := parseFlags([]string{"-layer", "forward", "-priority", "-5", "-count", "3"})
-	if err != nil || c.layer != 1 || c.priority != -5 || c.count != 3 || c.port != -1 {
+	if err != nil || c.Layer != 1 || c.Priority != -5 || c.count != 3 || c.port != -1 {
 		t.Fatalf("%+v %v", c, err)
 	}
 }

@@ -30,25 +30,21 @@ const prog = "interceptor"
 
 // config is the command line.
 type config struct {
-	filter   string
-	layer    divert.Layer
-	priority int16
-	sniff    bool
-	drop     bool
-	count    uint64
-	port     int
-	duration time.Duration
-	quiet    bool
-	json     bool
-	demo     bool
+	exutil.HandleFlags // -filter, -layer, -priority
+	sniff              bool
+	drop               bool
+	count              uint64
+	port               int
+	duration           time.Duration
+	quiet              bool
+	json               bool
+	demo               bool
 }
 
 func parseFlags(args []string) (*config, error) {
 	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
 	c := &config{}
-	fs.StringVar(&c.filter, "filter", "true", "WinDivert filter selecting the packets to intercept")
-	layer := fs.String("layer", "network", "layer: network or forward")
-	prio := fs.Int("priority", 0, "handle priority, -30000..30000 (higher sees packets first)")
+	c.Register(fs, "true", "WinDivert filter selecting the packets to intercept", "handle priority, -30000..30000 (higher sees packets first)")
 	fs.BoolVar(&c.sniff, "sniff", false, "take copies and leave the packets on their path")
 	fs.BoolVar(&c.drop, "drop", false, "drop the packets instead of reinjecting them")
 	fs.Uint64Var(&c.count, "count", 0, "stop after this many packets (0 = no limit)")
@@ -57,21 +53,12 @@ func parseFlags(args []string) (*config, error) {
 	fs.BoolVar(&c.quiet, "quiet", false, "do not print each packet")
 	fs.BoolVar(&c.json, "json", false, "print the summary as JSON on stdout")
 	fs.BoolVar(&c.demo, "demo", false, "Linux: run a self-contained demonstration in private network namespaces")
-	if err := fs.Parse(args); err != nil {
+	if err := exutil.ParseArgs(fs, args); err != nil {
 		return nil, err
 	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	l, err := exutil.ParseLayer(*layer)
-	if err != nil {
+	if err := c.HandleFlags.Parse(); err != nil {
 		return nil, err
 	}
-	c.layer = l
-	if *prio < divert.PriorityLowest || *prio > divert.PriorityHighest {
-		return nil, fmt.Errorf("-priority %d outside %d..%d", *prio, divert.PriorityLowest, divert.PriorityHighest)
-	}
-	c.priority = int16(*prio)
 	if c.sniff && c.drop {
 		return nil, errors.New("-sniff and -drop exclude each other")
 	}
@@ -83,29 +70,13 @@ func parseFlags(args []string) (*config, error) {
 
 func main() {
 	c, err := parseFlags(os.Args[1:])
-	if errors.Is(err, flag.ErrHelp) {
-		os.Exit(0)
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "%s: %v\n", prog, err)
-		os.Exit(2)
-	}
-	ctx, stop := exutil.SignalContext()
-	defer stop()
-	if c.duration > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.duration)
-		defer cancel()
-	}
-	if c.demo {
-		err = runDemo(ctx, c, os.Stdout)
-	} else {
-		err = run(ctx, c, os.Stdout)
-	}
-	if err != nil {
-		stop()
-		exutil.Fatal(prog, err)
-	}
+	exutil.CheckFlags(prog, err)
+	exutil.Run(prog, c.duration, func(ctx context.Context) error {
+		if c.demo {
+			return runDemo(ctx, c, os.Stdout)
+		}
+		return run(ctx, c, os.Stdout)
+	})
 }
 
 // packetOut is where the packet lines go: out, or stderr when stdout
@@ -130,9 +101,9 @@ func (c *config) open() (*divert.Handle, error) {
 		}
 		return h, nil
 	}
-	h, err := divert.Open(c.filter, c.layer, c.priority, flags)
+	h, err := divert.Open(c.Filter, c.Layer, c.Priority, flags)
 	if err != nil {
-		return nil, fmt.Errorf("open filter %q: %w", c.filter, err)
+		return nil, fmt.Errorf("open filter %q: %w", c.Filter, err)
 	}
 	return h, nil
 }
@@ -146,17 +117,12 @@ func run(ctx context.Context, c *config, out io.Writer) error {
 	if c.port >= 0 {
 		fmt.Fprintf(os.Stderr, "%s: attached to port %d; Ctrl-C stops\n", prog, c.port)
 	} else {
-		fmt.Fprintf(os.Stderr, "%s: diverting %q at layer %v, priority %d; Ctrl-C stops\n", prog, c.filter, c.layer, c.priority)
+		fmt.Fprintf(os.Stderr, "%s: diverting %q at layer %v, priority %d; Ctrl-C stops\n", prog, c.Filter, c.Layer, c.Priority)
 	}
 	st := newStats()
 	if c.quiet && !c.json {
-		sl := exutil.NewStatusLine(os.Stderr)
-		sctx, cancel := context.WithCancel(ctx)
-		var wg sync.WaitGroup
-		wg.Add(1)
-		go func() { defer wg.Done(); sl.Run(sctx, time.Second, st.statusLine) }()
-		defer wg.Wait()
-		defer cancel()
+		stopStatus := exutil.NewStatusLine(os.Stderr).Start(ctx, time.Second, st.statusLine)
+		defer stopStatus()
 	}
 	err = intercept(ctx, h, c, c.packetOut(out), st)
 	st.print(out, c.json)

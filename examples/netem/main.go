@@ -30,34 +30,30 @@ const prog = "netem"
 
 // config is the command line.
 type config struct {
-	filter     string
-	layer      divert.Layer
-	priority   int16
-	delay      time.Duration
-	jitter     time.Duration
-	loss       float64 // percent
-	dup        float64 // percent
-	dupCount   int
-	reorder    float64 // percent
-	reorderGap time.Duration
-	rate       float64 // bytes per second; 0 = unlimited
-	burst      int     // bytes
-	tamper     float64 // percent
-	queue      int     // most packets held at once
-	count      uint64
-	duration   time.Duration
-	seed       uint64
-	quiet      bool
-	json       bool
-	interval   time.Duration
+	exutil.HandleFlags // -filter, -layer, -priority
+	delay              time.Duration
+	jitter             time.Duration
+	loss               float64 // percent
+	dup                float64 // percent
+	dupCount           int
+	reorder            float64 // percent
+	reorderGap         time.Duration
+	rate               float64 // bytes per second; 0 = unlimited
+	burst              int     // bytes
+	tamper             float64 // percent
+	queue              int     // most packets held at once
+	count              uint64
+	duration           time.Duration
+	seed               uint64
+	quiet              bool
+	json               bool
+	interval           time.Duration
 }
 
 func parseFlags(args []string) (*config, error) {
 	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
 	c := &config{}
-	fs.StringVar(&c.filter, "filter", "icmp", "WinDivert filter selecting the packets to impair")
-	layer := fs.String("layer", "network", "layer: network or forward")
-	prio := fs.Int("priority", 0, "handle priority, -30000..30000")
+	c.Register(fs, "icmp", "WinDivert filter selecting the packets to impair", "handle priority, -30000..30000")
 	fs.DurationVar(&c.delay, "delay", 0, "delay every packet by this much")
 	fs.DurationVar(&c.jitter, "jitter", 0, "add a uniformly random -jitter..+jitter to the delay")
 	fs.Float64Var(&c.loss, "loss", 0, "drop this percentage of packets")
@@ -75,20 +71,13 @@ func parseFlags(args []string) (*config, error) {
 	fs.BoolVar(&c.quiet, "quiet", false, "no statistics line")
 	fs.BoolVar(&c.json, "json", false, "print the final statistics as JSON on stdout")
 	fs.DurationVar(&c.interval, "interval", time.Second, "statistics line update interval")
-	if err := fs.Parse(args); err != nil {
+	if err := exutil.ParseArgs(fs, args); err != nil {
 		return nil, err
 	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	if err := c.HandleFlags.Parse(); err != nil {
+		return nil, err
 	}
 	var err error
-	if c.layer, err = exutil.ParseLayer(*layer); err != nil {
-		return nil, err
-	}
-	if *prio < divert.PriorityLowest || *prio > divert.PriorityHighest {
-		return nil, fmt.Errorf("-priority %d outside %d..%d", *prio, divert.PriorityLowest, divert.PriorityHighest)
-	}
-	c.priority = int16(*prio)
 	if c.rate, err = parseRate(*rate); err != nil {
 		return nil, err
 	}
@@ -149,30 +138,14 @@ func (c *config) queueTime() uint64 {
 
 func main() {
 	c, err := parseFlags(os.Args[1:])
-	if errors.Is(err, flag.ErrHelp) {
-		os.Exit(0)
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "%s: %v\n", prog, err)
-		os.Exit(2)
-	}
-	ctx, stop := exutil.SignalContext()
-	defer stop()
-	if c.duration > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.duration)
-		defer cancel()
-	}
-	if err := run(ctx, c, os.Stdout, os.Stderr); err != nil {
-		stop()
-		exutil.Fatal(prog, err)
-	}
+	exutil.CheckFlags(prog, err)
+	exutil.Run(prog, c.duration, func(ctx context.Context) error { return run(ctx, c, os.Stdout, os.Stderr) })
 }
 
 func run(ctx context.Context, c *config, out, errw io.Writer) error {
-	h, err := divert.Open(c.filter, c.layer, c.priority, 0)
+	h, err := divert.Open(c.Filter, c.Layer, c.Priority, 0)
 	if err != nil {
-		return fmt.Errorf("open filter %q: %w", c.filter, err)
+		return fmt.Errorf("open filter %q: %w", c.Filter, err)
 	}
 	defer h.Close()
 	if err := h.SetParam(divert.ParamQueueTime, c.queueTime()); err != nil {
@@ -183,15 +156,11 @@ func run(ctx context.Context, c *config, out, errw io.Writer) error {
 			return fmt.Errorf("set queue length: %w", err)
 		}
 	}
-	fmt.Fprintf(errw, "%s: impairing %q; Ctrl-C stops\n", prog, c.filter)
+	fmt.Fprintf(errw, "%s: impairing %q; Ctrl-C stops\n", prog, c.Filter)
 	e := newEmulator(c, h)
 	stopStatus := func() {}
 	if !c.quiet {
-		sl := exutil.NewStatusLine(os.Stderr)
-		sctx, cancel := context.WithCancel(context.Background())
-		statusDone := make(chan struct{})
-		go func() { defer close(statusDone); sl.Run(sctx, c.interval, e.statusLine) }()
-		stopStatus = func() { cancel(); <-statusDone }
+		stopStatus = exutil.NewStatusLine(os.Stderr).Start(context.Background(), c.interval, e.statusLine)
 	}
 	err = e.run(ctx)
 	stopStatus()

@@ -66,6 +66,20 @@ func (s *StatusLine) Run(ctx context.Context, interval time.Duration, line func(
 	}
 }
 
+// Start runs s.Run(ctx, interval, line) in the background and returns a
+// function that cancels it and waits until the last line is shown. A
+// status line thus ends when ctx is done or when stop is called, whichever
+// comes first.
+func (s *StatusLine) Start(ctx context.Context, interval time.Duration, line func() string) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Run(ctx, interval, line)
+	}()
+	return func() { cancel(); <-done }
+}
+
 // Meter turns running totals into rates.
 type Meter struct {
 	t            time.Time
