@@ -9,22 +9,40 @@
 // When it does not, user space finishes the match with (*filter.Filter).Match
 // and writes non-matching packets straight back.
 //
-// Rule shape, one rule (or two) per Term:
+// Rule shape, one rule (or two) per Term and direction:
 //
-//	add NUM set SET divert PORT PROTO from SRC to DST [src-port P] [dst-port P]
-//	    [in|out] [not recv *|recv *] [recv IF] [tcpflags F] [icmptypes T]
-//	    [icmp6types T] [ip4|ip6] // TAG
+//	add NUM set SET divert|tee PORT|deny PROTO from SRC to DST [ip4|ip6]
+//	    [not proto P ...] [src-port P] [dst-port P] [tcpflags F]
+//	    [icmptypes T] [icmp6types T] in|out [not recv *|recv *] [recv IF]
+//	    // TAG
+//
+// The syntax was checked against FreeBSD 14's ipfw(8) manual page and its
+// parser (sbin/ipfw/ipfw2.c, ipv6.c, main.c); the comments below name the
+// manual section that defines each construct. Every word is its own argv
+// element: ipfw(8) run with more than one argument does not split them
+// again (main.c only glues an argument ending in "," to the next one), so
+// "{", "or", "}" and "not" must be separate arguments.
 //
 // Every rule of a handle has the same number, so that a packet written back
 // with the sockaddr it was read with resumes after all of the handle's rules
 // (ipfw skips every rule sharing the diverting rule's number) and is seen by
 // rules with higher numbers only: lower-priority handles, as in WinDivert.
 //
-// Fragments: ipfw port and flag options never match a non-first fragment,
-// while the divert action reassembles the datagram. A term that tests
-// transport fields therefore gets a companion rule matching its non-first
-// fragments ("frag"), so that the whole datagram reaches the socket instead
-// of being completed by ip_input behind the handle's back.
+// Fragments: ipfw port and flag options never match a non-first fragment
+// (ipfw(8) PACKET SELECTION, "ports"; RULE OPTIONS, tcpflags), while the
+// divert action reassembles the datagram. A term that tests transport
+// fields therefore gets a companion rule matching its fragments with the
+// bare "frag" option, so that the whole datagram reaches the socket instead
+// of being completed by ip_input behind the handle's back. ipfw(8) RULE
+// OPTIONS, "frag spec": since FreeBSD 13 frag takes an optional list (df, mf,
+// rf, offset) that tests IPv4 only, and an empty list keeps the old meaning,
+// a non-zero fragment offset, "both IPv4 and IPv6". The parser takes the
+// next argument as that list only if every comma-separated word of it is one
+// of those flags, so the "in"/"out" that follows here is never swallowed.
+// For IPv6 the kernel (ipfw_chk) counts the more-fragments bit into the
+// offset and does not parse the transport header of any fragment, so there
+// the bare frag companion also takes the first fragment, which the port
+// rule cannot match.
 package ipfw
 
 import (
@@ -50,10 +68,14 @@ const (
 	Deny
 )
 
-// Rule numbers and sets that ipfw accepts for user rules.
+// Rule numbers and sets that ipfw accepts for user rules (ipfw(8) RULE
+// FORMAT, rule_number and set set_number; SETS OF RULES).
 const (
 	MaxRule = 65534 // 65535 is the default rule
 	MaxSet  = 30    // set 31 holds the default rule
+	// MaxTag is the longest rule comment ipfw accepts (ipfw2.c fill_comment:
+	// "comment too long (max 80 chars)").
+	MaxTag = 80
 )
 
 // Config says where and how the rules go.
@@ -66,8 +88,11 @@ type Config struct {
 	// IfName maps an interface index to its name, for ifIdx tests. Nil, or
 	// a false result, leaves the test to user space.
 	IfName func(idx uint32) (string, bool)
-	// Tag is written as the rule's comment (after "//"); it must be a few
-	// words of printable ASCII without "//".
+	// Tag is written as the rule's comment (after "//", ipfw(8) RULE
+	// OPTIONS "// this is a comment"); it must be at most MaxTag bytes of
+	// printable ASCII without "//", must not start with "/" (ipfw takes a
+	// last argument starting with "/" as a file of commands) and must not
+	// end with "," (ipfw glues such an argument to the next one).
 	Tag string
 }
 
@@ -109,11 +134,16 @@ func Lower(l *filter.Lowered, cfg Config) (Result, error) {
 	if cfg.Set > MaxSet {
 		return Result{}, fmt.Errorf("ipfw: set %d out of range [0, %d]", cfg.Set, MaxSet)
 	}
-	if strings.Contains(cfg.Tag, "//") || strings.ContainsAny(cfg.Tag, "\n\r\x00") {
-		return Result{}, errors.New("ipfw: bad rule tag")
+	if !validTag(cfg.Tag) {
+		return Result{}, fmt.Errorf("ipfw: bad rule tag %q", cfg.Tag)
 	}
 	if cfg.Action != Divert && cfg.Action != Tee && cfg.Action != Deny {
 		return Result{}, fmt.Errorf("ipfw: unknown action %d", cfg.Action)
+	}
+	if cfg.Action != Deny && cfg.Port == 0 {
+		// ipfw(8) RULE ACTIONS, divert port / tee port: ipfw2.c rejects
+		// port 0 ("illegal divert/tee port").
+		return Result{}, errors.New("ipfw: divert/tee port 0")
 	}
 	res := Result{Exact: true}
 	if l == nil {
@@ -142,6 +172,22 @@ func Lower(l *filter.Lowered, cfg Config) (Result, error) {
 		}
 	}
 	return res, nil
+}
+
+func validTag(tag string) bool {
+	if tag == "" {
+		return true
+	}
+	if len(tag) > MaxTag || strings.Contains(tag, "//") || tag[0] == '/' || tag[len(tag)-1] == ',' ||
+		strings.TrimSpace(tag) != tag {
+		return false
+	}
+	for i := 0; i < len(tag); i++ {
+		if tag[i] < 0x20 || tag[i] > 0x7e {
+			return false
+		}
+	}
+	return true
 }
 
 // Protocol numbers.
@@ -399,13 +445,27 @@ func (t *term) unsat() bool {
 	return !t.v4 && !t.v6
 }
 
-const listMax = 8 // most entries in an ipfw list we emit
+// Most entries in an address or port list we emit. ipfw(8) PACKET SELECTION
+// allows 30 ports or ranges; an IPv4 list entry takes 2 instruction words
+// and an IPv6 one 8, in an instruction of at most 63 words (ipv6.c fill_ip6:
+// "address list too long"), so IPv6 lists stop at 7.
+const (
+	listMax   = 8
+	listMaxV6 = 7
+)
+
+// icmp6MaxType is ICMP6_MAXTYPE of FreeBSD's <netinet/icmp6.h>: ipv6.c
+// fill_icmp6types rejects larger types ("ICMP6 type out of range") and the
+// kernel never matches them.
+const icmp6MaxType = 201
 
 // rules renders the term.
 func (t *term) rules(cfg *Config) ([]Rule, bool) {
 	exact := !t.inexact
 	var head []string // action through "to DST"
+	// ipfw(8) RULE FORMAT: [rule_number] [set set_number] action body.
 	head = append(head, "add", strconv.Itoa(int(cfg.Number)), "set", strconv.Itoa(int(cfg.Set)))
+	// ipfw(8) RULE ACTIONS: "divert port", "tee port", "deny".
 	switch cfg.Action {
 	case Divert:
 		head = append(head, "divert", strconv.Itoa(int(cfg.Port)))
@@ -416,34 +476,43 @@ func (t *term) rules(cfg *Config) ([]Rule, bool) {
 	}
 	proto, protoOpts, ok := t.protoSpec()
 	exact = exact && ok
-	head = append(head, proto)
+	head = append(head, proto...)
 
-	var src, dst string
+	// ipfw(8) PACKET SELECTION, "addr": any, [not] addr[/masklen] and
+	// comma-separated lists of them (IPv4: ip-addr; IPv6: ip6-addr).
+	src, dst := []string{"any"}, []string{"any"}
 	switch {
 	case t.v4 && !t.v6:
-		src, ok = addrSpec(&t.src4, v4Lo, v4Hi, 32)
-		exact = exact && ok
-		d, ok2 := addrSpec(&t.dst4, v4Lo, v4Hi, 32)
-		dst, exact = d, exact && ok2
+		var ok1, ok2 bool
+		src, ok1 = addrSpec(&t.src4, v4Lo, v4Hi, 32, listMax)
+		dst, ok2 = addrSpec(&t.dst4, v4Lo, v4Hi, 32, listMax)
+		exact = exact && ok1 && ok2
 	case t.v6 && !t.v4:
-		src, ok = addrSpec(&t.src6, u128{}, maxU128, 128)
-		exact = exact && ok
-		d, ok2 := addrSpec(&t.dst6, u128{}, maxU128, 128)
-		dst, exact = d, exact && ok2
-	default:
-		src, dst = "any", "any"
+		var ok1, ok2 bool
+		src, ok1 = addrSpec(&t.src6, u128{}, maxU128, 128, listMaxV6)
+		dst, ok2 = addrSpec(&t.dst6, u128{}, maxU128, 128, listMaxV6)
+		exact = exact && ok1 && ok2
 	}
-	head = append(head, "from", src, "to", dst)
+	head = append(head, "from")
+	head = append(head, src...)
+	head = append(head, "to")
+	head = append(head, dst...)
 
 	var opts []string
-	opts = append(opts, protoOpts...)
 	if t.v4 != t.v6 {
+		// ipfw(8) RULE OPTIONS: "ip4 | ipv4", "ip6 | ipv6". Needed also
+		// next to addresses: "not ADDR" holds for the other family.
 		if t.v4 {
 			opts = append(opts, "ip4")
 		} else {
 			opts = append(opts, "ip6")
 		}
 	}
+	opts = append(opts, protoOpts...)
+	// ipfw(8) RULE OPTIONS: "src-port ports", "dst-port ports" (ports as
+	// in PACKET SELECTION: port or port-port, comma-separated),
+	// "tcpflags spec" (comma-separated, "!" for absence), "icmptypes types"
+	// and "icmp6types types" (comma-separated single types, no ranges).
 	var l4 []string
 	if p, ok := portSpec(&t.sport); p != "" {
 		l4 = append(l4, "src-port", p)
@@ -474,7 +543,7 @@ func (t *term) rules(cfg *Config) ([]Rule, bool) {
 		}
 	}
 	if !t.icmp6.isFull(u128{}, u64(255)) {
-		if s, ok := typeList(&t.icmp6, 255); ok {
+		if s, ok := typeList(&t.icmp6, icmp6MaxType); ok {
 			l4 = append(l4, "icmp6types", s)
 		} else {
 			exact = false
@@ -487,13 +556,21 @@ func (t *term) rules(cfg *Config) ([]Rule, bool) {
 		if t.in && !t.out && !cfg.Forward && t.ifIdx.lo == t.ifIdx.hi && cfg.IfName != nil {
 			name, ok = cfg.IfName(uint32(t.ifIdx.lo.lo))
 		}
-		if ok && name != "" && !strings.ContainsAny(name, " */?[") {
+		if ok && validIfName(name) {
+			// ipfw(8) RULE OPTIONS, "recv | xmit | via {ifX | if* | ...}".
 			iface = []string{"recv", name}
 		} else {
 			exact = false
 		}
 	}
 
+	// ipfw(8) RULE OPTIONS, "in | out" and "recv ... if*": "packets
+	// originating from the local host have no receive interface". The
+	// pattern "*" (ipfw2.c fill_iface: a name with "*", "?" or "[" is a
+	// shell pattern) matches any interface, and no interface at all fails
+	// the match, so "out recv *" is a forwarded packet and "out not recv *"
+	// a locally generated one. ("recv any" would not do: ipfw drops that
+	// test from the rule, together with its "not".)
 	var dirs [][]string
 	if cfg.Forward {
 		// Forwarded packets carry their receive interface on the way out;
@@ -513,6 +590,8 @@ func (t *term) rules(cfg *Config) ([]Rule, bool) {
 
 	tail := []string{}
 	if cfg.Tag != "" {
+		// ipfw(8) RULE OPTIONS, "// this is a comment": everything after
+		// "//" is the comment, so it goes last.
 		tail = append(tail, "//", cfg.Tag)
 	}
 	var out []Rule
@@ -520,7 +599,8 @@ func (t *term) rules(cfg *Config) ([]Rule, bool) {
 		r := append(append(append(append(append(Rule{}, head...), opts...), l4...), d...), iface...)
 		out = append(out, append(r, tail...))
 		if len(l4) > 0 {
-			// companion: the non-first fragments of the same datagrams
+			// companion: the fragments of the same datagrams that the
+			// transport tests cannot match (see the package comment)
 			c := append(append(append(append(append(Rule{}, head...), opts...), "frag"), d...), iface...)
 			out = append(out, append(c, tail...))
 		}
@@ -537,10 +617,17 @@ func protoName(p uint64) string {
 	return strconv.FormatUint(p, 10)
 }
 
-// protoSpec renders the protocol set: the header word, and options.
-func (t *term) protoSpec() (string, []string, bool) {
+// protoSpec renders the protocol set: the words of the header protocol,
+// option words, and whether they match exactly the set. ipfw(8) PACKET
+// SELECTION, "proto: protocol | { protocol or ... }", a name from
+// /etc/protocols or a number; "ip" (or "all") is every protocol. RULE
+// OPTIONS, "proto protocol", with "not" in front (RULE OPTIONS: options may
+// be prefixed by "not"). ipfw2.c add_proto0 refuses protocol 0 (the kernel
+// reserves an O_PROTO argument of 0), so a set that needs 0 named is
+// widened instead.
+func (t *term) protoSpec() ([]string, []string, bool) {
 	if t.proto.isFull(u128{}, u64(255)) {
-		return "ip", nil, true
+		return []string{"ip"}, nil, true
 	}
 	var allowed []uint64
 	for _, r := range t.proto.ranges() {
@@ -549,49 +636,77 @@ func (t *term) protoSpec() (string, []string, bool) {
 		}
 	}
 	switch {
+	case allowed[0] == 0 && 256-len(allowed) > 4:
+		return []string{"ip"}, nil, false
 	case len(allowed) == 1:
-		return protoName(allowed[0]), nil, true
+		return []string{protoName(allowed[0])}, nil, true
 	case len(allowed) <= 4:
-		parts := []string{"{"}
+		words := []string{"{"}
 		for i, p := range allowed {
 			if i > 0 {
-				parts = append(parts, "or")
+				words = append(words, "or")
 			}
-			parts = append(parts, protoName(p))
+			words = append(words, protoName(p))
 		}
-		return strings.Join(append(parts, "}"), " "), nil, true
+		return append(words, "}"), nil, true
 	case 256-len(allowed) <= 4:
 		var opts []string
+		exact := true
 		for p := uint64(0); p < 256; p++ {
-			if !t.proto.has(u64(p)) {
-				opts = append(opts, "not", "proto", protoName(p))
+			if t.proto.has(u64(p)) {
+				continue
 			}
+			if p == 0 {
+				exact = false // cannot be written; leave to user space
+				continue
+			}
+			opts = append(opts, "not", "proto", protoName(p))
 		}
-		return "ip", opts, true
+		return []string{"ip"}, opts, exact
 	}
-	return "ip", nil, false
+	return []string{"ip"}, nil, false
 }
 
-// addrSpec renders an address set of a width-bit family.
-func addrSpec(s *set, lo, hi u128, width int) (string, bool) {
+// addrSpec renders an address set of a width-bit family as the words of an
+// ipfw address ("any", "not" ADDR, or a comma-separated list of at most
+// max addr[/masklen]), and whether they match exactly the set.
+func addrSpec(s *set, lo, hi u128, width, max int) ([]string, bool) {
 	if s.isFull(lo, hi) {
-		return "any", true
+		return []string{"any"}, true
 	}
 	if s.lo == lo && s.hi == hi && len(s.ne) == 1 {
-		return "not " + addrText(s.ne[0], width), true
+		return []string{"not", addrText(s.ne[0], width)}, true
 	}
 	var parts []string
 	for _, r := range s.ranges() {
-		cs, ok := cidrs(r[0], r[1], width, listMax-len(parts))
+		cs, ok := cidrs(r[0], r[1], width, max-len(parts))
 		if !ok {
 			c := cover(s.lo, s.hi, width)
-			return cidrText(c, width), false
+			return []string{cidrText(c, width)}, false
 		}
 		for _, c := range cs {
 			parts = append(parts, cidrText(c, width))
 		}
 	}
-	return strings.Join(parts, ","), true
+	return []string{strings.Join(parts, ",")}, true
+}
+
+// validIfName reports whether name can follow "recv" as an exact interface
+// name: ipfw2.c fill_iface reads "any" as no test at all, "table(" as a
+// lookup table, a leading digit as an IPv4 address and "*", "?" or "[" as a
+// shell pattern, and keeps at most IFNAMSIZ-1 (15) bytes.
+func validIfName(name string) bool {
+	if name == "" || len(name) > 15 || name == "any" || strings.HasPrefix(name, "table(") ||
+		(name[0] >= '0' && name[0] <= '9') || name[0] == '/' || name[len(name)-1] == ',' {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		switch c := name[i]; {
+		case c <= 0x20 || c >= 0x7f, c == '*', c == '?', c == '[':
+			return false
+		}
+	}
+	return true
 }
 
 func addrText(a u128, width int) string {

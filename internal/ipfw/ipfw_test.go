@@ -147,6 +147,65 @@ func TestLowerGolden(t *testing.T) {
 			},
 		},
 		{
+			name: "protocol list as an or-block",
+			l: terms(conds(yes(filter.FieldInbound), c(filter.FieldProtocol, filter.OpGe, 6), c(filter.FieldProtocol, filter.OpLe, 17),
+				c(filter.FieldProtocol, filter.OpNe, 7), c(filter.FieldProtocol, filter.OpNe, 8), c(filter.FieldProtocol, filter.OpNe, 9),
+				c(filter.FieldProtocol, filter.OpNe, 10), c(filter.FieldProtocol, filter.OpNe, 11), c(filter.FieldProtocol, filter.OpNe, 12),
+				c(filter.FieldProtocol, filter.OpNe, 13), c(filter.FieldProtocol, filter.OpNe, 14), c(filter.FieldProtocol, filter.OpNe, 15),
+				c(filter.FieldProtocol, filter.OpNe, 16))),
+			want: []string{
+				"add 31000 set 5 divert 40000 { tcp or udp } from any to any in // " + tag,
+			},
+		},
+		{
+			name: "protocol 0 cannot be named: widened",
+			l:    terms(conds(yes(filter.FieldInbound), c(filter.FieldProtocol, filter.OpLe, 1))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to any in // " + tag,
+			},
+		},
+		{
+			name: "protocol 0 cannot be excluded: left to user space",
+			l:    terms(conds(yes(filter.FieldInbound), c(filter.FieldProtocol, filter.OpNe, 0), c(filter.FieldProtocol, filter.OpNe, 6))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to any not proto tcp in // " + tag,
+			},
+		},
+		{
+			name: "icmp6 types above ICMP6_MAXTYPE are left to user space",
+			l:    terms(conds(yes(filter.FieldInbound), yes(filter.FieldICMPv6), c(filter.FieldICMPv6Type, filter.OpGe, 200))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ipv6-icmp from any to any ip6 in // " + tag,
+			},
+		},
+		{
+			name: "ipv6 lists stop at seven entries",
+			l: terms(conds(yes(filter.FieldInbound),
+				v6(filter.FieldIPv6DstAddr, filter.OpGe, 0xfd00_0000_0000_0000, 1), v6(filter.FieldIPv6DstAddr, filter.OpLe, 0xfd00_0000_0000_0000, 15))),
+			// 1, 2/127, 4/126, 8/125: four entries fit
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to fd00::1,fd00::2/127,fd00::4/126,fd00::8/125 ip6 in // " + tag,
+			},
+			exact: false,
+		},
+		{
+			name: "ipv6 eight entries widen to a cover",
+			l: terms(conds(yes(filter.FieldInbound),
+				v6(filter.FieldIPv6DstAddr, filter.OpGe, 0xfd00_0000_0000_0000, 1), v6(filter.FieldIPv6DstAddr, filter.OpLe, 0xfd00_0000_0000_0000, 0xff))),
+			// 1, 2/127, ..., 128/121 is eight entries: too long for ipfw
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to fd00::/120 ip6 in // " + tag,
+			},
+		},
+		{
+			name: "ipv4 eight entries fit",
+			l: terms(conds(yes(filter.FieldInbound),
+				c(filter.FieldIPDstAddr, filter.OpGe, v4(10, 0, 0, 1)), c(filter.FieldIPDstAddr, filter.OpLe, v4(10, 0, 0, 255)))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to 10.0.0.1,10.0.0.2/31,10.0.0.4/30,10.0.0.8/29,10.0.0.16/28,10.0.0.32/27,10.0.0.64/26,10.0.0.128/25 ip4 in // " + tag,
+			},
+		},
+		{
 			name: "protocol exclusions",
 			l:    terms(conds(yes(filter.FieldInbound), c(filter.FieldProtocol, filter.OpNe, 6), c(filter.FieldProtocol, filter.OpNe, 17))),
 			want: []string{
@@ -243,6 +302,7 @@ func TestLowerGolden(t *testing.T) {
 			}
 			var got []string
 			for _, r := range res.Rules {
+				checkWords(t, r)
 				got = append(got, r.String())
 			}
 			if strings.Join(got, "\n") != strings.Join(tc.want, "\n") {
@@ -252,6 +312,68 @@ func TestLowerGolden(t *testing.T) {
 				t.Errorf("Exact = %v, want %v", res.Exact, tc.exact)
 			}
 		})
+	}
+}
+
+// checkWords fails unless every argv element of r is one ipfw word: ipfw(8)
+// run with several arguments does not split them, so only the comment after
+// "//" may hold spaces.
+func checkWords(t *testing.T, r Rule) {
+	t.Helper()
+	for i, w := range r {
+		if i > 0 && r[i-1] == "//" {
+			if i != len(r)-1 {
+				t.Fatalf("comment is not last in %q", r)
+			}
+			continue
+		}
+		if w == "" || strings.ContainsAny(w, " \t\n") {
+			t.Fatalf("argument %d %q of %q is not one word", i, w, r.String())
+		}
+	}
+}
+
+func TestLowerWords(t *testing.T) {
+	cfg := Config{Number: 100, Set: 1, Port: 8668, Action: Tee, Tag: tag}
+	l := terms(
+		conds(yes(filter.FieldOutbound), yes(filter.FieldIP), c(filter.FieldIPDstAddr, filter.OpNe, v4(192, 0, 2, 1)),
+			c(filter.FieldProtocol, filter.OpGe, 6), c(filter.FieldProtocol, filter.OpLe, 17),
+			c(filter.FieldProtocol, filter.OpNe, 7), c(filter.FieldProtocol, filter.OpNe, 8), c(filter.FieldProtocol, filter.OpNe, 9),
+			c(filter.FieldProtocol, filter.OpNe, 10), c(filter.FieldProtocol, filter.OpNe, 11), c(filter.FieldProtocol, filter.OpNe, 12),
+			c(filter.FieldProtocol, filter.OpNe, 13), c(filter.FieldProtocol, filter.OpNe, 14), c(filter.FieldProtocol, filter.OpNe, 15),
+			c(filter.FieldProtocol, filter.OpNe, 16)),
+	)
+	res, err := Lower(l, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Rule{"add", "100", "set", "1", "tee", "8668", "{", "tcp", "or", "udp", "}", "from", "any", "to", "not", "192.0.2.1",
+		"ip4", "out", "not", "recv", "*", "//", tag}
+	if len(res.Rules) != 1 || strings.Join(res.Rules[0], "|") != strings.Join(want, "|") {
+		t.Fatalf("rules = %q, want %q", res.Rules, want)
+	}
+}
+
+func TestLowerIfNames(t *testing.T) {
+	for _, name := range []string{"", "any", "1abc", "table(t)", "em*", "e?", "e[0]", "a b", "interfacenamelong", "/x", "em0,"} {
+		res, err := Lower(terms(conds(yes(filter.FieldInbound), c(filter.FieldIfIdx, filter.OpEq, 3))),
+			Config{Number: 1, Port: 1, IfName: func(uint32) (string, bool) { return name, true }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range res.Rules {
+			if strings.Contains(r.String(), " recv "+name) && name != "" {
+				t.Errorf("interface %q used: %q", name, r.String())
+			}
+		}
+		if res.Exact {
+			t.Errorf("interface %q: exact", name)
+		}
+	}
+	res, _ := Lower(terms(conds(yes(filter.FieldInbound), c(filter.FieldIfIdx, filter.OpEq, 3))),
+		Config{Number: 1, Port: 1, IfName: func(uint32) (string, bool) { return "epair0b", true }})
+	if len(res.Rules) != 1 || !strings.HasSuffix(res.Rules[0].String(), " in recv epair0b") {
+		t.Fatalf("rules = %q", res.Rules)
 	}
 }
 
@@ -276,8 +398,16 @@ func TestLowerConfigErrors(t *testing.T) {
 		{Number: 0},
 		{Number: 65535},
 		{Number: 1, Set: 31},
-		{Number: 1, Tag: "a // b"},
-		{Number: 1, Action: 9},
+		{Number: 1, Port: 1, Tag: "a // b"},
+		{Number: 1, Port: 1, Action: 9},
+		{Number: 1, Port: 0, Action: Divert},
+		{Number: 1, Port: 0, Action: Tee},
+		{Number: 1, Port: 1, Tag: strings.Repeat("x", MaxTag+1)},
+		{Number: 1, Port: 1, Tag: "/etc/rules"},
+		{Number: 1, Port: 1, Tag: "a,"},
+		{Number: 1, Port: 1, Tag: "a\tb"},
+		{Number: 1, Port: 1, Tag: " a"},
+		{Number: 1, Port: 1, Tag: "caf\u00e9"},
 	} {
 		if _, err := Lower(terms(), cfg); err == nil {
 			t.Errorf("Lower(%+v) accepted", cfg)
@@ -323,6 +453,7 @@ func TestParseList(t *testing.T) {
 01000 set 6 tee 40001 udp from any to any dst-port 53 in // netdivert pid=77 port=40001
 02000 set 7 allow ip from any to any // someone else's comment
 garbage
+100000 set 8 count ip from any to any
 65535 set 31 deny ip from any to any
 `
 	got := ParseList(out)
@@ -332,6 +463,7 @@ garbage
 		{Number: 31000, Set: 5, Owned: true, PID: 42, Port: 40000},
 		{Number: 1000, Set: 6, Owned: true, PID: 77, Port: 40001},
 		{Number: 2000, Set: 7},
+		{Number: 100000, Set: 8},
 		{Number: 65535, Set: 31},
 	}
 	if len(got) != len(want) {
@@ -409,6 +541,7 @@ func FuzzLower(f *testing.F) {
 			t.Fatal(err)
 		}
 		for _, r := range res.Rules {
+			checkWords(t, r)
 			s := r.String()
 			if !strings.HasPrefix(s, "add 31000 set 3 divert 9 ") || !strings.HasSuffix(s, "// "+tag) {
 				t.Fatalf("malformed rule %q", s)

@@ -17,7 +17,10 @@ func Tag(pid int, port uint16) string {
 
 // Listed is one rule of "ipfw -S list" output.
 type Listed struct {
-	Number uint16
+	// Number is the rule number. It is read as 32 bits: rules this package
+	// did not write may carry numbers above 65535 on systems whose ipfw has
+	// 32-bit rule numbers, and their sets must still count as in use.
+	Number uint32
 	Set    uint8
 	Owned  bool // the comment is one of our tags
 	PID    int  // from the tag
@@ -26,7 +29,11 @@ type Listed struct {
 
 // ParseList parses the output of "ipfw -S list" (lines such as
 // "31000 set 5 divert 40000 ip from any to any in // netdivert pid=7 port=40000").
-// Lines it does not understand are skipped.
+// ipfw(8) OPTIONS, -S: "While listing rules, show the set each rule belongs
+// to" (and list disabled rules too); ipfw2.c show_static_rule prints the
+// rule number (zero-padded to five digits), then "set N ", then the rule,
+// and a comment last as "// text". Lines it does not understand are
+// skipped.
 func ParseList(out string) []Listed {
 	var rules []Listed
 	for _, line := range strings.Split(out, "\n") {
@@ -34,7 +41,7 @@ func ParseList(out string) []Listed {
 		if len(f) < 3 || f[1] != "set" {
 			continue
 		}
-		n, err := strconv.ParseUint(f[0], 10, 16)
+		n, err := strconv.ParseUint(f[0], 10, 32)
 		if err != nil {
 			continue
 		}
@@ -42,7 +49,7 @@ func ParseList(out string) []Listed {
 		if err != nil || s > 31 {
 			continue
 		}
-		r := Listed{Number: uint16(n), Set: uint8(s)}
+		r := Listed{Number: uint32(n), Set: uint8(s)}
 		if i := strings.Index(line, "// "); i >= 0 {
 			r.PID, r.Port, r.Owned = parseTag(strings.TrimSpace(line[i+3:]))
 		}
@@ -67,7 +74,8 @@ func parseTag(c string) (pid int, port uint16, ok bool) {
 	return p, uint16(q), true
 }
 
-// ParseSetShow parses "ipfw set show" ("disable 3 4 enable 0 1 2 5 ...")
+// ParseSetShow parses "ipfw set show" ("disable 3 4 enable 0 1 2 5 ...";
+// ipfw(8) SETS OF RULES)
 // and returns the disabled sets as a bit mask.
 func ParseSetShow(out string) (disabled uint32, err error) {
 	mode := ""
