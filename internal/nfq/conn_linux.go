@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -30,6 +31,9 @@ const (
 	slotOverhead  = 1024 // netlink, nfgenmsg and attribute headers around the payload
 	sendLimit     = 256 << 10
 	sndBuf        = 1 << 20
+	// maxWait bounds one ppoll of a blocking read: a safety net only, as
+	// Close and SetReadDeadline wake the waiter through the eventfd.
+	maxWait = 500 * time.Millisecond
 )
 
 // Config says how to open a Conn.
@@ -54,8 +58,17 @@ type Config struct {
 }
 
 // Conn is a NETLINK_NETFILTER socket bound to one NFQUEUE queue, in the
-// network namespace of the thread that opened it. It is integrated with the
-// Go runtime poller: Next honours SetReadDeadline, and Close unblocks it.
+// network namespace of the thread that opened it. Next honours
+// SetReadDeadline, and Close unblocks it.
+//
+// A blocking Next that finds the socket empty does not park in the Go
+// runtime poller: it waits in a blocking ppoll(2) on the socket and an
+// eventfd, on its own thread (the runtime hands the P to other goroutines
+// meanwhile), so that the kernel wakes the waiting thread directly when a
+// packet arrives — one scheduler hop less than the poller's epoll wakeup.
+// Close and SetReadDeadline write the eventfd, so a waiter notices them at
+// once. The socket is in blocking mode, outside the runtime poller; every
+// read is MSG_DONTWAIT.
 //
 // Next, Buffered and the receive state must be used by one goroutine at a
 // time; Send likewise; Next and Send may run concurrently.
@@ -77,7 +90,6 @@ type Conn struct {
 	prvOff  int
 	flushFn func() // called before Next blocks in a read
 	stopped bool   // StopQueueing was called (send side state)
-	rflags  int
 	rn      int
 	rerr    syscall.Errno
 	// drained: the last read returned fewer datagrams than it had slots,
@@ -86,8 +98,20 @@ type Conn struct {
 	// to the kernel since (sendGen moved: its answer may be waiting).
 	drained    bool
 	drainedGen uint32
-	readFn     func(fd uintptr) bool
 	ctlFn      func(fd uintptr)
+
+	// blocking wait (see pollWait)
+	efd      int // eventfd that Close and SetReadDeadline write
+	pfds     [2]unix.PollFd
+	pts      unix.Timespec
+	ebuf     [8]byte
+	werr     error
+	waitFn   func(fd uintptr)
+	waiting  atomic.Bool  // a Next is in pollWait: wake it on changes
+	deadline atomic.Int64 // read deadline on the mono clock; 0: none
+	emu      sync.Mutex   // guards efdOpen and efdUsers
+	efdOpen  bool         // Close has not let go of efd
+	efdUsers int          // pollWait calls using efd; the last one out after Close closes it
 
 	// send state
 	sbuf    []byte
@@ -99,6 +123,7 @@ type Conn struct {
 	closed    atomic.Bool
 	reads     atomic.Uint64
 	emptyRds  atomic.Uint64
+	polls     atomic.Uint64
 	sends     atomic.Uint64
 	enobufs   atomic.Uint64
 	truncs    atomic.Uint64
@@ -117,7 +142,12 @@ func Open(cfg Config) (*Conn, error) {
 	if cfg.Slots <= 0 {
 		cfg.Slots = DefaultSlots
 	}
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+	// A blocking socket: os.NewFile then leaves it out of the runtime
+	// poller, whose epoll would otherwise wake a thread for every packet
+	// that finds the socket empty, in parallel with the waiting Next
+	// (see pollWait). Reads are MSG_DONTWAIT; writes to the kernel never
+	// wait for the peer.
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
 	if err != nil {
 		return nil, socketError("open netlink socket", err)
 	}
@@ -132,8 +162,15 @@ func Open(cfg Config) (*Conn, error) {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, sndBuf); err != nil {
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, sndBuf)
 	}
+	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("nfq: eventfd: %w", err)
+	}
 	c := &Conn{
-		f: os.NewFile(uintptr(fd), "nfqueue"),
+		efd:     efd,
+		efdOpen: true,
+		f:       os.NewFile(uintptr(fd), "nfqueue"),
 		cfg: QueueConfig{
 			CopyRange: cfg.CopyRange,
 			MaxLen:    cfg.MaxLen,
@@ -145,12 +182,12 @@ func Open(cfg Config) (*Conn, error) {
 		c.cfg.Flags |= FlagFailOpen
 	}
 	if c.rc, err = c.f.SyscallConn(); err != nil {
-		c.f.Close()
+		c.Close()
 		return nil, fmt.Errorf("nfq: %w", err)
 	}
 	if cfg.RcvBuf > 0 {
 		if err := c.SetReadBuffer(cfg.RcvBuf); err != nil {
-			c.f.Close()
+			c.Close()
 			return nil, err
 		}
 	}
@@ -159,11 +196,11 @@ func Open(cfg Config) (*Conn, error) {
 	c.writeFn = c.write
 
 	if err := c.bind(cfg.Queue, cfg.Auto); err != nil {
-		c.f.Close()
+		c.Close()
 		return nil, err
 	}
 	if err := c.configure(&c.cfg); err != nil {
-		c.f.Close()
+		c.Close()
 		return nil, err
 	}
 	return c, nil
@@ -278,25 +315,108 @@ func (c *Conn) initRecv(n, size int) {
 		c.hdrs[i].Hdr.Iov = &c.iovs[i]
 		c.hdrs[i].Hdr.SetIovlen(1)
 	}
-	c.readFn = c.read
-	c.ctlFn = func(fd uintptr) { c.read(fd) }
+	c.ctlFn = c.read
+	c.waitFn = func(fd uintptr) { c.werr = c.pollWait(int32(fd)) }
 }
 
-func (c *Conn) read(fd uintptr) bool {
+// read is one non-blocking recvmmsg into c.hdrs.
+func (c *Conn) read(fd uintptr) {
 	for i := range c.hdrs {
 		c.hdrs[i].Len = 0
 		c.hdrs[i].Hdr.Flags = 0
 	}
-	n, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&c.hdrs[0])), uintptr(len(c.hdrs)), uintptr(c.rflags), 0, 0)
+	n, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&c.hdrs[0])), uintptr(len(c.hdrs)), unix.MSG_DONTWAIT, 0, 0)
 	c.reads.Add(1)
 	if e == unix.EAGAIN {
 		c.emptyRds.Add(1)
-		if c.rflags == 0 {
-			return false // wait in the poller
-		}
 	}
 	c.rn, c.rerr = int(n), e
-	return true
+}
+
+// pollWait blocks the calling thread in ppoll(2) until the socket fd is
+// readable (nil), the Conn is closed (os.ErrClosed) or the read deadline
+// passes (os.ErrDeadlineExceeded). It runs inside rc.Control, whose
+// reference keeps fd from being closed under it; efd is kept open by
+// efdUsers.
+func (c *Conn) pollWait(fd int32) error {
+	c.emu.Lock()
+	if !c.efdOpen {
+		c.emu.Unlock()
+		return os.ErrClosed
+	}
+	c.efdUsers++
+	c.emu.Unlock()
+	defer func() {
+		c.emu.Lock()
+		c.efdUsers--
+		if !c.efdOpen && c.efdUsers == 0 {
+			unix.Close(c.efd)
+		}
+		c.emu.Unlock()
+	}()
+	// waiting is set before the state is checked, and Close and
+	// SetReadDeadline change the state before they look at waiting: either
+	// the check below sees the change, or they write the eventfd.
+	c.waiting.Store(true)
+	defer c.waiting.Store(false)
+	for {
+		if c.closed.Load() {
+			return os.ErrClosed
+		}
+		timeout := int64(maxWait)
+		if dl := c.deadline.Load(); dl != 0 {
+			rem := dl - mono()
+			if rem <= 0 {
+				return os.ErrDeadlineExceeded
+			}
+			timeout = min(rem, timeout)
+		}
+		c.pfds[0] = unix.PollFd{Fd: fd, Events: unix.POLLIN}
+		c.pfds[1] = unix.PollFd{Fd: int32(c.efd), Events: unix.POLLIN}
+		c.pts = unix.NsecToTimespec(timeout)
+		_, _, e := unix.Syscall6(unix.SYS_PPOLL, uintptr(unsafe.Pointer(&c.pfds[0])), 2, uintptr(unsafe.Pointer(&c.pts)), 0, 0, 0)
+		c.polls.Add(1)
+		switch e {
+		case 0:
+		case unix.EINTR:
+			continue
+		default:
+			return fmt.Errorf("ppoll: %w", e)
+		}
+		if c.pfds[1].Revents != 0 {
+			// Woken: reset the eventfd, then check the state again.
+			unix.Syscall(unix.SYS_READ, uintptr(c.efd), uintptr(unsafe.Pointer(&c.ebuf[0])), uintptr(len(c.ebuf)))
+			continue
+		}
+		if c.pfds[0].Revents != 0 {
+			return nil // readable, or an error the read reports
+		}
+	}
+}
+
+// wake makes a Next waiting in pollWait check the state again.
+func (c *Conn) wake() {
+	if !c.waiting.Load() {
+		return
+	}
+	c.emu.Lock()
+	if c.efdOpen {
+		one := [8]byte{1}
+		unix.Write(c.efd, one[:])
+	}
+	c.emu.Unlock()
+}
+
+// epoch anchors mono.
+var epoch = time.Now()
+
+// mono is nanoseconds on the monotonic clock since the package started.
+func mono() int64 { return int64(time.Since(epoch)) }
+
+// expired reports whether the read deadline has passed.
+func (c *Conn) expired() bool {
+	dl := c.deadline.Load()
+	return dl != 0 && mono() >= dl
 }
 
 // fill reads datagrams into the buffer. With datagrams still buffered
@@ -333,20 +453,17 @@ func (c *Conn) readInto(first int, block bool) error {
 	defer func() { c.hdrs = hdrs }()
 	c.drained = false
 	for {
+		if block && c.expired() {
+			// As a read in the runtime poller: a passed deadline fails a
+			// blocking read even when data is queued.
+			return c.ioError(os.ErrDeadlineExceeded)
+		}
 		// Loaded before the syscall: a Send completing after this point
 		// moves sendGen, so its answer cannot hide behind the hint.
 		gen := c.sendGen.Load()
-		var err error
-		if block {
-			c.rflags = 0
-			err = c.rc.Read(c.readFn)
-		} else {
-			// Control, not Read: a non-blocking read must work even past
-			// the read deadline (draining after Shutdown).
-			c.rflags = unix.MSG_DONTWAIT
-			err = c.rc.Control(c.ctlFn)
-		}
-		if err != nil {
+		// A non-blocking read works even past the read deadline
+		// (draining after Shutdown).
+		if err := c.rc.Control(c.ctlFn); err != nil {
 			return c.ioError(err)
 		}
 		switch c.rerr {
@@ -360,7 +477,18 @@ func (c *Conn) readInto(first int, block bool) error {
 			c.drained, c.drainedGen = c.rn < len(c.hdrs), gen
 			return nil
 		case unix.EAGAIN:
-			return ErrNoData
+			if !block {
+				return ErrNoData
+			}
+			if err := c.rc.Control(c.waitFn); err != nil {
+				return c.ioError(err)
+			}
+			if c.werr != nil {
+				err := c.werr
+				c.werr = nil
+				return c.ioError(err)
+			}
+			continue
 		case unix.EINTR:
 			continue
 		case unix.ENOBUFS:
@@ -392,8 +520,8 @@ func (c *Conn) Buffered() bool {
 
 // Next decodes the next queued packet into p; p.Payload aliases the
 // receive buffer until the next call. When nothing is buffered it reads a
-// batch of datagrams: blocking in the poller if block is set (honouring the
-// read deadline and Close), else returning ErrNoData when nothing is queued.
+// batch of datagrams: waiting for one if block is set (honouring the read
+// deadline and Close), else returning ErrNoData when nothing is queued.
 // Kernel error answers (such as ENOENT for a stale verdict) are counted and
 // skipped.
 func (c *Conn) Next(p *Packet, block bool) error {
@@ -536,11 +664,19 @@ func (c *Conn) SetReadBuffer(n int) error {
 	return nil
 }
 
-// SetReadDeadline sets the deadline of blocking Next calls.
+// SetReadDeadline sets the deadline of blocking Next calls; a zero t means
+// none. It wakes a Next waiting meanwhile, which then fails with
+// os.ErrDeadlineExceeded if t has passed.
 func (c *Conn) SetReadDeadline(t time.Time) error {
-	if err := c.f.SetReadDeadline(t); err != nil {
-		return c.ioError(err)
+	if c.closed.Load() {
+		return fmt.Errorf("nfq: %w", os.ErrClosed)
 	}
+	var dl int64
+	if !t.IsZero() {
+		dl = max(mono()+int64(time.Until(t)), 1)
+	}
+	c.deadline.Store(dl)
+	c.wake()
 	return nil
 }
 
@@ -548,6 +684,7 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 type Stats struct {
 	Reads        uint64        // receive syscalls (recvmmsg), EmptyReads included
 	EmptyReads   uint64        // receive syscalls that found nothing (EAGAIN)
+	Waits        uint64        // ppoll syscalls of blocking reads waiting for the socket (wakeups included)
 	Sends        uint64        // send syscalls (one per Send)
 	ENOBUFS      uint64        // receive overflows reported to the socket
 	Truncated    uint64        // datagrams larger than a receive slot (skipped)
@@ -560,6 +697,7 @@ func (c *Conn) Stats() Stats {
 	return Stats{
 		Reads:        c.reads.Load(),
 		EmptyReads:   c.emptyRds.Load(),
+		Waits:        c.polls.Load(),
 		Sends:        c.sends.Load(),
 		ENOBUFS:      c.enobufs.Load(),
 		Truncated:    c.truncs.Load(),
@@ -573,7 +711,20 @@ func (c *Conn) Stats() Stats {
 // error wrapping os.ErrClosed.
 func (c *Conn) Close() error {
 	c.closed.Store(true)
-	if err := c.f.Close(); err != nil {
+	// Wake a waiting Next: it returns, letting go of the socket (closed
+	// when the last reference to it ends) and of the eventfd (closed here
+	// or, if a Next still uses it, by that Next).
+	c.wake()
+	err := c.f.Close()
+	c.emu.Lock()
+	if c.efdOpen {
+		c.efdOpen = false
+		if c.efdUsers == 0 {
+			unix.Close(c.efd)
+		}
+	}
+	c.emu.Unlock()
+	if err != nil {
 		return c.ioError(err)
 	}
 	return nil

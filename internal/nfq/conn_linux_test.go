@@ -318,3 +318,126 @@ func TestConnDrainedHint(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestConnWaitWakeups checks the blocking wait of Next (ppoll on the
+// socket and the eventfd): a packet wakes it, SetReadDeadline and Close
+// wake it at once rather than after maxWait, and a Next/Send cycle on
+// queued packets allocates nothing.
+func TestConnWaitWakeups(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "nfqw", 0)
+	c := openIn(t, l.B.NS, Config{Queue: 400, Auto: true})
+	const port = 9996
+	queueRule(t, l.B.NS, c.Queue(), port)
+	dst := netip.AddrPortFrom(l.B.V4, port)
+	var p Packet
+
+	// block runs a blocking Next in a goroutine after the test's own
+	// wait has begun, and returns its result and how long it took.
+	type result struct {
+		err error
+		d   time.Duration
+	}
+	block := func() chan result {
+		t.Helper()
+		ch := make(chan result, 1)
+		go func() {
+			start := time.Now()
+			err := c.Next(&p, true)
+			ch <- result{err, time.Since(start)}
+		}()
+		// Until the goroutine waits in ppoll.
+		for i := 0; i < 200 && !c.waiting.Load(); i++ {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if !c.waiting.Load() {
+			select {
+			case r := <-ch:
+				t.Fatalf("Next returned without waiting: %v", r.err)
+			default:
+				t.Fatal("Next never started waiting")
+			}
+		}
+		return ch
+	}
+	get := func(ch chan result) result {
+		t.Helper()
+		select {
+		case r := <-ch:
+			return r
+		case <-time.After(5 * time.Second):
+			t.Fatal("Next still blocked after 5 s")
+		}
+		return result{}
+	}
+
+	// A packet wakes the waiter.
+	w0 := c.Stats().Waits
+	ch := block()
+	if err := l.A.NS.SendUDP(dst, []byte("wake"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	if r := get(ch); r.err != nil || string(p.Payload[len(p.Payload)-4:]) != "wake" {
+		t.Fatalf("Next: %v, payload %q", r.err, p.Payload)
+	}
+	if s := c.Stats(); s.Waits <= w0 || s.EmptyReads == 0 {
+		t.Fatalf("stats %+v: want a wait and an empty read", s)
+	}
+	if err := c.Send(AppendVerdict(nil, c.Queue(), p.ID, Accept, nil)); err != nil {
+		t.Fatal(err)
+	}
+
+	// A deadline set during the wait is taken into account at once: the
+	// waiter, woken, sleeps 30 ms more rather than maxWait (500 ms).
+	ch = block()
+	if err := c.SetReadDeadline(time.Now().Add(30 * time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	if r := get(ch); !errors.Is(r.err, os.ErrDeadlineExceeded) || r.d > maxWait*3/4 {
+		t.Fatalf("Next with a 30 ms deadline set while waiting: %v after %v", r.err, r.d)
+	}
+	// A passed deadline fails a blocking Next at once, data or not.
+	start := time.Now()
+	if err := c.Next(&p, true); !errors.Is(err, os.ErrDeadlineExceeded) || time.Since(start) > maxWait/2 {
+		t.Fatalf("Next past the deadline: %v after %v", err, time.Since(start))
+	}
+	// Clearing it lets Next wait again; a past deadline set meanwhile
+	// (as Shutdown does) wakes it.
+	c.SetReadDeadline(time.Time{})
+	ch = block()
+	c.SetReadDeadline(time.Unix(1, 0))
+	if r := get(ch); !errors.Is(r.err, os.ErrDeadlineExceeded) || r.d > maxWait*3/4 {
+		t.Fatalf("Next woken by a past deadline: %v after %v", r.err, r.d)
+	}
+	c.SetReadDeadline(time.Time{})
+
+	// No allocation per packet: queued packets, Next and a verdict.
+	const n = 60
+	if err := l.A.NS.SendUDP(dst, []byte("x"), n, 0); err != nil {
+		t.Fatal(err)
+	}
+	vbuf := make([]byte, 0, 256)
+	cycle := func() {
+		if err := c.Next(&p, true); err != nil {
+			t.Fatal(err)
+		}
+		vbuf = AppendVerdict(vbuf[:0], c.Queue(), p.ID, Accept, nil)
+		if err := c.Send(vbuf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cycle()                                            // the first one may wait for the packets to arrive
+	if a := testing.AllocsPerRun(n-2, cycle); a != 0 { // n-2 runs after cycle() and the warm-up run: all n packets
+		t.Fatalf("%v allocations per packet", a)
+	}
+
+	// Close wakes a waiter at once, with os.ErrClosed.
+	ch = block()
+	c.Close()
+	if r := get(ch); !errors.Is(r.err, os.ErrClosed) || r.d > maxWait*3/4 {
+		t.Fatalf("Next woken by Close: %v after %v", r.err, r.d)
+	}
+	if err := c.SetReadDeadline(time.Time{}); !errors.Is(err, os.ErrClosed) {
+		t.Fatalf("SetReadDeadline after Close: %v", err)
+	}
+}
