@@ -145,9 +145,32 @@ func Lower(l *filter.Lowered, cfg Config) (Result, error) {
 		// port 0 ("illegal divert/tee port").
 		return Result{}, errors.New("ipfw: divert/tee port 0")
 	}
-	res := Result{Exact: true}
+	res, terms, err := lower(l, cfg)
+	if err != nil {
+		return Result{}, err
+	}
+	if cfg.Action == Tee && terms > 1 {
+		// ipfw(8) RULE ACTIONS, tee: the packet continues with the next
+		// rule, so rules of two Terms that both match would send two
+		// copies (the rules of one Term are disjoint). The rules of the
+		// match-all Term instead; user space discards the copies the filter
+		// does not match.
+		all, _, err := lower(&filter.Lowered{Terms: []filter.Term{{}}}, cfg)
+		if err != nil {
+			return Result{}, err
+		}
+		all.Exact = false
+		return all, nil
+	}
+	return res, nil
+}
+
+// lower turns the Terms into rules, one or more per Term, and counts the
+// Terms that gave rules.
+func lower(l *filter.Lowered, cfg Config) (res Result, terms int, err error) {
+	res = Result{Exact: true}
 	if l == nil {
-		return res, nil
+		return res, 0, nil
 	}
 	res.Exact = l.Exact
 	seen := map[string]bool{}
@@ -164,14 +187,19 @@ func Lower(l *filter.Lowered, cfg Config) (Result, error) {
 		if !exact {
 			res.Exact = false
 		}
+		added := false
 		for _, r := range rules {
 			if k := r.String(); !seen[k] {
 				seen[k] = true
 				res.Rules = append(res.Rules, r)
+				added = true
 			}
 		}
+		if added {
+			terms++
+		}
 	}
-	return res, nil
+	return res, terms, nil
 }
 
 func validTag(tag string) bool {

@@ -557,3 +557,35 @@ func FuzzLower(f *testing.F) {
 		}
 	})
 }
+
+// TestTeeOneRule: tee rules of one handle must not overlap, or a packet
+// matching two of them is copied twice; several terms collapse to one rule.
+func TestTeeOneRule(t *testing.T) {
+	f, err := filter.Compile("tcp.DstPort == 80 or udp.DstPort == 53 or icmp", filter.LayerNetwork)
+	if err != nil {
+		t.Fatal(err)
+	}
+	div, err := Lower(f.Lower(), Config{Number: 31000, Set: 3, Port: 5000, Action: Divert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(div.Rules) < 2 {
+		t.Fatalf("divert: want several rules, got %v", div.Rules)
+	}
+	tee, err := Lower(f.Lower(), Config{Number: 31000, Set: 3, Port: 5000, Action: Tee})
+	if err != nil {
+		t.Fatal(err)
+	}
+	all, err := Lower(&filter.Lowered{Terms: []filter.Term{{}}, Exact: true}, Config{Number: 31000, Set: 3, Port: 5000, Action: Tee})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tee.Exact || len(tee.Rules) != len(all.Rules) {
+		t.Fatalf("tee: want the match-all rules, inexact; got %v exact=%v", tee.Rules, tee.Exact)
+	}
+	for i := range tee.Rules {
+		if tee.Rules[i].String() != all.Rules[i].String() || strings.Contains(tee.Rules[i].String(), "tcp") {
+			t.Fatalf("tee rule %q, want %q", tee.Rules[i], all.Rules[i])
+		}
+	}
+}
