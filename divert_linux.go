@@ -6,8 +6,6 @@ import (
 	"hash/maphash"
 	"io"
 	"os"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -115,10 +113,15 @@ type linuxBackend struct {
 	track   *nfq.Tracker
 	lastID  uint32
 	seenAny bool
+	passed  uint64 // Stats.Passed
+
+	st linuxStats
 
 	// reaper state
-	procQ   *os.File // /proc/net/netfilter/nfnetlink_queue of the namespace
+	procMu  sync.Mutex // guards procQ's reads and close, procBuf, kstats
+	procQ   *os.File   // /proc/net/netfilter/nfnetlink_queue of the namespace
 	procBuf [4096]byte
+	kstats  kernelQueueStats // the queue's line as last read
 	ckpt    [256]checkpoint
 	nckpt   int
 
@@ -404,6 +407,9 @@ func (b *linuxBackend) recv(buf []byte, a *Address) (int, error) {
 	b.more.Store(b.conn.Buffered())
 	b.rmu.Unlock()
 	b.lastRecv.Store(monoNow())
+	if err == nil || errors.Is(err, ErrTruncated) {
+		b.st.received.Add(1)
+	}
 	return n, err
 }
 
@@ -419,6 +425,11 @@ func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 	}()
 	var terr error
 	k := 0
+	defer func() {
+		if k > 0 {
+			b.st.received.Add(uint64(k)) // one add for the batch
+		}
+	}()
 	for k < len(ms) {
 		n, err := b.next(ms[k].Buf, &ms[k].Addr, k == 0)
 		if err != nil && !errors.Is(err, ErrTruncated) {
@@ -502,7 +513,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 
 		// Packets the program must not see: accept at once.
 		if b.layer == LayerNetwork && loopback && !outbound {
-			b.accept(p.ID) // loopback is seen outbound only, as in WinDivert
+			b.pass(p.ID) // loopback is seen outbound only, as in WinDivert
 			continue
 		}
 		if b.userSide && b.filt != nil {
@@ -515,7 +526,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 				Timestamp: ts,
 			}
 			if !b.filt.Match(p.Payload, &b.meta) {
-				b.accept(p.ID)
+				b.pass(p.ID)
 				continue
 			}
 		}
@@ -567,13 +578,25 @@ func (b *linuxBackend) noteID(id uint32) {
 // accept queues an ACCEPT for a packet the program never held.
 func (b *linuxBackend) accept(id uint32) {
 	b.vmu.Lock()
+	b.acceptLocked(id)
+	b.vmu.Unlock()
+}
+
+// pass is accept for a packet the program does not see at all, counted
+// in Stats.Passed.
+func (b *linuxBackend) pass(id uint32) {
+	b.vmu.Lock()
+	b.passed++
+	b.acceptLocked(id)
+	b.vmu.Unlock()
+}
+
+func (b *linuxBackend) acceptLocked(id uint32) {
 	b.noteID(id)
 	b.acc = append(b.acc, id)
-	full := len(b.acc) >= accInitCap
-	if full {
+	if len(b.acc) >= accInitCap {
 		b.flushLocked()
 	}
-	b.vmu.Unlock()
 }
 
 // flush sends the collected verdicts.
@@ -645,7 +668,21 @@ func (b *linuxBackend) held(a *Address) bool {
 }
 
 func (b *linuxBackend) send(pkt []byte, a *Address) (int, error) {
-	return b.send1(pkt, a, false)
+	fresh := b.fresh(a)
+	n, err := b.send1(pkt, a, false)
+	if err == nil {
+		b.st.sent.Add(1)
+		if fresh {
+			b.st.injected.Add(1)
+		}
+	}
+	return n, err
+}
+
+// fresh reports whether Send injects a as a new packet rather than
+// reinjecting one the handle holds.
+func (b *linuxBackend) fresh(a *Address) bool {
+	return !(a.sys.dgram && a.sys.owner == b.serial && b.frag != nil) && !b.held(a)
 }
 
 func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
@@ -712,9 +749,23 @@ func (b *linuxBackend) sendBatch(ms []Message) (int, error) {
 	if b.conn != nil {
 		defer b.flush()
 	}
+	var sent, injected uint64 // added once for the batch
+	defer func() {
+		if sent > 0 {
+			b.st.sent.Add(sent)
+		}
+		if injected > 0 {
+			b.st.injected.Add(injected)
+		}
+	}()
 	for i := range ms {
+		fresh := b.fresh(&ms[i].Addr)
 		if _, err := b.send1(ms[i].Buf[:ms[i].N], &ms[i].Addr, true); err != nil {
 			return i, fmt.Errorf("divert: message %d: %w", i, err)
+		}
+		sent++
+		if fresh {
+			injected++
 		}
 	}
 	return len(ms), nil
@@ -722,6 +773,9 @@ func (b *linuxBackend) sendBatch(ms []Message) (int, error) {
 
 func (b *linuxBackend) drop(a *Address) error {
 	if a.sys.dgram {
+		if a.sys.owner == b.serial {
+			b.st.dropped.Add(1)
+		}
 		a.sys = sysAddr{} // its fragments were dropped when it was received
 		return nil
 	}
@@ -731,6 +785,7 @@ func (b *linuxBackend) drop(a *Address) error {
 	if err := b.verdict(&a.sys, nfq.Drop, nil, false); err != nil {
 		return err
 	}
+	b.st.dropped.Add(1)
 	a.sys = sysAddr{}
 	return nil
 }
@@ -750,6 +805,7 @@ func (b *linuxBackend) reaper() {
 		now := monoNow()
 		qt := b.queueTime.Load()
 		b.vmu.Lock()
+		var expired uint64
 		for {
 			id, at, ok := b.track.Oldest()
 			if !ok || now-at < qt {
@@ -757,6 +813,10 @@ func (b *linuxBackend) reaper() {
 			}
 			b.track.PopOldest()
 			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, nfq.Drop, nil)
+			expired++
+		}
+		if expired > 0 {
+			b.st.expired.Add(expired)
 		}
 		if b.frag != nil {
 			b.expirePending(now, qt)
@@ -794,6 +854,12 @@ func (b *linuxBackend) drainUnread(now, qt int64) {
 	p := &b.pkt
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
+	var expired uint64
+	defer func() {
+		if expired > 0 {
+			b.st.expired.Add(expired)
+		}
+	}()
 	for {
 		if err := b.conn.Next(p, false); err != nil {
 			if errors.Is(err, nfq.ErrMalformed) {
@@ -806,6 +872,7 @@ func (b *linuxBackend) drainUnread(now, qt int64) {
 			break
 		}
 		b.noteID(p.ID)
+		expired++
 		if b.flags&FlagSniff != 0 {
 			b.acc = append(b.acc, p.ID)
 		} else {
@@ -828,23 +895,58 @@ type checkpoint struct {
 // from /proc/net/netfilter/nfnetlink_queue of the handle's namespace
 // (opened by Open on the namespace's thread).
 func (b *linuxBackend) kernelSeq() (uint32, bool) {
-	if b.procQ == nil {
+	b.procMu.Lock()
+	defer b.procMu.Unlock()
+	if !b.readKernelLocked() {
 		return 0, false
+	}
+	return b.kstats.idSeq, true
+}
+
+// readKernelLocked reads the queue's line of
+// /proc/net/netfilter/nfnetlink_queue into kstats. Called with procMu held.
+func (b *linuxBackend) readKernelLocked() bool {
+	if b.procQ == nil {
+		return false
 	}
 	n, err := b.procQ.ReadAt(b.procBuf[:], 0)
 	if err != nil && !errors.Is(err, io.EOF) {
-		return 0, false
+		return false
 	}
-	// Lines: queue portid length copy_mode copy_range dropped user_dropped id_sequence 1
-	for line := range strings.Lines(string(b.procBuf[:n])) {
-		f := strings.Fields(line)
-		if len(f) < 8 || f[0] != strconv.Itoa(int(b.queue)) {
-			continue
-		}
-		v, err := strconv.ParseUint(f[7], 10, 32)
-		return uint32(v), err == nil
+	ks, ok := parseNfqueueProc(b.procBuf[:n], b.queue)
+	if ok {
+		b.kstats = ks
 	}
-	return 0, false
+	return ok
+}
+
+// linuxStats are the backend's counters (see Stats). Each is added to at
+// most once per Recv, RecvBatch, Send, SendBatch, Drop or reaper tick.
+// (Passed is counted under vmu, which accepting a packet takes anyway.)
+type linuxStats struct {
+	received, sent, injected, dropped, expired atomic.Uint64
+}
+
+func (b *linuxBackend) stats() (Stats, error) {
+	s := Stats{
+		Received: b.st.received.Load(),
+		Sent:     b.st.sent.Load(),
+		Injected: b.st.injected.Load(),
+		Dropped:  b.st.dropped.Load(),
+		Expired:  b.st.expired.Load(),
+	}
+	b.vmu.Lock()
+	s.Passed = b.passed
+	b.vmu.Unlock()
+	if b.conn != nil {
+		s.Overflows = b.conn.Stats().ENOBUFS
+	}
+	b.procMu.Lock()
+	b.readKernelLocked() // the last values stay when the queue is gone
+	s.KernelQueueDropped = b.kstats.dropped
+	s.KernelUserDropped = b.kstats.userDropped
+	b.procMu.Unlock()
+	return s, nil
 }
 
 // --- control ---------------------------------------------------------------
@@ -916,14 +1018,20 @@ func (b *linuxBackend) close() error {
 		errs = append(errs, b.group.leave()) // the last handle of OpenQueues removes the rules
 	}
 	if b.conn != nil {
+		b.procMu.Lock()
+		b.readKernelLocked() // Stats after Close reports the final counts
+		b.procMu.Unlock()
 		errs = append(errs, b.conn.Close())
 	}
 	if b.inj != nil {
 		errs = append(errs, b.inj.Close())
 	}
+	b.procMu.Lock()
 	if b.procQ != nil {
 		b.procQ.Close()
+		b.procQ = nil
 	}
+	b.procMu.Unlock()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("divert: close: %w", err)
 	}

@@ -33,7 +33,8 @@ type Pipe struct {
 	path   []pipePacket
 	held   map[uint64]time.Time // received, not yet sent or dropped
 	serial uint64
-	stats  PipeStats
+	pst    PipeStats
+	hst    Stats // the handle's view (Handle.Stats)
 	qlen   int
 	qtime  time.Duration
 	dl     time.Time
@@ -93,18 +94,19 @@ func (p *Pipe) Deliver(pkt []byte, a Address) (taken bool, err error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	defer p.cond.Broadcast()
-	p.stats.Delivered++
+	p.pst.Delivered++
 	if p.closed {
 		return false, errClosed
 	}
 	p.expireLocked(time.Now())
 	switch {
 	case !match || p.shut:
-		p.stats.Passed++
+		p.pst.Passed++
+		p.hst.Passed++
 		p.path = append(p.path, pipePacket{data, a})
 		return false, nil
 	case p.flags&FlagDrop != 0:
-		p.stats.Dropped++
+		p.pst.Dropped++
 		return true, nil
 	case p.flags&FlagSniff != 0:
 		p.path = append(p.path, pipePacket{data, a})
@@ -115,9 +117,10 @@ func (p *Pipe) Deliver(pkt []byte, a Address) (taken bool, err error) {
 	}
 	if len(p.queue) >= p.qlen {
 		p.queue = p.queue[1:] // the oldest goes, as in WinDivert
-		p.stats.Dropped++
+		p.pst.Dropped++
+		p.hst.Overflows++
 	}
-	p.stats.Queued++
+	p.pst.Queued++
 	p.queue = append(p.queue, pipePacket{data, a})
 	return taken, nil
 }
@@ -145,14 +148,29 @@ func (p *Pipe) Next(timeout time.Duration) (pkt []byte, a Address, ok bool) {
 func (p *Pipe) Stats() PipeStats {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.stats
+	return p.pst
+}
+
+// stats is the handle's view of the counters: Passed are the packets the
+// filter did not take (or that came after Shutdown), Overflows the packets
+// a full queue pushed out, Expired the received packets neither sent nor
+// dropped within ParamQueueTime (counted when the pipe next looks: at
+// Deliver or here). The kernel counters stay 0.
+func (p *Pipe) stats() (Stats, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.closed {
+		p.expireLocked(time.Now())
+	}
+	return p.hst, nil
 }
 
 func (p *Pipe) expireLocked(now time.Time) {
 	for id, at := range p.held {
 		if now.Sub(at) >= p.qtime {
 			delete(p.held, id)
-			p.stats.Dropped++
+			p.pst.Dropped++
+			p.hst.Expired++
 		}
 	}
 }
@@ -174,6 +192,7 @@ func (p *Pipe) recv(b []byte, a *Address) (int, error) {
 	x := p.queue[0]
 	p.queue = p.queue[1:]
 	p.serial++
+	p.hst.Received++
 	*a = x.addr
 	a.pipe = p.serial
 	if !a.Sniffed {
@@ -225,7 +244,11 @@ func (p *Pipe) send(b []byte, a *Address) (int, error) {
 	out := *a
 	out.pipe = 0
 	p.path = append(p.path, pipePacket{append([]byte(nil), b...), out})
-	p.stats.Sent++
+	p.pst.Sent++
+	p.hst.Sent++
+	if a.pipe == 0 {
+		p.hst.Injected++
+	}
 	return len(b), nil
 }
 
@@ -244,7 +267,8 @@ func (p *Pipe) drop(a *Address) error {
 	if id := a.pipe; id != 0 {
 		if _, ok := p.held[id]; ok {
 			delete(p.held, id)
-			p.stats.Dropped++
+			p.pst.Dropped++
+			p.hst.Dropped++
 		}
 	}
 	return nil

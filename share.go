@@ -1,6 +1,9 @@
 package divert
 
-import "sync/atomic"
+import (
+	"fmt"
+	"sync/atomic"
+)
 
 // sharedBackend lets several Handles use one backend: WinDivert and divert(4)
 // serve concurrent readers from one queue, so OpenQueues gives every handle
@@ -34,4 +37,14 @@ func (s *sharedBackend) close() error {
 		return s.backend.close()
 	}
 	return nil
+}
+
+// stats reports the shared backend's counters: every view of it shows the
+// same totals.
+func (s *sharedBackend) stats() (Stats, error) {
+	st, ok := s.backend.(statser)
+	if !ok {
+		return Stats{}, fmt.Errorf("divert: stats: %w", ErrNotSupported)
+	}
+	return st.stats()
 }

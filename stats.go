@@ -1,0 +1,149 @@
+package divert
+
+import (
+	"bytes"
+	"fmt"
+)
+
+// Stats are a handle's counters since Open. Every counter only grows. A
+// backend counts what it can observe: counters it cannot observe stay 0
+// (see each field).
+type Stats struct {
+	// Received is the number of packets handed to the program by Recv and
+	// RecvBatch (a datagram reassembled in user space counts once).
+	Received uint64
+	// Sent is the number of packets Send and SendBatch sent: received
+	// packets reinjected plus new packets injected.
+	Sent uint64
+	// Injected is the part of Sent that were new packets (an Address not
+	// taken from Recv on this handle).
+	Injected uint64
+	// Dropped is the number of Drop calls that dropped a packet the handle
+	// held (Drop of a FlagSniff copy or of a new packet drops nothing and
+	// is not counted).
+	Dropped uint64
+	// Expired is the number of queued packets released because they
+	// waited ParamQueueTime: held by the program without Send or Drop, or
+	// left unread. They are dropped; with FlagSniff the original went on
+	// and only the copy is lost.
+	Expired uint64
+	// Passed is the number of packets the OS queued for the handle but
+	// that were accepted without the program seeing them: packets the
+	// kernel rules over-approximate and the user-space filter rejected,
+	// and on Linux loopback packets seen on the input hook (WinDivert
+	// shows loopback outbound only).
+	Passed uint64
+	// Overflows is the number of times the receive buffer overflowed
+	// (Linux: ENOBUFS reported to the netlink socket; each loses one or
+	// more packets the kernel had queued). For a Pipe: packets dropped
+	// because the queue was full.
+	Overflows uint64
+	// KernelQueueDropped is the kernel's count of packets dropped because
+	// the queue was full (Linux: queue_dropped in
+	// /proc/net/netfilter/nfnetlink_queue of the handle's namespace; 0
+	// where the OS does not tell).
+	KernelQueueDropped uint64
+	// KernelUserDropped is the kernel's count of packets it failed to
+	// deliver to the socket, its receive buffer being full (Linux:
+	// user_dropped in /proc/net/netfilter/nfnetlink_queue; 0 where the OS
+	// does not tell).
+	KernelUserDropped uint64
+}
+
+// statser is implemented by backends that keep Stats.
+type statser interface {
+	stats() (Stats, error)
+}
+
+// Stats returns the handle's counters. It may be called at any time from
+// any goroutine, also after Close (then the counters are final and the
+// kernel's are as of Close). A backend that keeps no counters (WinDivert,
+// divert(4)) gives an error wrapping ErrNotSupported.
+func (h *Handle) Stats() (Stats, error) {
+	s, ok := h.b.(statser)
+	if !ok {
+		return Stats{}, fmt.Errorf("divert: stats: %w", ErrNotSupported)
+	}
+	return s.stats()
+}
+
+// kernelQueueStats are the counters of one queue in
+// /proc/net/netfilter/nfnetlink_queue.
+type kernelQueueStats struct {
+	total       uint64 // queue_total: packets waiting now
+	dropped     uint64 // queue_dropped
+	userDropped uint64 // user_dropped
+	idSeq       uint32 // id_sequence: the last packet id given out
+}
+
+// parseNfqueueProc finds the line of queue in the text of
+// /proc/net/netfilter/nfnetlink_queue. Its columns are queue_number
+// peer_portid queue_total copy_mode copy_range queue_dropped user_dropped
+// id_sequence 1, right-aligned with spaces. It does not allocate.
+func parseNfqueueProc(data []byte, queue uint16) (kernelQueueStats, bool) {
+	for len(data) > 0 {
+		line := data
+		if i := bytes.IndexByte(data, '\n'); i >= 0 {
+			line, data = data[:i], data[i+1:]
+		} else {
+			data = nil
+		}
+		var f [9][]byte
+		n := 0
+		for n < len(f) {
+			line = bytes.TrimLeft(line, " \t")
+			if len(line) == 0 {
+				break
+			}
+			end := bytes.IndexAny(line, " \t")
+			if end < 0 {
+				end = len(line)
+			}
+			f[n], line = line[:end], line[end:]
+			n++
+		}
+		if n < 8 {
+			continue
+		}
+		q, ok := parseDec(f[0], 16)
+		if !ok || q != uint64(queue) {
+			continue
+		}
+		var s kernelQueueStats
+		var ok1, ok2, ok3, ok4 bool
+		s.total, ok1 = parseDec(f[2], 64)
+		s.dropped, ok2 = parseDec(f[5], 64)
+		s.userDropped, ok3 = parseDec(f[6], 64)
+		seq, ok4 := parseDec(f[7], 32)
+		s.idSeq = uint32(seq)
+		if ok1 && ok2 && ok3 && ok4 {
+			return s, true
+		}
+		return kernelQueueStats{}, false
+	}
+	return kernelQueueStats{}, false
+}
+
+// parseDec parses an unsigned decimal of at most bits bits without
+// allocating.
+func parseDec(b []byte, bits uint) (uint64, bool) {
+	if len(b) == 0 {
+		return 0, false
+	}
+	limit := uint64(1)<<bits - 1
+	if bits >= 64 {
+		limit = ^uint64(0)
+	}
+	var v uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		d := uint64(c - '0')
+		if v > (limit-d)/10 {
+			return 0, false
+		}
+		v = v*10 + d
+	}
+	return v, true
+}
