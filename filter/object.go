@@ -136,7 +136,7 @@ func decodeObject(s string, layer Layer) ([]insn, bool) {
 				return nil, false
 			}
 			idx := int64(v) - 0xFFFF
-			if in.neg || idx > mtuMax || idx < -mtuMax {
+			if idx > mtuMax || idx < -mtuMax { // neg is the constant's sign, allowed (WinDivertDeserializeTest)
 				return nil, false
 			}
 			in.idx = int32(idx)
