@@ -378,21 +378,7 @@ func compare(x uint64, op filter.Op, v filter.Value) bool {
 	case v.Lo < x:
 		c = 1
 	}
-	switch op {
-	case filter.OpEq:
-		return c == 0
-	case filter.OpNe:
-		return c != 0
-	case filter.OpLt:
-		return c < 0
-	case filter.OpLe:
-		return c <= 0
-	case filter.OpGt:
-		return c > 0
-	case filter.OpGe:
-		return c >= 0
-	}
-	return true
+	return op.Holds(c)
 }
 
 // --- receive ---------------------------------------------------------------

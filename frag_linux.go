@@ -167,30 +167,12 @@ type fragState struct {
 // LayerNetwork) and sets up the reassembly. Called by open, in the
 // caller's namespace.
 func (b *linuxBackend) openFrag(rc nftrules.Config, layer Layer, qt time.Duration) error {
-	fs := &fragState{
-		reasm:   reassembly.New(reassembly.Config{Timeout: qt}),
-		pending: make(map[fragKey]*pendingDgram),
-		fbuf:    make([]byte, 0, 2*MTUMax),
-		flist:   make([][]byte, 0, 64),
-		mtuFd4:  -1,
-		mtuFd6:  -1,
+	fs, err := newFragState(qt)
+	if err != nil {
+		return err
 	}
 	b.frag = fs
-	var err error
-	if fs.mtuFd4, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-		return fmt.Errorf("divert: open a route MTU socket: %w", err)
-	}
-	if fs.mtuFd6, err = unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-		return fmt.Errorf("divert: open a route MTU socket: %w", err)
-	}
-	if layer == LayerNetworkForward {
-		rc.Hooks = []nftrules.Hook{nftrules.HookPrerouting}
-		rc.Dest = nftrules.DestRemote
-	} // LayerNetwork: the main rules' input and output hooks
-	rc.Lowered = nil // every fragment: the filter is evaluated on the datagram
-	rc.Fragments = nftrules.FragOnly
-	rc.KeepNDP = false
-	if fs.rules, err = nftrules.Install(rc); err != nil {
+	if fs.rules, err = nftrules.Install(fragRulesConfig(rc, layer)); err != nil {
 		return mapSetupError("install nftables rules for fragments", err)
 	}
 	return nil

@@ -203,8 +203,8 @@ func fragRulesConfig(rc nftrules.Config, layer Layer) nftrules.Config {
 	return rc
 }
 
-// newFragState is openFrag's reassembly state without the chains, which
-// OpenQueues installs once for all its handles (keep the two in step).
+// newFragState is the reassembly state of a handle without its chains
+// (openFrag installs them per handle; OpenQueues once for all its handles).
 func newFragState(qt time.Duration) (*fragState, error) {
 	fs := &fragState{
 		reasm:   reassembly.New(reassembly.Config{Timeout: qt}),

@@ -72,7 +72,7 @@ func condExec(prog []insn, as []assume) bool {
 			case a.val > in.val[0]:
 				c = 1
 			}
-			if in.op.holds(c) {
+			if in.op.Holds(c) {
 				res[ip] = s
 			} else {
 				res[ip] = f

@@ -39,7 +39,7 @@ func (c *evalCtx) run(f *Filter) int {
 				return -1
 			}
 			if st > 0 {
-				res = in.op.holds(cmp128(neg, &v, in.neg, &in.val, in.big))
+				res = in.op.Holds(cmp128(neg, &v, in.neg, &in.val, in.big))
 			}
 		}
 		next := in.fail
@@ -85,7 +85,7 @@ func (c *evalCtx) fast(in *insn) bool {
 			return false
 		}
 		if in.neg {
-			return in.op.holds(1)
+			return in.op.Holds(1)
 		}
 		b := c.b[in.off:]
 		hi, lo := be.Uint64(b), be.Uint64(b[8:])
@@ -98,7 +98,7 @@ func (c *evalCtx) fast(in *insn) bool {
 		case hi != ahi || lo != alo:
 			cmp = 1
 		}
-		return in.op.holds(cmp)
+		return in.op.Holds(cmp)
 	case loadIP4:
 		if c.info.Version != 4 {
 			return false
@@ -128,7 +128,7 @@ func (c *evalCtx) fast(in *insn) bool {
 // cmp32 compares a non-negative 32-bit field value with the constant.
 func (in *insn) cmp32(x uint32) bool {
 	if in.neg {
-		return in.op.holds(1) // any value is above a negative constant
+		return in.op.Holds(1) // any value is above a negative constant
 	}
 	a := in.val[0]
 	switch in.op {
@@ -147,7 +147,9 @@ func (in *insn) cmp32(x uint32) bool {
 	}
 }
 
-func (o Op) holds(cmp int) bool {
+// Holds reports whether a comparison whose left side compares to the right
+// side as cmp (negative: less, zero: equal, positive: greater) holds under o.
+func (o Op) Holds(cmp int) bool {
 	switch o {
 	case OpEq:
 		return cmp == 0

@@ -94,8 +94,8 @@ func normBool(c Cond) (Cond, int) {
 		return c, condTest
 	}
 	val := u128{uint32(c.Value.Lo), uint32(c.Value.Lo >> 32), uint32(c.Value.Hi), uint32(c.Value.Hi >> 32)}
-	h0 := c.Op.holds(cmp128(false, &u128{}, c.Value.Neg, &val, false))
-	h1 := c.Op.holds(cmp128(false, &u128{1}, c.Value.Neg, &val, false))
+	h0 := c.Op.Holds(cmp128(false, &u128{}, c.Value.Neg, &val, false))
+	h1 := c.Op.Holds(cmp128(false, &u128{1}, c.Value.Neg, &val, false))
 	switch {
 	case h0 && h1:
 		if p := fields[f].proto; p != fTrue {
@@ -178,7 +178,7 @@ func (c Cond) holdsAt(e Cond) bool {
 	f := irToFid[c.Field]
 	v := u128{uint32(e.Value.Lo), uint32(e.Value.Lo >> 32), uint32(e.Value.Hi), uint32(e.Value.Hi >> 32)}
 	a := u128{uint32(c.Value.Lo), uint32(c.Value.Lo >> 32), uint32(c.Value.Hi), uint32(c.Value.Hi >> 32)}
-	return c.Op.holds(cmp128(e.Value.Neg, &v, c.Value.Neg, &a, fields[f].big))
+	return c.Op.Holds(cmp128(e.Value.Neg, &v, c.Value.Neg, &a, fields[f].big))
 }
 
 func (t Term) has(c Cond) bool {
@@ -390,8 +390,8 @@ func (c *evalCtx) cond(cd *Cond) bool {
 		if f == fTrue {
 			v[0] = 1
 		}
-		return in.op.holds(cmp128(false, &v, in.neg, &in.val, true))
+		return in.op.Holds(cmp128(false, &v, in.neg, &in.val, true))
 	}
 	v, neg, st := c.value(&in)
-	return st > 0 && in.op.holds(cmp128(neg, &v, in.neg, &in.val, in.big))
+	return st > 0 && in.op.Holds(cmp128(neg, &v, in.neg, &in.val, in.big))
 }

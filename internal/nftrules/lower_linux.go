@@ -202,21 +202,7 @@ func evalConst(op filter.Op, v filter.Value, x u128) bool {
 	case x.less(val):
 		c = -1
 	}
-	switch op {
-	case filter.OpEq:
-		return c == 0
-	case filter.OpNe:
-		return c != 0
-	case filter.OpLt:
-		return c < 0
-	case filter.OpLe:
-		return c <= 0
-	case filter.OpGt:
-		return c > 0
-	case filter.OpGe:
-		return c >= 0
-	}
-	return false
+	return op.Holds(c)
 }
 
 func constDisj(b bool) disj {
