@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/netdivert/divert/internal/packet"
 	"github.com/netdivert/divert/internal/reassembly"
 	"github.com/netdivert/divert/internal/windivert"
 )
@@ -168,14 +169,7 @@ func fixIPv4HeaderChecksum(p []byte) {
 		return
 	}
 	p[10], p[11] = 0, 0
-	var s uint32
-	for i := 0; i < hl; i += 2 {
-		s += uint32(binary.BigEndian.Uint16(p[i:]))
-	}
-	for s>>16 != 0 {
-		s = s&0xFFFF + s>>16
-	}
-	binary.BigEndian.PutUint16(p[10:12], ^uint16(s))
+	binary.BigEndian.PutUint16(p[10:12], ^packet.Checksum(p[:hl], 0))
 }
 
 // isFragment reports whether p says it is an IP fragment: IPv4 with MF set

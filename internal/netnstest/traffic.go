@@ -10,6 +10,8 @@ import (
 	"net/netip"
 	"os"
 	"time"
+
+	"github.com/netdivert/divert/internal/packet"
 )
 
 // MaxCount bounds every traffic loop of this package.
@@ -179,18 +181,5 @@ func (n *NS) Ping(dst netip.Addr, count int, wait time.Duration) (int, error) {
 	return replies, nil
 }
 
-// Checksum is the Internet checksum (RFC 1071) of b.
-func Checksum(b []byte) uint16 {
-	var s uint32
-	for len(b) >= 2 {
-		s += uint32(b[0])<<8 | uint32(b[1])
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		s += uint32(b[0]) << 8
-	}
-	for s > 0xffff {
-		s = s>>16 + s&0xffff
-	}
-	return ^uint16(s)
-}
+// Checksum is the Internet checksum (RFC 1071) of b, ready to store.
+func Checksum(b []byte) uint16 { return ^packet.Checksum(b, 0) }

@@ -1,6 +1,10 @@
 package reassembly
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+
+	"github.com/netdivert/divert/internal/packet"
+)
 
 // Fragment splits the IP datagram pkt into fragments of at most mtu bytes
 // (whole IP packets), written back to back into dst, and returns them
@@ -133,7 +137,7 @@ func fragment4(dst []byte, frags [][]byte, pkt []byte, mtu int) ([][]byte, error
 		}
 		binary.BigEndian.PutUint16(out[6:8], flags)
 		out[10], out[11] = 0, 0
-		binary.BigEndian.PutUint16(out[10:12], ^ipv4HeaderSum(out[:len(h)]))
+		binary.BigEndian.PutUint16(out[10:12], ^packet.Checksum(out[:len(h)], 0))
 		frags = append(frags, out)
 		w += len(out)
 		off += p

@@ -10,6 +10,8 @@ import (
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/ip4defrag"
 	"github.com/gopacket/gopacket/layers"
+
+	"github.com/netdivert/divert/internal/packet"
 )
 
 // checkFragments verifies fragments of d with gopacket's decoders: each at
@@ -28,7 +30,7 @@ func checkFragments(t *testing.T, d dgram, fs [][]byte, mtu int, id uint32) {
 			if err := ip.DecodeFromBytes(f, gopacket.NilDecodeFeedback); err != nil {
 				t.Fatalf("fragment %d: gopacket: %v", i, err)
 			}
-			if ipv4HeaderSum(f[:ip.IHL*4]) != 0xFFFF {
+			if packet.Checksum(f[:ip.IHL*4], 0) != 0xFFFF {
 				t.Fatalf("fragment %d: bad header checksum", i)
 			}
 			if int(ip.FragOffset)*8 != len(data) || (ip.Flags&layers.IPv4MoreFragments != 0) == last || ip.Id != uint16(d.id) {

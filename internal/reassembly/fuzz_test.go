@@ -7,6 +7,8 @@ import (
 	"math/rand/v2"
 	"testing"
 	"time"
+
+	"github.com/netdivert/divert/internal/packet"
 )
 
 // encodePackets frames packets for FuzzAdd: per packet a 2-byte length, a
@@ -107,7 +109,7 @@ func checkDatagram(t *testing.T, b []byte) {
 	switch b[0] >> 4 {
 	case 4:
 		hl := int(b[0]&0xF) * 4
-		if int(binary.BigEndian.Uint16(b[2:4])) != len(b) || ipv4HeaderSum(b[:hl]) != 0xFFFF || binary.BigEndian.Uint16(b[6:8])&0x3FFF != 0 {
+		if int(binary.BigEndian.Uint16(b[2:4])) != len(b) || packet.Checksum(b[:hl], 0) != 0xFFFF || binary.BigEndian.Uint16(b[6:8])&0x3FFF != 0 {
 			t.Fatalf("bad reassembled IPv4 header %x", b[:hl])
 		}
 	case 6:
@@ -160,7 +162,7 @@ func FuzzFragment(f *testing.F) {
 			hl := int(want[0]&0xF) * 4
 			want = want[:binary.BigEndian.Uint16(want[2:4])]
 			want[10], want[11] = 0, 0
-			binary.BigEndian.PutUint16(want[10:12], ^ipv4HeaderSum(want[:hl]))
+			binary.BigEndian.PutUint16(want[10:12], ^packet.Checksum(want[:hl], 0))
 		} else {
 			want = want[:40+int(binary.BigEndian.Uint16(want[4:6]))]
 		}

@@ -3,6 +3,8 @@ package reassembly
 import (
 	"encoding/binary"
 	"math/rand/v2"
+
+	"github.com/netdivert/divert/internal/packet"
 )
 
 // dgram is a test datagram with what the test fragmenter needs to know.
@@ -17,7 +19,7 @@ type dgram struct {
 
 func setSum4(h []byte) {
 	h[10], h[11] = 0, 0
-	binary.BigEndian.PutUint16(h[10:12], ^ipv4HeaderSum(h))
+	binary.BigEndian.PutUint16(h[10:12], ^packet.Checksum(h, 0))
 }
 
 // makeV4 builds an IPv4 datagram with n payload bytes of protocol proto and

@@ -57,6 +57,8 @@ import (
 	"errors"
 	"sync"
 	"time"
+
+	"github.com/netdivert/divert/internal/packet"
 )
 
 // Errors returned by Add and Fragment. Every refusal wraps (is) exactly one of them.
@@ -401,7 +403,7 @@ func (r *Reassembler) add4(dst, pkt []byte, now time.Time, info *Info) ([]byte, 
 	}
 	hl := int(pkt[0]&0x0F) * 4
 	tl := int(binary.BigEndian.Uint16(pkt[2:4]))
-	if hl < 20 || tl < hl || tl > len(pkt) || (!r.skipCsum && ipv4HeaderSum(pkt[:hl]) != 0xFFFF) {
+	if hl < 20 || tl < hl || tl > len(pkt) || (!r.skipCsum && packet.Checksum(pkt[:hl], 0) != 0xFFFF) {
 		r.reject(ErrMalformed)
 		return nil, false, ErrMalformed
 	}
@@ -578,7 +580,7 @@ func (r *Reassembler) add(dst []byte, f *frag, perr error, now time.Time, info *
 		out[6] &= 0xC0 // keep RF and DF, clear MF and the offset
 		out[7] = 0
 		out[10], out[11] = 0, 0
-		binary.BigEndian.PutUint16(out[10:12], ^ipv4HeaderSum(out[:e.hdrLen]))
+		binary.BigEndian.PutUint16(out[10:12], ^packet.Checksum(out[:e.hdrLen], 0))
 	}
 	if cap(dst) < n {
 		dst = make([]byte, n)
