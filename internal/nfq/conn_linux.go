@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -31,9 +32,14 @@ const (
 	slotOverhead  = 1024 // netlink, nfgenmsg and attribute headers around the payload
 	sendLimit     = 256 << 10
 	sndBuf        = 1 << 20
-	// maxWait bounds one ppoll of a blocking read: a safety net only, as
-	// Close and SetReadDeadline wake the waiter through the eventfd.
+	// maxWait bounds one blocking receive (SO_RCVTIMEO): a safety net
+	// only, as Close and the read deadline wake the waiter with a message
+	// (see wake).
 	maxWait = 500 * time.Millisecond
+	// hotWait bounds a receive that waits holding its P (see Conn), and
+	// hotYield is how often such a reader yields the P all the same.
+	hotWait  = time.Millisecond
+	hotYield = time.Millisecond
 )
 
 // Config says how to open a Conn.
@@ -61,14 +67,28 @@ type Config struct {
 // network namespace of the thread that opened it. Next honours
 // SetReadDeadline, and Close unblocks it.
 //
-// A blocking Next that finds the socket empty does not park in the Go
-// runtime poller: it waits in a blocking ppoll(2) on the socket and an
-// eventfd, on its own thread (the runtime hands the P to other goroutines
-// meanwhile), so that the kernel wakes the waiting thread directly when a
-// packet arrives — one scheduler hop less than the poller's epoll wakeup.
-// Close and SetReadDeadline write the eventfd, so a waiter notices them at
-// once. The socket is in blocking mode, outside the runtime poller; every
-// read is MSG_DONTWAIT.
+// A blocking Next that finds nothing buffered does not park in the Go
+// runtime poller: it calls recvmmsg(2) with MSG_WAITFORONE on the socket,
+// which is in blocking mode and outside the poller, so one syscall on its
+// own thread (the runtime hands the P to other goroutines meanwhile) both
+// waits and reads the batch, and the kernel wakes that thread directly
+// when a packet arrives: no epoll wakeup, no separate poll or EAGAIN read.
+// Close and the read deadline wake the waiter by asking the kernel for an
+// acknowledgement (an NLMSG_NOOP with NLM_F_ACK): the answer lands in the
+// socket, the receive returns, and Next skips it and looks at the state.
+// SO_RCVTIMEO bounds each wait as a safety net.
+//
+// While packets keep coming, a waiting receive keeps its P: it is a raw
+// syscall, bounded by a receive timeout of hotWait, and a timeout hands
+// the wait back to the scheduler (a normal blocking syscall) until packets
+// come again. The runtime would otherwise take the P from a thread blocked
+// in a syscall after 20 µs, hand it off and wake sysmon and another thread
+// when the packet arrives: several context switches per wakeup, measured
+// as the main cost of an idle round trip and a tenth of the CPU under load.
+// A hot reader yields the P every hotYield, and a signal (preemption, GC)
+// interrupts the wait, so other goroutines wait no longer than that. The
+// verdict write and the non-blocking reads never block and are raw
+// syscalls too.
 //
 // Next, Buffered and the receive state must be used by one goroutine at a
 // time; Send likewise; Next and Send may run concurrently.
@@ -100,18 +120,17 @@ type Conn struct {
 	drainedGen uint32
 	ctlFn      func(fd uintptr)
 
-	// blocking wait (see pollWait)
-	efd      int // eventfd that Close and SetReadDeadline write
-	pfds     [2]unix.PollFd
-	pts      unix.Timespec
-	ebuf     [8]byte
-	werr     error
-	waitFn   func(fd uintptr)
-	waiting  atomic.Bool  // a Next is in pollWait: wake it on changes
+	// blocking wait (see wake)
+	rflags   uintptr      // flags of the next read: MSG_DONTWAIT or MSG_WAITFORONE
+	hot      bool         // SO_RCVTIMEO is hotWait and waits are raw syscalls
+	wantHot  bool         // what the next blocking read should be
+	rtime    int64        // mono time of the last read that returned data
+	yieldAt  int64        // mono time a hot reader last yielded its P
+	waiting  atomic.Bool  // a Next may be in a blocking read: wake it on changes
 	deadline atomic.Int64 // read deadline on the mono clock; 0: none
-	emu      sync.Mutex   // guards efdOpen and efdUsers
-	efdOpen  bool         // Close has not let go of efd
-	efdUsers int          // pollWait calls using efd; the last one out after Close closes it
+	dmu      sync.Mutex   // guards dtimer
+	dtimer   *time.Timer  // wakes a waiting Next when the deadline passes
+	wakeFn   func(fd uintptr)
 
 	// send state
 	sbuf    []byte
@@ -124,6 +143,7 @@ type Conn struct {
 	reads     atomic.Uint64
 	emptyRds  atomic.Uint64
 	polls     atomic.Uint64
+	hotWaits  atomic.Uint64
 	sends     atomic.Uint64
 	enobufs   atomic.Uint64
 	truncs    atomic.Uint64
@@ -162,15 +182,13 @@ func Open(cfg Config) (*Conn, error) {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, sndBuf); err != nil {
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, sndBuf)
 	}
-	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
-	if err != nil {
+	tv := unix.NsecToTimeval(int64(maxWait))
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("nfq: eventfd: %w", err)
+		return nil, fmt.Errorf("nfq: set receive timeout: %w", err)
 	}
 	c := &Conn{
-		efd:     efd,
-		efdOpen: true,
-		f:       os.NewFile(uintptr(fd), "nfqueue"),
+		f: os.NewFile(uintptr(fd), "nfqueue"),
 		cfg: QueueConfig{
 			CopyRange: cfg.CopyRange,
 			MaxLen:    cfg.MaxLen,
@@ -261,6 +279,8 @@ func (c *Conn) configure(qc *QueueConfig) error {
 // packets that arrive first stay buffered for Next; the answer is blanked
 // out of the buffer. It must not run concurrently with Next.
 func (c *Conn) request(msg []byte) error {
+	// An answer is no sign of traffic: keep the next wait cold.
+	defer func() { c.wantHot = false }()
 	seq := ne.Uint32(msg[8:12])
 	if err := c.Send(msg); err != nil {
 		return err
@@ -316,95 +336,79 @@ func (c *Conn) initRecv(n, size int) {
 		c.hdrs[i].Hdr.SetIovlen(1)
 	}
 	c.ctlFn = c.read
-	c.waitFn = func(fd uintptr) { c.werr = c.pollWait(int32(fd)) }
+	c.wakeFn = c.sendWake
 }
 
-// read is one non-blocking recvmmsg into c.hdrs.
+// read is one recvmmsg into c.hdrs with c.rflags: non-blocking, or
+// waiting for the first datagram and taking whatever else is queued then.
+// A wait is a raw syscall when hot (see Conn).
 func (c *Conn) read(fd uintptr) {
 	for i := range c.hdrs {
 		c.hdrs[i].Len = 0
 		c.hdrs[i].Hdr.Flags = 0
 	}
-	n, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&c.hdrs[0])), uintptr(len(c.hdrs)), unix.MSG_DONTWAIT, 0, 0)
-	c.reads.Add(1)
-	if e == unix.EAGAIN {
-		c.emptyRds.Add(1)
+	var n uintptr
+	var e syscall.Errno
+	p := uintptr(unsafe.Pointer(&c.hdrs[0]))
+	if c.rflags&unix.MSG_WAITFORONE == 0 {
+		n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, uintptr(len(c.hdrs)), c.rflags, 0, 0)
+		if e == unix.EAGAIN {
+			c.emptyRds.Add(1)
+		}
+	} else {
+		if c.hot != c.wantHot {
+			d := maxWait
+			if c.wantHot {
+				d = hotWait
+			}
+			tv := unix.NsecToTimeval(int64(d))
+			if unix.SetsockoptTimeval(int(fd), unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) == nil {
+				c.hot = c.wantHot
+			} else {
+				c.hot, c.wantHot = false, false
+			}
+		}
+		if c.hot {
+			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, uintptr(len(c.hdrs)), c.rflags, 0, 0)
+			c.hotWaits.Add(1)
+		} else {
+			n, _, e = unix.Syscall6(unix.SYS_RECVMMSG, fd, p, uintptr(len(c.hdrs)), c.rflags, 0, 0)
+		}
+		c.polls.Add(1)
 	}
+	c.reads.Add(1)
 	c.rn, c.rerr = int(n), e
 }
 
-// pollWait blocks the calling thread in ppoll(2) until the socket fd is
-// readable (nil), the Conn is closed (os.ErrClosed) or the read deadline
-// passes (os.ErrDeadlineExceeded). It runs inside rc.Control, whose
-// reference keeps fd from being closed under it; efd is kept open by
-// efdUsers.
-func (c *Conn) pollWait(fd int32) error {
-	c.emu.Lock()
-	if !c.efdOpen {
-		c.emu.Unlock()
-		return os.ErrClosed
-	}
-	c.efdUsers++
-	c.emu.Unlock()
-	defer func() {
-		c.emu.Lock()
-		c.efdUsers--
-		if !c.efdOpen && c.efdUsers == 0 {
-			unix.Close(c.efd)
-		}
-		c.emu.Unlock()
-	}()
-	// waiting is set before the state is checked, and Close and
-	// SetReadDeadline change the state before they look at waiting: either
-	// the check below sees the change, or they write the eventfd.
-	c.waiting.Store(true)
-	defer c.waiting.Store(false)
-	for {
-		if c.closed.Load() {
-			return os.ErrClosed
-		}
-		timeout := int64(maxWait)
-		if dl := c.deadline.Load(); dl != 0 {
-			rem := dl - mono()
-			if rem <= 0 {
-				return os.ErrDeadlineExceeded
-			}
-			timeout = min(rem, timeout)
-		}
-		c.pfds[0] = unix.PollFd{Fd: fd, Events: unix.POLLIN}
-		c.pfds[1] = unix.PollFd{Fd: int32(c.efd), Events: unix.POLLIN}
-		c.pts = unix.NsecToTimespec(timeout)
-		_, _, e := unix.Syscall6(unix.SYS_PPOLL, uintptr(unsafe.Pointer(&c.pfds[0])), 2, uintptr(unsafe.Pointer(&c.pts)), 0, 0, 0)
-		c.polls.Add(1)
-		switch e {
-		case 0:
-		case unix.EINTR:
-			continue
-		default:
-			return fmt.Errorf("ppoll: %w", e)
-		}
-		if c.pfds[1].Revents != 0 {
-			// Woken: reset the eventfd, then check the state again.
-			unix.Syscall(unix.SYS_READ, uintptr(c.efd), uintptr(unsafe.Pointer(&c.ebuf[0])), uintptr(len(c.ebuf)))
-			continue
-		}
-		if c.pfds[0].Revents != 0 {
-			return nil // readable, or an error the read reports
-		}
-	}
-}
+// wakeMsg asks the kernel to acknowledge a no-op: the answer wakes a
+// receive waiting on the socket. Its sequence number is never used by a
+// request, and Next skips acknowledgements.
+var wakeMsg = func() []byte {
+	b := make([]byte, 16)
+	ne.PutUint32(b[0:], 16)
+	ne.PutUint16(b[4:], nlmsgNoop)
+	ne.PutUint16(b[6:], unix.NLM_F_REQUEST|unix.NLM_F_ACK)
+	ne.PutUint32(b[8:], wakeSeq)
+	return b
+}()
 
-// wake makes a Next waiting in pollWait check the state again.
+// wakeSeq is the sequence number of wake messages; request numbers count
+// up from 1 and never reach it.
+const wakeSeq = 0xffffffff
+
+// wake makes a Next that may be waiting in a blocking read check the state
+// again. Callers change the state first.
 func (c *Conn) wake() {
 	if !c.waiting.Load() {
 		return
 	}
-	c.emu.Lock()
-	if c.efdOpen {
-		one := [8]byte{1}
-		unix.Write(c.efd, one[:])
-	}
-	c.emu.Unlock()
+	_ = c.rc.Control(c.wakeFn)
+}
+
+func (c *Conn) sendWake(fd uintptr) {
+	// A write to the kernel never blocks; if it fails the waiter still
+	// returns within maxWait.
+	unix.Syscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&wakeMsg[0])), uintptr(len(wakeMsg)))
 }
 
 // epoch anchors mono.
@@ -412,6 +416,13 @@ var epoch = time.Now()
 
 // mono is nanoseconds on the monotonic clock since the package started.
 func mono() int64 { return int64(time.Since(epoch)) }
+
+// Mono returns nanoseconds since the Unix epoch on the monotonic clock: the
+// wall clock when the package started plus the monotonic time since. Wall
+// clock steps do not move it. ReadTime uses the same clock.
+func Mono() int64 { return epochUnix + mono() }
+
+var epochUnix = epoch.UnixNano()
 
 // expired reports whether the read deadline has passed.
 func (c *Conn) expired() bool {
@@ -452,17 +463,37 @@ func (c *Conn) readInto(first int, block bool) error {
 	c.hdrs = c.hdrs[first:]
 	defer func() { c.hdrs = hdrs }()
 	c.drained = false
+	if block {
+		// waiting is set before the state is checked, and Close and
+		// SetReadDeadline change the state before they look at waiting:
+		// either the checks below see the change, or they wake the read.
+		c.waiting.Store(true)
+		defer c.waiting.Store(false)
+	}
 	for {
-		if block && c.expired() {
-			// As a read in the runtime poller: a passed deadline fails a
-			// blocking read even when data is queued.
-			return c.ioError(os.ErrDeadlineExceeded)
+		if block {
+			if c.closed.Load() {
+				return c.ioError(os.ErrClosed)
+			}
+			if c.expired() {
+				// As a read in the runtime poller: a passed deadline fails
+				// a blocking read even when data is queued.
+				return c.ioError(os.ErrDeadlineExceeded)
+			}
+			c.rflags = unix.MSG_WAITFORONE
+			if c.hot && c.rtime-c.yieldAt >= int64(hotYield) {
+				// Let the goroutines queued behind a hot reader run.
+				c.yieldAt = c.rtime
+				runtime.Gosched()
+			}
+		} else {
+			// A non-blocking read works even past the read deadline
+			// (draining after Shutdown).
+			c.rflags = unix.MSG_DONTWAIT
 		}
 		// Loaded before the syscall: a Send completing after this point
 		// moves sendGen, so its answer cannot hide behind the hint.
 		gen := c.sendGen.Load()
-		// A non-blocking read works even past the read deadline
-		// (draining after Shutdown).
 		if err := c.rc.Control(c.ctlFn); err != nil {
 			return c.ioError(err)
 		}
@@ -475,21 +506,25 @@ func (c *Conn) readInto(first int, block bool) error {
 			}
 			c.count = first + c.rn
 			c.drained, c.drainedGen = c.rn < len(c.hdrs), gen
+			c.rtime = Mono()
+			if block {
+				c.wantHot = true // packets are coming
+			}
 			return nil
 		case unix.EAGAIN:
 			if !block {
 				return ErrNoData
 			}
-			if err := c.rc.Control(c.waitFn); err != nil {
-				return c.ioError(err)
-			}
-			if c.werr != nil {
-				err := c.werr
-				c.werr = nil
-				return c.ioError(err)
-			}
+			// SO_RCVTIMEO passed: traffic stopped (wait in the scheduler's
+			// view from now on), or the safety net; check the state and
+			// wait again.
+			c.wantHot = false
 			continue
 		case unix.EINTR:
+			if c.hot {
+				// Likely a preemption request or the GC: give way.
+				runtime.Gosched()
+			}
 			continue
 		case unix.ENOBUFS:
 			// The kernel dropped packets for want of buffer space; they are
@@ -511,6 +546,11 @@ func (c *Conn) ioError(err error) error {
 	}
 	return fmt.Errorf("nfq: %w", err)
 }
+
+// ReadTime returns when the last read that returned data completed, in
+// nanoseconds on the package's monotonic clock (Mono): the time the
+// buffered packets left the kernel's queue, read once per batch.
+func (c *Conn) ReadTime() int64 { return c.rtime }
 
 // Buffered reports whether received datagrams are waiting to be decoded, so
 // that Next will not need a syscall.
@@ -581,7 +621,9 @@ func (c *Conn) Unread() {
 
 func (c *Conn) write(fd uintptr) bool {
 	b := c.sbuf
-	_, _, e := unix.Syscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+	// Messages to the kernel are handled inside the write, which never
+	// waits: a raw syscall (see Conn).
+	_, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
 	if e == unix.EAGAIN {
 		return false
 	}
@@ -672,10 +714,26 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 		return fmt.Errorf("nfq: %w", os.ErrClosed)
 	}
 	var dl int64
+	d := time.Duration(0)
 	if !t.IsZero() {
-		dl = max(mono()+int64(time.Until(t)), 1)
+		d = time.Until(t)
+		dl = max(mono()+int64(d), 1)
 	}
+	c.dmu.Lock()
 	c.deadline.Store(dl)
+	if c.dtimer != nil {
+		c.dtimer.Stop()
+	}
+	if dl != 0 && d > 0 {
+		// The timer runs after the deadline on the same monotonic clock,
+		// so the woken Next sees it expired.
+		if c.dtimer == nil {
+			c.dtimer = time.AfterFunc(d, c.wake)
+		} else {
+			c.dtimer.Reset(d)
+		}
+	}
+	c.dmu.Unlock()
 	c.wake()
 	return nil
 }
@@ -684,7 +742,8 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 type Stats struct {
 	Reads        uint64        // receive syscalls (recvmmsg), EmptyReads included
 	EmptyReads   uint64        // receive syscalls that found nothing (EAGAIN)
-	Waits        uint64        // ppoll syscalls of blocking reads waiting for the socket (wakeups included)
+	Waits        uint64        // blocking receive syscalls (waits for the first packet), included in Reads
+	HotWaits     uint64        // Waits that kept the P, while packets kept coming (see Conn)
 	Sends        uint64        // send syscalls (one per Send)
 	ENOBUFS      uint64        // receive overflows reported to the socket
 	Truncated    uint64        // datagrams larger than a receive slot (skipped)
@@ -698,6 +757,7 @@ func (c *Conn) Stats() Stats {
 		Reads:        c.reads.Load(),
 		EmptyReads:   c.emptyRds.Load(),
 		Waits:        c.polls.Load(),
+		HotWaits:     c.hotWaits.Load(),
 		Sends:        c.sends.Load(),
 		ENOBUFS:      c.enobufs.Load(),
 		Truncated:    c.truncs.Load(),
@@ -711,19 +771,15 @@ func (c *Conn) Stats() Stats {
 // error wrapping os.ErrClosed.
 func (c *Conn) Close() error {
 	c.closed.Store(true)
+	c.dmu.Lock()
+	if c.dtimer != nil {
+		c.dtimer.Stop()
+	}
+	c.dmu.Unlock()
 	// Wake a waiting Next: it returns, letting go of the socket (closed
-	// when the last reference to it ends) and of the eventfd (closed here
-	// or, if a Next still uses it, by that Next).
+	// when the last reference to it ends).
 	c.wake()
 	err := c.f.Close()
-	c.emu.Lock()
-	if c.efdOpen {
-		c.efdOpen = false
-		if c.efdUsers == 0 {
-			unix.Close(c.efd)
-		}
-	}
-	c.emu.Unlock()
 	if err != nil {
 		return c.ioError(err)
 	}

@@ -319,10 +319,11 @@ func TestConnDrainedHint(t *testing.T) {
 	}
 }
 
-// TestConnWaitWakeups checks the blocking wait of Next (ppoll on the
-// socket and the eventfd): a packet wakes it, SetReadDeadline and Close
-// wake it at once rather than after maxWait, and a Next/Send cycle on
-// queued packets allocates nothing.
+// TestConnWaitWakeups checks the blocking wait of Next (recvmmsg with
+// MSG_WAITFORONE): a packet wakes it and is read by the same syscall, a
+// wait after packets is hot and turns cold when they stop, SetReadDeadline
+// and Close wake it at once rather than after maxWait, and a Next/Send
+// cycle on queued packets allocates nothing.
 func TestConnWaitWakeups(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "nfqw", 0)
@@ -346,7 +347,7 @@ func TestConnWaitWakeups(t *testing.T) {
 			err := c.Next(&p, true)
 			ch <- result{err, time.Since(start)}
 		}()
-		// Until the goroutine waits in ppoll.
+		// Until the goroutine waits in recvmmsg.
 		for i := 0; i < 200 && !c.waiting.Load(); i++ {
 			time.Sleep(5 * time.Millisecond)
 		}
@@ -371,8 +372,9 @@ func TestConnWaitWakeups(t *testing.T) {
 		return result{}
 	}
 
-	// A packet wakes the waiter.
-	w0 := c.Stats().Waits
+	// A packet wakes the waiter, and the waiting syscall reads it: no
+	// empty read, and a cold wait, the first in the Conn's life.
+	s0 := c.Stats()
 	ch := block()
 	if err := l.A.NS.SendUDP(dst, []byte("wake"), 1, 0); err != nil {
 		t.Fatal(err)
@@ -380,8 +382,43 @@ func TestConnWaitWakeups(t *testing.T) {
 	if r := get(ch); r.err != nil || string(p.Payload[len(p.Payload)-4:]) != "wake" {
 		t.Fatalf("Next: %v, payload %q", r.err, p.Payload)
 	}
-	if s := c.Stats(); s.Waits <= w0 || s.EmptyReads == 0 {
-		t.Fatalf("stats %+v: want a wait and an empty read", s)
+	s1 := c.Stats()
+	if s1.Waits != s0.Waits+1 || s1.EmptyReads != s0.EmptyReads || s1.HotWaits != s0.HotWaits {
+		t.Fatalf("stats %+v then %+v: want one cold wait that read the packet", s0, s1)
+	}
+	if err := c.Send(AppendVerdict(nil, c.Queue(), p.ID, Accept, nil)); err != nil {
+		t.Fatal(err)
+	}
+
+	// Packets came, so the next wait is hot: with a packet already queued
+	// it returns it at once.
+	if err := l.A.NS.SendUDP(dst, []byte("hot1"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond) // queued in the socket
+	if err := c.Next(&p, true); err != nil || string(p.Payload[len(p.Payload)-4:]) != "hot1" {
+		t.Fatalf("Next: %v, payload %q", err, p.Payload)
+	}
+	s2 := c.Stats()
+	if s2.HotWaits != s1.HotWaits+1 || s2.Waits != s1.Waits+1 {
+		t.Fatalf("stats %+v then %+v: want one hot wait", s1, s2)
+	}
+	if err := c.Send(AppendVerdict(nil, c.Queue(), p.ID, Accept, nil)); err != nil {
+		t.Fatal(err)
+	}
+	// With nothing more for longer than hotWait, the hot wait times out
+	// and the reader waits cold; a packet 50 ms later wakes it.
+	ch = block()
+	time.Sleep(50 * time.Millisecond)
+	if err := l.A.NS.SendUDP(dst, []byte("cold"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	if r := get(ch); r.err != nil || string(p.Payload[len(p.Payload)-4:]) != "cold" {
+		t.Fatalf("Next: %v, payload %q", r.err, p.Payload)
+	}
+	s3 := c.Stats()
+	if s3.HotWaits != s2.HotWaits+1 || s3.Waits != s2.Waits+2 || s3.EmptyReads != s2.EmptyReads {
+		t.Fatalf("stats %+v then %+v: want a hot wait timing out, then a cold one", s2, s3)
 	}
 	if err := c.Send(AppendVerdict(nil, c.Queue(), p.ID, Accept, nil)); err != nil {
 		t.Fatal(err)
