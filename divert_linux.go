@@ -57,6 +57,21 @@ const (
 	queueBase  = 0xD100 // first queue number tried by Open
 	loIfIndex  = 1      // LOOPBACK_IFINDEX: lo is interface 1 in every namespace
 	accInitCap = 512
+	pendMax    = 64
+)
+
+// pendEntry is a packet a receive call took: to hold for the program, or
+// to accept (a sniffed copy, or, passed, one the program does not see).
+type pendEntry struct {
+	id   uint32
+	kind uint8
+	t    int64
+}
+
+const (
+	pendHold uint8 = iota
+	pendAccept
+	pendPass
 )
 
 // sysAddr is the Linux backend's reference to a queued packet.
@@ -100,12 +115,16 @@ type linuxBackend struct {
 	shutRecv  atomic.Bool
 	shutting  atomic.Bool // Shutdown(ShutdownRecv) has begun
 	closed    atomic.Bool
-	more      atomic.Bool  // the receive buffer holds undecoded packets
-	lastRecv  atomic.Int64 // when a Recv last started or ended (ns)
+	more      atomic.Bool   // the receive buffer holds undecoded packets
+	recvCalls atomic.Uint64 // bumped when a Recv starts and when it ends
 
-	rmu  sync.Mutex // receive side: conn.Next, pkt
+	rmu  sync.Mutex // receive side: conn.Next, pkt, pend
 	pkt  nfq.Packet
 	meta filter.Meta
+	// What one receive call decided, applied under one vmu lock before it
+	// returns (see applyPending).
+	pend  [pendMax]pendEntry
+	npend int
 
 	vmu     sync.Mutex // verdicts and the tracker
 	vbuf    []byte     // individual verdict messages (DROP, changed payloads)
@@ -124,6 +143,9 @@ type linuxBackend struct {
 	kstats  kernelQueueStats // the queue's line as last read
 	ckpt    [256]checkpoint
 	nckpt   int
+	// recvCalls as the reaper last saw it, and when it saw it change
+	lastCalls uint64
+	lastCallT int64
 
 	stop chan struct{}
 	done chan struct{}
@@ -177,7 +199,7 @@ func (b *linuxBackend) start() {
 	// Opened here, on the caller's thread, the file shows the queues
 	// of the caller's namespace whichever thread reads it later.
 	b.procQ, _ = os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
-	b.lastRecv.Store(monoNow())
+	b.lastCallT = monoNow()
 	b.stop, b.done = make(chan struct{}), make(chan struct{})
 	go b.reaper()
 }
@@ -214,7 +236,15 @@ func (b *linuxBackend) openInjector(cfg *openConfig) error {
 func (b *linuxBackend) attach(c *nfq.Conn) {
 	b.conn = c
 	b.queue = c.Queue()
-	c.SetFlush(b.flush)
+	c.SetFlush(b.flushRecv)
+}
+
+// flushRecv runs before a receive call blocks, with rmu held: what the
+// call took so far goes to the verdict side, and every collected verdict
+// goes out (the passed packets among them must not wait for the next one).
+func (b *linuxBackend) flushRecv() {
+	b.applyPending()
+	b.flush()
 }
 
 func (b *linuxBackend) open(cfg *openConfig) error {
@@ -387,12 +417,13 @@ func (b *linuxBackend) recv(buf []byte, a *Address) (int, error) {
 	if b.conn == nil {
 		return 0, b.noQueueError()
 	}
-	b.lastRecv.Store(monoNow())
+	b.recvCalls.Add(1)
 	b.rmu.Lock()
 	n, err := b.next(buf, a, true)
+	b.applyPending()
 	b.more.Store(b.conn.Buffered())
 	b.rmu.Unlock()
-	b.lastRecv.Store(monoNow())
+	b.recvCalls.Add(1)
 	if err == nil || errors.Is(err, ErrTruncated) {
 		b.st.received.Add(1)
 	}
@@ -403,11 +434,12 @@ func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 	if b.conn == nil {
 		return 0, b.noQueueError()
 	}
-	b.lastRecv.Store(monoNow())
+	b.recvCalls.Add(1)
 	b.rmu.Lock()
 	defer func() {
+		b.applyPending()
 		b.rmu.Unlock()
-		b.lastRecv.Store(monoNow())
+		b.recvCalls.Add(1)
 	}()
 	var terr error
 	k := 0
@@ -445,8 +477,46 @@ func (b *linuxBackend) noQueueError() error {
 	return errors.New("divert: handle has no queue to receive from")
 }
 
+// pendAdd records what to do with packet id once the receive call ends
+// (see applyPending). Called with rmu held.
+func (b *linuxBackend) pendAdd(id uint32, kind uint8, t int64) {
+	if b.npend == len(b.pend) {
+		b.applyPending()
+	}
+	b.pend[b.npend] = pendEntry{id: id, kind: kind, t: t}
+	b.npend++
+}
+
+// applyPending hands the packets a receive call took to the verdict side,
+// in arrival order, under one vmu lock: held ones to the tracker, the
+// others to the ACCEPTs to send. Until it runs, no ACCEPT of a later id is
+// collected either, so a batch verdict never covers a packet about to be
+// held. Called with rmu held, before the call returns the packets and
+// before anything else takes vmu for a packet of the call (reassemble).
+func (b *linuxBackend) applyPending() {
+	if b.npend == 0 {
+		return
+	}
+	b.vmu.Lock()
+	for _, e := range b.pend[:b.npend] {
+		switch e.kind {
+		case pendHold:
+			b.track.Add(e.id, e.t)
+			b.noteID(e.id)
+		case pendPass:
+			b.passed++
+			b.acceptLocked(e.id)
+		default:
+			b.acceptLocked(e.id)
+		}
+	}
+	b.vmu.Unlock()
+	b.npend = 0
+}
+
 // next delivers the next packet the program should see. With block false
-// it returns nfq.ErrNoData instead of waiting. Called with rmu held.
+// it returns nfq.ErrNoData instead of waiting. Called with rmu held; the
+// caller calls applyPending before it returns.
 func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 	p := &b.pkt
 	for {
@@ -474,8 +544,10 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 			}
 			return 0, fmt.Errorf("divert: recv: %w", err)
 		}
-		now := monoNow()
+		// When the batch left the kernel: one clock read per read syscall.
+		now := b.conn.ReadTime()
 		if b.frag != nil {
+			b.applyPending() // reassemble takes vmu for this packet
 			n, handled, delivered, err := b.reassemble(p, buf, a, now)
 			if delivered {
 				return n, err
@@ -499,7 +571,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 
 		// Packets the program must not see: accept at once.
 		if b.layer == LayerNetwork && loopback && !outbound {
-			b.pass(p.ID) // loopback is seen outbound only, as in WinDivert
+			b.pendAdd(p.ID, pendPass, 0) // loopback is seen outbound only, as in WinDivert
 			continue
 		}
 		if b.userSide && b.filt != nil {
@@ -512,7 +584,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 				Timestamp: ts,
 			}
 			if !b.filt.Match(p.Payload, &b.meta) {
-				b.pass(p.ID)
+				b.pendAdd(p.ID, pendPass, 0)
 				continue
 			}
 		}
@@ -532,7 +604,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 		}
 		if b.flags&FlagSniff != 0 {
 			a.Sniffed = true
-			b.accept(p.ID)
+			b.pendAdd(p.ID, pendAccept, 0)
 		} else {
 			a.sys = sysAddr{
 				owner: b.serial,
@@ -541,10 +613,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 				hash:  maphash.Bytes(hashSeed, buf[:n]),
 				trunc: p.Truncated(),
 			}
-			b.vmu.Lock()
-			b.track.Add(p.ID, now)
-			b.noteID(p.ID)
-			b.vmu.Unlock()
+			b.pendAdd(p.ID, pendHold, now)
 		}
 		if n < len(p.Payload) {
 			return n, ErrTruncated
@@ -559,22 +628,6 @@ func (b *linuxBackend) noteID(id uint32) {
 	if !b.seenAny || int32(id-b.lastID) > 0 {
 		b.lastID, b.seenAny = id, true
 	}
-}
-
-// accept queues an ACCEPT for a packet the program never held.
-func (b *linuxBackend) accept(id uint32) {
-	b.vmu.Lock()
-	b.acceptLocked(id)
-	b.vmu.Unlock()
-}
-
-// pass is accept for a packet the program does not see at all, counted
-// in Stats.Passed.
-func (b *linuxBackend) pass(id uint32) {
-	b.vmu.Lock()
-	b.passed++
-	b.acceptLocked(id)
-	b.vmu.Unlock()
 }
 
 func (b *linuxBackend) acceptLocked(id uint32) {
@@ -632,6 +685,11 @@ func (b *linuxBackend) flushLocked() error {
 func (b *linuxBackend) verdict(s *sysAddr, v nfq.Verdict, payload []byte, hold bool) error {
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
+	return b.verdictLocked(s, v, payload, hold)
+}
+
+// verdictLocked is verdict with vmu held.
+func (b *linuxBackend) verdictLocked(s *sysAddr, v nfq.Verdict, payload []byte, hold bool) error {
 	if b.closed.Load() {
 		return errClosed
 	}
@@ -676,12 +734,9 @@ func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
 		return b.sendDgram(pkt, a)
 	}
 	if b.held(a) {
-		var payload []byte
-		if uint32(len(pkt)) != a.sys.n || maphash.Bytes(hashSeed, pkt) != a.sys.hash {
-			if a.sys.trunc {
-				return 0, errors.New("divert: cannot reinject a changed packet the kernel handed over truncated")
-			}
-			payload = pkt
+		payload, err := reinjectPayload(pkt, a)
+		if err != nil {
+			return 0, err
 		}
 		if err := b.verdict(&a.sys, nfq.Accept, payload, hold); err != nil {
 			return 0, err
@@ -690,6 +745,18 @@ func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
 		return len(pkt), nil
 	}
 	return b.inject(pkt, a)
+}
+
+// reinjectPayload returns the payload to put in the ACCEPT of a held
+// packet: nil when pkt is what the program received.
+func reinjectPayload(pkt []byte, a *Address) ([]byte, error) {
+	if uint32(len(pkt)) == a.sys.n && maphash.Bytes(hashSeed, pkt) == a.sys.hash {
+		return nil, nil
+	}
+	if a.sys.trunc {
+		return nil, errors.New("divert: cannot reinject a changed packet the kernel handed over truncated")
+	}
+	return pkt, nil
 }
 
 func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
@@ -732,11 +799,19 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 
 func (b *linuxBackend) sendBatch(ms []Message) (int, error) {
 	// Collect every verdict of the batch, then send them in one sendmsg.
-	if b.conn != nil {
-		defer b.flush()
-	}
+	// Runs of held packets are released under one vmu lock.
+	locked := false
 	var sent, injected uint64 // added once for the batch
 	defer func() {
+		if b.conn != nil {
+			if !locked {
+				b.vmu.Lock()
+			}
+			b.flushLocked()
+			b.vmu.Unlock()
+		} else if locked {
+			b.vmu.Unlock()
+		}
 		if sent > 0 {
 			b.st.sent.Add(sent)
 		}
@@ -745,6 +820,27 @@ func (b *linuxBackend) sendBatch(ms []Message) (int, error) {
 		}
 	}()
 	for i := range ms {
+		if a := &ms[i].Addr; !a.sys.dgram && b.held(a) {
+			// The common case: reinject a packet this handle holds.
+			payload, err := reinjectPayload(ms[i].Buf[:ms[i].N], a)
+			if err == nil {
+				if !locked {
+					b.vmu.Lock()
+					locked = true
+				}
+				err = b.verdictLocked(&a.sys, nfq.Accept, payload, true)
+			}
+			if err != nil {
+				return i, fmt.Errorf("divert: message %d: %w", i, err)
+			}
+			a.sys = sysAddr{}
+			sent++
+			continue
+		}
+		if locked {
+			b.vmu.Unlock()
+			locked = false
+		}
 		fresh := b.fresh(&ms[i].Addr)
 		if _, err := b.send1(ms[i].Buf[:ms[i].N], &ms[i].Addr, true); err != nil {
 			return i, fmt.Errorf("divert: message %d: %w", i, err)
@@ -819,6 +915,9 @@ func (b *linuxBackend) reaper() {
 // kernel's queue id sequence, sampled every tick (b.ckpt): ids up to the
 // sequence seen QueueTime ago were queued at least that long ago.
 func (b *linuxBackend) drainUnread(now, qt int64) {
+	if c := b.recvCalls.Load(); c != b.lastCalls {
+		b.lastCalls, b.lastCallT = c, now // a Recv started or ended since the last tick
+	}
 	seq, ok := b.kernelSeq()
 	if !ok {
 		return
@@ -833,7 +932,7 @@ func (b *linuxBackend) drainUnread(now, qt int64) {
 			limit, found = c.seq, true
 		}
 	}
-	if !found || now-b.lastRecv.Load() < qt || !b.rmu.TryLock() {
+	if !found || now-b.lastCallT < qt || !b.rmu.TryLock() {
 		return // nothing old enough, or a Recv is (or was just) running
 	}
 	defer b.rmu.Unlock()
@@ -1061,13 +1160,9 @@ func (b *linuxBackend) version() (major, minor uint64) {
 	return linuxVersionMajor, linuxVersionMinor
 }
 
-// clockBase anchors monoNow: the wall clock when the package started.
-var clockBase = time.Now()
-
 // monoNow is nanoseconds since the Unix epoch read from the monotonic
-// clock: the wall clock at start plus the monotonic time since. Queue-time
-// ageing uses it, so a wall-clock step (NTP, a resumed VM) neither drops
-// held packets early nor keeps them too long.
-func monoNow() int64 {
-	return clockBase.UnixNano() + int64(time.Since(clockBase))
-}
+// clock: the wall clock at start plus the monotonic time since, the clock
+// of nfq.Conn.ReadTime. Queue-time ageing uses it, so a wall-clock step
+// (NTP, a resumed VM) neither drops held packets early nor keeps them too
+// long.
+func monoNow() int64 { return nfq.Mono() }
