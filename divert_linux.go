@@ -3,7 +3,6 @@ package divert
 import (
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"io"
 	"os"
 	"sync"
@@ -31,11 +30,13 @@ import (
 // nobody reads are released by the reaper once they have waited
 // ParamQueueTime (DROP; ACCEPT for FlagSniff).
 //
-// Send tells a changed packet from an unchanged one by length and a 64-bit
-// maphash of the bytes Recv handed over; only a changed packet travels back
-// to the kernel (which then trusts its checksums as they are), so an
-// unchanged one keeps its checksum offload state. A change that hashes
-// equal (odds 2^-64) would be lost.
+// Send tells a changed packet from an unchanged one by comparing it with
+// the bytes Recv handed over, byte for byte while they are still in the
+// receive buffer (a batch sent back before the next read), else by length
+// and a 64-bit maphash taken before the buffer was reused; only a changed
+// packet travels back to the kernel (which then trusts its checksums as
+// they are), so an unchanged one keeps its checksum offload state. A change
+// that hashes equal (odds 2^-64) would be lost.
 //
 // A new packet (a fresh Address) whose IPChecksum, TCPChecksum or
 // UDPChecksum bit is clear gets those checksums computed before it is sent,
@@ -66,6 +67,7 @@ type pendEntry struct {
 	id   uint32
 	kind uint8
 	t    int64
+	orig []byte // pendHold: the bytes handed over, in the receive buffer
 }
 
 const (
@@ -78,8 +80,7 @@ const (
 type sysAddr struct {
 	owner uint32 // serial of the handle that holds the packet; 0 for new packets
 	id    uint32 // NFQUEUE packet id
-	n     uint32 // bytes handed to the program
-	hash  uint64 // maphash of those bytes, to tell a changed packet
+	n     uint32 // bytes handed to the program (the tracker tells a changed packet)
 	trunc bool   // the kernel copied less than the whole packet
 
 	// A datagram reassembled in user space (see frag_linux.go): its
@@ -91,7 +92,6 @@ type sysAddr struct {
 
 var (
 	handleSerial atomic.Uint32
-	hashSeed     = maphash.MakeSeed()
 )
 
 type linuxBackend struct {
@@ -118,9 +118,11 @@ type linuxBackend struct {
 	more      atomic.Bool   // the receive buffer holds undecoded packets
 	recvCalls atomic.Uint64 // bumped when a Recv starts and when it ends
 
-	rmu  sync.Mutex // receive side: conn.Next, pkt, pend
+	rmu  sync.Mutex // receive side: conn.Next, pkt, pend, inDrain
 	pkt  nfq.Packet
 	meta filter.Meta
+	// drainUnread is reading with vmu held (see refill)
+	inDrain bool
 	// What one receive call decided, applied under one vmu lock before it
 	// returns (see applyPending).
 	pend  [pendMax]pendEntry
@@ -236,15 +238,25 @@ func (b *linuxBackend) openInjector(cfg *openConfig) error {
 func (b *linuxBackend) attach(c *nfq.Conn) {
 	b.conn = c
 	b.queue = c.Queue()
-	c.SetFlush(b.flushRecv)
+	c.SetRefill(b.refill)
 }
 
-// flushRecv runs before a receive call blocks, with rmu held: what the
-// call took so far goes to the verdict side, and every collected verdict
-// goes out (the passed packets among them must not wait for the next one).
-func (b *linuxBackend) flushRecv() {
-	b.applyPending()
-	b.flush()
+// refill runs before a read reuses the receive buffer, with rmu held: what
+// the receive call took so far goes to the verdict side, the held packets
+// whose bytes are in the buffer get hashed (see nfq.Tracker), and before a
+// read that may block every collected verdict goes out (the passed packets
+// among them must not wait for the next packet). drainUnread calls with
+// vmu held already.
+func (b *linuxBackend) refill(block bool) {
+	if !b.inDrain {
+		b.vmu.Lock()
+		defer b.vmu.Unlock()
+	}
+	b.applyPendingLocked()
+	b.track.Seal()
+	if block {
+		b.flushLocked()
+	}
 }
 
 func (b *linuxBackend) open(cfg *openConfig) error {
@@ -479,11 +491,11 @@ func (b *linuxBackend) noQueueError() error {
 
 // pendAdd records what to do with packet id once the receive call ends
 // (see applyPending). Called with rmu held.
-func (b *linuxBackend) pendAdd(id uint32, kind uint8, t int64) {
+func (b *linuxBackend) pendAdd(id uint32, kind uint8, t int64, orig []byte) {
 	if b.npend == len(b.pend) {
 		b.applyPending()
 	}
-	b.pend[b.npend] = pendEntry{id: id, kind: kind, t: t}
+	b.pend[b.npend] = pendEntry{id: id, kind: kind, t: t, orig: orig}
 	b.npend++
 }
 
@@ -498,10 +510,18 @@ func (b *linuxBackend) applyPending() {
 		return
 	}
 	b.vmu.Lock()
-	for _, e := range b.pend[:b.npend] {
+	b.applyPendingLocked()
+	b.vmu.Unlock()
+}
+
+// applyPendingLocked is applyPending with vmu held.
+func (b *linuxBackend) applyPendingLocked() {
+	for i := range b.pend[:b.npend] {
+		e := &b.pend[i]
 		switch e.kind {
 		case pendHold:
-			b.track.Add(e.id, e.t)
+			b.track.AddHeld(e.id, e.t, e.orig)
+			e.orig = nil
 			b.noteID(e.id)
 		case pendPass:
 			b.passed++
@@ -510,7 +530,6 @@ func (b *linuxBackend) applyPending() {
 			b.acceptLocked(e.id)
 		}
 	}
-	b.vmu.Unlock()
 	b.npend = 0
 }
 
@@ -571,7 +590,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 
 		// Packets the program must not see: accept at once.
 		if b.layer == LayerNetwork && loopback && !outbound {
-			b.pendAdd(p.ID, pendPass, 0) // loopback is seen outbound only, as in WinDivert
+			b.pendAdd(p.ID, pendPass, 0, nil) // loopback is seen outbound only, as in WinDivert
 			continue
 		}
 		if b.userSide && b.filt != nil {
@@ -584,7 +603,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 				Timestamp: ts,
 			}
 			if !b.filt.Match(p.Payload, &b.meta) {
-				b.pendAdd(p.ID, pendPass, 0)
+				b.pendAdd(p.ID, pendPass, 0, nil)
 				continue
 			}
 		}
@@ -604,16 +623,15 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 		}
 		if b.flags&FlagSniff != 0 {
 			a.Sniffed = true
-			b.pendAdd(p.ID, pendAccept, 0)
+			b.pendAdd(p.ID, pendAccept, 0, nil)
 		} else {
 			a.sys = sysAddr{
 				owner: b.serial,
 				id:    p.ID,
 				n:     uint32(n),
-				hash:  maphash.Bytes(hashSeed, buf[:n]),
 				trunc: p.Truncated(),
 			}
-			b.pendAdd(p.ID, pendHold, now)
+			b.pendAdd(p.ID, pendHold, now, p.Payload[:n])
 		}
 		if n < len(p.Payload) {
 			return n, ErrTruncated
@@ -682,20 +700,31 @@ func (b *linuxBackend) flushLocked() error {
 // it) and sends it now, unless hold is set (SendBatch flushes at its end) or
 // the receiver is about to read more packets and will flush before it
 // blocks.
-func (b *linuxBackend) verdict(s *sysAddr, v nfq.Verdict, payload []byte, hold bool) error {
+func (b *linuxBackend) verdict(s *sysAddr, v nfq.Verdict, pkt []byte, hold bool) error {
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
-	return b.verdictLocked(s, v, payload, hold)
+	return b.verdictLocked(s, v, pkt, hold)
 }
 
 // verdictLocked is verdict with vmu held.
-func (b *linuxBackend) verdictLocked(s *sysAddr, v nfq.Verdict, payload []byte, hold bool) error {
+// For an ACCEPT, pkt is what the program sends back: the packet's payload
+// is replaced only if pkt differs from what it received.
+func (b *linuxBackend) verdictLocked(s *sysAddr, v nfq.Verdict, pkt []byte, hold bool) error {
 	if b.closed.Load() {
 		return errClosed
 	}
-	if !b.track.Release(s.id) {
+	i, ok := b.track.Lookup(s.id)
+	if !ok {
 		return fmt.Errorf("divert: packet %d is no longer queued (already sent, dropped, or expired after %v)", s.id, time.Duration(b.queueTime.Load()))
 	}
+	var payload []byte
+	if v == nfq.Accept && !b.track.Unchanged(i, pkt) {
+		if s.trunc {
+			return errors.New("divert: cannot reinject a changed packet the kernel handed over truncated")
+		}
+		payload = pkt
+	}
+	b.track.ReleaseAt(i)
 	if v == nfq.Accept && payload == nil {
 		b.acc = append(b.acc, s.id)
 	} else {
@@ -734,29 +763,13 @@ func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
 		return b.sendDgram(pkt, a)
 	}
 	if b.held(a) {
-		payload, err := reinjectPayload(pkt, a)
-		if err != nil {
-			return 0, err
-		}
-		if err := b.verdict(&a.sys, nfq.Accept, payload, hold); err != nil {
+		if err := b.verdict(&a.sys, nfq.Accept, pkt, hold); err != nil {
 			return 0, err
 		}
 		a.sys = sysAddr{}
 		return len(pkt), nil
 	}
 	return b.inject(pkt, a)
-}
-
-// reinjectPayload returns the payload to put in the ACCEPT of a held
-// packet: nil when pkt is what the program received.
-func reinjectPayload(pkt []byte, a *Address) ([]byte, error) {
-	if uint32(len(pkt)) == a.sys.n && maphash.Bytes(hashSeed, pkt) == a.sys.hash {
-		return nil, nil
-	}
-	if a.sys.trunc {
-		return nil, errors.New("divert: cannot reinject a changed packet the kernel handed over truncated")
-	}
-	return pkt, nil
 }
 
 func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
@@ -822,15 +835,11 @@ func (b *linuxBackend) sendBatch(ms []Message) (int, error) {
 	for i := range ms {
 		if a := &ms[i].Addr; !a.sys.dgram && b.held(a) {
 			// The common case: reinject a packet this handle holds.
-			payload, err := reinjectPayload(ms[i].Buf[:ms[i].N], a)
-			if err == nil {
-				if !locked {
-					b.vmu.Lock()
-					locked = true
-				}
-				err = b.verdictLocked(&a.sys, nfq.Accept, payload, true)
+			if !locked {
+				b.vmu.Lock()
+				locked = true
 			}
-			if err != nil {
+			if err := b.verdictLocked(&a.sys, nfq.Accept, ms[i].Buf[:ms[i].N], true); err != nil {
 				return i, fmt.Errorf("divert: message %d: %w", i, err)
 			}
 			a.sys = sysAddr{}
@@ -939,6 +948,8 @@ func (b *linuxBackend) drainUnread(now, qt int64) {
 	p := &b.pkt
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
+	b.inDrain = true
+	defer func() { b.inDrain = false }()
 	var expired uint64
 	defer func() {
 		if expired > 0 {

@@ -538,6 +538,95 @@ func TestLinuxMangleUDP(t *testing.T) {
 	}
 }
 
+// TestLinuxHeldAcrossReads checks how Send tells a changed packet from an
+// unchanged one, both ways: byte for byte while the packet's bytes are in
+// the receive buffer, and by hash once later reads reused the buffer.
+// Packets from the other namespace come over veth with unfinished
+// checksums (Address.UDPChecksum false): an unchanged packet sent back as
+// changed would lose that state and be dropped by the receiving socket as
+// corrupt, so every payload arriving as expected shows both decisions right.
+func TestLinuxHeldAcrossReads(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dha", 0)
+	ap := netip.AddrPortFrom(l.B.V4, 5556)
+	sink, err := l.B.NS.ListenUDP(ap.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, l.B.NS, "udp.DstPort == 5556", LayerNetwork, 0, 0)
+	h.SetReadDeadline(time.Now().Add(5 * time.Second))
+
+	type held struct {
+		buf []byte
+		a   Address
+	}
+	recv := func() held {
+		t.Helper()
+		buf := make([]byte, MTUMax)
+		var a Address
+		n, err := h.Recv(buf, &a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.UDPChecksum {
+			t.Fatalf("packet %x has a finished UDP checksum: the test needs offloaded ones", buf[:n])
+		}
+		return held{buf[:n], a}
+	}
+	send := func(payload string) {
+		t.Helper()
+		if err := l.A.NS.SendUDP(ap, []byte(payload), 1, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	upper := func(p *held, s string) {
+		t.Helper()
+		i := bytes.Index(p.buf, []byte(s))
+		if i < 0 {
+			t.Fatalf("%q not in %x", s, p.buf)
+		}
+		copy(p.buf[i:], strings.ToUpper(s))
+		if err := CalcChecksums(p.buf, &p.a, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// p0 and p1 come one per read, so the reads of p2 and p3 (together,
+	// both queued before Recv) reuse the buffer p0 and p1 were in.
+	send("p0-unchanged-hashed")
+	p0 := recv()
+	send("p1-changed-hashed")
+	p1 := recv()
+	send("p2-unchanged-bytes")
+	send("p3-changed-bytes")
+	time.Sleep(100 * time.Millisecond)
+	p2, p3 := recv(), recv()
+	upper(&p1, "changed")
+	upper(&p3, "changed")
+	for _, p := range []*held{&p0, &p1, &p2, &p3} {
+		if _, err := h.Send(p.buf, &p.a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := netnstest.RecvUDP(sink, 4, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{"p0-unchanged-hashed": true, "p1-CHANGED-hashed": true, "p2-unchanged-bytes": true, "p3-CHANGED-bytes": true}
+	for _, g := range got {
+		if !want[string(g)] {
+			t.Errorf("sink got %q, not one of %v", g, want)
+		}
+		delete(want, string(g))
+	}
+	if len(want) != 0 {
+		t.Fatalf("never arrived: %v", want)
+	}
+	if st, err := h.Stats(); err != nil || st.Sent != 4 {
+		t.Fatalf("Stats %+v, %v: want 4 sent", st, err)
+	}
+}
+
 func TestLinuxPriorities(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dpr", 0)

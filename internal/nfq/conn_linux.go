@@ -100,18 +100,18 @@ type Conn struct {
 	seq   atomic.Uint32
 
 	// receive state
-	slots   [][]byte
-	hdrs    []unix.Mmsghdr
-	iovs    []unix.Iovec
-	count   int // datagrams received in the last read
-	cur     int // datagram being decoded
-	off     int // offset in it
-	prvCur  int // position before the last packet Next returned
-	prvOff  int
-	flushFn func() // called before Next blocks in a read
-	stopped bool   // StopQueueing was called (send side state)
-	rn      int
-	rerr    syscall.Errno
+	slots    [][]byte
+	hdrs     []unix.Mmsghdr
+	iovs     []unix.Iovec
+	count    int // datagrams received in the last read
+	cur      int // datagram being decoded
+	off      int // offset in it
+	prvCur   int // position before the last packet Next returned
+	prvOff   int
+	refillFn func(block bool) // called before a read reuses the buffer (SetRefill)
+	stopped  bool             // StopQueueing was called (send side state)
+	rn       int
+	rerr     syscall.Errno
 	// drained: the last read returned fewer datagrams than it had slots,
 	// so the socket was empty then; the first non-blocking fill after it
 	// reports ErrNoData without a syscall (once), unless a message went
@@ -451,6 +451,9 @@ func (c *Conn) fill(block bool) error {
 		// request: keep what is buffered, read into the free slots.
 		return c.readInto(c.count, block)
 	}
+	if c.refillFn != nil {
+		c.refillFn(block)
+	}
 	c.count, c.cur, c.off = 0, 0, 0
 	return c.readInto(0, block)
 }
@@ -598,19 +601,18 @@ func (c *Conn) Next(p *Packet, block bool) error {
 				c.lastErrno.Store(uint32(ke.Errno))
 			}
 		}
-		if block && c.flushFn != nil {
-			c.flushFn()
-		}
 		if err := c.fill(block); err != nil {
 			return err
 		}
 	}
 }
 
-// SetFlush sets a function Next calls before every read that may block, so
-// that verdicts collected meanwhile go out before the program waits. It
-// must not call Next.
-func (c *Conn) SetFlush(f func()) { c.flushFn = f }
+// SetRefill sets a function called before every read that reuses the
+// receive buffer, which overwrites the payloads Next returned so far; block
+// says whether the read may wait, so that verdicts collected meanwhile can
+// go out before the program waits. It runs on the goroutine calling Next
+// and must not call Next.
+func (c *Conn) SetRefill(f func(block bool)) { c.refillFn = f }
 
 // Unread puts back the packet the last Next returned, so that the next
 // Next returns it again. Only one packet can be put back, and only before

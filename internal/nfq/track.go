@@ -1,23 +1,41 @@
 package nfq
 
+import (
+	"bytes"
+	"hash/maphash"
+)
+
 // Tracker remembers the packets a program holds (received, not yet
 // verdicted) in arrival order, so that each gets exactly one verdict: a
 // FIFO ring of ids (increasing in the kernel's wrapping order) with their
 // arrival times. Lookup is a binary search, insertion and release are O(1)
 // amortised, and nothing allocates once the ring has its size. Not safe for
 // concurrent use.
+//
+// It also tells whether a packet comes back unchanged. AddHeld keeps a
+// reference to the bytes handed over, which are still in the Conn's
+// receive buffer; Seal, called before that buffer is reused, replaces the
+// reference by a hash. A program that sends a batch back before the next
+// read (the usual loop) has its packets compared byte for byte, and nothing
+// is hashed.
 type Tracker struct {
-	ring []trackEntry // power-of-two length
-	head uint32       // index (unwrapped) of the oldest entry
-	tail uint32       // index (unwrapped) one past the newest
-	live int
+	ring   []trackEntry // power-of-two length
+	head   uint32       // index (unwrapped) of the oldest entry
+	tail   uint32       // index (unwrapped) one past the newest
+	sealed uint32       // entries before this index hold no orig
+	live   int
 }
 
 type trackEntry struct {
 	id   uint32
 	done bool
+	n    uint32 // len(orig), kept when sealed
 	t    int64
+	orig []byte // the bytes handed over, in the receive buffer; nil once sealed
+	sum  uint64 // maphash of orig, once sealed
 }
+
+var trackSeed = maphash.MakeSeed()
 
 // NewTracker returns a Tracker with room for at least n entries.
 func NewTracker(n int) *Tracker {
@@ -41,6 +59,7 @@ func (t *Tracker) grow(n int) {
 		}
 	}
 	t.ring, t.head, t.tail, t.live = ring, 0, uint32(k), k
+	t.sealed = 0 // the next Seal looks at every entry again
 }
 
 // Len returns how many packets are held.
@@ -53,6 +72,12 @@ func (t *Tracker) at(i uint32) *trackEntry { return &t.ring[int(i)&(len(t.ring)-
 // sequence restarted, a packet put back and added again) is inserted in
 // order, at a cost linear in the entries it passes.
 func (t *Tracker) Add(id uint32, now int64) {
+	t.AddHeld(id, now, nil)
+}
+
+// AddHeld is Add for a packet handed over as orig, which must stay
+// unchanged until Seal or the packet's release (see Tracker).
+func (t *Tracker) AddHeld(id uint32, now int64, orig []byte) {
 	if int(t.tail-t.head) == len(t.ring) {
 		// Full: drop released entries, and grow if half or more are live.
 		size := len(t.ring)
@@ -66,9 +91,62 @@ func (t *Tracker) Add(id uint32, now int64) {
 		*t.at(i) = *t.at(i - 1)
 		i--
 	}
-	*t.at(i) = trackEntry{id: id, t: now}
+	*t.at(i) = trackEntry{id: id, t: now, orig: orig, n: uint32(len(orig))}
 	t.tail++
 	t.live++
+	if int32(i-t.sealed) < 0 {
+		t.sealed = i // inserted among sealed entries
+	}
+}
+
+// Seal hashes the bytes of every held packet added since the last Seal and
+// lets go of them: call it before the buffer they are in is reused.
+func (t *Tracker) Seal() {
+	i := t.sealed
+	if int32(i-t.head) < 0 {
+		i = t.head
+	}
+	for ; i != t.tail; i++ {
+		e := t.at(i)
+		if e.orig != nil {
+			if !e.done {
+				e.sum = maphash.Bytes(trackSeed, e.orig)
+			}
+			e.orig = nil
+		}
+	}
+	t.sealed = t.tail
+}
+
+// Lookup returns the ring index of a held id, for Unchanged and ReleaseAt.
+func (t *Tracker) Lookup(id uint32) (uint32, bool) {
+	if t.head != t.tail {
+		// Fast path: packets mostly come back in order.
+		if e := t.at(t.head); e.id == id && !e.done {
+			return t.head, true
+		}
+	}
+	return t.find(id)
+}
+
+// Unchanged reports whether pkt is what was handed over for the packet at
+// ring index i (from Lookup): byte for byte while its bytes are in the
+// buffer, else by length and hash. Packets added with Add never are.
+func (t *Tracker) Unchanged(i uint32, pkt []byte) bool {
+	e := t.at(i)
+	if e.orig != nil {
+		return bytes.Equal(pkt, e.orig)
+	}
+	return e.n != 0 && uint32(len(pkt)) == e.n && maphash.Bytes(trackSeed, pkt) == e.sum
+}
+
+// ReleaseAt forgets the held packet at ring index i (from Lookup).
+func (t *Tracker) ReleaseAt(i uint32) {
+	e := t.at(i)
+	e.done = true
+	e.orig = nil
+	t.live--
+	t.trim()
 }
 
 // find returns the ring index of a held id. The search runs over offsets
@@ -101,13 +179,11 @@ func (t *Tracker) find(id uint32) (uint32, bool) {
 
 // Release forgets a held id and reports whether it was held.
 func (t *Tracker) Release(id uint32) bool {
-	i, ok := t.find(id)
+	i, ok := t.Lookup(id)
 	if !ok {
 		return false
 	}
-	t.at(i).done = true
-	t.live--
-	t.trim()
+	t.ReleaseAt(i)
 	return true
 }
 
@@ -131,7 +207,5 @@ func (t *Tracker) PopOldest() {
 	if t.head == t.tail {
 		return
 	}
-	t.at(t.head).done = true
-	t.live--
-	t.trim()
+	t.ReleaseAt(t.head)
 }

@@ -124,3 +124,58 @@ func TestTrackerOutOfOrder(t *testing.T) {
 		t.Fatalf("Len %d, want 0", tr.Len())
 	}
 }
+
+// TestTrackerUnchanged checks how the tracker tells a packet sent back
+// unchanged: byte for byte before Seal, by length and hash after it, never
+// for a packet added without its bytes, and with sealing following entries
+// that moved (out-of-order adds, grow).
+func TestTrackerUnchanged(t *testing.T) {
+	tr := NewTracker(4)
+	buf := []byte("aaaa-bbbb-cccc")
+	tr.AddHeld(10, 1, buf[0:4])
+	tr.AddHeld(11, 1, buf[5:9])
+	tr.Add(12, 1)
+	check := func(id uint32, pkt string, want bool) {
+		t.Helper()
+		i, ok := tr.Lookup(id)
+		if !ok {
+			t.Fatalf("id %d not held", id)
+		}
+		if got := tr.Unchanged(i, []byte(pkt)); got != want {
+			t.Fatalf("Unchanged(%d, %q) = %v, want %v", id, pkt, got, want)
+		}
+	}
+	check(10, "aaaa", true)
+	check(10, "aaab", false)
+	check(10, "aaa", false)
+	check(12, "", false)
+	check(12, "x", false)
+	tr.Seal()
+	copy(buf, "zzzzzzzzzzzzzz") // the buffer is reused: only the hashes remain
+	check(10, "aaaa", true)
+	check(11, "bbbb", true)
+	check(11, "bbbc", false)
+	check(11, "bbbbb", false)
+	i, _ := tr.Lookup(10)
+	tr.ReleaseAt(i)
+	if _, ok := tr.Lookup(10); ok {
+		t.Fatal("10 still held after ReleaseAt")
+	}
+
+	// An out-of-order add lands among sealed entries and is sealed too;
+	// so are entries the ring moved when it grew.
+	buf2 := []byte("dddd-eeee")
+	tr.AddHeld(9, 2, buf2[0:4])
+	for id := uint32(20); id < 40; id++ {
+		tr.AddHeld(id, 2, buf2[5:9])
+	}
+	tr.Seal()
+	copy(buf2, "zzzzzzzzz")
+	check(9, "dddd", true)
+	check(25, "eeee", true)
+	check(39, "eeee", true)
+	check(39, "zzzz", false)
+	if !tr.Release(11) || tr.Release(11) {
+		t.Fatal("Release(11): want true once")
+	}
+}
