@@ -2,12 +2,16 @@ package nfq
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
+	"sort"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -476,5 +480,98 @@ func TestConnWaitWakeups(t *testing.T) {
 	}
 	if err := c.SetReadDeadline(time.Time{}); !errors.Is(err, os.ErrClosed) {
 		t.Fatalf("SetReadDeadline after Close: %v", err)
+	}
+}
+
+// TestConnHotReaderYields checks that a reader whose waits keep the P
+// while packets keep coming (see Conn) still lets other goroutines run,
+// with one P: a goroutine sleeping 1 ms at a time while datagrams arrive
+// every 0.3 ms wakes about on time, not only when the runtime forces a
+// preemption (10 ms and more).
+func TestConnHotReaderYields(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "nfqy", 0)
+	c := openIn(t, l.B.NS, Config{Queue: 500, Auto: true})
+	const port = 9995
+	queueRule(t, l.B.NS, c.Queue(), port)
+
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	var got atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var p Packet
+		vbuf := make([]byte, 0, 64)
+		for c.Next(&p, true) == nil {
+			got.Add(1)
+			vbuf = AppendVerdict(vbuf[:0], c.Queue(), p.ID, Accept, nil)
+			if c.Send(vbuf) != nil {
+				return
+			}
+		}
+	}()
+	// The traffic comes from another process (this test binary as
+	// TestHelperUDPSender), so that it does not need the one P.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	t.Setenv(senderEnv, netip.AddrPortFrom(l.B.V4, port).String())
+	senderDone := make(chan error, 1)
+	go func() {
+		out, err := l.A.NS.Run(ctx, os.Args[0], "-test.run=^TestHelperUDPSender$", "-test.count=1")
+		if err != nil {
+			err = fmt.Errorf("%w: %s", err, out)
+		}
+		senderDone <- err
+	}()
+	for got.Load() < 50 { // the datagrams are flowing
+		time.Sleep(time.Millisecond)
+		if ctx.Err() != nil {
+			t.Fatal("no datagrams queued")
+		}
+	}
+	hot0 := c.Stats().HotWaits
+	var late []time.Duration
+	for i := 0; i < 300; i++ {
+		start := time.Now()
+		time.Sleep(time.Millisecond)
+		late = append(late, time.Since(start)-time.Millisecond)
+	}
+	hot := c.Stats().HotWaits - hot0
+	if err := <-senderDone; err != nil {
+		t.Fatalf("sender: %v", err)
+	}
+	c.SetReadDeadline(time.Unix(1, 0))
+	<-done
+	sort.Slice(late, func(i, j int) bool { return late[i] < late[j] })
+	p90, max := late[len(late)*9/10], late[len(late)-1]
+	t.Logf("%d datagrams, %d hot waits during the sleeps; sleep lateness p50 %v, p90 %v, max %v", got.Load(), hot, late[len(late)/2], p90, max)
+	if n := got.Load(); n < 4500 || hot < 300 {
+		t.Fatalf("%d of 5000 datagrams, %d hot waits during the sleeps: the reader was not kept busy, the test proves nothing", n, hot)
+	}
+	if p90 > 5*time.Millisecond || max > 100*time.Millisecond {
+		t.Fatalf("a goroutine sharing the P with a hot reader woke up to %v late (p90), %v at worst", p90, max)
+	}
+}
+
+const senderEnv = "NFQ_TEST_UDP_SENDER"
+
+// TestHelperUDPSender is TestConnHotReaderYields' traffic, run as a
+// separate process: 5000 datagrams 0.3 ms apart to $NFQ_TEST_UDP_SENDER.
+// Run directly, it does nothing.
+func TestHelperUDPSender(t *testing.T) {
+	dst := os.Getenv(senderEnv)
+	if dst == "" {
+		return
+	}
+	conn, err := net.Dial("udp", dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	start := time.Now()
+	for i := 0; i < 5000; i++ {
+		conn.Write([]byte("tick")) // an unreachable port in between is no reason to stop
+		for time.Since(start) < time.Duration(i)*300*time.Microsecond {
+		}
 	}
 }
