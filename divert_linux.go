@@ -448,37 +448,38 @@ func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 	}
 	b.recvCalls.Add(1)
 	b.rmu.Lock()
-	defer func() {
-		b.applyPending()
-		b.rmu.Unlock()
-		b.recvCalls.Add(1)
-	}()
-	var terr error
+	var err, terr error
 	k := 0
-	defer func() {
-		if k > 0 {
-			b.st.received.Add(uint64(k)) // one add for the batch
-		}
-	}()
 	for k < len(ms) {
-		n, err := b.next(ms[k].Buf, &ms[k].Addr, k == 0)
-		if err != nil && !errors.Is(err, ErrTruncated) {
-			if k > 0 && errors.Is(err, nfq.ErrNoData) {
+		var n int
+		n, err = b.next(ms[k].Buf, &ms[k].Addr, k == 0)
+		if err != nil {
+			if err == nfq.ErrNoData && k > 0 {
+				err = nil // drained: the batch ends here
 				break
 			}
-			b.more.Store(b.conn.Buffered())
-			if k > 0 {
-				break // report what was received; the error comes back next call
+			if !errors.Is(err, ErrTruncated) {
+				if k > 0 {
+					err = nil // report what was received; the error comes back next call
+				}
+				break
 			}
-			return 0, err
-		}
-		if err != nil {
 			terr = err
+			err = nil
 		}
 		ms[k].N = n
 		k++
 	}
+	b.applyPending()
 	b.more.Store(b.conn.Buffered())
+	b.rmu.Unlock()
+	b.recvCalls.Add(1)
+	if k > 0 {
+		b.st.received.Add(uint64(k)) // one add for the batch
+	}
+	if err != nil {
+		return 0, err
+	}
 	return k, terr
 }
 

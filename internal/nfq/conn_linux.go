@@ -122,6 +122,7 @@ type Conn struct {
 
 	// blocking wait (see wake)
 	rflags   uintptr      // flags of the next read: MSG_DONTWAIT or MSG_WAITFORONE
+	rfirst   int          // first slot the next read fills
 	hot      bool         // SO_RCVTIMEO is hotWait and waits are raw syscalls
 	wantHot  bool         // what the next blocking read should be
 	rtime    int64        // mono time of the last read that returned data
@@ -140,9 +141,9 @@ type Conn struct {
 	sendGen atomic.Uint32 // bumped after every completed Send
 
 	closed    atomic.Bool
-	reads     atomic.Uint64
+	nbReads   atomic.Uint64 // non-blocking reads; blocking ones are waits
 	emptyRds  atomic.Uint64
-	polls     atomic.Uint64
+	coldWaits atomic.Uint64
 	hotWaits  atomic.Uint64
 	sends     atomic.Uint64
 	enobufs   atomic.Uint64
@@ -343,15 +344,17 @@ func (c *Conn) initRecv(n, size int) {
 // waiting for the first datagram and taking whatever else is queued then.
 // A wait is a raw syscall when hot (see Conn).
 func (c *Conn) read(fd uintptr) {
-	for i := range c.hdrs {
-		c.hdrs[i].Len = 0
-		c.hdrs[i].Hdr.Flags = 0
+	hdrs := c.hdrs[c.rfirst:]
+	for i := range hdrs {
+		hdrs[i].Len = 0
+		hdrs[i].Hdr.Flags = 0
 	}
 	var n uintptr
 	var e syscall.Errno
-	p := uintptr(unsafe.Pointer(&c.hdrs[0]))
+	p, vlen := uintptr(unsafe.Pointer(&hdrs[0])), uintptr(len(hdrs))
 	if c.rflags&unix.MSG_WAITFORONE == 0 {
-		n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, uintptr(len(c.hdrs)), c.rflags, 0, 0)
+		n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
+		c.nbReads.Add(1)
 		if e == unix.EAGAIN {
 			c.emptyRds.Add(1)
 		}
@@ -369,14 +372,13 @@ func (c *Conn) read(fd uintptr) {
 			}
 		}
 		if c.hot {
-			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, uintptr(len(c.hdrs)), c.rflags, 0, 0)
+			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
 			c.hotWaits.Add(1)
 		} else {
-			n, _, e = unix.Syscall6(unix.SYS_RECVMMSG, fd, p, uintptr(len(c.hdrs)), c.rflags, 0, 0)
+			n, _, e = unix.Syscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
+			c.coldWaits.Add(1)
 		}
-		c.polls.Add(1)
 	}
-	c.reads.Add(1)
 	c.rn, c.rerr = int(n), e
 }
 
@@ -462,9 +464,7 @@ func (c *Conn) readInto(first int, block bool) error {
 	if first >= len(c.hdrs) {
 		return ErrNoData
 	}
-	hdrs := c.hdrs
-	c.hdrs = c.hdrs[first:]
-	defer func() { c.hdrs = hdrs }()
+	c.rfirst = first
 	c.drained = false
 	if block {
 		// waiting is set before the state is checked, and Close and
@@ -502,13 +502,13 @@ func (c *Conn) readInto(first int, block bool) error {
 		}
 		switch c.rerr {
 		case 0:
-			for i := 0; i < c.rn; i++ {
+			for i := first; i < first+c.rn; i++ {
 				if c.hdrs[i].Hdr.Flags&unix.MSG_TRUNC != 0 {
 					c.truncs.Add(1)
 				}
 			}
 			c.count = first + c.rn
-			c.drained, c.drainedGen = c.rn < len(c.hdrs), gen
+			c.drained, c.drainedGen = first+c.rn < len(c.hdrs), gen
 			c.rtime = Mono()
 			if block {
 				c.wantHot = true // packets are coming
@@ -755,11 +755,12 @@ type Stats struct {
 
 // Stats returns the counters.
 func (c *Conn) Stats() Stats {
+	cold, hot := c.coldWaits.Load(), c.hotWaits.Load()
 	return Stats{
-		Reads:        c.reads.Load(),
+		Reads:        c.nbReads.Load() + cold + hot,
 		EmptyReads:   c.emptyRds.Load(),
-		Waits:        c.polls.Load(),
-		HotWaits:     c.hotWaits.Load(),
+		Waits:        cold + hot,
+		HotWaits:     hot,
 		Sends:        c.sends.Load(),
 		ENOBUFS:      c.enobufs.Load(),
 		Truncated:    c.truncs.Load(),
