@@ -55,10 +55,11 @@ const (
 	linuxVersionMajor = 1
 	linuxVersionMinor = 0
 
-	queueBase  = 0xD100 // first queue number tried by Open
-	loIfIndex  = 1      // LOOPBACK_IFINDEX: lo is interface 1 in every namespace
-	accInitCap = 512
-	pendMax    = 64
+	queueBase    = 0xD100 // first queue number tried by Open
+	loIfIndex    = 1      // LOOPBACK_IFINDEX: lo is interface 1 in every namespace
+	accInitCap   = 512
+	pendMax      = 64
+	trackInitCap = 128
 )
 
 // pendEntry is a packet a receive call took: to hold for the program, or
@@ -183,7 +184,9 @@ func newLinuxBackend(cfg *openConfig) *linuxBackend {
 		filt:   cfg.filter,
 		acc:    make([]uint32, 0, accInitCap),
 		vbuf:   make([]byte, 0, 16<<10),
-		track:  nfq.NewTracker(int(cfg.params[ParamQueueLength])),
+		// The ring grows with the packets held (up to the queue length):
+		// a loop that holds a batch at a time keeps it small and cached.
+		track: nfq.NewTracker(trackInitCap),
 	}
 	if b.serial == 0 {
 		b.serial = handleSerial.Add(1)
