@@ -70,9 +70,9 @@ type Config struct {
 // A blocking Next that finds nothing buffered does not park in the Go
 // runtime poller: it calls recvmmsg(2) with MSG_WAITFORONE on the socket,
 // which is in blocking mode and outside the poller, so one syscall on its
-// own thread (the runtime hands the P to other goroutines meanwhile) both
-// waits and reads the batch, and the kernel wakes that thread directly
-// when a packet arrives: no epoll wakeup, no separate poll or EAGAIN read.
+// own thread both waits and reads the batch, and the kernel wakes that
+// thread directly when a packet arrives: no epoll wakeup, no separate poll
+// or EAGAIN read.
 // Close and the read deadline wake the waiter by asking the kernel for an
 // acknowledgement (an NLMSG_NOOP with NLM_F_ACK): the answer lands in the
 // socket, the receive returns, and Next skips it and looks at the state.
@@ -80,8 +80,8 @@ type Config struct {
 //
 // While packets keep coming, a waiting receive keeps its P: it is a raw
 // syscall, bounded by a receive timeout of hotWait, and a timeout hands
-// the wait back to the scheduler (a normal blocking syscall) until packets
-// come again. The runtime would otherwise take the P from a thread blocked
+// the wait back to the scheduler (a normal blocking syscall, during which
+// the runtime gives the P to other goroutines) until packets come again. The runtime would otherwise take the P from a thread blocked
 // in a syscall after 20 µs, hand it off and wake sysmon and another thread
 // when the packet arrives: several context switches per wakeup, measured
 // as the main cost of an idle round trip and a tenth of the CPU under load.
@@ -166,8 +166,8 @@ func Open(cfg Config) (*Conn, error) {
 	// A blocking socket: os.NewFile then leaves it out of the runtime
 	// poller, whose epoll would otherwise wake a thread for every packet
 	// that finds the socket empty, in parallel with the waiting Next
-	// (see pollWait). Reads are MSG_DONTWAIT; writes to the kernel never
-	// wait for the peer.
+	// (see Conn). Non-blocking reads are MSG_DONTWAIT; writes to the
+	// kernel never wait for the peer.
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
 	if err != nil {
 		return nil, socketError("open netlink socket", err)
