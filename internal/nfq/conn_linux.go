@@ -36,10 +36,8 @@ const (
 	// only, as Close and the read deadline wake the waiter with a message
 	// (see wake).
 	maxWait = 500 * time.Millisecond
-	// hotWait bounds a receive that waits holding its P (see Conn), and
-	// hotYield is how often such a reader yields the P all the same.
-	hotWait  = time.Millisecond
-	hotYield = time.Millisecond
+	// hotWait bounds a receive that waits holding its P (see Conn).
+	hotWait = time.Millisecond
 )
 
 // Config says how to open a Conn.
@@ -85,9 +83,12 @@ type Config struct {
 // in a syscall after 20 µs, hand it off and wake sysmon and another thread
 // when the packet arrives: several context switches per wakeup, measured
 // as the main cost of an idle round trip and a tenth of the CPU under load.
-// A hot reader yields the P every hotYield, and a signal (preemption, GC)
-// interrupts the wait, so other goroutines wait no longer than that. The
-// verdict write and the non-blocking reads never block and are raw
+// Before each hot wait the reader yields (runtime.Gosched, about 80 ns when
+// nothing else is runnable), so that goroutines it made runnable, such as a
+// worker it just handed a packet to, and expired timers run first; a
+// signal (preemption, GC) interrupts the wait. What becomes runnable during
+// a hot wait waits for its end, at most hotWait, when no other P is free.
+// The verdict write and the non-blocking reads never block and are raw
 // syscalls too.
 //
 // Next, Buffered and the receive state must be used by one goroutine at a
@@ -126,7 +127,6 @@ type Conn struct {
 	hot      bool         // SO_RCVTIMEO is hotWait and waits are raw syscalls
 	wantHot  bool         // what the next blocking read should be
 	rtime    int64        // mono time of the last read that returned data
-	yieldAt  int64        // mono time a hot reader last yielded its P
 	waiting  atomic.Bool  // a Next may be in a blocking read: wake it on changes
 	deadline atomic.Int64 // read deadline on the mono clock; 0: none
 	dmu      sync.Mutex   // guards dtimer
@@ -484,9 +484,8 @@ func (c *Conn) readInto(first int, block bool) error {
 				return c.ioError(os.ErrDeadlineExceeded)
 			}
 			c.rflags = unix.MSG_WAITFORONE
-			if c.hot && c.rtime-c.yieldAt >= int64(hotYield) {
-				// Let the goroutines queued behind a hot reader run.
-				c.yieldAt = c.rtime
+			if c.wantHot {
+				// The wait will keep the P: let what is runnable run first.
 				runtime.Gosched()
 			}
 		} else {
