@@ -613,28 +613,27 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 		}
 
 		n := copy(buf, p.Payload)
-		*a = Address{
-			Timestamp:   ts,
-			Layer:       b.layer,
-			Event:       EventNetworkPacket,
-			Outbound:    outbound && b.layer == LayerNetwork,
-			Loopback:    loopback,
-			IPv6:        ipv6,
-			IPChecksum:  true,
-			TCPChecksum: csumOK,
-			UDPChecksum: csumOK,
-			IfIdx:       ifIdx,
-		}
+		// Zeroed in place, then the fields set: a composite literal would be
+		// built on the stack and copied (176 bytes) for every packet.
+		*a = Address{}
+		a.Timestamp = ts
+		a.Layer = b.layer
+		a.Event = EventNetworkPacket
+		a.Outbound = outbound && b.layer == LayerNetwork
+		a.Loopback = loopback
+		a.IPv6 = ipv6
+		a.IPChecksum = true
+		a.TCPChecksum = csumOK
+		a.UDPChecksum = csumOK
+		a.IfIdx = ifIdx
 		if b.flags&FlagSniff != 0 {
 			a.Sniffed = true
 			b.pendAdd(p.ID, pendAccept, 0, nil)
 		} else {
-			a.sys = sysAddr{
-				owner: b.serial,
-				id:    p.ID,
-				n:     uint32(n),
-				trunc: p.Truncated(),
-			}
+			a.sys.owner = b.serial
+			a.sys.id = p.ID
+			a.sys.n = uint32(n)
+			a.sys.trunc = p.Truncated()
 			b.pendAdd(p.ID, pendHold, now, p.Payload[:n])
 		}
 		if n < len(p.Payload) {
