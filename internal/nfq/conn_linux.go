@@ -83,11 +83,15 @@ type Config struct {
 // in a syscall after 20 µs, hand it off and wake sysmon and another thread
 // when the packet arrives: several context switches per wakeup, measured
 // as the main cost of an idle round trip and a tenth of the CPU under load.
-// Before each hot wait the reader yields (runtime.Gosched, about 80 ns when
-// nothing else is runnable), so that goroutines it made runnable, such as a
-// worker it just handed a packet to, and expired timers run first; a
-// signal (preemption, GC) interrupts the wait. What becomes runnable during
-// a hot wait waits for its end, at most hotWait, when no other P is free.
+// With one P (GOMAXPROCS 1) the reader yields before each hot wait
+// (runtime.Gosched, about 80 ns when nothing else is runnable), so that
+// goroutines it made runnable, such as a worker it just handed a packet
+// to, and expired timers run first. With more Ps it does not: the runtime
+// already hands what the reader makes runnable to an idle P, and a Gosched
+// there would wake another thread and move the reader to it (measured: 25%
+// more CPU). A signal (preemption, GC) interrupts a hot wait. What becomes
+// runnable during one waits for its end, at most hotWait, when no other P
+// is free.
 // The verdict write and the non-blocking reads never block and are raw
 // syscalls too.
 //
@@ -126,6 +130,7 @@ type Conn struct {
 	rfirst   int          // first slot the next read fills
 	hot      bool         // SO_RCVTIMEO is hotWait and waits are raw syscalls
 	wantHot  bool         // what the next blocking read should be
+	soloP    bool         // GOMAXPROCS was 1 when the reader last turned hot
 	rtime    int64        // mono time of the last read that returned data
 	waiting  atomic.Bool  // a Next may be in a blocking read: wake it on changes
 	deadline atomic.Int64 // read deadline on the mono clock; 0: none
@@ -367,6 +372,7 @@ func (c *Conn) read(fd uintptr) {
 			tv := unix.NsecToTimeval(int64(d))
 			if unix.SetsockoptTimeval(int(fd), unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) == nil {
 				c.hot = c.wantHot
+				c.soloP = runtime.GOMAXPROCS(0) == 1
 			} else {
 				c.hot, c.wantHot = false, false
 			}
@@ -484,8 +490,9 @@ func (c *Conn) readInto(first int, block bool) error {
 				return c.ioError(os.ErrDeadlineExceeded)
 			}
 			c.rflags = unix.MSG_WAITFORONE
-			if c.wantHot {
-				// The wait will keep the P: let what is runnable run first.
+			if c.wantHot && c.soloP {
+				// The wait will keep the only P: let what is runnable run
+				// first.
 				runtime.Gosched()
 			}
 		} else {

@@ -585,19 +585,26 @@ func TestHelperUDPSender(t *testing.T) {
 	}
 }
 
-// TestConnHotReaderHandsOff checks the pipeline pattern with one P: the
-// reader hands each packet to a worker goroutine, which sends the verdict.
-// Datagrams 0.8 ms apart keep the reader hot (hotWait is 1 ms), and the
-// worker must run as soon as the reader goes back to wait, not when the
-// next packet or the hot timeout ends that wait.
+// TestConnHotReaderHandsOff checks the pipeline pattern: the reader hands
+// each packet to a worker goroutine, which sends the verdict. Datagrams
+// 0.8 ms apart keep the reader hot (hotWait is 1 ms), and the worker must
+// run as soon as the reader goes back to wait, not when the next packet or
+// the hot timeout ends that wait: with one P (the reader yields first) and
+// with two (the runtime gives the worker the idle P).
 func TestConnHotReaderHandsOff(t *testing.T) {
 	netnstest.RequireRoot(t)
+	for _, procs := range []int{1, 2} {
+		t.Run(fmt.Sprintf("GOMAXPROCS=%d", procs), func(t *testing.T) { testHandOff(t, procs) })
+	}
+}
+
+func testHandOff(t *testing.T, procs int) {
 	l := netnstest.Pair(t, "nfqh", 0)
 	c := openIn(t, l.B.NS, Config{Queue: 600, Auto: true})
 	const port = 9994
 	queueRule(t, l.B.NS, c.Queue(), port)
 
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(procs))
 	type job struct {
 		id uint32
 		at time.Time
