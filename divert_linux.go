@@ -81,7 +81,6 @@ const (
 type sysAddr struct {
 	owner uint32 // serial of the handle that holds the packet; 0 for new packets
 	id    uint32 // NFQUEUE packet id
-	n     uint32 // bytes handed to the program (the tracker tells a changed packet)
 	trunc bool   // the kernel copied less than the whole packet
 
 	// A datagram reassembled in user space (see frag_linux.go): its
@@ -632,7 +631,6 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 		} else {
 			a.sys.owner = b.serial
 			a.sys.id = p.ID
-			a.sys.n = uint32(n)
 			a.sys.trunc = p.Truncated()
 			b.pendAdd(p.ID, pendHold, now, p.Payload[:n])
 		}

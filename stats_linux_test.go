@@ -118,14 +118,16 @@ func TestStatsLinuxDropExpire(t *testing.T) {
 	}
 	buf := make([]byte, MTUMax)
 	var a Address
-	recv1 := func() {
+	recv1 := func() int {
 		t.Helper()
 		if err := h.SetReadDeadline(time.Now().Add(3 * time.Second)); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := h.Recv(buf, &a); err != nil {
+		n, err := h.Recv(buf, &a)
+		if err != nil {
 			t.Fatal(err)
 		}
+		return n
 	}
 	// Drop.
 	if err := l.A.NS.SendUDP(ap, []byte("drop"), 1, 0); err != nil {
@@ -142,12 +144,12 @@ func TestStatsLinuxDropExpire(t *testing.T) {
 	if err := l.A.NS.SendUDP(ap, []byte("hold"), 1, 0); err != nil {
 		t.Fatal(err)
 	}
-	recv1()
+	n := recv1()
 	s := waitStats(t, h, func(s Stats) bool { return s.Expired >= 1 })
 	if s.Received != 2 || s.Expired != 1 || s.Dropped != 1 {
 		t.Fatalf("after holding past the queue time: %+v", s)
 	}
-	if _, err := h.Send(buf[:a.sys.n], &a); err == nil {
+	if _, err := h.Send(buf[:n], &a); err == nil {
 		t.Fatal("Send of an expired packet succeeded")
 	}
 	if s := statsOf(t, h); s.Sent != 0 {
