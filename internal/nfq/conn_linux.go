@@ -391,14 +391,7 @@ func (c *Conn) read(fd uintptr) {
 // wakeMsg asks the kernel to acknowledge a no-op: the answer wakes a
 // receive waiting on the socket. Its sequence number is never used by a
 // request, and Next skips acknowledgements.
-var wakeMsg = func() []byte {
-	b := make([]byte, 16)
-	ne.PutUint32(b[0:], 16)
-	ne.PutUint16(b[4:], nlmsgNoop)
-	ne.PutUint16(b[6:], unix.NLM_F_REQUEST|unix.NLM_F_ACK)
-	ne.PutUint32(b[8:], wakeSeq)
-	return b
-}()
+var wakeMsg = finish(appendHdr(nil, nlmsgNoop, unix.NLM_F_REQUEST|unix.NLM_F_ACK, wakeSeq, unix.AF_UNSPEC, 0), 0)
 
 // wakeSeq is the sequence number of wake messages; request numbers count
 // up from 1 and never reach it.
