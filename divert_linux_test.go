@@ -36,6 +36,19 @@ func openIn(t testing.TB, ns *netnstest.NS, filt string, layer Layer, prio int16
 	return h
 }
 
+// udpSink listens for UDP on port at l.B's IPv4 address, until the test
+// ends, and returns the address.
+func udpSink(t testing.TB, l *netnstest.Link, port uint16) (netip.AddrPort, *net.UDPConn) {
+	t.Helper()
+	ap := netip.AddrPortFrom(l.B.V4, port)
+	sink, err := l.B.NS.ListenUDP(ap.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sink.Close() })
+	return ap, sink
+}
+
 // seen is one packet a handle received.
 type seen struct {
 	addr Address
@@ -548,12 +561,7 @@ func TestLinuxMangleUDP(t *testing.T) {
 func TestLinuxHeldAcrossReads(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dha", 0)
-	ap := netip.AddrPortFrom(l.B.V4, 5556)
-	sink, err := l.B.NS.ListenUDP(ap.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	ap, sink := udpSink(t, l, 5556)
 	h := openIn(t, l.B.NS, "udp.DstPort == 5556", LayerNetwork, 0, 0)
 	h.SetReadDeadline(time.Now().Add(5 * time.Second))
 
@@ -733,12 +741,7 @@ func queueLines(t *testing.T, ns *netnstest.NS) []string {
 func TestLinuxCloseReinjectsHeld(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dcl", 0)
-	ap := netip.AddrPortFrom(l.B.V4, 6000)
-	sink, err := l.B.NS.ListenUDP(ap.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	ap, sink := udpSink(t, l, 6000)
 	h := openIn(t, l.B.NS, "udp.DstPort == 6000", LayerNetwork, 0, 0)
 	// Hold everything (no Send) while 40 datagrams come; Close must
 	// reinject them all: the 20 received and the 20 never received.
@@ -876,12 +879,7 @@ func TestLinuxDeadlineShutdownClose(t *testing.T) {
 func TestLinuxConcurrentRecvSend(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dcc", 0)
-	ap := netip.AddrPortFrom(l.B.V4, 7000)
-	sink, err := l.B.NS.ListenUDP(ap.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	ap, sink := udpSink(t, l, 7000)
 	h := openIn(t, l.B.NS, "udp.DstPort == 7000", LayerNetwork, 0, 0)
 	const total = 400
 	var wg sync.WaitGroup
@@ -998,12 +996,7 @@ func BenchmarkLinuxRecvSendBatch(b *testing.B) { benchLoop(b, 32) }
 func benchLoop(b *testing.B, batch int) {
 	netnstest.RequireRoot(b)
 	l := netnstest.Pair(b, "dbn", 0)
-	ap := netip.AddrPortFrom(l.B.V4, 8000)
-	sink, err := l.B.NS.ListenUDP(ap.String())
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer sink.Close()
+	ap, sink := udpSink(b, l, 8000)
 	go func() { // drain the sink
 		buf := make([]byte, 2048)
 		for {
@@ -1167,12 +1160,7 @@ func TestLinuxFlagDrop(t *testing.T) {
 func TestLinuxTruncatedRecv(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dtr", 0)
-	ap := netip.AddrPortFrom(l.B.V4, 6200)
-	sink, err := l.B.NS.ListenUDP(ap.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	ap, sink := udpSink(t, l, 6200)
 	h := openIn(t, l.B.NS, "udp.DstPort == 6200", LayerNetwork, 0, 0)
 	payload := bytes.Repeat([]byte("0123456789"), 100)
 	if err := l.A.NS.SendUDP(ap, payload, 1, 0); err != nil {
@@ -1271,12 +1259,7 @@ func TestLinuxPermission(t *testing.T) {
 func TestLinuxCloseUnderLoad(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dcu", 0)
-	ap := netip.AddrPortFrom(l.B.V4, 6300)
-	sink, err := l.B.NS.ListenUDP(ap.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	ap, sink := udpSink(t, l, 6300)
 	sink.SetReadBuffer(4 << 20)
 	h := openIn(t, l.B.NS, "udp.DstPort == 6300", LayerNetwork, 0, 0)
 	stop := pump(t, h, true, nil)

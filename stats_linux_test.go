@@ -40,12 +40,7 @@ func TestStatsLinuxRecvSend(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dsr", 0)
 	const n = 40
-	ap := netip.AddrPortFrom(l.B.V4, 6400)
-	sink, err := l.B.NS.ListenUDP(ap.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	ap, sink := udpSink(t, l, 6400)
 	h := openIn(t, l.B.NS, "udp.DstPort == 6400", LayerNetwork, 0, 0)
 	if s := statsOf(t, h); s != (Stats{}) {
 		t.Fatalf("fresh handle: %+v", s)
@@ -171,12 +166,7 @@ func TestStatsLinuxDropExpire(t *testing.T) {
 func TestStatsLinuxPassed(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dsp", 0)
-	ap := netip.AddrPortFrom(l.B.V4, 6420)
-	sink, err := l.B.NS.ListenUDP(ap.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	ap, sink := udpSink(t, l, 6420)
 	// No kernel rule tests the timestamp: user space finishes the match,
 	// and nothing matches.
 	h := openIn(t, l.B.NS, "udp.DstPort == 6420 and timestamp < 0", LayerNetwork, 0, 0)
