@@ -515,15 +515,7 @@ func TestConnHotReaderYields(t *testing.T) {
 	// TestHelperUDPSender), so that it does not need the one P.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	t.Setenv(senderEnv, netip.AddrPortFrom(l.B.V4, port).String())
-	senderDone := make(chan error, 1)
-	go func() {
-		out, err := l.A.NS.Run(ctx, os.Args[0], "-test.run=^TestHelperUDPSender$", "-test.count=1")
-		if err != nil {
-			err = fmt.Errorf("%w: %s", err, out)
-		}
-		senderDone <- err
-	}()
+	senderDone := startSender(ctx, t, l, netip.AddrPortFrom(l.B.V4, port), 5000, 300*time.Microsecond)
 	for got.Load() < 50 { // the datagrams are flowing
 		time.Sleep(time.Millisecond)
 		if ctx.Err() != nil {
@@ -555,6 +547,23 @@ func TestConnHotReaderYields(t *testing.T) {
 }
 
 const senderEnv = "NFQ_TEST_UDP_SENDER"
+
+// startSender runs TestHelperUDPSender in l.A's namespace, n datagrams gap
+// apart to dst, and reports its end on the channel.
+func startSender(ctx context.Context, t *testing.T, l *netnstest.Link, dst netip.AddrPort, n int, gap time.Duration) <-chan error {
+	t.Setenv(senderEnv, dst.String())
+	t.Setenv(senderEnv+"_N", strconv.Itoa(n))
+	t.Setenv(senderEnv+"_GAP", gap.String())
+	done := make(chan error, 1)
+	go func() {
+		out, err := l.A.NS.Run(ctx, os.Args[0], "-test.run=^TestHelperUDPSender$", "-test.count=1")
+		if err != nil {
+			err = fmt.Errorf("%w: %s", err, out)
+		}
+		done <- err
+	}()
+	return done
+}
 
 // TestHelperUDPSender is the traffic of the hot reader tests, run as a
 // separate process: $NFQ_TEST_UDP_SENDER_N datagrams (5000)
@@ -634,12 +643,9 @@ func testHandOff(t *testing.T, procs int) {
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	t.Setenv(senderEnv, netip.AddrPortFrom(l.B.V4, port).String())
-	t.Setenv(senderEnv+"_N", "1000")
-	t.Setenv(senderEnv+"_GAP", "800us")
 	hot0 := c.Stats().HotWaits
-	if out, err := l.A.NS.Run(ctx, os.Args[0], "-test.run=^TestHelperUDPSender$", "-test.count=1"); err != nil {
-		t.Fatalf("sender: %v: %s", err, out)
+	if err := <-startSender(ctx, t, l, netip.AddrPortFrom(l.B.V4, port), 1000, 800*time.Microsecond); err != nil {
+		t.Fatalf("sender: %v", err)
 	}
 	time.Sleep(50 * time.Millisecond)
 	hot := c.Stats().HotWaits - hot0
