@@ -98,8 +98,7 @@ type Config struct {
 // Next, Buffered and the receive state must be used by one goroutine at a
 // time; Send likewise; Next and Send may run concurrently.
 type Conn struct {
-	f     *os.File
-	rc    syscall.RawConn
+	sfd   *sysfd
 	queue uint16
 	cfg   QueueConfig
 	seq   atomic.Uint32
@@ -123,7 +122,6 @@ type Conn struct {
 	// to the kernel since (sendGen moved: its answer may be waiting).
 	drained    bool
 	drainedGen uint32
-	ctlFn      func(fd uintptr)
 
 	// blocking wait (see wake)
 	rflags   uintptr      // flags of the next read: MSG_DONTWAIT or MSG_WAITFORONE
@@ -136,12 +134,6 @@ type Conn struct {
 	deadline atomic.Int64 // read deadline on the mono clock; 0: none
 	dmu      sync.Mutex   // guards dtimer
 	dtimer   *time.Timer  // wakes a waiting Next when the deadline passes
-	wakeFn   func(fd uintptr)
-
-	// send state
-	sbuf    []byte
-	serr    syscall.Errno
-	writeFn func(fd uintptr) bool
 
 	sendGen atomic.Uint32 // bumped after every completed Send
 
@@ -168,11 +160,11 @@ func Open(cfg Config) (*Conn, error) {
 	if cfg.Slots <= 0 {
 		cfg.Slots = DefaultSlots
 	}
-	// A blocking socket: os.NewFile then leaves it out of the runtime
-	// poller, whose epoll would otherwise wake a thread for every packet
-	// that finds the socket empty, in parallel with the waiting Next
-	// (see Conn). Non-blocking reads are MSG_DONTWAIT; writes to the
-	// kernel never wait for the peer.
+	// A blocking socket, outside the runtime poller, whose epoll would
+	// otherwise wake a thread for every packet that finds the socket
+	// empty, in parallel with the waiting Next (see Conn). Non-blocking
+	// reads are MSG_DONTWAIT; writes to the kernel never wait for the
+	// peer.
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
 	if err != nil {
 		return nil, socketError("open netlink socket", err)
@@ -194,7 +186,7 @@ func Open(cfg Config) (*Conn, error) {
 		return nil, fmt.Errorf("nfq: set receive timeout: %w", err)
 	}
 	c := &Conn{
-		f: os.NewFile(uintptr(fd), "nfqueue"),
+		sfd: newSysfd(fd),
 		cfg: QueueConfig{
 			CopyRange: cfg.CopyRange,
 			MaxLen:    cfg.MaxLen,
@@ -205,10 +197,9 @@ func Open(cfg Config) (*Conn, error) {
 	if cfg.FailOpen {
 		c.cfg.Flags |= FlagFailOpen
 	}
-	if c.rc, err = c.f.SyscallConn(); err != nil {
-		c.Close()
-		return nil, fmt.Errorf("nfq: %w", err)
-	}
+	// A Conn dropped without Close still lets go of its socket (and so of
+	// its queue).
+	runtime.AddCleanup(c, func(s *sysfd) { s.close() }, c.sfd)
 	if cfg.RcvBuf > 0 {
 		if err := c.SetReadBuffer(cfg.RcvBuf); err != nil {
 			c.Close()
@@ -216,8 +207,6 @@ func Open(cfg Config) (*Conn, error) {
 		}
 	}
 	c.initRecv(cfg.Slots, int(cfg.CopyRange)+slotOverhead)
-	c.sbuf = make([]byte, 0, 64<<10)
-	c.writeFn = c.write
 
 	if err := c.bind(cfg.Queue, cfg.Auto); err != nil {
 		c.Close()
@@ -341,8 +330,6 @@ func (c *Conn) initRecv(n, size int) {
 		c.hdrs[i].Hdr.Iov = &c.iovs[i]
 		c.hdrs[i].Hdr.SetIovlen(1)
 	}
-	c.ctlFn = c.read
-	c.wakeFn = c.sendWake
 }
 
 // read is one recvmmsg into c.hdrs with c.rflags: non-blocking, or
@@ -400,16 +387,22 @@ const wakeSeq = 0xffffffff
 // wake makes a Next that may be waiting in a blocking read check the state
 // again. Callers change the state first.
 func (c *Conn) wake() {
-	if !c.waiting.Load() {
+	if !c.waiting.Load() || !c.sfd.acquire() {
 		return
 	}
-	_ = c.rc.Control(c.wakeFn)
+	// A message to the kernel never blocks; if it fails the waiter still
+	// returns within maxWait.
+	sendto(uintptr(c.sfd.fd), wakeMsg)
+	c.sfd.release()
 }
 
-func (c *Conn) sendWake(fd uintptr) {
-	// A write to the kernel never blocks; if it fails the waiter still
-	// returns within maxWait.
-	unix.Syscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&wakeMsg[0])), uintptr(len(wakeMsg)))
+// sendto sends b to the kernel (the socket's default destination), with
+// sendto(2) rather than write(2), which would first go through the file
+// layer (position lock, access checks). It never blocks: the kernel
+// handles the messages inside the call.
+func sendto(fd uintptr, b []byte) syscall.Errno {
+	_, _, e := unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), 0, 0, 0)
+	return e
 }
 
 // epoch anchors mono.
@@ -496,9 +489,11 @@ func (c *Conn) readInto(first int, block bool) error {
 		// Loaded before the syscall: a Send completing after this point
 		// moves sendGen, so its answer cannot hide behind the hint.
 		gen := c.sendGen.Load()
-		if err := c.rc.Control(c.ctlFn); err != nil {
-			return c.ioError(err)
+		if !c.sfd.acquire() {
+			return c.ioError(os.ErrClosed)
 		}
+		c.read(uintptr(c.sfd.fd))
+		c.sfd.release()
 		switch c.rerr {
 		case 0:
 			for i := first; i < first+c.rn; i++ {
@@ -620,41 +615,29 @@ func (c *Conn) Unread() {
 	c.cur, c.off = c.prvCur, c.prvOff
 }
 
-func (c *Conn) write(fd uintptr) bool {
-	b := c.sbuf
-	// Messages to the kernel are handled inside the write, which never
-	// waits: a raw syscall (see Conn).
-	_, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
-	if e == unix.EAGAIN {
-		return false
-	}
-	c.serr = e
-	return true
-}
-
-// Send sends b, one or more netlink messages, in one sendmsg. It must not
-// run concurrently with itself.
+// Send sends b, one or more netlink messages, in one sendto(2), a raw
+// syscall: the kernel handles the messages inside it, never waiting (see
+// Conn). It must not run concurrently with itself.
 func (c *Conn) Send(b []byte) error {
 	if len(b) == 0 {
 		return nil
 	}
-	c.sbuf = b
+	if !c.sfd.acquire() {
+		return c.ioError(os.ErrClosed)
+	}
+	var e syscall.Errno
 	for {
-		if err := c.rc.Write(c.writeFn); err != nil {
-			c.sbuf = nil
-			return c.ioError(err)
-		}
-		if c.serr != unix.EINTR {
+		if e = sendto(uintptr(c.sfd.fd), b); e != unix.EINTR {
 			break
 		}
 	}
-	c.sbuf = nil
+	c.sfd.release()
 	c.sends.Add(1)
-	// The kernel handled the messages inside the write, so any answer is
+	// The kernel handled the messages inside the call, so any answer is
 	// in the receive buffer now.
 	c.sendGen.Add(1)
-	if c.serr != 0 {
-		return fmt.Errorf("nfq: send: %w", c.serr)
+	if e != 0 {
+		return fmt.Errorf("nfq: send: %w", e)
 	}
 	return nil
 }
@@ -691,16 +674,14 @@ func (c *Conn) StopQueueing() error {
 // SetReadBuffer sets the socket receive buffer (SO_RCVBUFFORCE, else
 // SO_RCVBUF).
 func (c *Conn) SetReadBuffer(n int) error {
-	var err error
-	cerr := c.rc.Control(func(fd uintptr) {
-		err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
-		if err != nil {
-			err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, n)
-		}
-	})
-	if cerr != nil {
-		return c.ioError(cerr)
+	if !c.sfd.acquire() {
+		return c.ioError(os.ErrClosed)
 	}
+	err := unix.SetsockoptInt(c.sfd.fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
+	if err != nil {
+		err = unix.SetsockoptInt(c.sfd.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, n)
+	}
+	c.sfd.release()
 	if err != nil {
 		return fmt.Errorf("nfq: set receive buffer: %w", err)
 	}
@@ -781,9 +762,8 @@ func (c *Conn) Close() error {
 	// Wake a waiting Next: it returns, letting go of the socket (closed
 	// when the last reference to it ends).
 	c.wake()
-	err := c.f.Close()
-	if err != nil {
-		return c.ioError(err)
+	if !c.sfd.close() {
+		return fmt.Errorf("nfq: close: %w", os.ErrClosed)
 	}
 	return nil
 }
