@@ -38,6 +38,9 @@ const (
 	maxWait = 500 * time.Millisecond
 	// hotWait bounds a receive that waits holding its P (see Conn).
 	hotWait = time.Millisecond
+	// yieldEvery is how often, at most, a reader alone on the only P
+	// yields before a hot wait (see Conn).
+	yieldEvery = int64(50 * time.Microsecond)
 )
 
 // Config says how to open a Conn.
@@ -83,10 +86,13 @@ type Config struct {
 // in a syscall after 20 µs, hand it off and wake sysmon and another thread
 // when the packet arrives: several context switches per wakeup, measured
 // as the main cost of an idle round trip and a tenth of the CPU under load.
-// With one P (GOMAXPROCS 1) the reader yields before each hot wait
+// With one P (GOMAXPROCS 1) the reader yields before a hot wait
 // (runtime.Gosched, about 80 ns when nothing else is runnable), so that
 // goroutines it made runnable, such as a worker it just handed a packet
-// to, and expired timers run first. With more Ps it does not: the runtime
+// to, and expired timers run first; under load, when reads come less than
+// yieldEvery (50 µs) apart, it yields before one wait in that time only. A
+// goroutine made runnable in between waits for the end of the wait, which
+// the next packet brings (hotWait at most). With more Ps it does not: the runtime
 // already hands what the reader makes runnable to an idle P, and a Gosched
 // there would wake another thread and move the reader to it (measured: 25%
 // more CPU). A signal (preemption, GC) interrupts a hot wait. What becomes
@@ -129,6 +135,7 @@ type Conn struct {
 	hot      bool         // SO_RCVTIMEO is hotWait and waits are raw syscalls
 	wantHot  bool         // what the next blocking read should be
 	soloP    bool         // GOMAXPROCS was 1 when the reader last turned hot
+	yieldT   int64        // rtime of the read after the last yield before a hot wait
 	rtime    int64        // mono time of the last read that returned data
 	waiting  atomic.Bool  // a Next may be in a blocking read: wake it on changes
 	deadline atomic.Int64 // read deadline on the mono clock; 0: none
@@ -476,7 +483,7 @@ func (c *Conn) readInto(first int, block bool) error {
 				return c.ioError(os.ErrDeadlineExceeded)
 			}
 			c.rflags = unix.MSG_WAITFORONE
-			if c.wantHot && c.soloP {
+			if c.wantHot && c.soloP && c.rtime-c.yieldT >= yieldEvery {
 				// The wait will keep the only P: let what is runnable run
 				// first.
 				runtime.Gosched()
@@ -521,6 +528,7 @@ func (c *Conn) readInto(first int, block bool) error {
 			if c.hot {
 				// Likely a preemption request or the GC: give way.
 				runtime.Gosched()
+				c.yieldT = c.rtime
 			}
 			continue
 		case unix.ENOBUFS:
