@@ -118,11 +118,12 @@ type linuxBackend struct {
 	more      atomic.Bool   // the receive buffer holds undecoded packets
 	recvCalls atomic.Uint64 // bumped when a Recv starts and when it ends
 
-	rmu  sync.Mutex // receive side: conn.Next, pkt, pend, inDrain
+	rmu  sync.Mutex // receive side: conn.Next, pkt, pend, vHeld
 	pkt  nfq.Packet
 	meta filter.Meta
-	// drainUnread is reading with vmu held (see refill)
-	inDrain bool
+	// vHeld: the receive side holds vmu, so refill and pendAdd must not
+	// take it (drainUnread; recvBatch past its first packet)
+	vHeld bool
 	// What one receive call decided, applied under one vmu lock before it
 	// returns (see applyPending).
 	pend  [pendMax]pendEntry
@@ -243,22 +244,28 @@ func (b *linuxBackend) attach(c *nfq.Conn) {
 	c.SetRefill(b.refill)
 }
 
-// refill runs before a read reuses the receive buffer, with rmu held: what
-// the receive call took so far goes to the verdict side, the held packets
-// whose bytes are in the buffer get hashed (see nfq.Tracker), and before a
-// read that may block every collected verdict goes out (the passed packets
-// among them must not wait for the next packet). drainUnread calls with
-// vmu held already.
-func (b *linuxBackend) refill(block bool) {
-	if !b.inDrain {
+// refill runs before a read replaces the receive buffer, with rmu held
+// (see nfq.Conn.SetRefill): what the receive call took so far goes to the
+// verdict side; the read goes to the receive area cur again unless the
+// program holds packets in it, then to other, whose held packets get
+// hashed first (see nfq.Tracker); and before a read that may block every
+// collected verdict goes out (the passed packets among them must not wait
+// for the next packet). It takes vmu unless the receive side holds it
+// already (vHeld).
+func (b *linuxBackend) refill(block bool, cur, other []byte) bool {
+	if !b.vHeld {
 		b.vmu.Lock()
 		defer b.vmu.Unlock()
 	}
 	b.applyPendingLocked()
-	b.track.Seal()
+	switchArea := b.track.HoldsIn(cur)
+	if switchArea {
+		b.track.Seal(other)
+	}
 	if block {
 		b.flushLocked()
 	}
+	return switchArea
 }
 
 func (b *linuxBackend) open(cfg *openConfig) error {
@@ -949,8 +956,8 @@ func (b *linuxBackend) drainUnread(now, qt int64) {
 	p := &b.pkt
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
-	b.inDrain = true
-	defer func() { b.inDrain = false }()
+	b.vHeld = true
+	defer func() { b.vHeld = false }()
 	var expired uint64
 	defer func() {
 		if expired > 0 {

@@ -564,6 +564,7 @@ func TestLinuxHeldAcrossReads(t *testing.T) {
 	ap, sink := udpSink(t, l, 5556)
 	h := openIn(t, l.B.NS, "udp.DstPort == 5556", LayerNetwork, 0, 0)
 	h.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b := h.b.(*linuxBackend)
 
 	type held struct {
 		buf []byte
@@ -599,16 +600,24 @@ func TestLinuxHeldAcrossReads(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// p0 and p1 come one per read, so the reads of p2 and p3 (together,
-	// both queued before Recv) reuse the buffer p0 and p1 were in.
-	send("p0-unchanged-hashed")
-	p0 := recv()
-	send("p1-changed-hashed")
-	p1 := recv()
-	send("p2-unchanged-bytes")
-	send("p3-changed-bytes")
-	time.Sleep(100 * time.Millisecond)
-	p2, p3 := recv(), recv()
+	// One packet per read. The program holds every packet, so each read
+	// goes to the other receive area than the one before: the reads of p2
+	// and p3 overwrite the bytes of p0 and p1, which were hashed first.
+	var ps [4]held
+	for i, payload := range []string{"p0-unchanged-hashed", "p1-changed-hashed", "p2-unchanged-bytes", "p3-changed-bytes"} {
+		send(payload)
+		ps[i] = recv()
+	}
+	p0, p1, p2, p3 := ps[0], ps[1], ps[2], ps[3]
+	b.vmu.Lock()
+	for i, wantSealed := range []bool{true, true, false, false} {
+		sealed, ok := b.track.Sealed(ps[i].a.sys.id)
+		if !ok || sealed != wantSealed {
+			b.vmu.Unlock()
+			t.Fatalf("p%d: held %v, sealed %v; want held, sealed %v", i, ok, sealed, wantSealed)
+		}
+	}
+	b.vmu.Unlock()
 	upper(&p1, "changed")
 	upper(&p3, "changed")
 	for _, p := range []*held{&p0, &p1, &p2, &p3} {

@@ -27,7 +27,7 @@ var ErrNoData = errors.New("nfq: no packet ready")
 
 // Defaults.
 const (
-	DefaultSlots  = 16   // datagrams per recvmmsg
+	DefaultSlots  = 8    // datagrams per recvmmsg (in each of the two areas)
 	DefaultMaxLen = 4096 // queue length
 	slotOverhead  = 1024 // netlink, nfgenmsg and attribute headers around the payload
 	sendLimit     = 256 << 10
@@ -60,7 +60,8 @@ type Config struct {
 	// RcvBuf is the socket receive buffer in bytes (0 leaves the default).
 	RcvBuf int
 	// Slots is how many datagrams one receive syscall can take
-	// (0 means DefaultSlots).
+	// (0 means DefaultSlots). The Conn has two receive areas of Slots
+	// datagrams each (see recvArea).
 	Slots int
 }
 
@@ -109,17 +110,19 @@ type Conn struct {
 	cfg   QueueConfig
 	seq   atomic.Uint32
 
-	// receive state
-	slots    [][]byte
-	hdrs     []unix.Mmsghdr
-	iovs     []unix.Iovec
-	count    int // datagrams received in the last read
-	cur      int // datagram being decoded
-	off      int // offset in it
-	prvCur   int // position before the last packet Next returned
-	prvOff   int
-	refillFn func(block bool) // called before a read reuses the buffer (SetRefill)
-	stopped  bool             // StopQueueing was called (send side state)
+	// receive state: the area being decoded, of the two
+	areas  [2]recvArea
+	area   int
+	slots  [][]byte       // areas[area].slots
+	hdrs   []unix.Mmsghdr // areas[area].hdrs
+	count  int            // datagrams received in the last read
+	cur    int            // datagram being decoded
+	off    int            // offset in it
+	prvCur int            // position before the last packet Next returned
+	prvOff int
+	// refillFn is called before a read replaces the buffer (SetRefill).
+	refillFn func(block bool, cur, other []byte) bool
+	stopped  bool // StopQueueing was called (send side state)
 	rn       int
 	rerr     syscall.Errno
 	// drained: the last read returned fewer datagrams than it had slots,
@@ -325,29 +328,50 @@ func (c *Conn) request(msg []byte) error {
 	}
 }
 
+// recvArea is a receive buffer of n datagram slots with the recvmmsg
+// headers that point into it.
+//
+// A Conn has two areas. It reads into the same one as long as the program
+// holds none of the packets in it, which is the usual loop (a batch is sent
+// back before the next is received): the same memory stays in the cache.
+// When a batch spans reads (the first filled every slot), the next read
+// goes to the other area, so that the packets the program holds from the
+// first stay intact; otherwise the tracker would have to hash them before
+// they are overwritten, to tell later whether they come back changed (see
+// SetRefill).
+type recvArea struct {
+	arena []byte
+	slots [][]byte
+	hdrs  []unix.Mmsghdr
+	iovs  []unix.Iovec
+}
+
 func (c *Conn) initRecv(n, size int) {
-	arena := make([]byte, n*size)
-	c.slots = make([][]byte, n)
-	c.hdrs = make([]unix.Mmsghdr, n)
-	c.iovs = make([]unix.Iovec, n)
-	for i := range c.slots {
-		c.slots[i] = arena[i*size : (i+1)*size : (i+1)*size]
-		c.iovs[i].Base = &c.slots[i][0]
-		c.iovs[i].SetLen(size)
-		c.hdrs[i].Hdr.Iov = &c.iovs[i]
-		c.hdrs[i].Hdr.SetIovlen(1)
+	for k := range c.areas {
+		a := &c.areas[k]
+		a.arena = make([]byte, n*size)
+		a.slots = make([][]byte, n)
+		a.hdrs = make([]unix.Mmsghdr, n)
+		a.iovs = make([]unix.Iovec, n)
+		for i := range a.slots {
+			a.slots[i] = a.arena[i*size : (i+1)*size : (i+1)*size]
+			a.iovs[i].Base = &a.slots[i][0]
+			a.iovs[i].SetLen(size)
+			a.hdrs[i].Hdr.Iov = &a.iovs[i]
+			a.hdrs[i].Hdr.SetIovlen(1)
+		}
 	}
+	c.area = 0
+	c.slots, c.hdrs = c.areas[0].slots, c.areas[0].hdrs
 }
 
 // read is one recvmmsg into c.hdrs with c.rflags: non-blocking, or
 // waiting for the first datagram and taking whatever else is queued then.
 // A wait is a raw syscall when hot (see Conn).
 func (c *Conn) read(fd uintptr) {
+	// The kernel sets msg_len and msg_flags of every header it fills; the
+	// others are not looked at.
 	hdrs := c.hdrs[c.rfirst:]
-	for i := range hdrs {
-		hdrs[i].Len = 0
-		hdrs[i].Hdr.Flags = 0
-	}
 	var n uintptr
 	var e syscall.Errno
 	p, vlen := uintptr(unsafe.Pointer(&hdrs[0])), uintptr(len(hdrs))
@@ -432,8 +456,10 @@ func (c *Conn) expired() bool {
 }
 
 // fill reads datagrams into the buffer. With datagrams still buffered
-// (request looking for its answer) it appends after them; otherwise the
-// buffer is fully consumed and is reused from the start.
+// (request looking for its answer) it appends after them in the current
+// area; otherwise that area is fully consumed and the read goes to its
+// start, or to the other area's if the refill function says the program
+// still holds packets in this one.
 //
 // A non-blocking fill right after a read that left slots free (the socket
 // was empty at that moment) returns ErrNoData without a syscall: such a
@@ -452,8 +478,9 @@ func (c *Conn) fill(block bool) error {
 		// request: keep what is buffered, read into the free slots.
 		return c.readInto(c.count, block)
 	}
-	if c.refillFn != nil {
-		c.refillFn(block)
+	if c.refillFn != nil && c.refillFn(block, c.areas[c.area].arena, c.areas[c.area^1].arena) {
+		c.area ^= 1
+		c.slots, c.hdrs = c.areas[c.area].slots, c.areas[c.area].hdrs
 	}
 	c.count, c.cur, c.off = 0, 0, 0
 	return c.readInto(0, block)
@@ -487,6 +514,7 @@ func (c *Conn) readInto(first int, block bool) error {
 				// The wait will keep the only P: let what is runnable run
 				// first.
 				runtime.Gosched()
+				c.yieldT = c.rtime
 			}
 		} else {
 			// A non-blocking read works even past the read deadline
@@ -528,7 +556,6 @@ func (c *Conn) readInto(first int, block bool) error {
 			if c.hot {
 				// Likely a preemption request or the GC: give way.
 				runtime.Gosched()
-				c.yieldT = c.rtime
 			}
 			continue
 		case unix.ENOBUFS:
@@ -609,12 +636,16 @@ func (c *Conn) Next(p *Packet, block bool) error {
 	}
 }
 
-// SetRefill sets a function called before every read that reuses the
-// receive buffer, which overwrites the payloads Next returned so far; block
-// says whether the read may wait, so that verdicts collected meanwhile can
-// go out before the program waits. It runs on the goroutine calling Next
-// and must not call Next.
-func (c *Conn) SetRefill(f func(block bool)) { c.refillFn = f }
+// SetRefill sets a function called before every read that replaces the
+// buffered datagrams, which the payloads Next returned point into. cur is
+// the receive area those came from (the last read went there), other the
+// second area (see recvArea). The function returns false to have the read
+// go to cur again, overwriting it, or true to have it go to other,
+// overwriting that: whatever the program still needs from the area chosen
+// must be saved first. block says whether the read may wait, so that
+// verdicts collected meanwhile can go out before the program waits. It runs
+// on the goroutine calling Next and must not call Next.
+func (c *Conn) SetRefill(f func(block bool, cur, other []byte) bool) { c.refillFn = f }
 
 // Unread puts back the packet the last Next returned, so that the next
 // Next returns it again. Only one packet can be put back, and only before

@@ -3,6 +3,7 @@ package nfq
 import (
 	"bytes"
 	"hash/maphash"
+	"unsafe"
 )
 
 // Tracker remembers the packets a program holds (received, not yet
@@ -15,9 +16,10 @@ import (
 // It also tells whether a packet comes back unchanged. AddHeld keeps a
 // reference to the bytes handed over, which are still in the Conn's
 // receive buffer; Seal, called before that buffer is reused, replaces the
-// reference by a hash. A program that sends a batch back before the next
-// read (the usual loop) has its packets compared byte for byte, and nothing
-// is hashed.
+// reference by a hash. A program that sends a batch back before the Conn
+// reuses the area it was read into (the usual loop: the Conn alternates
+// between two) has its packets compared byte for byte, and nothing is
+// hashed.
 type Tracker struct {
 	ring   []trackEntry // power-of-two length
 	head   uint32       // index (unwrapped) of the oldest entry
@@ -99,23 +101,55 @@ func (t *Tracker) AddHeld(id uint32, now int64, orig []byte) {
 	}
 }
 
-// Seal hashes the bytes of every held packet added since the last Seal and
-// lets go of them: call it before the buffer they are in is reused.
-func (t *Tracker) Seal() {
+// Seal hashes the bytes of every held packet whose bytes lie in buf and
+// lets go of them: call it before buf is reused. A nil buf seals every
+// held packet.
+func (t *Tracker) Seal(buf []byte) {
+	lo := uintptr(unsafe.Pointer(unsafe.SliceData(buf)))
+	hi := lo + uintptr(len(buf))
 	i := t.sealed
 	if int32(i-t.head) < 0 {
 		i = t.head
 	}
+	prefix := true // every entry so far is sealed: move t.sealed on
 	for ; i != t.tail; i++ {
 		e := t.at(i)
 		if e.orig != nil {
+			if p := uintptr(unsafe.Pointer(unsafe.SliceData(e.orig))); buf != nil && (p < lo || p >= hi) {
+				prefix = false // in the other area: keep it
+				continue
+			}
 			if !e.done {
 				e.sum = maphash.Bytes(trackSeed, e.orig)
 			}
 			e.orig = nil
 		}
+		if prefix {
+			t.sealed = i + 1
+		}
 	}
-	t.sealed = t.tail
+}
+
+// HoldsIn reports whether a held packet's bytes (not yet sealed) lie in
+// buf.
+func (t *Tracker) HoldsIn(buf []byte) bool {
+	if t.live == 0 {
+		return false
+	}
+	lo := uintptr(unsafe.Pointer(unsafe.SliceData(buf)))
+	hi := lo + uintptr(len(buf))
+	i := t.sealed
+	if int32(i-t.head) < 0 {
+		i = t.head
+	}
+	for ; i != t.tail; i++ {
+		if e := t.at(i); e.orig != nil {
+			if p := uintptr(unsafe.Pointer(unsafe.SliceData(e.orig))); p >= lo && p < hi {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // Lookup returns the ring index of a held id, for Unchanged and ReleaseAt.
@@ -138,6 +172,16 @@ func (t *Tracker) Unchanged(i uint32, pkt []byte) bool {
 		return bytes.Equal(pkt, e.orig)
 	}
 	return e.n != 0 && uint32(len(pkt)) == e.n && maphash.Bytes(trackSeed, pkt) == e.sum
+}
+
+// Sealed reports whether the held packet id was sealed (its bytes let go
+// of, a hash kept), and whether id is held.
+func (t *Tracker) Sealed(id uint32) (sealed, ok bool) {
+	i, ok := t.Lookup(id)
+	if !ok {
+		return false, false
+	}
+	return t.at(i).orig == nil, true
 }
 
 // ReleaseAt forgets the held packet at ring index i (from Lookup).
@@ -190,6 +234,12 @@ func (t *Tracker) Release(id uint32) bool {
 func (t *Tracker) trim() {
 	for t.head != t.tail && t.at(t.head).done {
 		t.head++
+	}
+	if t.head == t.tail {
+		// Empty: start again at the front of the ring, whose entries are
+		// still in the cache when a program sends every batch back before
+		// it receives the next.
+		t.head, t.tail, t.sealed = 0, 0, 0
 	}
 }
 

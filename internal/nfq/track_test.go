@@ -150,7 +150,7 @@ func TestTrackerUnchanged(t *testing.T) {
 	check(10, "aaa", false)
 	check(12, "", false)
 	check(12, "x", false)
-	tr.Seal()
+	tr.Seal(nil)
 	copy(buf, "zzzzzzzzzzzzzz") // the buffer is reused: only the hashes remain
 	check(10, "aaaa", true)
 	check(11, "bbbb", true)
@@ -169,7 +169,7 @@ func TestTrackerUnchanged(t *testing.T) {
 	for id := uint32(20); id < 40; id++ {
 		tr.AddHeld(id, 2, buf2[5:9])
 	}
-	tr.Seal()
+	tr.Seal(nil)
 	copy(buf2, "zzzzzzzzz")
 	check(9, "dddd", true)
 	check(25, "eeee", true)
@@ -177,5 +177,98 @@ func TestTrackerUnchanged(t *testing.T) {
 	check(39, "zzzz", false)
 	if !tr.Release(11) || tr.Release(11) {
 		t.Fatal("Release(11): want true once")
+	}
+}
+
+// TestTrackerSealArea checks that Seal(area) hashes only the held packets
+// whose bytes lie in area (the Conn's receive area about to be reused) and
+// keeps comparing the others byte for byte, also when entries of the two
+// areas interleave.
+func TestTrackerSealArea(t *testing.T) {
+	tr := NewTracker(4)
+	areaA := []byte("aaaa-bbbb")
+	areaB := []byte("cccc-dddd")
+	tr.AddHeld(1, 1, areaA[0:4])
+	tr.AddHeld(2, 1, areaB[0:4])
+	tr.AddHeld(3, 1, areaA[5:9])
+	tr.AddHeld(4, 1, areaB[5:9])
+	unchanged := func(id uint32, pkt string) bool {
+		t.Helper()
+		i, ok := tr.Lookup(id)
+		if !ok {
+			t.Fatalf("id %d not held", id)
+		}
+		return tr.Unchanged(i, []byte(pkt))
+	}
+
+	if !tr.HoldsIn(areaA) || !tr.HoldsIn(areaB) || tr.HoldsIn([]byte("elsewhere")) {
+		t.Fatal("HoldsIn wrong before any Seal")
+	}
+	tr.Seal(areaA)
+	if tr.HoldsIn(areaA) || !tr.HoldsIn(areaB) {
+		t.Fatal("HoldsIn wrong after Seal(areaA)")
+	}
+	copy(areaA, "zzzzzzzzz") // area A is reused
+	if !unchanged(1, "aaaa") || !unchanged(3, "bbbb") {
+		t.Fatal("packets of the sealed area not recognised by their hash")
+	}
+	if unchanged(1, "zzzz") {
+		t.Fatal("sealed packet compared with the reused area")
+	}
+	// Area B was not sealed: its packets are still compared with its
+	// bytes, so a change made there in place shows.
+	if !unchanged(2, "cccc") {
+		t.Fatal("packet of the other area not recognised")
+	}
+	copy(areaB, "yyyy")
+	if !unchanged(2, "yyyy") {
+		t.Fatal("packet of the other area was hashed by Seal(areaA)")
+	}
+	if tr.sealed != 1 {
+		t.Fatalf("sealed prefix ends at %d, want 1 (entry 2 keeps its bytes)", tr.sealed)
+	}
+
+	sealed, ok := tr.Sealed(2)
+	if sealed || !ok {
+		t.Fatalf("Sealed(2) = %v, %v; want false, true", sealed, ok)
+	}
+	tr.Seal(areaB)
+	if tr.HoldsIn(areaB) {
+		t.Fatal("HoldsIn(areaB) after Seal(areaB)")
+	}
+	if sealed, ok := tr.Sealed(2); !sealed || !ok {
+		t.Fatalf("Sealed(2) after Seal(areaB) = %v, %v", sealed, ok)
+	}
+	copy(areaB, "xxxxxxxxx")
+	if !unchanged(2, "yyyy") || !unchanged(4, "dddd") || unchanged(4, "xxxx") {
+		t.Fatal("packets of area B not sealed by Seal(areaB)")
+	}
+	if tr.sealed != tr.tail {
+		t.Fatalf("sealed prefix ends at %d, want the tail %d", tr.sealed, tr.tail)
+	}
+}
+
+// TestTrackerHoldsInRelease checks that HoldsIn forgets released packets,
+// and that the ring starts again at its front once empty.
+func TestTrackerHoldsInRelease(t *testing.T) {
+	tr := NewTracker(4)
+	area := []byte("aaaa-bbbb")
+	for round := 0; round < 3; round++ {
+		tr.AddHeld(uint32(10*round+1), 1, area[0:4])
+		tr.AddHeld(uint32(10*round+2), 1, area[5:9])
+		if !tr.HoldsIn(area) {
+			t.Fatalf("round %d: HoldsIn false with two packets held", round)
+		}
+		tr.Release(uint32(10*round + 1))
+		if !tr.HoldsIn(area) {
+			t.Fatalf("round %d: HoldsIn false with one packet held", round)
+		}
+		tr.Release(uint32(10*round + 2))
+		if tr.HoldsIn(area) || tr.Len() != 0 {
+			t.Fatalf("round %d: HoldsIn true or Len %d after every release", round, tr.Len())
+		}
+		if tr.head != 0 || tr.tail != 0 {
+			t.Fatalf("round %d: empty ring at head %d, tail %d, want 0", round, tr.head, tr.tail)
+		}
 	}
 }
