@@ -102,21 +102,6 @@ type Config struct {
 // The verdict write and the non-blocking reads never block and are raw
 // syscalls too.
 //
-// A reader whose last read found a backlog (two datagrams or more) yields
-// its CPU (sched_yield) before it waits again. The consumers of the packets
-// it just reinjected often run on the same CPU (a local application, the
-// sink of a benchmark): they run now, while more packets queue, and the
-// next read takes a bigger batch, which costs less per packet on both
-// sides. In the shared bench topology (consumer and sink on one CPU) this
-// took the consumer from about 1.04x to 0.96–0.98x the CPU per packet of C
-// libnetfilter_queue with batch verdicts.
-// A reader that keeps up packet by packet never yields, so an idle round
-// trip is not delayed. A yield that found nothing else to run (it returned
-// within 1.5 µs) makes the reader skip the next 1, 3, 7, then 8 chances;
-// one that ran something for longer than 200 µs, such as a CPU-bound
-// process, stops yields for 100 ms, so that the reader does not hand its
-// CPU to it batch after batch.
-//
 // Next, Buffered and the receive state must be used by one goroutine at a
 // time; Send likewise; Next and Send may run concurrently.
 type Conn struct {
@@ -154,7 +139,6 @@ type Conn struct {
 	wantHot  bool         // what the next blocking read should be
 	soloP    bool         // GOMAXPROCS was 1 when the reader last turned hot
 	yieldT   int64        // rtime of the read after the last yield before a hot wait
-	cpuY     yielder      // when to yield the CPU before a hot wait
 	rtime    int64        // mono time of the last read that returned data
 	waiting  atomic.Bool  // a Next may be in a blocking read: wake it on changes
 	deadline atomic.Int64 // read deadline on the mono clock; 0: none
@@ -168,7 +152,6 @@ type Conn struct {
 	emptyRds  atomic.Uint64
 	coldWaits atomic.Uint64
 	hotWaits  atomic.Uint64
-	cpuYields atomic.Uint64
 	sends     atomic.Uint64
 	enobufs   atomic.Uint64
 	truncs    atomic.Uint64
@@ -527,13 +510,6 @@ func (c *Conn) readInto(first int, block bool) error {
 				return c.ioError(os.ErrDeadlineExceeded)
 			}
 			c.rflags = unix.MSG_WAITFORONE
-			if c.wantHot && c.rn >= yieldBacklog && c.cpuY.due(c.rtime) {
-				// A backlog: let the CPU's other tasks run first.
-				t0 := mono()
-				unix.RawSyscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
-				c.cpuY.done(t0, mono()-t0)
-				c.cpuYields.Add(1)
-			}
 			if c.wantHot && c.soloP && c.rtime-c.yieldT >= yieldEvery {
 				// The wait will keep the only P: let what is runnable run
 				// first.
@@ -789,7 +765,6 @@ type Stats struct {
 	EmptyReads   uint64        // receive syscalls that found nothing (EAGAIN)
 	Waits        uint64        // blocking receive syscalls (waits for the first packet), included in Reads
 	HotWaits     uint64        // Waits that kept the P, while packets kept coming (see Conn)
-	CPUYields    uint64        // sched_yield calls before a hot wait, after a read found a backlog (see Conn)
 	Sends        uint64        // send syscalls (one per Send)
 	ENOBUFS      uint64        // receive overflows reported to the socket
 	Truncated    uint64        // datagrams larger than a receive slot (skipped)
@@ -805,7 +780,6 @@ func (c *Conn) Stats() Stats {
 		EmptyReads:   c.emptyRds.Load(),
 		Waits:        cold + hot,
 		HotWaits:     hot,
-		CPUYields:    c.cpuYields.Load(),
 		Sends:        c.sends.Load(),
 		ENOBUFS:      c.enobufs.Load(),
 		Truncated:    c.truncs.Load(),

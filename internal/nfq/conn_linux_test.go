@@ -324,59 +324,6 @@ func TestConnDrainedHint(t *testing.T) {
 	}
 }
 
-// TestConnCPUYield checks when a hot reader yields its CPU: after a read
-// that found a backlog, and not while it takes packets one at a time (an
-// idle round trip must not wait for other tasks).
-func TestConnCPUYield(t *testing.T) {
-	netnstest.RequireRoot(t)
-	l := netnstest.Pair(t, "nfqc", 0)
-	c := openIn(t, l.B.NS, Config{Queue: 450, Auto: true, Slots: 4})
-	const port = 9994
-	queueRule(t, l.B.NS, c.Queue(), port)
-	dst := netip.AddrPortFrom(l.B.V4, port)
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	var p Packet
-	next := func() {
-		t.Helper()
-		if err := c.Next(&p, true); err != nil {
-			t.Fatal(err)
-		}
-		if err := c.Send(AppendVerdict(nil, c.Queue(), p.ID, Accept, nil)); err != nil {
-			t.Fatal(err)
-		}
-	}
-
-	// One packet per read: hot waits, no yield.
-	for i := 0; i < 20; i++ {
-		if err := l.A.NS.SendUDP(dst, []byte("one"), 1, 0); err != nil {
-			t.Fatal(err)
-		}
-		next()
-	}
-	s0 := c.Stats()
-	if s0.HotWaits < 10 || s0.CPUYields != 0 {
-		t.Fatalf("stats %+v: want hot waits and no CPU yield for packets taken one by one", s0)
-	}
-
-	// A backlog of 12 packets: the reads take 4 at a time, and the wait
-	// after a full read yields first (the first one does; a later one may
-	// be skipped by the back-off if the first found nothing else to run).
-	if err := l.A.NS.SendUDP(dst, []byte("backlog"), 12, 0); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(50 * time.Millisecond) // all queued in the socket
-	for i := 0; i < 12; i++ {
-		next()
-	}
-	s1 := c.Stats()
-	if s1.CPUYields == 0 {
-		t.Fatalf("stats %+v: no CPU yield after reads of a backlog", s1)
-	}
-	if s1.Reads-s0.Reads != 3 {
-		t.Fatalf("%d reads for a backlog of 12 packets in 4 slots, want 3", s1.Reads-s0.Reads)
-	}
-}
-
 // TestConnWaitWakeups checks the blocking wait of Next (recvmmsg with
 // MSG_WAITFORONE): a packet wakes it and is read by the same syscall, a
 // wait after packets is hot and turns cold when they stop, SetReadDeadline
