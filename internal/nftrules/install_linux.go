@@ -19,6 +19,7 @@ import (
 // netlink socket: Close, or the death of the process, removes them.
 type Ruleset struct {
 	table  string
+	family nftables.TableFamily
 	exact  bool
 	native bool
 
@@ -39,11 +40,12 @@ func Install(cfg Config) (*Ruleset, error) {
 	}
 	native := cfg.Action == ActionQueue && HasNativeQueue()
 	name := fmt.Sprintf("divert_%d_%d", os.Getpid(), tableSeq.Add(1))
-	conn, err := openOwned(name)
+	family := cfg.family()
+	conn, err := openOwned(name, family)
 	if err != nil {
 		return nil, err
 	}
-	r := &Ruleset{table: name, native: native, conn: conn}
+	r := &Ruleset{table: name, family: family, native: native, conn: conn}
 	exact, err := r.program(&cfg)
 	if err != nil {
 		conn.CloseLasting()
@@ -53,14 +55,14 @@ func Install(cfg Config) (*Ruleset, error) {
 	return r, nil
 }
 
-// openOwned opens a lasting nftables connection and creates the inet table
-// name on it with NFT_TABLE_F_OWNER.
+// openOwned opens a lasting nftables connection and creates the table name
+// of the given family on it with NFT_TABLE_F_OWNER.
 //
 // google/nftables v0.3.0 always sends table flags 0, so the table is created
 // with one raw NEWTABLE batch on the captured lasting socket; chains and
 // rules then travel over the same socket with the library's API. AddTable
 // must never be called for this table (it would ask to clear OWNER).
-func openOwned(name string) (*nftables.Conn, error) {
+func openOwned(name string, family nftables.TableFamily) (*nftables.Conn, error) {
 	var sock *netlink.Conn
 	conn, err := nftables.New(nftables.AsLasting(), nftables.WithSockOptions(func(c *netlink.Conn) error {
 		sock = c
@@ -89,7 +91,7 @@ func openOwned(name string) (*nftables.Conn, error) {
 				Type:  netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWTABLE),
 				Flags: netlink.Request | netlink.Acknowledge | netlink.Create | netlink.Excl,
 			},
-			Data: append([]byte{unix.NFPROTO_INET, unix.NFNETLINK_V0, 0, 0}, attrs...),
+			Data: append([]byte{byte(family), unix.NFNETLINK_V0, 0, 0}, attrs...),
 		},
 		{Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_MSG_BATCH_END), Flags: netlink.Request}, Data: batchHdr},
 	}
@@ -104,10 +106,30 @@ func openOwned(name string) (*nftables.Conn, error) {
 	return conn, nil
 }
 
+// family is the table's family: ip6 when the rules can match only IPv6, so
+// that IPv4 packets never traverse the table; inet otherwise. An IPv4-only
+// table stays inet: nft (1.0.x) aborts listing our IPv4 fragment test in
+// an ip table (payload_expr_complete assertion), and an administrator's
+// `nft list ruleset` must keep working while a handle is open.
+func (c *Config) family() nftables.TableFamily {
+	if c.IPv6 && !c.IPv4 {
+		return nftables.TableFamilyIPv6
+	}
+	return nftables.TableFamilyINet
+}
+
 // program adds the chains and rules in one batch and reports whether they
 // are exact.
+//
+// The filter comes first: each term of the lowered filter is one rule of
+// the base chain that jumps to a chain of its own, which accepts the
+// packets the handle must skip (its own and higher-priority handles'
+// injections, neighbour discovery, the fragments or destinations cfg
+// leaves out), returns on the term's guards, and queues or drops what is
+// left. A packet the filter does not match, the bulk of the traffic under
+// a narrow filter, costs only the filter's own expressions.
 func (r *Ruleset) program(cfg *Config) (bool, error) {
-	t := &nftables.Table{Name: r.table, Family: nftables.TableFamilyINet}
+	t := &nftables.Table{Name: r.table, Family: r.family}
 	exact := true
 	var action []expr.Any
 	switch {
@@ -119,12 +141,19 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 		action = []expr.Any{queueTarget(cfg)}
 	}
 	var fam []expr.Any
-	switch {
-	case cfg.IPv4 && !cfg.IPv6:
-		fam = isV4
-	case cfg.IPv6 && !cfg.IPv4:
-		fam = isV6
+	if r.family == nftables.TableFamilyINet {
+		switch {
+		case cfg.IPv4 && !cfg.IPv6:
+			fam = isV4
+		case cfg.IPv6 && !cfg.IPv4:
+			fam = isV6
+		}
 	}
+	skips := [][]expr.Any{markSkip(cfg.Priority)}
+	if cfg.KeepNDP && cfg.IPv6 {
+		skips = append(skips, ndpKeep())
+	}
+	skips = append(skips, selectSkips(cfg)...)
 	accept := nftables.ChainPolicyAccept
 	for _, h := range cfg.Hooks {
 		l := lowerer{hook: h}
@@ -140,22 +169,14 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 			Priority: nftables.ChainPriorityRef(nftables.ChainPriority(ChainPriority(h, cfg.Priority))),
 			Policy:   &accept,
 		})
-		r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: markSkip(cfg.Priority)})
-		if cfg.KeepNDP && cfg.IPv6 {
-			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: ndpKeep()})
-		}
-		for _, pre := range selectSkips(cfg) {
-			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: pre})
-		}
 		if !cfg.IPv4 && !cfg.IPv6 {
 			continue
 		}
 		for i, c := range d {
-			if len(c.guards) == 0 {
-				r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(fam, c.exprs, action)})
-				continue
-			}
 			sub := r.conn.AddChain(&nftables.Chain{Name: fmt.Sprintf("%s_%d", h, i), Table: t})
+			for _, sk := range skips {
+				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: sk})
+			}
 			for _, g := range c.guards {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: concat(g, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})})
 			}
@@ -170,16 +191,26 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 	return exact, nil
 }
 
-// selectSkips returns the rules that accept, before the filter's rules,
-// the packets cfg.Fragments and cfg.Dest exclude.
+// selectSkips returns the rules that accept, before a selected packet is
+// queued, the packets cfg.Fragments and cfg.Dest exclude.
 func selectSkips(cfg *Config) [][]expr.Any {
 	acc := []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}
 	var out [][]expr.Any
 	switch cfg.Fragments {
 	case FragOnly:
-		out = append(out, concat(v4NotFrag, acc), concat(v6NotFrag, acc))
+		if cfg.IPv4 {
+			out = append(out, concat(v4NotFrag, acc))
+		}
+		if cfg.IPv6 {
+			out = append(out, concat(v6NotFrag, acc))
+		}
 	case FragNone:
-		out = append(out, concat(v4Frag, acc), concat(v6Frag, acc))
+		if cfg.IPv4 {
+			out = append(out, concat(v4Frag, acc))
+		}
+		if cfg.IPv6 {
+			out = append(out, concat(v6Frag, acc))
+		}
 	}
 	if cfg.Dest != DestAny {
 		op := expr.CmpOpNeq // DestLocal: accept what is not local
@@ -280,7 +311,7 @@ func HasNativeQueue() bool {
 		return probe.native
 	}
 	name := fmt.Sprintf("divert_probe_%d_%d", os.Getpid(), tableSeq.Add(1))
-	conn, err := openOwned(name)
+	conn, err := openOwned(name, nftables.TableFamilyINet)
 	if err != nil {
 		return false
 	}

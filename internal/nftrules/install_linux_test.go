@@ -71,6 +71,65 @@ func TestOwnedTable(t *testing.T) {
 	}
 }
 
+// TestLayout checks where rules go: the table is ip6 for rules that match
+// only IPv6 (else inet), nft can list it, and each base chain holds only the
+// filter's terms, so that a packet the filter does not match leaves after
+// the filter's own expressions; the skips (marks, neighbour discovery,
+// fragments) come after the jump, in the term's chain.
+func TestLayout(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nftl")
+	f, err := filter.Compile("udp.DstPort == 9999 or tcp.DstPort == 80", filter.LayerNetwork)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		ipv4, ipv6 bool
+		family     string
+	}{{true, true, "inet"}, {false, true, "ip6"}, {true, false, "inet"}} {
+		r := install(t, ns, Config{Hooks: []Hook{HookInput}, IPv4: tc.ipv4, IPv6: tc.ipv6,
+			Lowered: f.Lower(), Action: ActionQueue, QueueNum: 9, QueueCount: 1,
+			KeepNDP: true, Fragments: FragNone})
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		out, err := ns.Run(ctx, "nft", "list", "chain", tc.family, r.Table(), "input")
+		cancel()
+		if err != nil {
+			t.Fatalf("%s table: %v: %s", tc.family, err, out)
+		}
+		var rules []string
+		for _, line := range strings.Split(string(out), "\n") {
+			line = strings.TrimSpace(line)
+			if line == "" || strings.HasPrefix(line, "table") || strings.HasPrefix(line, "chain") ||
+				strings.HasPrefix(line, "type") || line == "}" {
+				continue
+			}
+			rules = append(rules, line)
+		}
+		if len(rules) != 2 {
+			t.Fatalf("%s: base chain has %d rules, want the 2 terms:\n%s", tc.family, len(rules), out)
+		}
+		for _, rule := range rules {
+			if !strings.Contains(rule, "jump input_") || strings.Contains(rule, "mark") || strings.Contains(rule, "frag") {
+				t.Errorf("%s: base chain rule %q: want only a filter term jumping to its chain", tc.family, rule)
+			}
+		}
+		ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+		sub, err := ns.Run(ctx, "nft", "list", "chain", tc.family, r.Table(), "input_0")
+		cancel()
+		if err != nil {
+			t.Fatalf("%s: term chain: %v: %s", tc.family, err, sub)
+		}
+		for _, want := range []string{"meta mark", "queue"} {
+			if !strings.Contains(string(sub), want) {
+				t.Errorf("%s: term chain lacks %q:\n%s", tc.family, want, sub)
+			}
+		}
+		if r.Close() != nil {
+			t.Fatal("Close failed")
+		}
+	}
+}
+
 func TestChainPriority(t *testing.T) {
 	for _, h := range []Hook{HookPrerouting, HookInput, HookForward, HookOutput, HookPostrouting} {
 		prev := ChainPriority(h, PriorityLowest)
