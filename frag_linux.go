@@ -148,7 +148,7 @@ type pendingDgram struct {
 
 // fragState is a handle's user-space reassembly.
 type fragState struct {
-	rules *nftrules.Ruleset // the prerouting chain that queues fragments
+	rules fragRuleset // the chains that queue fragments
 	reasm *reassembly.Reassembler
 	info  reassembly.Info
 
@@ -172,7 +172,7 @@ func (b *linuxBackend) openFrag(rc nftrules.Config, layer Layer, qt time.Duratio
 		return err
 	}
 	b.frag = fs
-	if fs.rules, err = nftrules.Install(fragRulesConfig(rc, layer)); err != nil {
+	if fs.rules, err = installFrag(rc, layer); err != nil {
 		return mapSetupError("install nftables rules for fragments", err)
 	}
 	return nil

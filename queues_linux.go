@@ -53,7 +53,7 @@ type queueGroup struct {
 	mu    sync.Mutex
 	refs  int
 	rules *nftrules.Ruleset // the filter's rules
-	frag  *nftrules.Ruleset // the fragments' chains (user-space reassembly); nil without
+	frag  fragRuleset       // the fragments' chains (user-space reassembly); nil without
 }
 
 // leave drops one reference; the last removes the rules.
@@ -126,7 +126,7 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 			}
 			// openFrag's chains, once, spread over the n queues as the
 			// main rules are.
-			if g.frag, err = nftrules.Install(fragRulesConfig(rc, cfg.layer)); err != nil {
+			if g.frag, err = installFrag(rc, cfg.layer); err != nil {
 				return fail(mapSetupError("install nftables rules for fragments", err))
 			}
 			userSide = true // the fragments' chain selects every fragment
@@ -190,17 +190,66 @@ func bindQueues(nc nfq.Config, n int) ([]*nfq.Conn, error) {
 	return nil, fmt.Errorf("nfq: %w: no %d consecutive free queue numbers from %d up", nfq.ErrQueueBusy, n, nc.Queue)
 }
 
-// fragRulesConfig is the configuration openFrag installs for the
-// fragments' chains, from the main rules' rc (keep the two in step).
-func fragRulesConfig(rc nftrules.Config, layer Layer) nftrules.Config {
-	if layer == LayerNetworkForward {
-		rc.Hooks = []nftrules.Hook{nftrules.HookPrerouting}
-		rc.Dest = nftrules.DestRemote
-	} // LayerNetwork: the main rules' input and output hooks
+// fragRulesConfigs are the configurations openFrag installs for the
+// fragments' chains, from the main rules' rc (keep the two in step): for
+// LayerNetworkForward a prerouting chain; for LayerNetwork the main rules'
+// hooks, where the input hook only takes IPv6, as IPv4 datagrams are
+// reassembled before it (ip_local_deliver), so that IPv4 traffic never
+// traverses a fragments' table at input.
+func fragRulesConfigs(rc nftrules.Config, layer Layer) []nftrules.Config {
 	rc.Lowered = nil // every fragment: the filter is evaluated on the datagram
 	rc.Fragments = nftrules.FragOnly
 	rc.KeepNDP = false
-	return rc
+	if layer == LayerNetworkForward {
+		rc.Hooks = []nftrules.Hook{nftrules.HookPrerouting}
+		rc.Dest = nftrules.DestRemote
+		return []nftrules.Config{rc}
+	}
+	var out []nftrules.Config
+	var rest []nftrules.Hook
+	for _, h := range rc.Hooks {
+		if h != nftrules.HookInput {
+			rest = append(rest, h)
+			continue
+		}
+		if rc.IPv6 {
+			in := rc
+			in.Hooks = []nftrules.Hook{h}
+			in.IPv4 = false
+			out = append(out, in)
+		}
+	}
+	if len(rest) > 0 {
+		rc.Hooks = rest
+		out = append(out, rc)
+	}
+	return out
+}
+
+// fragRuleset is the fragments' tables of a handle or a group of handles.
+type fragRuleset []*nftrules.Ruleset
+
+// installFrag installs the fragments' tables for the main rules' rc.
+func installFrag(rc nftrules.Config, layer Layer) (fragRuleset, error) {
+	var fr fragRuleset
+	for _, c := range fragRulesConfigs(rc, layer) {
+		r, err := nftrules.Install(c)
+		if err != nil {
+			fr.Close()
+			return nil, err
+		}
+		fr = append(fr, r)
+	}
+	return fr, nil
+}
+
+// Close removes the tables.
+func (fr fragRuleset) Close() error {
+	var errs []error
+	for _, r := range fr {
+		errs = append(errs, r.Close())
+	}
+	return errors.Join(errs...)
 }
 
 // newFragState is the reassembly state of a handle without its chains
