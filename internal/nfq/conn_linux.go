@@ -128,9 +128,9 @@ type Conn struct {
 	// drained: the last read returned fewer datagrams than it had slots,
 	// so the socket was empty then; the first non-blocking fill after it
 	// reports ErrNoData without a syscall (once), unless a message went
-	// to the kernel since (sendGen moved: its answer may be waiting).
+	// to the kernel since (sends moved: its answer may be waiting).
 	drained    bool
-	drainedGen uint32
+	drainedGen uint64
 
 	// blocking wait (see wake)
 	rflags   uintptr      // flags of the next read: MSG_DONTWAIT or MSG_WAITFORONE
@@ -145,14 +145,12 @@ type Conn struct {
 	dmu      sync.Mutex   // guards dtimer
 	dtimer   *time.Timer  // wakes a waiting Next when the deadline passes
 
-	sendGen atomic.Uint32 // bumped after every completed Send
-
 	closed    atomic.Bool
 	nbReads   atomic.Uint64 // non-blocking reads; blocking ones are waits
 	emptyRds  atomic.Uint64
 	coldWaits atomic.Uint64
 	hotWaits  atomic.Uint64
-	sends     atomic.Uint64
+	sends     atomic.Uint64 // completed Sends; also the receive side's hint generation (drained)
 	enobufs   atomic.Uint64
 	truncs    atomic.Uint64
 	kernErrs  atomic.Uint64
@@ -470,7 +468,7 @@ func (c *Conn) expired() bool {
 func (c *Conn) fill(block bool) error {
 	if !block && c.drained {
 		c.drained = false
-		if c.drainedGen == c.sendGen.Load() {
+		if c.drainedGen == c.sends.Load() {
 			return ErrNoData
 		}
 	}
@@ -522,8 +520,8 @@ func (c *Conn) readInto(first int, block bool) error {
 			c.rflags = unix.MSG_DONTWAIT
 		}
 		// Loaded before the syscall: a Send completing after this point
-		// moves sendGen, so its answer cannot hide behind the hint.
-		gen := c.sendGen.Load()
+		// moves sends, so its answer cannot hide behind the hint.
+		gen := c.sends.Load()
 		if !c.sfd.acquire() {
 			return c.ioError(os.ErrClosed)
 		}
@@ -671,10 +669,10 @@ func (c *Conn) Send(b []byte) error {
 		}
 	}
 	c.sfd.release()
-	c.sends.Add(1)
 	// The kernel handled the messages inside the call, so any answer is
-	// in the receive buffer now.
-	c.sendGen.Add(1)
+	// in the receive buffer now: the count tells the receive side (see
+	// drained).
+	c.sends.Add(1)
 	if e != 0 {
 		return fmt.Errorf("nfq: send: %w", e)
 	}
