@@ -52,22 +52,30 @@ func openIn(t *testing.T, ns *netnstest.NS, cfg Config) *Conn {
 	return c
 }
 
+// queued opens a namespace pair (name prefix), a Conn in B with cfg, and a
+// rule that queues B's inbound UDP to port on the Conn's queue; it returns
+// the pair, the Conn and that destination.
+func queued(t *testing.T, prefix string, cfg Config, port int) (*netnstest.Link, *Conn, netip.AddrPort) {
+	t.Helper()
+	l := netnstest.Pair(t, prefix, 0)
+	c := openIn(t, l.B.NS, cfg)
+	queueRule(t, l.B.NS, c.Queue(), port)
+	return l, c, netip.AddrPortFrom(l.B.V4, uint16(port))
+}
+
 func TestConnQueueAndVerdicts(t *testing.T) {
 	netnstest.RequireRoot(t)
-	l := netnstest.Pair(t, "nfq", 0)
-	c := openIn(t, l.B.NS, Config{Queue: 100, Auto: true, MaxLen: 64, RcvBuf: 1 << 20})
+	l, c, dst := queued(t, "nfq", Config{Queue: 100, Auto: true, MaxLen: 64, RcvBuf: 1 << 20}, 9999)
 	if c.Queue() < 100 {
 		t.Fatalf("queue %d below the base", c.Queue())
 	}
-	const port = 9999
-	queueRule(t, l.B.NS, c.Queue(), port)
-	sink, err := l.B.NS.ListenUDP(netip.AddrPortFrom(l.B.V4, port).String())
+	sink, err := l.B.NS.ListenUDP(dst.String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sink.Close()
 	for i := 0; i < 5; i++ {
-		if err := l.A.NS.SendUDP(netip.AddrPortFrom(l.B.V4, port), []byte(fmt.Sprintf("pkt%d", i)), 1, 0); err != nil {
+		if err := l.A.NS.SendUDP(dst, []byte(fmt.Sprintf("pkt%d", i)), 1, 0); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -180,16 +188,12 @@ func TestConnBusyDeadlineClose(t *testing.T) {
 
 func TestConnStopQueueing(t *testing.T) {
 	netnstest.RequireRoot(t)
-	l := netnstest.Pair(t, "nfqs", 0)
-	c := openIn(t, l.B.NS, Config{Queue: 200, Auto: true})
-	const port = 9998
-	queueRule(t, l.B.NS, c.Queue(), port)
-	sink, err := l.B.NS.ListenUDP(netip.AddrPortFrom(l.B.V4, port).String())
+	l, c, dst := queued(t, "nfqs", Config{Queue: 200, Auto: true}, 9998)
+	sink, err := l.B.NS.ListenUDP(dst.String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sink.Close()
-	dst := netip.AddrPortFrom(l.B.V4, port)
 	if err := l.A.NS.SendUDP(dst, []byte("queued"), 2, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -242,11 +246,7 @@ func recvStrings(c *net.UDPConn, max int, wait time.Duration) ([]string, error) 
 // answer must be read).
 func TestConnDrainedHint(t *testing.T) {
 	netnstest.RequireRoot(t)
-	l := netnstest.Pair(t, "nfqd", 0)
-	c := openIn(t, l.B.NS, Config{Queue: 300, Auto: true, Slots: 2})
-	const port = 9997
-	queueRule(t, l.B.NS, c.Queue(), port)
-	dst := netip.AddrPortFrom(l.B.V4, port)
+	l, c, dst := queued(t, "nfqd", Config{Queue: 300, Auto: true, Slots: 2}, 9997)
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 
 	// queued waits until the kernel holds n packets for the queue, so
@@ -331,11 +331,7 @@ func TestConnDrainedHint(t *testing.T) {
 // cycle on queued packets allocates nothing.
 func TestConnWaitWakeups(t *testing.T) {
 	netnstest.RequireRoot(t)
-	l := netnstest.Pair(t, "nfqw", 0)
-	c := openIn(t, l.B.NS, Config{Queue: 400, Auto: true})
-	const port = 9996
-	queueRule(t, l.B.NS, c.Queue(), port)
-	dst := netip.AddrPortFrom(l.B.V4, port)
+	l, c, dst := queued(t, "nfqw", Config{Queue: 400, Auto: true}, 9996)
 	var p Packet
 
 	// block runs a blocking Next in a goroutine after the test's own
@@ -491,10 +487,7 @@ func TestConnWaitWakeups(t *testing.T) {
 // forces a preemption (10 ms and more; measured with the yield removed).
 func TestConnHotReaderYields(t *testing.T) {
 	netnstest.RequireRoot(t)
-	l := netnstest.Pair(t, "nfqy", 0)
-	c := openIn(t, l.B.NS, Config{Queue: 500, Auto: true})
-	const port = 9995
-	queueRule(t, l.B.NS, c.Queue(), port)
+	l, c, dst := queued(t, "nfqy", Config{Queue: 500, Auto: true}, 9995)
 
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	var got atomic.Int64
@@ -515,7 +508,7 @@ func TestConnHotReaderYields(t *testing.T) {
 	// TestHelperUDPSender), so that it does not need the one P.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	senderDone := startSender(ctx, t, l, netip.AddrPortFrom(l.B.V4, port), 5000, 300*time.Microsecond)
+	senderDone := startSender(ctx, t, l, dst, 5000, 300*time.Microsecond)
 	for got.Load() < 50 { // the datagrams are flowing
 		time.Sleep(time.Millisecond)
 		if ctx.Err() != nil {
@@ -608,10 +601,7 @@ func TestConnHotReaderHandsOff(t *testing.T) {
 }
 
 func testHandOff(t *testing.T, procs int) {
-	l := netnstest.Pair(t, "nfqh", 0)
-	c := openIn(t, l.B.NS, Config{Queue: 600, Auto: true})
-	const port = 9994
-	queueRule(t, l.B.NS, c.Queue(), port)
+	l, c, dst := queued(t, "nfqh", Config{Queue: 600, Auto: true}, 9994)
 
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(procs))
 	type job struct {
@@ -644,7 +634,7 @@ func testHandOff(t *testing.T, procs int) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	hot0 := c.Stats().HotWaits
-	if err := <-startSender(ctx, t, l, netip.AddrPortFrom(l.B.V4, port), 1000, 800*time.Microsecond); err != nil {
+	if err := <-startSender(ctx, t, l, dst, 1000, 800*time.Microsecond); err != nil {
 		t.Fatalf("sender: %v", err)
 	}
 	time.Sleep(50 * time.Millisecond)
