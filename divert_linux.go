@@ -121,8 +121,8 @@ type linuxBackend struct {
 	rmu  sync.Mutex // receive side: conn.Next, pkt, pend, vHeld
 	pkt  nfq.Packet
 	meta filter.Meta
-	// vHeld: the receive side holds vmu, so refill and pendAdd must not
-	// take it (drainUnread; recvBatch past its first packet)
+	// vHeld: the receive side holds vmu (drainUnread), so refill must not
+	// take it
 	vHeld bool
 	// What one receive call decided, applied under one vmu lock before it
 	// returns (see applyPending).
@@ -478,21 +478,8 @@ func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 		}
 		ms[k].N = n
 		k++
-		if k == 1 && b.frag == nil && len(ms) > 1 {
-			// The wait is over: hold vmu for the rest of the call, so that
-			// the packets go to the verdict side as they are decoded rather
-			// than through pend. (Reassembly takes vmu per fragment.)
-			b.vmu.Lock()
-			b.vHeld = true
-			b.applyPendingLocked()
-		}
 	}
-	if b.vHeld {
-		b.vHeld = false
-		b.vmu.Unlock()
-	} else {
-		b.applyPending()
-	}
+	b.applyPending()
 	b.more.Store(b.conn.Buffered())
 	b.rmu.Unlock()
 	b.recvCalls.Add(1)
@@ -513,13 +500,8 @@ func (b *linuxBackend) noQueueError() error {
 }
 
 // pendAdd records what to do with packet id once the receive call ends
-// (see applyPending), or does it at once if the call holds vmu already.
-// Called with rmu held.
+// (see applyPending). Called with rmu held.
 func (b *linuxBackend) pendAdd(id uint32, kind uint8, t int64, orig []byte) {
-	if b.vHeld {
-		b.applyLocked(id, kind, t, orig)
-		return
-	}
 	if b.npend == len(b.pend) {
 		b.applyPending()
 	}
@@ -546,25 +528,19 @@ func (b *linuxBackend) applyPending() {
 func (b *linuxBackend) applyPendingLocked() {
 	for i := range b.pend[:b.npend] {
 		e := &b.pend[i]
-		b.applyLocked(e.id, e.kind, e.t, e.orig)
-		e.orig = nil
+		switch e.kind {
+		case pendHold:
+			b.track.AddHeld(e.id, e.t, e.orig)
+			e.orig = nil
+			b.noteID(e.id)
+		case pendPass:
+			b.passed++
+			b.acceptLocked(e.id)
+		default:
+			b.acceptLocked(e.id)
+		}
 	}
 	b.npend = 0
-}
-
-// applyLocked does what pendAdd recorded for one packet. Called with vmu
-// held.
-func (b *linuxBackend) applyLocked(id uint32, kind uint8, t int64, orig []byte) {
-	switch kind {
-	case pendHold:
-		b.track.AddHeld(id, t, orig)
-		b.noteID(id)
-	case pendPass:
-		b.passed++
-		b.acceptLocked(id)
-	default:
-		b.acceptLocked(id)
-	}
 }
 
 // next delivers the next packet the program should see. With block false
