@@ -8,6 +8,7 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -31,6 +32,9 @@ const (
 const (
 	modeTCPNone  = "tcp-none"
 	modeTCPBatch = "tcp-batch"
+	// tcp-narrow: the narrow filter's consumer is on the path, and the bulk
+	// TCP must not reach it.
+	modeTCPNarrow = "tcp-narrow"
 )
 
 // Ports of the bench traffic.
@@ -43,7 +47,7 @@ const (
 // Config is one bench suite.
 type Config struct {
 	Modes        []string      // UDP modes, run interleaved
-	TCP          bool          // also run iperf3 tcp-none and tcp-batch
+	TCP          bool          // also run iperf3 tcp-none, tcp-batch and tcp-narrow
 	Runs         int           // runs per mode (medians are reported)
 	Dur          time.Duration // traffic per run
 	Size         int           // UDP payload bytes
@@ -57,7 +61,7 @@ type Config struct {
 	Pin          bool          // generator on CPU 0, the rest on CPU 1 (2+ CPUs, taskset)
 	IPv6         bool          // traffic over fd00:: instead of 10.x
 	FilterAll    string        // recv and batch modes
-	FilterNarrow string        // narrow mode
+	FilterNarrow string        // narrow and tcp-narrow modes
 	FilterTCP    string        // tcp-batch mode
 	CPUProfile   string        // write the consumer's CPU profile of each batch run here (suffix .N)
 	QuietMax     float64       // before a run wait until other load is below this many busy cores ...
@@ -208,7 +212,7 @@ func Run(ctx context.Context, cfg Config) (*Suite, error) {
 			s.Runs = append(s.Runs, r)
 		}
 		if cfg.TCP {
-			for _, m := range []string{modeTCPNone, modeTCPBatch} {
+			for _, m := range tcpModes {
 				if err := ctx.Err(); err != nil {
 					return s, err
 				}
@@ -452,8 +456,16 @@ func (b *bench) waitQuiet(ctx context.Context) string {
 	}
 }
 
-// runTCP is one iperf3 run, with or without a divert-everything batch loop
-// in the receiver.
+// tcpModes are the TCP modes, in the order they run and are reported.
+var tcpModes = []string{modeTCPNone, modeTCPBatch, modeTCPNarrow}
+
+// narrowChecks is how many datagrams tcp-narrow sends to the probe port
+// after the transfer, to show that its consumer was on the path.
+const narrowChecks = 3
+
+// runTCP is one iperf3 run: without a consumer, with a divert-everything
+// batch loop in the receiver, or with the narrow filter's (which must see
+// none of the transfer).
 func (b *bench) runTCP(ctx context.Context, mode string, it int) (r TCPResult) {
 	r = TCPResult{Mode: mode, Iter: it, CPUPerPkt: num(math.NaN()), Noisy: b.waitQuiet(ctx)}
 	fail := func(err error) TCPResult { r.Err = err.Error(); return r }
@@ -470,8 +482,12 @@ func (b *bench) runTCP(ctx context.Context, mode string, it int) (r TCPResult) {
 		return fail(err)
 	}
 	var cons *child
-	if mode == modeTCPBatch {
-		cons, err = startChild(ctx, b.exe, b.rx, b.otherCPU, "consumer", b.consumerConfig("batch", b.cfg.FilterTCP))
+	if mode != modeTCPNone {
+		filter := b.cfg.FilterTCP
+		if mode == modeTCPNarrow {
+			filter = b.cfg.FilterNarrow
+		}
+		cons, err = startChild(ctx, b.exe, b.rx, b.otherCPU, "consumer", b.consumerConfig("batch", filter))
 		if err != nil {
 			return fail(err)
 		}
@@ -518,6 +534,14 @@ func (b *bench) runTCP(ctx context.Context, mode string, it int) (r TCPResult) {
 		if r.Handed > 0 {
 			r.CPUPerPkt = num(r.ConsumerCPU * 1e6 / float64(r.Handed))
 		}
+		if mode == modeTCPNarrow {
+			if r.Handed != 0 {
+				return fail(fmt.Errorf("%d packets of the transfer reached the narrow filter's consumer: the filter is not in the kernel", r.Handed))
+			}
+			if err := b.checkNarrowPath(ctx, cons.pid(), q1); err != nil {
+				return fail(err)
+			}
+		}
 		var cr consumerResult
 		if err := cons.stop(&cr); err != nil {
 			return fail(err)
@@ -525,11 +549,49 @@ func (b *bench) runTCP(ctx context.Context, mode string, it int) (r TCPResult) {
 		if cr.Err != "" {
 			return fail(fmt.Errorf("consumer: %s", cr.Err))
 		}
-		if r.Handed == 0 {
+		if r.Handed == 0 && mode == modeTCPBatch {
 			return fail(errors.New("no packet reached the consumer: the rule is not on the path"))
 		}
 	}
 	return r
+}
+
+// checkNarrowPath sends narrowChecks datagrams to the probe port from the
+// sender and waits (2 s at most) until the consumer with pid has been handed
+// them since s: the narrow filter's rule was on the path the transfer took.
+func (b *bench) checkNarrowPath(ctx context.Context, pid int, s queueStats) error {
+	err := b.tx.Do(func() error {
+		// Unconnected: nothing listens on the port, and the ICMP errors
+		// must not fail the next write.
+		c, err := net.ListenUDP("udp", nil)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		to := &net.UDPAddr{IP: b.dst.AsSlice(), Port: probePort}
+		for i := 0; i < narrowChecks; i++ {
+			if _, err := c.WriteToUDP(make([]byte, hdrLen), to); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("narrow path check: %w", err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		q, err := nfqStats(pid)
+		if err != nil {
+			return fmt.Errorf("narrow path check: %w", err)
+		}
+		if n := s.handed(q); n >= narrowChecks {
+			return nil
+		} else if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("narrow path check: the consumer got %d of %d datagrams to port %d: its rule is not on the path", n, narrowChecks, probePort)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // waitListen waits until a TCP socket listens on port in ns.

@@ -116,9 +116,12 @@ func TestBenchShort(t *testing.T) {
 			if r.Mode == modeTCPBatch && r.Handed == 0 {
 				t.Errorf("tcp-batch: no packet handed to the consumer")
 			}
+			if r.Mode == modeTCPNarrow && r.Handed != 0 {
+				t.Errorf("tcp-narrow: %d packets of the transfer handed to the consumer, want 0", r.Handed)
+			}
 		}
-		if len(s.TCP) != 2 {
-			t.Errorf("%d TCP results, want 2", len(s.TCP))
+		if len(s.TCP) != len(tcpModes) {
+			t.Errorf("%d TCP results, want %d", len(s.TCP), len(tcpModes))
 		}
 	}
 

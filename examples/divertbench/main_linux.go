@@ -8,7 +8,10 @@
 //	batch   the same with RecvBatch→SendBatch
 //	narrow  the filter "udp.DstPort == 9999" while the bulk goes to 9000:
 //	        the bulk's rate against none's shows the filter runs in the kernel
-//	tcp-*   iperf3 bulk TCP, without and through a divert-everything batch loop
+//	tcp-*   iperf3 bulk TCP: without a rule (tcp-none), through a
+//	        divert-everything batch loop (tcp-batch), and with the narrow
+//	        filter's consumer on the path (tcp-narrow), which must see none
+//	        of the transfer
 //
 // For each it prints delivered packets/s, loss and where it went, the
 // consumer's CPU µs per packet, UDP echo RTT p50/p99 (idle and under load),
@@ -35,7 +38,7 @@ func main() {
 	}
 	cfg := DefaultConfig()
 	modes := flag.String("modes", strings.Join(cfg.Modes, ","), "UDP modes to run, comma-separated: none, recv, batch, narrow")
-	flag.BoolVar(&cfg.TCP, "tcp", cfg.TCP, "also run bulk TCP (iperf3) without and through a batch loop")
+	flag.BoolVar(&cfg.TCP, "tcp", cfg.TCP, "also run bulk TCP (iperf3): no rule, a divert-everything batch loop, the narrow filter")
 	flag.IntVar(&cfg.Runs, "runs", cfg.Runs, "runs per mode; medians are reported")
 	flag.DurationVar(&cfg.Dur, "dur", cfg.Dur, "traffic per run (max 1m)")
 	flag.IntVar(&cfg.Size, "size", cfg.Size, "UDP payload bytes")

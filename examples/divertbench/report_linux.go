@@ -95,7 +95,7 @@ func (s *Suite) WriteText(w io.Writer) {
 		noneG := median(tcol(tcp[modeTCPNone], func(r TCPResult) float64 { return r.Gbps }))
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 		fmt.Fprintln(tw, "mode\tGbit/s\tmin..max\tx none\tretransmits\thanded/s\tcons us/pkt\truns\t")
-		for _, m := range []string{modeTCPNone, modeTCPBatch} {
+		for _, m := range tcpModes {
 			rs := tcp[m]
 			if len(rs) == 0 {
 				fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t-\t0\t\n", m)
