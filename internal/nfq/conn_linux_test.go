@@ -324,6 +324,117 @@ func TestConnDrainedHint(t *testing.T) {
 	}
 }
 
+// TestConnSingleRead checks single mode (see readInto): after a blocking
+// read that slept and brought one datagram, the next blocking read takes one
+// datagram; if it slept too the batch ends with it without an EAGAIN read,
+// and if packets were queued the batch's non-blocking read takes the rest
+// and blocking reads take every slot again.
+func TestConnSingleRead(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l, c, dst := queued(t, "nfq1", Config{Queue: 700, Auto: true, Slots: 4}, 9993)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	// Make "slept" certain either way: a read that waited 50 ms slept, one
+	// that found packets queued did not.
+	defer func(v int64) { sleptMin = v }(sleptMin)
+	sleptMin = int64(10 * time.Millisecond)
+
+	var p Packet
+	// A signal to the thread ends a wait early with EINTR, and the wait
+	// starts again: counted as a read. So reads are counted from after
+	// each blocking Next.
+	reads := func(want uint64, what string) {
+		t.Helper()
+		if s := c.Stats(); s.Reads != want || s.EmptyReads != 0 {
+			t.Fatalf("%s: %d reads (%d empty), want %d (0)", what, s.Reads, s.EmptyReads, want)
+		}
+	}
+	send := func(n int, delay time.Duration) {
+		t.Helper()
+		errc := make(chan error, 1)
+		go func() {
+			time.Sleep(delay)
+			errc <- l.A.NS.SendUDP(dst, []byte("s"), n, 0)
+		}()
+		t.Cleanup(func() {
+			if err := <-errc; err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	// 1. Packets one at a time: each blocking read sleeps and brings one;
+	// the second is a single read, and the batch ends without a syscall.
+	for i := 1; i <= 2; i++ {
+		send(1, 50*time.Millisecond)
+		if err := c.Next(&p, true); err != nil {
+			t.Fatal(err)
+		}
+		if want := map[bool]int{true: 4, false: 1}[i == 1]; !c.single || c.rmax != want {
+			t.Fatalf("packet %d: single %v after a read of %d slots, want true after %d", i, c.single, c.rmax, want)
+		}
+		r := c.Stats().Reads
+		if err := c.Next(&p, false); !errors.Is(err, ErrNoData) {
+			t.Fatalf("Next(false) after a sleeping read: %v, want ErrNoData", err)
+		}
+		reads(r, "the batch's end after a sleeping read")
+		if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// 2. Three packets queued before the read: the single read does not
+	// sleep, the batch's non-blocking read takes the other two, and single
+	// mode ends.
+	sleptMin = int64(time.Hour)
+	if err := l.A.NS.SendUDP(dst, []byte("q"), 3, 0); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var b []byte
+		l.B.NS.Do(func() (err error) {
+			b, err = os.ReadFile("/proc/thread-self/net/netfilter/nfnetlink_queue")
+			return err
+		})
+		if f := bytes.Fields(b); len(f) > 2 && string(f[2]) == "3" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the queue never held 3 packets: %q", b)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := c.Next(&p, true); err != nil {
+		t.Fatal(err)
+	}
+	if c.single || c.rmax != 1 || c.count != 1 {
+		t.Fatalf("single %v after a read of %d slots that got %d", c.single, c.rmax, c.count)
+	}
+	r := c.Stats().Reads
+	for i := 0; i < 2; i++ {
+		if err := c.Next(&p, false); err != nil {
+			t.Fatalf("queued packet %d: %v", i+2, err)
+		}
+	}
+	reads(r+1, "after the rest") // one read for both
+	if err := c.Next(&p, false); !errors.Is(err, ErrNoData) {
+		t.Fatalf("Next(false) after the rest: %v, want ErrNoData", err)
+	}
+	reads(r+1, "the batch's end") // two of four slots: hinted
+	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
+		t.Fatal(err)
+	}
+	send(1, 50*time.Millisecond)
+	if err := c.Next(&p, true); err != nil {
+		t.Fatal(err)
+	}
+	if c.rmax != 4 {
+		t.Fatalf("a blocking read after single mode took %d slots, want 4", c.rmax)
+	}
+	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestConnWaitWakeups checks the blocking wait of Next (recvmmsg with
 // MSG_WAITFORONE): a packet wakes it and is read by the same syscall, a
 // wait after packets is hot and turns cold when they stop, SetReadDeadline
