@@ -38,7 +38,6 @@ const (
 	maxWait = 500 * time.Millisecond
 	// hotWait bounds a receive that waits holding its P (see Conn).
 	hotWait = time.Millisecond
-
 	// yieldEvery is how often, at most, a reader alone on the only P
 	// yields before a hot wait (see Conn).
 	yieldEvery = int64(50 * time.Microsecond)
@@ -134,9 +133,9 @@ type Conn struct {
 	rerr     syscall.Errno
 	// drained: the last read returned fewer datagrams than it asked for,
 	// or was a single read that slept (see readInto), so the socket was
-	// empty then; the first non-blocking fill after it
-	// reports ErrNoData without a syscall (once), unless a message went
-	// to the kernel since (sends moved: its answer may be waiting).
+	// empty then; the first non-blocking fill after it reports ErrNoData
+	// without a syscall (once), unless a message went to the kernel since
+	// (sends moved: its answer may be waiting).
 	drained    bool
 	drainedGen uint64
 
@@ -473,9 +472,10 @@ func (c *Conn) expired() bool {
 // A non-blocking fill right after a read that left slots free (the socket
 // was empty at that moment; see readInto for single reads) returns
 // ErrNoData without a syscall: such a read would almost always fail with
-// EAGAIN, and a batch receive loop issues one after every partial read. The shortcut is taken once per read
-// and never after a Send completed since the read, so a caller that polls
-// again, or that sent something drawing an answer, does read the socket.
+// EAGAIN, and a batch receive loop issues one after every partial read.
+// The shortcut is taken once per read and never after a Send completed
+// since the read, so a caller that polls again, or that sent something
+// drawing an answer, does read the socket.
 func (c *Conn) fill(block bool) error {
 	if !block && c.drained {
 		c.drained = false
