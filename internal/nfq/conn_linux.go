@@ -158,6 +158,7 @@ type Conn struct {
 	nbReads   atomic.Uint64 // non-blocking reads; blocking ones are waits
 	emptyRds  atomic.Uint64
 	coldWaits atomic.Uint64
+	intrs     atomic.Uint64
 	hotWaits  atomic.Uint64
 	sends     atomic.Uint64 // completed Sends; also the receive side's hint generation (drained)
 	enobufs   atomic.Uint64
@@ -593,6 +594,7 @@ func (c *Conn) readInto(first int, block bool) error {
 			c.wantHot = false
 			continue
 		case unix.EINTR:
+			c.intrs.Add(1)
 			if c.hot {
 				// Likely a preemption request or the GC: give way.
 				runtime.Gosched()
@@ -805,6 +807,7 @@ type Stats struct {
 	EmptyReads   uint64        // receive syscalls that found nothing (EAGAIN)
 	Waits        uint64        // blocking receive syscalls (waits for the first packet), included in Reads
 	HotWaits     uint64        // Waits that kept the P, while packets kept coming (see Conn)
+	Interrupted  uint64        // Waits a signal ended early (EINTR); each is followed by another wait
 	Sends        uint64        // send syscalls (one per Send)
 	ENOBUFS      uint64        // receive overflows reported to the socket
 	Truncated    uint64        // datagrams larger than a receive slot (skipped)
@@ -820,6 +823,7 @@ func (c *Conn) Stats() Stats {
 		EmptyReads:   c.emptyRds.Load(),
 		Waits:        cold + hot,
 		HotWaits:     hot,
+		Interrupted:  c.intrs.Load(),
 		Sends:        c.sends.Load(),
 		ENOBUFS:      c.enobufs.Load(),
 		Truncated:    c.truncs.Load(),
