@@ -8,7 +8,6 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -560,24 +559,13 @@ func (b *bench) runTCP(ctx context.Context, mode string, it int) (r TCPResult) {
 // sender and waits (2 s at most) until the consumer with pid has been handed
 // them since s: the narrow filter's rule was on the path the transfer took.
 func (b *bench) checkNarrowPath(ctx context.Context, pid int, s queueStats) error {
-	err := b.tx.Do(func() error {
-		// Unconnected: nothing listens on the port, and the ICMP errors
-		// must not fail the next write.
-		c, err := net.ListenUDP("udp", nil)
-		if err != nil {
-			return err
+	// One socket per datagram: nothing listens on the port, and the ICMP
+	// error the first draws must not fail the next write.
+	dst := netip.AddrPortFrom(b.dst, probePort)
+	for i := 0; i < narrowChecks; i++ {
+		if err := b.tx.SendUDP(dst, make([]byte, hdrLen), 1, 0); err != nil {
+			return fmt.Errorf("narrow path check: %w", err)
 		}
-		defer c.Close()
-		to := &net.UDPAddr{IP: b.dst.AsSlice(), Port: probePort}
-		for i := 0; i < narrowChecks; i++ {
-			if _, err := c.WriteToUDP(make([]byte, hdrLen), to); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("narrow path check: %w", err)
 	}
 	deadline := time.Now().Add(2 * time.Second)
 	for {
