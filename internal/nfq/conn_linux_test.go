@@ -52,6 +52,26 @@ func openIn(t *testing.T, ns *netnstest.NS, cfg Config) *Conn {
 	return c
 }
 
+// waitQueued waits (2 s at most) until the kernel holds n packets for c's
+// queue in ns, so that all of them are in the socket before the next read.
+func waitQueued(t *testing.T, ns *netnstest.NS, c *Conn, n int) {
+	t.Helper()
+	for i := 0; i < 200; i++ {
+		var b []byte
+		ns.Do(func() (err error) {
+			b, err = os.ReadFile("/proc/thread-self/net/netfilter/nfnetlink_queue")
+			return err
+		})
+		for _, line := range bytes.Split(b, []byte("\n")) {
+			if f := bytes.Fields(line); len(f) > 2 && string(f[0]) == fmt.Sprint(c.Queue()) && string(f[2]) == fmt.Sprint(n) {
+				return
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("the queue never held %d packets", n)
+}
+
 // queued opens a namespace pair (name prefix), a Conn in B with cfg, and a
 // rule that queues B's inbound UDP to port on the Conn's queue; it returns
 // the pair, the Conn and that destination.
@@ -249,25 +269,6 @@ func TestConnDrainedHint(t *testing.T) {
 	l, c, dst := queued(t, "nfqd", Config{Queue: 300, Auto: true, Slots: 2}, 9997)
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 
-	// queued waits until the kernel holds n packets for the queue, so
-	// that all of them are in the socket before the first read.
-	queued := func(n int) {
-		t.Helper()
-		for i := 0; i < 200; i++ {
-			var b []byte
-			l.B.NS.Do(func() (err error) {
-				b, err = os.ReadFile("/proc/thread-self/net/netfilter/nfnetlink_queue")
-				return err
-			})
-			for _, line := range bytes.Split(b, []byte("\n")) {
-				if f := bytes.Fields(line); len(f) > 2 && string(f[0]) == fmt.Sprint(c.Queue()) && string(f[2]) == fmt.Sprint(n) {
-					return
-				}
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-		t.Fatalf("the queue never held %d packets", n)
-	}
 	var p Packet
 	var last uint32
 	next := func(block bool, wantReads uint64) {
@@ -297,7 +298,7 @@ func TestConnDrainedHint(t *testing.T) {
 	if err := l.A.NS.SendUDP(dst, []byte("x"), 3, 0); err != nil {
 		t.Fatal(err)
 	}
-	queued(3)
+	waitQueued(t, l.B.NS, c, 3)
 	next(true, r+1)
 	next(false, r+1)
 	next(false, r+2)
@@ -309,7 +310,7 @@ func TestConnDrainedHint(t *testing.T) {
 	if err := l.A.NS.SendUDP(dst, []byte("y"), 1, 0); err != nil {
 		t.Fatal(err)
 	}
-	queued(4)
+	waitQueued(t, l.B.NS, c, 4)
 	next(true, r+4)
 	kerr := c.Stats().KernelErrors
 	if err := c.Send(AppendVerdict(nil, c.Queue(), last+1000, Accept, nil)); err != nil {
@@ -368,7 +369,11 @@ func TestConnSingleRead(t *testing.T) {
 		if err := c.Next(&p, true); err != nil {
 			t.Fatal(err)
 		}
-		if want := map[bool]int{true: 4, false: 1}[i == 1]; !c.single || c.rmax != want {
+		want := 1 // the second read is a single one
+		if i == 1 {
+			want = 4
+		}
+		if !c.single || c.rmax != want {
 			t.Fatalf("packet %d: single %v after a read of %d slots, want true after %d", i, c.single, c.rmax, want)
 		}
 		r := c.Stats().Reads
@@ -388,21 +393,7 @@ func TestConnSingleRead(t *testing.T) {
 	if err := l.A.NS.SendUDP(dst, []byte("q"), 3, 0); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		var b []byte
-		l.B.NS.Do(func() (err error) {
-			b, err = os.ReadFile("/proc/thread-self/net/netfilter/nfnetlink_queue")
-			return err
-		})
-		if f := bytes.Fields(b); len(f) > 2 && string(f[2]) == "3" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the queue never held 3 packets: %q", b)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitQueued(t, l.B.NS, c, 3)
 	if err := c.Next(&p, true); err != nil {
 		t.Fatal(err)
 	}
