@@ -105,17 +105,12 @@ func (t *Tracker) AddHeld(id uint32, now int64, orig []byte) {
 // lets go of them: call it before buf is reused. A nil buf seals every
 // held packet.
 func (t *Tracker) Seal(buf []byte) {
-	lo := uintptr(unsafe.Pointer(unsafe.SliceData(buf)))
-	hi := lo + uintptr(len(buf))
-	i := t.sealed
-	if int32(i-t.head) < 0 {
-		i = t.head
-	}
+	in := within(buf)
 	prefix := true // every entry so far is sealed: move t.sealed on
-	for ; i != t.tail; i++ {
+	for i := t.firstUnsealed(); i != t.tail; i++ {
 		e := t.at(i)
 		if e.orig != nil {
-			if p := uintptr(unsafe.Pointer(unsafe.SliceData(e.orig))); buf != nil && (p < lo || p >= hi) {
+			if buf != nil && !in(e.orig) {
 				prefix = false // in the other area: keep it
 				continue
 			}
@@ -136,20 +131,32 @@ func (t *Tracker) HoldsIn(buf []byte) bool {
 	if t.live == 0 {
 		return false
 	}
-	lo := uintptr(unsafe.Pointer(unsafe.SliceData(buf)))
-	hi := lo + uintptr(len(buf))
-	i := t.sealed
-	if int32(i-t.head) < 0 {
-		i = t.head
-	}
-	for ; i != t.tail; i++ {
-		if e := t.at(i); e.orig != nil {
-			if p := uintptr(unsafe.Pointer(unsafe.SliceData(e.orig))); p >= lo && p < hi {
-				return true
-			}
+	in := within(buf)
+	for i := t.firstUnsealed(); i != t.tail; i++ {
+		if e := t.at(i); e.orig != nil && in(e.orig) {
+			return true
 		}
 	}
 	return false
+}
+
+// firstUnsealed is the ring index (unwrapped) from which held packets may
+// still keep their bytes: entries before it are sealed or released.
+func (t *Tracker) firstUnsealed() uint32 {
+	if int32(t.sealed-t.head) < 0 {
+		return t.head
+	}
+	return t.sealed
+}
+
+// within returns a function reporting whether a slice starts inside buf.
+func within(buf []byte) func(b []byte) bool {
+	lo := uintptr(unsafe.Pointer(unsafe.SliceData(buf)))
+	hi := lo + uintptr(len(buf))
+	return func(b []byte) bool {
+		p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+		return p >= lo && p < hi
+	}
 }
 
 // Lookup returns the ring index of a held id, for Unchanged and ReleaseAt.
