@@ -99,10 +99,10 @@ type Config struct {
 // to, and expired timers run first; under load, when reads come less than
 // yieldEvery (50 µs) apart, it yields before one wait in that time only. A
 // goroutine made runnable in between waits for the end of the wait, which
-// the next packet brings (hotWait at most). With more Ps it does not: the runtime
-// already hands what the reader makes runnable to an idle P, and a Gosched
-// there would wake another thread and move the reader to it (measured: 25%
-// more CPU). A signal (preemption, GC) interrupts a hot wait. What becomes
+// the next packet brings (hotWait at most). With more Ps it does not: the
+// runtime already hands what the reader makes runnable to an idle P, and a
+// Gosched there would wake another thread and move the reader to it
+// (measured: 25% more CPU). A signal (preemption, GC) interrupts a hot wait. What becomes
 // runnable during one waits for its end, at most hotWait, when no other P
 // is free.
 // The verdict write and the non-blocking reads never block and are raw
