@@ -124,13 +124,16 @@ func run(queue uint, qlen, rcvbuf uint64, maxdur time.Duration, batch int, loop,
 		}
 	}()
 
-	var verdicts uint64
+	var verdicts, batches uint64
 	if loop == "batch" {
-		verdicts, err = batchLoop(h, batch, &stopping)
+		verdicts, batches, err = batchLoop(h, batch, &stopping)
 	} else {
 		verdicts, err = singleLoop(h, &stopping)
 	}
 	fmt.Printf("daemon_verdicts=%d\n", verdicts)
+	if loop == "batch" {
+		fmt.Printf("daemon_batches=%d\n", batches)
+	}
 	return err
 }
 
@@ -142,30 +145,30 @@ func stopErr(err error, stopping *atomic.Bool) bool {
 
 // batchLoop is the documented fast loop: one RecvBatch, then one SendBatch of
 // the same messages, unchanged.
-func batchLoop(h *divert.Handle, batch int, stopping *atomic.Bool) (uint64, error) {
+func batchLoop(h *divert.Handle, batch int, stopping *atomic.Bool) (verdicts, batches uint64, err error) {
 	ms := make([]divert.Message, batch)
 	for i := range ms {
 		ms[i].Buf = make([]byte, divert.MTUMax)
 	}
-	var verdicts uint64
 	for {
 		n, err := h.RecvBatch(ms)
 		if errors.Is(err, divert.ErrTruncated) {
 			// Cannot happen with MTUMax buffers; never echo a cut packet.
-			return verdicts, fmt.Errorf("RecvBatch: %w", err)
+			return verdicts, batches, fmt.Errorf("RecvBatch: %w", err)
 		}
 		if n > 0 {
+			batches++
 			sent, serr := h.SendBatch(ms[:n])
 			verdicts += uint64(sent)
 			if serr != nil && !stopErr(serr, stopping) {
-				return verdicts, fmt.Errorf("SendBatch: %w", serr)
+				return verdicts, batches, fmt.Errorf("SendBatch: %w", serr)
 			}
 		}
 		if err != nil {
 			if stopErr(err, stopping) {
-				return verdicts, nil
+				return verdicts, batches, nil
 			}
-			return verdicts, fmt.Errorf("RecvBatch: %w", err)
+			return verdicts, batches, fmt.Errorf("RecvBatch: %w", err)
 		}
 	}
 }
