@@ -48,6 +48,10 @@ const (
 // 4 bytes to it. A variable for tests.
 var sleptMin = int64(2 * time.Microsecond)
 
+// checkEvery is how often a blocking read in single mode takes every slot,
+// in case "slept" was misjudged (see readInto).
+const checkEvery = 16
+
 // Config says how to open a Conn.
 type Config struct {
 	// Queue is the queue number to bind; with Auto, the first number tried.
@@ -144,6 +148,7 @@ type Conn struct {
 	rfirst   int          // first slot the next read fills
 	rmax     int          // most datagrams the next read takes
 	single   bool         // the next blocking read takes one datagram (see readInto)
+	singles  int          // blocking reads since single mode began
 	hot      bool         // SO_RCVTIMEO is hotWait and waits are raw syscalls
 	wantHot  bool         // what the next blocking read should be
 	soloP    bool         // GOMAXPROCS was 1 when the reader last turned hot
@@ -513,6 +518,13 @@ func (c *Conn) fill(block bool) error {
 // are queued: the read does not count as draining, the batch's next,
 // non-blocking read takes the rest, and the next blocking read takes every
 // slot again.
+//
+// "Slept" is a guess from the clock: on a slow CPU, or with every syscall
+// traced, a read that found its datagram queued can take sleptMin too, and
+// single mode would then read a backlog one datagram per batch for as long
+// as it lasts. So every checkEvery-th blocking read in single mode takes
+// every slot anyway: with a backlog it brings more than one datagram, and
+// single mode ends.
 func (c *Conn) readInto(first int, block bool) error {
 	if first >= len(c.hdrs) {
 		return ErrNoData
@@ -520,7 +532,10 @@ func (c *Conn) readInto(first int, block bool) error {
 	c.rfirst = first
 	c.rmax = len(c.hdrs) - first
 	if block && c.single {
-		c.rmax = 1
+		c.singles++
+		if c.singles%checkEvery != 0 {
+			c.rmax = 1
+		}
 	}
 	c.drained = false
 	if block {
@@ -580,6 +595,9 @@ func (c *Conn) readInto(first int, block bool) error {
 				slept := c.rn == 1 && now-t0 >= sleptMin+int64(c.hdrs[first].Len/4)
 				if c.rmax == 1 {
 					c.drained = slept
+				}
+				if slept && !c.single {
+					c.singles = 0
 				}
 				c.single = slept
 			}

@@ -424,6 +424,64 @@ func TestConnSingleRead(t *testing.T) {
 	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
 		t.Fatal(err)
 	}
+
+	// 3. "Slept" misjudged (every read takes sleptMin, as on a slow CPU):
+	// single mode reads a backlog one datagram per batch, but only until
+	// its checkEvery-th blocking read, which takes every slot, brings four
+	// and ends it.
+	sleptMin = 0
+	send(1, 50*time.Millisecond)
+	if err := c.Next(&p, true); err != nil {
+		t.Fatal(err)
+	}
+	if !c.single {
+		t.Fatal("a read of one datagram that \"slept\" did not start single mode")
+	}
+	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
+		t.Fatal(err)
+	}
+	const backlog = checkEvery + 8
+	if err := l.A.NS.SendUDP(dst, []byte("b"), backlog, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitQueued(t, l.B.NS, c, backlog)
+	for i := 1; i <= checkEvery; i++ {
+		if err := c.Next(&p, true); err != nil {
+			t.Fatalf("backlog read %d: %v", i, err)
+		}
+		want, got := 1, 1
+		if i == checkEvery {
+			want, got = 4, 4
+		}
+		if c.rmax != want || c.count != got {
+			t.Fatalf("backlog read %d took %d of %d slots, want %d of %d", i, c.count, c.rmax, got, want)
+		}
+		for {
+			if err := c.Next(&p, false); errors.Is(err, ErrNoData) {
+				break
+			} else if err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c.single {
+		t.Fatal("single mode went on after a read that brought every slot")
+	}
+	// That batch's non-blocking reads took the rest; the next blocking
+	// read takes every slot.
+	send(1, 50*time.Millisecond)
+	if err := c.Next(&p, true); err != nil {
+		t.Fatal(err)
+	}
+	if c.rmax != 4 || c.count != 1 {
+		t.Fatalf("read after single mode took %d of %d slots, want 1 of 4", c.count, c.rmax)
+	}
+	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestConnWaitWakeups checks the blocking wait of Next (recvmmsg with
