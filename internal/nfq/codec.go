@@ -252,6 +252,55 @@ func decodePacket(b []byte, p *Packet) error {
 	return nil
 }
 
+// AppendPacket appends the NFQNL_MSG_PACKET message the kernel would send
+// for p: the attributes that p holds, leaving out those that are zero as
+// the kernel does, except that PACKET_HDR, SKB_INFO (sent with FlagGSO) and
+// PAYLOAD are always there; no hardware address. Decode reads p back, its
+// Timestamp cut to microseconds as the attribute carries it. It is the
+// kernel's side of the codec, for tests and benchmarks that play the
+// kernel. b must end 4-byte aligned, as netlink messages are.
+func AppendPacket(b []byte, p *Packet) []byte {
+	start := len(b)
+	b = ne.AppendUint32(b, 0)
+	b = ne.AppendUint16(b, msgPacket)
+	b = ne.AppendUint16(b, 0)
+	b = ne.AppendUint32(b, 0) // seq
+	b = ne.AppendUint32(b, 0) // portid
+	b = append(b, p.Family, 0)
+	b = binary.BigEndian.AppendUint16(b, p.Queue)
+	var hdr [7]byte
+	binary.BigEndian.PutUint32(hdr[0:4], p.ID)
+	binary.BigEndian.PutUint16(hdr[4:6], p.HwProto)
+	hdr[6] = p.Hook
+	b = appendAttr(b, attrPacketHdr, hdr[:])
+	for _, a := range [...]struct {
+		typ uint16
+		v   uint32
+	}{{attrInDev, p.InDev}, {attrOutDev, p.OutDev}, {attrMark, p.Mark}} {
+		if a.v != 0 {
+			b = appendAttr32(b, a.typ, a.v)
+		}
+	}
+	if p.Timestamp != 0 {
+		var ts [16]byte
+		binary.BigEndian.PutUint64(ts[0:8], uint64(p.Timestamp/1e9))
+		binary.BigEndian.PutUint64(ts[8:16], uint64(p.Timestamp%1e9/1e3))
+		b = appendAttr(b, attrTimestamp, ts[:])
+	}
+	if p.CapLen != 0 {
+		b = appendAttr32(b, attrCapLen, p.CapLen)
+	}
+	b = appendAttr32(b, attrSkbInfo, p.SkbInfo)
+	b = appendAttr(b, attrPayload, p.Payload)
+	return finish(b, start)
+}
+
+func appendAttr32(b []byte, typ uint16, v uint32) []byte {
+	b = ne.AppendUint16(b, nlaHdrLen+4)
+	b = ne.AppendUint16(b, typ)
+	return binary.BigEndian.AppendUint32(b, v)
+}
+
 func be32(v []byte) uint32 {
 	if len(v) < 4 {
 		return 0

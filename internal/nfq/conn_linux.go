@@ -172,8 +172,8 @@ type Conn struct {
 	lastErrno atomic.Uint32
 }
 
-// Open opens a socket and binds a queue as cfg says.
-func Open(cfg Config) (*Conn, error) {
+// fill sets the defaults of the zero fields.
+func (cfg *Config) fill() {
 	if cfg.CopyRange == 0 || cfg.CopyRange > MaxCopyRange {
 		cfg.CopyRange = MaxCopyRange
 	}
@@ -183,6 +183,11 @@ func Open(cfg Config) (*Conn, error) {
 	if cfg.Slots <= 0 {
 		cfg.Slots = DefaultSlots
 	}
+}
+
+// Open opens a socket and binds a queue as cfg says.
+func Open(cfg Config) (*Conn, error) {
+	cfg.fill()
 	// A blocking socket, outside the runtime poller, whose epoll would
 	// otherwise wake a thread for every packet that finds the socket
 	// empty, in parallel with the waiting Next (see Conn). Non-blocking
@@ -203,9 +208,33 @@ func Open(cfg Config) (*Conn, error) {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, sndBuf); err != nil {
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, sndBuf)
 	}
+	c, err := newConn(fd, &cfg)
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	if cfg.RcvBuf > 0 {
+		if err := c.SetReadBuffer(cfg.RcvBuf); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
+	if err := c.bind(cfg.Queue, cfg.Auto); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := c.configure(&c.cfg); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// newConn makes the Conn of fd, a socket in blocking mode, with the
+// defaults of cfg filled in. On error fd is left open.
+func newConn(fd int, cfg *Config) (*Conn, error) {
 	tv := unix.NsecToTimeval(int64(maxWait))
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		unix.Close(fd)
 		return nil, fmt.Errorf("nfq: set receive timeout: %w", err)
 	}
 	c := &Conn{
@@ -223,22 +252,25 @@ func Open(cfg Config) (*Conn, error) {
 	// A Conn dropped without Close still lets go of its socket (and so of
 	// its queue).
 	runtime.AddCleanup(c, func(s *sysfd) { s.close() }, c.sfd)
-	if cfg.RcvBuf > 0 {
-		if err := c.SetReadBuffer(cfg.RcvBuf); err != nil {
-			c.Close()
-			return nil, err
-		}
-	}
 	c.initRecv(cfg.Slots, int(cfg.CopyRange)+slotOverhead)
+	return c, nil
+}
 
-	if err := c.bind(cfg.Queue, cfg.Auto); err != nil {
-		c.Close()
+// Wrap makes a Conn of fd, a datagram socket in blocking mode that the
+// caller opened, as if it were the socket of queue cfg.Queue, already bound
+// and configured: Next reads packet messages from fd, and Send writes
+// verdicts to it. It is the seam of benchmarks that measure the user-space
+// path alone, the other end of a socketpair playing the kernel. The Conn
+// owns fd from then on, also on error. cfg.Auto and cfg.RcvBuf are not
+// used.
+func Wrap(fd int, cfg Config) (*Conn, error) {
+	cfg.fill()
+	c, err := newConn(fd, &cfg)
+	if err != nil {
+		unix.Close(fd)
 		return nil, err
 	}
-	if err := c.configure(&c.cfg); err != nil {
-		c.Close()
-		return nil, err
-	}
+	c.queue = cfg.Queue
 	return c, nil
 }
 
