@@ -58,6 +58,7 @@ type Config struct {
 	QLen, QSize  uint64        // consumer ParamQueueLength, ParamQueueSize (0 = default)
 	QTime        uint64        // consumer ParamQueueTime in ms (0 = default)
 	Pin          bool          // generator on CPU 0, the rest on CPU 1 (2+ CPUs, taskset)
+	RPS          bool          // receive packet steering on the receiver's veth: its input path on CPU 1
 	IPv6         bool          // traffic over fd00:: instead of 10.x
 	FilterAll    string        // recv and batch modes
 	FilterNarrow string        // narrow and tcp-narrow modes
@@ -186,6 +187,11 @@ func Run(ctx context.Context, cfg Config) (*Suite, error) {
 		}
 	}()
 	b.tx, b.rx = b.link.A.NS, b.link.B.NS
+	if cfg.RPS {
+		if err := steerInput(ctx, b.rx, b.link.B.If); err != nil {
+			return nil, err
+		}
+	}
 	b.dst = b.link.B.V4
 	if cfg.IPv6 {
 		b.dst = b.link.B.V6
@@ -583,6 +589,21 @@ func (b *bench) checkNarrowPath(ctx context.Context, pid int, s queueStats) erro
 }
 
 // waitListen waits until a TCP socket listens on port in ns.
+// steerInput turns on receive packet steering to CPU 1 for dev in ns, so
+// that the receiver's input path (netfilter hooks included) runs there
+// rather than on the sending CPU, which a veth transmit otherwise uses.
+func steerInput(ctx context.Context, ns *netnstest.NS, dev string) error {
+	if runtime.NumCPU() < 2 {
+		return errors.New("-rps needs 2 CPUs or more")
+	}
+	// `ip netns exec` mounts the namespace's own sysfs.
+	path := "/sys/class/net/" + dev + "/queues/rx-0/rps_cpus"
+	if _, err := ns.Run(ctx, "sh", "-c", "echo 2 > "+path); err != nil {
+		return fmt.Errorf("turn on RPS: %w", err)
+	}
+	return nil
+}
+
 func waitListen(ctx context.Context, ns *netnstest.NS, port int) error {
 	for i := 0; i < 250; i++ {
 		out, err := ns.Run(ctx, "ss", "-Hltn", fmt.Sprintf("sport = :%d", port))

@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -188,4 +190,31 @@ func leftoverNamespaces(t *testing.T) []string {
 		}
 	}
 	return left
+}
+
+// TestSteerInput checks -rps: the receiver's veth steers its input path to
+// CPU 1 (mask 2) afterwards, read back in the namespace's own sysfs; with
+// one CPU it refuses.
+func TestSteerInput(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dvr", 0)
+	ctx := context.Background()
+	err := steerInput(ctx, l.B.NS, l.B.If)
+	if runtime.NumCPU() < 2 {
+		if err == nil {
+			t.Fatal("steerInput with one CPU: no error")
+		}
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := l.B.NS.Run(ctx, "cat", "/sys/class/net/"+l.B.If+"/queues/rx-0/rps_cpus")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mask, err := strconv.ParseUint(strings.ReplaceAll(strings.TrimSpace(string(out)), ",", ""), 16, 64)
+	if err != nil || mask != 2 {
+		t.Fatalf("rps_cpus %q (%v), want mask 2", out, err)
+	}
 }

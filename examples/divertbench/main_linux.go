@@ -51,6 +51,7 @@ func main() {
 	flag.Uint64Var(&cfg.QSize, "qsize", cfg.QSize, "consumer ParamQueueSize bytes (0 = default)")
 	flag.Uint64Var(&cfg.QTime, "qtime", cfg.QTime, "consumer ParamQueueTime ms (0 = default)")
 	flag.BoolVar(&cfg.Pin, "pin", cfg.Pin, "pin the generator to CPU 0 and everything else to CPU 1")
+	flag.BoolVar(&cfg.RPS, "rps", cfg.RPS, "steer the receiver's input path to CPU 1 (RPS), off the sending CPU")
 	flag.BoolVar(&cfg.IPv6, "6", cfg.IPv6, "send over IPv6 (fd00::/8) instead of IPv4")
 	flag.StringVar(&cfg.FilterAll, "filter", cfg.FilterAll, "filter of the recv and batch modes")
 	flag.StringVar(&cfg.FilterNarrow, "filter-narrow", cfg.FilterNarrow, "filter of the narrow mode")

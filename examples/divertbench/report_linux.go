@@ -14,7 +14,11 @@ func (s *Suite) WriteText(w io.Writer) {
 	c := s.Config
 	fmt.Fprintf(w, "divertbench: kernel %s, %d CPUs, %d runs x %v per mode (interleaved), UDP %d B payload, sendmmsg batch %d, RecvBatch %d\n",
 		s.Kernel, s.CPUs, c.Runs, c.Dur, c.Size, c.GenBatch, c.Batch)
-	fmt.Fprintf(w, "filters: recv/batch %q, narrow %q, tcp-batch %q\n\n", c.FilterAll, c.FilterNarrow, c.FilterTCP)
+	fmt.Fprintf(w, "filters: recv/batch %q, narrow %q, tcp-batch %q\n", c.FilterAll, c.FilterNarrow, c.FilterTCP)
+	if c.RPS {
+		fmt.Fprintf(w, "receiver input path steered to CPU 1 (RPS)\n")
+	}
+	fmt.Fprintln(w)
 
 	byMode := map[string][]RunResult{}
 	for _, r := range s.Runs {
