@@ -230,8 +230,8 @@ func Open(cfg Config) (*Conn, error) {
 	return c, nil
 }
 
-// newConn makes the Conn of fd, a socket in blocking mode, with the
-// defaults of cfg filled in. On error fd is left open.
+// newConn makes the Conn of fd, a socket in blocking mode, as cfg says
+// (its defaults filled in by Config.fill). On error fd is left open.
 func newConn(fd int, cfg *Config) (*Conn, error) {
 	tv := unix.NsecToTimeval(int64(maxWait))
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
