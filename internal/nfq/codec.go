@@ -261,13 +261,7 @@ func decodePacket(b []byte, p *Packet) error {
 // kernel. b must end 4-byte aligned, as netlink messages are.
 func AppendPacket(b []byte, p *Packet) []byte {
 	start := len(b)
-	b = ne.AppendUint32(b, 0)
-	b = ne.AppendUint16(b, msgPacket)
-	b = ne.AppendUint16(b, 0)
-	b = ne.AppendUint32(b, 0) // seq
-	b = ne.AppendUint32(b, 0) // portid
-	b = append(b, p.Family, 0)
-	b = binary.BigEndian.AppendUint16(b, p.Queue)
+	b = appendHdr(b, msgPacket, 0, 0, p.Family, p.Queue)
 	var hdr [7]byte
 	binary.BigEndian.PutUint32(hdr[0:4], p.ID)
 	binary.BigEndian.PutUint16(hdr[4:6], p.HwProto)
@@ -278,7 +272,7 @@ func AppendPacket(b []byte, p *Packet) []byte {
 		v   uint32
 	}{{attrInDev, p.InDev}, {attrOutDev, p.OutDev}, {attrMark, p.Mark}} {
 		if a.v != 0 {
-			b = appendAttr32(b, a.typ, a.v)
+			b = appendAttrBE32(b, a.typ, a.v)
 		}
 	}
 	if p.Timestamp != 0 {
@@ -288,17 +282,11 @@ func AppendPacket(b []byte, p *Packet) []byte {
 		b = appendAttr(b, attrTimestamp, ts[:])
 	}
 	if p.CapLen != 0 {
-		b = appendAttr32(b, attrCapLen, p.CapLen)
+		b = appendAttrBE32(b, attrCapLen, p.CapLen)
 	}
-	b = appendAttr32(b, attrSkbInfo, p.SkbInfo)
+	b = appendAttrBE32(b, attrSkbInfo, p.SkbInfo)
 	b = appendAttr(b, attrPayload, p.Payload)
 	return finish(b, start)
-}
-
-func appendAttr32(b []byte, typ uint16, v uint32) []byte {
-	b = ne.AppendUint16(b, nlaHdrLen+4)
-	b = ne.AppendUint16(b, typ)
-	return binary.BigEndian.AppendUint32(b, v)
 }
 
 func be32(v []byte) uint32 {
