@@ -567,7 +567,7 @@ func TestConnWaitWakeups(t *testing.T) {
 		t.Fatalf("Next: %v, payload %q", err, p.Payload)
 	}
 	s2 := c.Stats()
-	if hot, cold, _ := waits(s1, s2); hot != 1 || cold != 0 {
+	if hot, cold, intr := waits(s1, s2); hot != 1+intr || cold != 0 {
 		t.Fatalf("stats %+v then %+v: want one hot wait", s1, s2)
 	}
 	if err := c.Send(AppendVerdict(nil, c.Queue(), p.ID, Accept, nil)); err != nil {
