@@ -588,7 +588,6 @@ func (b *bench) checkNarrowPath(ctx context.Context, pid int, s queueStats) erro
 	}
 }
 
-// waitListen waits until a TCP socket listens on port in ns.
 // steerInput turns on receive packet steering to CPU 1 for dev in ns, so
 // that the receiver's input path (netfilter hooks included) runs there
 // rather than on the sending CPU, which a veth transmit otherwise uses.
@@ -604,6 +603,7 @@ func steerInput(ctx context.Context, ns *netnstest.NS, dev string) error {
 	return nil
 }
 
+// waitListen waits until a TCP socket listens on port in ns.
 func waitListen(ctx context.Context, ns *netnstest.NS, port int) error {
 	for i := 0; i < 250; i++ {
 		out, err := ns.Run(ctx, "ss", "-Hltn", fmt.Sprintf("sport = :%d", port))

@@ -54,7 +54,7 @@ func main() {
 	flag.BoolVar(&cfg.RPS, "rps", cfg.RPS, "steer the receiver's input path to CPU 1 (RPS), off the sending CPU")
 	flag.BoolVar(&cfg.IPv6, "6", cfg.IPv6, "send over IPv6 (fd00::/8) instead of IPv4")
 	flag.StringVar(&cfg.FilterAll, "filter", cfg.FilterAll, "filter of the recv and batch modes")
-	flag.StringVar(&cfg.FilterNarrow, "filter-narrow", cfg.FilterNarrow, "filter of the narrow mode")
+	flag.StringVar(&cfg.FilterNarrow, "filter-narrow", cfg.FilterNarrow, "filter of the narrow and tcp-narrow modes")
 	flag.StringVar(&cfg.FilterTCP, "filter-tcp", cfg.FilterTCP, "filter of the tcp-batch mode")
 	flag.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write the consumer's CPU profile of each batch-loop run to FILE.N")
 	flag.Float64Var(&cfg.QuietMax, "quiet", cfg.QuietMax, "before each run wait until other processes use at most this many cores (0 = do not wait) ...")
