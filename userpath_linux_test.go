@@ -5,6 +5,7 @@ package divert
 import (
 	"encoding/binary"
 	"fmt"
+	"net/netip"
 	"testing"
 	"unsafe"
 
@@ -124,23 +125,16 @@ func (kp *kernelPair) recv() (int, bool) {
 
 // udp64 is an IPv4 UDP datagram with 64 bytes of payload, as the bench's
 // generator sends.
-func udp64() []byte {
-	pkt := make([]byte, 20+8+64)
-	pkt[0], pkt[8], pkt[9] = 0x45, 64, unix.IPPROTO_UDP
-	binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
-	copy(pkt[12:], []byte{10, 200, 1, 1, 10, 200, 1, 2})
-	binary.BigEndian.PutUint16(pkt[20:], 40000)
-	binary.BigEndian.PutUint16(pkt[22:], 9000)
-	binary.BigEndian.PutUint16(pkt[24:], 8+64)
-	CalcChecksums(pkt, nil, 0)
-	return pkt
+func udp64(tb testing.TB) []byte {
+	return udpPacket(tb, netip.MustParseAddrPort("10.200.1.1:40000"),
+		netip.MustParseAddrPort("10.200.1.2:9000"), make([]byte, 64))
 }
 
 // TestKernelPair checks the harness of BenchmarkLinuxUserPath: a batch
 // written to the socketpair comes out of RecvBatch whole, and SendBatch of
 // it answers with one batch verdict (ACCEPT up to the batch's last id).
 func TestKernelPair(t *testing.T) {
-	pkt := udp64()
+	pkt := udp64(t)
 	kp := newKernelPair(t, 3, pkt)
 	ms := make([]Message, 8)
 	for i := range ms {
@@ -181,7 +175,7 @@ func TestKernelPair(t *testing.T) {
 func BenchmarkLinuxUserPath(b *testing.B) {
 	for _, k := range []int{1, 3, 8} {
 		b.Run(fmt.Sprintf("batch=%d", k), func(b *testing.B) {
-			kp := newKernelPair(b, k, udp64())
+			kp := newKernelPair(b, k, udp64(b))
 			ms := make([]Message, 64)
 			for i := range ms {
 				ms[i].Buf = make([]byte, MTUMax)
