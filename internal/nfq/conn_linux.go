@@ -106,9 +106,9 @@ type Config struct {
 // the next packet brings (hotWait at most). With more Ps it does not: the
 // runtime already hands what the reader makes runnable to an idle P, and a
 // Gosched there would wake another thread and move the reader to it
-// (measured: 25% more CPU). A signal (preemption, GC) interrupts a hot wait. What becomes
-// runnable during one waits for its end, at most hotWait, when no other P
-// is free.
+// (measured: 25% more CPU). A signal (preemption, GC) interrupts a hot
+// wait. What becomes runnable during one waits for its end, at most
+// hotWait, when no other P is free.
 // The verdict write and the non-blocking reads never block and are raw
 // syscalls too.
 //
