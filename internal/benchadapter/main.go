@@ -7,13 +7,15 @@
 // Contract with run.sh: flags -q N, -qlen L, -rcvbuf B, -t DURATION; bind
 // queue N in copy-packet mode; no fail-open, no bypass; exit within 3 s of
 // SIGTERM/SIGINT (and after -t at the latest), then print
-// "daemon_verdicts=<packets reinjected>" on stdout; the batch loop adds
-// "daemon_batches=<RecvBatch calls that brought packets>", as cnfq's batch
-// mode prints its batches.
+// "daemon_verdicts=<packets reinjected>" on stdout; the batch and conn
+// loops add "daemon_batches=<batches that brought packets>", as cnfq's
+// batch mode prints its batches.
 //
 // Extra flags: -batch (messages per RecvBatch, 1..divert.BatchMax), -loop
-// single (Recv→Send instead of the batch loop) and -cpuprofile FILE (a pprof
-// CPU profile of the whole run, for `go tool pprof -top`). Because run.sh
+// single (Recv→Send instead of the batch loop), -loop conn (the floor under
+// the batch loop: the queue socket layer, internal/nfq, without a Handle;
+// see connLoop) and -cpuprofile FILE (a pprof CPU profile of the whole run,
+// for `go tool pprof -top`). Because run.sh
 // passes no extra flags, the environment variables BENCHADAPTER_LOOP,
 // BENCHADAPTER_BATCH and BENCHADAPTER_CPUPROFILE (a path prefix; the pid is
 // appended) set the same things:
@@ -36,6 +38,7 @@ import (
 	"time"
 
 	"github.com/netdivert/divert"
+	"github.com/netdivert/divert/internal/nfq"
 )
 
 func main() {
@@ -44,7 +47,7 @@ func main() {
 	rcvbuf := flag.Uint64("rcvbuf", divert.QueueSizeDefault, "netlink receive buffer bytes (divert.ParamQueueSize)")
 	maxdur := flag.Duration("t", 60*time.Second, "hard cap on lifetime")
 	batch := flag.Int("batch", 64, "messages per RecvBatch (1..255)")
-	loop := flag.String("loop", "batch", "loop under test: batch (RecvBatch→SendBatch) or single (Recv→Send)")
+	loop := flag.String("loop", "batch", "loop under test: batch (RecvBatch→SendBatch), single (Recv→Send) or conn (internal/nfq alone)")
 	cpuprofile := flag.String("cpuprofile", "", "write a pprof CPU profile of the run to this file")
 	if v := os.Getenv("BENCHADAPTER_LOOP"); v != "" {
 		*loop = v
@@ -75,21 +78,36 @@ func run(queue uint, qlen, rcvbuf uint64, maxdur time.Duration, batch int, loop,
 	if batch < 1 || batch > divert.BatchMax {
 		return fmt.Errorf("-batch %d out of range [1, %d]", batch, divert.BatchMax)
 	}
-	if loop != "batch" && loop != "single" {
-		return fmt.Errorf("-loop %q: want batch or single", loop)
+	if loop != "batch" && loop != "single" && loop != "conn" {
+		return fmt.Errorf("-loop %q: want batch, single or conn", loop)
 	}
 	// No FlagPassThrough, no FlagFailOpen: a slow loop must show up as loss.
-	h, err := divert.OpenPort(uint16(queue), 0)
-	if err != nil {
-		return err
+	var h stopper
+	var dh *divert.Handle
+	var c *nfq.Conn
+	if loop == "conn" {
+		var err error
+		c, err = nfq.Open(nfq.Config{Queue: uint16(queue), MaxLen: uint32(qlen), RcvBuf: int(rcvbuf)})
+		if err != nil {
+			return err
+		}
+		h = c
+	} else {
+		var err error
+		if dh, err = divert.OpenPort(uint16(queue), 0); err != nil {
+			return err
+		}
+		h = dh
+		if err := dh.SetParam(divert.ParamQueueLength, qlen); err != nil {
+			dh.Close()
+			return err
+		}
+		if err := dh.SetParam(divert.ParamQueueSize, rcvbuf); err != nil {
+			dh.Close()
+			return err
+		}
 	}
 	defer h.Close()
-	if err := h.SetParam(divert.ParamQueueLength, qlen); err != nil {
-		return err
-	}
-	if err := h.SetParam(divert.ParamQueueSize, rcvbuf); err != nil {
-		return err
-	}
 	if cpuprofile != "" {
 		f, err := os.Create(cpuprofile)
 		if err != nil {
@@ -127,22 +145,35 @@ func run(queue uint, qlen, rcvbuf uint64, maxdur time.Duration, batch int, loop,
 	}()
 
 	var verdicts, batches uint64
-	if loop == "batch" {
-		verdicts, batches, err = batchLoop(h, batch, &stopping)
-	} else {
-		verdicts, err = singleLoop(h, &stopping)
+	var err error
+	switch loop {
+	case "batch":
+		verdicts, batches, err = batchLoop(dh, batch, &stopping)
+	case "single":
+		verdicts, err = singleLoop(dh, &stopping)
+	case "conn":
+		verdicts, batches, err = connLoop(c, &stopping)
 	}
 	fmt.Printf("daemon_verdicts=%d\n", verdicts)
-	if loop == "batch" {
+	if loop != "single" {
 		fmt.Printf("daemon_batches=%d\n", batches)
 	}
 	return err
 }
 
+// stopper is what the stop goroutine needs of a *divert.Handle or, with
+// -loop conn, an *nfq.Conn.
+type stopper interface {
+	SetReadDeadline(t time.Time) error
+	Close() error
+}
+
 // stopErr reports whether err ends the loop normally: the stop deadline
-// passed or the backstop closed the handle.
+// passed or the backstop closed the handle (net.ErrClosed) or the Conn
+// (os.ErrClosed).
 func stopErr(err error, stopping *atomic.Bool) bool {
-	return stopping.Load() && (errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, net.ErrClosed))
+	return stopping.Load() && (errors.Is(err, os.ErrDeadlineExceeded) ||
+		errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed))
 }
 
 // batchLoop is the documented fast loop: one RecvBatch, then one SendBatch of
@@ -195,5 +226,43 @@ func singleLoop(h *divert.Handle, stopping *atomic.Bool) (uint64, error) {
 			return verdicts, fmt.Errorf("Send: %w", err)
 		}
 		verdicts++
+	}
+}
+
+// connLoop is the floor under the batch loop: the queue socket layer alone
+// (internal/nfq), without a Handle. It decodes each packet in place and
+// accepts everything a read brought with one batch verdict: no copy into
+// a caller's buffer, no Address, no exactly-one-verdict tracking, no
+// change detection. What the batch loop costs beyond it is the Handle's.
+func connLoop(c *nfq.Conn, stopping *atomic.Bool) (verdicts, batches uint64, err error) {
+	var p nfq.Packet
+	msg := make([]byte, 0, 64)
+	for {
+		if err := c.Next(&p, true); err != nil {
+			if stopErr(err, stopping) {
+				return verdicts, batches, nil
+			}
+			return verdicts, batches, fmt.Errorf("Next: %w", err)
+		}
+		last, n := p.ID, uint64(1)
+		var nerr error
+		for nerr == nil && c.Buffered() {
+			if nerr = c.Next(&p, false); nerr == nil {
+				last = p.ID
+				n++
+			}
+		}
+		msg = nfq.AppendVerdictBatch(msg[:0], c.Queue(), last, nfq.Accept)
+		if err := c.Send(msg); err != nil {
+			if stopErr(err, stopping) {
+				return verdicts, batches, nil
+			}
+			return verdicts, batches, fmt.Errorf("Send: %w", err)
+		}
+		verdicts += n
+		batches++
+		if nerr != nil && nerr != nfq.ErrNoData {
+			return verdicts, batches, fmt.Errorf("Next: %w", nerr)
+		}
 	}
 }

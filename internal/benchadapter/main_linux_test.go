@@ -33,7 +33,7 @@ func TestMain(m *testing.M) {
 // queue in copy-packet mode, reinjects every queued packet unchanged, exits
 // within 3 s of SIGTERM and then reports exactly the verdicts it gave.
 func TestAdapterContract(t *testing.T) {
-	for _, loop := range []string{"batch", "single"} {
+	for _, loop := range []string{"batch", "single", "conn"} {
 		t.Run(loop, func(t *testing.T) { testContract(t, loop) })
 	}
 }
