@@ -339,6 +339,7 @@ func (c *Conn) request(msg []byte) error {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		// Look through what is buffered.
+		keep := false // something buffered is still for Next
 		for i := c.cur; i < c.count; i++ {
 			off := 0
 			if i == c.cur {
@@ -359,8 +360,16 @@ func (c *Conn) request(msg []byte) error {
 					}
 					return nil
 				}
+				if kind != KindOther {
+					keep = true
+				}
 				off += n
 			}
+		}
+		if !keep {
+			// Only answers consumed before, or nothing: free the slots,
+			// or every request would take one for good.
+			c.count, c.cur, c.off = 0, 0, 0
 		}
 		if c.count == len(c.slots) {
 			return fmt.Errorf("nfq: no answer to request %d among %d buffered datagrams", seq, c.count)

@@ -167,6 +167,21 @@ func TestConnQueueAndVerdicts(t *testing.T) {
 	}
 }
 
+// TestConnAutoBindSkipsMany opens Conns with Auto from one queue number
+// in a namespace: each must skip every number taken before it, one bind
+// request each, more requests on one socket than it has receive slots.
+func TestConnAutoBindSkipsMany(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfqab")
+	const base, n = 300, 3 * DefaultSlots
+	for i := range n {
+		c := openIn(t, ns, Config{Queue: base, Auto: true})
+		if c.Queue() != base+uint16(i) {
+			t.Fatalf("Conn %d bound queue %d, want %d", i, c.Queue(), base+i)
+		}
+	}
+}
+
 func TestConnBusyDeadlineClose(t *testing.T) {
 	netnstest.RequireRoot(t)
 	ns := netnstest.NewT(t, "nfqb")
