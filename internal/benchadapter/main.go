@@ -14,7 +14,7 @@
 // Extra flags: -batch (messages per RecvBatch, 1..divert.BatchMax), -loop
 // single (Recv→Send instead of the batch loop), -loop conn (the floor under
 // the batch loop: the queue socket layer, internal/nfq, without a Handle;
-// see connLoop) and -cpuprofile FILE (a pprof CPU profile of the whole run,
+// see conn_linux.go) and -cpuprofile FILE (a pprof CPU profile of the whole run,
 // for `go tool pprof -top`). Because run.sh
 // passes no extra flags, the environment variables BENCHADAPTER_LOOP,
 // BENCHADAPTER_BATCH and BENCHADAPTER_CPUPROFILE (a path prefix; the pid is
@@ -38,7 +38,6 @@ import (
 	"time"
 
 	"github.com/netdivert/divert"
-	"github.com/netdivert/divert/internal/nfq"
 )
 
 func main() {
@@ -84,11 +83,10 @@ func run(queue uint, qlen, rcvbuf uint64, maxdur time.Duration, batch int, loop,
 	// No FlagPassThrough, no FlagFailOpen: a slow loop must show up as loss.
 	var h stopper
 	var dh *divert.Handle
-	var c *nfq.Conn
+	var c *connLoop
 	if loop == "conn" {
 		var err error
-		c, err = nfq.Open(nfq.Config{Queue: uint16(queue), MaxLen: uint32(qlen), RcvBuf: int(rcvbuf)})
-		if err != nil {
+		if c, err = openConnLoop(uint16(queue), qlen, rcvbuf); err != nil {
 			return err
 		}
 		h = c
@@ -152,7 +150,7 @@ func run(queue uint, qlen, rcvbuf uint64, maxdur time.Duration, batch int, loop,
 	case "single":
 		verdicts, err = singleLoop(dh, &stopping)
 	case "conn":
-		verdicts, batches, err = connLoop(c, &stopping)
+		verdicts, batches, err = c.run(&stopping)
 	}
 	fmt.Printf("daemon_verdicts=%d\n", verdicts)
 	if loop != "single" {
@@ -162,7 +160,7 @@ func run(queue uint, qlen, rcvbuf uint64, maxdur time.Duration, batch int, loop,
 }
 
 // stopper is what the stop goroutine needs of a *divert.Handle or, with
-// -loop conn, an *nfq.Conn.
+// -loop conn, a *connLoop.
 type stopper interface {
 	SetReadDeadline(t time.Time) error
 	Close() error
@@ -226,43 +224,5 @@ func singleLoop(h *divert.Handle, stopping *atomic.Bool) (uint64, error) {
 			return verdicts, fmt.Errorf("Send: %w", err)
 		}
 		verdicts++
-	}
-}
-
-// connLoop is the floor under the batch loop: the queue socket layer alone
-// (internal/nfq), without a Handle. It decodes each packet in place and
-// accepts everything a read brought with one batch verdict: no copy into
-// a caller's buffer, no Address, no exactly-one-verdict tracking, no
-// change detection. What the batch loop costs beyond it is the Handle's.
-func connLoop(c *nfq.Conn, stopping *atomic.Bool) (verdicts, batches uint64, err error) {
-	var p nfq.Packet
-	msg := make([]byte, 0, 64)
-	for {
-		if err := c.Next(&p, true); err != nil {
-			if stopErr(err, stopping) {
-				return verdicts, batches, nil
-			}
-			return verdicts, batches, fmt.Errorf("Next: %w", err)
-		}
-		last, n := p.ID, uint64(1)
-		var nerr error
-		for nerr == nil && c.Buffered() {
-			if nerr = c.Next(&p, false); nerr == nil {
-				last = p.ID
-				n++
-			}
-		}
-		msg = nfq.AppendVerdictBatch(msg[:0], c.Queue(), last, nfq.Accept)
-		if err := c.Send(msg); err != nil {
-			if stopErr(err, stopping) {
-				return verdicts, batches, nil
-			}
-			return verdicts, batches, fmt.Errorf("Send: %w", err)
-		}
-		verdicts += n
-		batches++
-		if nerr != nil && nerr != nfq.ErrNoData {
-			return verdicts, batches, fmt.Errorf("Next: %w", nerr)
-		}
 	}
 }
