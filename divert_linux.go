@@ -730,6 +730,10 @@ func (b *linuxBackend) verdictLocked(s *sysAddr, v nfq.Verdict, pkt []byte, hold
 		if s.trunc {
 			return errors.New("divert: cannot reinject a changed packet the kernel handed over truncated")
 		}
+		if len(pkt) > nfq.MaxCopyRange {
+			// The verdict's payload attribute has a 16-bit length.
+			return fmt.Errorf("divert: cannot reinject a changed packet of %d bytes: NFQUEUE takes at most %d", len(pkt), nfq.MaxCopyRange)
+		}
 		payload = pkt
 	}
 	b.track.ReleaseAt(i)

@@ -164,6 +164,37 @@ func TestKernelPair(t *testing.T) {
 	}
 }
 
+// TestSendChangedTooBig sends back, changed, a packet longer than a
+// verdict can carry (NFQUEUE's payload attribute has a 16-bit length):
+// Send must fail and keep the packet queued, so that it can still be sent
+// as it came.
+func TestSendChangedTooBig(t *testing.T) {
+	pkt := udp64(t)
+	kp := newKernelPair(t, 1, pkt)
+	kp.queue(t, 1)
+	buf := make([]byte, MTUMax)
+	var a Address
+	n, err := kp.h.Recv(buf, &a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := udpPacket(t, netip.MustParseAddrPort("10.200.1.1:40000"),
+		netip.MustParseAddrPort("10.200.1.2:9000"), make([]byte, 0xFFFF-28))
+	if _, err := kp.h.Send(big, &a); err == nil {
+		t.Fatalf("Send of a changed %d-byte packet: no error", len(big))
+	}
+	if v := kp.verdicts(t); len(v) != 0 {
+		t.Fatalf("the failed Send wrote %d verdict messages", len(v))
+	}
+	if _, err := kp.h.Send(buf[:n], &a); err != nil {
+		t.Fatalf("Send of the packet as it came, after the failed one: %v", err)
+	}
+	want := nfq.AppendVerdictBatch(nil, kernelPairQueue, kp.next-1, nfq.Accept)
+	if v := kp.verdicts(t); len(v) != 1 || string(v[0]) != string(want) {
+		t.Fatalf("verdicts %x, want one: %x", v, want)
+	}
+}
+
 // BenchmarkLinuxUserPath measures the batch loop of the package
 // documentation (RecvBatch, then SendBatch of the same messages) with
 // the kernel's queue replaced by a socketpair (see kernelPair): each op
