@@ -210,7 +210,8 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 	if !ok {
 		return 0, false, false, nil
 	}
-	dgram, done, rerr := fs.reasm.AddInfo(buf[:0], p.Payload, time.Unix(0, now), &fs.info)
+	// Capped at len(buf): the caller owns only that much of its array.
+	dgram, done, rerr := fs.reasm.AddInfo(buf[:0:len(buf)], p.Payload, time.Unix(0, now), &fs.info)
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
 	b.noteID(p.ID)

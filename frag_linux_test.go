@@ -195,6 +195,38 @@ func TestFragReassembleInbound(t *testing.T) {
 	}
 }
 
+// TestFragTruncatedKeepsToLen receives a datagram reassembled in user
+// space into a buffer shorter than it, cut from a bigger array: Recv must
+// report the cut and write nothing past len(buf), where the array's next
+// slot (another worker's buffer, say) begins.
+func TestFragTruncatedKeepsToLen(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dft", 1500)
+	dst := netip.AddrPortFrom(l.B.V6, 7107) // the IPv6 input hook sees the fragments
+	sink, err := l.B.NS.ListenUDP(dst.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, l.B.NS, "inbound && udp.DstPort == 7107", LayerNetwork, 0, 0)
+	if err := l.A.NS.SendUDP(dst, fragPayload("trnc"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	arena := bytes.Repeat([]byte{0xAA}, 8192)
+	buf := arena[:1000]
+	var a Address
+	h.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, err := h.Recv(buf, &a)
+	if !errors.Is(err, ErrTruncated) || n != len(buf) {
+		t.Fatalf("Recv of a %d-byte datagram into %d bytes: %d, %v", 48+fragPayloadLen, len(buf), n, err)
+	}
+	for i := len(buf); i < len(arena); i++ {
+		if arena[i] != 0xAA {
+			t.Fatalf("Recv wrote past len(buf): arena[%d] changed", i)
+		}
+	}
+}
+
 // checkWhole checks that the handle saw the two datagrams whole and the
 // sink got "CHG..." and "keep..." intact.
 func checkWhole(t *testing.T, got []seen, errs []error, recvd [][]byte, v6 bool) {
