@@ -62,7 +62,8 @@ const (
 	// move in one call.
 	BatchMax = 255
 	// MTUMax is the largest packet a handle carries: 40 bytes of IPv6 header
-	// plus a 65535-byte payload. A buffer of this size never truncates.
+	// plus a 65535-byte payload. A buffer of this size never truncates (on
+	// Linux the kernel's queue may: see ErrTruncated).
 	MTUMax = 40 + 0xFFFF
 )
 
@@ -261,7 +262,10 @@ var (
 	ErrNotSupported = errors.New("divert: not supported")
 	// ErrTruncated is returned by Recv, with the truncated packet, when the
 	// buffer is smaller than the packet (WinDivert's
-	// ERROR_INSUFFICIENT_BUFFER).
+	// ERROR_INSUFFICIENT_BUFFER), and on Linux, wrapped, when the packet is
+	// longer than the 65531 bytes the kernel's queue hands over (a whole
+	// 65535-byte datagram at the output hook, before fragmentation). Such a
+	// packet can be sent back unchanged, not changed.
 	ErrTruncated = errors.New("divert: packet truncated: buffer too small")
 	// ErrShutdown is returned by Recv once the handle was shut down for
 	// receiving and its queue is empty, and by Send after ShutdownSend

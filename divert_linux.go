@@ -644,9 +644,15 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 		if n < len(p.Payload) {
 			return n, ErrTruncated
 		}
+		if p.Truncated() {
+			return n, errKernelTruncated
+		}
 		return n, nil
 	}
 }
+
+// errKernelTruncated reports a packet longer than NFQUEUE hands over.
+var errKernelTruncated = fmt.Errorf("%w: the kernel's queue hands over at most %d bytes of a packet", ErrTruncated, nfq.MaxCopyRange)
 
 // --- verdicts --------------------------------------------------------------
 

@@ -1166,6 +1166,35 @@ func TestLinuxFlagDrop(t *testing.T) {
 	}
 }
 
+// TestLinuxKernelTruncatedRecv receives a packet longer than NFQUEUE
+// hands over (a 65535-byte UDP datagram at the output hook, before
+// fragmentation) into an MTUMax buffer: Recv must say it is cut, and
+// sending it back unchanged must still deliver the whole datagram.
+func TestLinuxKernelTruncatedRecv(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dkt", 0)
+	ap, sink := udpSink(t, l, 6201)
+	h := openIn(t, l.A.NS, "outbound and udp.DstPort == 6201", LayerNetwork, 0, 0)
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 65507/16+1)[:65507]
+	if err := l.A.NS.SendUDP(ap, payload, 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, MTUMax)
+	var a Address
+	h.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, err := h.Recv(buf, &a)
+	if !errors.Is(err, ErrTruncated) || n != 65531 || binary.BigEndian.Uint16(buf[2:]) != 65535 {
+		t.Fatalf("Recv of a 65535-byte packet: n %d, err %v", n, err)
+	}
+	if _, err := h.Send(buf[:n], &a); err != nil {
+		t.Fatalf("Send unchanged: %v", err)
+	}
+	got, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+	if err != nil || len(got) != 1 || !bytes.Equal(got[0], payload) {
+		t.Fatalf("sink: %d datagrams, %v", len(got), err)
+	}
+}
+
 func TestLinuxTruncatedRecv(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dtr", 0)
