@@ -405,8 +405,10 @@ func (l *lowerer) cond(c filter.Cond) (d disj, ok bool) {
 		return boolField(op, v, func() disj { return pos(icmpv6Hdr) }, func() disj { return absent(icmpv6Hdr) }), true
 
 	case filter.FieldIfIdx:
+		// Forwarded packets report the interface they leave by, as
+		// WinDivert's forward layer does (its destination interface).
 		key := expr.MetaKeyIIF
-		if out {
+		if out || l.hook == HookForward {
 			key = expr.MetaKeyOIF
 		}
 		return direct(metaField(key, 4, 0xFFFFFFFF))

@@ -431,3 +431,35 @@ func TestFilterEndToEnd(t *testing.T) {
 		})
 	}
 }
+
+// TestLowerIfIdxByHook checks which interface ifIdx tests at each hook:
+// the one a packet came in by, except where it leaves by one (output,
+// postrouting) and at forward, where the backend, like WinDivert's forward
+// layer, reports the interface the packet leaves by.
+func TestLowerIfIdxByHook(t *testing.T) {
+	for _, tc := range []struct {
+		hook Hook
+		want expr.MetaKey
+	}{
+		{HookPrerouting, expr.MetaKeyIIF},
+		{HookInput, expr.MetaKeyIIF},
+		{HookForward, expr.MetaKeyOIF},
+		{HookOutput, expr.MetaKeyOIF},
+		{HookPostrouting, expr.MetaKeyOIF},
+	} {
+		l := lowerer{hook: tc.hook}
+		d, ok := l.cond(C(filter.FieldIfIdx, eq, 5))
+		if !ok || len(d) != 1 {
+			t.Fatalf("hook %v: ok %v, %d conjunctions", tc.hook, ok, len(d))
+		}
+		var keys []expr.MetaKey
+		for _, e := range d[0].exprs {
+			if m, ok := e.(*expr.Meta); ok {
+				keys = append(keys, m.Key)
+			}
+		}
+		if len(keys) != 1 || keys[0] != tc.want {
+			t.Errorf("hook %v: ifIdx loads meta keys %v, want [%v]", tc.hook, keys, tc.want)
+		}
+	}
+}
