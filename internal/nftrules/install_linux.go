@@ -213,14 +213,19 @@ func selectSkips(cfg *Config) [][]expr.Any {
 		}
 	}
 	if cfg.Dest != DestAny {
-		op := expr.CmpOpNeq // DestLocal: accept what is not local
+		// Delivered to the host: local, broadcast, anycast and multicast
+		// destinations (RTN_LOCAL..RTN_MULTICAST, 2..5). The register holds
+		// a native-endian u32 below 256, which compares as bytes (as
+		// nft_range does) in the right order on either byte order.
+		op := expr.CmpOpNeq // DestLocal: accept what is not delivered here
 		if cfg.Dest == DestRemote {
 			op = expr.CmpOpEq
 		}
-		local := binary.NativeEndian.AppendUint32(nil, unix.RTN_LOCAL)
 		out = append(out, concat([]expr.Any{
 			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
-			cmp(op, local),
+			&expr.Range{Op: op, Register: 1,
+				FromData: binary.NativeEndian.AppendUint32(nil, unix.RTN_LOCAL),
+				ToData:   binary.NativeEndian.AppendUint32(nil, unix.RTN_MULTICAST)},
 		}, acc))
 	}
 	return out

@@ -28,10 +28,12 @@ type DestSelect uint8
 const (
 	// DestAny selects packets whatever their destination (the default).
 	DestAny DestSelect = iota
-	// DestLocal selects packets addressed to one of the host's addresses
-	// (fib daddr type local); others are accepted before the filter's rules.
+	// DestLocal selects packets the host delivers to itself: addressed to
+	// one of its addresses, or broadcast, anycast or multicast (fib daddr
+	// type local to multicast); others are accepted before the filter's
+	// rules.
 	DestLocal
-	// DestRemote selects packets not addressed to the host (fib daddr type
-	// != local); packets to the host are accepted before the filter's rules.
+	// DestRemote selects the other packets, those the host may forward;
+	// packets it delivers to itself are accepted before the filter's rules.
 	DestRemote
 )
