@@ -114,6 +114,7 @@ type linuxBackend struct {
 	queueTime atomic.Int64 // ns
 	shutRecv  atomic.Bool
 	shutting  atomic.Bool // Shutdown(ShutdownRecv) has begun
+	dlmu      sync.Mutex  // orders SetReadDeadline after Shutdown's wake-up
 	closed    atomic.Bool
 	more      atomic.Bool   // the receive buffer holds undecoded packets
 	recvCalls atomic.Uint64 // bumped when a Recv starts and when it ends
@@ -1086,8 +1087,12 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 		b.vmu.Lock()
 		errs = append(errs, b.conn.StopQueueing())
 		b.vmu.Unlock()
+		// Under dlmu: a SetReadDeadline cannot put a later deadline in
+		// place of the wake-up once shutRecv is set.
+		b.dlmu.Lock()
 		b.shutRecv.Store(true)
 		errs = append(errs, b.conn.SetReadDeadline(time.Unix(1, 0)))
+		b.dlmu.Unlock()
 	}
 	b.shutRecv.Store(true)
 	if err := errors.Join(errs...); err != nil {
@@ -1179,6 +1184,8 @@ func (b *linuxBackend) setReadDeadline(t time.Time) error {
 	if b.conn == nil {
 		return nil
 	}
+	b.dlmu.Lock()
+	defer b.dlmu.Unlock()
 	if b.shutRecv.Load() {
 		return nil // Recv no longer blocks
 	}

@@ -1330,3 +1330,57 @@ func TestLinuxCloseUnderLoad(t *testing.T) {
 		t.Fatalf("queues left after Close: %v", lines)
 	}
 }
+
+// TestLinuxShutdownVsSetReadDeadline: a Shutdown wakes a blocked Recv
+// even while other goroutines keep setting a read deadline an hour away;
+// none of them may replace the wake-up, or the Recv would wait for a
+// packet that, queueing stopped, never comes.
+func TestLinuxShutdownVsSetReadDeadline(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "dsd")
+	for round := range 20 {
+		h := openIn(t, ns, "udp.DstPort == 6202", LayerNetwork, 0, 0)
+		done := make(chan error, 1)
+		go func() {
+			var buf [64]byte
+			var a Address
+			_, err := h.Recv(buf[:], &a)
+			done <- err
+		}()
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		for range 3 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+						h.SetReadDeadline(time.Now().Add(time.Hour))
+					}
+				}
+			}()
+		}
+		time.Sleep(5 * time.Millisecond)
+		if err := h.Shutdown(ShutdownRecv); err != nil {
+			t.Fatal(err)
+		}
+		var err error
+		select {
+		case err = <-done:
+		case <-time.After(2 * time.Second):
+			close(stop)
+			wg.Wait()
+			h.Close()
+			t.Fatalf("round %d: Recv still blocked 2 s after Shutdown", round)
+		}
+		close(stop)
+		wg.Wait()
+		if !errors.Is(err, ErrShutdown) {
+			t.Fatalf("round %d: Recv after Shutdown: %v, want ErrShutdown", round, err)
+		}
+		h.Close()
+	}
+}
