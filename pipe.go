@@ -178,6 +178,12 @@ func (p *Pipe) expireLocked(now time.Time) {
 func (p *Pipe) recv(b []byte, a *Address) (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	return p.recvLocked(b, a)
+}
+
+// recvLocked takes the next packet, waiting for one. Called with p.mu
+// held.
+func (p *Pipe) recvLocked(b []byte, a *Address) (int, error) {
 	for len(p.queue) == 0 {
 		switch {
 		case p.closed:
@@ -205,24 +211,23 @@ func (p *Pipe) recv(b []byte, a *Address) (int, error) {
 	return n, nil
 }
 
+// recvBatch waits for the first packet only, then takes what is queued,
+// all under one lock: a concurrent reader cannot take a packet between
+// the check and the take.
 func (p *Pipe) recvBatch(ms []Message) (int, error) {
-	n, err := p.recv(ms[0].Buf, &ms[0].Addr)
-	ms[0].N = n
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n, err := p.recvLocked(ms[0].Buf, &ms[0].Addr)
 	if err != nil && !errors.Is(err, ErrTruncated) {
 		return 0, err
 	}
+	ms[0].N = n
 	k := 1
-	for ; k < len(ms); k++ {
-		p.mu.Lock()
-		empty := len(p.queue) == 0
-		p.mu.Unlock()
-		if empty {
-			break
-		}
-		m, rerr := p.recv(ms[k].Buf, &ms[k].Addr)
+	for ; k < len(ms) && len(p.queue) > 0; k++ {
+		m, rerr := p.recvLocked(ms[k].Buf, &ms[k].Addr) // never waits: the queue is not empty
 		ms[k].N = m
 		if rerr != nil && err == nil {
-			err = rerr
+			err = rerr // ErrTruncated, the only error with a packet queued
 		}
 	}
 	return k, err

@@ -197,3 +197,55 @@ func ExampleNewPipe() {
 	// taken: true
 	// on the path: "Q"
 }
+
+// TestPipeRecvBatchConcurrent: two readers call RecvBatch at once while
+// packets arrive. A batch waits for its first packet only: every message
+// it returns holds a packet, and the readers get each packet once.
+func TestPipeRecvBatchConcurrent(t *testing.T) {
+	h, p, err := divert.NewPipe("udp.DstPort == 53", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer h.Close()
+	for round := range 250 {
+		require.NoError(t, h.SetReadDeadline(time.Now().Add(20*time.Millisecond)))
+		var wg sync.WaitGroup
+		got := make(chan int, 2)
+		for range 2 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ms := make([]divert.Message, 4)
+				for i := range ms {
+					ms[i].Buf = make([]byte, 128)
+				}
+				n, err := h.RecvBatch(ms)
+				if err != nil && n > 0 {
+					t.Errorf("round %d: RecvBatch = %d with error %v", round, n, err)
+				}
+				for i := range n {
+					if ms[i].N == 0 {
+						t.Errorf("round %d: message %d of %d is empty", round, i, n)
+					}
+					if _, err := h.Send(ms[i].Buf[:ms[i].N], &ms[i].Addr); err != nil {
+						t.Errorf("round %d: Send: %v", round, err)
+					}
+				}
+				got <- n
+			}()
+		}
+		for range 2 {
+			_, err := p.Deliver(udp4(t, 53, "dns"), divert.Address{})
+			require.NoError(t, err)
+		}
+		wg.Wait()
+		if n := <-got + <-got; n != 2 {
+			t.Fatalf("round %d: the readers got %d packets, want 2", round, n)
+		}
+		for range 2 {
+			_, _, ok := p.Next(time.Second)
+			require.True(t, ok)
+		}
+		if t.Failed() {
+			return
+		}
+	}
+}
