@@ -469,10 +469,17 @@ func prepare(filterText string, layer Layer, priority int16, flags Flag) (openCo
 // as "iptables -A INPUT -p icmp -j NFQUEUE --queue-num 1234"), on FreeBSD the
 // divert port of an ipfw "divert" rule. Windows has no such rules and returns
 // ErrNotSupported. The handle is at LayerNetwork; every packet the rule
-// queues is received.
+// queues is received. The rule decides what is taken, where and how, so the
+// flags about that (FlagDrop, FlagPassThrough, FlagFragments,
+// FlagReassemble) are refused with ErrNotSupported. With FlagSniff the
+// handle sends nothing back: on FreeBSD that suits a "tee" rule, whose
+// packets are copies; a "divert" rule's packets would be lost.
 func OpenPort(port uint16, flags Flag) (*Handle, error) {
 	if err := flags.Validate(); err != nil {
 		return nil, err
+	}
+	if f := flags & (FlagDrop | FlagPassThrough | FlagFragments | FlagReassemble); f != 0 {
+		return nil, fmt.Errorf("divert: OpenPort with flags %#x: %w (the administrator's rule decides what is taken and how)", uint64(f), ErrNotSupported)
 	}
 	return open(openConfig{layer: LayerNetwork, flags: flags, port: int(port)})
 }

@@ -161,6 +161,10 @@ func TestOpenArgumentErrors(t *testing.T) {
 	require.ErrorContains(t, err, "FlagFragments")
 	_, err = OpenPort(1, 1<<50)
 	require.ErrorContains(t, err, "unknown flag")
+	for _, f := range []Flag{FlagDrop, FlagPassThrough, FlagFragments, FlagReassemble, FlagPassThrough | FlagSniff} {
+		_, err = OpenPort(1, f)
+		require.ErrorIs(t, err, ErrNotSupported, "OpenPort with flags %#x", uint64(f))
+	}
 }
 
 func TestOpenFilterError(t *testing.T) {
