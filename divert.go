@@ -128,7 +128,11 @@ type Flag uint64
 // Flags.
 const (
 	// FlagSniff leaves packets on their path and hands the program a copy
-	// (Address.Sniffed is set).
+	// (Address.Sniffed is set). The originals do not wait for the program
+	// to read: on Linux, where the kernel's queue holds them until an
+	// ACCEPT, the handle accepts whatever it has not read within about
+	// 10-20 ms, and a full queue lets new packets pass; the copies stay
+	// for Recv until ParamQueueTime.
 	FlagSniff Flag = 0x01
 	// FlagDrop drops matching packets without queueing them; do not Recv.
 	FlagDrop Flag = 0x02

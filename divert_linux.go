@@ -150,6 +150,12 @@ type linuxBackend struct {
 	// recvCalls as the reaper last saw it, and when it saw it change
 	lastCalls uint64
 	lastCallT int64
+	// FlagSniff: the kernel's last id at the previous tick, and through
+	// which id the reaper accepted (sniffAll says it did)
+	sniffSeq     uint32
+	sniffSeen    bool
+	sniffThrough atomic.Uint32
+	sniffAll     atomic.Bool
 
 	stop chan struct{}
 	done chan struct{}
@@ -213,11 +219,13 @@ func (b *linuxBackend) start() {
 // queueConfig is the NFQUEUE configuration of a handle's queue.
 func queueConfig(cfg *openConfig) nfq.Config {
 	nc := nfq.Config{
-		Queue:    queueBase,
-		Auto:     cfg.port < 0,
-		MaxLen:   uint32(cfg.params[ParamQueueLength]),
-		RcvBuf:   int(cfg.params[ParamQueueSize]),
-		FailOpen: cfg.flags&FlagFailOpen != 0,
+		Queue:  queueBase,
+		Auto:   cfg.port < 0,
+		MaxLen: uint32(cfg.params[ParamQueueLength]),
+		RcvBuf: int(cfg.params[ParamQueueSize]),
+		// A sniffing handle's packets are copies: when its queue is full
+		// the originals go on, and only the copies are lost.
+		FailOpen: cfg.flags&(FlagFailOpen|FlagSniff) != 0,
 	}
 	if cfg.port >= 0 {
 		nc.Queue = uint16(cfg.port)
@@ -635,7 +643,9 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 		a.IfIdx = ifIdx
 		if b.flags&FlagSniff != 0 {
 			a.Sniffed = true
-			b.pendAdd(p.ID, pendAccept, 0, nil)
+			if !b.sniffAll.Load() || int32(p.ID-b.sniffThrough.Load()) > 0 {
+				b.pendAdd(p.ID, pendAccept, 0, nil) // else the reaper accepted it
+			}
 		} else {
 			a.sys.owner = b.serial
 			a.sys.id = p.ID
@@ -933,8 +943,39 @@ func (b *linuxBackend) reaper() {
 		}
 		b.flushLocked()
 		b.vmu.Unlock()
+		if b.flags&FlagSniff != 0 {
+			b.acceptSniffed()
+		}
 		b.drainUnread(now, qt)
 	}
+}
+
+// acceptSniffed lets the originals of sniffed packets go on without
+// waiting for a reader: every tick, one batch ACCEPT covers every packet
+// the kernel had queued by the previous tick, which a reader had a tick
+// to take itself. The packets stay in the socket, copies for Recv, until
+// drainUnread drops the ones left unread for ParamQueueTime. A sniffing
+// handle holds nothing (sniffed fragments go on too), so the batch cannot
+// release a held packet.
+func (b *linuxBackend) acceptSniffed() {
+	b.procMu.Lock()
+	ok := b.readKernelLocked()
+	seq, total := b.kstats.idSeq, b.kstats.total
+	b.procMu.Unlock()
+	if !ok {
+		return
+	}
+	prev, seen := b.sniffSeq, b.sniffSeen
+	b.sniffSeq, b.sniffSeen = seq, true
+	if !seen || total == 0 || (b.sniffAll.Load() && int32(prev-b.sniffThrough.Load()) <= 0) {
+		return // nothing queued, or nothing queued since the last batch
+	}
+	b.vmu.Lock()
+	b.vbuf = nfq.AppendVerdictBatch(b.vbuf, b.queue, prev, nfq.Accept)
+	b.flushLocked()
+	b.vmu.Unlock()
+	b.sniffThrough.Store(prev)
+	b.sniffAll.Store(true)
 }
 
 // drainUnread releases the packets left unread in the socket for at least
@@ -989,7 +1030,9 @@ func (b *linuxBackend) drainUnread(now, qt int64) {
 		b.noteID(p.ID)
 		expired++
 		if b.flags&FlagSniff != 0 {
-			b.acc = append(b.acc, p.ID)
+			if !b.sniffAll.Load() || int32(p.ID-b.sniffThrough.Load()) > 0 {
+				b.acc = append(b.acc, p.ID) // else acceptSniffed did
+			}
 		} else {
 			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, p.ID, nfq.Drop, nil)
 		}

@@ -317,6 +317,33 @@ func TestLinuxNoListenerAndQueueTime(t *testing.T) {
 	}
 }
 
+// TestLinuxSniffDoesNotHold: a sniffing handle takes copies, so traffic
+// it sees must not wait for its reader: with nobody reading and the
+// default queue time (seconds), pings still get their replies at once, and
+// a Recv afterwards still finds the copies.
+func TestLinuxSniffDoesNotHold(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dsn", 0)
+	h := openIn(t, l.B.NS, "icmp", LayerNetwork, 0, FlagSniff|FlagRecvOnly)
+	start := time.Now()
+	if n, err := l.A.NS.Ping(l.B.V4, 3, 500*time.Millisecond); err != nil || n != 3 {
+		t.Fatalf("%d of 3 replies, each waited for 500 ms, past an unread sniffing handle (%v)", n, err)
+	}
+	t.Logf("3 pings in %v", time.Since(start).Round(time.Millisecond))
+	buf := make([]byte, 200)
+	var a Address
+	h.SetReadDeadline(time.Now().Add(time.Second))
+	for i := range 6 { // 3 requests and 3 replies
+		if _, err := h.Recv(buf, &a); err != nil || !a.Sniffed {
+			t.Fatalf("Recv %d of the copies: %v (Sniffed %v)", i, err, a.Sniffed)
+		}
+	}
+	st, err := h.Stats()
+	if err != nil || st.Expired != 0 || st.Received != 6 {
+		t.Fatalf("Stats %+v, %v: want the 6 copies received, none expired", st, err)
+	}
+}
+
 func TestLinuxUnreadSniffPasses(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dun", 0)
