@@ -917,6 +917,9 @@ func (b *linuxBackend) reaper() {
 	for {
 		tick := time.Duration(b.queueTime.Load()) / 10
 		tick = min(max(tick, 10*time.Millisecond), 100*time.Millisecond)
+		if b.flags&FlagSniff != 0 {
+			tick = 10 * time.Millisecond // see acceptSniffed
+		}
 		select {
 		case <-b.stop:
 			return

@@ -326,8 +326,8 @@ func TestLinuxSniffDoesNotHold(t *testing.T) {
 	l := netnstest.Pair(t, "dsn", 0)
 	h := openIn(t, l.B.NS, "icmp", LayerNetwork, 0, FlagSniff|FlagRecvOnly)
 	start := time.Now()
-	if n, err := l.A.NS.Ping(l.B.V4, 3, 500*time.Millisecond); err != nil || n != 3 {
-		t.Fatalf("%d of 3 replies, each waited for 500 ms, past an unread sniffing handle (%v)", n, err)
+	if n, err := l.A.NS.Ping(l.B.V4, 3, 200*time.Millisecond); err != nil || n != 3 {
+		t.Fatalf("%d of 3 replies, each waited for 200 ms, past an unread sniffing handle (%v)", n, err)
 	}
 	t.Logf("3 pings in %v", time.Since(start).Round(time.Millisecond))
 	buf := make([]byte, 200)
