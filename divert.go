@@ -576,7 +576,10 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // or not, where it was taken (a handle never sees its own reinjected packets
 // again; lower-priority handles do). With a fresh Address it injects a new
 // packet: outbound when a.Outbound is set, else inbound as if received on
-// interface a.IfIdx. Checksums are sent as given; use CalcChecksums after
+// interface a.IfIdx. On Linux an inbound new packet is a raw send to its
+// destination, which must be one of the host's addresses: it enters the
+// stack through lo, so other handles see it as outbound loopback and
+// a.IfIdx is not used. Checksums are sent as given; use CalcChecksums after
 // changing a packet.
 func (h *Handle) Send(b []byte, a *Address) (int, error) {
 	if err := h.checkSend(); err != nil {
