@@ -648,7 +648,8 @@ func (h *Handle) Shutdown(how ShutdownHow) error {
 
 // Close closes the handle: its rules are removed, packets still queued are
 // reinjected (as WinDivert does), and blocked calls return net.ErrClosed.
-// Later calls return net.ErrClosed.
+// Later calls return net.ErrClosed. On FreeBSD a packet the program has
+// received is no longer queued: unless sent back first, it is gone.
 func (h *Handle) Close() error {
 	if h.closed.Swap(true) {
 		return errClosed

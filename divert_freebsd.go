@@ -46,6 +46,10 @@ package divert
 //   - Drop is a no-op: a received packet is gone unless written back.
 //   - Shutdown(ShutdownRecv) removes the rules, then Recv drains the socket
 //     and returns ErrShutdown.
+//   - Close removes the rules, then writes back unchanged the packets left
+//     unread in the socket (not for FlagSniff, whose packets are copies).
+//     A packet the program holds (received, not sent back) is lost, as
+//     with Drop.
 
 import (
 	"encoding/binary"
@@ -635,10 +639,37 @@ func (b *bsdBackend) shutdown(how ShutdownHow) error {
 
 func (b *bsdBackend) close() error {
 	err := b.removeRules()
+	if b.flags&FlagSniff == 0 {
+		b.reinjectUnread()
+	}
 	if cerr := b.f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("divert: close: %w", cerr)
 	}
 	return err
+}
+
+// reinjectUnread writes back, unchanged, the packets still unread in the
+// socket when the handle closes, as WinDivert reinjects a closing handle's
+// queue: each resumes after the rule that diverted it. The rules are gone
+// by then, so the socket gets nothing new; the loop is bounded anyway.
+// FlagSniff's tee rules queued copies, which are not written back.
+func (b *bsdBackend) reinjectUnread() {
+	s := b.getIO()
+	defer b.putIO(s)
+	if s.big == nil {
+		s.big = make([]byte, MTUMax)
+	}
+	s.block = false
+	for range 1 << 16 {
+		s.buf = s.big
+		if err := b.rc.Control(s.cfn); err != nil || s.errno != 0 || s.trunc {
+			return // EAGAIN: the socket is empty
+		}
+		s.buf = s.big[:s.n] // s.sa still holds the packet's divert address
+		if err := b.rc.Control(func(fd uintptr) { s.sendto(fd) }); err != nil {
+			return
+		}
+	}
 }
 
 func (b *bsdBackend) setParam(p Param, v uint64) error {
