@@ -141,9 +141,9 @@ type linuxBackend struct {
 	st linuxStats
 
 	// reaper state
-	procMu  sync.Mutex // guards procQ's reads and close, procBuf, kstats
-	procQ   *os.File   // /proc/net/netfilter/nfnetlink_queue of the namespace
-	procBuf [4096]byte
+	procMu  sync.Mutex       // guards procQ's reads and close, procBuf, kstats
+	procQ   *os.File         // /proc/net/netfilter/nfnetlink_queue of the namespace
+	procBuf []byte           // grows to hold the whole file (about 55 bytes a queue)
 	kstats  kernelQueueStats // the queue's line as last read
 	ckpt    [256]checkpoint
 	nckpt   int
@@ -1064,14 +1064,34 @@ func (b *linuxBackend) kernelSeq() (uint32, bool) {
 	return b.kstats.idSeq, true
 }
 
+// readWhole reads f from its start into buf, grown (doubled) until the
+// whole file fits, and returns the buffer and the file's length.
+func readWhole(f io.ReaderAt, buf []byte) ([]byte, int, error) {
+	if len(buf) == 0 {
+		buf = make([]byte, 4096)
+	}
+	for {
+		n, err := f.ReadAt(buf, 0)
+		if errors.Is(err, io.EOF) || (err == nil && n < len(buf)) {
+			return buf, n, nil
+		}
+		if err != nil {
+			return buf, 0, err
+		}
+		buf = make([]byte, 2*len(buf)) // full: there may be more
+	}
+}
+
 // readKernelLocked reads the queue's line of
 // /proc/net/netfilter/nfnetlink_queue into kstats. Called with procMu held.
 func (b *linuxBackend) readKernelLocked() bool {
 	if b.procQ == nil {
 		return false
 	}
-	n, err := b.procQ.ReadAt(b.procBuf[:], 0)
-	if err != nil && !errors.Is(err, io.EOF) {
+	var n int
+	var err error
+	b.procBuf, n, err = readWhole(b.procQ, b.procBuf)
+	if err != nil {
 		return false
 	}
 	ks, ok := parseNfqueueProc(b.procBuf[:n], b.queue)

@@ -21,6 +21,7 @@ import (
 
 	"github.com/netdivert/divert/filter"
 	"github.com/netdivert/divert/internal/netnstest"
+	"github.com/netdivert/divert/internal/nfq"
 	"github.com/netdivert/divert/internal/nftrules"
 )
 
@@ -1409,5 +1410,40 @@ func TestLinuxShutdownVsSetReadDeadline(t *testing.T) {
 			t.Fatalf("round %d: Recv after Shutdown: %v, want ErrShutdown", round, err)
 		}
 		h.Close()
+	}
+}
+
+// TestReadWholeProc: the reaper and Stats find their queue's line in
+// /proc/net/netfilter/nfnetlink_queue however many queues the namespace
+// has (about 55 bytes each: 100 queues pass 4 KiB).
+func TestReadWholeProc(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "drw")
+	const n = 100
+	var queues []uint16
+	for range n {
+		var c *nfq.Conn
+		if err := ns.Do(func() (err error) { c, err = nfq.Open(nfq.Config{Queue: queueBase, Auto: true}); return err }); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		queues = append(queues, c.Queue())
+	}
+	var f *os.File
+	if err := ns.Do(func() (err error) {
+		f, err = os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf, size, err := readWhole(f, nil)
+	if err != nil || size <= 4096 {
+		t.Fatalf("read %d bytes (%v); %d queues should take more than 4096", size, err, n)
+	}
+	for _, q := range queues {
+		if _, ok := parseNfqueueProc(buf[:size], q); !ok {
+			t.Fatalf("queue %d's line not found in the %d bytes read", q, size)
+		}
 	}
 }
