@@ -84,6 +84,7 @@ type Error struct {
 	Msg string // WinDivert's message
 }
 
+// Error formats the message with its position.
 func (e *Error) Error() string { return fmt.Sprintf("filter: %s at position %d", e.Msg, e.Pos) }
 
 // Errors from Eval. They are wrapped; test with errors.Is.
