@@ -612,7 +612,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 			b.pendAdd(p.ID, pendPass, 0, nil) // loopback is seen outbound only, as in WinDivert
 			continue
 		}
-		if b.userSide && b.filt != nil {
+		if b.filt != nil && (b.userSide || ipv6 && v6HasExt(p.Payload)) {
 			b.meta = filter.Meta{
 				Layer:     filter.Layer(b.layer),
 				Outbound:  outbound,
@@ -664,6 +664,22 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 
 // errKernelTruncated reports a packet longer than NFQUEUE hands over.
 var errKernelTruncated = fmt.Errorf("%w: the kernel's queue hands over at most %d bytes of a packet", ErrTruncated, nfq.MaxCopyRange)
+
+// v6HasExt reports whether pkt, an IPv6 packet, has an extension header
+// that WinDivert walks, or is too short to tell. Exact kernel rules still
+// send some such packets whatever the filter (nftrules' v6Unclear: where
+// the kernel and WinDivert find different transport headers), so the
+// filter decides on them in user space.
+func v6HasExt(pkt []byte) bool {
+	if len(pkt) < 40 {
+		return true
+	}
+	switch pkt[6] {
+	case 0, 43, 44, 51, 60, 135: // hop-by-hop, routing, fragment, AH, destination, mobility
+		return true
+	}
+	return false
+}
 
 // --- verdicts --------------------------------------------------------------
 

@@ -1447,3 +1447,50 @@ func TestReadWholeProc(t *testing.T) {
 		}
 	}
 }
+
+// TestLinuxV6UnclearHeaders: an IPv6 packet whose extension headers the
+// kernel walks otherwise than WinDivert (a Mobility header before UDP) is
+// received when the filter matches it the WinDivert way, and passed on
+// unseen when it does not, although the handle's rules are exact.
+func TestLinuxV6UnclearHeaders(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dvu", 0)
+	// FlagFragments: no user-space reassembly, which would check every
+	// packet with the filter anyway.
+	h := openIn(t, l.B.NS, "inbound and udp.DstPort == 5353", LayerNetwork, 0, FlagFragments)
+	if lb := h.b.(*linuxBackend); !lb.rules.Exact() || lb.userSide {
+		t.Fatal("the handle's rules are not exact; the test needs exact ones")
+	}
+	inj := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
+	mh := func(dport uint16) []byte {
+		p := make([]byte, 40+8+8+4)
+		binary.BigEndian.PutUint32(p, 6<<28)
+		binary.BigEndian.PutUint16(p[4:], uint16(len(p)-40))
+		p[6], p[7] = 135, 64 // Mobility header first
+		s, d := l.A.V6.As16(), l.B.V6.As16()
+		copy(p[8:], s[:])
+		copy(p[24:], d[:])
+		p[40] = 17 // then UDP
+		binary.BigEndian.PutUint16(p[48:], 40000)
+		binary.BigEndian.PutUint16(p[50:], dport)
+		binary.BigEndian.PutUint16(p[52:], 12)
+		copy(p[56:], "test")
+		return p
+	}
+	for _, dport := range []uint16{80, 5353} { // not matching, then matching
+		if _, err := inj.Send(mh(dport), &Address{Outbound: true, IPv6: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	buf := make([]byte, 200)
+	var a Address
+	h.SetReadDeadline(time.Now().Add(2 * time.Second))
+	n, err := h.Recv(buf, &a)
+	if err != nil || n != 60 || binary.BigEndian.Uint16(buf[50:]) != 5353 {
+		t.Fatalf("Recv: %d bytes, %v, % x; want the packet to port 5353", n, err, buf[:n])
+	}
+	st, err := h.Stats()
+	if err != nil || st.Passed != 1 {
+		t.Fatalf("Stats %+v, %v: want the packet to port 80 passed unseen", st, err)
+	}
+}

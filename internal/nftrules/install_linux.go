@@ -184,6 +184,23 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(fam, c.exprs,
 				[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}})})
 		}
+		if cfg.IPv6 && cfg.Action == ActionQueue && !(len(d) == 1 && len(d[0].exprs) == 0 && len(d[0].guards) == 0) {
+			// IPv6 packets whose headers the kernel walks otherwise than
+			// WinDivert go to user space, which decides (see v6Unclear).
+			// One rule in the base chain, which IPv4 leaves at once.
+			sub := r.conn.AddChain(&nftables.Chain{Name: h.String() + "_v6q", Table: t})
+			for _, sk := range skips {
+				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: sk})
+			}
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: action})
+			v6 := r.conn.AddChain(&nftables.Chain{Name: h.String() + "_v6", Table: t})
+			for _, u := range v6Unclear() {
+				r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(u,
+					[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}})})
+			}
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(isV6,
+				[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: v6.Name}})})
+		}
 	}
 	if err := r.conn.Flush(); err != nil {
 		return false, mapErr("add chains and rules to "+r.table, err)

@@ -130,6 +130,29 @@ var (
 	v6NotFrag = concat(isV6, []expr.Any{fragHdr(), cmp(expr.CmpOpEq, []byte{0})})
 )
 
+// v6Unclear matches (each rule evaluated for IPv6 packets only) the IPv6
+// packets whose extension headers the kernel
+// walks otherwise than WinDivert, so that its protocol and transport
+// header (meta l4proto, th) are not what the filter means:
+//   - a Mobility header (135), which WinDivert walks past and the kernel
+//     takes for the transport header;
+//   - a Fragment header after another one, where WinDivert stops and the
+//     kernel goes on.
+//
+// A queueing rule set selects them whatever the filter, and the backend
+// checks every IPv6 packet with extension headers with the filter in user
+// space. (A truncated extension header, which stops the kernel's walk, is
+// not covered: the kernel's IPv6 input drops such a packet anyway.)
+func v6Unclear() [][]expr.Any {
+	return [][]expr.Any{
+		l4(unix.IPPROTO_MH),
+		{
+			&expr.Exthdr{DestRegister: 1, Type: unix.IPPROTO_FRAGMENT, Offset: 0, Len: 1, Op: expr.ExthdrOpIpv6},
+			cmp(expr.CmpOpEq, []byte{unix.IPPROTO_FRAGMENT}),
+		},
+	}
+}
+
 func fragHdr() expr.Any {
 	return &expr.Exthdr{DestRegister: 1, Type: unix.IPPROTO_FRAGMENT, Offset: 0, Len: 1,
 		Flags: unix.NFT_EXTHDR_F_PRESENT, Op: expr.ExthdrOpIpv6}
