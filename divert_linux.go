@@ -1178,7 +1178,7 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 	}
 	b.shutRecv.Store(true)
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("divert: shutdown: %w", err)
+		return closedAs(err, "divert: shutdown: %w")
 	}
 	return nil
 }
@@ -1249,13 +1249,13 @@ func (b *linuxBackend) setParam(p Param, v uint64) error {
 			err := b.conn.SetMaxLen(uint32(v))
 			b.vmu.Unlock()
 			if err != nil {
-				return fmt.Errorf("divert: set queue length: %w", err)
+				return closedAs(err, "divert: set queue length: %w")
 			}
 		}
 	case ParamQueueSize:
 		if b.conn != nil {
 			if err := b.conn.SetReadBuffer(int(v)); err != nil {
-				return fmt.Errorf("divert: set queue size: %w", err)
+				return closedAs(err, "divert: set queue size: %w")
 			}
 		}
 	}
@@ -1271,7 +1271,20 @@ func (b *linuxBackend) setReadDeadline(t time.Time) error {
 	if b.shutRecv.Load() {
 		return nil // Recv no longer blocks
 	}
-	return b.conn.SetReadDeadline(t)
+	if err := b.conn.SetReadDeadline(t); err != nil {
+		return closedAs(err, "divert: set read deadline: %w")
+	}
+	return nil
+}
+
+// closedAs formats err with format, unless a concurrent Close caused it
+// (the queue socket reports os.ErrClosed): then it is the handle's
+// closed error, which wraps net.ErrClosed as documented.
+func closedAs(err error, format string) error {
+	if errors.Is(err, os.ErrClosed) {
+		return errClosed
+	}
+	return fmt.Errorf(format, err)
 }
 
 func (b *linuxBackend) version() (major, minor uint64) {

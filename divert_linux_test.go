@@ -1494,3 +1494,24 @@ func TestLinuxV6UnclearHeaders(t *testing.T) {
 		t.Fatalf("Stats %+v, %v: want the packet to port 80 passed unseen", st, err)
 	}
 }
+
+// TestLinuxClosedErrors: calls that race with Close report net.ErrClosed,
+// never the queue socket's os.ErrClosed. The backend is called past the
+// Handle's own closed check, as a call that checked just before Close is.
+func TestLinuxClosedErrors(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "dce")
+	h := openIn(t, ns, "udp.DstPort == 6203", LayerNetwork, 0, 0)
+	b := h.b.(*linuxBackend)
+	b.conn.Close() // the socket goes first, as in Close
+	for name, err := range map[string]error{
+		"SetReadDeadline":  b.setReadDeadline(time.Now()),
+		"ParamQueueLength": b.setParam(ParamQueueLength, 100),
+		"ParamQueueSize":   b.setParam(ParamQueueSize, 1<<20),
+		"Shutdown":         b.shutdown(ShutdownRecv),
+	} {
+		if !errors.Is(err, net.ErrClosed) {
+			t.Errorf("%s after the socket closed: %v, want net.ErrClosed", name, err)
+		}
+	}
+}
