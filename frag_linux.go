@@ -217,10 +217,15 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 	b.noteID(p.ID)
 	switch {
 	case rerr != nil:
-		// Refused: the kernel would drop it; what was held for the
-		// datagram is gone from the reassembler, so drop it too.
+		// Refused: the kernel would drop it. A packet refused as malformed
+		// (a bad header checksum or length, which the kernel drops alone,
+		// before its fragment queue) leaves the datagram's fragments held;
+		// any other refusal discarded the datagram in the reassembler, so
+		// its fragments go too.
 		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, p.ID, nfq.Drop, nil)
-		b.finishPending(k, nfq.Drop)
+		if !errors.Is(rerr, reassembly.ErrMalformed) {
+			b.finishPending(k, nfq.Drop)
+		}
 		return 0, true, false, nil
 	case !done:
 		pd := fs.pending[k]

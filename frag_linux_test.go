@@ -13,7 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/netdivert/divert/filter"
 	"github.com/netdivert/divert/internal/netnstest"
+	"github.com/netdivert/divert/internal/nfq"
+	"github.com/netdivert/divert/internal/packet"
 	"github.com/netdivert/divert/internal/reassembly"
 )
 
@@ -584,4 +587,55 @@ func FuzzFragParseKey(f *testing.F) {
 			t.Fatal("IPv4 non-fragment parsed as a fragment")
 		}
 	})
+}
+
+// fragV4 is an IPv4 UDP fragment 10.0.0.1 -> 10.0.0.2, id 0x1234, of n
+// data bytes at off, with a valid header checksum.
+func fragV4(off, n int, more bool) []byte {
+	p := make([]byte, 20+n)
+	p[0] = 0x45
+	binary.BigEndian.PutUint16(p[2:4], uint16(len(p)))
+	binary.BigEndian.PutUint16(p[4:6], 0x1234)
+	fo := uint16(off / 8)
+	if more {
+		fo |= 0x2000
+	}
+	binary.BigEndian.PutUint16(p[6:8], fo)
+	p[8], p[9] = 64, 17
+	copy(p[12:16], []byte{10, 0, 0, 1})
+	copy(p[16:20], []byte{10, 0, 0, 2})
+	binary.BigEndian.PutUint16(p[10:12], ^packet.Checksum(p[:20], 0))
+	for i := 20; i < len(p); i++ {
+		p[i] = byte(i)
+	}
+	return p
+}
+
+// TestFragMalformedKeepsHeld: a packet with a bad header checksum, keyed
+// like a held datagram's fragments, is dropped alone (as the kernel drops
+// it before its fragment queue): the datagram still completes, and its
+// fragments get their verdicts (here ACCEPT: the filter does not match).
+func TestFragMalformedKeepsHeld(t *testing.T) {
+	f, err := filter.Compile("tcp", filter.LayerNetworkForward)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newLinuxBackend(&openConfig{layer: LayerNetworkForward, filter: f})
+	b.userSide = true
+	b.frag = &fragState{reasm: reassembly.New(reassembly.Config{Timeout: time.Second}), pending: map[fragKey]*pendingDgram{}}
+	now := time.Now().UnixNano()
+	buf := make([]byte, MTUMax)
+	var a Address
+	bad := fragV4(8, 8, true)
+	bad[11] ^= 0xFF // bad header checksum
+	for i, pk := range [][]byte{fragV4(0, 16, true), bad, fragV4(16, 8, false)} {
+		b.reassemble(&nfq.Packet{ID: uint32(i + 1), Hook: nfq.HookPrerouting, Payload: pk}, buf, &a, now)
+	}
+	acc := map[uint32]bool{}
+	for _, id := range b.acc {
+		acc[id] = true
+	}
+	if !acc[1] || !acc[3] || acc[2] {
+		t.Fatalf("fragments accepted: %v, want ids 1 and 3 (2 dropped alone)", b.acc)
+	}
 }
