@@ -652,7 +652,13 @@ func (r *Reassembler) create(f *frag, now time.Time) int32 {
 	li := 0
 	if e.v6 {
 		timeout, li = r.timeout6, 1
-		e.area = len(f.hdr)
+		// The datagram takes the first fragment's per-fragment headers
+		// (RFC 8200 4.5): another fragment's, bigger maybe, must not
+		// size the area, which place grows when the first one comes.
+		e.area = 40
+		if f.off == 0 {
+			e.area = len(f.hdr)
+		}
 	} else {
 		e.area = 60
 	}

@@ -617,3 +617,42 @@ func TestDiscardedUntilTimeout(t *testing.T) {
 		t.Fatalf("%+v", s)
 	}
 }
+
+// TestV6AreaFromFirstFragment: the reassembled datagram takes the first
+// fragment's per-fragment headers (RFC 8200 4.5), so a bigger header on a
+// non-first fragment that arrives first must not count against the
+// datagram's size: here a 2 KiB Hop-by-Hop header on the second fragment
+// of a datagram of 65000 payload bytes, the most an IPv6 packet holds
+// being 65535.
+func TestV6AreaFromFirstFragment(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 7))
+	d := makeV6(rng, protoUDP, 65000, false, false, false)
+	// withHBH inserts an n-byte Hop-by-Hop header (Pad1 options) after
+	// the fixed header of the fragment f.
+	withHBH := func(f []byte, n int) []byte {
+		out := make([]byte, 0, len(f)+n)
+		out = append(out, f[:40]...)
+		hbh := make([]byte, n)
+		hbh[0], hbh[1] = f[6], byte(n/8-1)
+		out = append(append(out, hbh...), f[40:]...)
+		out[6] = 0
+		binary.BigEndian.PutUint16(out[4:6], uint16(len(out)-40))
+		return out
+	}
+	frags := [][]byte{
+		withHBH(piece(d, 8, 16, true), 2048), // arrives first
+		piece(d, 0, 8, true),
+		piece(d, 16, 64000, true),
+		piece(d, 64000, 65000, false),
+	}
+	r := New(Config{})
+	for i, f := range frags {
+		got, done, err := r.Add(nil, f, t0)
+		if err != nil {
+			t.Fatalf("fragment %d: %v", i, err)
+		}
+		if i == len(frags)-1 && (!done || len(got) != 40+65000) {
+			t.Fatalf("done %v, %d bytes; want the 40+65000-byte datagram", done, len(got))
+		}
+	}
+}
