@@ -185,12 +185,14 @@ func (e *emulator) handle(pkt []byte, addr *divert.Address, now time.Time) error
 	}
 
 	e.mu.Lock()
+	// A packet dropped below takes no share of the rate: the bucket is
+	// charged only for packets that are sent or held.
+	bucket := e.rate
 	due := e.rate.depart(now.Add(d), len(pkt))
-	if due.After(now.Add(d)) {
-		e.cnt.rateLimited.Add(1)
-	}
+	limited := due.After(now.Add(d))
 	if due.Sub(now) > time.Duration(c.queueTime())*time.Millisecond-queueMargin {
 		// The rate limit would hold it past the queue time: a full queue.
+		e.rate = bucket
 		e.mu.Unlock()
 		e.cnt.queueDrops.Add(1)
 		return e.h.Drop(addr)
@@ -204,9 +206,13 @@ func (e *emulator) handle(pkt []byte, addr *divert.Address, now time.Time) error
 		}
 		e.mu.Lock()
 	} else if !e.hold(pkt, addr, false, now, due) {
+		e.rate = bucket
 		e.mu.Unlock()
 		e.cnt.queueDrops.Add(1)
 		return e.h.Drop(addr)
+	}
+	if limited {
+		e.cnt.rateLimited.Add(1)
 	}
 	for range dups {
 		if e.hold(pkt, addr, true, now, due) {

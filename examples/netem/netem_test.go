@@ -224,3 +224,42 @@ func TestParseFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestRateDropsTakeNoShare: under sustained overload the packets the
+// queue drops must not be charged to the rate limit; if they were, its
+// next departure would run ever further ahead and, past the queue time,
+// every later packet would be dropped too. A pipe handle plays the
+// network.
+func TestRateDropsTakeNoShare(t *testing.T) {
+	h, _, err := divert.NewPipe("true", divert.LayerNetwork, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	c, err := parseFlags([]string{"-rate", "8kbit", "-queue", "4", "-seed", "1"}) // 1000 B/s
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEmulator(c, h)
+	pkt := make([]byte, 100)
+	pkt[0] = 0x45
+	t0 := time.Now()
+	for range 1000 { // 100 s of traffic at the rate, offered at once
+		addr := divert.Address{Outbound: true}
+		if err := e.handle(pkt, &addr, t0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if e.cnt.queueDrops.Load() == 0 {
+		t.Fatal("no packet was dropped: the test needs overload")
+	}
+	e.flush()
+	drops := e.cnt.queueDrops.Load()
+	addr := divert.Address{Outbound: true}
+	if err := e.handle(pkt, &addr, t0.Add(30*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if e.cnt.queueDrops.Load() != drops {
+		t.Fatal("a packet 30 s after the burst was dropped: the burst's dropped packets were charged to the rate")
+	}
+}
