@@ -19,6 +19,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -98,24 +99,88 @@ func run(ctx context.Context, c *config) error {
 		defer stopStatus()
 	}
 
+	fw := &flushingWriter{pw: pw}
+	stopFlush := fw.flushEvery(time.Second)
 	loopDone := exutil.StopOnDone(ctx, h, 2*time.Second)
-	err = capture(ctx, h, c, pw, &packets, &bytes)
+	err = capture(ctx, h, c, fw, &packets, &bytes)
 	loopDone()
-	if ferr := pw.Flush(); err == nil {
+	stopFlush()
+	if ferr := fw.flush(); err == nil {
 		err = ferr
 	}
 	if err == nil && c.out != "-" {
 		fmt.Fprintf(os.Stderr, "%s: %d packets written to %s\n", prog, packets.Load(), c.out)
 	}
+	if st, serr := h.Stats(); serr == nil && st.Expired+st.Overflows+st.KernelQueueDropped+st.KernelUserDropped > 0 {
+		fmt.Fprintf(os.Stderr, "%s: copies lost: %d expired unread, %d receive buffer overflows, %d dropped by the kernel's queue\n",
+			prog, st.Expired, st.Overflows, st.KernelQueueDropped+st.KernelUserDropped)
+	}
 	return err
 }
 
+// flushingWriter is the pcapng writer shared by the capture loop and a
+// once-a-second flush, so that a reader of the file (tshark -r -, or a
+// capture killed) sees what came, also when traffic stops.
+type flushingWriter struct {
+	mu   sync.Mutex
+	pw   *pcapngWriter
+	ferr error // the first error of a periodic flush
+}
+
+// flushEvery flushes every d until the returned function is called.
+func (fw *flushingWriter) flushEvery(d time.Duration) (stop func()) {
+	done := make(chan struct{})
+	exited := make(chan struct{})
+	go func() {
+		defer close(exited)
+		t := time.NewTicker(d)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				if err := fw.flush(); err != nil {
+					fw.mu.Lock()
+					if fw.ferr == nil {
+						fw.ferr = err
+					}
+					fw.mu.Unlock()
+				}
+			}
+		}
+	}()
+	return func() { close(done); <-exited }
+}
+
+func (fw *flushingWriter) flush() error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	return fw.pw.Flush()
+}
+
+// write writes one packet, adding its interface first if it is new.
+func (fw *flushingWriter) write(addr *divert.Address, pkt []byte) error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	if fw.ferr != nil {
+		return fw.ferr
+	}
+	id, ok := fw.pw.ifaces[addr.IfIdx]
+	if !ok {
+		var err error
+		if id, err = fw.pw.AddInterface(addr.IfIdx, ifaceName(addr.IfIdx), ifaceDesc(addr.IfIdx)); err != nil {
+			return err
+		}
+	}
+	return fw.pw.WritePacket(id, exutil.PacketTime(addr), pkt, addr.Outbound)
+}
+
 // capture receives copies until ctx is done or c.count packets were
-// written. The file is flushed at least once a second.
-func capture(ctx context.Context, h *divert.Handle, c *config, pw *pcapngWriter, packets, bytes *atomic.Uint64) error {
+// written.
+func capture(ctx context.Context, h *divert.Handle, c *config, fw *flushingWriter, packets, bytes *atomic.Uint64) error {
 	buf := make([]byte, divert.MTUMax)
 	var addr divert.Address
-	lastFlush := time.Now()
 	for c.count == 0 || packets.Load() < c.count {
 		n, err := h.Recv(buf, &addr)
 		if err != nil && !errors.Is(err, divert.ErrTruncated) {
@@ -124,27 +189,17 @@ func capture(ctx context.Context, h *divert.Handle, c *config, pw *pcapngWriter,
 			}
 			return fmt.Errorf("receive: %w", err)
 		}
-		id, err := pw.AddInterface(addr.IfIdx, ifaceName(addr.IfIdx), ifaceDesc(addr.IfIdx))
-		if err != nil {
-			return err
-		}
-		if err := pw.WritePacket(id, exutil.PacketTime(&addr), buf[:n], addr.Outbound); err != nil {
+		if err := fw.write(&addr, buf[:n]); err != nil {
 			return err
 		}
 		packets.Add(1)
 		bytes.Add(uint64(n))
-		if now := time.Now(); now.Sub(lastFlush) >= time.Second {
-			if err := pw.Flush(); err != nil {
-				return err
-			}
-			lastFlush = now
-		}
 	}
 	return nil
 }
 
 // ifaceName names the interface with index idx, as the system does where
-// it can; called once per interface.
+// it can (a netlink request): called once per interface.
 func ifaceName(idx uint32) string {
 	if idx == 0 {
 		return "unknown"

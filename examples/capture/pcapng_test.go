@@ -5,12 +5,15 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/gopacket/gopacket/pcapgo"
+
+	"github.com/netdivert/divert"
 )
 
 // testPackets are an IPv4 UDP datagram (inbound) and an IPv6 ICMPv6 echo
@@ -191,5 +194,48 @@ func BenchmarkPcapngWritePacket(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		pw.WritePacket(id, now, pkt, false)
+	}
+}
+
+// lockedBuffer is a bytes.Buffer safe to read while a flush writes it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) Len() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Len()
+}
+
+// TestFlushWhenIdle: a packet written reaches the file within the flush
+// period although no other packet follows it.
+func TestFlushWhenIdle(t *testing.T) {
+	var out lockedBuffer
+	pw, err := newPcapngWriter(&out, 0, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw := &flushingWriter{pw: pw}
+	stop := fw.flushEvery(50 * time.Millisecond)
+	defer stop()
+	before := out.Len()
+	addr := divert.Address{IfIdx: 1}
+	if err := fw.write(&addr, make([]byte, 60)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for out.Len() == before {
+		if time.Now().After(deadline) {
+			t.Fatal("the packet was not flushed within 2 s of idle time")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
