@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -29,9 +28,6 @@ const (
 // every datagram delivered. It removes the namespaces (and with them the
 // handle's rules) before returning.
 func runDemo(ctx context.Context, c *config, out io.Writer) error {
-	if c.port >= 0 || c.drop || c.sniff {
-		return errors.New("-demo takes no -port, -drop or -sniff")
-	}
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("-demo creates network namespaces: %w", os.ErrPermission)
 	}

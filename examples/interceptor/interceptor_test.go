@@ -198,7 +198,8 @@ func TestNoPrivileges(t *testing.T) {
 }
 
 func TestFlags(t *testing.T) {
-	for _, bad := range [][]string{{"-sniff", "-drop"}, {"-priority", "30001"}, {"-layer", "flow"}, {"-port", "70000"}, {"x"}} {
+	for _, bad := range [][]string{{"-sniff", "-drop"}, {"-priority", "30001"}, {"-layer", "flow"}, {"-port", "70000"}, {"x"},
+		{"-demo", "-count", "3"}, {"-demo", "-sniff"}, {"-demo", "-port", "5"}} {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("parseFlags(%q) accepted", bad)
 		}

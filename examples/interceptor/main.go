@@ -65,6 +65,11 @@ func parseFlags(args []string) (*config, error) {
 	if c.port > 0xffff {
 		return nil, fmt.Errorf("-port %d outside 0..65535", c.port)
 	}
+	// The demo checks that every packet of its traffic was seen once and
+	// reinjected: a count would stop it half way with its traffic held.
+	if c.demo && (c.port >= 0 || c.drop || c.sniff || c.count > 0) {
+		return nil, errors.New("-demo takes no -port, -drop, -sniff or -count")
+	}
 	return c, nil
 }
 
