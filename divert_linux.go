@@ -1243,6 +1243,11 @@ func (b *linuxBackend) setParam(p Param, v uint64) error {
 	switch p {
 	case ParamQueueTime:
 		b.queueTime.Store(int64(v) * int64(time.Millisecond))
+		if b.frag != nil {
+			// The reassembler gives up on a datagram when the queue
+			// would drop its fragments.
+			b.frag.reasm.SetTimeout(time.Duration(v) * time.Millisecond)
+		}
 	case ParamQueueLength:
 		if b.conn != nil {
 			b.vmu.Lock()

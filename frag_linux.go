@@ -75,10 +75,12 @@ import (
 //
 // For every user-space reassembly: Drop of a reassembled datagram has
 // nothing left to release; fragments whose datagram does not complete
-// within ParamQueueTime (its value at Open for the reassembler, its current
-// value for the queue) are dropped; malformed, overlapping or otherwise
-// refused fragments are dropped at once, with the fragments held for the
-// same datagram (the kernel's reassembly would refuse them too).
+// within ParamQueueTime (its value when the datagram's first fragment came)
+// are dropped; a malformed packet (a bad IPv4 header checksum or length)
+// is dropped alone, as the kernel drops it before its fragment queue;
+// overlapping or otherwise refused fragments are dropped at once, with the
+// fragments held for the same datagram (the kernel's reassembly would
+// refuse them too).
 
 // fragKey identifies a datagram the way internal/reassembly keys it.
 type fragKey struct {

@@ -280,6 +280,18 @@ type Reassembler struct {
 	tailOff int
 }
 
+// SetTimeout sets how long a datagram may take to complete, for both
+// families, from its first fragment on; datagrams begun before keep the
+// timeout they began with. A d of 0 or less leaves it unchanged.
+func (r *Reassembler) SetTimeout(d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	r.mu.Lock()
+	r.timeout4, r.timeout6 = d, d
+	r.mu.Unlock()
+}
+
 // New returns a Reassembler bounded by cfg.
 func New(cfg Config) *Reassembler {
 	r := &Reassembler{

@@ -656,3 +656,20 @@ func TestV6AreaFromFirstFragment(t *testing.T) {
 		}
 	}
 }
+
+// TestSetTimeout: a new timeout applies to the datagrams begun after it.
+func TestSetTimeout(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 3))
+	d := makeV4(rng, protoUDP, 64, false)
+	r := New(Config{Timeout: time.Hour})
+	r.SetTimeout(time.Second)
+	if _, _, err := r.Add(nil, piece(d, 0, 32, true), t0); err != nil {
+		t.Fatal(err)
+	}
+	// Two seconds on, the datagram has expired: its last fragment alone
+	// does not complete it.
+	got, done, err := r.Add(nil, piece(d, 32, 64, false), t0.Add(2*time.Second))
+	if err != nil || done {
+		t.Fatalf("after the new timeout: done %v (%d bytes), %v; want the datagram expired", done, len(got), err)
+	}
+}
