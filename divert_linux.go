@@ -75,6 +75,7 @@ const (
 	pendHold uint8 = iota
 	pendAccept
 	pendPass
+	pendSeen // only note the id: the packet has its verdict already
 )
 
 // sysAddr is the Linux backend's reference to a queued packet.
@@ -136,6 +137,7 @@ type linuxBackend struct {
 	track   *nfq.Tracker
 	lastID  uint32
 	seenAny bool
+	gaps    uint64 // packets missing from the id sequence (see noteID)
 	passed  uint64 // Stats.Passed
 
 	st linuxStats
@@ -545,6 +547,8 @@ func (b *linuxBackend) applyPendingLocked() {
 		case pendPass:
 			b.passed++
 			b.acceptLocked(e.id)
+		case pendSeen:
+			b.noteID(e.id)
 		default:
 			b.acceptLocked(e.id)
 		}
@@ -644,7 +648,9 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 		if b.flags&FlagSniff != 0 {
 			a.Sniffed = true
 			if !b.sniffAll.Load() || int32(p.ID-b.sniffThrough.Load()) > 0 {
-				b.pendAdd(p.ID, pendAccept, 0, nil) // else the reaper accepted it
+				b.pendAdd(p.ID, pendAccept, 0, nil)
+			} else {
+				b.pendAdd(p.ID, pendSeen, 0, nil) // the reaper accepted it
 			}
 		} else {
 			a.sys.owner = b.serial
@@ -683,8 +689,15 @@ func v6HasExt(pkt []byte) bool {
 
 // --- verdicts --------------------------------------------------------------
 
+// noteID notes the id of a packet read from the queue, in arrival order.
+// The kernel numbers the packets it queues one by one, so a gap is packets
+// it could not put in the receive buffer (Stats.Overflows). Called with
+// vmu held.
 func (b *linuxBackend) noteID(id uint32) {
 	if !b.seenAny || int32(id-b.lastID) > 0 {
+		if b.seenAny {
+			b.gaps += uint64(id - b.lastID - 1)
+		}
 		b.lastID, b.seenAny = id, true
 	}
 }
@@ -1134,9 +1147,10 @@ func (b *linuxBackend) stats() (Stats, error) {
 	}
 	b.vmu.Lock()
 	s.Passed = b.passed
+	s.Overflows = b.gaps
 	b.vmu.Unlock()
 	if b.conn != nil {
-		s.Overflows = b.conn.Stats().ENOBUFS
+		s.Overflows += b.conn.Stats().ENOBUFS
 	}
 	b.procMu.Lock()
 	b.readKernelLocked() // the last values stay when the queue is gone

@@ -33,10 +33,11 @@ type Stats struct {
 	// and on Linux loopback packets seen on the input hook (WinDivert
 	// shows loopback outbound only).
 	Passed uint64
-	// Overflows is the number of times the receive buffer overflowed
-	// (Linux: ENOBUFS reported to the netlink socket; each loses one or
-	// more packets the kernel had queued). For a Pipe: packets dropped
-	// because the queue was full.
+	// Overflows counts the packets lost to a full receive buffer (Linux:
+	// the packets missing from the queue's id sequence among those read,
+	// which the kernel could not put in the socket; they were dropped, or
+	// went on uncopied with FlagSniff or FlagFailOpen). For a Pipe: packets
+	// dropped because the queue was full.
 	Overflows uint64
 	// KernelQueueDropped is the kernel's count of packets dropped because
 	// the queue was full (Linux: queue_dropped in

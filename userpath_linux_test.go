@@ -277,3 +277,26 @@ func BenchmarkLinuxConnPath(b *testing.B) {
 		})
 	}
 }
+
+// TestOverflowsFromIDGaps: the kernel numbers the packets it queues one by
+// one, so ids missing between those read are packets it could not put in
+// the receive buffer: Stats.Overflows counts them.
+func TestOverflowsFromIDGaps(t *testing.T) {
+	kp := newKernelPair(t, 1, udp64(t))
+	buf := make([]byte, MTUMax)
+	var a Address
+	for _, skip := range []uint32{0, 3, 0, 2} {
+		kp.next += skip
+		kp.queue(t, 1)
+		n, err := kp.h.Recv(buf, &a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := kp.h.Send(buf[:n], &a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s, err := kp.h.Stats(); err != nil || s.Overflows != 5 || s.Received != 4 {
+		t.Fatalf("Stats %+v, %v: want 5 overflows (ids 2-4 and 7-8 missing), 4 received", s, err)
+	}
+}

@@ -112,7 +112,7 @@ func run(ctx context.Context, c *config) error {
 		fmt.Fprintf(os.Stderr, "%s: %d packets written to %s\n", prog, packets.Load(), c.out)
 	}
 	if st, serr := h.Stats(); serr == nil && st.Expired+st.Overflows+st.KernelQueueDropped+st.KernelUserDropped > 0 {
-		fmt.Fprintf(os.Stderr, "%s: copies lost: %d expired unread, %d receive buffer overflows, %d dropped by the kernel's queue\n",
+		fmt.Fprintf(os.Stderr, "%s: copies lost: %d expired unread, %d to a full receive buffer, %d dropped by the kernel's queue\n",
 			prog, st.Expired, st.Overflows, st.KernelQueueDropped+st.KernelUserDropped)
 	}
 	return err
