@@ -108,7 +108,10 @@ type Config struct {
 // Gosched there would wake another thread and move the reader to it
 // (measured: 25% more CPU). A signal (preemption, GC) interrupts a hot
 // wait. What becomes runnable during one waits for its end, at most
-// hotWait, when no other P is free.
+// hotWait, when no other P is free. So hot waits never hold every P: with
+// more Conns reading than Ps less one (several handles, OpenQueues), the
+// others wait cold (see takeHot); otherwise a goroutine that the next
+// packet depends on could wait hotWait for every packet.
 // The verdict write and the non-blocking reads never block and are raw
 // syscalls too.
 //
@@ -150,6 +153,7 @@ type Conn struct {
 	single   bool         // the next blocking read takes one datagram (see readInto)
 	singles  int          // blocking reads since single mode began
 	hot      bool         // SO_RCVTIMEO is hotWait and waits are raw syscalls
+	holdsHot atomic.Bool  // c holds one of the process's hot slots (takeHot)
 	wantHot  bool         // what the next blocking read should be
 	soloP    bool         // GOMAXPROCS was 1 when the reader last turned hot
 	yieldT   int64        // rtime of the read after the last yield before a hot wait
@@ -437,7 +441,9 @@ func (c *Conn) read(fd uintptr) {
 			c.emptyRds.Add(1)
 		}
 	} else {
-		if c.hot != c.wantHot {
+		// Turning hot takes one of the process's hot slots (see takeHot);
+		// without one the wait stays cold.
+		if c.hot != c.wantHot && (!c.wantHot || c.takeHot()) {
 			d := maxWait
 			if c.wantHot {
 				d = hotWait
@@ -446,7 +452,11 @@ func (c *Conn) read(fd uintptr) {
 			if unix.SetsockoptTimeval(int(fd), unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) == nil {
 				c.hot = c.wantHot
 				c.soloP = runtime.GOMAXPROCS(0) == 1
+				if !c.hot {
+					c.releaseHot()
+				}
 			} else {
+				c.releaseHot()
 				c.hot, c.wantHot = false, false
 			}
 		}
@@ -459,6 +469,36 @@ func (c *Conn) read(fd uintptr) {
 		}
 	}
 	c.rn, c.rerr = int(n), e
+}
+
+// hotConns counts the Conns of the process whose blocking reads are hot:
+// each keeps a P while it waits (see Conn).
+var hotConns atomic.Int32
+
+// takeHot reserves a hot slot for c. Hot waits may hold every P but one,
+// which stays for the goroutines the packets wake (a worker, the reader
+// of a lower-priority handle, the rest of the program); with GOMAXPROCS 1
+// a single Conn may wait hot, yielding before its waits. Without a slot c
+// waits cold: the runtime takes its P back during the wait.
+func (c *Conn) takeHot() bool {
+	procs := int32(runtime.GOMAXPROCS(0))
+	for {
+		n := hotConns.Load()
+		if n+1 >= procs && !(n == 0 && procs == 1) {
+			return false
+		}
+		if hotConns.CompareAndSwap(n, n+1) {
+			c.holdsHot.Store(true)
+			return true
+		}
+	}
+}
+
+// releaseHot gives back c's hot slot, if it holds one.
+func (c *Conn) releaseHot() {
+	if c.holdsHot.CompareAndSwap(true, false) {
+		hotConns.Add(-1)
+	}
 }
 
 // wakeMsg asks the kernel to acknowledge a no-op: the answer wakes a
@@ -896,6 +936,7 @@ func (c *Conn) Stats() Stats {
 // error wrapping os.ErrClosed.
 func (c *Conn) Close() error {
 	c.closed.Store(true)
+	c.releaseHot()
 	c.dmu.Lock()
 	if c.dtimer != nil {
 		c.dtimer.Stop()

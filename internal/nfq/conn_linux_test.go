@@ -833,3 +833,32 @@ func testHandOff(t *testing.T, procs int) {
 		t.Fatalf("the worker ran %v (p90) after the reader handed it a packet: the hot wait kept it from the P", p90)
 	}
 }
+
+// TestHotSlots: hot waits leave at least one P free; with one P a single
+// Conn may wait hot. Slots go back when a Conn turns cold or closes.
+func TestHotSlots(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
+	if hotConns.Load() != 0 {
+		t.Fatalf("%d hot slots taken before the test", hotConns.Load())
+	}
+	var a, b, c Conn
+	runtime.GOMAXPROCS(1)
+	if !a.takeHot() || b.takeHot() {
+		t.Fatal("GOMAXPROCS 1: want exactly one hot Conn")
+	}
+	a.releaseHot()
+	a.releaseHot() // twice: no effect
+	runtime.GOMAXPROCS(3)
+	if !a.takeHot() || !b.takeHot() || c.takeHot() {
+		t.Fatal("GOMAXPROCS 3: want exactly two hot Conns")
+	}
+	b.releaseHot()
+	if !c.takeHot() {
+		t.Fatal("a released slot was not free again")
+	}
+	a.releaseHot()
+	c.releaseHot()
+	if hotConns.Load() != 0 {
+		t.Fatalf("%d hot slots left taken", hotConns.Load())
+	}
+}
