@@ -447,13 +447,31 @@ func TestQueuesFragments(t *testing.T) {
 // source addresses as fast as they can. One op is one packet reinjected.
 // Generator and consumers share the machine's cores. Run with a count, e.g.
 // -benchtime=300000x.
+//
+// In the work=10us cases each consumer also spends 10 µs of CPU per packet,
+// as a program that inspects or rewrites packets does: the consumers are
+// then the bottleneck, and n handles can use n cores. Without that work,
+// on a 2-core machine the generator and the kernel's path take as much CPU
+// as the consumer, so a second queue has no idle core to use.
 func BenchmarkQueues(b *testing.B) {
-	for _, n := range []int{1, 2} {
-		b.Run(fmt.Sprintf("n=%d", n), func(b *testing.B) { benchQueues(b, n) })
+	for _, work := range []time.Duration{0, 10 * time.Microsecond} {
+		for _, n := range []int{1, 2} {
+			name := fmt.Sprintf("n=%d", n)
+			if work > 0 {
+				name = fmt.Sprintf("work=%dus/n=%d", work.Microseconds(), n)
+			}
+			b.Run(name, func(b *testing.B) { benchQueues(b, n, work) })
+		}
 	}
 }
 
-func benchQueues(b *testing.B, n int) {
+// spin keeps the CPU busy for d.
+func spin(d time.Duration) {
+	for t0 := time.Now(); time.Since(t0) < d; {
+	}
+}
+
+func benchQueues(b *testing.B, n int, work time.Duration) {
 	netnstest.RequireRoot(b)
 	l := netnstest.Pair(b, "qbn", 0)
 	dst := netip.AddrPortFrom(l.B.V4, 7300)
@@ -487,6 +505,9 @@ func benchQueues(b *testing.B, n int) {
 				k, err := h.RecvBatch(ms)
 				if err != nil {
 					return // closed
+				}
+				if work > 0 {
+					spin(time.Duration(k) * work)
 				}
 				if _, err := h.SendBatch(ms[:k]); err != nil {
 					if errors.Is(err, net.ErrClosed) {
