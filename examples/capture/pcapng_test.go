@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
-	"sync"
 	"testing"
 	"time"
 
@@ -14,6 +13,7 @@ import (
 	"github.com/gopacket/gopacket/pcapgo"
 
 	"github.com/netdivert/divert"
+	"github.com/netdivert/divert/examples/internal/extest"
 )
 
 // testPackets are an IPv4 UDP datagram (inbound) and an IPv6 ICMPv6 echo
@@ -197,28 +197,10 @@ func BenchmarkPcapngWritePacket(b *testing.B) {
 	}
 }
 
-// lockedBuffer is a bytes.Buffer safe to read while a flush writes it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) Len() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Len()
-}
-
 // TestFlushWhenIdle: a packet written reaches the file within the flush
 // period although no other packet follows it.
 func TestFlushWhenIdle(t *testing.T) {
-	var out lockedBuffer
+	var out extest.SyncBuffer
 	pw, err := newPcapngWriter(&out, 0, "test")
 	if err != nil {
 		t.Fatal(err)
@@ -226,13 +208,13 @@ func TestFlushWhenIdle(t *testing.T) {
 	fw := &flushingWriter{pw: pw}
 	stop := fw.flushEvery(50 * time.Millisecond)
 	defer stop()
-	before := out.Len()
+	before := len(out.String())
 	addr := divert.Address{IfIdx: 1}
 	if err := fw.write(&addr, make([]byte, 60)); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(2 * time.Second)
-	for out.Len() == before {
+	for len(out.String()) == before {
 		if time.Now().After(deadline) {
 			t.Fatal("the packet was not flushed within 2 s of idle time")
 		}
