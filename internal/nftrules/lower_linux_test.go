@@ -509,14 +509,8 @@ func TestLowerV6Unclear(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var r *Ruleset
-		if err := b.ns.Do(func() (err error) {
-			r, err = Install(Config{Hooks: []Hook{HookPrerouting}, IPv4: true, IPv6: true, Lowered: f.Lower(),
-				Action: ActionQueue, QueueNum: 4711, QueueCount: 1})
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
+		r := install(t, b.ns, Config{Hooks: []Hook{HookPrerouting}, IPv4: true, IPv6: true, Lowered: f.Lower(),
+			Action: ActionQueue, QueueNum: 4711, QueueCount: 1})
 		for _, p := range pkts {
 			m := &filter.Meta{Layer: filter.LayerNetwork, Loopback: true, IfIdx: 1, IPv6: true}
 			if f.Match(p.b, m) && b.passes(t, p.b) {

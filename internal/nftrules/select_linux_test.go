@@ -61,13 +61,7 @@ func TestDestSelectDelivered(t *testing.T) {
 	uc := ipv4(v4opts{proto: 17, ttl: 64, src: remote4, dst: local4}, udp(5353, 9, []byte("x")))
 	bc := ipv4(v4opts{proto: 17, ttl: 64, src: remote4, dst: netip.MustParseAddr("255.255.255.255")}, udp(5353, 9, []byte("x")))
 	for _, dest := range []DestSelect{DestLocal, DestRemote} {
-		var r *Ruleset
-		if err := b.ns.Do(func() (err error) {
-			r, err = Install(Config{Hooks: []Hook{HookPrerouting}, IPv4: true, IPv6: true, Dest: dest, Action: ActionDrop})
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
+		r := install(t, b.ns, Config{Hooks: []Hook{HookPrerouting}, IPv4: true, IPv6: true, Dest: dest, Action: ActionDrop})
 		for _, p := range []struct {
 			name string
 			pkt  []byte
