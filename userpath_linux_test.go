@@ -204,36 +204,21 @@ func TestSendChangedTooBig(t *testing.T) {
 // user-space path. Batches of 1 are the idle case, of 3 about what the
 // bench's flood gives.
 func BenchmarkLinuxUserPath(b *testing.B) {
-	for _, k := range []int{1, 3, 8} {
-		b.Run(fmt.Sprintf("batch=%d", k), func(b *testing.B) {
-			kp := newKernelPair(b, k, udp64(b))
-			ms := make([]Message, 64)
-			for i := range ms {
-				ms[i].Buf = make([]byte, MTUMax)
+	benchKernelPair(b, func(b *testing.B, kp *kernelPair, k int) func() {
+		ms := make([]Message, 64)
+		for i := range ms {
+			ms[i].Buf = make([]byte, MTUMax)
+		}
+		return func() {
+			n, err := kp.h.RecvBatch(ms)
+			if err != nil || n != k {
+				b.Fatalf("RecvBatch: %d, %v; want %d", n, err, k)
 			}
-			pending := 0
-			b.ReportAllocs()
-			for b.Loop() {
-				kp.queue(b, k)
-				n, err := kp.h.RecvBatch(ms)
-				if err != nil || n != k {
-					b.Fatalf("RecvBatch: %d, %v; want %d", n, err, k)
-				}
-				if sent, err := kp.h.SendBatch(ms[:n]); sent != n || err != nil {
-					b.Fatalf("SendBatch: %d, %v", sent, err)
-				}
-				// One verdict per batch: read them 32 at a time, well
-				// within the socket's buffer.
-				if pending++; pending == 32 {
-					if got := kp.drain(); got != pending {
-						b.Fatalf("%d verdict messages for %d batches", got, pending)
-					}
-					pending = 0
-				}
+			if sent, err := kp.h.SendBatch(ms[:n]); sent != n || err != nil {
+				b.Fatalf("SendBatch: %d, %v", sent, err)
 			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*k), "ns/pkt")
-		})
-	}
+		}
+	})
 }
 
 // BenchmarkLinuxConnPath is BenchmarkLinuxUserPath's floor: the same
@@ -243,29 +228,43 @@ func BenchmarkLinuxUserPath(b *testing.B) {
 // the two is what the Handle adds per batch (the copies, the Addresses,
 // the verdict tracking and the change detection).
 func BenchmarkLinuxConnPath(b *testing.B) {
+	benchKernelPair(b, func(b *testing.B, kp *kernelPair, k int) func() {
+		c := kp.h.b.(*linuxBackend).conn
+		var p nfq.Packet
+		msg := make([]byte, 0, 64)
+		return func() {
+			got := 0
+			for err := c.Next(&p, true); err == nil; err = c.Next(&p, false) {
+				if got++; !c.Buffered() {
+					break
+				}
+			}
+			if got != k {
+				b.Fatalf("read %d packets, want %d", got, k)
+			}
+			msg = nfq.AppendVerdictBatch(msg[:0], c.Queue(), p.ID, nfq.Accept)
+			if err := c.Send(msg); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// benchKernelPair runs, for batches of 1, 3 and 8, the loop of the two
+// benchmarks above: each op queues a batch of k packet messages on a
+// kernelPair and calls the function newBatch made, which receives and
+// answers them; the verdicts are read 32 ops at a time, well within the
+// socket's buffer.
+func benchKernelPair(b *testing.B, newBatch func(b *testing.B, kp *kernelPair, k int) func()) {
 	for _, k := range []int{1, 3, 8} {
 		b.Run(fmt.Sprintf("batch=%d", k), func(b *testing.B) {
 			kp := newKernelPair(b, k, udp64(b))
-			c := kp.h.b.(*linuxBackend).conn
-			var p nfq.Packet
-			msg := make([]byte, 0, 64)
+			batch := newBatch(b, kp, k)
 			pending := 0
 			b.ReportAllocs()
 			for b.Loop() {
 				kp.queue(b, k)
-				got := 0
-				for err := c.Next(&p, true); err == nil; err = c.Next(&p, false) {
-					if got++; !c.Buffered() {
-						break
-					}
-				}
-				if got != k {
-					b.Fatalf("read %d packets, want %d", got, k)
-				}
-				msg = nfq.AppendVerdictBatch(msg[:0], c.Queue(), p.ID, nfq.Accept)
-				if err := c.Send(msg); err != nil {
-					b.Fatal(err)
-				}
+				batch()
 				if pending++; pending == 32 {
 					if got := kp.drain(); got != pending {
 						b.Fatalf("%d verdict messages for %d batches", got, pending)
