@@ -975,10 +975,14 @@ func (b *linuxBackend) reaper() {
 		}
 		b.flushLocked()
 		b.vmu.Unlock()
-		if b.flags&FlagSniff != 0 {
-			b.acceptSniffed()
+		ks, ok := b.kernelStats() // once a tick, for both
+		if !ok {
+			continue
 		}
-		b.drainUnread(now, qt)
+		if b.flags&FlagSniff != 0 {
+			b.acceptSniffed(ks)
+		}
+		b.drainUnread(now, qt, ks.idSeq)
 	}
 }
 
@@ -989,14 +993,8 @@ func (b *linuxBackend) reaper() {
 // drainUnread drops the ones left unread for ParamQueueTime. A sniffing
 // handle holds nothing (sniffed fragments go on too), so the batch cannot
 // release a held packet.
-func (b *linuxBackend) acceptSniffed() {
-	b.procMu.Lock()
-	ok := b.readKernelLocked()
-	seq, total := b.kstats.idSeq, b.kstats.total
-	b.procMu.Unlock()
-	if !ok {
-		return
-	}
+func (b *linuxBackend) acceptSniffed(ks kernelQueueStats) {
+	seq, total := ks.idSeq, ks.total
 	prev, seen := b.sniffSeq, b.sniffSeen
 	b.sniffSeq, b.sniffSeen = seq, true
 	if !seen || total == 0 || (b.sniffAll.Load() && int32(prev-b.sniffThrough.Load()) <= 0) {
@@ -1014,14 +1012,11 @@ func (b *linuxBackend) acceptSniffed() {
 // ParamQueueTime while no Recv runs: DROP, or ACCEPT for FlagSniff (whose
 // packets must not wait for a reader). A packet's age comes from the
 // kernel's queue id sequence, sampled every tick (b.ckpt): ids up to the
-// sequence seen QueueTime ago were queued at least that long ago.
-func (b *linuxBackend) drainUnread(now, qt int64) {
+// sequence seen QueueTime ago were queued at least that long ago; seq is
+// the last id the kernel gave out, read this tick.
+func (b *linuxBackend) drainUnread(now, qt int64, seq uint32) {
 	if c := b.recvCalls.Load(); c != b.lastCalls {
 		b.lastCalls, b.lastCallT = c, now // a Recv started or ended since the last tick
-	}
-	seq, ok := b.kernelSeq()
-	if !ok {
-		return
 	}
 	b.ckpt[b.nckpt%len(b.ckpt)] = checkpoint{seq: seq, t: now}
 	b.nckpt++
@@ -1081,16 +1076,13 @@ type checkpoint struct {
 	t   int64
 }
 
-// kernelSeq reads the last packet id the kernel gave out on the queue,
-// from /proc/net/netfilter/nfnetlink_queue of the handle's namespace
-// (opened by Open on the namespace's thread).
-func (b *linuxBackend) kernelSeq() (uint32, bool) {
+// kernelStats reads the queue's line of /proc/net/netfilter/nfnetlink_queue
+// of the handle's namespace (opened by Open on the namespace's thread).
+func (b *linuxBackend) kernelStats() (kernelQueueStats, bool) {
 	b.procMu.Lock()
 	defer b.procMu.Unlock()
-	if !b.readKernelLocked() {
-		return 0, false
-	}
-	return b.kstats.idSeq, true
+	ok := b.readKernelLocked()
+	return b.kstats, ok
 }
 
 // readWhole reads f from its start into buf, grown (doubled) until the
