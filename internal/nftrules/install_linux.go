@@ -172,15 +172,21 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 		if !cfg.IPv4 && !cfg.IPv6 {
 			continue
 		}
-		for i, c := range d {
-			sub := r.conn.AddChain(&nftables.Chain{Name: fmt.Sprintf("%s_%d", h, i), Table: t})
+		// actionChain makes a chain that applies the skips, then the
+		// guards (a match returns), then the action.
+		actionChain := func(name string, guards [][]expr.Any) *nftables.Chain {
+			sub := r.conn.AddChain(&nftables.Chain{Name: name, Table: t})
 			for _, sk := range skips {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: sk})
 			}
-			for _, g := range c.guards {
+			for _, g := range guards {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: concat(g, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})})
 			}
 			r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: action})
+			return sub
+		}
+		for i, c := range d {
+			sub := actionChain(fmt.Sprintf("%s_%d", h, i), c.guards)
 			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(fam, c.exprs,
 				[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}})})
 		}
@@ -188,11 +194,7 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 			// IPv6 packets whose headers the kernel walks otherwise than
 			// WinDivert go to user space, which decides (see v6Unclear).
 			// One rule in the base chain, which IPv4 leaves at once.
-			sub := r.conn.AddChain(&nftables.Chain{Name: h.String() + "_v6q", Table: t})
-			for _, sk := range skips {
-				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: sk})
-			}
-			r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: action})
+			sub := actionChain(h.String()+"_v6q", nil)
 			v6 := r.conn.AddChain(&nftables.Chain{Name: h.String() + "_v6", Table: t})
 			for _, u := range v6Unclear() {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(u,
