@@ -166,8 +166,8 @@ func (fw *flushingWriter) write(addr *divert.Address, pkt []byte) error {
 	if fw.ferr != nil {
 		return fw.ferr
 	}
-	id, ok := fw.pw.ifaces[addr.IfIdx]
-	if !ok {
+	id, ok := fw.pw.Interface(addr.IfIdx)
+	if !ok { // the name costs a netlink request: only for a new interface
 		var err error
 		if id, err = fw.pw.AddInterface(addr.IfIdx, ifaceName(addr.IfIdx), ifaceDesc(addr.IfIdx)); err != nil {
 			return err

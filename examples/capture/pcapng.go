@@ -106,6 +106,13 @@ func (pw *pcapngWriter) writeBlock(b []byte) error {
 	return nil
 }
 
+// Interface returns the id of the interface known by key, if it was
+// added.
+func (pw *pcapngWriter) Interface(key uint32) (uint32, bool) {
+	id, ok := pw.ifaces[key]
+	return id, ok
+}
+
 // AddInterface writes an interface description block for the interface
 // known by key (the divert interface index) with a name and a description,
 // and returns its interface id. An interface already added keeps its id.
