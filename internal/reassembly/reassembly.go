@@ -65,7 +65,9 @@ import (
 var (
 	// ErrMalformed reports a packet whose IP header cannot be parsed: too
 	// short, a bad version, inconsistent lengths, a truncated extension header
-	// chain or fragment, or (IPv4) a bad header checksum.
+	// chain or fragment, or (IPv4) a bad header checksum. Such a packet is
+	// refused before it is matched to a datagram: what is held for its
+	// datagram stays (the other refusals discard it).
 	ErrMalformed = errors.New("reassembly: malformed packet")
 	// ErrBadLength reports an empty fragment, or a fragment with more
 	// fragments to come whose length is not a multiple of 8.
