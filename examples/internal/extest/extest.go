@@ -5,7 +5,6 @@
 package extest
 
 import (
-	"bytes"
 	"context"
 	"os"
 	"os/exec"
@@ -77,27 +76,6 @@ type Proc struct {
 	stdout, stderr SyncBuffer
 	done           chan struct{}
 	err            error
-}
-
-// SyncBuffer is a bytes.Buffer that one goroutine may write while
-// another reads it.
-type SyncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-// Write appends p.
-func (s *SyncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-// String returns what was written so far.
-func (s *SyncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // Start starts bin with args inside ns (ip netns exec). The process is
