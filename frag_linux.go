@@ -76,7 +76,9 @@ import (
 // For every user-space reassembly: Drop of a reassembled datagram has
 // nothing left to release; fragments whose datagram does not complete
 // within ParamQueueTime (its value when the datagram's first fragment came)
-// are dropped; a malformed packet (a bad IPv4 header checksum or length)
+// are dropped, and so are at once those of a datagram the reassembler gives
+// up to stay within its bounds (internal/reassembly's defaults: 1024
+// datagrams, 4 MiB); a malformed packet (a bad IPv4 header checksum or length)
 // is dropped alone, as the kernel drops it before its fragment queue;
 // overlapping or otherwise refused fragments are dropped at once, with the
 // fragments held for the same datagram (the kernel's reassembly would
@@ -156,6 +158,10 @@ type fragState struct {
 
 	pending map[fragKey]*pendingDgram // guarded by vmu
 	spare   []*pendingDgram           // reused entries, guarded by vmu
+	// evicted: datagrams the reassembler dropped for its bounds during
+	// the current AddInfo, whose held fragments go at once (see evict).
+	// Guarded by rmu.
+	evicted []fragKey
 
 	smu    sync.Mutex // Send side: fragment buffers and the MTU sockets
 	fbuf   []byte
@@ -216,6 +222,10 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 	dgram, done, rerr := fs.reasm.AddInfo(buf[:0:len(buf)], p.Payload, time.Unix(0, now), &fs.info)
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
+	for _, ek := range fs.evicted {
+		b.finishPending(ek, nfq.Drop)
+	}
+	fs.evicted = fs.evicted[:0]
 	b.noteID(p.ID)
 	switch {
 	case rerr != nil:
@@ -302,6 +312,14 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		err = ErrTruncated
 	}
 	return n, true, true, err
+}
+
+// evict is the reassembler's OnEvict: a datagram it dropped to stay
+// within its bounds cannot complete, so its fragments held in the queue are
+// dropped as soon as AddInfo returns, rather than when ParamQueueTime runs
+// out. Called inside AddInfo, with rmu held.
+func (fs *fragState) evict(k reassembly.Key) {
+	fs.evicted = append(fs.evicted, fragKey{src: k.Src, dst: k.Dst, id: k.ID, proto: k.Proto, v6: k.V6})
 }
 
 // finishPending gives verdict v to every fragment held for k that the

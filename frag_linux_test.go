@@ -639,3 +639,50 @@ func TestFragMalformedKeepsHeld(t *testing.T) {
 		t.Fatalf("fragments accepted: %v, want ids 1 and 3 (2 dropped alone)", b.acc)
 	}
 }
+
+// TestFragEvictedDropsHeld: a datagram the reassembler drops to stay
+// within its bounds cannot complete, so its fragments held in the queue
+// are dropped at once, not when ParamQueueTime runs out; the others stay
+// held and complete.
+func TestFragEvictedDropsHeld(t *testing.T) {
+	b := newLinuxBackend(&openConfig{layer: LayerNetworkForward})
+	fs := &fragState{pending: map[fragKey]*pendingDgram{}}
+	fs.reasm = reassembly.New(reassembly.Config{Timeout: time.Minute, MaxDatagrams: 2, OnEvict: fs.evict})
+	b.frag = fs
+	now := time.Now().UnixNano()
+	buf := make([]byte, MTUMax)
+	var a Address
+	first := func(ipID uint16) []byte {
+		p := fragV4(0, 16, true)
+		binary.BigEndian.PutUint16(p[4:6], ipID)
+		p[10], p[11] = 0, 0
+		binary.BigEndian.PutUint16(p[10:12], ^packet.Checksum(p[:20], 0))
+		return p
+	}
+	// Queue ids 1, 2, 3: first fragments of three datagrams; the third
+	// evicts the first.
+	for i := range 3 {
+		if _, handled, delivered, err := b.reassemble(&nfq.Packet{ID: uint32(i + 1), Hook: nfq.HookPrerouting, Payload: first(uint16(100 + i))}, buf, &a, now); !handled || delivered || err != nil {
+			t.Fatalf("fragment %d: handled %v, delivered %v, %v", i+1, handled, delivered, err)
+		}
+	}
+	if want := nfq.AppendVerdict(nil, b.queue, 1, nfq.Drop, nil); !bytes.Equal(b.vbuf, want) {
+		t.Fatalf("verdicts %x, want one DROP of id 1: %x", b.vbuf, want)
+	}
+	if n := b.track.Len(); n != 2 || len(fs.pending) != 2 {
+		t.Fatalf("%d held, %d datagrams pending; want 2 and 2", n, len(fs.pending))
+	}
+	// Datagram 101 completes: its fragments (ids 2 and 4) are dropped, the
+	// datagram handed over.
+	b.vbuf = b.vbuf[:0]
+	last := fragV4(16, 8, false)
+	binary.BigEndian.PutUint16(last[4:6], 101)
+	last[10], last[11] = 0, 0
+	binary.BigEndian.PutUint16(last[10:12], ^packet.Checksum(last[:20], 0))
+	if _, _, delivered, err := b.reassemble(&nfq.Packet{ID: 4, Hook: nfq.HookPrerouting, Payload: last}, buf, &a, now); !delivered || err != nil {
+		t.Fatalf("datagram 101: delivered %v, %v", delivered, err)
+	}
+	if n := b.track.Len(); n != 1 {
+		t.Fatalf("%d held after completion, want 1 (datagram 102)", n)
+	}
+}

@@ -256,13 +256,13 @@ func (fr fragRuleset) Close() error {
 // (openFrag installs them per handle; OpenQueues once for all its handles).
 func newFragState(qt time.Duration) (*fragState, error) {
 	fs := &fragState{
-		reasm:   reassembly.New(reassembly.Config{Timeout: qt}),
 		pending: make(map[fragKey]*pendingDgram),
 		fbuf:    make([]byte, 0, 2*MTUMax),
 		flist:   make([][]byte, 0, 64),
 		mtuFd4:  -1,
 		mtuFd6:  -1,
 	}
+	fs.reasm = reassembly.New(reassembly.Config{Timeout: qt, OnEvict: fs.evict})
 	var err error
 	if fs.mtuFd4, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
 		return nil, fmt.Errorf("divert: open a route MTU socket: %w", err)

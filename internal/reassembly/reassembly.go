@@ -171,6 +171,22 @@ type Config struct {
 	// wrong. By default they are refused with ErrMalformed, as the host's
 	// stack would drop them.
 	SkipIPv4Checksum bool
+	// OnEvict, when set, is called with the key of every pending datagram
+	// dropped to respect MaxBytes or MaxDatagrams, so that a caller holding
+	// the datagram's fragments elsewhere (a queue) can let go of them at
+	// once. It runs inside Add, with the Reassembler locked: it must not
+	// call the Reassembler.
+	OnEvict func(Key)
+}
+
+// Key identifies a datagram: the addresses (an IPv4 address in the first
+// 4 bytes), the identification (IPv4's 16 bits, or the IPv6 Fragment
+// header's 32) and, for IPv4, the protocol.
+type Key struct {
+	Src, Dst [16]byte
+	ID       uint32
+	Proto    uint8 // IPv4 only
+	V6       bool
 }
 
 // Stats is a snapshot of a Reassembler's state and counters.
@@ -263,6 +279,7 @@ type Reassembler struct {
 	maxFrags int
 	overlap  OverlapPolicy
 	skipCsum bool
+	onEvict  func(Key)
 
 	index map[key]int32
 	slab  []entry
@@ -304,6 +321,7 @@ func New(cfg Config) *Reassembler {
 		maxFrags: DefaultMaxFragments,
 		overlap:  cfg.IPv4Overlap,
 		skipCsum: cfg.SkipIPv4Checksum,
+		onEvict:  cfg.OnEvict,
 	}
 	if cfg.Timeout > 0 {
 		r.timeout4, r.timeout6 = cfg.Timeout, cfg.Timeout
@@ -741,8 +759,12 @@ func (r *Reassembler) evictOldest(keep int32) bool {
 	if best == nilIdx {
 		return false
 	}
-	if !r.slab[best].dead {
+	if e := &r.slab[best]; !e.dead {
 		r.st.Evicted++
+		if r.onEvict != nil {
+			k := e.key
+			r.onEvict(Key{Src: k.src, Dst: k.dst, ID: k.id, Proto: k.proto, V6: k.v6})
+		}
 	}
 	r.release(best)
 	return true

@@ -673,3 +673,69 @@ func TestSetTimeout(t *testing.T) {
 		t.Fatalf("after the new timeout: done %v (%d bytes), %v; want the datagram expired", done, len(got), err)
 	}
 }
+
+// TestOnEvict: every datagram dropped for a bound is reported with its
+// key, once, and nothing else is: a caller holding the fragments in a
+// queue can let go of exactly those.
+func TestOnEvict(t *testing.T) {
+	rng := rand.New(rand.NewPCG(41, 42))
+	t.Run("MaxDatagrams", func(t *testing.T) {
+		var got []Key
+		r := New(Config{MaxDatagrams: 2, OnEvict: func(k Key) { got = append(got, k) }})
+		var ds []dgram
+		for i := range 3 {
+			d := makeV4(rng, protoUDP, 100, false)
+			binary.BigEndian.PutUint16(d.b[4:6], uint16(0x100+i))
+			setSum4(d.b[:20])
+			ds = append(ds, d)
+			if _, _, err := r.Add(nil, piece(d, 0, 32, true), t0.Add(time.Duration(i))); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var want Key
+		copy(want.Src[:], ds[0].b[12:16])
+		copy(want.Dst[:], ds[0].b[16:20])
+		want.ID, want.Proto = 0x100, protoUDP
+		if len(got) != 1 || got[0] != want {
+			t.Fatalf("evicted %+v, want only %+v", got, want)
+		}
+		// Completing a datagram, refusing one, and timing out report nothing.
+		if _, done, _ := r.Add(nil, piece(ds[1], 32, 100, false), t0); !done {
+			t.Fatal("datagram 1 lost")
+		}
+		if _, _, err := r.Add(nil, piece(ds[2], 16, 48, true), t0); !errors.Is(err, ErrOverlap) {
+			t.Fatalf("overlap: %v", err)
+		}
+		d6 := makeV6(rng, protoUDP, 400, false, false, false)
+		if _, _, err := r.Add(nil, piece(d6, 0, 64, true), t0); err != nil {
+			t.Fatal(err)
+		}
+		if n := r.Expire(t0.Add(time.Hour)); n != 1 {
+			t.Fatalf("expired %d, want 1", n)
+		}
+		if len(got) != 1 {
+			t.Fatalf("evicted %+v after completion, refusal and timeout", got)
+		}
+	})
+	t.Run("MaxBytes", func(t *testing.T) {
+		n := 0
+		r := New(Config{MaxBytes: 128 << 10, OnEvict: func(k Key) {
+			if !k.V6 || k.ID >= 100 {
+				t.Errorf("evicted %+v", k)
+			}
+			n++
+		}})
+		big := makeV6(rng, protoUDP, 65000, false, false, false)
+		for i := range 100 {
+			d := big
+			d.id = uint32(i)
+			// The last fragment of each: a buffer for all 65000 bytes.
+			if _, _, err := r.Add(nil, piece(d, 64000, len(d.b)-d.hl, false), t0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if s := r.Stats(); uint64(n) != s.Evicted || n < 90 {
+			t.Fatalf("%d reported, stats %+v", n, s)
+		}
+	})
+}
