@@ -579,7 +579,9 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // interface a.IfIdx. On Linux an inbound new packet is a raw send to its
 // destination, which must be one of the host's addresses: it enters the
 // stack through lo, so other handles see it as outbound loopback and
-// a.IfIdx is not used. Checksums are sent as given; use CalcChecksums after
+// a.IfIdx is not used. Any other destination (another host's, a broadcast
+// or multicast one) would leave the host, so Send refuses it with an error
+// wrapping ErrNotSupported and sends nothing. Checksums are sent as given; use CalcChecksums after
 // changing a packet.
 func (h *Handle) Send(b []byte, a *Address) (int, error) {
 	if err := h.checkSend(); err != nil {

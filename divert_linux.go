@@ -863,9 +863,18 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 		err = b.inj.Inbound(out, a.IfIdx)
 	}
 	if err != nil {
-		return 0, fmt.Errorf("divert: inject: %w", err)
+		return 0, injectError(err)
 	}
 	return len(pkt), nil
+}
+
+// injectError wraps an error of the injector; an inbound packet that is
+// not for this host (see Handle.Send) is not supported.
+func injectError(err error) error {
+	if errors.Is(err, inject.ErrNotLocal) {
+		return fmt.Errorf("divert: inject inbound: %w: Linux delivers new inbound packets through the local stack only (%w)", ErrNotSupported, err)
+	}
+	return fmt.Errorf("divert: inject: %w", err)
 }
 
 func (b *linuxBackend) sendBatch(ms []Message) (int, error) {

@@ -530,6 +530,42 @@ func TestLinuxInjectInboundUDP(t *testing.T) {
 	}
 }
 
+// TestLinuxInjectInboundNotLocal: a new inbound packet for another host
+// (here A, from B's handle) would leave B through its raw send: Send
+// refuses it with ErrNotSupported, counts nothing, and A receives nothing.
+func TestLinuxInjectInboundNotLocal(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "din", 0)
+	h := openIn(t, l.B.NS, "false", LayerNetwork, 0, FlagSendOnly)
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprint(v6), func(t *testing.T) {
+			src, dst := netip.AddrPortFrom(l.B.V4, 1234), netip.AddrPortFrom(l.A.V4, 4322)
+			if v6 {
+				src, dst = netip.AddrPortFrom(l.B.V6, 1234), netip.AddrPortFrom(l.A.V6, 4322)
+			}
+			sink, err := l.A.NS.ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			_, err = h.Send(udpPacket(t, src, dst, []byte("not for B")), &Address{IfIdx: uint32(l.B.IfIdx)})
+			if !errors.Is(err, ErrNotSupported) {
+				t.Fatalf("Send: %v, want ErrNotSupported", err)
+			}
+			got, err := netnstest.RecvUDP(sink, 1, 300*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != 0 {
+				t.Fatalf("A received %q", got)
+			}
+		})
+	}
+	if s, err := h.Stats(); err != nil || s.Sent != 0 || s.Injected != 0 {
+		t.Fatalf("Stats %+v, %v: want nothing sent", s, err)
+	}
+}
+
 func TestLinuxMangleUDP(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dmg", 0)

@@ -369,7 +369,7 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		// Delivered whole to the local stack (the raw send loops
 		// through lo, whose MTU holds any datagram).
 		if err := b.inj.Inbound(pkt, a.IfIdx); err != nil {
-			return 0, fmt.Errorf("divert: inject: %w", err)
+			return 0, injectError(err)
 		}
 		a.sys = sysAddr{}
 		return len(pkt), nil

@@ -13,6 +13,7 @@
 // through the lo interface and reach PREROUTING and INPUT there and then the
 // listening socket. The kernel therefore reports lo as their ingress
 // interface, not the ifIdx given, and they traverse OUTPUT and POSTROUTING
-// first (carrying the mark). A destination that is not local is routed like
-// an outbound packet.
+// first (carrying the mark). A destination that is not local would be
+// routed like an outbound packet, out of the host: Inbound asks the routing
+// table first and refuses such a packet (ErrNotLocal).
 package inject

@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -20,13 +22,24 @@ type Injector struct {
 	mu       sync.RWMutex // Close takes it exclusively so no send uses a closed fd
 	fd4, fd6 int          // -1 once closed
 	mark     uint32
+
+	// The routing table's answers for Inbound (see checkLocal).
+	rmu  sync.Mutex // guards rt's requests and answers, rbuf, seq
+	rt   int        // NETLINK_ROUTE socket of the namespace; -1 once closed
+	rbuf []byte
+	seq  uint32
 }
+
+// ErrNotLocal reports an Inbound packet whose destination is not an
+// address of this host: delivered through the local stack it would not
+// stay in, but be routed out like an outbound packet.
+var ErrNotLocal = errors.New("inject: the destination is not an address of this host")
 
 // New opens the raw sockets, in the network namespace of the calling
 // thread, with SO_MARK mark (0 = no mark). Errors wrap os.ErrPermission when
 // the caller lacks CAP_NET_RAW (sockets) or CAP_NET_ADMIN (mark).
 func New(mark uint32) (*Injector, error) {
-	i := &Injector{fd4: -1, fd6: -1, mark: mark}
+	i := &Injector{fd4: -1, fd6: -1, rt: -1, mark: mark}
 	var err error
 	if i.fd4, err = rawSocket(unix.AF_INET, mark); err != nil {
 		return nil, err
@@ -35,7 +48,28 @@ func New(mark uint32) (*Injector, error) {
 		unix.Close(i.fd4)
 		return nil, err
 	}
+	if i.rt, err = routeSocket(); err != nil {
+		unix.Close(i.fd4)
+		unix.Close(i.fd6)
+		return nil, err
+	}
+	i.rbuf = make([]byte, 0, 8192)
 	return i, nil
+}
+
+// routeSocket opens the rtnetlink socket that checkLocal asks, with a
+// receive timeout as a safety net: the kernel answers inside the send.
+func routeSocket() (int, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+	if err != nil {
+		return -1, fmt.Errorf("inject: open route socket: %w", os.NewSyscallError("socket", err))
+	}
+	tv := unix.NsecToTimeval(int64(time.Second))
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("inject: route socket: %w", os.NewSyscallError("setsockopt", err))
+	}
+	return fd, nil
 }
 
 func rawSocket(family int, mark uint32) (int, error) {
@@ -69,18 +103,20 @@ func wrap(op string, err error, capability string) error {
 func (i *Injector) Mark() uint32 { return i.mark }
 
 // Outbound sends pkt (a whole IPv4 or IPv6 packet) as if this host sent it.
-func (i *Injector) Outbound(pkt []byte) error { return i.send(pkt) }
+func (i *Injector) Outbound(pkt []byte) error { return i.send(pkt, false) }
 
 // Inbound delivers pkt (a whole IPv4 or IPv6 packet addressed to this host)
 // to the local stack as if it had been received. The packet enters through
 // lo, so this implementation does not use ifIdx (see the package
-// documentation).
+// documentation). A destination that is not one of the host's addresses
+// (a route of type local in the namespace's routing table) gives an error
+// wrapping ErrNotLocal, and nothing is sent.
 func (i *Injector) Inbound(pkt []byte, ifIdx uint32) error {
 	_ = ifIdx
-	return i.send(pkt)
+	return i.send(pkt, true)
 }
 
-func (i *Injector) send(pkt []byte) error {
+func (i *Injector) send(pkt []byte, inbound bool) error {
 	if len(pkt) == 0 {
 		return errors.New("inject: empty packet")
 	}
@@ -97,6 +133,11 @@ func (i *Injector) send(pkt []byte) error {
 		var sa unix.RawSockaddrInet4
 		sa.Family = unix.AF_INET
 		copy(sa.Addr[:], pkt[16:20])
+		if inbound {
+			if err := i.checkLocal(netip.AddrFrom4(sa.Addr)); err != nil {
+				return err
+			}
+		}
 		return sendto(i.fd4, pkt, unsafe.Pointer(&sa), unix.SizeofSockaddrInet4)
 	case 6:
 		if len(pkt) < 40 {
@@ -108,6 +149,11 @@ func (i *Injector) send(pkt []byte) error {
 		var sa unix.RawSockaddrInet6
 		sa.Family = unix.AF_INET6 // port must stay 0
 		copy(sa.Addr[:], pkt[24:40])
+		if inbound {
+			if err := i.checkLocal(netip.AddrFrom16(sa.Addr)); err != nil {
+				return err
+			}
+		}
 		return sendto(i.fd6, pkt, unsafe.Pointer(&sa), unix.SizeofSockaddrInet6)
 	}
 	return fmt.Errorf("inject: IP version %d is neither 4 nor 6", pkt[0]>>4)
@@ -140,9 +186,95 @@ func (i *Injector) Close() error {
 	}
 	err4 := unix.Close(i.fd4)
 	err6 := unix.Close(i.fd6)
-	i.fd4, i.fd6 = -1, -1
-	if err := errors.Join(err4, err6); err != nil {
+	errRt := unix.Close(i.rt)
+	i.fd4, i.fd6, i.rt = -1, -1, -1
+	if err := errors.Join(err4, err6, errRt); err != nil {
 		return fmt.Errorf("inject: close: %w", err)
 	}
 	return nil
+}
+
+// checkLocal asks the routing table of the injector's namespace how it
+// would route a packet to addr (RTM_GETROUTE, as "ip route get" does) and
+// returns nil if addr is one of the host's addresses (a route of type
+// local), else an error wrapping ErrNotLocal. Broadcast and multicast
+// destinations are not local: a raw send to them goes out on the wire as
+// well. Called with mu read-locked.
+func (i *Injector) checkLocal(dst netip.Addr) error {
+	i.rmu.Lock()
+	defer i.rmu.Unlock()
+	i.seq++
+	m := i.rbuf[:0]
+	// nlmsghdr, rtmsg, RTA_DST
+	family, alen := unix.AF_INET6, 16
+	if dst.Is4() {
+		family, alen = unix.AF_INET, 4
+	}
+	total := unix.SizeofNlMsghdr + unix.SizeofRtMsg + unix.SizeofRtAttr + alen
+	m = binary.NativeEndian.AppendUint32(m, uint32(total))
+	m = binary.NativeEndian.AppendUint16(m, unix.RTM_GETROUTE)
+	m = binary.NativeEndian.AppendUint16(m, unix.NLM_F_REQUEST)
+	m = binary.NativeEndian.AppendUint32(m, i.seq)
+	m = binary.NativeEndian.AppendUint32(m, 0)
+	m = append(m, byte(family), byte(alen*8), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0) // family, dst_len, src_len, tos, table, protocol, scope, type, flags
+	m = binary.NativeEndian.AppendUint16(m, uint16(unix.SizeofRtAttr+alen))
+	m = binary.NativeEndian.AppendUint16(m, unix.RTA_DST)
+	a16 := dst.As16()
+	m = append(m, a16[16-alen:]...)
+	if err := sendto(i.rt, m, nil, 0); err != nil {
+		return fmt.Errorf("inject: ask the route to %s: %w", dst, err)
+	}
+	buf := i.rbuf[:cap(i.rbuf)]
+	for {
+		// recvfrom(2) without the address, which unix.Recvfrom allocates.
+		r, _, e := unix.Syscall6(unix.SYS_RECVFROM, uintptr(i.rt), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), 0, 0, 0)
+		if e == unix.EINTR {
+			continue
+		}
+		if e != 0 {
+			return fmt.Errorf("inject: read the route to %s: %w", dst, os.NewSyscallError("recvfrom", e))
+		}
+		n := int(r)
+		for b := buf[:n]; len(b) >= unix.SizeofNlMsghdr; {
+			l := int(binary.NativeEndian.Uint32(b))
+			if l < unix.SizeofNlMsghdr || l > len(b) {
+				break
+			}
+			typ, seq, body := binary.NativeEndian.Uint16(b[4:]), binary.NativeEndian.Uint32(b[8:]), b[unix.SizeofNlMsghdr:l]
+			b = b[min(nlmAlign(l), len(b)):]
+			if seq != i.seq {
+				continue // a late answer to an earlier request
+			}
+			switch {
+			case typ == unix.NLMSG_ERROR && len(body) >= 4:
+				if e := -int32(binary.NativeEndian.Uint32(body)); e != 0 {
+					// No route at all (ENETUNREACH, ...): not local either.
+					return fmt.Errorf("%w: %s: no route (%w)", ErrNotLocal, dst, unix.Errno(e))
+				}
+			case typ == unix.RTM_NEWROUTE && len(body) >= unix.SizeofRtMsg:
+				if t := body[7]; t != unix.RTN_LOCAL {
+					return fmt.Errorf("%w: %s is routed as %s", ErrNotLocal, dst, routeType(t))
+				}
+				return nil
+			}
+		}
+	}
+}
+
+func nlmAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
+
+func routeType(t uint8) string {
+	switch t {
+	case unix.RTN_UNICAST:
+		return "unicast (a destination elsewhere)"
+	case unix.RTN_BROADCAST:
+		return "broadcast"
+	case unix.RTN_MULTICAST:
+		return "multicast"
+	case unix.RTN_ANYCAST:
+		return "anycast"
+	case unix.RTN_UNREACHABLE, unix.RTN_BLACKHOLE, unix.RTN_PROHIBIT:
+		return "unreachable"
+	}
+	return fmt.Sprintf("route type %d", t)
 }

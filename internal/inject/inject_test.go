@@ -275,17 +275,70 @@ func TestSendAllocs(t *testing.T) {
 	inj := newIn(t, ns, 0)
 	// To a local address in an isolated namespace: goes nowhere else.
 	pkt := build(netip.MustParseAddr("127.0.0.2"), netip.MustParseAddr("127.0.0.1"), 17, udp(1, 9, "x"), 6)
-	allocs := testing.AllocsPerRun(100, func() {
-		if err := inj.Outbound(pkt); err != nil {
-			t.Fatal(err)
+	for name, send := range map[string]func([]byte) error{
+		"Outbound": inj.Outbound,
+		"Inbound":  func(p []byte) error { return inj.Inbound(p, 0) }, // with its route lookup
+	} {
+		allocs := testing.AllocsPerRun(100, func() {
+			if err := send(pkt); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if allocs != 0 {
+			t.Fatalf("%s: %v allocations per send", name, allocs)
 		}
-	})
-	if allocs != 0 {
-		t.Fatalf("%v allocations per send", allocs)
 	}
 }
 
-func BenchmarkOutbound(b *testing.B) {
+// TestInboundNotLocal: an Inbound packet whose destination is not one of
+// B's addresses (A's, a broadcast, a multicast group, an unroutable one) is
+// refused with ErrNotLocal, and nothing leaves B: A's socket on the
+// destination receives nothing. B's own addresses, and 127.0.0.1 and ::1,
+// are local.
+func TestInboundNotLocal(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "inl", 0)
+	inj := newIn(t, l.B.NS, 0)
+	c, err := l.A.NS.ListenUDP(netip.AddrPortFrom(l.A.V4, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	port := uint16(c.LocalAddr().(*net.UDPAddr).Port)
+	bcast := l.B.V4.As4()
+	bcast[3] = 255
+	for _, dst := range []netip.Addr{l.A.V4, l.A.V6, netip.AddrFrom4(bcast), netip.MustParseAddr("224.0.0.1"), netip.MustParseAddr("ff02::1"), netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")} {
+		src := l.B.V4
+		if dst.Is6() {
+			src = l.B.V6
+		}
+		err := inj.Inbound(build(src, dst, 17, udp(4242, port, "must not leave"), 6), uint32(l.B.IfIdx))
+		if !errors.Is(err, ErrNotLocal) {
+			t.Errorf("Inbound to %v: %v, want ErrNotLocal", dst, err)
+		}
+	}
+	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, from, err := c.ReadFromUDPAddrPort(make([]byte, 100)); err == nil {
+		t.Fatalf("A received %d bytes from %v", n, from)
+	}
+	for _, dst := range []netip.Addr{l.B.V4, l.B.V6, netip.MustParseAddr("127.0.0.1"), netip.IPv6Loopback()} {
+		src := l.A.V4
+		if dst.Is6() {
+			src = l.A.V6
+		}
+		if err := inj.Inbound(build(src, dst, 17, udp(4242, 9, "local"), 6), 0); err != nil {
+			t.Errorf("Inbound to %v: %v", dst, err)
+		}
+	}
+}
+
+func BenchmarkOutbound(b *testing.B) { benchSend(b, false) }
+
+// BenchmarkInbound is BenchmarkOutbound's send with Inbound's route lookup
+// before it (see checkLocal).
+func BenchmarkInbound(b *testing.B) { benchSend(b, true) }
+
+func benchSend(b *testing.B, inbound bool) {
 	if os.Geteuid() != 0 {
 		b.Skip("needs root")
 	}
@@ -300,9 +353,13 @@ func BenchmarkOutbound(b *testing.B) {
 	}
 	defer inj.Close()
 	pkt := build(netip.MustParseAddr("127.0.0.2"), netip.MustParseAddr("127.0.0.1"), 17, udp(1, 9, "benchmark payload"), 6)
+	send := inj.Outbound
+	if inbound {
+		send = func(p []byte) error { return inj.Inbound(p, 0) }
+	}
 	b.ReportAllocs()
 	for b.Loop() {
-		if err := inj.Outbound(pkt); err != nil {
+		if err := send(pkt); err != nil {
 			b.Fatal(err)
 		}
 	}
