@@ -75,12 +75,17 @@ type emulator struct {
 
 	mu    sync.Mutex
 	sched schedule
-	free  []*held
-	seq   uint64
-	wake  chan struct{}
-	meter exutil.Meter
-	start time.Time
-	tbuf  []byte // scratch for tampering checksums
+	// sending counts the packets taken off sched and not yet sent: while
+	// any is, a new packet must not overtake it (see handle).
+	sending int
+	free    []*held
+	// sendPkt is h.Send; tests replace it to pause the scheduler.
+	sendPkt func([]byte, *divert.Address) (int, error)
+	seq     uint64
+	wake    chan struct{}
+	meter   exutil.Meter
+	start   time.Time
+	tbuf    []byte // scratch for tampering checksums
 }
 
 func newEmulator(c *config, h *divert.Handle) *emulator {
@@ -97,6 +102,7 @@ func newEmulator(c *config, h *divert.Handle) *emulator {
 	for range c.queue {
 		e.free = append(e.free, &held{buf: make([]byte, slotSize)})
 	}
+	e.sendPkt = h.Send
 	return e
 }
 
@@ -197,7 +203,9 @@ func (e *emulator) handle(pkt []byte, addr *divert.Address, now time.Time) error
 		e.cnt.queueDrops.Add(1)
 		return e.h.Drop(addr)
 	}
-	immediate := !due.After(now) && e.sched.empty()
+	// Sent at once only when nothing received before it is waiting: not
+	// in the schedule, nor being sent by the scheduler.
+	immediate := !due.After(now) && e.sched.empty() && e.sending == 0
 	var err error
 	if immediate {
 		e.mu.Unlock()
@@ -262,7 +270,7 @@ func (e *emulator) hold(pkt []byte, addr *divert.Address, fresh bool, now, due t
 
 // send sends one packet and records how long it was held.
 func (e *emulator) send(pkt []byte, addr *divert.Address, recvAt time.Time) error {
-	_, err := e.h.Send(pkt, addr)
+	_, err := e.sendPkt(pkt, addr)
 	if err != nil {
 		if exutil.Stopped(err) {
 			return err
@@ -291,9 +299,11 @@ func (e *emulator) scheduler(ctx context.Context) {
 				break
 			}
 			heap.Pop(&e.sched)
+			e.sending++
 			e.mu.Unlock()
 			err := e.send(p.buf[:p.n], &p.addr, p.recvAt)
 			e.mu.Lock()
+			e.sending--
 			e.cnt.holding.Add(^uint64(0))
 			e.free = append(e.free, p)
 			if err != nil && errors.Is(err, divert.ErrShutdown) {
@@ -321,9 +331,11 @@ func (e *emulator) flush() {
 	defer e.mu.Unlock()
 	for !e.sched.empty() {
 		p := heap.Pop(&e.sched).(*held)
+		e.sending++
 		e.mu.Unlock()
 		e.send(p.buf[:p.n], &p.addr, p.recvAt)
 		e.mu.Lock()
+		e.sending--
 		e.cnt.holding.Add(^uint64(0))
 		e.free = append(e.free, p)
 	}

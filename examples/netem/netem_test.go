@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"math"
 	"strings"
 	"testing"
@@ -261,5 +262,63 @@ func TestRateDropsTakeNoShare(t *testing.T) {
 	}
 	if e.cnt.queueDrops.Load() != drops {
 		t.Fatal("a packet 30 s after the burst was dropped: the burst's dropped packets were charged to the rate")
+	}
+}
+
+// TestNoOvertaking: a packet due at once is not sent ahead of an earlier
+// one that the scheduler has taken and is sending. The scheduler is paused
+// inside its Send of the first packet while the second is handled; the
+// second must wait for it.
+func TestNoOvertaking(t *testing.T) {
+	h, pipe, err := divert.NewPipe("true", divert.LayerNetwork, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	c, err := parseFlags([]string{"-queue", "4", "-seed", "1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEmulator(c, h)
+	started, release := make(chan struct{}), make(chan struct{})
+	e.sendPkt = func(p []byte, a *divert.Address) (int, error) {
+		if p[1] == 1 {
+			close(started)
+			<-release
+		}
+		return h.Send(p, a)
+	}
+	pkt := func(tag byte) []byte {
+		p := make([]byte, 28)
+		p[0], p[1] = 0x45, tag
+		return p
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan struct{})
+	go func() { defer close(done); e.scheduler(ctx) }()
+	now := time.Now()
+	e.mu.Lock()
+	e.hold(pkt(1), &divert.Address{Outbound: true}, false, now, now)
+	e.mu.Unlock()
+	e.wake <- struct{}{}
+	<-started // the scheduler took packet 1 and is sending it
+	addr := divert.Address{Outbound: true}
+	if err := e.handle(pkt(2), &addr, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	var order []byte
+	for len(order) < 2 {
+		p, _, ok := pipe.Next(2 * time.Second)
+		if !ok {
+			t.Fatalf("sent %v, then nothing", order)
+		}
+		order = append(order, p[1])
+	}
+	cancel()
+	<-done
+	if order[0] != 1 || order[1] != 2 {
+		t.Fatalf("sent in the order %v, want 1 then 2", order)
 	}
 }
