@@ -30,19 +30,40 @@ package divert
 //   - Layers: LayerNetwork and LayerNetworkForward. Inbound packets that
 //     will be forwarded also reach a LayerNetwork handle (ipfw cannot tell
 //     them apart before routing).
-//   - FlagSniff installs "tee" rules, FlagDrop "deny" rules. ipfw divert
-//     reassembles fragments, so FlagReassemble is native and FlagFragments
-//     is not supported. There is no fail-open: FlagPassThrough and
-//     FlagFailOpen are not supported (with no reader, packets are dropped).
+//   - FlagSniff installs "tee" rules. FlagDrop installs "deny" rules when
+//     they match exactly what the filter does; otherwise divert rules, and
+//     a goroutine of the handle drops the packets the filter matches and
+//     writes the others back. ipfw divert reassembles fragments, so
+//     FlagReassemble is native and FlagFragments is not supported; a tee
+//     does not, so a FlagSniff handle gets fragments as they come (only a
+//     first fragment can match a transport field). A term with transport
+//     tests also gets "frag" and "frag mf" rules, which take every
+//     fragmented datagram whatever its ports, so that it reaches the socket
+//     whole; user space then judges it. There is no fail-open:
+//     FlagPassThrough and FlagFailOpen are not supported (with no reader,
+//     packets are dropped).
+//   - Handles of equal priority share their rule number, and a packet one
+//     of them writes back resumes after that number: the other does not
+//     see it (WinDivert orders equal priorities by open time and shows the
+//     packet to both). Give handles that must both see a packet different
+//     priorities.
 //   - Params: ParamQueueSize sets SO_RCVBUF and SO_SNDBUF (bounded by
 //     kern.ipc.maxsockbuf); ParamQueueLength and ParamQueueTime have no
 //     kernel counterpart and are kept but not enforced (a packet waits in
 //     the socket buffer until read).
-//   - Address: Outbound comes from sin_addr (zero means outbound), IfIdx
-//     from the interface name in sin_zero. An inbound IPv6 packet on an
-//     interface without an IPv4 address reads as outbound (the kernel's own
-//     rule). Loopback is set for packets received on a loopback interface.
-//     Impostor is never set. Timestamp is time.Now at receipt.
+//   - Address: Outbound comes from sin_addr (zero means outbound), except
+//     at LayerNetwork, where the handle's rules take outbound packets only
+//     when the host made them, so a packet carrying a receiving
+//     interface's name is inbound: an inbound IPv6 packet on an interface
+//     without an IPv4 address, to which the kernel gives a zero sin_addr,
+//     is reported and written back inbound. IfIdx comes from the interface
+//     name in sin_zero, which the kernel cuts to 7 bytes: a cut name
+//     resolves when one interface starts with it, else IfIdx is 0.
+//     Loopback is set for packets received on a loopback interface: a
+//     packet from the host to itself is seen twice, outbound (Loopback
+//     false: it has no receiving interface yet) and inbound on lo0
+//     (WinDivert shows it once, outbound). Impostor is never set.
+//     Timestamp is time.Now at receipt.
 //   - Drop is a no-op: a received packet is gone unless written back.
 //   - Shutdown(ShutdownRecv) removes the rules, then Recv drains the socket
 //     and returns ErrShutdown.
@@ -103,6 +124,16 @@ type bsdBackend struct {
 	mu       sync.Mutex // guards set
 	set      int        // our ipfw set, -1 when no rules are installed
 	shutRecv atomic.Bool
+	closed   atomic.Bool // close has begun (see mapErr)
+	// ownNamed: the handle's own LayerNetwork rules divert inbound packets
+	// ("in") and locally generated outbound ones ("out not recv *"), so a
+	// packet that carries a receiving interface's name is inbound even when
+	// sin_addr is zero (an interface without an IPv4 address).
+	ownNamed bool
+	// dropper: FlagDrop with rules that are not exact diverts instead, and
+	// this goroutine drops what the filter matches and writes the rest
+	// back (see install). Closed when it ends; nil without one.
+	dropper chan struct{}
 }
 
 func openBackend(cfg *openConfig) (backend, error) {
@@ -147,7 +178,30 @@ func openBackend(cfg *openConfig) (backend, error) {
 			return nil, err
 		}
 	}
+	if b.dropper != nil {
+		go b.drop1()
+	}
 	return b, nil
+}
+
+// drop1 is the user-space half of a FlagDrop handle whose filter ipfw
+// cannot express exactly: its divert rules bring every packet that may
+// match, recvOne writes back the ones the filter does not match, and the
+// ones it returns are dropped by not writing them back. It ends when the
+// handle is shut down or closed.
+func (b *bsdBackend) drop1() {
+	defer close(b.dropper)
+	buf := make([]byte, MTUMax)
+	var a Address
+	for {
+		if _, err := b.recvOne(buf, &a, true); err != nil && !errors.Is(err, ErrTruncated) {
+			if b.closed.Load() || b.shutRecv.Load() || errors.Is(err, ErrShutdown) {
+				return
+			}
+			// A transient error (ENOBUFS...): go on, but not in a spin.
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
 }
 
 func divertSocket() (int, error) {
@@ -192,6 +246,10 @@ func setBuffers(fd, size int) error {
 
 // install adds the handle's ipfw rules.
 func (b *bsdBackend) install(cfg *openConfig) error {
+	// New packets resume after the handle's rule number, so that handles
+	// of equal or higher priority do not take them (a send-only handle
+	// too: its priority still places its injections).
+	b.rule = ipfw.RuleNumber(cfg.priority)
 	if cfg.flags&FlagSendOnly != 0 {
 		return nil // an injection-only handle diverts nothing
 	}
@@ -202,7 +260,6 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 	case cfg.flags&FlagDrop != 0:
 		action = ipfw.Deny
 	}
-	b.rule = ipfw.RuleNumber(cfg.priority)
 	unlock, err := lockIPFW()
 	if err != nil {
 		return err
@@ -229,7 +286,7 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 	if plan.Free < 0 {
 		return fmt.Errorf("divert: no free ipfw set in [%d, %d] for the handle's rules", firstSet, ipfw.MaxSet)
 	}
-	res, err := ipfw.Lower(cfg.filter.Lower(), ipfw.Config{
+	lcfg := ipfw.Config{
 		Number:  b.rule,
 		Set:     uint8(plan.Free),
 		Port:    b.port,
@@ -237,12 +294,28 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 		Forward: cfg.layer == LayerNetworkForward,
 		IfName:  ifName,
 		Tag:     ipfw.Tag(os.Getpid(), b.port),
-	})
+	}
+	res, err := ipfw.Lower(cfg.filter.Lower(), lcfg)
+	if err == nil && action == ipfw.Deny && !res.Exact {
+		// Deny rules wider than the filter would drop packets it does not
+		// match: divert instead, and drop in user space (startDropper).
+		lcfg.Action = ipfw.Divert
+		res, err = ipfw.Lower(cfg.filter.Lower(), lcfg)
+		b.dropper = make(chan struct{})
+	}
 	if err != nil {
 		return fmt.Errorf("divert: %w", err)
 	}
 	if !res.Exact {
 		b.filt = cfg.filter
+	}
+	b.ownNamed = cfg.layer == LayerNetwork
+	if len(res.Rules) == 0 {
+		// The filter matches nothing: no rules, and no set claimed (an
+		// empty set would be handed to the next handle, and this one's
+		// Close would delete that handle's rules).
+		b.dropper = nil
+		return nil
 	}
 	b.mu.Lock()
 	b.set = plan.Free
@@ -330,40 +403,66 @@ func ifName(idx uint32) (string, bool) {
 }
 
 // ifCache maps interface names from sin_zero to index and loopback flag
-// without allocating on a hit.
+// without allocating on a hit. An entry is looked up again after
+// ifCacheTTL, so that an interface destroyed and made again (a new index)
+// is seen.
 type ifCache struct {
-	mu      sync.RWMutex
-	m       map[string]ifInfo
-	checked time.Time
+	mu sync.RWMutex
+	m  map[string]ifInfo
 }
 
 type ifInfo struct {
 	idx  uint32
 	loop bool
 	ok   bool
+	at   time.Time
 }
+
+const ifCacheTTL = 5 * time.Second
 
 func (c *ifCache) lookup(name []byte) ifInfo {
 	c.mu.RLock()
 	info, hit := c.m[string(name)]
 	c.mu.RUnlock()
-	if hit && (info.ok || time.Since(c.checked) < 5*time.Second) {
+	if hit && time.Since(info.at) < ifCacheTTL {
 		return info
 	}
-	ifc, err := net.InterfaceByName(string(name))
-	if err == nil {
-		info = ifInfo{idx: uint32(ifc.Index), loop: ifc.Flags&net.FlagLoopback != 0, ok: true}
-	} else {
-		info = ifInfo{}
-	}
+	info = resolveIf(name)
+	info.at = time.Now()
 	c.mu.Lock()
 	if c.m == nil {
 		c.m = make(map[string]ifInfo)
 	}
 	c.m[string(name)] = info
-	c.checked = time.Now()
 	c.mu.Unlock()
 	return info
+}
+
+// resolveIf finds the interface of a name from sin_zero, which the kernel
+// cuts to 7 bytes (see bsdaddr.ResolveName).
+func resolveIf(name []byte) ifInfo {
+	var ifc *net.Interface
+	if len(name) < bsdaddr.NameLen-1 {
+		var err error
+		if ifc, err = net.InterfaceByName(string(name)); err != nil {
+			return ifInfo{}
+		}
+	} else {
+		all, err := net.Interfaces()
+		if err != nil {
+			return ifInfo{}
+		}
+		names := make([]string, len(all))
+		for i := range all {
+			names[i] = all[i].Name
+		}
+		i, ok := bsdaddr.ResolveName(name, names)
+		if !ok {
+			return ifInfo{}
+		}
+		ifc = &all[i]
+	}
+	return ifInfo{idx: uint32(ifc.Index), loop: ifc.Flags&net.FlagLoopback != 0, ok: true}
 }
 
 func ifaceForInject(idx uint32) (bsdaddr.Iface, error) {
@@ -454,7 +553,9 @@ func (b *bsdBackend) putIO(s *bsdIO) { s.buf = nil; b.states.Put(s) }
 
 func (b *bsdBackend) mapErr(op string, err error) error {
 	switch {
-	case errors.Is(err, os.ErrClosed):
+	case b.closed.Load() || errors.Is(err, os.ErrClosed):
+		// A call blocked in the poller when Close ran gets internal/poll's
+		// "use of closed file", which wraps nothing: the flag tells.
 		return errClosed
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		return fmt.Errorf("divert: %s: %w", op, os.ErrDeadlineExceeded)
@@ -510,6 +611,7 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 		if b.filt != nil && !b.filt.Match(pkt, metaOf(&s.meta, a)) {
 			if b.flags&(FlagSniff) == 0 {
 				// Not ours: straight back, resuming after our rule.
+				b.writeBack(&s.sa)
 				s.buf = pkt
 				if err := b.rc.Write(s.wfn); err != nil {
 					return 0, b.mapErr("reinject", err)
@@ -553,7 +655,7 @@ func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdadd
 		Layer:     b.layer,
 		Event:     EventNetworkPacket,
 		Sniffed:   b.flags&FlagSniff != 0,
-		Outbound:  r.Outbound,
+		Outbound:  r.Outbound && !b.inbound(sa),
 		IPv6:      len(pkt) > 0 && pkt[0]>>4 == 6,
 	}
 	if name := sa.Name(); len(name) > 0 {
@@ -568,6 +670,21 @@ func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdadd
 	a.TCPChecksum = a.Outbound
 	a.UDPChecksum = a.Outbound
 	a.sys = sysAddr{sa: *sa, ifIdx: a.IfIdx, valid: true}
+}
+
+// inbound reports whether the handle's own rules make sa's packet inbound
+// whatever sin_addr says (see ownNamed).
+func (b *bsdBackend) inbound(sa *bsdaddr.Sockaddr) bool {
+	return b.ownNamed && len(sa.Name()) > 0
+}
+
+// writeBack prepares the sockaddr a packet was read with for writing the
+// packet straight back where it was: an inbound packet whose sin_addr is
+// zero needs a non-zero one, else the kernel would send it out.
+func (b *bsdBackend) writeBack(sa *bsdaddr.Sockaddr) {
+	if b.inbound(sa) {
+		sa.MarkInbound()
+	}
 }
 
 func (b *bsdBackend) recv(p []byte, a *Address) (int, error) { return b.recvOne(p, a, true) }
@@ -639,9 +756,17 @@ func (b *bsdBackend) shutdown(how ShutdownHow) error {
 
 func (b *bsdBackend) close() error {
 	err := b.removeRules()
-	if b.flags&FlagSniff == 0 {
+	switch {
+	case b.dropper != nil:
+		// Let the dropper finish what is queued (dropping or writing back
+		// each packet as its filter says), as Shutdown does, then end.
+		b.shutRecv.Store(true)
+		_ = b.f.SetReadDeadline(time.Unix(1, 0))
+		<-b.dropper
+	case b.flags&FlagSniff == 0:
 		b.reinjectUnread()
 	}
+	b.closed.Store(true)
 	if cerr := b.f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("divert: close: %w", cerr)
 	}
@@ -666,6 +791,7 @@ func (b *bsdBackend) reinjectUnread() {
 			return // EAGAIN: the socket is empty
 		}
 		s.buf = s.big[:s.n] // s.sa still holds the packet's divert address
+		b.writeBack(&s.sa)
 		if err := b.rc.Control(func(fd uintptr) { s.sendto(fd) }); err != nil {
 			return
 		}

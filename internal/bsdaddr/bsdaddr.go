@@ -69,6 +69,17 @@ func (s *Sockaddr) Name() []byte {
 // Outbound reports whether the kernel treats s as outbound: sin_addr is zero.
 func (s *Sockaddr) Outbound() bool { return s[4]|s[5]|s[6]|s[7] == 0 }
 
+// MarkInbound gives s a non-zero sin_addr if it has none, so that the
+// kernel delivers the packet in on the interface s names. The kernel leaves
+// sin_addr zero for a packet received on an interface without an IPv4
+// address (an IPv6-only one), which written back as it came would be sent
+// out instead.
+func (s *Sockaddr) MarkInbound() {
+	if s.Outbound() {
+		copy(s[4:8], placeholder[:])
+	}
+}
+
 // Valid reports whether s has the length and family the kernel requires.
 func (s *Sockaddr) Valid() bool { return s[0] == Size && s[1] == AFInet }
 
@@ -134,12 +145,23 @@ var placeholder = [4]byte{0, 0, 0, 1}
 //     the interface has no IPv4 address, so that the kernel does not send it
 //     out). rule is where ipfw resumes: the received rule, or for a new packet
 //     the handle's own rule number so that its own rules skip it.
+//   - A packet received with a name but no address (inbound on an interface
+//     without an IPv4 address) and sent back inbound on the interface it
+//     was reported on keeps recv with a placeholder address.
 //   - recvIfIdx is the IfIdx the received packet was reported with.
 //   - iface resolves ifIdx for inbound packets.
 func Target(dst *Sockaddr, order binary.ByteOrder, outbound bool, ifIdx uint32, rule uint16,
 	recv *Sockaddr, recvIfIdx uint32, iface func(idx uint32) (Iface, error)) error {
 	if recv != nil && recv.Valid() && recv.Outbound() == outbound && (outbound || ifIdx == recvIfIdx) {
 		*dst = *recv
+		return nil
+	}
+	if recv != nil && recv.Valid() && !outbound && recv.Outbound() && len(recv.Name()) > 0 && ifIdx == recvIfIdx {
+		// Received inbound on an interface without an IPv4 address
+		// (sin_addr zero, the name set): back in on that interface, after
+		// the diverting rule.
+		*dst = *recv
+		dst.MarkInbound()
 		return nil
 	}
 	if recv != nil && recv.Valid() {
@@ -173,4 +195,30 @@ func Target(dst *Sockaddr, order binary.ByteOrder, outbound bool, ifIdx uint32, 
 		addr = placeholder
 	}
 	return dst.Set(order, rule, addr, name)
+}
+
+// ResolveName finds the interface a name from sin_zero stands for among
+// names, the host's interface names, and returns its position. The kernel
+// copies at most NameLen-1 bytes of the name, so a name of that length may
+// be the start of a longer one: it resolves to the one interface it is the
+// exact name or the start of, and not at all when it is the start of
+// several ("igb0.10" for "igb0.10" and "igb0.100").
+func ResolveName(name []byte, names []string) (int, bool) {
+	found := -1
+	for i, n := range names {
+		switch {
+		case n == string(name):
+			if len(name) < NameLen-1 {
+				return i, true
+			}
+		case len(name) == NameLen-1 && len(n) > len(name) && n[:len(name)] == string(name):
+		default:
+			continue
+		}
+		if found >= 0 {
+			return -1, false // truncated, and ambiguous
+		}
+		found = i
+	}
+	return found, found >= 0
 }

@@ -202,3 +202,58 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestInboundWithoutIPv4: the kernel leaves sin_addr zero for a packet
+// received on an interface without an IPv4 address. Sent back inbound on
+// the interface it came from, it keeps its rule and name and gets a
+// non-zero address, so that the kernel delivers it in instead of sending it
+// out; MarkInbound does the same for a packet written straight back.
+func TestInboundWithoutIPv4(t *testing.T) {
+	o := binary.LittleEndian
+	sa := received(o, 31000, [4]byte{}, "vtnet1")
+	var dst Sockaddr
+	if err := Target(&dst, o, false, 3, 31000, &sa, 3, nil); err != nil {
+		t.Fatal(err)
+	}
+	if dst.Outbound() || dst.Rule(o) != 31000 || string(dst.Name()) != "vtnet1" {
+		t.Fatalf("target outbound %v, rule %d, name %q: want inbound, 31000, vtnet1", dst.Outbound(), dst.Rule(o), dst.Name())
+	}
+	// Sent back outbound as received: unchanged.
+	if err := Target(&dst, o, true, 3, 31000, &sa, 3, nil); err != nil || dst != sa {
+		t.Fatalf("outbound: %v, %x", err, dst)
+	}
+	w := sa
+	w.MarkInbound()
+	if w.Outbound() || w.Rule(o) != 31000 || string(w.Name()) != "vtnet1" {
+		t.Fatalf("MarkInbound: %x", w)
+	}
+	in := received(o, 31000, [4]byte{10, 0, 0, 1}, "em0")
+	w = in
+	w.MarkInbound()
+	if w != in {
+		t.Fatalf("MarkInbound changed an address that was set: %x", w)
+	}
+}
+
+// TestResolveName: the kernel keeps 7 bytes of the interface name, so a
+// 7-byte name resolves only when one interface starts with it.
+func TestResolveName(t *testing.T) {
+	names := []string{"lo0", "em0", "igb0.10", "igb0.100", "vlan1234", "epair0b"}
+	for _, tc := range []struct {
+		name string
+		want int // -1: not resolved
+	}{
+		{"em0", 1},
+		{"lo0", 0},
+		{"em1", -1},
+		{"igb0.10", -1}, // igb0.10 or a cut igb0.100
+		{"vlan123", 4},  // vlan1234, cut
+		{"epair0b", 5},  // 7 bytes, exactly one interface
+		{"", -1},
+	} {
+		i, ok := ResolveName([]byte(tc.name), names)
+		if (tc.want < 0 && ok) || (tc.want >= 0 && (!ok || i != tc.want)) {
+			t.Errorf("ResolveName(%q) = %d, %v; want %d", tc.name, i, ok, tc.want)
+		}
+	}
+}

@@ -49,6 +49,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -622,14 +623,28 @@ func (t *term) rules(cfg *Config) ([]Rule, bool) {
 		// "//" is the comment, so it goes last.
 		tail = append(tail, "//", cfg.Tag)
 	}
+	// Companions: the fragments of the same datagrams, which the transport
+	// tests cannot judge (see the package comment): "frag" takes the IPv4
+	// fragments at a non-zero offset and every IPv6 fragment, "frag mf" the
+	// IPv4 ones with more to come, the first among them. Every fragment of
+	// a datagram then goes to the socket, which reassembles it, and user
+	// space judges the whole datagram: the rules are no longer exact. A tee
+	// does not reassemble and a first fragment the transport rule teed
+	// would be teed twice, so it gets none.
+	var companions [][]string
+	if len(l4) > 0 && cfg.Action != Tee {
+		companions = append(companions, []string{"frag"})
+		if !slices.Contains(opts, "ip6") {
+			companions = append(companions, []string{"frag", "mf"})
+		}
+		exact = false
+	}
 	var out []Rule
 	for _, d := range dirs {
 		r := append(append(append(append(append(Rule{}, head...), opts...), l4...), d...), iface...)
 		out = append(out, append(r, tail...))
-		if len(l4) > 0 {
-			// companion: the fragments of the same datagrams that the
-			// transport tests cannot match (see the package comment)
-			c := append(append(append(append(append(Rule{}, head...), opts...), "frag"), d...), iface...)
+		for _, fr := range companions {
+			c := append(append(append(append(append(Rule{}, head...), opts...), fr...), d...), iface...)
 			out = append(out, append(c, tail...))
 		}
 	}

@@ -75,6 +75,7 @@ func TestLowerGolden(t *testing.T) {
 			want: []string{
 				"add 31000 set 5 divert 40000 tcp from any to any dst-port 80 out not recv * // " + tag,
 				"add 31000 set 5 divert 40000 tcp from any to any frag out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 tcp from any to any frag mf out not recv * // " + tag,
 			},
 		},
 		{
@@ -86,6 +87,7 @@ func TestLowerGolden(t *testing.T) {
 			want: []string{
 				"add 31000 set 5 divert 40000 udp from 10.1.0.0/16 to any ip4 dst-port 1000-1499,1501-2000 in // " + tag,
 				"add 31000 set 5 divert 40000 udp from 10.1.0.0/16 to any ip4 frag in // " + tag,
+				"add 31000 set 5 divert 40000 udp from 10.1.0.0/16 to any ip4 frag mf in // " + tag,
 			},
 		},
 		{
@@ -123,6 +125,7 @@ func TestLowerGolden(t *testing.T) {
 				"add 31000 set 5 divert 40000 icmp from any to any ip4 icmptypes 8 in // " + tag,
 				// icmptypes never matches a non-first fragment either
 				"add 31000 set 5 divert 40000 icmp from any to any ip4 frag in // " + tag,
+				"add 31000 set 5 divert 40000 icmp from any to any ip4 frag mf in // " + tag,
 			},
 		},
 		{
@@ -134,6 +137,7 @@ func TestLowerGolden(t *testing.T) {
 			want: []string{
 				"add 31000 set 5 divert 40000 tcp from any to any tcpflags syn,!ack out not recv * // " + tag,
 				"add 31000 set 5 divert 40000 tcp from any to any frag out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 tcp from any to any frag mf out not recv * // " + tag,
 			},
 		},
 		{
@@ -233,6 +237,7 @@ func TestLowerGolden(t *testing.T) {
 			want: []string{
 				"add 31000 set 5 divert 40000 tcp from 10.0.0.2 to any ip4 dst-port 443 out not recv * // " + tag,
 				"add 31000 set 5 divert 40000 tcp from 10.0.0.2 to any ip4 frag out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 tcp from 10.0.0.2 to any ip4 frag mf out not recv * // " + tag,
 			},
 		},
 		{
@@ -267,8 +272,8 @@ func TestLowerGolden(t *testing.T) {
 			cfg:  func(c *Config) { c.Forward = true; c.Action = Tee },
 			l:    terms(conds(yes(filter.FieldUDP), c(filter.FieldUDPDstPort, filter.OpEq, 53))),
 			want: []string{
+				// a tee does not reassemble: no companion
 				"add 31000 set 5 tee 40000 udp from any to any dst-port 53 out recv * // " + tag,
-				"add 31000 set 5 tee 40000 udp from any to any frag out recv * // " + tag,
 			},
 		},
 		{
@@ -288,6 +293,7 @@ func TestLowerGolden(t *testing.T) {
 			want: []string{
 				"add 31000 set 5 divert 40000 tcp from any to any dst-port 10-30 in // " + tag,
 				"add 31000 set 5 divert 40000 tcp from any to any frag in // " + tag,
+				"add 31000 set 5 divert 40000 tcp from any to any frag mf in // " + tag,
 			},
 		},
 	} {
@@ -378,14 +384,24 @@ func TestLowerIfNames(t *testing.T) {
 }
 
 func TestLowerExactForward(t *testing.T) {
-	// At the forward layer nothing approximates "udp.DstPort == 53 and udp"
-	// except the presence test of udp itself.
-	res, err := Lower(terms(conds(c(filter.FieldUDPDstPort, filter.OpEq, 53))), Config{Number: 1, Port: 1, Forward: true})
+	// At the forward layer an address test is exact.
+	res, err := Lower(terms(conds(c(filter.FieldIPDstAddr, filter.OpEq, v4(192, 0, 2, 1)))), Config{Number: 1, Port: 1, Forward: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !res.Exact {
-		t.Fatal("port test at the forward layer should be exact")
+		t.Fatalf("address test at the forward layer should be exact: %q", res.Rules)
+	}
+	// A port test is not: its companions take every fragmented datagram,
+	// whatever its ports, and user space judges it whole.
+	for _, a := range []Action{Divert, Deny} {
+		res, err = Lower(terms(conds(c(filter.FieldUDPDstPort, filter.OpEq, 53))), Config{Number: 1, Port: 1, Forward: true, Action: a})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Exact || len(res.Rules) != 3 {
+			t.Fatalf("action %v: exact %v, rules %q: want the port rule and two companions, inexact", a, res.Exact, res.Rules)
+		}
 	}
 	res, _ = Lower(&filter.Lowered{Terms: []filter.Term{{}}}, Config{Number: 1, Port: 1, Forward: true})
 	if res.Exact {
