@@ -31,18 +31,23 @@
 // Fragments: ipfw port and flag options never match a non-first fragment
 // (ipfw(8) PACKET SELECTION, "ports"; RULE OPTIONS, tcpflags), while the
 // divert action reassembles the datagram. A term that tests transport
-// fields therefore gets a companion rule matching its fragments with the
-// bare "frag" option, so that the whole datagram reaches the socket instead
-// of being completed by ip_input behind the handle's back. ipfw(8) RULE
-// OPTIONS, "frag spec": since FreeBSD 13 frag takes an optional list (df, mf,
-// rf, offset) that tests IPv4 only, and an empty list keeps the old meaning,
-// a non-zero fragment offset, "both IPv4 and IPv6". The parser takes the
-// next argument as that list only if every comma-separated word of it is one
-// of those flags, so the "in"/"out" that follows here is never swallowed.
-// For IPv6 the kernel (ipfw_chk) counts the more-fragments bit into the
-// offset and does not parse the transport header of any fragment, so there
-// the bare frag companion also takes the first fragment, which the port
-// rule cannot match.
+// fields therefore gets companion rules that take every fragment of every
+// datagram of its protocol and addresses, so that the datagram reaches the
+// socket whole, and its rules are not exact: user space judges the whole
+// datagram and writes back the ones the filter does not match. Were only
+// the later fragments taken, an IPv4 datagram whose first fragment fails the
+// port test would go on without them and die in divert's reassembly queue.
+// ipfw(8) RULE OPTIONS, "frag spec": since FreeBSD 13 frag takes an optional
+// list (df, mf, rf, offset) that tests IPv4 only, and an empty list keeps the
+// old meaning, a non-zero fragment offset, "both IPv4 and IPv6". The parser
+// takes the next argument as that list only if every comma-separated word of
+// it is one of those flags, so the "in"/"out" that follows here is never
+// swallowed. "frag" takes the IPv4 fragments at a non-zero offset, "frag mf"
+// the IPv4 ones with more to come (the first among them). For IPv6 the
+// kernel (ipfw_chk) counts the more-fragments bit into the offset, so bare
+// frag takes every fragment, the first included. A tee does not reassemble,
+// and would copy a first fragment that the transport rule teed twice: tee
+// rules get no companions.
 package ipfw
 
 import (
