@@ -597,7 +597,12 @@ func (h *Handle) Send(b []byte, a *Address) (int, error) {
 }
 
 // SendBatch sends up to min(len(ms), BatchMax) messages, each Buf[:N] with
-// its Addr, and returns how many were sent.
+// its Addr, and returns how many were sent. On error the count is how many
+// messages went before the one that failed, so a caller can go on from
+// there; on Windows, where a batch is one WinDivertSendEx that injects its
+// other packets past one it could not, the count is then every message
+// (and N must be the packet's IP length, as the driver cuts the batch by
+// it).
 func (h *Handle) SendBatch(ms []Message) (int, error) {
 	if err := h.checkSend(); err != nil {
 		return 0, err
@@ -631,7 +636,9 @@ func (h *Handle) Drop(a *Address) error {
 
 // Shutdown stops receiving, sending or both, like WinDivertShutdown: after
 // ShutdownRecv no new packet is queued, packets already queued can still be
-// received, and then Recv returns ErrShutdown.
+// received, and then Recv returns ErrShutdown (at LayerReflect, where
+// WinDivert never ends a receive for a shutdown, Recv keeps waiting: use
+// Close or a read deadline).
 func (h *Handle) Shutdown(how ShutdownHow) error {
 	if h.closed.Load() {
 		return errClosed

@@ -52,6 +52,7 @@ package divert
 // WinDivert has no way to let packets pass instead.
 
 import (
+	"encoding/binary"
 	"fmt"
 	"os"
 	"sync"
@@ -91,8 +92,12 @@ type winBackend struct {
 	sbuf   []byte
 	saddrs [BatchMax]windivert.RawAddr
 
-	dlMu   sync.Mutex // guards deadline, timedOut, closed
+	dlMu   sync.Mutex // guards deadline, timedOut, closed, recvSeq
 	closed bool
+	// inRecv is the number of the RecvEx in progress (recvSeq counts
+	// them), 0 between them: see cancelRecv.
+	recvSeq uint64
+	inRecv  atomic.Uint64
 
 	reasm     *winReasm    // FlagReassemble, else nil
 	queueTime atomic.Int64 // ParamQueueTime, ns
@@ -168,8 +173,30 @@ func (b *winBackend) expire() {
 		return
 	}
 	b.timedOut = true
+	g := b.inRecv.Load()
 	b.dlMu.Unlock()
+	b.cancelRecv(g)
+}
+
+// cancelRecv aborts receive number g, if it is still in progress.
+// CancelIoEx reaches only an I/O already issued, and a receive may be
+// between its deadline check and its DeviceIoControl: while receive g has
+// not returned, it is cancelled again every 100 us (in the background, for
+// at most a second) so that the cancel cannot fall in that gap.
+func (b *winBackend) cancelRecv(g uint64) {
+	if g == 0 {
+		return
+	}
 	_ = b.h.CancelRecv()
+	if b.inRecv.Load() != g {
+		return
+	}
+	go func() {
+		for end := time.Now().Add(time.Second); b.inRecv.Load() == g && time.Now().Before(end); {
+			time.Sleep(100 * time.Microsecond)
+			_ = b.h.CancelRecv()
+		}
+	}()
 }
 
 // recvRaw runs one RecvEx into buf with up to len(addrs) items, honouring
@@ -187,8 +214,11 @@ func (b *winBackend) recvRaw(buf []byte, addrs []windivert.RawAddr) (int, int, e
 			}
 			b.timer.Reset(d)
 		}
+		b.recvSeq++
+		b.inRecv.Store(b.recvSeq)
 		b.dlMu.Unlock()
 		n, c, err := b.h.RecvEx(buf, addrs)
+		b.inRecv.Store(0)
 		b.timer.Stop() // also one armed by SetReadDeadline during the receive
 		if windivert.Code(err) == windivert.ErrorOperationAborted {
 			b.dlMu.Lock()
@@ -310,6 +340,20 @@ func (b *winBackend) sendBatch(ms []Message) (int, error) {
 	if b.reasm != nil {
 		return b.sendBatchReassembled(ms)
 	}
+	// WinDivert cuts the batch by each packet's IP length: a message whose
+	// N differs would shift every packet after it. The messages before the
+	// first such one are sent; it is reported.
+	valid, verr := len(ms), error(nil)
+	for i := range ms {
+		if err := ipLengthIs(ms[i].Buf[:ms[i].N]); err != nil {
+			valid, verr = i, fmt.Errorf("divert: message %d: %w", i, err)
+			break
+		}
+	}
+	ms = ms[:valid]
+	if len(ms) == 0 {
+		return 0, verr
+	}
 	b.sendMu.Lock()
 	defer b.sendMu.Unlock()
 	total := 0
@@ -325,10 +369,55 @@ func (b *winBackend) sendBatch(ms []Message) (int, error) {
 		encodeAddr(&b.saddrs[i], &ms[i].Addr, b.layer)
 	}
 	if _, err := b.h.SendEx(buf, b.saddrs[:len(ms)]); err != nil {
+		if softSendError(err) {
+			return len(ms), fmt.Errorf("divert: send: a packet of the batch was not injected, the others were: %w", b.mapError("send", err))
+		}
 		return 0, b.mapError("send", err)
 	}
-	return len(ms), nil
+	return len(ms), verr
 }
+
+// ipLengthIs checks that p is one whole IPv4 or IPv6 packet by the length
+// its header gives, the way the driver cuts a batch into packets.
+func ipLengthIs(p []byte) error {
+	switch {
+	case len(p) >= 20 && p[0]>>4 == 4:
+		if l := int(binary.BigEndian.Uint16(p[2:4])); l != len(p) {
+			return fmt.Errorf("length %d is not the IPv4 total length %d", len(p), l)
+		}
+	case len(p) >= 40 && p[0]>>4 == 6:
+		if l := 40 + int(binary.BigEndian.Uint16(p[4:6])); l != len(p) {
+			return fmt.Errorf("length %d is not the IPv6 length %d (40 + payload length)", len(p), l)
+		}
+	default:
+		return fmt.Errorf("%d bytes are not an IPv4 or IPv6 packet", len(p))
+	}
+	return nil
+}
+
+// softSendError reports whether a failed WinDivertSendEx still injected the
+// rest of its batch: the driver (sys/windivert.c, windivert_write) keeps
+// going past a packet it could not inject, and completes the request with
+// that packet's error; it stops only on a bad request, a bad or cut packet,
+// a shut-down or closed handle and a want of memory.
+func softSendError(err error) bool {
+	switch windivert.Code(err) {
+	case windivert.ErrorInvalidParameter, windivert.ErrorInsufficientBuffer, windivert.ErrorNoData,
+		windivert.ErrorInvalidHandle, windivert.ErrorAccessDenied, windivert.ErrorOperationAborted,
+		errorBadCommand, errorNoSystemResources, errorNotEnoughMemory:
+		return false
+	}
+	return windivert.Code(err) != 0
+}
+
+// Win32 codes of the driver's hard send errors that internal/windivert
+// does not name: STATUS_INVALID_DEVICE_STATE and STATUS_INSUFFICIENT_RESOURCES
+// as Windows maps them, and ERROR_NOT_ENOUGH_MEMORY.
+const (
+	errorNotEnoughMemory   = 8
+	errorBadCommand        = 22
+	errorNoSystemResources = 1450
+)
 
 // drop is a no-op: a received packet is gone unless sent back.
 func (b *winBackend) drop(*Address) error { return nil }
@@ -371,7 +460,7 @@ func (b *winBackend) setReadDeadline(t time.Time) error {
 	case !time.Now().Before(t):
 		// Already past: wake a pending receive now.
 		b.timedOut = true
-		_ = b.h.CancelRecv()
+		b.cancelRecv(b.inRecv.Load())
 	default:
 		// A pending receive gets the new deadline (expire re-checks it).
 		b.timer.Reset(time.Until(t))

@@ -1403,3 +1403,154 @@ func TestWinOpenFlagsSupport(t *testing.T) {
 		t.Fatalf("unsupported opens reached WinDivertOpen: %+v", *calls)
 	}
 }
+
+// winPendingHandle cancels as CancelIoEx does: only a receive already
+// issued (pending) is aborted, and a cancel with nothing pending does
+// nothing, which imgkHandle.CancelRecv reports as nil. RecvEx says it was
+// entered and waits for gate before it becomes pending: the instructions
+// between recvRaw's deadline check and its DeviceIoControl.
+type winPendingHandle struct {
+	*windivert.Fake
+	mu      sync.Mutex
+	pending bool
+	abort   chan struct{}
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (h *winPendingHandle) RecvEx(b []byte, a []windivert.RawAddr) (int, int, error) {
+	h.entered <- struct{}{}
+	<-h.gate
+	h.mu.Lock()
+	h.pending = true
+	h.abort = make(chan struct{})
+	ab := h.abort
+	h.mu.Unlock()
+	defer func() { h.mu.Lock(); h.pending = false; h.mu.Unlock() }()
+	select {
+	case <-ab:
+		return 0, 0, windivert.FakeErrno(windivert.ErrorOperationAborted)
+	case <-time.After(3 * time.Second): // no packet ever comes: a safety stop
+		return 0, 0, windivert.FakeErrno(1460) // ERROR_TIMEOUT, test only
+	}
+}
+
+func (h *winPendingHandle) CancelRecv() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.pending {
+		close(h.abort)
+		h.pending = false
+	}
+	return nil
+}
+
+// TestWinDeadlineBeforePending: SetReadDeadline(time.Now()), the usual way
+// to wake a reader, issued while Recv is between its deadline check and
+// its DeviceIoControl still ends that Recv with os.ErrDeadlineExceeded: the
+// cancel is repeated until the receive returns.
+func TestWinDeadlineBeforePending(t *testing.T) {
+	ph := &winPendingHandle{Fake: windivert.NewFake(), entered: make(chan struct{}, 1), gate: make(chan struct{})}
+	winSeam(t, ph, nil)
+	h, err := Open("true", LayerNetwork, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	done := make(chan error, 1)
+	go func() {
+		var a Address
+		_, err := h.Recv(make([]byte, 100), &a)
+		done <- err
+	}()
+	<-ph.entered // Recv checked the (zero) deadline; its I/O is not issued yet
+	start := time.Now()
+	h.SetReadDeadline(time.Now())
+	close(ph.gate) // now it is
+	err = <-done
+	if el := time.Since(start); !errors.Is(err, os.ErrDeadlineExceeded) || el > time.Second {
+		t.Fatalf("Recv after SetReadDeadline(now) = %v after %v; want os.ErrDeadlineExceeded at once", err, el)
+	}
+}
+
+// winDriverSendHandle splits a SendEx buffer as the driver does
+// (sys/windivert.c, windivert_write): by each packet's IP length, not by
+// the caller's; a packet that fails to inject (failIdx) is a soft error:
+// the others are still injected and the request completes with the error.
+type winDriverSendHandle struct {
+	*windivert.Fake
+	mu       sync.Mutex
+	injected [][]byte
+	failIdx  int // -1: none
+}
+
+func (d *winDriverSendHandle) SendEx(b []byte, addrs []windivert.RawAddr) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var soft error
+	n := 0
+	for i := range addrs {
+		if len(b) < 20 {
+			return n, windivert.FakeErrno(windivert.ErrorInsufficientBuffer)
+		}
+		l := int(binary.BigEndian.Uint16(b[2:4]))
+		if b[0]>>4 != 4 || l < 20 {
+			return n, windivert.FakeErrno(windivert.ErrorInvalidParameter)
+		}
+		if l > len(b) {
+			return n, windivert.FakeErrno(windivert.ErrorInsufficientBuffer)
+		}
+		if i == d.failIdx {
+			soft = windivert.FakeErrno(windivert.ErrorHostUnreachable)
+		} else {
+			d.injected = append(d.injected, append([]byte(nil), b[:l]...))
+		}
+		n += l
+		b = b[l:]
+	}
+	return n, soft
+}
+
+// TestWinSendBatchSoftError: WinDivert injects the rest of a batch past a
+// packet it could not inject, so SendBatch counts every message (a caller
+// that resent from the count would duplicate them) and returns the error.
+func TestWinSendBatchSoftError(t *testing.T) {
+	d := &winDriverSendHandle{Fake: windivert.NewFake(), failIdx: 1}
+	winSeam(t, d, nil)
+	h, err := Open("true", LayerNetwork, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	ms := make([]Message, 3)
+	for i := range ms {
+		ms[i] = Message{Buf: winIPv4(40, byte(i)), N: 40, Addr: Address{Outbound: true}}
+	}
+	n, err := h.SendBatch(ms)
+	if n != 3 || windivert.Code(err) != windivert.ErrorHostUnreachable || len(d.injected) != 2 {
+		t.Fatalf("SendBatch = %d, %v (code %d); injected %d: want 3 and ERROR_HOST_UNREACHABLE, 2 injected", n, err, windivert.Code(err), len(d.injected))
+	}
+}
+
+// TestWinSendBatchLengthMismatch: the driver cuts a batch by IP length, so
+// a message whose N is not its packet's length would shift the ones after
+// it. SendBatch sends the messages before it and reports it.
+func TestWinSendBatchLengthMismatch(t *testing.T) {
+	d := &winDriverSendHandle{Fake: windivert.NewFake(), failIdx: -1}
+	winSeam(t, d, nil)
+	h, err := Open("true", LayerNetwork, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	p0, p1, p2 := winIPv4(60, 0xAA), winIPv4(60, 0xBB), winIPv4(60, 0xCC)
+	ms := []Message{
+		{Buf: p0, N: 60, Addr: Address{Outbound: true}},
+		{Buf: p1, N: 40, Addr: Address{Outbound: true}}, // N shorter than the IP length
+		{Buf: p2, N: 60, Addr: Address{Outbound: true}},
+	}
+	n, err := h.SendBatch(ms)
+	if n != 1 || err == nil || len(d.injected) != 1 || !bytes.Equal(d.injected[0], p0) {
+		t.Fatalf("SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1", n, err, len(d.injected))
+	}
+}

@@ -311,13 +311,16 @@ func (r *winReasm) resetItems() {
 // with as few WinDivertSendEx calls as BatchMax allows (one, up to BatchMax
 // items). It returns how many messages were sent whole (r.owner[i] is the
 // message of item i); a message split across two calls of which the second
-// failed counts as not sent.
+// failed counts as not sent. A packet the driver could not inject does not
+// stop the others (see softSendError): the messages count as sent, and the
+// error is returned after the last call.
 func (b *winBackend) sendChunks(buf []byte) (int, error) {
 	r := b.reasm
 	if len(r.saddrs) == 0 {
 		return 0, nil
 	}
 	off := 0
+	var soft error
 	for start := 0; start < len(r.saddrs); {
 		end := min(start+BatchMax, len(r.saddrs))
 		n := 0
@@ -325,10 +328,15 @@ func (b *winBackend) sendChunks(buf []byte) (int, error) {
 			n += l
 		}
 		if _, err := b.h.SendEx(buf[off:off+n], r.saddrs[start:end]); err != nil {
-			return r.owner[start], b.mapError("send", err)
+			if !softSendError(err) {
+				return r.owner[start], b.mapError("send", err)
+			}
+			if soft == nil {
+				soft = fmt.Errorf("divert: send: a packet of the batch was not injected, the others were: %w", b.mapError("send", err))
+			}
 		}
 		off += n
 		start = end
 	}
-	return r.owner[len(r.owner)-1] + 1, nil
+	return r.owner[len(r.owner)-1] + 1, soft
 }

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"reflect"
 	"sync"
+	"sync/atomic"
+	"time"
 	"unsafe"
 
 	imgk "github.com/imgk/divert-go"
@@ -65,6 +67,10 @@ type imgkHandle struct {
 	rOv    *windows.Overlapped
 	recvMu sync.Mutex // imgk shares one OVERLAPPED per direction
 	sendMu sync.Mutex
+	// closed is set by Close before it waits for the I/O in progress: a
+	// call that takes its mutex afterwards fails instead of issuing I/O on
+	// a handle that is closed (or whose value Windows gave to another).
+	closed atomic.Bool
 }
 
 // Open opens a WinDivert handle. filter is WinDivert's filter text.
@@ -138,6 +144,9 @@ func (h *imgkHandle) RecvEx(buf []byte, addrs []RawAddr) (int, int, error) {
 	}
 	h.recvMu.Lock()
 	defer h.recvMu.Unlock()
+	if h.closed.Load() {
+		return 0, 0, windows.ERROR_INVALID_HANDLE
+	}
 	n, c, err := h.h.RecvEx(buf, asImgk(addrs))
 	return int(n), int(c), errnoOf(err)
 }
@@ -148,6 +157,9 @@ func (h *imgkHandle) SendEx(buf []byte, addrs []RawAddr) (int, error) {
 	}
 	h.sendMu.Lock()
 	defer h.sendMu.Unlock()
+	if h.closed.Load() {
+		return 0, windows.ERROR_INVALID_HANDLE
+	}
 	n, err := h.h.SendEx(buf, asImgk(addrs))
 	return int(n), errnoOf(err)
 }
@@ -176,9 +188,18 @@ func (h *imgkHandle) SetParam(p uint32, v uint64) error {
 }
 
 // Close cancels pending I/O, waits for it to return, then closes.
+// CancelIoEx reaches only I/O already issued, and a receive may hold
+// recvMu without having issued its DeviceIoControl yet: Close cancels again
+// until it has the receive side (that receive then finds closed set, or
+// its I/O is cancelled).
 func (h *imgkHandle) Close() error {
-	_ = windows.CancelIoEx(h.h.Handle, nil)
-	h.recvMu.Lock()
+	if h.closed.Swap(true) {
+		return windows.ERROR_INVALID_HANDLE
+	}
+	for !h.recvMu.TryLock() {
+		_ = windows.CancelIoEx(h.h.Handle, nil)
+		time.Sleep(time.Millisecond)
+	}
 	h.sendMu.Lock()
 	defer h.recvMu.Unlock()
 	defer h.sendMu.Unlock()
