@@ -141,8 +141,9 @@ const (
 	// FlagSendOnly forbids Recv on the handle (an injection-only handle,
 	// usually opened with the filter "false").
 	FlagSendOnly Flag = 0x08
-	// FlagNoInstall fails instead of installing a missing driver (Windows)
-	// or kernel module.
+	// FlagNoInstall fails instead of installing a missing driver
+	// (Windows). Elsewhere it changes nothing: the library never loads a
+	// kernel module.
 	FlagNoInstall Flag = 0x10
 	// FlagFragments hands over IP fragments as they are on the wire instead
 	// of reassembled datagrams (inbound, network layer).
@@ -294,23 +295,23 @@ type FilterError = filter.Error
 // LayerSocket. Addresses are 16-byte values; IPv4 is IPv4-mapped
 // (::ffff:a.b.c.d), as in WinDivert.
 type FlowData struct {
-	EndpointID       uint64
-	ParentEndpointID uint64
-	ProcessID        uint32
-	LocalAddr        [16]byte
-	RemoteAddr       [16]byte
-	LocalPort        uint16
-	RemotePort       uint16
-	Protocol         uint8
+	EndpointID       uint64   // the endpoint (WinDivert's EndpointId)
+	ParentEndpointID uint64   // the parent endpoint (ParentEndpointId)
+	ProcessID        uint32   // the process that owns the flow or socket
+	LocalAddr        [16]byte // local address, IPv4-mapped for IPv4
+	RemoteAddr       [16]byte // remote address, IPv4-mapped for IPv4
+	LocalPort        uint16   // local port
+	RemotePort       uint16   // remote port
+	Protocol         uint8    // IP protocol number
 }
 
 // ReflectData describes another handle at LayerReflect.
 type ReflectData struct {
-	Timestamp int64
-	ProcessID uint32
-	Layer     Layer
-	Flags     Flag
-	Priority  int16
+	Timestamp int64  // when the handle was opened (QueryPerformanceCounter ticks)
+	ProcessID uint32 // the process that opened it
+	Layer     Layer  // its layer
+	Flags     Flag   // its flags
+	Priority  int16  // its priority
 }
 
 // Address is what comes with every packet: where it was taken and how to put
@@ -333,7 +334,9 @@ type Address struct {
 	Outbound bool
 	// Loopback is set for packets from the host to itself.
 	Loopback bool
-	// Impostor is set for packets injected by someone else.
+	// Impostor is set for packets injected by someone else (Windows: by
+	// another driver). Linux and FreeBSD never set it, so the filter's
+	// impostor field is false there.
 	Impostor bool
 	// IPv6 is set for IPv6 packets.
 	IPv6 bool
@@ -359,9 +362,9 @@ type Address struct {
 // Message is one packet of a batch: Buf is caller-owned, the packet is
 // Buf[:N].
 type Message struct {
-	Buf  []byte
-	N    int
-	Addr Address
+	Buf  []byte  // the caller's buffer
+	N    int     // the packet's length: RecvBatch sets it, SendBatch reads it
+	Addr Address // the packet's address
 }
 
 // backend is the seam between Handle and an OS implementation. Handle checks
@@ -581,8 +584,11 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // stack through lo, so other handles see it as outbound loopback and
 // a.IfIdx is not used. Any other destination (another host's, a broadcast
 // or multicast one) would leave the host, so Send refuses it with an error
-// wrapping ErrNotSupported and sends nothing. Checksums are sent as given; use CalcChecksums after
-// changing a packet.
+// wrapping ErrNotSupported and sends nothing. Checksums: for a new packet a
+// clear checksum bit of a (a zero Address has them all clear) makes Send
+// compute that checksum on Linux and Windows (WinDivert's driver does);
+// set bits, reinjected packets and FreeBSD send the packet's as given. Use
+// CalcChecksums after changing a packet.
 func (h *Handle) Send(b []byte, a *Address) (int, error) {
 	if err := h.checkSend(); err != nil {
 		return 0, err
@@ -657,8 +663,10 @@ func (h *Handle) Shutdown(how ShutdownHow) error {
 
 // Close closes the handle: its rules are removed, packets still queued are
 // reinjected (as WinDivert does), and blocked calls return net.ErrClosed.
-// Later calls return net.ErrClosed. On FreeBSD a packet the program has
-// received is no longer queued: unless sent back first, it is gone.
+// Later calls return net.ErrClosed. Only on Linux does a packet the program
+// has received (and not sent back) stay queued until Close reinjects it; on
+// FreeBSD, on Windows and in a Pipe it has left the queue, and unless sent
+// back first it is gone.
 func (h *Handle) Close() error {
 	if h.closed.Swap(true) {
 		return errClosed

@@ -10,7 +10,8 @@ import (
 )
 
 // This file holds WinDivert's packet helpers: pure Go, any OS, no driver or
-// privilege needed, and no allocation.
+// privilege needed, and no allocation for a packet that parses (an error
+// is built when it is returned).
 
 // Packet is a parsed view of one IP packet: every slice aliases the buffer
 // given to ParsePacket. Headers that are absent are nil.
@@ -217,8 +218,10 @@ var errFragment = errors.New("divert: transport checksum of a fragment needs the
 // buffer ends before the IP length (an error wrapping ErrTruncated) or the
 // packet is a first fragment, whose checksum covers data the buffer does
 // not hold, the IPv4 header checksum is still fixed but the transport
-// checksum is left alone and an error is returned. Non-first fragments
-// have no transport header: only the IPv4 header checksum is computed.
+// checksum is left alone and an error is returned, unless flags skip that
+// checksum (then there is nothing left undone, and no error). Non-first
+// fragments have no transport header: only the IPv4 header checksum is
+// computed.
 func CalcChecksums(b []byte, a *Address, flags ChecksumFlag) error {
 	if flags&^checksumFlagsAll != 0 {
 		return fmt.Errorf("divert: unknown checksum flag bits %#x", uint64(flags&^checksumFlagsAll))
@@ -233,9 +236,6 @@ func CalcChecksums(b []byte, a *Address, flags ChecksumFlag) error {
 			a.IPChecksum = true
 		}
 	}
-	if p.TransOff < 0 {
-		return nil
-	}
 	var skip ChecksumFlag
 	switch p.Protocol {
 	case packet.ProtoICMP:
@@ -246,6 +246,13 @@ func CalcChecksums(b []byte, a *Address, flags ChecksumFlag) error {
 		skip = NoTCPChecksum
 	case packet.ProtoUDP:
 		skip = NoUDPChecksum
+	}
+	if p.TransOff < 0 {
+		if p.Truncated && skip != 0 && flags&skip == 0 {
+			// The buffer ends inside the transport header.
+			return fmt.Errorf("%w: %d-byte buffer ends inside a %d-byte packet, in its transport header", ErrTruncated, len(b), p.IPLen)
+		}
+		return nil // a non-first fragment, or no checksum this helper computes
 	}
 	if flags&skip != 0 {
 		return nil

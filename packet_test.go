@@ -748,3 +748,21 @@ func BenchmarkDecrementTTL(b *testing.B) {
 		DecrementTTL(pkt)
 	}
 }
+
+// TestCalcChecksumsTruncatedTransport: a buffer that ends inside the TCP
+// header cannot have its TCP checksum computed: ErrTruncated, as for a
+// buffer that ends later; with the TCP checksum skipped by flag nothing is
+// left undone and there is no error.
+func TestCalcChecksumsTruncatedTransport(t *testing.T) {
+	b := make([]byte, 40) // IPv4 TCP, total length 60: the buffer is cut
+	b[0], b[3], b[8], b[9] = 0x45, 60, 64, 6
+	b[20+12] = 5 << 4
+	for _, n := range []int{40, 30} {
+		if err := CalcChecksums(b[:n], nil, 0); !errors.Is(err, ErrTruncated) {
+			t.Errorf("%d of 60 bytes: %v, want ErrTruncated", n, err)
+		}
+		if err := CalcChecksums(b[:n], nil, NoTCPChecksum); err != nil {
+			t.Errorf("%d of 60 bytes, TCP checksum skipped: %v", n, err)
+		}
+	}
+}

@@ -123,8 +123,8 @@ type Meta struct {
 	Protocol         uint8    // transport protocol number
 
 	// REFLECT layer: the reflected handle's layer and priority.
-	ReflectLayer Layer
-	Priority     int16
+	ReflectLayer Layer // the reflected handle's layer
+	Priority     int16 // the reflected handle's priority
 }
 
 // Filter is a compiled filter. It is immutable and safe for concurrent use.

@@ -118,8 +118,8 @@ const (
 // Any negative value is below any non-negative one (WinDivert's rule, so -0 <
 // 0). IPv4 addresses are IPv4-mapped: Hi == 0, Lo == 0x0000FFFF_aabbccdd.
 type Value struct {
-	Hi, Lo uint64
-	Neg    bool
+	Hi, Lo uint64 // the magnitude's high and low 64 bits
+	Neg    bool   // the value is negative (the magnitude with a minus)
 }
 
 // Cond is one comparison in lowered form. It holds for a packet iff Field is
@@ -127,15 +127,15 @@ type Value struct {
 // "Field Op Value" is true. Boolean fields are always present at the network
 // layers, so "not tcp" is Cond{Field: FieldTCP, Op: OpEq, Value: 0}.
 type Cond struct {
-	Field Field
+	Field Field // the field compared
 	Index int32 // byte offset for the array fields; negative counts from the end
-	Op    Op
-	Value Value
+	Op    Op    // the comparison
+	Value Value // the constant compared with
 }
 
 // Term is a conjunction of Conds. An empty Term matches every packet.
 type Term struct {
-	Conds []Cond
+	Conds []Cond // every one must hold
 }
 
 // Lowered is a disjunction of Terms: the filter can match a packet only if
@@ -144,6 +144,6 @@ type Term struct {
 // space must finish the match with (*Filter).Match. No Terms means the
 // filter matches nothing.
 type Lowered struct {
-	Terms []Term
-	Exact bool
+	Terms []Term // the filter can match only what some Term matches
+	Exact bool   // the Terms match exactly what the filter does
 }

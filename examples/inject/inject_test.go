@@ -145,7 +145,7 @@ func TestInjectInbound(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%v\n%s", err, errOut)
 			}
-			if !strings.Contains(out, fmt.Sprintf("inbound on interface %d", l.B.IfIdx)) {
+			if !strings.Contains(out, "inbound (through lo)") {
 				t.Fatalf("output: %s", out)
 			}
 			u.SetReadDeadline(time.Now().Add(3 * time.Second))

@@ -20,6 +20,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"time"
 
 	"github.com/netdivert/divert"
@@ -146,6 +147,9 @@ func run(ctx context.Context, c *config, out io.Writer) error {
 	dir := "outbound"
 	if c.in {
 		dir = fmt.Sprintf("inbound on interface %d", c.ifIdx)
+		if runtime.GOOS == "linux" {
+			dir = "inbound (through lo)" // see divert.Handle.Send
+		}
 	}
 	for i := range c.count {
 		if i > 0 {
