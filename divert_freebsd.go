@@ -13,11 +13,12 @@ package divert
 // Rules: Open lowers the filter (package internal/ipfw) to rules
 // "ipfw add NUM set SET divert PORT ...", runs /sbin/ipfw to install them,
 // and deletes the set on Close. NUM comes from the priority (1000 for
-// PriorityHighest, 31000 for 0, 61000 for PriorityLowest; every rule of the
-// handle shares it), SET is a set of 1..30 that holds no rules (one per
-// handle, so at most 30 handles with rules at once), and every rule carries
-// the comment "netdivert pid=PID port=PORT". Sets holding only such rules
-// of processes that no longer exist are deleted at the next Open. Rule
+// PriorityHighest, 31000 for 0, 61000 for PriorityLowest; every rule of
+// the handle shares it; see below for equal priorities), SET is a set of
+// 1..30 that holds no rules (one per handle, so at most 30 handles with
+// rules at once), and every rule carries the comment "netdivert pid=PID
+// port=PORT prio=PRIORITY". Sets holding only such rules of processes that
+// no longer exist are deleted at the next Open. Rule
 // changes are serialised between processes with flock on
 // /var/run/netdivert-ipfw.lock. The IP_FW3 socket option would avoid the
 // exec but its opcode stream is an internal ABI that changed in FreeBSD 15.
@@ -42,11 +43,13 @@ package divert
 //     whole; user space then judges it. There is no fail-open:
 //     FlagPassThrough and FlagFailOpen are not supported (with no reader,
 //     packets are dropped).
-//   - Handles of equal priority share their rule number, and a packet one
-//     of them writes back resumes after that number: the other does not
-//     see it (WinDivert orders equal priorities by open time and shows the
-//     packet to both). Give handles that must both see a packet different
-//     priorities.
+//   - A handle opened while others of equal priority have rules gets the
+//     first number above theirs (and below every handle of lower
+//     priority), so that every one of them sees a packet the others write
+//     back, as in WinDivert, which orders equal priorities by open time.
+//     When the numbers are so packed that none fits, it shares the
+//     priority's number, and then does not see what the other writes back
+//     (ipfw.PlanNumber).
 //   - Params: ParamQueueSize sets SO_RCVBUF and SO_SNDBUF (bounded by
 //     kern.ipc.maxsockbuf); ParamQueueLength and ParamQueueTime have no
 //     kernel counterpart and are kept but not enforced (a packet waits in
@@ -277,7 +280,11 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 	if err != nil {
 		return err
 	}
-	plan := ipfw.PlanSets(ipfw.ParseList(list), disabled, firstSet, processAlive)
+	listed := ipfw.ParseList(list)
+	plan := ipfw.PlanSets(listed, disabled, firstSet, processAlive)
+	// After every live handle of higher or equal priority, before every
+	// one of lower priority (see ipfw.PlanNumber).
+	b.rule = ipfw.PlanNumber(listed, cfg.priority, processAlive)
 	for _, s := range plan.Stale {
 		if _, err := runIPFW("-q", "delete", "set", strconv.Itoa(int(s))); err != nil {
 			return err
@@ -293,7 +300,7 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 		Action:  action,
 		Forward: cfg.layer == LayerNetworkForward,
 		IfName:  ifName,
-		Tag:     ipfw.Tag(os.Getpid(), b.port),
+		Tag:     ipfw.Tag(os.Getpid(), b.port, cfg.priority),
 	}
 	res, err := ipfw.Lower(cfg.filter.Lower(), lcfg)
 	if err == nil && action == ipfw.Deny && !res.Exact {

@@ -26,7 +26,8 @@
 // Every rule of a handle has the same number, so that a packet written back
 // with the sockaddr it was read with resumes after all of the handle's rules
 // (ipfw skips every rule sharing the diverting rule's number) and is seen by
-// rules with higher numbers only: lower-priority handles, as in WinDivert.
+// rules with higher numbers only: lower-priority handles, as in WinDivert,
+// and handles of equal priority opened later, which PlanNumber puts above.
 //
 // Fragments: ipfw port and flag options never match a non-first fragment
 // (ipfw(8) PACKET SELECTION, "ports"; RULE OPTIONS, tcpflags), while the

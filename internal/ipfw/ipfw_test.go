@@ -467,7 +467,9 @@ func TestParseList(t *testing.T) {
 31000 set 5 divert 40000 ip from any to any in // netdivert pid=42 port=40000
 31000 set 5 divert 40000 ip from any to any out not recv * // netdivert pid=42 port=40000
 01000 set 6 tee 40001 udp from any to any dst-port 53 in // netdivert pid=77 port=40001
+31001 set 9 divert 40002 ip from any to any in // netdivert pid=77 port=40002 prio=0
 02000 set 7 allow ip from any to any // someone else's comment
+02001 set 7 allow ip from any to any // netdivert pid=77 port=40003 prio=99999
 garbage
 100000 set 8 count ip from any to any
 65535 set 31 deny ip from any to any
@@ -477,8 +479,10 @@ garbage
 		{Number: 100, Set: 0},
 		{Number: 31000, Set: 5, Owned: true, PID: 42, Port: 40000},
 		{Number: 31000, Set: 5, Owned: true, PID: 42, Port: 40000},
-		{Number: 1000, Set: 6, Owned: true, PID: 77, Port: 40001},
+		{Number: 1000, Set: 6, Owned: true, PID: 77, Port: 40001, Prio: 30000}, // from the number
+		{Number: 31001, Set: 9, Owned: true, PID: 77, Port: 40002},
 		{Number: 2000, Set: 7},
+		{Number: 2001, Set: 7}, // a priority out of range: not ours
 		{Number: 100000, Set: 8},
 		{Number: 65535, Set: 31},
 	}
@@ -492,7 +496,7 @@ garbage
 	}
 	alive := func(pid int) bool { return pid == 77 }
 	plan := PlanSets(got, 1<<1, 1, alive)
-	// set 1 disabled, 2 free, 5 stale (pid 42 dead), 6 live, 7 foreign
+	// set 1 disabled, 2 free, 5 stale (pid 42 dead), 6 and 9 live, 7 foreign
 	if plan.Free != 2 || len(plan.Stale) != 1 || plan.Stale[0] != 5 {
 		t.Fatalf("plan = %+v", plan)
 	}
@@ -602,6 +606,36 @@ func TestTeeOneRule(t *testing.T) {
 	for i := range tee.Rules {
 		if tee.Rules[i].String() != all.Rules[i].String() || strings.Contains(tee.Rules[i].String(), "tcp") {
 			t.Fatalf("tee rule %q, want %q", tee.Rules[i], all.Rules[i])
+		}
+	}
+}
+
+// TestPlanNumber: a handle's rule number puts it after every live handle
+// of higher or equal priority and before every one of lower priority.
+func TestPlanNumber(t *testing.T) {
+	alive := func(pid int) bool { return pid != 13 }
+	h := func(n uint32, prio int16, pid int) Listed {
+		return Listed{Number: n, Set: 1, Owned: true, PID: pid, Port: 40000, Prio: prio}
+	}
+	for _, tc := range []struct {
+		name  string
+		rules []Listed
+		prio  int16
+		want  uint16
+	}{
+		{"alone", nil, 0, 31000},
+		{"others elsewhere", []Listed{h(1000, 30000, 1), h(61000, -30000, 2)}, 0, 31000},
+		{"one of equal priority", []Listed{h(31000, 0, 1)}, 0, 31001},
+		{"two of equal priority", []Listed{h(31000, 0, 1), h(31001, 0, 2)}, 0, 31002},
+		{"equal, with the next priority's handle above", []Listed{h(31000, 0, 1), h(31005, -5, 2)}, 0, 31001},
+		{"no room: shared", []Listed{h(31000, 0, 1), h(31001, -1, 2)}, 0, 31000},
+		{"a dead process's rules do not count", []Listed{h(31000, 0, 13)}, 0, 31000},
+		{"foreign rules do not count", []Listed{{Number: 31000, Set: 1}}, 0, 31000},
+		{"pushed above a higher priority pushed up", []Listed{h(30999, 1, 1), h(31000, 1, 2)}, 0, 31001},
+		{"lowest priority, taken", []Listed{h(61000, -30000, 1)}, -30000, 61001},
+	} {
+		if got := PlanNumber(tc.rules, tc.prio, alive); got != tc.want {
+			t.Errorf("%s: PlanNumber = %d, want %d", tc.name, got, tc.want)
 		}
 	}
 }

@@ -10,9 +10,9 @@ import (
 const TagPrefix = "netdivert"
 
 // Tag returns the comment that marks a rule as installed by process pid for
-// divert port port.
-func Tag(pid int, port uint16) string {
-	return fmt.Sprintf("%s pid=%d port=%d", TagPrefix, pid, port)
+// divert port port, by a handle of priority prio.
+func Tag(pid int, port uint16, prio int16) string {
+	return fmt.Sprintf("%s pid=%d port=%d prio=%d", TagPrefix, pid, port, prio)
 }
 
 // Listed is one rule of "ipfw -S list" output.
@@ -25,6 +25,7 @@ type Listed struct {
 	Owned  bool // the comment is one of our tags
 	PID    int  // from the tag
 	Port   uint16
+	Prio   int16 // the handle's priority, from the tag (or, in a tag without one, from Number)
 }
 
 // ParseList parses the output of "ipfw -S list" (lines such as
@@ -51,27 +52,82 @@ func ParseList(out string) []Listed {
 		}
 		r := Listed{Number: uint32(n), Set: uint8(s)}
 		if i := strings.Index(line, "// "); i >= 0 {
-			r.PID, r.Port, r.Owned = parseTag(strings.TrimSpace(line[i+3:]))
+			r.PID, r.Port, r.Prio, r.Owned = parseTag(strings.TrimSpace(line[i+3:]))
+			if r.Owned && r.Prio == noPrio {
+				r.Prio = priorityOf(r.Number)
+			}
 		}
 		rules = append(rules, r)
 	}
 	return rules
 }
 
-func parseTag(c string) (pid int, port uint16, ok bool) {
+// noPrio marks a tag without a priority (one written before tags had it).
+const noPrio = -32768
+
+func parseTag(c string) (pid int, port uint16, prio int16, ok bool) {
 	f := strings.Fields(c)
-	if len(f) != 3 || f[0] != TagPrefix || !strings.HasPrefix(f[1], "pid=") || !strings.HasPrefix(f[2], "port=") {
-		return 0, 0, false
+	if len(f) < 3 || len(f) > 4 || f[0] != TagPrefix || !strings.HasPrefix(f[1], "pid=") || !strings.HasPrefix(f[2], "port=") {
+		return 0, 0, 0, false
 	}
 	p, err := strconv.Atoi(f[1][4:])
 	if err != nil || p <= 0 {
-		return 0, 0, false
+		return 0, 0, 0, false
 	}
 	q, err := strconv.ParseUint(f[2][5:], 10, 16)
 	if err != nil {
-		return 0, 0, false
+		return 0, 0, 0, false
 	}
-	return p, uint16(q), true
+	prio = noPrio
+	if len(f) == 4 {
+		if !strings.HasPrefix(f[3], "prio=") {
+			return 0, 0, 0, false
+		}
+		v, err := strconv.ParseInt(f[3][5:], 10, 16)
+		if err != nil || v < -30000 || v > 30000 {
+			return 0, 0, 0, false
+		}
+		prio = int16(v)
+	}
+	return p, uint16(q), prio, true
+}
+
+// priorityOf inverts RuleNumber.
+func priorityOf(n uint32) int16 {
+	p := 31000 - int64(n)
+	return int16(max(-30000, min(30000, p)))
+}
+
+// PlanNumber picks the rule number of a new handle of priority prio, given
+// the rules installed ("ipfw -S list") and which processes are alive. A
+// packet a handle writes back resumes after its number, so every handle of
+// higher priority must have a lower number and every one of lower priority
+// a higher one (RuleNumber gives that); a handle of equal priority opened
+// before gets a lower one too, so that both see every packet (WinDivert
+// orders equal priorities by open time). The number is RuleNumber(prio)
+// unless live handles of equal or higher priority already use it or
+// higher; then the first number above them, if it stays below every live
+// handle of lower priority. When no number fits, it is RuleNumber(prio),
+// shared with a handle of equal priority, which then does not see what the
+// other writes back.
+func PlanNumber(rules []Listed, prio int16, alive func(pid int) bool) uint16 {
+	base := uint32(RuleNumber(prio))
+	var ge uint32             // highest number of a live handle of priority >= prio
+	lt := uint32(MaxRule) + 1 // lowest number of a live handle of priority < prio
+	for _, r := range rules {
+		if !r.Owned || !alive(r.PID) {
+			continue
+		}
+		if r.Prio >= prio {
+			ge = max(ge, r.Number)
+		} else {
+			lt = min(lt, r.Number)
+		}
+	}
+	if n := max(base, ge+1); n < lt && n <= MaxRule {
+		return uint16(n)
+	}
+	return uint16(base)
 }
 
 // ParseSetShow parses "ipfw set show" ("disable 3 4 enable 0 1 2 5 ...";
