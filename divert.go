@@ -269,8 +269,10 @@ var (
 	// buffer is smaller than the packet (WinDivert's
 	// ERROR_INSUFFICIENT_BUFFER), and on Linux, wrapped, when the packet is
 	// longer than the 65531 bytes the kernel's queue hands over (a whole
-	// 65535-byte datagram at the output hook, before fragmentation). Such a
-	// packet can be sent back unchanged, not changed.
+	// 65535-byte datagram at the output hook, before fragmentation). On
+	// Linux such a packet can be sent back unchanged, not changed; on
+	// Windows and FreeBSD the packet has left the kernel, and only what
+	// was received can be sent.
 	ErrTruncated = errors.New("divert: packet truncated: buffer too small")
 	// ErrShutdown is returned by Recv once the handle was shut down for
 	// receiving and its queue is empty, and by Send after ShutdownSend
@@ -547,7 +549,9 @@ func (h *Handle) checkSend() error {
 // shut down and drained (ErrShutdown) or closed (net.ErrClosed). A buffer
 // smaller than the packet receives the first len(b) bytes and ErrTruncated.
 // A received packet stays out of the host's path until it is sent back with
-// Send, dropped with Drop, or its ParamQueueTime runs out (then it is dropped).
+// Send, dropped with Drop, or its ParamQueueTime runs out (then it is
+// dropped; Linux, where the kernel holds it: on Windows and FreeBSD it has
+// left the kernel and waits for Send as long as the program likes).
 func (h *Handle) Recv(b []byte, a *Address) (int, error) {
 	if err := h.checkRecv(); err != nil {
 		return 0, err

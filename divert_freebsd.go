@@ -237,7 +237,13 @@ func bindAuto(fd int) (uint16, error) {
 	return 0, fmt.Errorf("divert: no free divert port in [%d, %d)", divertPortMin, divertPortMin+divertPorts)
 }
 
+// divertBufMin is the kernel's default divert socket buffer (DIVRCVQ,
+// DIVSNDQ: 65536+100), room for one whole datagram and its sockaddr: a
+// smaller ParamQueueSize (its minimum is 65535) gets it instead.
+const divertBufMin = 65536 + 100
+
 func setBuffers(fd, size int) error {
+	size = max(size, divertBufMin)
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, size); err != nil {
 		return os.NewSyscallError("setsockopt SO_RCVBUF", err)
 	}

@@ -90,7 +90,9 @@ func Open(filter string, layer uint8, priority int16, flags uint64) (Handle, err
 	} else {
 		r, _, e = procOpen.Call(uintptr(unsafe.Pointer(fp)), uintptr(layer), uintptr(priority), uintptr(flags))
 	}
-	if windows.Handle(r) == windows.InvalidHandle {
+	// WinDivertOpen returns FALSE (0), not INVALID_HANDLE_VALUE, when its
+	// own heap allocation fails (dll/windivert.c).
+	if windows.Handle(r) == windows.InvalidHandle || r == 0 {
 		var errno windows.Errno
 		if !errors.As(e, &errno) {
 			return nil, fmt.Errorf("WinDivertOpen: %w", e)
