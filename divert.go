@@ -135,6 +135,11 @@ const (
 	// for Recv until ParamQueueTime.
 	FlagSniff Flag = 0x01
 	// FlagDrop drops matching packets without queueing them; do not Recv.
+	// Where the kernel's rules cannot judge a packet exactly as the filter
+	// does (a filter they cannot express; on Linux also IPv6 packets whose
+	// extension headers the kernel walks otherwise than WinDivert), the
+	// handle diverts such packets and drops in user space those the filter
+	// matches, letting the rest pass.
 	FlagDrop Flag = 0x02
 	// FlagRecvOnly forbids Send on the handle.
 	FlagRecvOnly Flag = 0x04

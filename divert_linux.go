@@ -161,6 +161,9 @@ type linuxBackend struct {
 
 	stop chan struct{}
 	done chan struct{}
+	// dropDone is closed when dropLoop ends; nil without one (FlagDrop
+	// handles with a queue run it).
+	dropDone chan struct{}
 }
 
 func openBackend(cfg *openConfig) (backend, error) {
@@ -216,6 +219,31 @@ func (b *linuxBackend) start() {
 	b.lastCallT = monoNow()
 	b.stop, b.done = make(chan struct{}), make(chan struct{})
 	go b.reaper()
+	if b.flags&FlagDrop != 0 {
+		b.dropDone = make(chan struct{})
+		go b.dropLoop()
+	}
+}
+
+// dropLoop is the user-space half of a FlagDrop handle: the packets its
+// kernel rules cannot judge as WinDivert would (all of them when the rules
+// are not exact, else the IPv6 packets of v6Unclear) are queued; the ones
+// the filter matches are dropped, the others pass (next accepts them). It
+// ends when the handle is shut down or closed.
+func (b *linuxBackend) dropLoop() {
+	defer close(b.dropDone)
+	buf := make([]byte, MTUMax)
+	var a Address
+	for {
+		if _, err := b.recv(buf, &a); err != nil && !errors.Is(err, ErrTruncated) {
+			if b.closed.Load() || b.shutRecv.Load() || errors.Is(err, ErrShutdown) {
+				return
+			}
+			time.Sleep(10 * time.Millisecond) // a transient error: not in a spin
+			continue
+		}
+		_ = b.drop(&a)
+	}
 }
 
 // queueConfig is the NFQUEUE configuration of a handle's queue.
@@ -283,7 +311,9 @@ func (b *linuxBackend) open(cfg *openConfig) error {
 	if err := b.openInjector(cfg); err != nil {
 		return err
 	}
-	if cfg.flags&(FlagSendOnly|FlagDrop) == 0 {
+	if cfg.flags&FlagSendOnly == 0 && (cfg.flags&FlagDrop == 0 || cfg.port < 0) {
+		// A FlagDrop handle has a queue too, for the packets its kernel
+		// rules cannot judge (see dropLoop).
 		c, err := nfq.Open(queueConfig(cfg))
 		if err != nil {
 			return mapSetupError("bind NFQUEUE queue", err)
@@ -297,9 +327,20 @@ func (b *linuxBackend) open(cfg *openConfig) error {
 	if !ok {
 		return nil
 	}
+	drop := cfg.flags&FlagDrop != 0
+	rc.UnclearQueue = drop && rc.IPv6
 	var err error
 	if b.rules, err = nftrules.Install(rc); err != nil {
 		return mapSetupError("install nftables rules", err)
+	}
+	if drop && !b.rules.Exact() {
+		// Drop rules wider than the filter would drop packets it does not
+		// match: queue what they select instead, and let dropLoop judge.
+		b.rules.Close()
+		rc.Action, rc.UnclearQueue = nftrules.ActionQueue, false
+		if b.rules, err = nftrules.Install(rc); err != nil {
+			return mapSetupError("install nftables rules", err)
+		}
 	}
 	b.userSide = !b.rules.Exact()
 	if reasm {
@@ -1174,8 +1215,8 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 		return nil
 	}
 	var errs []error
-	if b.conn == nil && b.rules != nil {
-		errs = append(errs, b.rules.Close()) // FlagDrop: nothing is queued
+	if b.flags&FlagDrop != 0 && b.rules != nil {
+		errs = append(errs, b.rules.Close()) // FlagDrop: stop dropping
 	}
 	if b.conn != nil && !b.shutting.Swap(true) {
 		// Stop new packets first, then mark the handle shut down, so that
@@ -1199,6 +1240,11 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 }
 
 func (b *linuxBackend) close() error {
+	if b.dropDone != nil {
+		// Let dropLoop judge what is queued (as Shutdown does), then end.
+		_ = b.shutdown(ShutdownRecv)
+		<-b.dropDone
+	}
 	b.closed.Store(true)
 	if b.stop != nil {
 		close(b.stop)

@@ -1221,12 +1221,90 @@ func TestLinuxFlagDrop(t *testing.T) {
 	if _, err := h.Recv(make([]byte, 10), &Address{}); err == nil {
 		t.Fatal("Recv on a FlagDrop handle succeeded")
 	}
-	if _, _, ok := queueStat(t, l.B.NS, queueBase); ok {
-		t.Fatal("a FlagDrop handle bound a queue")
+	// The rules are exact: the kernel drops, nothing reaches the queue
+	// that a FlagDrop handle keeps for what they cannot judge.
+	if st, err := h.Stats(); err != nil || st.Received != 0 {
+		t.Fatalf("Stats %+v, %v: want nothing received", st, err)
 	}
 	h.Close()
 	if n, _ := l.A.NS.Ping(l.B.V4, 1, time.Second); n != 1 {
 		t.Fatal("ping still fails after the drop handle closed")
+	}
+}
+
+// TestLinuxDropInexact: drop rules wider than the filter would drop
+// packets it does not match; a FlagDrop handle whose rules are not exact
+// queues what they select and drops only what the filter matches.
+func TestLinuxDropInexact(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "ddi", 0)
+	ap, sink := udpSink(t, l, 6301)
+	h := openIn(t, l.B.NS, "udp.DstPort == 6301 and packet[-1] == 0x61", LayerNetwork, 0, FlagDrop)
+	if lb := h.b.(*linuxBackend); !lb.userSide {
+		t.Fatal("the rules are exact; the test needs a filter they cannot express")
+	}
+	for _, p := range []string{"xa", "xb", "ya", "yb"} {
+		if err := l.A.NS.SendUDP(ap, []byte(p), 1, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := netnstest.RecvUDP(sink, 4, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || string(got[0]) != "xb" || string(got[1]) != "yb" {
+		t.Fatalf("delivered %q, want the two not ending in 'a'", got)
+	}
+	if st, err := h.Stats(); err != nil || st.Dropped != 2 {
+		t.Fatalf("Stats %+v, %v: want 2 dropped", st, err)
+	}
+}
+
+// TestLinuxDropV6Unclear: an IPv6 packet whose headers the kernel walks
+// otherwise than WinDivert (a Mobility header before UDP) could slip past
+// exact drop rules; a FlagDrop handle judges it in user space: the one to
+// the filter's port is dropped, the other passes.
+func TestLinuxDropV6Unclear(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "ddv", 0)
+	h := openIn(t, l.B.NS, "inbound and udp.DstPort == 5353", LayerNetwork, 0, FlagDrop)
+	if lb := h.b.(*linuxBackend); !lb.rules.Exact() || lb.userSide {
+		t.Fatal("the handle's rules are not exact; the test needs exact ones")
+	}
+	inj := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
+	mh := func(dport uint16) []byte {
+		p := make([]byte, 40+8+8+4)
+		binary.BigEndian.PutUint32(p, 6<<28)
+		binary.BigEndian.PutUint16(p[4:], uint16(len(p)-40))
+		p[6], p[7] = 135, 64 // Mobility header first
+		s, d := l.A.V6.As16(), l.B.V6.As16()
+		copy(p[8:], s[:])
+		copy(p[24:], d[:])
+		p[40] = 17 // then UDP
+		binary.BigEndian.PutUint16(p[48:], 40000)
+		binary.BigEndian.PutUint16(p[50:], dport)
+		binary.BigEndian.PutUint16(p[52:], 12)
+		copy(p[56:], "test")
+		return p
+	}
+	for _, dport := range []uint16{80, 5353} { // not matching, then matching
+		if _, err := inj.Send(mh(dport), &Address{Outbound: true, IPv6: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		st, err := h.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Dropped == 1 && st.Passed == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Stats %+v: want the packet to port 5353 dropped, the one to port 80 passed", st)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 

@@ -131,14 +131,16 @@ func (c *Config) family() nftables.TableFamily {
 func (r *Ruleset) program(cfg *Config) (bool, error) {
 	t := &nftables.Table{Name: r.table, Family: r.family}
 	exact := true
-	var action []expr.Any
+	var action, queue []expr.Any
 	switch {
-	case cfg.Action == ActionDrop:
-		action = []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}
 	case r.native:
-		action = []expr.Any{queueExpr(cfg)}
+		queue = []expr.Any{queueExpr(cfg)}
 	default:
-		action = []expr.Any{queueTarget(cfg)}
+		queue = []expr.Any{queueTarget(cfg)}
+	}
+	action = queue
+	if cfg.Action == ActionDrop {
+		action = []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}
 	}
 	var fam []expr.Any
 	if r.family == nftables.TableFamilyINet {
@@ -174,7 +176,7 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 		}
 		// actionChain makes a chain that applies the skips, then the
 		// guards (a match returns), then the action.
-		actionChain := func(name string, guards [][]expr.Any) *nftables.Chain {
+		actionChain := func(name string, guards [][]expr.Any, act []expr.Any) *nftables.Chain {
 			sub := r.conn.AddChain(&nftables.Chain{Name: name, Table: t})
 			for _, sk := range skips {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: sk})
@@ -182,19 +184,19 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 			for _, g := range guards {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: concat(g, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})})
 			}
-			r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: action})
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: act})
 			return sub
 		}
-		for i, c := range d {
-			sub := actionChain(fmt.Sprintf("%s_%d", h, i), c.guards)
-			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(fam, c.exprs,
-				[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}})})
-		}
-		if cfg.IPv6 && cfg.Action == ActionQueue && !(len(d) == 1 && len(d[0].exprs) == 0 && len(d[0].guards) == 0) {
-			// IPv6 packets whose headers the kernel walks otherwise than
-			// WinDivert go to user space, which decides (see v6Unclear).
-			// One rule in the base chain, which IPv4 leaves at once.
-			sub := actionChain(h.String()+"_v6q", nil)
+		// IPv6 packets whose headers the kernel walks otherwise than
+		// WinDivert go to user space, which decides (see v6Unclear): one
+		// rule in the base chain, which IPv4 leaves at once. Queueing
+		// rules have it after the terms (a packet they take is queued
+		// anyway); drop rules before them, so that they never judge such a
+		// packet.
+		unclear := cfg.IPv6 && !(len(d) == 1 && len(d[0].exprs) == 0 && len(d[0].guards) == 0) &&
+			(cfg.Action == ActionQueue || cfg.UnclearQueue)
+		addUnclear := func() {
+			sub := actionChain(h.String()+"_v6q", nil, queue)
 			v6 := r.conn.AddChain(&nftables.Chain{Name: h.String() + "_v6", Table: t})
 			for _, u := range v6Unclear() {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(u,
@@ -202,6 +204,17 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 			}
 			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(isV6,
 				[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: v6.Name}})})
+		}
+		if unclear && cfg.Action == ActionDrop {
+			addUnclear()
+		}
+		for i, c := range d {
+			sub := actionChain(fmt.Sprintf("%s_%d", h, i), c.guards, action)
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(fam, c.exprs,
+				[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}})})
+		}
+		if unclear && cfg.Action == ActionQueue {
+			addUnclear()
 		}
 	}
 	if err := r.conn.Flush(); err != nil {

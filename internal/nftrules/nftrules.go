@@ -140,6 +140,10 @@ type Config struct {
 	KeepNDP     bool            // never select ICMPv6 types 133-137 (router/neighbour discovery, redirect)
 	Fragments   FragSelect      // FragAny (default), or only / never IP fragments
 	Dest        DestSelect      // DestAny (default), or only packets to / not to a local address
+	// UnclearQueue, with ActionDrop: the IPv6 packets whose headers the
+	// kernel walks otherwise than WinDivert (see v6Unclear) are queued to
+	// QueueNum, before the drop rules see them, for user space to judge.
+	UnclearQueue bool
 }
 
 func (c *Config) validate() error {
@@ -174,6 +178,9 @@ func (c *Config) validate() error {
 			return fmt.Errorf("nftrules: queues %d..%d exceed 65535", c.QueueNum, int(c.QueueNum)+int(c.QueueCount)-1)
 		}
 	case ActionDrop:
+		if c.UnclearQueue && c.QueueCount != 1 {
+			return errors.New("nftrules: UnclearQueue needs one queue (QueueCount 1)")
+		}
 	default:
 		return fmt.Errorf("nftrules: unknown action %d", c.Action)
 	}
