@@ -713,13 +713,14 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 var errKernelTruncated = fmt.Errorf("%w: the kernel's queue hands over at most %d bytes of a packet", ErrTruncated, nfq.MaxCopyRange)
 
 // v6HasExt reports whether pkt, an IPv6 packet, has an extension header
-// that WinDivert walks, or is too short to tell. Exact kernel rules still
+// that WinDivert walks, or nothing past its fixed header (the rules send
+// packets whose transport header the kernel cannot load to user space). Exact kernel rules still
 // send some such packets whatever the filter (nftrules' v6Unclear: where
 // the kernel and WinDivert find different transport headers), so the
 // filter decides on them in user space.
 func v6HasExt(pkt []byte) bool {
-	if len(pkt) < 40 {
-		return true
+	if len(pkt) <= 40 {
+		return true // too short to tell, or nothing after the header
 	}
 	switch pkt[6] {
 	case 0, 43, 44, 51, 60, 135: // hop-by-hop, routing, fragment, AH, destination, mobility

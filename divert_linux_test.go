@@ -1272,24 +1272,12 @@ func TestLinuxDropV6Unclear(t *testing.T) {
 		t.Fatal("the handle's rules are not exact; the test needs exact ones")
 	}
 	inj := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
-	mh := func(dport uint16) []byte {
-		p := make([]byte, 40+8+8+4)
-		binary.BigEndian.PutUint32(p, 6<<28)
-		binary.BigEndian.PutUint16(p[4:], uint16(len(p)-40))
-		p[6], p[7] = 135, 64 // Mobility header first
-		s, d := l.A.V6.As16(), l.B.V6.As16()
-		copy(p[8:], s[:])
-		copy(p[24:], d[:])
-		p[40] = 17 // then UDP
-		binary.BigEndian.PutUint16(p[48:], 40000)
-		binary.BigEndian.PutUint16(p[50:], dport)
-		binary.BigEndian.PutUint16(p[52:], 12)
-		copy(p[56:], "test")
-		return p
-	}
-	for _, dport := range []uint16{80, 5353} { // not matching, then matching
-		if _, err := inj.Send(mh(dport), &Address{Outbound: true, IPv6: true}); err != nil {
-			t.Fatal(err)
+	mh := func(first byte, dport uint16) []byte { return v6ExtUDP(l, first, dport) }
+	for _, first := range []byte{135, 51} { // a Mobility header, an Authentication Header
+		for _, dport := range []uint16{80, 5353} { // not matching, then matching
+			if _, err := inj.Send(mh(first, dport), &Address{Outbound: true, IPv6: true}); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	deadline := time.Now().Add(3 * time.Second)
@@ -1298,11 +1286,11 @@ func TestLinuxDropV6Unclear(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if st.Dropped == 1 && st.Passed == 1 {
+		if st.Dropped == 2 && st.Passed == 2 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("Stats %+v: want the packet to port 5353 dropped, the one to port 80 passed", st)
+			t.Fatalf("Stats %+v: want the packets to port 5353 dropped, the ones to port 80 passed", st)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -1576,37 +1564,47 @@ func TestLinuxV6UnclearHeaders(t *testing.T) {
 		t.Fatal("the handle's rules are not exact; the test needs exact ones")
 	}
 	inj := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
-	mh := func(dport uint16) []byte {
-		p := make([]byte, 40+8+8+4)
-		binary.BigEndian.PutUint32(p, 6<<28)
-		binary.BigEndian.PutUint16(p[4:], uint16(len(p)-40))
-		p[6], p[7] = 135, 64 // Mobility header first
-		s, d := l.A.V6.As16(), l.B.V6.As16()
-		copy(p[8:], s[:])
-		copy(p[24:], d[:])
-		p[40] = 17 // then UDP
-		binary.BigEndian.PutUint16(p[48:], 40000)
-		binary.BigEndian.PutUint16(p[50:], dport)
-		binary.BigEndian.PutUint16(p[52:], 12)
-		copy(p[56:], "test")
-		return p
-	}
-	for _, dport := range []uint16{80, 5353} { // not matching, then matching
-		if _, err := inj.Send(mh(dport), &Address{Outbound: true, IPv6: true}); err != nil {
+	mh := func(first byte, dport uint16) []byte { return v6ExtUDP(l, first, dport) }
+	for i, first := range []byte{135, 51} { // a Mobility header, an Authentication Header
+		for _, dport := range []uint16{80, 5353} { // not matching, then matching
+			if _, err := inj.Send(mh(first, dport), &Address{Outbound: true, IPv6: true}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		buf := make([]byte, 200)
+		var a Address
+		h.SetReadDeadline(time.Now().Add(2 * time.Second))
+		n, err := h.Recv(buf, &a)
+		if err != nil || n != 60 || buf[6] != first || binary.BigEndian.Uint16(buf[50:]) != 5353 {
+			t.Fatalf("header %d: Recv: %d bytes, %v, % x; want the packet to port 5353", first, n, err, buf[:n])
+		}
+		if _, err := h.Send(buf[:n], &a); err != nil {
 			t.Fatal(err)
 		}
+		st, err := h.Stats()
+		if err != nil || st.Passed != uint64(i+1) {
+			t.Fatalf("header %d: Stats %+v, %v: want the packet to port 80 passed unseen", first, st, err)
+		}
 	}
-	buf := make([]byte, 200)
-	var a Address
-	h.SetReadDeadline(time.Now().Add(2 * time.Second))
-	n, err := h.Recv(buf, &a)
-	if err != nil || n != 60 || binary.BigEndian.Uint16(buf[50:]) != 5353 {
-		t.Fatalf("Recv: %d bytes, %v, % x; want the packet to port 5353", n, err, buf[:n])
-	}
-	st, err := h.Stats()
-	if err != nil || st.Passed != 1 {
-		t.Fatalf("Stats %+v, %v: want the packet to port 80 passed unseen", st, err)
-	}
+}
+
+// v6ExtUDP is an IPv6 packet from A to B with one 8-byte extension header
+// of type first (a Mobility header or an AH, both 8 bytes with a length
+// byte of 0), then UDP 40000 -> dport with 4 bytes of payload.
+func v6ExtUDP(l *netnstest.Link, first byte, dport uint16) []byte {
+	p := make([]byte, 40+8+8+4)
+	binary.BigEndian.PutUint32(p, 6<<28)
+	binary.BigEndian.PutUint16(p[4:], uint16(len(p)-40))
+	p[6], p[7] = first, 64
+	s, d := l.A.V6.As16(), l.B.V6.As16()
+	copy(p[8:], s[:])
+	copy(p[24:], d[:])
+	p[40] = 17 // then UDP
+	binary.BigEndian.PutUint16(p[48:], 40000)
+	binary.BigEndian.PutUint16(p[50:], dport)
+	binary.BigEndian.PutUint16(p[52:], 12)
+	copy(p[56:], "test")
+	return p
 }
 
 // TestLinuxClosedErrors: calls that race with Close report net.ErrClosed,

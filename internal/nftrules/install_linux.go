@@ -66,6 +66,7 @@ func openOwned(name string, family nftables.TableFamily) (*nftables.Conn, error)
 	var sock *netlink.Conn
 	conn, err := nftables.New(nftables.AsLasting(), nftables.WithSockOptions(func(c *netlink.Conn) error {
 		sock = c
+		growBuffers(c)
 		return nil
 	}))
 	if err != nil {
@@ -104,6 +105,31 @@ func openOwned(name string, family nftables.TableFamily) (*nftables.Conn, error)
 		return nil, mapErr("create table "+name, err)
 	}
 	return conn, nil
+}
+
+// batchBuf is the send and receive buffer of the rule socket. The rules go
+// in one batch, one sendmsg bounded by the send buffer, and the kernel
+// echoes every rule added (google/nftables asks it to) into the receive
+// buffer before the library reads any: with the default buffers (208 KiB
+// at most without privilege) a filter of some 40 rules failed with
+// ENOBUFS, and a larger one with EMSGSIZE.
+const batchBuf = 8 << 20
+
+// growBuffers raises the socket's buffers to batchBuf, past the sysctl
+// limits with CAP_NET_ADMIN (which installing rules needs anyway), else as
+// far as they allow. Buffers are allocated as used, not up front.
+func growBuffers(c *netlink.Conn) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = raw.Control(func(fd uintptr) {
+		for _, o := range [][2]int{{unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}, {unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}} {
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, o[0], batchBuf) != nil {
+				_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, o[1], batchBuf)
+			}
+		}
+	})
 }
 
 // family is the table's family: ip6 when the rules can match only IPv6, so
@@ -202,6 +228,11 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(u,
 					[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}})})
 			}
+			// A transport header the kernel can load: back to the base
+			// chain. None: the kernel could not walk the headers.
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(v6NoTransport(),
+				[]expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})})
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}}})
 			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(isV6,
 				[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: v6.Name}})})
 		}

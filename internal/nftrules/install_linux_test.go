@@ -369,3 +369,40 @@ func TestNativeProbe(t *testing.T) {
 		t.Fatalf("probe table left behind:\n%s", rs)
 	}
 }
+
+// TestInstallManyRules: filters that lower to many rules install, at
+// every hook at once. The kernel echoes every rule added into the socket's
+// receive buffer before the library reads any; with the default buffers a
+// filter of some 40 rules failed with ENOBUFS, and larger batches with
+// EMSGSIZE. A long conjunction (the over-approximation of 100 port tests
+// is one term of 35 "!=" tests) made a rule of more expressions than the
+// kernel takes (EINVAL): such a Cond is left out.
+func TestInstallManyRules(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nftm")
+	hooks := []Hook{HookPrerouting, HookInput, HookForward, HookOutput, HookPostrouting}
+	for _, n := range []int{40, 100, 256} {
+		var terms []string
+		for p := 1; p <= n; p++ {
+			terms = append(terms, fmt.Sprintf("tcp.DstPort == %d", p))
+		}
+		f, err := filter.Compile(strings.Join(terms, " or "), filter.LayerNetwork)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lw := f.Lower()
+		for _, a := range []Action{ActionDrop, ActionQueue} {
+			var r *Ruleset
+			if err := ns.Do(func() (err error) {
+				r, err = Install(Config{Hooks: hooks, IPv4: true, IPv6: true, Lowered: lw, Action: a, QueueNum: 5, QueueCount: 1})
+				return err
+			}); err != nil {
+				t.Fatalf("%d port tests (%d terms), action %v: %v", n, len(lw.Terms), a, err)
+			}
+			if r.Exact() != lw.Exact {
+				t.Errorf("%d port tests, action %v: exact %v, the filter's lowering %v", n, a, r.Exact(), lw.Exact)
+			}
+			r.Close()
+		}
+	}
+}

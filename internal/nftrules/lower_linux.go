@@ -27,7 +27,14 @@ import (
 const (
 	maxConjPerTerm = 32  // product bound per Term
 	maxConjPerHook = 256 // rule bound per hook; beyond it the hook matches everything (inexact)
-	maxPayloadOff  = 255 // payload offsets the kernel accepts (nft_payload_init: U8_MAX)
+	// maxExprsPerConj bounds the expressions of one rule: the kernel refuses
+	// a rule of more than NFT_RULE_MAXEXPRS (128) with EINVAL, and the base
+	// chain's rule adds the family test and the jump, the action chain's
+	// the skips. maxGuardsPerConj bounds the rules of an action chain. A
+	// Cond that would go beyond is left out (inexact).
+	maxExprsPerConj  = 96
+	maxGuardsPerConj = 64
+	maxPayloadOff    = 255 // payload offsets the kernel accepts (nft_payload_init: U8_MAX)
 )
 
 type conj struct {
@@ -48,6 +55,9 @@ func and(a, b disj) (disj, bool) {
 	out := make(disj, 0, len(a)*len(b))
 	for _, x := range a {
 		for _, y := range b {
+			if len(x.exprs)+len(y.exprs) > maxExprsPerConj || len(x.guards)+len(y.guards) > maxGuardsPerConj {
+				return nil, false // the kernel would refuse the rule (or the chain): leave the Cond out
+			}
 			c := conj{
 				exprs:  append(append([]expr.Any(nil), x.exprs...), y.exprs...),
 				guards: append(append([][]expr.Any(nil), x.guards...), y.guards...),
@@ -131,26 +141,53 @@ var (
 )
 
 // v6Unclear matches (each rule evaluated for IPv6 packets only) the IPv6
-// packets whose extension headers the kernel
-// walks otherwise than WinDivert, so that its protocol and transport
-// header (meta l4proto, th) are not what the filter means:
+// packets whose extension headers the kernel walks otherwise than
+// WinDivert, so that its protocol and transport header (meta l4proto, th)
+// are not what the filter means:
 //   - a Mobility header (135), which WinDivert walks past and the kernel
 //     takes for the transport header;
+//   - an Authentication Header (51), likewise;
 //   - a Fragment header after another one, where WinDivert stops and the
-//     kernel goes on.
+//     kernel goes on;
+//   - a non-first fragment: WinDivert names the protocol after the
+//     Fragment header, and the kernel none when that is an extension
+//     header, or one with its transport header at the IPv6 header's offset;
+//   - protocol 0: the kernel's answer when it cannot walk the headers (an
+//     extension header cut short), with the transport header at offset 0.
+//
+// v6NoTransport then covers the packets whose transport header lies past
+// their end: an extension header that claims more bytes than are left, of
+// which the kernel takes the next-header byte for the protocol. Such
+// packets are rare and mostly malformed, but a forwarded one reaches the
+// hooks, and an exact rule could miss it: a filter bypass.
 //
 // A queueing rule set selects them whatever the filter, and the backend
 // checks every IPv6 packet with extension headers with the filter in user
-// space. (A truncated extension header, which stops the kernel's walk, is
-// not covered: the kernel's IPv6 input drops such a packet anyway.)
+// space; a drop rule set queues them too, for its handle to judge.
 func v6Unclear() [][]expr.Any {
 	return [][]expr.Any{
 		l4(unix.IPPROTO_MH),
+		l4(unix.IPPROTO_AH),
 		{
 			&expr.Exthdr{DestRegister: 1, Type: unix.IPPROTO_FRAGMENT, Offset: 0, Len: 1, Op: expr.ExthdrOpIpv6},
 			cmp(expr.CmpOpEq, []byte{unix.IPPROTO_FRAGMENT}),
 		},
+		{
+			&expr.Exthdr{DestRegister: 1, Type: unix.IPPROTO_FRAGMENT, Offset: 2, Len: 2, Op: expr.ExthdrOpIpv6},
+			mask(2, []byte{0xff, 0xf8}),
+			cmp(expr.CmpOpNeq, []byte{0, 0}),
+		},
+		l4(0),
 	}
+}
+
+// v6NoTransport is the test that a packet's transport header can be
+// loaded (a byte of it, compared with >= 0: always true when the load
+// works); the kernel breaks the rule when it cannot (no protocol found, a
+// non-first fragment, an offset past the end). The v6Unclear chain returns
+// on it, and queues what is left.
+func v6NoTransport() []expr.Any {
+	return []expr.Any{load(th, 0, 1), cmp(expr.CmpOpGte, []byte{0})}
 }
 
 func fragHdr() expr.Any {
