@@ -689,6 +689,11 @@ func (h *Handle) SetReadDeadline(t time.Time) error {
 	if h.closed.Load() {
 		return errClosed
 	}
+	if h.flags&(FlagDrop|FlagSendOnly) != 0 {
+		// No Recv to bound. (A FlagDrop handle's own reader, which drops
+		// what its kernel rules cannot judge, must not be stopped.)
+		return nil
+	}
 	return h.b.setReadDeadline(t)
 }
 

@@ -46,9 +46,11 @@ package divert
 //   - A handle opened while others of equal priority have rules gets the
 //     first number above theirs (and below every handle of lower
 //     priority), so that every one of them sees a packet the others write
-//     back, as in WinDivert, which orders equal priorities by open time.
-//     When the numbers are so packed that none fits, it shares the
-//     priority's number, and then does not see what the other writes back
+//     back (WinDivert too orders equal priorities by open time, newest first,
+//     though its documentation leaves the order undefined).
+//     When the numbers are so packed that none fits, it shares the number
+//     of the last handle of higher or equal priority, and then does not
+//     see what that one writes back
 //     (ipfw.PlanNumber).
 //   - Params: ParamQueueSize sets SO_RCVBUF and SO_SNDBUF (bounded by
 //     kern.ipc.maxsockbuf); ParamQueueLength and ParamQueueTime have no

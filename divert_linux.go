@@ -327,20 +327,20 @@ func (b *linuxBackend) open(cfg *openConfig) error {
 	if !ok {
 		return nil
 	}
-	drop := cfg.flags&FlagDrop != 0
-	rc.UnclearQueue = drop && rc.IPv6
+	if cfg.flags&FlagDrop != 0 {
+		if nftrules.WouldBeExact(rc) {
+			rc.UnclearQueue = rc.IPv6
+		} else {
+			// Drop rules wider than the filter would drop packets it does
+			// not match: queue what they select instead, and let dropLoop
+			// judge. (Decided before any rule is in place: no moment of
+			// over-dropping.)
+			rc.Action = nftrules.ActionQueue
+		}
+	}
 	var err error
 	if b.rules, err = nftrules.Install(rc); err != nil {
 		return mapSetupError("install nftables rules", err)
-	}
-	if drop && !b.rules.Exact() {
-		// Drop rules wider than the filter would drop packets it does not
-		// match: queue what they select instead, and let dropLoop judge.
-		b.rules.Close()
-		rc.Action, rc.UnclearQueue = nftrules.ActionQueue, false
-		if b.rules, err = nftrules.Install(rc); err != nil {
-			return mapSetupError("install nftables rules", err)
-		}
 	}
 	b.userSide = !b.rules.Exact()
 	if reasm {
@@ -1216,9 +1216,6 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 		return nil
 	}
 	var errs []error
-	if b.flags&FlagDrop != 0 && b.rules != nil {
-		errs = append(errs, b.rules.Close()) // FlagDrop: stop dropping
-	}
 	if b.conn != nil && !b.shutting.Swap(true) {
 		// Stop new packets first, then mark the handle shut down, so that
 		// a concurrent Recv cannot report ErrShutdown while packets still
@@ -1234,6 +1231,16 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 		b.dlmu.Unlock()
 	}
 	b.shutRecv.Store(true)
+	if b.flags&FlagDrop != 0 {
+		// Stop dropping, once dropLoop judged what was queued: removing
+		// the rules' hooks makes the kernel drop every queued packet.
+		if b.dropDone != nil {
+			<-b.dropDone
+		}
+		if b.rules != nil {
+			errs = append(errs, b.rules.Close())
+		}
+	}
 	if err := errors.Join(errs...); err != nil {
 		return closedAs(err, "divert: shutdown: %w")
 	}

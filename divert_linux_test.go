@@ -1627,3 +1627,139 @@ func TestLinuxClosedErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestLinuxDropDeadline: SetReadDeadline on a FlagDrop handle, which has
+// no Recv to bound, must not stop the goroutine that judges what its rules
+// cannot: a datagram the filter does not match still passes.
+func TestLinuxDropDeadline(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "ddd", 0)
+	ap, sink := udpSink(t, l, 6311)
+	h := openIn(t, l.B.NS, "udp.DstPort == 6311 and packet[-1] == 0x61", LayerNetwork, 0, FlagDrop)
+	if err := h.SetReadDeadline(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if err := l.A.NS.SendUDP(ap, []byte("xb"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	got, err := netnstest.RecvUDP(sink, 1, 1500*time.Millisecond)
+	if err != nil || len(got) != 1 {
+		t.Fatalf("delivered %q (%v): want \"xb\", which the filter does not match", got, err)
+	}
+}
+
+// TestLinuxDropCloseJudges: Close of a FlagDrop handle judges what is
+// queued before it removes the rules (whose removal makes the kernel drop
+// every queued packet): a datagram the filter does not match, queued but
+// not yet judged, passes. The judging goroutine is held back (vmu) to make
+// "queued, not judged" certain.
+func TestLinuxDropCloseJudges(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "ddc", 0)
+	ap, sink := udpSink(t, l, 6312)
+	var h *Handle
+	if err := l.B.NS.Do(func() (err error) {
+		h, err = Open("udp.DstPort == 6312 and packet[-1] == 0x61", LayerNetwork, 0, FlagDrop)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	b := h.b.(*linuxBackend)
+	time.Sleep(50 * time.Millisecond) // dropLoop waits in its read
+	b.vmu.Lock()
+	if err := l.A.NS.SendUDP(ap, []byte("xa"), 1, 0); err != nil { // read; dropLoop then waits for vmu
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if err := l.A.NS.SendUDP(ap, []byte("xb"), 1, 0); err != nil { // queued, not judged
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	done := make(chan error, 1)
+	go func() { done <- h.Close() }()
+	time.Sleep(300 * time.Millisecond)
+	b.vmu.Unlock()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	got, err := netnstest.RecvUDP(sink, 2, time.Second)
+	if len(got) != 1 || string(got[0]) != "xb" {
+		t.Fatalf("delivered %q (%v): want \"xb\" (queued before Close; the filter does not match it)", got, err)
+	}
+}
+
+// TestLinuxDropOpenNoWindow: opening a FlagDrop handle whose rules cannot
+// be exact decides to queue before any rule is in place: a stream the
+// filter does not match loses nothing while handles open.
+func TestLinuxDropOpenNoWindow(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "ddo", 0)
+	ap, sink := udpSink(t, l, 6313)
+	sink.SetReadBuffer(8 << 20)
+	c, err := l.A.NS.DialUDP(ap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var recvd sync.Map
+	rdone := make(chan struct{})
+	go func() {
+		defer close(rdone)
+		buf := make([]byte, 64)
+		for {
+			sink.SetReadDeadline(time.Now().Add(time.Second))
+			n, err := sink.Read(buf)
+			if err != nil {
+				return
+			}
+			if n >= 5 {
+				recvd.Store(binary.BigEndian.Uint32(buf), true)
+			}
+		}
+	}()
+	stop := make(chan struct{})
+	sdone := make(chan uint32)
+	go func() {
+		var seq uint32
+		msg := make([]byte, 5)
+		msg[4] = 'b' // never matches packet[-1] == 0x61
+		for {
+			select {
+			case <-stop:
+				sdone <- seq
+				return
+			default:
+			}
+			binary.BigEndian.PutUint32(msg, seq)
+			if _, err := c.Write(msg); err == nil {
+				seq++
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+	}()
+	time.Sleep(100 * time.Millisecond)
+	for range 5 {
+		var h *Handle
+		if err := l.B.NS.Do(func() (err error) {
+			h, err = Open("udp.DstPort == 6313 and packet[-1] == 0x61", LayerNetwork, 0, FlagDrop)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
+		defer h.Close()
+	}
+	close(stop)
+	sent := <-sdone
+	<-rdone
+	var lost []uint32
+	for s := uint32(0); s < sent; s++ {
+		if _, ok := recvd.Load(s); !ok {
+			lost = append(lost, s)
+		}
+	}
+	if len(lost) > 0 {
+		t.Fatalf("%d of %d datagrams lost (the filter matches none); first lost: %v", len(lost), sent, lost[:min(len(lost), 20)])
+	}
+}

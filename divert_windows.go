@@ -343,13 +343,7 @@ func (b *winBackend) sendBatch(ms []Message) (int, error) {
 	// WinDivert cuts the batch by each packet's IP length: a message whose
 	// N differs would shift every packet after it. The messages before the
 	// first such one are sent; it is reported.
-	valid, verr := len(ms), error(nil)
-	for i := range ms {
-		if err := ipLengthIs(ms[i].Buf[:ms[i].N]); err != nil {
-			valid, verr = i, fmt.Errorf("divert: message %d: %w", i, err)
-			break
-		}
-	}
+	valid, verr := validBatch(ms)
 	ms = ms[:valid]
 	if len(ms) == 0 {
 		return 0, verr
@@ -377,20 +371,34 @@ func (b *winBackend) sendBatch(ms []Message) (int, error) {
 	return len(ms), verr
 }
 
+// validBatch returns how many messages of ms, from the first, the driver
+// would cut as they are (see ipLengthIs), and an error for the first one
+// it would not.
+func validBatch(ms []Message) (int, error) {
+	for i := range ms {
+		if err := ipLengthIs(ms[i].Buf[:ms[i].N], i == len(ms)-1); err != nil {
+			return i, fmt.Errorf("divert: message %d: %w", i, err)
+		}
+	}
+	return len(ms), nil
+}
+
 // ipLengthIs checks that p is one whole IPv4 or IPv6 packet by the length
-// its header gives, the way the driver cuts a batch into packets.
-func ipLengthIs(p []byte) error {
+// its header gives, the way the driver cuts a batch into packets. The last
+// packet of a batch may be followed by bytes the driver ignores (padding),
+// as Send allows.
+func ipLengthIs(p []byte, last bool) error {
+	var l int
 	switch {
 	case len(p) >= 20 && p[0]>>4 == 4:
-		if l := int(binary.BigEndian.Uint16(p[2:4])); l != len(p) {
-			return fmt.Errorf("length %d is not the IPv4 total length %d", len(p), l)
-		}
+		l = int(binary.BigEndian.Uint16(p[2:4]))
 	case len(p) >= 40 && p[0]>>4 == 6:
-		if l := 40 + int(binary.BigEndian.Uint16(p[4:6])); l != len(p) {
-			return fmt.Errorf("length %d is not the IPv6 length %d (40 + payload length)", len(p), l)
-		}
+		l = 40 + int(binary.BigEndian.Uint16(p[4:6]))
 	default:
 		return fmt.Errorf("%d bytes are not an IPv4 or IPv6 packet", len(p))
+	}
+	if l != len(p) && !(last && l < len(p)) {
+		return fmt.Errorf("length %d is not the packet's IP length %d (the driver would cut the batch there)", len(p), l)
 	}
 	return nil
 }
@@ -404,7 +412,7 @@ func softSendError(err error) bool {
 	switch windivert.Code(err) {
 	case windivert.ErrorInvalidParameter, windivert.ErrorInsufficientBuffer, windivert.ErrorNoData,
 		windivert.ErrorInvalidHandle, windivert.ErrorAccessDenied, windivert.ErrorOperationAborted,
-		errorBadCommand, errorNoSystemResources, errorNotEnoughMemory:
+		errorBadCommand, errorNoSystemResources:
 		return false
 	}
 	return windivert.Code(err) != 0
@@ -412,9 +420,9 @@ func softSendError(err error) bool {
 
 // Win32 codes of the driver's hard send errors that internal/windivert
 // does not name: STATUS_INVALID_DEVICE_STATE and STATUS_INSUFFICIENT_RESOURCES
-// as Windows maps them, and ERROR_NOT_ENOUGH_MEMORY.
+// as Windows maps them. (A failure to inject one packet, whatever its
+// code, is soft: windivert_write goes on with the others.)
 const (
-	errorNotEnoughMemory   = 8
 	errorBadCommand        = 22
 	errorNoSystemResources = 1450
 )

@@ -1554,3 +1554,43 @@ func TestWinSendBatchLengthMismatch(t *testing.T) {
 		t.Fatalf("SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1", n, err, len(d.injected))
 	}
 }
+
+// TestWinSendBatchReassembledLengthMismatch: with FlagReassemble too, a
+// message whose N is not its packet's IP length is reported, and the ones
+// before it are sent.
+func TestWinSendBatchReassembledLengthMismatch(t *testing.T) {
+	d := &winDriverSendHandle{Fake: windivert.NewFake(), failIdx: -1}
+	winSeam(t, d, nil)
+	h, err := Open("true", LayerNetwork, 0, FlagReassemble)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	p0, p1, p2 := winIPv4(60, 0xAA), winIPv4(60, 0xBB), winIPv4(60, 0xCC)
+	ms := []Message{
+		{Buf: p0, N: 60, Addr: Address{Outbound: true}},
+		{Buf: p1, N: 40, Addr: Address{Outbound: true}},
+		{Buf: p2, N: 60, Addr: Address{Outbound: true}},
+	}
+	n, err := h.SendBatch(ms)
+	if n != 1 || err == nil || len(d.injected) != 1 || !bytes.Equal(d.injected[0], p0) {
+		t.Fatalf("SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1", n, err, len(d.injected))
+	}
+}
+
+// TestWinSendBatchPaddedLast: bytes after the last packet of a batch are
+// ignored by the driver, as Send allows them: SendBatch sends such a batch.
+func TestWinSendBatchPaddedLast(t *testing.T) {
+	d := &winDriverSendHandle{Fake: windivert.NewFake(), failIdx: -1}
+	winSeam(t, d, nil)
+	h, err := Open("true", LayerNetwork, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	p := append(winIPv4(46, 0xAA), make([]byte, 14)...) // padded to 60
+	n, err := h.SendBatch([]Message{{Buf: winIPv4(40, 1), N: 40, Addr: Address{Outbound: true}}, {Buf: p, N: len(p), Addr: Address{Outbound: true}}})
+	if n != 2 || err != nil || len(d.injected) != 2 {
+		t.Fatalf("SendBatch = %d, %v; injected %d: want both", n, err, len(d.injected))
+	}
+}

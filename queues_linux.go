@@ -45,8 +45,10 @@ import (
 // datagram. FlagFragments hands fragments one by one and needs nothing
 // more.
 //
-// FlagDrop and FlagSendOnly handles have no queue: the n handles then share
-// one backend (shareBackend), as on the other systems.
+// FlagDrop and FlagSendOnly handles have no queue the program reads (a
+// FlagDrop handle's own goroutine reads the one it keeps for what its rules
+// cannot judge): the n handles then share one backend (shareBackend), as
+// on the other systems.
 
 // queueGroup is the kernel rules OpenQueues' handles share.
 type queueGroup struct {

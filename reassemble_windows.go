@@ -263,6 +263,11 @@ func (b *winBackend) sendReassembled(p []byte, a *Address) (int, error) {
 
 // sendBatchReassembled is sendBatch with FlagReassemble.
 func (b *winBackend) sendBatchReassembled(ms []Message) (int, error) {
+	valid, verr := validBatch(ms) // as sendBatch: the driver cuts by IP length
+	if valid == 0 {
+		return 0, verr
+	}
+	ms = ms[:valid]
 	b.sendMu.Lock()
 	defer b.sendMu.Unlock()
 	r := b.reasm
@@ -284,7 +289,11 @@ func (b *winBackend) sendBatchReassembled(ms []Message) (int, error) {
 		}
 		r.appendItems(&ms[i].Addr, b.layer, i, frags)
 	}
-	return b.sendChunks(r.sbuf)
+	n, err := b.sendChunks(r.sbuf)
+	if err == nil {
+		err = verr
+	}
+	return n, err
 }
 
 // appendItems appends count copies of a, encoded, owned by message msg,

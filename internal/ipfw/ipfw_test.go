@@ -633,6 +633,7 @@ func TestPlanNumber(t *testing.T) {
 		{"foreign rules do not count", []Listed{{Number: 31000, Set: 1}}, 0, 31000},
 		{"pushed above a higher priority pushed up", []Listed{h(30999, 1, 1), h(31000, 1, 2)}, 0, 31001},
 		{"lowest priority, taken", []Listed{h(61000, -30000, 1)}, -30000, 61001},
+		{"packed: shared with a higher priority, never before it", []Listed{h(30999, 1, 1), h(31000, 1, 2), h(31001, 1, 3), h(31002, -1, 4)}, 0, 31001},
 	} {
 		if got := PlanNumber(tc.rules, tc.prio, alive); got != tc.want {
 			t.Errorf("%s: PlanNumber = %d, want %d", tc.name, got, tc.want)

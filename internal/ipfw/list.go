@@ -104,12 +104,14 @@ func priorityOf(n uint32) int16 {
 // higher priority must have a lower number and every one of lower priority
 // a higher one (RuleNumber gives that); a handle of equal priority opened
 // before gets a lower one too, so that both see every packet (WinDivert
-// orders equal priorities by open time). The number is RuleNumber(prio)
-// unless live handles of equal or higher priority already use it or
-// higher; then the first number above them, if it stays below every live
-// handle of lower priority. When no number fits, it is RuleNumber(prio),
-// shared with a handle of equal priority, which then does not see what the
-// other writes back.
+// also orders equal priorities by open time, newest first, though its
+// documentation leaves the order undefined). The number is
+// RuleNumber(prio) unless live handles of equal or higher priority already
+// use it or higher; then the first number above them, if it stays below
+// every live handle of lower priority. When no number fits, it is shared
+// with the last handle of higher or equal priority (or is RuleNumber(prio)),
+// which then does not see what the other writes back, and never comes
+// before a handle of higher priority.
 func PlanNumber(rules []Listed, prio int16, alive func(pid int) bool) uint16 {
 	base := uint32(RuleNumber(prio))
 	var ge uint32             // highest number of a live handle of priority >= prio
@@ -126,6 +128,11 @@ func PlanNumber(rules []Listed, prio int16, alive func(pid int) bool) uint16 {
 	}
 	if n := max(base, ge+1); n < lt && n <= MaxRule {
 		return uint16(n)
+	}
+	if ge >= base && ge < lt {
+		// Packed: share the number of the last handle of higher or equal
+		// priority rather than come before it.
+		return uint16(ge)
 	}
 	return uint16(base)
 }

@@ -38,7 +38,7 @@ func Install(cfg Config) (*Ruleset, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	native := cfg.Action == ActionQueue && HasNativeQueue()
+	native := (cfg.Action == ActionQueue || cfg.UnclearQueue) && HasNativeQueue()
 	name := fmt.Sprintf("divert_%d_%d", os.Getpid(), tableSeq.Add(1))
 	family := cfg.family()
 	conn, err := openOwned(name, family)
@@ -333,6 +333,20 @@ func queueTarget(cfg *Config) expr.Any {
 	binary.NativeEndian.PutUint16(info[2:], cfg.QueueCount)
 	binary.NativeEndian.PutUint16(info[4:], queueFlags(cfg))
 	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
+}
+
+// WouldBeExact reports whether the rules Install would make of cfg select
+// exactly what cfg.Lowered does, without installing anything: a caller can
+// choose its action before any rule is in place.
+func WouldBeExact(cfg Config) bool {
+	for _, h := range cfg.Hooks {
+		l := lowerer{hook: h}
+		l.lower(cfg.Lowered)
+		if l.inexact {
+			return false
+		}
+	}
+	return true
 }
 
 // Exact reports whether the kernel rules select exactly the filter's

@@ -167,6 +167,9 @@ func (h *imgkHandle) SendEx(buf []byte, addrs []RawAddr) (int, error) {
 }
 
 func (h *imgkHandle) CancelRecv() error {
+	if h.closed.Load() {
+		return nil // Close cancels and waits itself
+	}
 	err := windows.CancelIoEx(h.h.Handle, h.rOv)
 	if err == windows.ERROR_NOT_FOUND {
 		return nil // nothing pending
@@ -177,15 +180,24 @@ func (h *imgkHandle) CancelRecv() error {
 // Shutdown passes how as WinDivert numbers it (1 recv, 2 send, 3 both):
 // imgk's Shutdown constants are off by one (0, 1, 2).
 func (h *imgkHandle) Shutdown(how uint32) error {
+	if h.closed.Load() {
+		return windows.ERROR_INVALID_HANDLE
+	}
 	return errnoOf(h.h.Shutdown(imgk.Shutdown(how)))
 }
 
 func (h *imgkHandle) GetParam(p uint32) (uint64, error) {
+	if h.closed.Load() {
+		return 0, windows.ERROR_INVALID_HANDLE
+	}
 	v, err := h.h.GetParam(imgk.Param(p))
 	return v, errnoOf(err)
 }
 
 func (h *imgkHandle) SetParam(p uint32, v uint64) error {
+	if h.closed.Load() {
+		return windows.ERROR_INVALID_HANDLE
+	}
 	return errnoOf(h.h.SetParam(imgk.Param(p), v))
 }
 
