@@ -1236,6 +1236,7 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 		// the rules' hooks makes the kernel drop every queued packet.
 		if b.dropDone != nil {
 			<-b.dropDone
+			b.flush() // the ACCEPTs of what passed, before the hooks go
 		}
 		if b.rules != nil {
 			errs = append(errs, b.rules.Close())
