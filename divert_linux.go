@@ -236,7 +236,7 @@ func (b *linuxBackend) dropLoop() {
 	var a Address
 	for {
 		if _, err := b.recv(buf, &a); err != nil && !errors.Is(err, ErrTruncated) {
-			if b.closed.Load() || b.shutRecv.Load() || errors.Is(err, ErrShutdown) {
+			if b.closed.Load() || b.shutRecv.Load() { // ErrShutdown among them
 				return
 			}
 			time.Sleep(10 * time.Millisecond) // a transient error: not in a spin
@@ -311,9 +311,9 @@ func (b *linuxBackend) open(cfg *openConfig) error {
 	if err := b.openInjector(cfg); err != nil {
 		return err
 	}
-	if cfg.flags&FlagSendOnly == 0 && (cfg.flags&FlagDrop == 0 || cfg.port < 0) {
+	if cfg.flags&FlagSendOnly == 0 {
 		// A FlagDrop handle has a queue too, for the packets its kernel
-		// rules cannot judge (see dropLoop).
+		// rules cannot judge (see dropLoop; OpenPort refuses FlagDrop).
 		c, err := nfq.Open(queueConfig(cfg))
 		if err != nil {
 			return mapSetupError("bind NFQUEUE queue", err)
@@ -713,11 +713,10 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 var errKernelTruncated = fmt.Errorf("%w: the kernel's queue hands over at most %d bytes of a packet", ErrTruncated, nfq.MaxCopyRange)
 
 // v6HasExt reports whether pkt, an IPv6 packet, has an extension header
-// that WinDivert walks, or nothing past its fixed header (the rules send
-// packets whose transport header the kernel cannot load to user space). Exact kernel rules still
-// send some such packets whatever the filter (nftrules' v6Unclear: where
-// the kernel and WinDivert find different transport headers), so the
-// filter decides on them in user space.
+// that WinDivert walks, or nothing past its fixed header. Exact kernel
+// rules still queue such packets whatever the filter (nftrules'
+// v6Unclear: where the kernel and WinDivert find different transport
+// headers, or the kernel none), so the filter decides on them here.
 func v6HasExt(pkt []byte) bool {
 	if len(pkt) <= 40 {
 		return true // too short to tell, or nothing after the header
@@ -1250,9 +1249,9 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 
 func (b *linuxBackend) close() error {
 	if b.dropDone != nil {
-		// Let dropLoop judge what is queued (as Shutdown does), then end.
+		// Let dropLoop judge what is queued, as Shutdown does (and waits
+		// for it to end).
 		_ = b.shutdown(ShutdownRecv)
-		<-b.dropDone
 	}
 	b.closed.Store(true)
 	if b.stop != nil {
