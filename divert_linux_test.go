@@ -1272,10 +1272,9 @@ func TestLinuxDropV6Unclear(t *testing.T) {
 		t.Fatal("the handle's rules are not exact; the test needs exact ones")
 	}
 	inj := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
-	mh := func(first byte, dport uint16) []byte { return v6ExtUDP(l, first, dport) }
 	for _, first := range []byte{135, 51} { // a Mobility header, an Authentication Header
 		for _, dport := range []uint16{80, 5353} { // not matching, then matching
-			if _, err := inj.Send(mh(first, dport), &Address{Outbound: true, IPv6: true}); err != nil {
+			if _, err := inj.Send(v6ExtUDP(l, first, dport), &Address{Outbound: true, IPv6: true}); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -1564,10 +1563,9 @@ func TestLinuxV6UnclearHeaders(t *testing.T) {
 		t.Fatal("the handle's rules are not exact; the test needs exact ones")
 	}
 	inj := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
-	mh := func(first byte, dport uint16) []byte { return v6ExtUDP(l, first, dport) }
 	for i, first := range []byte{135, 51} { // a Mobility header, an Authentication Header
 		for _, dport := range []uint16{80, 5353} { // not matching, then matching
-			if _, err := inj.Send(mh(first, dport), &Address{Outbound: true, IPv6: true}); err != nil {
+			if _, err := inj.Send(v6ExtUDP(l, first, dport), &Address{Outbound: true, IPv6: true}); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -1534,47 +1534,27 @@ func TestWinSendBatchSoftError(t *testing.T) {
 
 // TestWinSendBatchLengthMismatch: the driver cuts a batch by IP length, so
 // a message whose N is not its packet's length would shift the ones after
-// it. SendBatch sends the messages before it and reports it.
+// it. SendBatch, also under FlagReassemble, sends the messages before it
+// and reports it.
 func TestWinSendBatchLengthMismatch(t *testing.T) {
-	d := &winDriverSendHandle{Fake: windivert.NewFake(), failIdx: -1}
-	winSeam(t, d, nil)
-	h, err := Open("true", LayerNetwork, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	p0, p1, p2 := winIPv4(60, 0xAA), winIPv4(60, 0xBB), winIPv4(60, 0xCC)
-	ms := []Message{
-		{Buf: p0, N: 60, Addr: Address{Outbound: true}},
-		{Buf: p1, N: 40, Addr: Address{Outbound: true}}, // N shorter than the IP length
-		{Buf: p2, N: 60, Addr: Address{Outbound: true}},
-	}
-	n, err := h.SendBatch(ms)
-	if n != 1 || err == nil || len(d.injected) != 1 || !bytes.Equal(d.injected[0], p0) {
-		t.Fatalf("SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1", n, err, len(d.injected))
-	}
-}
-
-// TestWinSendBatchReassembledLengthMismatch: with FlagReassemble too, a
-// message whose N is not its packet's IP length is reported, and the ones
-// before it are sent.
-func TestWinSendBatchReassembledLengthMismatch(t *testing.T) {
-	d := &winDriverSendHandle{Fake: windivert.NewFake(), failIdx: -1}
-	winSeam(t, d, nil)
-	h, err := Open("true", LayerNetwork, 0, FlagReassemble)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	p0, p1, p2 := winIPv4(60, 0xAA), winIPv4(60, 0xBB), winIPv4(60, 0xCC)
-	ms := []Message{
-		{Buf: p0, N: 60, Addr: Address{Outbound: true}},
-		{Buf: p1, N: 40, Addr: Address{Outbound: true}},
-		{Buf: p2, N: 60, Addr: Address{Outbound: true}},
-	}
-	n, err := h.SendBatch(ms)
-	if n != 1 || err == nil || len(d.injected) != 1 || !bytes.Equal(d.injected[0], p0) {
-		t.Fatalf("SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1", n, err, len(d.injected))
+	for _, flags := range []Flag{0, FlagReassemble} {
+		d := &winDriverSendHandle{Fake: windivert.NewFake(), failIdx: -1}
+		winSeam(t, d, nil)
+		h, err := Open("true", LayerNetwork, 0, flags)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p0, p1, p2 := winIPv4(60, 0xAA), winIPv4(60, 0xBB), winIPv4(60, 0xCC)
+		ms := []Message{
+			{Buf: p0, N: 60, Addr: Address{Outbound: true}},
+			{Buf: p1, N: 40, Addr: Address{Outbound: true}}, // N shorter than the IP length
+			{Buf: p2, N: 60, Addr: Address{Outbound: true}},
+		}
+		n, err := h.SendBatch(ms)
+		h.Close()
+		if n != 1 || err == nil || len(d.injected) != 1 || !bytes.Equal(d.injected[0], p0) {
+			t.Fatalf("flags %#x: SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1", uint64(flags), n, err, len(d.injected))
+		}
 	}
 }
 

@@ -619,6 +619,7 @@ var diffFields = []fspec{
 	{"udp.PayloadLength", filter.FieldUDPPayloadLength, kNum, 64, 0},
 	{"packet", filter.FieldPacket, kArr, 0xff, 1}, {"packet16", filter.FieldPacket16, kArr, 0xffff, 2},
 	{"packet32", filter.FieldPacket32, kArr, 0xffffffff, 4},
+	// packet and packet16 twice: drawn twice as often.
 	{"packet", filter.FieldPacket, kArr, 0xff, 1}, {"packet16", filter.FieldPacket16, kArr, 0xffff, 2},
 	{"tcp.Payload", filter.FieldTCPPayload, kArr, 0xff, 1}, {"tcp.Payload16", filter.FieldTCPPayload16, kArr, 0xffff, 2},
 	{"tcp.Payload32", filter.FieldTCPPayload32, kArr, 0xffffffff, 4},
