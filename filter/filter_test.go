@@ -132,6 +132,9 @@ func TestCompileErrors(t *testing.T) {
 		{LayerNetwork, "tcp.DstPort == 340282366920938463463374607431768211456", 15, msgBadToken},
 		{LayerNetwork, "ipv6.SrcAddr == 1:2:3:4:5:6:1.2.3.4", 16, msgBadToken},
 		{LayerNetwork, "ipv6.SrcAddr == 64:ff9b::1.2.3.4", 16, msgBadToken},
+		// Seven groups then a dotted quad: nine groups (indexed past the
+		// groups' array in WinDivert's C; a panic here once).
+		{LayerNetwork, "ipv6.SrcAddr == ::0:0:0:0:0:0:0:0.0.0.0", 16, msgBadToken},
 		{LayerNetwork, "ipv6.SrcAddr == 12345::1", 16, msgBadToken},
 		{LayerNetwork, "ip.SrcAddr == 256.0.0.1", 14, msgBadToken},
 		{LayerNetwork, "tcp.DstPort == 80 tcp", 18, msgParse},

@@ -275,7 +275,9 @@ func parseIPv6(s string) (u128, bool) {
 				break
 			}
 		}
-		if i < 6 {
+		// j <= 6: a dotted quad after seven groups would be a ninth and
+		// tenth group, past the end of raddr (in WinDivert's C as well).
+		if i < 6 && j <= 6 {
 			if a, ok := parseIPv4(s[p:]); ok {
 				ipv4, ipv4Addr = true, a
 				j += 2
