@@ -45,6 +45,16 @@
 //   - String is WinDivert's normalized text formatted again until it no
 //     longer changes: WinDivert's formatter is not idempotent on intricate
 //     filters (Format gives its one-pass output).
+//   - String of a filter object keeps the object's meaning. An object's
+//     tests are evaluated as they are, but a test that the field's range
+//     decides is folded when compiled from text, and the folding changes
+//     its meaning ("tcp.HdrLength > 27" is false for every packet as an
+//     object test, "not tcp" as text), so String prints such a test as
+//     what it means ("false", here). WinDivert's formatter prints it as it
+//     is (Format, too).
+//   - An object whose array index the language has no text for (such as
+//     packet16[-1], or packet[65535]) does not compile: WinDivert's
+//     formatter would print a filter that its compiler refuses.
 package filter
 
 import (
@@ -162,7 +172,7 @@ func Compile(text string, layer Layer) (*Filter, error) {
 // that is WinDivert's output itself; WinDivert's formatter is not always
 // idempotent, and String promises a text that formats to itself).
 func normalize(prog []insn, layer Layer) string {
-	s := format(prog, layer)
+	s := format(unfold(prog), layer)
 	for i := 0; i < 16; i++ {
 		p, err := compileText(s, layer)
 		if err != nil {
@@ -175,6 +185,77 @@ func normalize(prog []insn, layer Layer) string {
 		s = t
 	}
 	return s
+}
+
+// unfold returns prog, or a copy of it in which every test that the
+// compiler would fold (WinDivertSimplifyTest) is replaced by one that means
+// the same unfolded. Only a filter object can hold such a test: the compiler
+// folds them all, and the driver evaluates an object's tests as they are.
+// Printed as they are, they would be folded when the text is compiled, and
+// the folding does not keep their meaning: an unfolded test on a field the
+// packet lacks is false, while "tcp.HdrLength > 27" folds to "not tcp".
+//
+// A test the field's range decides is, unfolded, false when it is decided
+// false, and "the field is present" when it is decided true: the field's
+// protocol for a header field, true for a field every packet has, and for
+// an array element a length test (packet[i] needs length >= i+size,
+// packet[-i] length >= i).
+func unfold(prog []insn) []insn {
+	var out []insn
+	for i := range prog {
+		in := &prog[i]
+		n := node{kind: eTest, field: in.field, op: in.op, idx: in.idx, val: in.val, neg: in.neg}
+		if fields[in.field].size > 0 {
+			n.val = u128{in.val[0]}
+		}
+		result, ok := foldResult(&n)
+		if !ok {
+			continue
+		}
+		if out == nil {
+			out = append([]insn(nil), prog...)
+		}
+		u := &out[i]
+		fi := &fields[in.field]
+		if !result {
+			u.succ = u.fail // false
+			continue
+		}
+		if fi.size == 0 {
+			if fi.proto == fTrue {
+				u.fail = u.succ // true
+				continue
+			}
+			*u = insn{field: fi.proto, op: OpEq, val: u128{1}, succ: u.succ, fail: u.fail}
+			continue
+		}
+		// An array element: present when its region holds it.
+		var need int64
+		if in.idx >= 0 {
+			need = int64(in.idx) + int64(fi.size)
+		} else {
+			need = -int64(in.idx)
+			if need < int64(fi.size) {
+				need = mtuMax + 1 // reaches before the region: never present
+			}
+		}
+		lf := fLength
+		switch fi.proto {
+		case fTCP:
+			lf = fTCPPayloadLength
+		case fUDP:
+			lf = fUDPPayloadLength
+		}
+		if need > int64(fields[lf].hi[0]) {
+			u.succ = u.fail // no packet is that long
+			continue
+		}
+		*u = insn{field: lf, op: OpGe, val: u128{uint32(need)}, big: fields[lf].big, succ: u.succ, fail: u.fail}
+	}
+	if out == nil {
+		return prog
+	}
+	return out
 }
 
 // Format is WinDivertHelperFormatFilter exactly: text compiled for layer

@@ -868,3 +868,101 @@ func TestMatchAllocs(t *testing.T) {
 		t.Errorf("Match allocates %v times", n)
 	}
 }
+
+// TestObjectStringKeepsMeaning: an object's tests are evaluated as they
+// are, never folded, so the String of a decoded object must not be text
+// that the compiler folds into another meaning ("tcp.HdrLength > 27" is
+// false for every packet as an object test, "not tcp" as text). Every
+// foldable field is tried with every operator at the edges of its range,
+// alone and inside a program, on packets that have the field and that lack
+// it, both short and long.
+func TestObjectStringKeepsMeaning(t *testing.T) {
+	pkts := corpusPackets()
+	for _, p := range corpusPackets()[:5] {
+		for _, n := range []int{20, 21, 28, 40, 41, 44} {
+			if n < len(p) {
+				q := append([]byte(nil), p[:n]...)
+				q[2], q[3] = byte(n>>8), byte(n) // IPv4 total length
+				pkts = append(pkts, q)
+			}
+		}
+	}
+	metas := []*Meta{{}, {Outbound: true, Loopback: true, Timestamp: 77}}
+	checked, folded := 0, 0
+	for l := LayerNetwork; l <= LayerNetworkForward; l++ {
+		for f := fid(0); f <= fMaxWD; f++ {
+			fi := &fields[f]
+			if !fi.fold || !validField(l, f) {
+				continue
+			}
+			idxs := []int32{0}
+			if fi.size > 0 {
+				idxs = []int32{0, 1, 3, 10, 30, -1, -2, -3, -4, -10, 1000, -1000, 0xFFFE, -0xFFFE}
+			}
+			vals := []struct {
+				v   uint32
+				neg bool
+			}{{0, false}, {1, false}, {fi.hi[0], false}, {fi.hi[0] + 1, false}, {0xFFFFFFFF, false}, {1, true}}
+			for _, idx := range idxs {
+				for _, vv := range vals {
+					for op := OpEq; op <= OpGe; op++ {
+						in := insn{field: f, op: op, neg: vv.neg, idx: idx, val: u128{vv.v}, big: fi.big}
+						n := node{kind: eTest, field: f, op: op, idx: idx, val: u128{vv.v}, neg: vv.neg}
+						if _, ok := foldResult(&n); ok {
+							folded++
+						}
+						// Alone, and as "test or udp" / "test and tcp".
+						progs := [][]insn{
+							{withLabels(in, resAccept, resReject)},
+							{withLabels(in, resAccept, 1), {field: fUDP, op: OpEq, val: u128{1}, succ: resAccept, fail: resReject}},
+							{withLabels(in, 1, resReject), {field: fTCP, op: OpEq, val: u128{1}, succ: resAccept, fail: resReject}},
+						}
+						for _, prog := range progs {
+							obj := (&Filter{prog: prog}).Object()
+							o, err := Compile(obj, l)
+							if err != nil {
+								continue // an index the driver refuses
+							}
+							s := o.String()
+							g, err := Compile(s, l)
+							if err != nil {
+								t.Fatalf("%s (%s): String %q does not compile: %v", obj, Format2(obj, l), s, err)
+							}
+							if g.String() != s {
+								t.Fatalf("%s: String %q recompiles to %q", obj, s, g.String())
+							}
+							for _, p := range pkts {
+								for _, m := range metas {
+									m.Layer = l
+									if o.Match(p, m) != g.Match(p, m) {
+										t.Fatalf("%s (%s): String %q disagrees on %x (%d bytes): object %v",
+											obj, Format2(obj, l), s, p, len(p), o.Match(p, m))
+									}
+								}
+							}
+							checked++
+						}
+					}
+				}
+			}
+		}
+	}
+	if folded < 100 || checked < 1000 {
+		t.Fatalf("only %d foldable tests, %d programs checked", folded, checked)
+	}
+	t.Logf("%d programs checked, %d foldable tests", checked, folded)
+}
+
+func withLabels(in insn, succ, fail uint16) insn {
+	in.succ, in.fail = succ, fail
+	return in
+}
+
+// Format2 is Format without the error, for messages.
+func Format2(text string, l Layer) string {
+	s, err := Format(text, l)
+	if err != nil {
+		return err.Error()
+	}
+	return s
+}

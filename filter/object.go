@@ -76,7 +76,8 @@ func (r *objReader) label() (uint16, bool) {
 
 // decodeObject is WinDivertDeserializeFilter, plus the checks the driver
 // makes when it receives an object (fields valid for the layer, array
-// indexes in range).
+// indexes in range), and one of its own: array indexes the language can
+// write (see Compile's doc).
 func decodeObject(s string, layer Layer) ([]insn, bool) {
 	r := objReader{s: s}
 	for _, c := range []byte("@WinDiv_") {
@@ -137,6 +138,11 @@ func decodeObject(s string, layer Layer) ([]insn, bool) {
 			}
 			idx := int64(v) - 0xFFFF
 			if idx > mtuMax || idx < -mtuMax { // neg is the constant's sign, allowed (WinDivertDeserializeTest)
+				return nil, false
+			}
+			// Not in WinDivert: an index the language cannot write
+			// (see the parser), so that String always compiles.
+			if size := int64(fields[f].size); idx > 0xFFFF-size || idx < -0xFFFF || (idx < 0 && -idx < size) {
 				return nil, false
 			}
 			in.idx = int32(idx)

@@ -252,13 +252,30 @@ func cmp128(negA bool, a *u128, negB bool, b *u128, big bool) int {
 // range decides becomes a presence test of the field's protocol (or a
 // constant).
 func simplify(n *node) {
+	result, ok := foldResult(n)
+	if !ok {
+		return
+	}
+	n.field = fields[n.field].proto
+	n.idx = 0
+	n.neg = false
+	n.val = u128{}
+	if result {
+		n.val[0] = 1
+	}
+	n.op = OpEq
+}
+
+// foldResult is the decision of WinDivertSimplifyTest: ok when the field's
+// range decides the comparison n, with its result for a packet that has the
+// field.
+func foldResult(n *node) (result, ok bool) {
 	fi := &fields[n.field]
 	if !fi.fold {
-		return
+		return false, false
 	}
 	lb := cmp128(n.neg, &n.val, fi.negLo, &fi.lo, true)
 	ub := cmp128(n.neg, &n.val, false, &fi.hi, true)
-	var result bool
 	switch n.op {
 	case OpEq:
 		switch {
@@ -267,7 +284,7 @@ func simplify(n *node) {
 		case fi.eq && lb == 0:
 			result = true
 		default:
-			return
+			return false, false
 		}
 	case OpNe:
 		switch {
@@ -276,7 +293,7 @@ func simplify(n *node) {
 		case fi.eq && lb == 0:
 			result = false
 		default:
-			return
+			return false, false
 		}
 	case OpLt:
 		switch {
@@ -285,7 +302,7 @@ func simplify(n *node) {
 		case lb <= 0:
 			result = false
 		default:
-			return
+			return false, false
 		}
 	case OpLe:
 		switch {
@@ -294,7 +311,7 @@ func simplify(n *node) {
 		case lb < 0:
 			result = false
 		default:
-			return
+			return false, false
 		}
 	case OpGt:
 		switch {
@@ -303,7 +320,7 @@ func simplify(n *node) {
 		case lb < 0:
 			result = true
 		default:
-			return
+			return false, false
 		}
 	case OpGe:
 		switch {
@@ -312,17 +329,10 @@ func simplify(n *node) {
 		case lb <= 0:
 			result = true
 		default:
-			return
+			return false, false
 		}
 	}
-	n.field = fi.proto
-	n.idx = 0
-	n.neg = false
-	n.val = u128{}
-	if result {
-		n.val[0] = 1
-	}
-	n.op = OpEq
+	return result, true
 }
 
 // flatten is WinDivertFlattenExpr: tests are pushed on stack in reverse
