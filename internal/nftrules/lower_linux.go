@@ -293,12 +293,21 @@ type field struct {
 	n     int
 	shift uint
 	max   uint64 // largest field value (before the shift)
+	// bounded: the load is from the packet, and ends the rule when the
+	// packet is too short for it (nft payload loads do), which is the
+	// field's presence test for packet[i] and its kin.
+	bounded bool
 }
 
-// compare lowers "field op v" given that the field is present.
+// compare lowers "field op v" given that the field's header is present.
+// A comparison true for every value still loads a bounded field: packet32
+// [32b] >= -1 is false for a packet shorter than 36 bytes.
 func (f field) compare(op filter.Op, v filter.Value) disj {
 	switch fold(op, v, u128{}, u128{0, f.max}) {
 	case 1:
+		if f.bounded {
+			return pos(f.loads, []expr.Any{cmp(expr.CmpOpGte, make([]byte, f.n))})
+		}
 		return dTrue
 	case -1:
 		return nil
@@ -312,7 +321,7 @@ func payloadField(base expr.PayloadBase, off uint32, n int, m uint64, shift uint
 	if m != 0 {
 		loads = append(loads, mask(uint32(n), beBytes(u128{0, m}, n)))
 	}
-	return field{loads: loads, n: n, shift: shift, max: max}
+	return field{loads: loads, n: n, shift: shift, max: max, bounded: true}
 }
 
 // metaField loads a host-endian meta value of n bytes and converts it to
