@@ -1255,8 +1255,8 @@ func TestLinuxDropInexact(t *testing.T) {
 	if len(got) != 2 || string(got[0]) != "xb" || string(got[1]) != "yb" {
 		t.Fatalf("delivered %q, want the two not ending in 'a'", got)
 	}
-	if st, err := h.Stats(); err != nil || st.Dropped != 2 {
-		t.Fatalf("Stats %+v, %v: want 2 dropped", st, err)
+	if st, err := h.Stats(); err != nil || st.Dropped != 2 || st.Received != 0 {
+		t.Fatalf("Stats %+v, %v: want 2 dropped, none received (the program receives nothing)", st, err)
 	}
 }
 
@@ -1286,6 +1286,9 @@ func TestLinuxDropV6Unclear(t *testing.T) {
 			t.Fatal(err)
 		}
 		if st.Dropped == 2 && st.Passed == 2 {
+			if st.Received != 0 {
+				t.Fatalf("Stats %+v: a FlagDrop handle hands nothing to the program", st)
+			}
 			break
 		}
 		if time.Now().After(deadline) {

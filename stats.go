@@ -10,7 +10,8 @@ import (
 // (see each field).
 type Stats struct {
 	// Received is the number of packets handed to the program by Recv and
-	// RecvBatch (a datagram reassembled in user space counts once).
+	// RecvBatch (a datagram reassembled in user space counts once); 0 for
+	// a FlagDrop handle.
 	Received uint64
 	// Sent is the number of packets Send and SendBatch sent: received
 	// packets reinjected plus new packets injected.
@@ -20,7 +21,9 @@ type Stats struct {
 	Injected uint64
 	// Dropped is the number of Drop calls that dropped a packet the handle
 	// held (Drop of a FlagSniff copy or of a new packet drops nothing and
-	// is not counted).
+	// is not counted). For a FlagDrop handle on Linux: the packets its
+	// kernel rules could not judge and the filter dropped in user space
+	// (what the rules drop themselves is not counted).
 	Dropped uint64
 	// Expired is the number of queued packets released because they
 	// waited ParamQueueTime: held by the program without Send or Drop, or
