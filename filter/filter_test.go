@@ -887,9 +887,11 @@ func TestObjectStringKeepsMeaning(t *testing.T) {
 			}
 		}
 	}
-	metas := []*Meta{{}, {Outbound: true, Loopback: true, Timestamp: 77}}
+	metas := []*Meta{{}, {Outbound: true, Loopback: true, Timestamp: 77},
+		{IPv6: true, Protocol: 6, LocalPort: 80, RemotePort: 65535, Event: EventConnect},
+		{Protocol: 17, LocalPort: 1, ProcessID: 4, Event: EventEstablished}}
 	checked, folded := 0, 0
-	for l := LayerNetwork; l <= LayerNetworkForward; l++ {
+	for l := LayerNetwork; l <= LayerReflect; l++ {
 		for f := fid(0); f <= fMaxWD; f++ {
 			fi := &fields[f]
 			if !fi.fold || !validField(l, f) {
