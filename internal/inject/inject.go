@@ -195,7 +195,8 @@ func (i *Injector) Close() error {
 }
 
 // checkLocal asks the routing table of the injector's namespace how it
-// would route a packet to addr (RTM_GETROUTE, as "ip route get" does) and
+// would route a packet to addr with the injector's mark (RTM_GETROUTE, as
+// "ip route get addr mark M" does) and
 // returns nil if addr is one of the host's addresses (a route of type
 // local), else an error wrapping ErrNotLocal. Broadcast and multicast
 // destinations are not local: a raw send to them goes out on the wire as
@@ -211,6 +212,9 @@ func (i *Injector) checkLocal(dst netip.Addr) error {
 		family, alen = unix.AF_INET, 4
 	}
 	total := unix.SizeofNlMsghdr + unix.SizeofRtMsg + unix.SizeofRtAttr + alen
+	if i.mark != 0 {
+		total += unix.SizeofRtAttr + 4 // RTA_MARK: policy rules may select by mark
+	}
 	m = binary.NativeEndian.AppendUint32(m, uint32(total))
 	m = binary.NativeEndian.AppendUint16(m, unix.RTM_GETROUTE)
 	m = binary.NativeEndian.AppendUint16(m, unix.NLM_F_REQUEST)
@@ -221,6 +225,11 @@ func (i *Injector) checkLocal(dst netip.Addr) error {
 	m = binary.NativeEndian.AppendUint16(m, unix.RTA_DST)
 	a16 := dst.As16()
 	m = append(m, a16[16-alen:]...)
+	if i.mark != 0 {
+		m = binary.NativeEndian.AppendUint16(m, unix.SizeofRtAttr+4)
+		m = binary.NativeEndian.AppendUint16(m, unix.RTA_MARK)
+		m = binary.NativeEndian.AppendUint32(m, i.mark)
+	}
 	if err := sendto(i.rt, m, nil, 0); err != nil {
 		return fmt.Errorf("inject: ask the route to %s: %w", dst, err)
 	}

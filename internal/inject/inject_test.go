@@ -3,6 +3,7 @@
 package inject
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"net"
@@ -329,6 +330,31 @@ func TestInboundNotLocal(t *testing.T) {
 		if err := inj.Inbound(build(src, dst, 17, udp(4242, 9, "local"), 6), 0); err != nil {
 			t.Errorf("Inbound to %v: %v", dst, err)
 		}
+	}
+}
+
+// TestInboundLocalByMark: the route lookup of Inbound carries the
+// injector's mark, as the send does, so an address that is local only for
+// marked packets (a policy rule "fwmark M lookup T" whose table T makes it
+// local) is local for an injector with mark M, and not for one without.
+func TestInboundLocalByMark(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "ink", 0)
+	dst := netip.MustParseAddr("10.250.0.9")
+	for _, argv := range [][]string{
+		{"ip", "route", "add", "local", dst.String(), "dev", "lo", "table", "177"},
+		{"ip", "rule", "add", "fwmark", "0x77", "lookup", "177", "priority", "10"},
+	} {
+		if out, err := l.B.NS.Run(context.Background(), argv...); err != nil {
+			t.Fatalf("%v: %v: %s", argv, err, out)
+		}
+	}
+	pkt := build(l.A.V4, dst, 17, udp(4242, 9, "local by mark"), 6)
+	if err := newIn(t, l.B.NS, 0x77).Inbound(pkt, 0); err != nil {
+		t.Errorf("Inbound with mark 0x77: %v", err)
+	}
+	if err := newIn(t, l.B.NS, 0).Inbound(pkt, 0); !errors.Is(err, ErrNotLocal) {
+		t.Errorf("Inbound without a mark: %v, want ErrNotLocal", err)
 	}
 }
 
