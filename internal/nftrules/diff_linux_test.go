@@ -71,8 +71,8 @@ type dbed struct {
 	last   map[uint32][2]uint64 // per mark: packets counted before / after
 }
 
-func newDiffBed(t *testing.T) *dbed {
-	b := newBed(t)
+func newDiffBed(t *testing.T, hook Hook) *dbed {
+	b := newBedAt(t, hook)
 	d := &dbed{bed: b, nmarks: diffMaxMarks, last: map[uint32][2]uint64{}}
 	err := b.ns.Do(func() error {
 		c, err := nftables.New()
@@ -213,7 +213,7 @@ func (d *dbed) round(t *testing.T, pkts [][]byte) (arrived, passed []bool) {
 func (d *dbed) install(f *filter.Filter) (*Ruleset, error) {
 	var r *Ruleset
 	err := d.ns.Do(func() (err error) {
-		r, err = Install(Config{Hooks: []Hook{HookPrerouting}, IPv4: true, IPv6: true, Lowered: f.Lower(),
+		r, err = Install(Config{Hooks: []Hook{d.hook}, IPv4: true, IPv6: true, Lowered: f.Lower(),
 			Action: ActionDrop, UnclearQueue: true, QueueNum: diffQueue, QueueCount: 1})
 		return err
 	})
@@ -248,7 +248,7 @@ func (d *dbed) queueSelects(t *testing.T, f *filter.Filter, pkt []byte) bool {
 	}
 	var r *Ruleset
 	if err := d.ns.Do(func() (err error) {
-		r, err = Install(Config{Hooks: []Hook{HookPrerouting}, IPv4: an.IPv4, IPv6: an.IPv6, Lowered: f.Lower(),
+		r, err = Install(Config{Hooks: []Hook{d.hook}, IPv4: an.IPv4, IPv6: an.IPv6, Lowered: f.Lower(),
 			Action: ActionQueue, QueueNum: diffQueue, QueueCount: 1})
 		return err
 	}); err != nil {
@@ -259,8 +259,10 @@ func (d *dbed) queueSelects(t *testing.T, f *filter.Filter, pkt []byte) bool {
 	return arrived[0] && !passed[0]
 }
 
-func diffMeta(p []byte) *filter.Meta {
-	return &filter.Meta{Layer: filter.LayerNetwork, Loopback: true, IfIdx: 1, IPv6: p[0]>>4 == 6}
+// meta is the Meta the backend gives the filter for p at the bed's hook:
+// the packets come in by lo, or leave by it.
+func (d *dbed) meta(p []byte) *filter.Meta {
+	return &filter.Meta{Layer: filter.LayerNetwork, Outbound: d.hook.Outbound(), Loopback: true, IfIdx: 1, IPv6: p[0]>>4 == 6}
 }
 
 // wrong reports whether the rules' decision sel on p is wrong for a filter
@@ -304,6 +306,30 @@ func diffNormalize(p []byte) []byte {
 		}
 	case 6:
 		binary.BigEndian.PutUint16(p[4:], uint16(len(p)-40))
+	}
+	return p
+}
+
+// eolZeroed sets to 0, in place, the IPv4 option bytes after an End of
+// Options List, as the kernel's input path does, and returns p.
+func eolZeroed(p []byte) []byte {
+	if p[0]>>4 != 4 {
+		return p
+	}
+	ihl := min(int(p[0]&0xf)*4, len(p))
+	for i := 20; i < ihl; {
+		switch p[i] {
+		case 0: // EOL
+			clear(p[i+1 : ihl])
+			return p
+		case 1: // NOP
+			i++
+			continue
+		}
+		if i+1 >= ihl || p[i+1] < 2 {
+			return p // malformed: the kernel drops it
+		}
+		i += int(p[i+1])
 	}
 	return p
 }
@@ -655,6 +681,7 @@ func (n *fnode) size() int {
 type fgen struct {
 	r    *rand.Rand
 	pkts []namedPkt
+	hook Hook
 }
 
 func (g *fgen) n(k int) int      { return g.r.IntN(k) }
@@ -679,7 +706,7 @@ func (g *fgen) sample(s fspec, idx int32) (uint64, bool) {
 		if !ok {
 			continue
 		}
-		v, present, known := value(&pi, env{hook: HookPrerouting, ifIdx: 1, lo: true}, filter.Cond{Field: s.f, Index: idx})
+		v, present, known := value(&pi, env{hook: g.hook, ifIdx: 1, lo: true}, filter.Cond{Field: s.f, Index: idx})
 		if known && present && v.hi == 0 {
 			if s.kind == kAddr4 || s.kind == kAddr && v.lo>>32 == 0xffff {
 				v.lo &= 0xffffffff
@@ -837,7 +864,7 @@ func (d *dbed) still(t *testing.T, text string, miss bool, pkts [][]byte) []bool
 		if !arrived[i] {
 			continue
 		}
-		bad, isMiss := wrong(f.Match(p, diffMeta(p)), sel[i], exact, p)
+		bad, isMiss := wrong(f.Match(p, d.meta(p)), sel[i], exact, p)
 		out[i] = bad && isMiss == miss
 	}
 	return out
@@ -948,22 +975,46 @@ func (d *dbed) minimize(t *testing.T, m mismatch) mismatch {
 // random filters. A mismatch is minimised and reported with its filter and
 // packet.
 func TestDiffRandomFilters(t *testing.T) {
-	start := time.Now()
 	seed := uint64(diffSeed)
 	if s := os.Getenv("DIVERT_DIFF_SEED"); s != "" {
 		seed, _ = strconv.ParseUint(s, 0, 64)
 	}
-	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	nfilters := diffFilters
 	if s := os.Getenv("DIVERT_DIFF_FILTERS"); s != "" {
 		nfilters, _ = strconv.Atoi(s)
 	}
-	d := newDiffBed(t)
-	all := diffPackets(r)
+	// Prerouting gets the most filters; input and output, where the
+	// handle's rules go (output is also where loopback traffic is seen),
+	// half as many each, with the direction-dependent fields (inbound,
+	// localAddr, remotePort...) decided the other way at output.
+	for _, h := range []struct {
+		hook Hook
+		n    int
+	}{{HookPrerouting, nfilters}, {HookInput, (nfilters + 1) / 2}, {HookOutput, (nfilters + 1) / 2}} {
+		t.Run(h.hook.String(), func(t *testing.T) {
+			diffRun(t, h.hook, seed+uint64(h.hook), h.n)
+		})
+	}
+}
 
-	// Keep the packets the kernel accepts and delivers to prerouting
+// diffRun is TestDiffRandomFilters at one hook.
+func diffRun(t *testing.T, hook Hook, seed uint64, nfilters int) {
+	start := time.Now()
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	d := newDiffBed(t, hook)
+	all := diffPackets(r)
+	if hook == HookInput {
+		// What the input hook sees, as the program would: the kernel's
+		// IPv4 option parsing (ip_options_compile) sets every byte after
+		// an End of Options List to 0 before it.
+		for i := range all {
+			all[i].b = diffNormalize(eolZeroed(all[i].b))
+		}
+	}
+
+	// Keep the packets the kernel accepts and delivers to the hook
 	// unchanged (no rules installed): some random ones are refused by the
-	// raw socket or dropped before prerouting (bad hop-by-hop options).
+	// raw socket or dropped on the way (bad hop-by-hop options).
 	var pkts []namedPkt
 	var raw [][]byte
 	for _, p := range all {
@@ -988,9 +1039,9 @@ func TestDiffRandomFilters(t *testing.T) {
 			v6++
 		}
 	}
-	t.Logf("seed %#x: %d packets generated, %d reach prerouting (%d IPv4, %d IPv6)", seed, len(all), len(pkts), v4, v6)
+	t.Logf("seed %#x: %d packets generated, %d reach %s (%d IPv4, %d IPv6)", seed, len(all), len(pkts), hook, v4, v6)
 
-	g := &fgen{r: r, pkts: pkts}
+	g := &fgen{r: r, pkts: pkts, hook: hook}
 	var mism []mismatch
 	checked, compileErr, exactN, pairs := 0, 0, 0, 0
 	var installErr []*fnode
@@ -1011,7 +1062,7 @@ func TestDiffRandomFilters(t *testing.T) {
 		}
 		for j := range raw {
 			if !arrived[j] {
-				t.Fatalf("%s never reached prerouting: %x", pkts[j].name, raw[j])
+				t.Fatalf("%s never reached %s: %x", pkts[j].name, hook, raw[j])
 			}
 		}
 		if exact {
@@ -1021,11 +1072,11 @@ func TestDiffRandomFilters(t *testing.T) {
 		var these []mismatch
 		for j, p := range pkts {
 			pairs++
-			want := f.Match(p.b, diffMeta(p.b))
+			want := f.Match(p.b, d.meta(p.b))
 			if bad, miss := wrong(want, sel[j], exact, p.b); bad {
 				these = append(these, mismatch{n, f, p.b, p.name, miss})
 			}
-			if lw.Exact && lw.Match(p.b, diffMeta(p.b)) != want {
+			if lw.Exact && lw.Match(p.b, d.meta(p.b)) != want {
 				t.Errorf("filter.Lower is exact but differs from Match: %q on %s (%x)", text, p.name, p.b)
 			}
 		}
@@ -1097,11 +1148,11 @@ func TestDiffRandomFilters(t *testing.T) {
 				continue
 			}
 			done[text] = true
-			want := m.f.Match(m.pkt, diffMeta(m.pkt))
+			want := m.f.Match(m.pkt, d.meta(m.pkt))
 			lw := m.f.Lower()
 			t.Errorf("mismatch [%s] (now %s): filter %q (normalized %q), packet (from %s) %s\n\tMatch=%v, Lower().Match=%v, Lower().Exact=%v; queueing rules as Open installs them select it: %v",
 				key, diffQuirk(m.pkt), text, m.f.String(), m.name, hex.EncodeToString(m.pkt), want,
-				lw.Match(m.pkt, diffMeta(m.pkt)), lw.Exact, d.queueSelects(t, m.f, m.pkt))
+				lw.Match(m.pkt, d.meta(m.pkt)), lw.Exact, d.queueSelects(t, m.f, m.pkt))
 		}
 	}
 }

@@ -60,6 +60,7 @@ var (
 // iif lo, where counters before (priority -70000) and after (priority
 // +70000) the rules under test tell whether the rules dropped them.
 type bed struct {
+	hook        Hook // where the probe chains count (prerouting for newBed)
 	ns          *netnstest.NS
 	fd4, fd6    int
 	probe       *nftables.Table
@@ -67,7 +68,12 @@ type bed struct {
 	preR, postR *nftables.Rule
 }
 
-func newBed(t *testing.T) *bed {
+func newBed(t *testing.T) *bed { return newBedAt(t, HookPrerouting) }
+
+// newBedAt is newBed with the probe chains at hook: for prerouting and
+// input they count the packets that come in by lo, for output the ones
+// that leave by it.
+func newBedAt(t *testing.T, hook Hook) *bed {
 	t.Helper()
 	netnstest.RequireRoot(t)
 	ns := netnstest.NewT(t, "nftl")
@@ -76,7 +82,7 @@ func newBed(t *testing.T) *bed {
 	if _, err := ns.Run(ctx, "sh", "-c", "ip addr add 10.77.0.1/32 dev lo && ip -6 addr add fd00:77::1/128 dev lo nodad"); err != nil {
 		t.Fatal(err)
 	}
-	b := &bed{ns: ns, fd4: -1, fd6: -1}
+	b := &bed{hook: hook, ns: ns, fd4: -1, fd6: -1}
 	t.Cleanup(func() {
 		if b.fd4 >= 0 {
 			unix.Close(b.fd4)
@@ -98,11 +104,17 @@ func newBed(t *testing.T) *bed {
 			return err
 		}
 		b.probe = c.AddTable(&nftables.Table{Name: "probe", Family: nftables.TableFamilyINet})
+		hooknum := map[Hook]*nftables.ChainHook{HookPrerouting: nftables.ChainHookPrerouting,
+			HookInput: nftables.ChainHookInput, HookOutput: nftables.ChainHookOutput}[hook]
+		dev := expr.MetaKeyIIF
+		if hook.Outbound() {
+			dev = expr.MetaKeyOIF
+		}
 		mk := func(name string, prio int32) (*nftables.Chain, *nftables.Rule) {
 			ch := c.AddChain(&nftables.Chain{Name: name, Table: b.probe, Type: nftables.ChainTypeFilter,
-				Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(nftables.ChainPriority(prio))})
+				Hooknum: hooknum, Priority: nftables.ChainPriorityRef(nftables.ChainPriority(prio))})
 			r := c.AddRule(&nftables.Rule{Table: b.probe, Chain: ch, Exprs: []expr.Any{
-				meta(expr.MetaKeyIIF), cmp(expr.CmpOpEq, nativeU32(1)), &expr.Counter{}}})
+				meta(dev), cmp(expr.CmpOpEq, nativeU32(1)), &expr.Counter{}}})
 			return ch, r
 		}
 		b.pre, _ = mk("pre", -70000)
