@@ -124,7 +124,64 @@ func newBedAt(t *testing.T, hook Hook) *bed {
 	if err != nil {
 		t.Fatal(err)
 	}
+	b.warmUp(t)
 	return b
+}
+
+// warmUp sends an IPv4 and an IPv6 datagram, again every 50 ms, until the
+// bed counts each, with no rules installed. In a namespace this new, about
+// one bed in 60 lost its first IPv6 packet before prerouting (cause not
+// found), and a test took that for a verdict.
+func (b *bed) warmUp(t *testing.T) {
+	t.Helper()
+	pkts := [][]byte{
+		ipv4(v4opts{proto: 17, ttl: 64, id: 1, src: remote4, dst: local4}, udp(9, 9, nil)),
+		ipv6(v6opts{next: 17, hop: 64, src: remote6, dst: local6}, udp(9, 9, nil)),
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for _, p := range pkts {
+		for counted := false; !counted; {
+			pre0, _, err := b.counters()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := b.send(p); err != nil {
+				t.Fatalf("warm-up: send % x: %v", p, err)
+			}
+			for until := time.Now().Add(50 * time.Millisecond); !counted && time.Now().Before(until); {
+				time.Sleep(time.Millisecond)
+				pre, _, err := b.counters()
+				if err != nil {
+					t.Fatal(err)
+				}
+				counted = pre > pre0
+			}
+			if !counted && time.Now().After(deadline) {
+				t.Fatalf("warm-up: % x never reached %s", p, b.hook)
+			}
+		}
+	}
+	// A late copy of a resent packet must not move the counters under the
+	// test: wait until they stay still.
+	for last := uint64(0); ; {
+		time.Sleep(20 * time.Millisecond)
+		pre, _, err := b.counters()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pre == last {
+			return
+		}
+		last = pre
+	}
+}
+
+// send sends p by the bed's raw sockets, to its destination address.
+func (b *bed) send(p []byte) error {
+	if p[0]>>4 == 4 {
+		return unix.Sendto(b.fd4, p, 0, &unix.SockaddrInet4{Addr: [4]byte(p[16:20])})
+	}
+	return unix.Sendto(b.fd6, p, 0, &unix.SockaddrInet6{Addr: [16]byte(p[24:40])})
 }
 
 func nativeU32(v uint32) []byte {
