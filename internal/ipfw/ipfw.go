@@ -13,8 +13,11 @@
 //
 //	add NUM set SET divert|tee PORT|deny PROTO from SRC to DST [ip4|ip6]
 //	    [not proto P ...] [src-port P] [dst-port P] [tcpflags F]
-//	    [icmptypes T] [icmp6types T] in|out [not recv *|recv *] [recv IF]
-//	    // TAG
+//	    [icmptypes T] [icmp6types T] [not ext6hdr H] in|out
+//	    [not recv *|recv *] [recv IF] // TAG
+//
+// followed by the fragment companions and the IPv6 unclear rules described
+// below.
 //
 // The syntax was checked against FreeBSD 14's ipfw(8) manual page and its
 // parser (sbin/ipfw/ipfw2.c, ipv6.c, main.c); the comments below name the
@@ -44,11 +47,49 @@
 // takes the next argument as that list only if every comma-separated word of
 // it is one of those flags, so the "in"/"out" that follows here is never
 // swallowed. "frag" takes the IPv4 fragments at a non-zero offset, "frag mf"
-// the IPv4 ones with more to come (the first among them). For IPv6 the
-// kernel (ipfw_chk) counts the more-fragments bit into the offset, so bare
-// frag takes every fragment, the first included. A tee does not reassemble,
-// and would copy a first fragment that the transport rule teed twice: tee
-// rules get no companions.
+// the IPv4 ones with more to come (the first among them). For IPv6, bare
+// frag takes the fragments at a non-zero offset only (ipfw_chk, O_FRAG:
+// "cmd->arg1 == 0x1 && offset != 0", where the IPv6 offset is ip6f_offlg &
+// IP6F_OFF_MASK, without the more-fragments bit), and "frag mf" none; the
+// IPv6 fragments, the first among them, are taken by the unclear rules'
+// "ext6hdr frag" instead (divert reassembles IPv6 too, with frag6_input,
+// when the Fragment header follows the IPv6 header). A tee does not
+// reassemble, and would copy a first fragment that the transport rule teed
+// twice: tee rules get no companions.
+//
+// IPv6 extension headers: ipfw_chk walks them itself (the IPv6 branch before
+// the rules, "Search extension headers to find upper layer protocols"), and
+// its proto, ports and types are not always WinDivert's (internal/packet
+// Parse):
+//   - Mobility (135) is unknown to ipfw: its walk ends there with proto 135,
+//     while WinDivert walks past it to, say, UDP;
+//   - a second Fragment header ends WinDivert's walk (protocol 44), not
+//     ipfw's;
+//   - with net.inet6.ip6.fw.permit_single_frag6=0, an atomic fragment
+//     (offset 0, no more fragments) ends ipfw's walk at its Fragment header,
+//     with the next header for proto and no ports;
+//   - a hop-by-hop, routing, destination options or authentication header
+//     that WinDivert finds cut short ends its walk with that header's
+//     number; ipfw adds the header's length without checking it and walks
+//     on: to "no next header" (59), which needs no more bytes, or, at the
+//     inbound hook, which ip6_input runs before it trims the mbuf to the
+//     IPv6 length, into whatever bytes trail the datagram. (Headers cut
+//     short otherwise make a PULLUP fail, and ipfw_chk drops the packet
+//     before any rule: nothing bypasses.)
+//
+// Hop-by-hop, routing, destination options, AH, ESP, non-first fragments
+// and unknown protocols are otherwise walked alike. A term whose rule tests
+// what the walk finds (a protocol, a port, a TCP flag, an ICMPv6 type) and
+// that can match IPv6 therefore gets, like the Linux backend's v6Unclear
+// rules, rules that take those packets whatever the filter, for user space
+// to judge: "135 ... ip6" unless its protocols take 135 already, and
+// "ip ... ip6 ext6hdr frag", to which hopopt, route, dstopt and ah are added
+// when the term's protocols hold 0, 43, 60 or 51 (those headers' numbers,
+// which WinDivert gives a packet whose such header is cut short). ipfw has no ext6hdr bit for Mobility (ipv6.c
+// ext6hdrcodes: frag, hopopt, route, dstopt, ah, esp, rthdr0, rthdr2), and
+// ipfw_chk sets a header's bit whenever it walks the header, so these rules
+// take every packet of the classes above. The rules are then inexact. Tee
+// rules must not overlap: the term's other rules get "not ext6hdr ...".
 package ipfw
 
 import (
@@ -227,10 +268,15 @@ func validTag(tag string) bool {
 
 // Protocol numbers.
 const (
-	protoICMP   = 1
-	protoTCP    = 6
-	protoUDP    = 17
-	protoICMPv6 = 58
+	protoHopOpts  = 0
+	protoICMP     = 1
+	protoTCP      = 6
+	protoUDP      = 17
+	protoRouting  = 43
+	protoAH       = 51
+	protoICMPv6   = 58
+	protoDstOpts  = 60
+	protoMobility = 135
 )
 
 // TCP flags in ipfw's spelling, in the order ipfw prints them.
@@ -497,21 +543,20 @@ const icmp6MaxType = 201
 // rules renders the term.
 func (t *term) rules(cfg *Config) ([]Rule, bool) {
 	exact := !t.inexact
-	var head []string // action through "to DST"
+	var act []string // "add" through the action
 	// ipfw(8) RULE FORMAT: [rule_number] [set set_number] action body.
-	head = append(head, "add", strconv.Itoa(int(cfg.Number)), "set", strconv.Itoa(int(cfg.Set)))
+	act = append(act, "add", strconv.Itoa(int(cfg.Number)), "set", strconv.Itoa(int(cfg.Set)))
 	// ipfw(8) RULE ACTIONS: "divert port", "tee port", "deny".
 	switch cfg.Action {
 	case Divert:
-		head = append(head, "divert", strconv.Itoa(int(cfg.Port)))
+		act = append(act, "divert", strconv.Itoa(int(cfg.Port)))
 	case Tee:
-		head = append(head, "tee", strconv.Itoa(int(cfg.Port)))
+		act = append(act, "tee", strconv.Itoa(int(cfg.Port)))
 	case Deny:
-		head = append(head, "deny")
+		act = append(act, "deny")
 	}
 	proto, protoOpts, ok := t.protoSpec()
 	exact = exact && ok
-	head = append(head, proto...)
 
 	// ipfw(8) PACKET SELECTION, "addr": any, [not] addr[/masklen] and
 	// comma-separated lists of them (IPv4: ip-addr; IPv6: ip6-addr).
@@ -528,10 +573,12 @@ func (t *term) rules(cfg *Config) ([]Rule, bool) {
 		dst, ok2 = addrSpec(&t.dst6, u128{}, maxU128, 128, listMaxV6)
 		exact = exact && ok1 && ok2
 	}
-	head = append(head, "from")
-	head = append(head, src...)
-	head = append(head, "to")
-	head = append(head, dst...)
+	var addrs []string // "from SRC to DST"
+	addrs = append(addrs, "from")
+	addrs = append(addrs, src...)
+	addrs = append(addrs, "to")
+	addrs = append(addrs, dst...)
+	head := append(append(append([]string{}, act...), proto...), addrs...) // action through "to DST"
 
 	var opts []string
 	if t.v4 != t.v6 {
@@ -631,30 +678,83 @@ func (t *term) rules(cfg *Config) ([]Rule, bool) {
 	}
 	// Companions: the fragments of the same datagrams, which the transport
 	// tests cannot judge (see the package comment): "frag" takes the IPv4
-	// fragments at a non-zero offset and every IPv6 fragment, "frag mf" the
-	// IPv4 ones with more to come, the first among them. Every fragment of
-	// a datagram then goes to the socket, which reassembles it, and user
-	// space judges the whole datagram: the rules are no longer exact. A tee
-	// does not reassemble and a first fragment the transport rule teed
-	// would be teed twice, so it gets none.
+	// fragments at a non-zero offset, "frag mf" the IPv4 ones with more to
+	// come, the first among them. Every fragment of a datagram then goes to
+	// the socket, which reassembles it, and user space judges the whole
+	// datagram: the rules are no longer exact. The IPv6 fragments, the first
+	// among them, are the unclear rules' below (ipfw's bare frag takes the
+	// IPv6 ones at a non-zero offset only). A tee does not reassemble and a
+	// first fragment the transport rule teed would be teed twice, so it gets
+	// none.
 	var companions [][]string
 	if len(l4) > 0 && cfg.Action != Tee {
-		companions = append(companions, []string{"frag"})
-		if !slices.Contains(opts, "ip6") {
-			companions = append(companions, []string{"frag", "mf"})
+		if t.v4 {
+			companions = append(companions, []string{"frag"}, []string{"frag", "mf"})
 		}
 		exact = false
 	}
+
+	// The unclear rules (see the package comment): IPv6 packets whose
+	// headers ipfw walks otherwise than WinDivert go to the socket whatever
+	// their protocol, for user space to judge. Only a rule that tests what
+	// the walk finds (a protocol, a port, a flag, a type) needs them.
+	var unclear [][]string // the body from the protocol through the options
+	var notExt []string    // for the term's own rule
+	walked := len(proto) != 1 || proto[0] != "ip" || len(protoOpts) > 0 || len(l4) > 0
+	if t.v6 && walked {
+		exts := "frag"
+		for _, p := range []uint64{protoHopOpts, protoRouting, protoAH, protoDstOpts} {
+			if t.proto.has(u64(p)) {
+				// A header WinDivert finds cut short ends its walk
+				// with that header's number for the protocol; ipfw
+				// walks on past the end of the datagram.
+				exts = "frag,hopopt,route,dstopt,ah"
+				break
+			}
+		}
+		ext := []string{"ext6hdr", exts}
+		if !t.protoAccepts(proto, protoOpts, protoMobility) {
+			// ipfw ends its walk at a Mobility header, WinDivert walks
+			// past it.
+			u := append(append([]string{protoName(protoMobility)}, addrs...), "ip6")
+			if cfg.Action == Tee {
+				u = append(append(u, "not"), ext...)
+			}
+			unclear = append(unclear, u)
+		}
+		unclear = append(unclear, append(append(append([]string{"ip"}, addrs...), "ip6"), ext...))
+		if cfg.Action == Tee {
+			// Tee rules must not overlap: the packets of the ext6hdr rule
+			// are its own.
+			notExt = append([]string{"not"}, ext...)
+		}
+		exact = false
+	}
+
 	var out []Rule
 	for _, d := range dirs {
-		r := append(append(append(append(append(Rule{}, head...), opts...), l4...), d...), iface...)
+		r := append(append(append(append(append(append(Rule{}, head...), opts...), l4...), notExt...), d...), iface...)
 		out = append(out, append(r, tail...))
 		for _, fr := range companions {
 			c := append(append(append(append(append(Rule{}, head...), opts...), fr...), d...), iface...)
 			out = append(out, append(c, tail...))
 		}
+		for _, u := range unclear {
+			c := append(append(append(append(Rule{}, act...), u...), d...), iface...)
+			out = append(out, append(c, tail...))
+		}
 	}
 	return out, exact
+}
+
+// protoAccepts reports whether the rendered protocol words and options
+// (protoSpec) take packets for which ipfw found protocol p.
+func (t *term) protoAccepts(proto, opts []string, p uint64) bool {
+	if len(proto) == 1 && proto[0] == "ip" {
+		// "ip", perhaps with "not proto NAME" options
+		return !slices.Contains(opts, protoName(p))
+	}
+	return t.proto.has(u64(p))
 }
 
 var protoNames = map[uint64]string{protoICMP: "icmp", protoTCP: "tcp", protoUDP: "udp", protoICMPv6: "ipv6-icmp"}

@@ -76,6 +76,9 @@ func TestLowerGolden(t *testing.T) {
 				"add 31000 set 5 divert 40000 tcp from any to any dst-port 80 out not recv * // " + tag,
 				"add 31000 set 5 divert 40000 tcp from any to any frag out not recv * // " + tag,
 				"add 31000 set 5 divert 40000 tcp from any to any frag mf out not recv * // " + tag,
+				// IPv6 packets whose headers ipfw walks otherwise than WinDivert
+				"add 31000 set 5 divert 40000 135 from any to any ip6 out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag out not recv * // " + tag,
 			},
 		},
 		{
@@ -113,9 +116,13 @@ func TestLowerGolden(t *testing.T) {
 				v6(filter.FieldIPv6SrcAddr, filter.OpGe, 0xfd00_0000_0000_0000, 0), v6(filter.FieldIPv6SrcAddr, filter.OpLe, 0xfd00_0000_0000_00ff, ^uint64(0)))),
 			want: []string{
 				"add 31000 set 5 divert 40000 ipv6-icmp from fd00::/56 to any ip6 icmp6types 133,134,135,136 in // " + tag,
-				"add 31000 set 5 divert 40000 ipv6-icmp from fd00::/56 to any ip6 frag in // " + tag,
+				// ipfw's bare frag takes no first IPv6 fragment: ext6hdr frag
+				// takes every one
+				"add 31000 set 5 divert 40000 135 from fd00::/56 to any ip6 in // " + tag,
+				"add 31000 set 5 divert 40000 ip from fd00::/56 to any ip6 ext6hdr frag in // " + tag,
 				"add 31000 set 5 divert 40000 ipv6-icmp from fd00::/56 to any ip6 icmp6types 133,134,135,136 out not recv * // " + tag,
-				"add 31000 set 5 divert 40000 ipv6-icmp from fd00::/56 to any ip6 frag out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 135 from fd00::/56 to any ip6 out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 ip from fd00::/56 to any ip6 ext6hdr frag out not recv * // " + tag,
 			},
 		},
 		{
@@ -138,6 +145,8 @@ func TestLowerGolden(t *testing.T) {
 				"add 31000 set 5 divert 40000 tcp from any to any tcpflags syn,!ack out not recv * // " + tag,
 				"add 31000 set 5 divert 40000 tcp from any to any frag out not recv * // " + tag,
 				"add 31000 set 5 divert 40000 tcp from any to any frag mf out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 135 from any to any ip6 out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag out not recv * // " + tag,
 			},
 		},
 		{
@@ -148,6 +157,8 @@ func TestLowerGolden(t *testing.T) {
 				c(filter.FieldProtocol, filter.OpLe, 8))),
 			want: []string{
 				"add 31000 set 5 divert 40000 tcp from any to any in // " + tag,
+				"add 31000 set 5 divert 40000 135 from any to any ip6 in // " + tag,
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag in // " + tag,
 			},
 		},
 		{
@@ -159,6 +170,8 @@ func TestLowerGolden(t *testing.T) {
 				c(filter.FieldProtocol, filter.OpNe, 16))),
 			want: []string{
 				"add 31000 set 5 divert 40000 { tcp or udp } from any to any in // " + tag,
+				"add 31000 set 5 divert 40000 135 from any to any ip6 in // " + tag,
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag in // " + tag,
 			},
 		},
 		{
@@ -173,6 +186,9 @@ func TestLowerGolden(t *testing.T) {
 			l:    terms(conds(yes(filter.FieldInbound), c(filter.FieldProtocol, filter.OpNe, 0), c(filter.FieldProtocol, filter.OpNe, 6))),
 			want: []string{
 				"add 31000 set 5 divert 40000 ip from any to any not proto tcp in // " + tag,
+				// the protocols take Mobility; 43, 51 and 60 are WinDivert's
+				// protocol for a header cut short, which ipfw walks past
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag,hopopt,route,dstopt,ah in // " + tag,
 			},
 		},
 		{
@@ -180,6 +196,8 @@ func TestLowerGolden(t *testing.T) {
 			l:    terms(conds(yes(filter.FieldInbound), yes(filter.FieldICMPv6), c(filter.FieldICMPv6Type, filter.OpGe, 200))),
 			want: []string{
 				"add 31000 set 5 divert 40000 ipv6-icmp from any to any ip6 in // " + tag,
+				"add 31000 set 5 divert 40000 135 from any to any ip6 in // " + tag,
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag in // " + tag,
 			},
 		},
 		{
@@ -214,6 +232,7 @@ func TestLowerGolden(t *testing.T) {
 			l:    terms(conds(yes(filter.FieldInbound), c(filter.FieldProtocol, filter.OpNe, 6), c(filter.FieldProtocol, filter.OpNe, 17))),
 			want: []string{
 				"add 31000 set 5 divert 40000 ip from any to any not proto tcp not proto udp in // " + tag,
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag,hopopt,route,dstopt,ah in // " + tag,
 			},
 		},
 		{
@@ -258,6 +277,8 @@ func TestLowerGolden(t *testing.T) {
 			// no port option is emitted, so fragments match and need no companion
 			want: []string{
 				"add 31000 set 5 divert 40000 tcp from any to any in // " + tag,
+				"add 31000 set 5 divert 40000 135 from any to any ip6 in // " + tag,
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag in // " + tag,
 			},
 		},
 		{
@@ -272,8 +293,11 @@ func TestLowerGolden(t *testing.T) {
 			cfg:  func(c *Config) { c.Forward = true; c.Action = Tee },
 			l:    terms(conds(yes(filter.FieldUDP), c(filter.FieldUDPDstPort, filter.OpEq, 53))),
 			want: []string{
-				// a tee does not reassemble: no companion
-				"add 31000 set 5 tee 40000 udp from any to any dst-port 53 out recv * // " + tag,
+				// a tee does not reassemble: no companion; tee rules do not
+				// overlap, so the ext6hdr rule's packets are its own
+				"add 31000 set 5 tee 40000 udp from any to any dst-port 53 not ext6hdr frag out recv * // " + tag,
+				"add 31000 set 5 tee 40000 135 from any to any ip6 not ext6hdr frag out recv * // " + tag,
+				"add 31000 set 5 tee 40000 ip from any to any ip6 ext6hdr frag out recv * // " + tag,
 			},
 		},
 		{
@@ -282,6 +306,65 @@ func TestLowerGolden(t *testing.T) {
 			l:    terms(conds(yes(filter.FieldInbound), yes(filter.FieldIPv6))),
 			want: []string{
 				"add 31000 set 5 deny ip from any to any ip6 in",
+			},
+		},
+		{
+			name: "ipv6 port: the unclear rules take every fragment, no frag companion",
+			l:    terms(conds(yes(filter.FieldInbound), yes(filter.FieldIPv6), c(filter.FieldUDPDstPort, filter.OpEq, 53))),
+			want: []string{
+				"add 31000 set 5 divert 40000 udp from any to any ip6 dst-port 53 in // " + tag,
+				// ipfw ends its walk at a Mobility header, WinDivert walks on
+				"add 31000 set 5 divert 40000 135 from any to any ip6 in // " + tag,
+				// a second Fragment header (WinDivert stops), an atomic one
+				// with permit_single_frag6=0 (ipfw stops), and the first
+				// fragment, which bare frag does not take
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag in // " + tag,
+			},
+		},
+		{
+			name: "protocol of an extension header: every header ipfw walks",
+			l:    terms(conds(yes(filter.FieldOutbound), c(filter.FieldProtocol, filter.OpEq, 43))),
+			want: []string{
+				"add 31000 set 5 divert 40000 43 from any to any out not recv * // " + tag,
+				"add 31000 set 5 divert 40000 135 from any to any ip6 out not recv * // " + tag,
+				// WinDivert's protocol is 43 when a routing header is cut
+				// short; ipfw walks past it
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag,hopopt,route,dstopt,ah out not recv * // " + tag,
+			},
+		},
+		{
+			name: "protocol 135 takes the mobility packets itself",
+			l:    terms(conds(yes(filter.FieldInbound), yes(filter.FieldIPv6), c(filter.FieldProtocol, filter.OpEq, 135))),
+			want: []string{
+				"add 31000 set 5 divert 40000 135 from any to any ip6 in // " + tag,
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag in // " + tag,
+			},
+		},
+		{
+			name: "ipv6 addresses only: no unclear rules, exact at the forward layer",
+			cfg:  func(c *Config) { c.Forward = true },
+			l:    terms(conds(v6(filter.FieldIPv6DstAddr, filter.OpEq, 0xfd00_0000_0000_0000, 2))),
+			want: []string{
+				"add 31000 set 5 divert 40000 ip from any to fd00::2 ip6 out recv * // " + tag,
+			},
+			exact: true,
+		},
+		{
+			name: "ipv4 only: no unclear rules",
+			l:    terms(conds(yes(filter.FieldInbound), yes(filter.FieldIP), c(filter.FieldUDPDstPort, filter.OpEq, 53))),
+			want: []string{
+				"add 31000 set 5 divert 40000 udp from any to any ip4 dst-port 53 in // " + tag,
+				"add 31000 set 5 divert 40000 udp from any to any ip4 frag in // " + tag,
+				"add 31000 set 5 divert 40000 udp from any to any ip4 frag mf in // " + tag,
+			},
+		},
+		{
+			name: "tee with protocol exclusions: the unclear rule's packets are its own",
+			cfg:  func(c *Config) { c.Action = Tee },
+			l:    terms(conds(yes(filter.FieldInbound), c(filter.FieldProtocol, filter.OpNe, 17))),
+			want: []string{
+				"add 31000 set 5 tee 40000 ip from any to any not proto udp not ext6hdr frag,hopopt,route,dstopt,ah in // " + tag,
+				"add 31000 set 5 tee 40000 ip from any to any ip6 ext6hdr frag,hopopt,route,dstopt,ah in // " + tag,
 			},
 		},
 		{
@@ -294,6 +377,8 @@ func TestLowerGolden(t *testing.T) {
 				"add 31000 set 5 divert 40000 tcp from any to any dst-port 10-30 in // " + tag,
 				"add 31000 set 5 divert 40000 tcp from any to any frag in // " + tag,
 				"add 31000 set 5 divert 40000 tcp from any to any frag mf in // " + tag,
+				"add 31000 set 5 divert 40000 135 from any to any ip6 in // " + tag,
+				"add 31000 set 5 divert 40000 ip from any to any ip6 ext6hdr frag in // " + tag,
 			},
 		},
 	} {
@@ -399,8 +484,8 @@ func TestLowerExactForward(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if res.Exact || len(res.Rules) != 3 {
-			t.Fatalf("action %v: exact %v, rules %q: want the port rule and two companions, inexact", a, res.Exact, res.Rules)
+		if res.Exact || len(res.Rules) != 5 {
+			t.Fatalf("action %v: exact %v, rules %q: want the port rule, two companions and two unclear rules, inexact", a, res.Exact, res.Rules)
 		}
 	}
 	res, _ = Lower(&filter.Lowered{Terms: []filter.Term{{}}}, Config{Number: 1, Port: 1, Forward: true})
