@@ -40,7 +40,13 @@ package divert
 //     first fragment can match a transport field). A term with transport
 //     tests also gets "frag" and "frag mf" rules, which take every
 //     fragmented datagram whatever its ports, so that it reaches the socket
-//     whole; user space then judges it. There is no fail-open:
+//     whole; user space then judges it. A term that tests a protocol, port,
+//     flag or type and can match IPv6 also gets rules that take, whatever
+//     the filter, the IPv6 packets whose extension headers ipfw walks
+//     otherwise than WinDivert (a Mobility header, every IPv6 fragment,
+//     and, for the protocols of extension headers, every packet with one;
+//     see package internal/ipfw): such a handle's rules are never exact,
+//     and user space judges those packets. There is no fail-open:
 //     FlagPassThrough and FlagFailOpen are not supported (with no reader,
 //     packets are dropped).
 //   - A handle opened while others of equal priority have rules gets the
