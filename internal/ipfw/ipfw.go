@@ -616,6 +616,12 @@ func (t *term) rules(cfg *Config) ([]Rule, bool) {
 	if len(fl) > 0 {
 		l4 = append(l4, "tcpflags", strings.Join(fl, ","))
 	}
+	if len(l4) > 0 && t.proto.has(u64(protoTCP)) {
+		// ipfw_chk reads the ports and flags of any 20 bytes of TCP header,
+		// whatever its data offset; WinDivert has no TCP header below a
+		// data offset of 5, so tcp.DstPort and tcp.Syn are false for it.
+		exact = false
+	}
 	if !t.icmp.isFull(u128{}, u64(255)) {
 		// ipfw's icmptypes is a 32-bit map: types above 31 cannot be listed.
 		if s, ok := typeList(&t.icmp, 31); ok {

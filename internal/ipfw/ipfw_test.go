@@ -488,6 +488,22 @@ func TestLowerExactForward(t *testing.T) {
 			t.Fatalf("action %v: exact %v, rules %q: want the port rule, two companions and two unclear rules, inexact", a, res.Exact, res.Rules)
 		}
 	}
+	// A tee has no companions, but a TCP header with a data offset below 5
+	// has ports for ipfw and none for WinDivert.
+	res, err = Lower(terms(conds(yes(filter.FieldIP), c(filter.FieldTCPDstPort, filter.OpEq, 80))), Config{Number: 1, Port: 1, Forward: true, Action: Tee})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Exact || len(res.Rules) != 1 {
+		t.Fatalf("tee tcp port: exact %v, rules %q: want one rule, inexact", res.Exact, res.Rules)
+	}
+	res, err = Lower(terms(conds(yes(filter.FieldIP), c(filter.FieldUDPDstPort, filter.OpEq, 53))), Config{Number: 1, Port: 1, Forward: true, Action: Tee})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Exact || len(res.Rules) != 1 {
+		t.Fatalf("tee ipv4 udp port: exact %v, rules %q: want one rule, exact", res.Exact, res.Rules)
+	}
 	res, _ = Lower(&filter.Lowered{Terms: []filter.Term{{}}}, Config{Number: 1, Port: 1, Forward: true})
 	if res.Exact {
 		t.Fatal("an inexact Lowered stays inexact")

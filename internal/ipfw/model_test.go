@@ -785,6 +785,8 @@ var modelFilters = []string{
 	"icmp.Type == 8",
 	"ipv6 and udp.DstPort == 53",
 	"ip and udp.DstPort == 53",
+	"ip and tcp.DstPort == 80",
+	"ip and tcp.Syn",
 	"ipv6.SrcAddr == fd00::1 and udp",
 	"ipv6.DstAddr != fd00::2",
 	"not udp",
