@@ -61,13 +61,16 @@
 // the rules, "Search extension headers to find upper layer protocols"), and
 // its proto, ports and types are not always WinDivert's (internal/packet
 // Parse):
-//   - Mobility (135) is unknown to ipfw: its walk ends there with proto 135,
-//     while WinDivert walks past it to, say, UDP;
+//   - Mobility (135) is unknown to ipfw. With
+//     net.inet6.ip6.fw.deny_unknown_exthdrs=1, the default (vnet_ipfw_init),
+//     ipfw_chk drops the packet before any rule, as it does any unknown
+//     next header; with 0 its walk ends there with proto 135, while
+//     WinDivert walks past it to, say, UDP;
 //   - a second Fragment header ends WinDivert's walk (protocol 44), not
 //     ipfw's;
-//   - with net.inet6.ip6.fw.permit_single_frag6=0, an atomic fragment
-//     (offset 0, no more fragments) ends ipfw's walk at its Fragment header,
-//     with the next header for proto and no ports;
+//   - with net.inet6.ip6.fw.permit_single_frag6=0 (and deny_unknown_exthdrs
+//     0), an atomic fragment (offset 0, no more fragments) ends ipfw's walk
+//     at its Fragment header, with the next header for proto and no ports;
 //   - a hop-by-hop, routing, destination options or authentication header
 //     that WinDivert finds cut short ends its walk with that header's
 //     number; ipfw adds the header's length without checking it and walks
@@ -78,18 +81,19 @@
 //     before any rule: nothing bypasses.)
 //
 // Hop-by-hop, routing, destination options, AH, ESP, non-first fragments
-// and unknown protocols are otherwise walked alike. A term whose rule tests
+// and other protocols are otherwise walked alike. A term whose rule tests
 // what the walk finds (a protocol, a port, a TCP flag, an ICMPv6 type) and
 // that can match IPv6 therefore gets, like the Linux backend's v6Unclear
 // rules, rules that take those packets whatever the filter, for user space
 // to judge: "135 ... ip6" unless its protocols take 135 already, and
 // "ip ... ip6 ext6hdr frag", to which hopopt, route, dstopt and ah are added
-// when the term's protocols hold 0, 43, 60 or 51 (those headers' numbers,
-// which WinDivert gives a packet whose such header is cut short). ipfw has no ext6hdr bit for Mobility (ipv6.c
-// ext6hdrcodes: frag, hopopt, route, dstopt, ah, esp, rthdr0, rthdr2), and
-// ipfw_chk sets a header's bit whenever it walks the header, so these rules
-// take every packet of the classes above. The rules are then inexact. Tee
-// rules must not overlap: the term's other rules get "not ext6hdr ...".
+// when the term's protocols hold 0, 43, 60 or 51 (the numbers WinDivert
+// gives a packet whose such header is cut short). ipfw has no ext6hdr bit
+// for Mobility (ipv6.c ext6hdrcodes: frag, hopopt, route, dstopt, ah, esp,
+// rthdr0, rthdr2), and ipfw_chk sets a header's bit whenever it walks the
+// header, so these rules take every packet of the classes above. The rules
+// are then inexact. Tee rules must not overlap: the term's other rules get
+// "not ext6hdr ...".
 package ipfw
 
 import (
@@ -720,7 +724,8 @@ func (t *term) rules(cfg *Config) ([]Rule, bool) {
 		}
 		ext := []string{"ext6hdr", exts}
 		if !t.protoAccepts(proto, protoOpts, protoMobility) {
-			// ipfw ends its walk at a Mobility header, WinDivert walks
+			// ipfw ends its walk at a Mobility header (unless
+			// deny_unknown_exthdrs drops the packet), WinDivert walks
 			// past it.
 			u := append(append([]string{protoName(protoMobility)}, addrs...), "ip6")
 			if cfg.Action == Tee {

@@ -313,7 +313,8 @@ func TestLowerGolden(t *testing.T) {
 			l:    terms(conds(yes(filter.FieldInbound), yes(filter.FieldIPv6), c(filter.FieldUDPDstPort, filter.OpEq, 53))),
 			want: []string{
 				"add 31000 set 5 divert 40000 udp from any to any ip6 dst-port 53 in // " + tag,
-				// ipfw ends its walk at a Mobility header, WinDivert walks on
+				// ipfw ends its walk at a Mobility header (with
+				// deny_unknown_exthdrs=0), WinDivert walks on
 				"add 31000 set 5 divert 40000 135 from any to any ip6 in // " + tag,
 				// a second Fragment header (WinDivert stops), an atomic one
 				// with permit_single_frag6=0 (ipfw stops), and the first

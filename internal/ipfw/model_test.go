@@ -29,7 +29,7 @@ var ext6Bits = map[string]uint16{
 
 // sysctls that change ipfw_chk's IPv6 walk.
 type sysctls struct {
-	denyUnknownExthdrs bool // net.inet6.ip6.fw.deny_unknown_exthdrs (default 0)
+	denyUnknownExthdrs bool // net.inet6.ip6.fw.deny_unknown_exthdrs (default 1, vnet_ipfw_init)
 	noSingleFrag6      bool // net.inet6.ip6.fw.permit_single_frag6 = 0 (default 1)
 }
 
@@ -879,21 +879,21 @@ func TestModelClasses(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		pkt    []byte
-		extra  []byte // past the IPv6 length, in the mbuf the inbound hook sees
-		s      sysctls
+		extra  []byte  // past the IPv6 length, in the mbuf the inbound hook sees
+		s      sysctls // the zero value has deny_unknown_exthdrs=0, not the default
 		filter string
 		proto  uint8 // ipfw's
 		drop   bool
 	}{
-		{name: "mobility header before udp", pkt: ip6(135, cat(ext(135, 17, 8), udpHdr(1, 53))),
+		{name: "mobility header before udp, deny_unknown_exthdrs=0", pkt: ip6(135, cat(ext(135, 17, 8), udpHdr(1, 53))),
 			filter: "udp.DstPort == 53", proto: 135},
-		{name: "mobility header before icmpv6", pkt: ip6(0, cat(ext(0, 135, 8), ext(135, 58, 16), icmpHdr(128))),
+		{name: "mobility header before icmpv6, deny_unknown_exthdrs=0", pkt: ip6(0, cat(ext(0, 135, 8), ext(135, 58, 16), icmpHdr(128))),
 			filter: "icmpv6.Type == 128", proto: 135},
 		{name: "two fragment headers", pkt: ip6(44, cat(frag6(44, 0, true), frag6(17, 0, false), udpHdr(1, 53))),
 			filter: "protocol == 44", proto: 17},
-		{name: "atomic fragment, permit_single_frag6=0", pkt: ip6(44, cat(frag6(17, 0, false), udpHdr(1, 53))),
+		{name: "atomic fragment, permit_single_frag6=0, deny_unknown_exthdrs=0", pkt: ip6(44, cat(frag6(17, 0, false), udpHdr(1, 53))),
 			s: sysctls{noSingleFrag6: true}, filter: "udp.DstPort == 53", proto: 17},
-		{name: "atomic fragment before an extension header, permit_single_frag6=0",
+		{name: "atomic fragment before an extension header, permit_single_frag6=0, deny_unknown_exthdrs=0",
 			pkt: ip6(44, cat(frag6(60, 0, false), ext(60, 58, 8), icmpHdr(128))),
 			s:   sysctls{noSingleFrag6: true}, filter: "icmpv6", proto: 60},
 		{name: "destination options cut short, no next header", pkt: ip6(60, ext(60, 59, 16)[:8]),
@@ -910,11 +910,11 @@ func TestModelClasses(t *testing.T) {
 		{name: "authentication header before udp", pkt: ip6(51, cat(ext(51, 17, 12), udpHdr(1, 53))),
 			filter: "udp.DstPort == 53", proto: 17},
 		{name: "esp", pkt: ip6(50, []byte{0, 0, 1, 0, 0, 0, 0, 1}), filter: "protocol == 50", proto: 50},
-		{name: "unknown next header", pkt: ip6(253, []byte{1, 2}), filter: "protocol == 253", proto: 253},
+		{name: "unknown next header, deny_unknown_exthdrs=0", pkt: ip6(253, []byte{1, 2}), filter: "protocol == 253", proto: 253},
 		{name: "udp cut short: dropped", pkt: ip6(17, []byte{0, 1, 0}), filter: "protocol == 17", drop: true},
 		{name: "destination options cut short before udp: dropped", pkt: ip6(60, ext(60, 17, 16)[:8]),
 			filter: "protocol == 60", drop: true},
-		{name: "unknown header, deny_unknown_exthdrs: dropped", pkt: ip6(135, cat(ext(135, 17, 8), udpHdr(1, 53))),
+		{name: "mobility header, deny_unknown_exthdrs=1 (the default): dropped", pkt: ip6(135, cat(ext(135, 17, 8), udpHdr(1, 53))),
 			s: sysctls{denyUnknownExthdrs: true}, filter: "udp", drop: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -969,7 +969,8 @@ func TestModelFirstFragment(t *testing.T) {
 
 // FuzzModel: any bytes as a packet, any filter and config of the tables.
 func FuzzModel(f *testing.F) {
-	// a Mobility header before UDP: ipfw's protocol is 135
+	// a Mobility header before UDP: ipfw's protocol is 135 (with
+	// deny_unknown_exthdrs=0)
 	f.Add(ip6(135, cat(ext(135, 17, 8), udpHdr(1, 53))), uint8(5), uint8(0), uint8(0))
 	// two Fragment headers: WinDivert stops at the second (protocol 44)
 	f.Add(ip6(44, cat(frag6(44, 0, true), frag6(17, 0, false), udpHdr(1, 53))), uint8(21), uint8(0), uint8(1))
