@@ -1,9 +1,10 @@
 package nftrules
 
 // A randomized differential test of the whole pipeline: filter text from
-// WinDivert's grammar, compiled by package filter, lowered by Lower and by
-// this package, installed at prerouting, and checked packet by packet
-// against (*filter.Filter).Match.
+// WinDivert's grammar (and, one filter in ten, a filter object of one test
+// that text would have folded), compiled by package filter, lowered by
+// Lower and by this package, installed at prerouting, input or output, and
+// checked packet by packet against (*filter.Filter).Match.
 //
 // The rules are installed as a FlagDrop handle's are (drop rules, with the
 // v6Unclear chain queueing to a queue nobody reads, so that those packets
@@ -816,6 +817,112 @@ func (g *fgen) leaf() *fnode {
 	return &fnode{text: name + " " + diffOps[g.n(len(diffOps))] + " " + val}
 }
 
+// object returns, now and then, a filter object of one test with a value
+// at or past the edges of the field's range: the driver runs an object's
+// tests as they are, where compiled text has such comparisons folded (the
+// lowering then sees comparisons that text never gives it). Nil when the
+// field is not numeric, or its number cannot be read off its text.
+func (g *fgen) object() *fnode {
+	s := diffFields[g.n(len(diffFields))]
+	for g.p(0.5) && s.kind != kArr {
+		s = diffFields[g.n(len(diffFields))] // arrays half the time: presence is their own
+	}
+	if s.kind != kNum && s.kind != kArr && s.kind != kBool {
+		return nil
+	}
+	f, err := filter.Compile(s.name+" == 0", filter.LayerNetwork)
+	if err != nil {
+		return nil
+	}
+	obj := f.Object() // "@WinDiv_" 0 1 "_" field ...
+	if !strings.HasPrefix(obj, "@WinDiv_WX_") {
+		return nil // folded away, or more than one test
+	}
+	field, ok := objNumber(obj[len("@WinDiv_WX_"):])
+	if !ok {
+		return nil
+	}
+	var idx int32
+	if s.kind == kArr {
+		idx = []int32{0, 1, 3, 8, 20, 32, 40, 60, 300, -1, -2, -4, -8, -40}[g.n(14)]
+	}
+	var val uint64
+	neg := false
+	switch g.n(6) {
+	case 0:
+		val = 0
+	case 1:
+		val = s.max
+	case 2:
+		val = s.max + 1
+	case 3:
+		val = 0xffffffff
+	case 4:
+		val, neg = uint64(1+g.n(200)), true
+	default:
+		if v, ok := g.sample(s, idx); ok {
+			val = v
+		}
+	}
+	b := []byte("@WinDiv_WX_")
+	b = objPut(b, field)
+	b = objPut(b, uint32(g.n(6))) // ==, !=, <, <=, >, >=
+	b = objPut(b, uint32(b2i(neg)))
+	b = objPut(b, uint32(val))
+	if s.kind == kArr {
+		b = objPut(b, uint32(idx+0xFFFF))
+	}
+	b = append(b, 'A', 'X')
+	return &fnode{text: string(b)}
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// objDigits are the digits of WinDivert's filter objects: 5 bits each,
+// the last of a number from the second half.
+const objDigits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz+="
+
+// objPut appends v in the object encoding (WinDivertSerializeNumber).
+func objPut(b []byte, v uint32) []byte {
+	var ds []byte
+	for {
+		ds = append(ds, byte(v&0x1F))
+		v >>= 5
+		if v == 0 {
+			break
+		}
+	}
+	for i := len(ds) - 1; i >= 0; i-- {
+		k := ds[i]
+		if i == 0 {
+			k += 32
+		}
+		b = append(b, objDigits[k])
+	}
+	return b
+}
+
+// objNumber reads the number at the start of s.
+func objNumber(s string) (uint32, bool) {
+	var v uint32
+	for i := 0; i < len(s) && i < 7; i++ {
+		k := strings.IndexByte(objDigits, s[i])
+		if k < 0 {
+			return 0, false
+		}
+		v = v<<5 | uint32(k&0x1F)
+		if k >= 32 {
+			return v, true
+		}
+	}
+	return 0, false
+}
+
 func (g *fgen) expr(depth int) *fnode {
 	if depth == 0 || g.p(0.3) {
 		return g.leaf()
@@ -1047,7 +1154,13 @@ func diffRun(t *testing.T, hook Hook, seed uint64, nfilters int) {
 	var installErr []*fnode
 	var perFilter [][]mismatch
 	for i := 0; i < nfilters; i++ {
-		n := g.expr(1 + g.n(3))
+		var n *fnode
+		if g.p(0.1) {
+			n = g.object() // an object is a whole filter: never inside text
+		}
+		if n == nil {
+			n = g.expr(1 + g.n(3))
+		}
 		text := n.String()
 		f, err := filter.Compile(text, filter.LayerNetwork)
 		if err != nil {
