@@ -1,6 +1,7 @@
 package filter
 
 import (
+	"sync"
 	"testing"
 )
 
@@ -110,8 +111,12 @@ func FuzzLower(f *testing.F) {
 		if len(l.Terms) > maxTerms {
 			t.Fatalf("%q: %d terms", text, len(l.Terms))
 		}
+		an := flt.Analyze()
 		for _, m := range []*Meta{{Outbound: out}, {Outbound: !out, Timestamp: 3, Loopback: true, IfIdx: 2}} {
 			fm, lm := flt.Match(pkt, m), l.Match(pkt, m)
+			if fm {
+				checkAnalysis(t, text, &an, pkt, m)
+			}
 			if fm && !lm {
 				t.Fatalf("%q matches %x, no Term does: %+v", text, pkt, l)
 			}
@@ -124,4 +129,61 @@ func FuzzLower(f *testing.F) {
 			}
 		}
 	})
+}
+
+// transportFilters are "tcp", "udp", "icmp" and "icmpv6" (made on first
+// use: the field table is built by an init function, after package
+// variables).
+var transportFilters = sync.OnceValue(func() [4]*Filter {
+	return [4]*Filter{MustCompile("tcp", LayerNetwork), MustCompile("udp", LayerNetwork),
+		MustCompile("icmp", LayerNetwork), MustCompile("icmpv6", LayerNetwork)}
+})
+
+// checkAnalysis fails t unless an, the Analysis of filter text, allows a
+// packet the filter matched: the backends hook and install rules only for
+// the directions, families and protocols it says are possible, so a "not
+// possible" that matches is a packet no rule takes.
+func checkAnalysis(t *testing.T, text string, an *Analysis, pkt []byte, m *Meta) {
+	t.Helper()
+	bad := func(what string) {
+		t.Fatalf("%q matches %x (outbound %v) but Analyze says no %s: %+v", text, pkt, m.Outbound, what, *an)
+	}
+	switch {
+	case an.None:
+		bad("packet at all")
+	case m.Outbound && !an.Outbound:
+		bad("outbound")
+	case !m.Outbound && !an.Inbound:
+		bad("inbound")
+	case pkt[0]>>4 == 4 && !an.IPv4:
+		bad("IPv4")
+	case pkt[0]>>4 == 6 && !an.IPv6:
+		bad("IPv6")
+	case an.Events&(1<<EventPacket) == 0:
+		bad("packet event")
+	}
+	tf := transportFilters()
+	isTCP, isUDP, isICMP, isICMPv6 := tf[0], tf[1], tf[2], tf[3]
+	switch {
+	case isTCP.Match(pkt, m):
+		if !an.TCP {
+			bad("TCP")
+		}
+	case isUDP.Match(pkt, m):
+		if !an.UDP {
+			bad("UDP")
+		}
+	case isICMP.Match(pkt, m):
+		if !an.ICMP {
+			bad("ICMP")
+		}
+	case isICMPv6.Match(pkt, m):
+		if !an.ICMPv6 {
+			bad("ICMPv6")
+		}
+	default:
+		if !an.Other {
+			bad("other protocol")
+		}
+	}
 }
