@@ -162,28 +162,18 @@ func checkAnalysis(t *testing.T, text string, an *Analysis, pkt []byte, m *Meta)
 	case an.Events&(1<<EventPacket) == 0:
 		bad("packet event")
 	}
+	// The first transport filter that matches names the packet's class.
 	tf := transportFilters()
-	isTCP, isUDP, isICMP, isICMPv6 := tf[0], tf[1], tf[2], tf[3]
-	switch {
-	case isTCP.Match(pkt, m):
-		if !an.TCP {
-			bad("TCP")
-		}
-	case isUDP.Match(pkt, m):
-		if !an.UDP {
-			bad("UDP")
-		}
-	case isICMP.Match(pkt, m):
-		if !an.ICMP {
-			bad("ICMP")
-		}
-	case isICMPv6.Match(pkt, m):
-		if !an.ICMPv6 {
-			bad("ICMPv6")
-		}
-	default:
-		if !an.Other {
-			bad("other protocol")
+	for _, c := range []struct {
+		f       *Filter
+		allowed bool
+		name    string
+	}{{tf[0], an.TCP, "TCP"}, {tf[1], an.UDP, "UDP"}, {tf[2], an.ICMP, "ICMP"}, {tf[3], an.ICMPv6, "ICMPv6"}, {nil, an.Other, "other protocol"}} {
+		if c.f == nil || c.f.Match(pkt, m) {
+			if !c.allowed {
+				bad(c.name)
+			}
+			return
 		}
 	}
 }
