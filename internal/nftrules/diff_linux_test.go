@@ -145,18 +145,10 @@ func (d *dbed) markCounters() (map[uint32][2]uint64, error) {
 func (d *dbed) sendMarked(pkts [][]byte) (sent []bool) {
 	sent = make([]bool, len(pkts))
 	for i, p := range pkts {
-		var sa unix.Sockaddr
-		fd := d.fd4
-		if p[0]>>4 == 4 {
-			sa = &unix.SockaddrInet4{Addr: [4]byte(p[16:20])}
-		} else {
-			fd = d.fd6
-			sa = &unix.SockaddrInet6{Addr: [16]byte(p[24:40])}
-		}
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(diffMarkBase+uint32(i))); err != nil {
+		if err := unix.SetsockoptInt(d.fdFor(p), unix.SOL_SOCKET, unix.SO_MARK, int(diffMarkBase+uint32(i))); err != nil {
 			panic(err)
 		}
-		sent[i] = unix.Sendto(fd, p, 0, sa) == nil
+		sent[i] = d.send(p) == nil
 	}
 	return sent
 }

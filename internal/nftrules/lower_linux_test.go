@@ -176,12 +176,24 @@ func (b *bed) warmUp(t *testing.T) {
 	}
 }
 
-// send sends p by the bed's raw sockets, to its destination address.
-func (b *bed) send(p []byte) error {
+// send sends p by the bed's raw socket for its IP version, to its
+// destination address.
+func (b *bed) send(p []byte) error { return unix.Sendto(b.fdFor(p), p, 0, dest(p)) }
+
+// fdFor is the bed's raw socket for p's IP version.
+func (b *bed) fdFor(p []byte) int {
 	if p[0]>>4 == 4 {
-		return unix.Sendto(b.fd4, p, 0, &unix.SockaddrInet4{Addr: [4]byte(p[16:20])})
+		return b.fd4
 	}
-	return unix.Sendto(b.fd6, p, 0, &unix.SockaddrInet6{Addr: [16]byte(p[24:40])})
+	return b.fd6
+}
+
+// dest is p's destination address as a raw socket's sendto takes it.
+func dest(p []byte) unix.Sockaddr {
+	if p[0]>>4 == 4 {
+		return &unix.SockaddrInet4{Addr: [4]byte(p[16:20])}
+	}
+	return &unix.SockaddrInet6{Addr: [16]byte(p[24:40])}
 }
 
 func nativeU32(v uint32) []byte {
@@ -226,15 +238,7 @@ func (b *bed) passes(t *testing.T, pkt []byte) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var sa unix.Sockaddr
-	fd := b.fd4
-	if pkt[0]>>4 == 4 {
-		sa = &unix.SockaddrInet4{Addr: [4]byte(pkt[16:20])}
-	} else {
-		fd = b.fd6
-		sa = &unix.SockaddrInet6{Addr: [16]byte(pkt[24:40])}
-	}
-	if err := unix.Sendto(fd, pkt, 0, sa); err != nil {
+	if err := b.send(pkt); err != nil {
 		t.Fatalf("send % x: %v", pkt, err)
 	}
 	deadline := time.Now().Add(2 * time.Second)
