@@ -2,6 +2,7 @@ package nftrules
 
 import (
 	"encoding/binary"
+	"slices"
 
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
@@ -116,6 +117,40 @@ func l4(p byte) []expr.Any {
 	return []expr.Any{meta(expr.MetaKeyL4PROTO), cmp(expr.CmpOpEq, []byte{p})}
 }
 
+// presenceLoads holds the presence loads of the header tests below: loads
+// whose value no expression uses, which only end the rule when the header
+// is absent or cut short.
+var presenceLoads = map[expr.Any]bool{}
+
+// presence is the 3-byte presence load of a transport header that ends at
+// off+3.
+func presence(off uint32) expr.Any {
+	e := load(th, off, 3)
+	presenceLoads[e] = true
+	return e
+}
+
+// presenceLast moves the presence loads of a rule's expressions behind all
+// its other expressions, keeping one of each. The rule matches the same
+// packets: its expressions have no effect but on register 1, and no
+// expression reads what a presence load leaves there, so the order of the
+// tests only decides which one ends a failing rule, and at what cost.
+// Transport-header loads of 1, 2 or 4 aligned bytes placed before the
+// presence load may read a non-first fragment's payload as a header; the
+// presence load then ends the rule.
+func presenceLast(es []expr.Any) []expr.Any {
+	var tail []expr.Any
+	out := es[:0:0]
+	for _, e := range es {
+		if !presenceLoads[e] {
+			out = append(out, e)
+		} else if !slices.Contains(tail, e) {
+			tail = append(tail, e)
+		}
+	}
+	return append(out, tail...)
+}
+
 // Header presence, as WinDivert parses: the transport header exists (not a
 // non-first fragment) and is whole.
 //
@@ -123,15 +158,19 @@ func l4(p byte) []expr.Any {
 // bytes take the kernel's fast path (nft_payload_fast_eval), which reads the
 // transport header of non-first fragments too (measured on 6.18); other
 // lengths take nft_payload_eval, which fails on any packet with a fragment
-// offset and on a header cut short.
+// offset and on a header cut short. That slow path costs: it is a call and
+// an skb_copy_bits, for every packet of the protocol that reaches the
+// rule. So lower moves the presence loads behind a rule's other tests
+// (presenceLast): a packet the filter does not match leaves at its first
+// failing compare, and only a match pays for the presence load.
 var (
 	tcpHdr = concat(l4(unix.IPPROTO_TCP), []expr.Any{
-		load(th, 17, 3),
+		presence(17),
 		load(th, 12, 1), mask(1, []byte{0xf0}), cmp(expr.CmpOpGte, []byte{0x50}),
 	})
-	udpHdr    = concat(l4(unix.IPPROTO_UDP), []expr.Any{load(th, 5, 3)})
-	icmpHdr   = concat(isV4, l4(unix.IPPROTO_ICMP), []expr.Any{load(th, 5, 3)})
-	icmpv6Hdr = concat(isV6, l4(unix.IPPROTO_ICMPV6), []expr.Any{load(th, 5, 3)})
+	udpHdr    = concat(l4(unix.IPPROTO_UDP), []expr.Any{presence(5)})
+	icmpHdr   = concat(isV4, l4(unix.IPPROTO_ICMP), []expr.Any{presence(5)})
+	icmpv6Hdr = concat(isV6, l4(unix.IPPROTO_ICMPV6), []expr.Any{presence(5)})
 
 	// fragment: IPv4 with MF or an offset; IPv6 with a fragment header.
 	v4Frag    = concat(isV4, []expr.Any{load(nh, 6, 2), mask(2, []byte{0x3f, 0xff}), cmp(expr.CmpOpNeq, []byte{0, 0})})
@@ -389,6 +428,9 @@ func (l *lowerer) lower(lw *filter.Lowered) disj {
 			l.inexact = true
 			return dTrue
 		}
+	}
+	for i := range out {
+		out[i].exprs = presenceLast(out[i].exprs)
 	}
 	return out
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -311,6 +312,13 @@ func testPackets() []namedPkt {
 		{"v6 hbh tcp :80", v6(v6opts{hbh: true, next: 6}, tcp(40000, 80, 0x02, 5, nil))},
 		{"v6 udp first frag", v6(v6opts{frag: true, more: true, next: 17}, udp(5353, 53, make([]byte, 24)))},
 		{"v6 udp later frag", v6(v6opts{frag: true, fragO: 4, next: 17}, make([]byte, 16))},
+		// Headers that a rule's fast loads read but that are not there:
+		// the presence load, the last of its rule, must refuse them.
+		{"v4 udp later frag posing as :9999", v4(v4opts{proto: 17, flags: 3}, udp(5353, 9999, make([]byte, 8)))},
+		{"v4 udp cut to 6 bytes, :9999", v4(v4opts{proto: 17}, udp(5353, 9999, nil)[:6])},
+		{"v4 tcp later frag posing as syn :80", v4(v4opts{proto: 6, flags: 0x2005}, tcp(1, 80, 0x02, 5, nil))},
+		{"v6 udp later frag posing as :9999", v6(v6opts{frag: true, fragO: 2, next: 17}, udp(5353, 9999, make([]byte, 8)))},
+		{"v6 tcp cut to 16 bytes, syn :80", v6(v6opts{next: 6}, tcp(1, 80, 0x02, 5, nil)[:16])},
 	}
 }
 
@@ -478,6 +486,11 @@ func TestFilterEndToEnd(t *testing.T) {
 		// short for the word (found by TestDiffRandomFilters).
 		"packet32[32b] >= -186",
 		"packet32[44b] <= 0xFFFFFFFF or icmp",
+		// Presence tested last (TestLowerPresenceLast): fragments and cut
+		// headers that pass the other tests must still be refused.
+		"udp.DstPort == 9999",
+		"tcp.DstPort == 80 and tcp.Syn",
+		"localPort == 9999 or localPort == 80",
 	} {
 		t.Run(text, func(t *testing.T) {
 			f, err := filter.Compile(text, filter.LayerNetwork)
@@ -538,6 +551,78 @@ func TestLowerIfIdxByHook(t *testing.T) {
 		if len(keys) != 1 || keys[0] != tc.want {
 			t.Errorf("hook %v: ifIdx loads meta keys %v, want [%v]", tc.hook, keys, tc.want)
 		}
+	}
+}
+
+// TestLowerPresenceLast checks that each rule tests a header's presence
+// (the 3-byte load the kernel evaluates on its slow path) only after its
+// other tests, once per header: a packet of the protocol that the filter
+// does not match, the bulk under a narrow filter, must leave the base chain
+// at its first failing compare. TestFilterEndToEnd and the differential
+// test check that the rules still select what the filter does.
+func TestLowerPresenceLast(t *testing.T) {
+	for _, text := range []string{
+		"udp.DstPort == 9999",
+		"udp.DstPort == 9999 and udp.SrcPort != 53",
+		"tcp.DstPort == 443 and tcp.Syn and not tcp.Ack",
+		"localPort == 53 or remotePort == 53",
+		"icmp.Type == 8 or icmpv6.Type == 128",
+		"tcp.DstPort == 80 or udp.SrcPort == 80",
+		"udp.Length > 8 and udp.Payload[0] == 0x16",
+	} {
+		f, err := filter.Compile(text, filter.LayerNetwork)
+		if err != nil {
+			t.Fatalf("%s: %v", text, err)
+		}
+		for _, h := range []Hook{HookPrerouting, HookInput, HookOutput} {
+			l := lowerer{hook: h}
+			d := l.lower(f.Lower())
+			if len(d) == 0 {
+				t.Fatalf("%s at %v: no rules", text, h)
+			}
+			for i, c := range d {
+				first := slices.IndexFunc(c.exprs, func(e expr.Any) bool { return presenceLoads[e] })
+				if first < 0 {
+					t.Errorf("%s at %v, rule %d: no presence load in %v", text, h, i, c.exprs)
+					continue
+				}
+				tail := c.exprs[first:]
+				for _, e := range tail {
+					if !presenceLoads[e] {
+						t.Errorf("%s at %v, rule %d: %T after a presence load", text, h, i, e)
+					}
+				}
+				for j, e := range tail {
+					if slices.Contains(tail[:j], e) {
+						t.Errorf("%s at %v, rule %d: a presence load twice", text, h, i)
+					}
+				}
+			}
+		}
+	}
+	// The narrow filter's rule: protocol, port, and only then presence.
+	f, err := filter.Compile("udp.DstPort == 9999", filter.LayerNetwork)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := lowerer{hook: HookInput}
+	d := l.lower(f.Lower())
+	want := []string{"meta", "cmp", "payload 2@2", "cmp", "payload 3@5"}
+	var got []string
+	for _, e := range d[0].exprs {
+		switch e := e.(type) {
+		case *expr.Meta:
+			got = append(got, "meta")
+		case *expr.Cmp:
+			got = append(got, "cmp")
+		case *expr.Payload:
+			got = append(got, fmt.Sprintf("payload %d@%d", e.Len, e.Offset))
+		default:
+			got = append(got, fmt.Sprintf("%T", e))
+		}
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("udp.DstPort == 9999: rule %v, want %v", got, want)
 	}
 }
 
