@@ -435,7 +435,11 @@ func (c *Conn) read(fd uintptr) {
 	var e syscall.Errno
 	p, vlen := uintptr(unsafe.Pointer(&hdrs[0])), uintptr(len(hdrs))
 	if c.rflags&unix.MSG_WAITFORONE == 0 {
-		n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
+		if vlen == 1 {
+			n, e = c.recvOne(fd, unix.MSG_DONTWAIT, true)
+		} else {
+			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
+		}
 		c.nbReads.Add(1)
 		if e == unix.EAGAIN {
 			c.emptyRds.Add(1)
@@ -460,15 +464,51 @@ func (c *Conn) read(fd uintptr) {
 				c.hot, c.wantHot = false, false
 			}
 		}
-		if c.hot {
+		switch {
+		case vlen == 1:
+			n, e = c.recvOne(fd, 0, c.hot)
+		case c.hot:
 			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
+		default:
+			n, _, e = unix.Syscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
+		}
+		if c.hot {
 			c.hotWaits.Add(1)
 		} else {
-			n, _, e = unix.Syscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
 			c.coldWaits.Add(1)
 		}
 	}
 	c.rn, c.rerr = int(n), e
+}
+
+// recvOne is read for a single slot: one recvfrom into c.slots[c.rfirst],
+// which the kernel serves with less work than a recvmmsg of one message
+// (no message header or iovec to copy in, no lengths and flags to copy
+// out). It fills the slot's header as recvmmsg would, Len and MSG_TRUNC,
+// and returns 1 datagram or the error. raw makes it a raw syscall (a
+// non-blocking read, or a hot wait); otherwise the runtime may hand the P
+// on while it blocks.
+func (c *Conn) recvOne(fd uintptr, flags int, raw bool) (uintptr, syscall.Errno) {
+	b := c.slots[c.rfirst]
+	p, l, f := uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), uintptr(flags|unix.MSG_TRUNC)
+	var n uintptr
+	var e syscall.Errno
+	if raw {
+		n, _, e = unix.RawSyscall6(unix.SYS_RECVFROM, fd, p, l, f, 0, 0)
+	} else {
+		n, _, e = unix.Syscall6(unix.SYS_RECVFROM, fd, p, l, f, 0, 0)
+	}
+	if e != 0 {
+		return 0, e
+	}
+	// With MSG_TRUNC the kernel returns the datagram's whole length.
+	h := &c.hdrs[c.rfirst]
+	h.Hdr.Flags = 0
+	if n > l {
+		h.Hdr.Flags, n = unix.MSG_TRUNC, l
+	}
+	h.Len = uint32(n)
+	return 1, 0
 }
 
 // hotConns counts the Conns of the process whose blocking reads are hot:

@@ -9,12 +9,16 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"reflect"
 	"runtime"
 	"sort"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/netdivert/divert/filter"
 	"github.com/netdivert/divert/internal/netnstest"
@@ -860,5 +864,76 @@ func TestHotSlots(t *testing.T) {
 	c.releaseHot()
 	if hotConns.Load() != 0 {
 		t.Fatalf("%d hot slots left taken", hotConns.Load())
+	}
+}
+
+// TestReadOneLikeMany checks that a read into a single slot (recvOne, a
+// recvfrom) leaves the slot's header as a recvmmsg of several slots does:
+// the length, MSG_TRUNC for a datagram longer than the slot, an empty
+// datagram, and EAGAIN on an empty socket.
+func TestReadOneLikeMany(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[1])
+	c, err := Wrap(fds[0], Config{Queue: 1, CopyRange: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	size := len(c.slots[0])
+	type result struct {
+		n, len int
+		flags  int32
+		err    syscall.Errno
+		data   []byte
+	}
+	read := func(slots int, block bool) result {
+		c.rfirst, c.rmax, c.rflags = 0, slots, unix.MSG_DONTWAIT
+		if block {
+			c.rflags = unix.MSG_WAITFORONE
+		}
+		c.read(uintptr(c.sfd.fd))
+		r := result{n: c.rn, err: c.rerr}
+		if c.rn > 0 {
+			h := c.hdrs[0]
+			r.len, r.flags, r.data = int(h.Len), h.Hdr.Flags&unix.MSG_TRUNC, bytes.Clone(c.slots[0][:h.Len])
+		}
+		return r
+	}
+	for _, n := range []int{0, 1, 40, size - 1, size, size + 1, 3 * size} {
+		msg := make([]byte, n)
+		for i := range msg {
+			msg[i] = byte(i*7 + n)
+		}
+		var got [2]result
+		for k, slots := range []int{1, 2} {
+			for _, block := range []bool{false, true} {
+				if _, err := unix.Write(fds[1], msg); err != nil {
+					t.Fatal(err)
+				}
+				r := read(slots, block)
+				if !block {
+					got[k] = r
+				} else if !reflect.DeepEqual(r, got[k]) {
+					t.Errorf("%d bytes, %d slots: a blocking read gave %+v, a non-blocking one %+v", n, slots, r, got[k])
+				}
+			}
+		}
+		want := result{n: 1, len: min(n, size), data: msg[:min(n, size)]}
+		if n > size {
+			want.flags = unix.MSG_TRUNC
+		}
+		for k, r := range got {
+			if !reflect.DeepEqual(r, want) {
+				t.Errorf("%d bytes into %d slots: %+v, want %+v", n, k+1, r, want)
+			}
+		}
+	}
+	for _, slots := range []int{1, 2} {
+		if r := read(slots, false); r.err != unix.EAGAIN {
+			t.Errorf("empty socket, %d slots: %+v, want EAGAIN", slots, r)
+		}
 	}
 }
