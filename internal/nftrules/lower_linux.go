@@ -382,15 +382,29 @@ func mapped(loads []expr.Any, op filter.Op, v filter.Value) disj {
 	return pos(loads, []expr.Any{cmp(cmpOps[op], beBytes(u128{0, v.Lo & 0xFFFFFFFF}, 4))})
 }
 
-// addr16 lowers "x op v" for a 16-byte address loaded by loads.
-func addr16(loads []expr.Any, op filter.Op, v filter.Value) disj {
+// addr16 lowers "x op v" for the 16-byte address at network-header offset
+// off. An equality compares four aligned 32-bit words: such loads take the
+// kernel's inlined fast path, where one 16-byte load is a call and an
+// skb_copy_bits for every IPv6 packet that reaches the rule, and a packet
+// with another address mostly leaves at the first word that differs. The
+// other comparisons order the addresses as 128-bit numbers and need the
+// whole load.
+func addr16(off uint32, op filter.Op, v filter.Value) disj {
 	switch fold(op, v, u128{}, u128{^uint64(0), ^uint64(0)}) {
 	case 1:
 		return dTrue
 	case -1:
 		return nil
 	}
-	return pos(loads, []expr.Any{cmp(cmpOps[op], beBytes(u128{v.Hi, v.Lo}, 16))})
+	b := beBytes(u128{v.Hi, v.Lo}, 16)
+	if op == filter.OpEq {
+		var es []expr.Any
+		for i := uint32(0); i < 16; i += 4 {
+			es = append(es, load(nh, off+i, 4), cmp(expr.CmpOpEq, b[i:i+4]))
+		}
+		return pos(es)
+	}
+	return pos([]expr.Any{load(nh, off, 16), cmp(cmpOps[op], b)})
 }
 
 // boolField lowers a Cond on a 0/1 field given what "1" and "0" are.
@@ -545,7 +559,7 @@ func (l *lowerer) cond(c filter.Cond) (d disj, ok bool) {
 		}
 		return or(
 			and2(pos(isV4), mapped([]expr.Any{load(nh, off4, 4)}, op, v)),
-			and2(pos(isV6), addr16([]expr.Any{load(nh, off6, 16)}, op, v)),
+			and2(pos(isV6), addr16(off6, op, v)),
 		), true
 	case filter.FieldLocalPort, filter.FieldRemotePort:
 		if !in && !out {
@@ -614,7 +628,7 @@ func (l *lowerer) cond(c filter.Cond) (d disj, ok bool) {
 		if c.Field == filter.FieldIPv6DstAddr {
 			off = 24
 		}
-		return and2(pos(isV6), addr16([]expr.Any{load(nh, off, 16)}, op, v)), true
+		return and2(pos(isV6), addr16(off, op, v)), true
 
 	case filter.FieldICMPType, filter.FieldICMPv6Type:
 		return direct(payloadField(th, 0, 1, 0, 0, 0xFF), icmpOf(c.Field))

@@ -491,6 +491,11 @@ func TestFilterEndToEnd(t *testing.T) {
 		"udp.DstPort == 9999",
 		"tcp.DstPort == 80 and tcp.Syn",
 		"localPort == 9999 or localPort == 80",
+		// IPv6 address equality, compared a word at a time.
+		"ipv6.DstAddr == fd00:77::1 and ipv6.SrcAddr == fd00:77::2",
+		"ipv6.SrcAddr == fd00:77::1 or ipv6.DstAddr == fd00:77:0:1::1 or ipv6.DstAddr == fd00:77::1:0:1 or ipv6.DstAddr == fd01:77::1",
+		"localAddr == fd00:77::1 and remoteAddr != fd00:77::2",
+		"ipv6.DstAddr >= fd00:77:: and ipv6.DstAddr < fd00:77::2",
 	} {
 		t.Run(text, func(t *testing.T) {
 			f, err := filter.Compile(text, filter.LayerNetwork)
@@ -623,6 +628,43 @@ func TestLowerPresenceLast(t *testing.T) {
 	}
 	if !slices.Equal(got, want) {
 		t.Errorf("udp.DstPort == 9999: rule %v, want %v", got, want)
+	}
+}
+
+// TestLowerAddr16Words checks that an IPv6 address equality loads four
+// aligned 32-bit words (the kernel's fast path) and that the orderings
+// keep one 16-byte load.
+func TestLowerAddr16Words(t *testing.T) {
+	loads := func(text string) (got []string) {
+		t.Helper()
+		f, err := filter.Compile(text, filter.LayerNetwork)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := lowerer{hook: HookInput}
+		d := l.lower(f.Lower())
+		if len(d) != 1 {
+			t.Fatalf("%s: %d rules", text, len(d))
+		}
+		for _, e := range d[0].exprs {
+			if p, ok := e.(*expr.Payload); ok {
+				got = append(got, fmt.Sprintf("%d@%d", p.Len, p.Offset))
+			}
+		}
+		return got
+	}
+	for _, tc := range []struct {
+		text string
+		want []string
+	}{
+		{"ipv6.DstAddr == fd00:77::1", []string{"4@24", "4@28", "4@32", "4@36"}},
+		{"ipv6.SrcAddr == fd00:77::2", []string{"4@8", "4@12", "4@16", "4@20"}},
+		{"ipv6.DstAddr != fd00:77::1", []string{"16@24"}},
+		{"ipv6.SrcAddr > fd00:77::1", []string{"16@8"}},
+	} {
+		if got := loads(tc.text); !slices.Equal(got, tc.want) {
+			t.Errorf("%s: loads %v, want %v", tc.text, got, tc.want)
+		}
 	}
 }
 
