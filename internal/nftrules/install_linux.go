@@ -181,7 +181,14 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 	if cfg.KeepNDP && cfg.IPv6 {
 		skips = append(skips, ndpKeep())
 	}
-	skips = append(skips, selectSkips(cfg)...)
+	if cfg.Fragments == FragOnly {
+		// A fragments-only rule set sees every packet and selects few:
+		// the tests that let the others go come first (the skips all
+		// accept, so their order changes only what a packet costs).
+		skips = append(selectSkips(cfg), skips...)
+	} else {
+		skips = append(skips, selectSkips(cfg)...)
+	}
 	accept := nftables.ChainPolicyAccept
 	for _, h := range cfg.Hooks {
 		l := lowerer{hook: h}
@@ -224,6 +231,10 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 		addUnclear := func() {
 			sub := actionChain(h.String()+"_v6q", nil, queue)
 			v6 := r.conn.AddChain(&nftables.Chain{Name: h.String() + "_v6", Table: t})
+			for _, p := range v6Plain() {
+				r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(p,
+					[]expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})})
+			}
 			for _, u := range v6Unclear() {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(u,
 					[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}})})
@@ -265,6 +276,11 @@ func selectSkips(cfg *Config) [][]expr.Any {
 			out = append(out, concat(v4NotFrag, acc))
 		}
 		if cfg.IPv6 {
+			// The common IPv6 packet has no extension header at all: it
+			// leaves after a one-byte load instead of a header walk.
+			for _, h := range v6NoExt() {
+				out = append(out, concat(isV6, h, acc))
+			}
 			out = append(out, concat(v6NotFrag, acc))
 		}
 	case FragNone:

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -131,6 +132,32 @@ func TestLayout(t *testing.T) {
 		for _, want := range []string{"meta mark", "queue"} {
 			if !strings.Contains(string(sub), want) {
 				t.Errorf("%s: term chain lacks %q:\n%s", tc.family, want, sub)
+			}
+		}
+		if tc.ipv6 {
+			// Packets with no extension header and a loadable transport
+			// header (TCP, UDP, ICMPv6) leave the IPv6 chain first, before
+			// the rules that walk the headers.
+			ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+			v6, err := ns.Run(ctx, "nft", "list", "chain", tc.family, r.Table(), "input_v6")
+			cancel()
+			if err != nil {
+				t.Fatalf("%s: IPv6 chain: %v: %s", tc.family, err, v6)
+			}
+			// nft prints the three by family: "@nh,48,8 0x11 ..." in inet,
+			// "ip6 nexthdr udp ..." or "icmpv6 type >= 0" in ip6.
+			var before []string
+			for _, line := range strings.Split(string(v6), "\n") {
+				line = strings.TrimSpace(line)
+				if strings.HasPrefix(line, "meta l4proto mobility-header") {
+					break
+				}
+				if strings.HasSuffix(line, " return") {
+					before = append(before, line)
+				}
+			}
+			if len(before) != 3 || !slices.ContainsFunc(before, func(l string) bool { return strings.Contains(l, "udp") || strings.Contains(l, "0x11") }) {
+				t.Errorf("%s: IPv6 chain does not start with the plain packets' 3 returns:\n%s", tc.family, v6)
 			}
 		}
 		if r.Close() != nil {

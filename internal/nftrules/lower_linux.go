@@ -220,6 +220,34 @@ func v6Unclear() [][]expr.Any {
 	}
 }
 
+// v6Plain matches the common IPv6 packets that none of v6Unclear's rules
+// and v6NoTransport's test would send to user space: no extension header
+// (the fixed header's next header is TCP, UDP or ICMPv6, which the kernel
+// then takes for the protocol, with the transport header right after the
+// fixed one) and a transport header the kernel can load. Such a packet
+// leaves the chain after two fast one-byte loads, where v6Unclear's rules
+// would walk its headers twice (the fragment header tests); the others go
+// on to v6Unclear as before.
+func v6Plain() [][]expr.Any {
+	var out [][]expr.Any
+	for _, h := range v6NoExt() {
+		out = append(out, concat(h, v6NoTransport()))
+	}
+	return out
+}
+
+// v6NoExt matches, each list for IPv6 packets only, the packets with no
+// extension header whose fixed header names TCP, UDP or ICMPv6: a fast
+// one-byte load, where a test for a given extension header (exthdr) walks
+// the headers.
+func v6NoExt() [][]expr.Any {
+	var out [][]expr.Any
+	for _, p := range []byte{unix.IPPROTO_TCP, unix.IPPROTO_UDP, unix.IPPROTO_ICMPV6} {
+		out = append(out, []expr.Any{load(nh, 6, 1), cmp(expr.CmpOpEq, []byte{p})})
+	}
+	return out
+}
+
 // v6NoTransport is the test that a packet's transport header can be
 // loaded (a byte of it, compared with >= 0: always true when the load
 // works); the kernel breaks the rule when it cannot (no protocol found, a

@@ -2,6 +2,7 @@ package nftrules
 
 import (
 	"context"
+	"encoding/binary"
 	"net/netip"
 	"strings"
 	"testing"
@@ -71,5 +72,41 @@ func TestDestSelectDelivered(t *testing.T) {
 			}
 		}
 		r.Close()
+	}
+}
+
+// TestFragOnlySelectsFragments: a FragOnly rule set selects exactly the
+// fragments, whatever comes before the IPv6 fragment header, and lets every
+// other packet through, IPv6 packets with no extension header first among
+// them (they leave after a one-byte load, see v6NoExt).
+func TestFragOnlySelectsFragments(t *testing.T) {
+	b := newBed(t)
+	v6 := func(o v6opts, p []byte) []byte {
+		o.src, o.dst, o.hop = remote6, local6, 64
+		return ipv6(o, p)
+	}
+	pkts := append(testPackets(),
+		namedPkt{"v6 hbh, udp first frag", v6(v6opts{hbh: true, frag: true, more: true, next: 17}, udp(1, 2, make([]byte, 16)))},
+		namedPkt{"v6 hbh, udp later frag", v6(v6opts{hbh: true, frag: true, fragO: 3, next: 17}, make([]byte, 16))},
+		namedPkt{"v6 atomic frag, tcp", v6(v6opts{frag: true, next: 6}, tcp(1, 2, 0x02, 5, nil))},
+		namedPkt{"v6 udp, no payload", v6(v6opts{next: 17}, nil)},
+		namedPkt{"v6 icmpv6 echo", v6(v6opts{next: 58}, icmpEcho(128, 1, 1))},
+		// Byte 6 of an IPv4 header is where IPv6 names the next header:
+		// 0x11 (UDP) here, in a later fragment.
+		namedPkt{"v4 later frag, byte 6 0x11", ipv4(v4opts{proto: 17, flags: 0x1100, ttl: 64, id: 7, src: remote4, dst: local4}, make([]byte, 16))},
+	)
+	r := install(t, b.ns, Config{Hooks: []Hook{HookPrerouting}, IPv4: true, IPv6: true,
+		Fragments: FragOnly, Action: ActionDrop})
+	defer r.Close()
+	for _, p := range pkts {
+		var frag bool
+		if p.b[0]>>4 == 4 {
+			frag = binary.BigEndian.Uint16(p.b[6:])&0x3fff != 0
+		} else {
+			frag = strings.Contains(p.name, "frag")
+		}
+		if selected := !b.passes(t, p.b); selected != frag {
+			t.Errorf("%s: selected %v, want %v", p.name, selected, frag)
+		}
 	}
 }
