@@ -236,10 +236,11 @@ func v6Plain() [][]expr.Any {
 	return out
 }
 
-// v6NoExt matches, each list for IPv6 packets only, the packets with no
-// extension header whose fixed header names TCP, UDP or ICMPv6: a fast
-// one-byte load, where a test for a given extension header (exthdr) walks
-// the headers.
+// v6NoExt matches the packets with no extension header whose fixed header
+// names TCP, UDP or ICMPv6: a fast one-byte load, where a test for a given
+// extension header (exthdr) walks the headers. The lists do not test the
+// family: they belong after a test for IPv6, or in a chain only IPv6
+// packets reach (byte 6 of an IPv4 header is its fragment field).
 func v6NoExt() [][]expr.Any {
 	var out [][]expr.Any
 	for _, p := range []byte{unix.IPPROTO_TCP, unix.IPPROTO_UDP, unix.IPPROTO_ICMPV6} {
