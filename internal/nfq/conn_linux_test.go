@@ -890,6 +890,8 @@ func TestReadOneLikeMany(t *testing.T) {
 		data   []byte
 	}
 	read := func(slots int, block bool) result {
+		// What a read must overwrite: a length and a flag left over.
+		c.hdrs[0].Len, c.hdrs[0].Hdr.Flags = 12345, unix.MSG_TRUNC
 		c.rfirst, c.rmax, c.rflags = 0, slots, unix.MSG_DONTWAIT
 		if block {
 			c.rflags = unix.MSG_WAITFORONE

@@ -317,7 +317,10 @@ func testPackets() []namedPkt {
 		{"v4 udp later frag posing as :9999", v4(v4opts{proto: 17, flags: 3}, udp(5353, 9999, make([]byte, 8)))},
 		{"v4 udp cut to 6 bytes, :9999", v4(v4opts{proto: 17}, udp(5353, 9999, nil)[:6])},
 		{"v4 tcp later frag posing as syn :80", v4(v4opts{proto: 6, flags: 0x2005}, tcp(1, 80, 0x02, 5, nil))},
-		{"v6 udp later frag posing as :9999", v6(v6opts{frag: true, fragO: 2, next: 17}, udp(5353, 9999, make([]byte, 8)))},
+		// A non-first IPv6 fragment has no transport offset: the kernel
+		// reads "transport" bytes from the fixed header, whose flow label
+		// (bytes 2-3) is set to look like port 9999.
+		{"v6 udp later frag posing as :9999", v6(v6opts{frag: true, fragO: 2, next: 17, flow: 9999}, udp(5353, 9999, make([]byte, 8)))},
 		{"v6 tcp cut to 16 bytes, syn :80", v6(v6opts{next: 6}, tcp(1, 80, 0x02, 5, nil)[:16])},
 	}
 }
