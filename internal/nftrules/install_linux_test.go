@@ -24,11 +24,17 @@ import (
 
 func listRuleset(t *testing.T, ns *netnstest.NS) string {
 	t.Helper()
+	return nftList(t, ns, "ruleset")
+}
+
+// nftList returns what `nft list what...` prints in ns.
+func nftList(t *testing.T, ns *netnstest.NS, what ...string) string {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	out, err := ns.Run(ctx, "nft", "list", "ruleset")
+	out, err := ns.Run(ctx, append([]string{"nft", "list"}, what...)...)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("nft list %v: %v: %s", what, err, out)
 	}
 	return string(out)
 }
@@ -91,14 +97,9 @@ func TestLayout(t *testing.T) {
 		r := install(t, ns, Config{Hooks: []Hook{HookInput}, IPv4: tc.ipv4, IPv6: tc.ipv6,
 			Lowered: f.Lower(), Action: ActionQueue, QueueNum: 9, QueueCount: 1,
 			KeepNDP: true, Fragments: FragNone})
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		out, err := ns.Run(ctx, "nft", "list", "chain", tc.family, r.Table(), "input")
-		cancel()
-		if err != nil {
-			t.Fatalf("%s table: %v: %s", tc.family, err, out)
-		}
+		out := nftList(t, ns, "chain", tc.family, r.Table(), "input")
 		var rules []string
-		for _, line := range strings.Split(string(out), "\n") {
+		for _, line := range strings.Split(out, "\n") {
 			line = strings.TrimSpace(line)
 			if line == "" || strings.HasPrefix(line, "table") || strings.HasPrefix(line, "chain") ||
 				strings.HasPrefix(line, "type") || line == "}" {
@@ -123,14 +124,9 @@ func TestLayout(t *testing.T) {
 				t.Errorf("%s: base chain rule %q: want only a filter term jumping to its chain", tc.family, rule)
 			}
 		}
-		ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
-		sub, err := ns.Run(ctx, "nft", "list", "chain", tc.family, r.Table(), "input_0")
-		cancel()
-		if err != nil {
-			t.Fatalf("%s: term chain: %v: %s", tc.family, err, sub)
-		}
+		sub := nftList(t, ns, "chain", tc.family, r.Table(), "input_0")
 		for _, want := range []string{"meta mark", "queue"} {
-			if !strings.Contains(string(sub), want) {
+			if !strings.Contains(sub, want) {
 				t.Errorf("%s: term chain lacks %q:\n%s", tc.family, want, sub)
 			}
 		}
@@ -138,16 +134,11 @@ func TestLayout(t *testing.T) {
 			// Packets with no extension header and a loadable transport
 			// header (TCP, UDP, ICMPv6) leave the IPv6 chain first, before
 			// the rules that walk the headers.
-			ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
-			v6, err := ns.Run(ctx, "nft", "list", "chain", tc.family, r.Table(), "input_v6")
-			cancel()
-			if err != nil {
-				t.Fatalf("%s: IPv6 chain: %v: %s", tc.family, err, v6)
-			}
+			v6 := nftList(t, ns, "chain", tc.family, r.Table(), "input_v6")
 			// nft prints the three by family: "@nh,48,8 0x11 ..." in inet,
 			// "ip6 nexthdr udp ..." or "icmpv6 type >= 0" in ip6.
 			var before []string
-			for _, line := range strings.Split(string(v6), "\n") {
+			for _, line := range strings.Split(v6, "\n") {
 				line = strings.TrimSpace(line)
 				if strings.HasPrefix(line, "meta l4proto mobility-header") {
 					break
