@@ -177,17 +177,12 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 			fam = isV6
 		}
 	}
-	skips := [][]expr.Any{markSkip(cfg.Priority)}
+	// The skips all accept, so their order changes only what a packet
+	// costs. The selection's come first: in a fragments-only rule set,
+	// which sees every packet and selects few, they let most packets go.
+	skips := append(selectSkips(cfg), markSkip(cfg.Priority))
 	if cfg.KeepNDP && cfg.IPv6 {
 		skips = append(skips, ndpKeep())
-	}
-	if cfg.Fragments == FragOnly {
-		// A fragments-only rule set sees every packet and selects few:
-		// the tests that let the others go come first (the skips all
-		// accept, so their order changes only what a packet costs).
-		skips = append(selectSkips(cfg), skips...)
-	} else {
-		skips = append(skips, selectSkips(cfg)...)
 	}
 	accept := nftables.ChainPolicyAccept
 	for _, h := range cfg.Hooks {
