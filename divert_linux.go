@@ -347,14 +347,14 @@ func (b *linuxBackend) open(cfg *openConfig) error {
 		if err := b.openFrag(rc, cfg.layer, time.Duration(cfg.params[ParamQueueTime])*time.Millisecond); err != nil {
 			return err
 		}
-		b.userSide = true // the fragments' chain selects every fragment
+		b.userSide = true // the rules select every fragment
 	}
 	return nil
 }
 
 // rulesConfig is the nftables configuration of Open's rules, queueing to
 // count queues from queue (spread by flow when count > 1). reasm says
-// whether user space reassembles (openFrag's chains are needed); ok is
+// whether user space reassembles (openFrag is needed); ok is
 // false when the filter needs no rules at all.
 func rulesConfig(cfg *openConfig, queue, count uint16) (rc nftrules.Config, reasm, ok bool) {
 	an := cfg.filter.Analyze()
@@ -383,7 +383,12 @@ func rulesConfig(cfg *openConfig, queue, count uint16) (rc nftrules.Config, reas
 	reasm = rc.Action == nftrules.ActionQueue && (cfg.flags&FlagReassemble != 0 ||
 		cfg.layer == LayerNetwork && cfg.flags&FlagFragments == 0)
 	if reasm {
-		rc.Fragments = nftrules.FragNone // taken by openFrag's chains, reassembled here
+		// The fragments are taken by a chain that queues them all,
+		// reassembled here, and the filter judges the datagram: in the
+		// same table, or in openFrag's for LayerNetworkForward, whose
+		// fragments are taken at prerouting (see fragRulesConfigs).
+		rc.Fragments = nftrules.FragNone
+		rc.QueueFragments = cfg.layer != LayerNetworkForward
 	}
 	if cfg.layer == LayerNetworkForward {
 		rc.Hooks = []nftrules.Hook{nftrules.HookForward}

@@ -37,8 +37,9 @@ import (
 //     datagrams, inbound and outbound, with and without conntrack. Outbound
 //     and IPv4 inbound this is what the output and input hooks see. IPv6
 //     fragments at the input hook (and any fragment a raw socket sends at
-//     output) are taken by a second, fragments-only table and reassembled in
-//     user space (internal/reassembly); the filter is evaluated on the whole
+//     output) are queued by a fragments' chain of the handle's table, past
+//     the filter's rules, and reassembled in user space
+//     (internal/reassembly); the filter is evaluated on the whole
 //     datagram. Reinjecting a datagram the kernel handed over whole is an
 //     ACCEPT; the kernel fragments what it then sends. A datagram
 //     reassembled in user space had its fragments dropped when it was
@@ -170,10 +171,9 @@ type fragState struct {
 	mtuFd6 int
 }
 
-// openFrag installs the chains that queue fragments (prerouting for
-// forwarded ones at LayerNetworkForward, the main rules' hooks at
-// LayerNetwork) and sets up the reassembly. Called by open, in the
-// caller's namespace.
+// openFrag sets up the reassembly and, at LayerNetworkForward, installs
+// the prerouting chain that queues forwarded fragments (at LayerNetwork
+// the main rules queue them). Called by open, in the caller's namespace.
 func (b *linuxBackend) openFrag(rc nftrules.Config, layer Layer, qt time.Duration) error {
 	fs, err := newFragState(qt)
 	if err != nil {

@@ -55,7 +55,7 @@ type queueGroup struct {
 	mu    sync.Mutex
 	refs  int
 	rules *nftrules.Ruleset // the filter's rules
-	frag  fragRuleset       // the fragments' chains (user-space reassembly); nil without
+	frag  fragRuleset       // the fragments' tables (LayerNetworkForward's reassembly); nil without
 }
 
 // leave drops one reference; the last removes the rules.
@@ -126,12 +126,12 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 					return fail(err)
 				}
 			}
-			// openFrag's chains, once, spread over the n queues as the
-			// main rules are.
+			// openFrag's tables, if any, once, spread over the n queues
+			// as the main rules are.
 			if g.frag, err = installFrag(rc, cfg.layer); err != nil {
 				return fail(mapSetupError("install nftables rules for fragments", err))
 			}
-			userSide = true // the fragments' chain selects every fragment
+			userSide = true // the rules select every fragment
 		}
 		for _, b := range bs {
 			b.userSide = userSide
@@ -193,39 +193,22 @@ func bindQueues(nc nfq.Config, n int) ([]*nfq.Conn, error) {
 }
 
 // fragRulesConfigs are the configurations openFrag installs for the
-// fragments' chains, from the main rules' rc (keep the two in step): for
-// LayerNetworkForward a prerouting chain; for LayerNetwork the main rules'
-// hooks, where the input hook only takes IPv6, as IPv4 datagrams are
-// reassembled before it (ip_local_deliver), so that IPv4 traffic never
-// traverses a fragments' table at input.
+// fragments' tables, from the main rules' rc (keep the two in step). For
+// LayerNetworkForward, one prerouting chain takes the fragments of
+// forwarded packets before conntrack reassembles them. Otherwise the main
+// rules queue the fragments themselves (rc.QueueFragments), and there is
+// none.
 func fragRulesConfigs(rc nftrules.Config, layer Layer) []nftrules.Config {
+	if layer != LayerNetworkForward {
+		return nil
+	}
 	rc.Lowered = nil // every fragment: the filter is evaluated on the datagram
 	rc.Fragments = nftrules.FragOnly
+	rc.QueueFragments = false
 	rc.KeepNDP = false
-	if layer == LayerNetworkForward {
-		rc.Hooks = []nftrules.Hook{nftrules.HookPrerouting}
-		rc.Dest = nftrules.DestRemote
-		return []nftrules.Config{rc}
-	}
-	var out []nftrules.Config
-	var rest []nftrules.Hook
-	for _, h := range rc.Hooks {
-		if h != nftrules.HookInput {
-			rest = append(rest, h)
-			continue
-		}
-		if rc.IPv6 {
-			in := rc
-			in.Hooks = []nftrules.Hook{h}
-			in.IPv4 = false
-			out = append(out, in)
-		}
-	}
-	if len(rest) > 0 {
-		rc.Hooks = rest
-		out = append(out, rc)
-	}
-	return out
+	rc.Hooks = []nftrules.Hook{nftrules.HookPrerouting}
+	rc.Dest = nftrules.DestRemote
+	return []nftrules.Config{rc}
 }
 
 // fragRuleset is the fragments' tables of a handle or a group of handles.

@@ -404,8 +404,10 @@ func TestQueuesFragments(t *testing.T) {
 	defer sink.Close()
 	fs := newFlowSender(t, l.A.NS, extraAddrs(t, &l.A, 16, true), []uint16{5200}, dst)
 	hs := openQueuesIn(t, l.B.NS, "inbound and udp.DstPort == 7200", LayerNetwork, 0, 2)
-	if g := hs[0].b.(*linuxBackend).group; g == nil || g.frag == nil || hs[1].b.(*linuxBackend).frag == nil {
-		t.Fatal("no shared fragments chain or no reassembler per handle")
+	// The group's one table queues the fragments too (QueueFragments).
+	if g := hs[0].b.(*linuxBackend).group; g == nil || g.rules == nil || g.frag != nil ||
+		hs[0].b.(*linuxBackend).frag == nil || hs[1].b.(*linuxBackend).frag == nil {
+		t.Fatal("no shared rules, a fragments' table besides them, or no reassembler per handle")
 	}
 	stops := []func() []seen{pump(t, hs[0], true, nil), pump(t, hs[1], true, nil)}
 	const size, count = 3000, 4 // three fragments each at MTU 1500

@@ -258,6 +258,37 @@ func (d *dbed) meta(p []byte) *filter.Meta {
 	return &filter.Meta{Layer: filter.LayerNetwork, Outbound: d.hook.Outbound(), Loopback: true, IfIdx: 1, IPv6: p[0]>>4 == 6}
 }
 
+// reaching returns the packets of all that reach the bed's hook unchanged
+// with no rules installed (some random ones are refused by the raw socket
+// or dropped on the way: bad hop-by-hop options, IPv4 fragments before
+// input), as the hook sees them.
+func (d *dbed) reaching(t *testing.T, all []namedPkt) []namedPkt {
+	t.Helper()
+	if d.hook == HookInput {
+		// What the input hook sees, as the program would: the kernel's
+		// IPv4 option parsing (ip_options_compile) sets every byte after
+		// an End of Options List to 0 before it.
+		for i := range all {
+			all[i].b = diffNormalize(eolZeroed(all[i].b))
+		}
+	}
+	var raw [][]byte
+	for _, p := range all {
+		raw = append(raw, p.b)
+	}
+	arrived, passed := d.round(t, raw)
+	var pkts []namedPkt
+	for i, p := range all {
+		if arrived[i] && !passed[i] {
+			t.Fatalf("%s: dropped with no rules", p.name)
+		}
+		if arrived[i] {
+			pkts = append(pkts, p)
+		}
+	}
+	return pkts
+}
+
 // wrong reports whether the rules' decision sel on p is wrong for a filter
 // that matches p (want): a miss always, a selection of exact rules when
 // user space would not check the packet again.
@@ -1102,33 +1133,8 @@ func diffRun(t *testing.T, hook Hook, seed uint64, nfilters int) {
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	d := newDiffBed(t, hook)
 	all := diffPackets(r)
-	if hook == HookInput {
-		// What the input hook sees, as the program would: the kernel's
-		// IPv4 option parsing (ip_options_compile) sets every byte after
-		// an End of Options List to 0 before it.
-		for i := range all {
-			all[i].b = diffNormalize(eolZeroed(all[i].b))
-		}
-	}
-
-	// Keep the packets the kernel accepts and delivers to the hook
-	// unchanged (no rules installed): some random ones are refused by the
-	// raw socket or dropped on the way (bad hop-by-hop options).
-	var pkts []namedPkt
+	pkts := d.reaching(t, all)
 	var raw [][]byte
-	for _, p := range all {
-		raw = append(raw, p.b)
-	}
-	arrived, passed := d.round(t, raw)
-	for i, p := range all {
-		if arrived[i] && !passed[i] {
-			t.Fatalf("%s: dropped with no rules", p.name)
-		}
-		if arrived[i] {
-			pkts = append(pkts, p)
-		}
-	}
-	raw = raw[:0]
 	var v4, v6 int
 	for _, p := range pkts {
 		raw = append(raw, p.b)

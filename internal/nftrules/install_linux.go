@@ -177,15 +177,26 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 			fam = isV6
 		}
 	}
-	// The skips all accept, so their order changes only what a packet
-	// costs. The selection's come first: in a fragments-only rule set,
-	// which sees every packet and selects few, they let most packets go.
-	skips := append(selectSkips(cfg), markSkip(cfg.Priority))
-	if cfg.KeepNDP && cfg.IPv6 {
-		skips = append(skips, ndpKeep())
-	}
 	accept := nftables.ChainPolicyAccept
 	for _, h := range cfg.Hooks {
+		// With QueueFragments, the fragments go to a chain that queues
+		// them past the filter (its skips: Dest's and the marks).
+		var frags *nftables.Chain
+		if cfg.QueueFragments && (cfg.IPv4 || cfg.IPv6) {
+			frags = r.conn.AddChain(&nftables.Chain{Name: h.String() + "_frag", Table: t})
+			for _, sk := range append(destSkips(cfg), markSkip(cfg.Priority)) {
+				r.conn.AddRule(&nftables.Rule{Table: t, Chain: frags, Exprs: sk})
+			}
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: frags, Exprs: queue})
+		}
+		// The skips all accept (or hand a fragment to frags), so their
+		// order changes only what a packet costs. The selection's come
+		// first: in a fragments-only rule set, which sees every packet and
+		// selects few, they let most packets go.
+		skips := append(selectSkips(cfg, frags), markSkip(cfg.Priority))
+		if cfg.KeepNDP && cfg.IPv6 {
+			skips = append(skips, ndpKeep())
+		}
 		l := lowerer{hook: h}
 		d := l.lower(cfg.Lowered)
 		if l.inexact {
@@ -230,6 +241,11 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(p,
 					[]expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})})
 			}
+			if frags != nil {
+				// Past the plain packets: no Fragment header to walk for.
+				r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(v6HasFrag,
+					[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: frags.Name}})})
+			}
 			for _, u := range v6Unclear() {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(u,
 					[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}})})
@@ -250,6 +266,14 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(fam, c.exprs,
 				[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: sub.Name}})})
 		}
+		// The fragments the terms did not take. IPv6 ones are found in the
+		// unclear chain, after its plain packets (with a filter matching
+		// everything there is none, and the terms take them all). IPv4 ones
+		// reach every hook but input.
+		if frags != nil && cfg.IPv4 && h != HookInput {
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: base, Exprs: concat(v4Frag,
+				[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: frags.Name}})})
+		}
 		if unclear && cfg.Action == ActionQueue {
 			addUnclear()
 		}
@@ -261,9 +285,14 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 }
 
 // selectSkips returns the rules that accept, before a selected packet is
-// queued, the packets cfg.Fragments and cfg.Dest exclude.
-func selectSkips(cfg *Config) [][]expr.Any {
+// queued, the packets cfg.Fragments and cfg.Dest exclude. Fragments that
+// FragNone excludes jump to frags instead when it is not nil.
+func selectSkips(cfg *Config, frags *nftables.Chain) [][]expr.Any {
 	acc := []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}
+	fragAct := acc
+	if frags != nil {
+		fragAct = []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: frags.Name}}
+	}
 	var out [][]expr.Any
 	switch cfg.Fragments {
 	case FragOnly:
@@ -280,12 +309,20 @@ func selectSkips(cfg *Config) [][]expr.Any {
 		}
 	case FragNone:
 		if cfg.IPv4 {
-			out = append(out, concat(v4Frag, acc))
+			out = append(out, concat(v4Frag, fragAct))
 		}
 		if cfg.IPv6 {
-			out = append(out, concat(v6Frag, acc))
+			out = append(out, concat(v6Frag, fragAct))
 		}
 	}
+	return append(out, destSkips(cfg)...)
+}
+
+// destSkips returns the rule that accepts the packets cfg.Dest excludes,
+// if any.
+func destSkips(cfg *Config) [][]expr.Any {
+	acc := []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}
+	var out [][]expr.Any
 	if cfg.Dest != DestAny {
 		// Delivered to the host: local, broadcast, anycast and multicast
 		// destinations (RTN_LOCAL..RTN_MULTICAST, 2..5). The register holds

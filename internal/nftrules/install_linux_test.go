@@ -157,6 +157,67 @@ func TestLayout(t *testing.T) {
 	}
 }
 
+// TestLayoutQueueFragments checks where a QueueFragments rule set takes
+// the fragments its terms leave: IPv6 ones in the IPv6 chain right after
+// the plain packets' returns (which never walk for a Fragment header),
+// IPv4 ones by one base chain rule after the terms at output but not at
+// input (IPv4 arrives there reassembled); and that their chain skips the
+// handles' injections before it queues.
+func TestLayoutQueueFragments(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nftq")
+	f, err := filter.Compile("udp.DstPort == 9999", filter.LayerNetwork)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := install(t, ns, Config{Hooks: []Hook{HookInput, HookOutput}, IPv4: true, IPv6: true,
+		Lowered: f.Lower(), Action: ActionQueue, QueueNum: 9, QueueCount: 1,
+		KeepNDP: true, Fragments: FragNone, QueueFragments: true})
+	rules := func(chain string) []string {
+		var out []string
+		for _, line := range strings.Split(nftList(t, ns, "chain", "inet", r.Table(), chain), "\n") {
+			line = strings.TrimSpace(line)
+			if line == "" || strings.HasPrefix(line, "table") || strings.HasPrefix(line, "chain") ||
+				strings.HasPrefix(line, "type") || line == "}" ||
+				strings.HasPrefix(line, "#") || strings.HasPrefix(line, "libxtables:") { // nft's notes on the xt target
+				continue
+			}
+			out = append(out, line)
+		}
+		return out
+	}
+	for _, h := range []string{"input", "output"} {
+		base := rules(h)
+		var want []string
+		want = append(want, "jump "+h+"_0")
+		if h == "output" {
+			want = append(want, "jump output_frag")
+		}
+		want = append(want, "jump "+h+"_v6")
+		if len(base) != len(want) {
+			t.Fatalf("%s: base chain %q, want rules ending in %q", h, base, want)
+		}
+		for i, w := range want {
+			if !strings.HasSuffix(base[i], w) {
+				t.Errorf("%s: base chain rule %d %q, want it to %s", h, i, base[i], w)
+			}
+		}
+		v6 := rules(h + "_v6")
+		if len(v6) < 4 || !strings.Contains(v6[3], "exthdr frag exists") || !strings.HasSuffix(v6[3], "jump "+h+"_frag") {
+			t.Errorf("%s: IPv6 chain %q: want its 4th rule, after the 3 plain returns, to send fragments to %s_frag", h, v6, h)
+		}
+		fr := rules(h + "_frag")
+		if len(fr) != 2 || !strings.Contains(fr[0], "meta mark") || !strings.HasSuffix(fr[0], "accept") || !strings.Contains(fr[1], "queue") {
+			t.Errorf("%s: fragments' chain %q: want the mark skip, then the queue", h, fr)
+		}
+		for _, rule := range rules(h + "_0") {
+			if strings.Contains(rule, "frag") && !strings.HasSuffix(rule, "jump "+h+"_frag") {
+				t.Errorf("%s: term chain rule %q: a fragment must go to %s_frag", h, rule, h)
+			}
+		}
+	}
+}
+
 func TestChainPriority(t *testing.T) {
 	for _, h := range []Hook{HookPrerouting, HookInput, HookForward, HookOutput, HookPostrouting} {
 		prev := ChainPriority(h, PriorityLowest)
@@ -185,6 +246,8 @@ func TestConfigErrors(t *testing.T) {
 		{Hooks: []Hook{HookInput}, QueueNum: 65535, QueueCount: 2},
 		{Hooks: []Hook{HookInput}, Priority: 30001, QueueCount: 1},
 		{Hooks: []Hook{HookInput}, Action: 7},
+		{Hooks: []Hook{HookInput}, QueueCount: 1, QueueFragments: true},                           // not with FragAny
+		{Hooks: []Hook{HookInput}, Action: ActionDrop, Fragments: FragNone, QueueFragments: true}, // queues: not with drop
 	} {
 		if _, err := Install(c); err == nil {
 			t.Errorf("Install(%+v) succeeded", c)

@@ -175,7 +175,8 @@ var (
 	// fragment: IPv4 with MF or an offset; IPv6 with a fragment header.
 	v4Frag    = concat(isV4, []expr.Any{load(nh, 6, 2), mask(2, []byte{0x3f, 0xff}), cmp(expr.CmpOpNeq, []byte{0, 0})})
 	v4NotFrag = concat(isV4, []expr.Any{load(nh, 6, 2), mask(2, []byte{0x3f, 0xff}), cmp(expr.CmpOpEq, []byte{0, 0})})
-	v6Frag    = concat(isV6, []expr.Any{fragHdr(), cmp(expr.CmpOpEq, []byte{1})})
+	v6Frag    = concat(isV6, v6HasFrag)
+	v6HasFrag = []expr.Any{fragHdr(), cmp(expr.CmpOpEq, []byte{1})} // an IPv6 packet with a Fragment header
 	v6NotFrag = concat(isV6, []expr.Any{fragHdr(), cmp(expr.CmpOpEq, []byte{0})})
 )
 

@@ -140,6 +140,15 @@ type Config struct {
 	KeepNDP     bool            // never select ICMPv6 types 133-137 (router/neighbour discovery, redirect)
 	Fragments   FragSelect      // FragAny (default), or only / never IP fragments
 	Dest        DestSelect      // DestAny (default), or only packets to / not to a local address
+	// QueueFragments, with FragNone and ActionQueue: the fragments FragNone
+	// keeps from the filter's rules are queued by a chain of their own
+	// instead, whatever the filter: every IPv6 fragment, and every IPv4
+	// fragment at hooks other than input (the kernel reassembles IPv4
+	// before it). It skips only the handles' injections (the marks) and
+	// the packets Dest leaves out. The table then does what a FragNone
+	// table and a FragOnly table without a filter at the same hooks would
+	// do together, and a packet crosses one table instead of two.
+	QueueFragments bool
 	// UnclearQueue, with ActionDrop: the IPv6 packets whose headers the
 	// kernel walks otherwise than WinDivert (see v6Unclear) are queued to
 	// QueueNum, before the drop rules see them, for user space to judge.
@@ -165,6 +174,9 @@ func (c *Config) validate() error {
 	}
 	if c.Fragments > FragNone {
 		return fmt.Errorf("nftrules: unknown fragment selection %d", c.Fragments)
+	}
+	if c.QueueFragments && (c.Fragments != FragNone || c.Action != ActionQueue) {
+		return errors.New("nftrules: QueueFragments needs FragNone and ActionQueue")
 	}
 	if c.Dest > DestRemote {
 		return fmt.Errorf("nftrules: unknown destination selection %d", c.Dest)
