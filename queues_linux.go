@@ -38,8 +38,8 @@ import (
 // handle's queue.
 //
 // Fragments: user-space reassembly (FlagReassemble, and LayerNetwork's
-// default) works with n > 1 as with one handle. The fragments-only chains
-// are installed once, with the same fanout, and every fragment of a
+// default) works with n > 1 as with one handle. The chains that queue the
+// fragments are installed once, with the same fanout, and every fragment of a
 // datagram carries the same addresses and protocol, so all of them reach
 // the same handle, whose own reassembler (see frag_linux.go) completes the
 // datagram. FlagFragments hands fragments one by one and needs nothing
