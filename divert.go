@@ -287,6 +287,11 @@ var (
 	// reassembled datagram (FlagReassemble) is larger than the path MTU and
 	// has DF set, so it cannot be refragmented. Nothing is sent.
 	ErrDontFragment = reassembly.ErrDontFragment
+	// ErrFragment is wrapped by the error CalcChecksums returns for a
+	// first fragment: its transport checksum covers the whole datagram,
+	// which the fragment does not hold (the IPv4 header checksum is fixed
+	// all the same). Reassemble the datagram first, or skip that checksum.
+	ErrFragment = errors.New("divert: a fragment holds only part of the datagram")
 )
 
 type shutdownError struct{}

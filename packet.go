@@ -196,9 +196,6 @@ const (
 	checksumFlagsAll = NoIPChecksum | NoICMPChecksum | NoICMPv6Checksum | NoTCPChecksum | NoUDPChecksum
 )
 
-// errFragment is CalcChecksums' error for a fragment's transport header.
-var errFragment = errors.New("divert: transport checksum of a fragment needs the reassembled datagram")
-
 // CalcChecksums recomputes from scratch, in place, the IPv4 header checksum
 // and the ICMP, ICMPv6, TCP or UDP checksum of the packet at the start of b,
 // as WinDivertHelperCalcChecksums does; flags skip some of them. When a is
@@ -218,7 +215,8 @@ var errFragment = errors.New("divert: transport checksum of a fragment needs the
 // buffer ends before the IP length (an error wrapping ErrTruncated) or the
 // packet is a first fragment, whose checksum covers data the buffer does
 // not hold, the IPv4 header checksum is still fixed but the transport
-// checksum is left alone and an error is returned, unless flags skip that
+// checksum is left alone and an error is returned (wrapping ErrTruncated or
+// ErrFragment), unless flags skip that
 // checksum (then there is nothing left undone, and no error). Non-first
 // fragments have no transport header: only the IPv4 header checksum is
 // computed.
@@ -262,7 +260,7 @@ func CalcChecksums(b []byte, a *Address, flags ChecksumFlag) error {
 	}
 	if err := packet.FixTransportChecksum(b, &p); err != nil {
 		if errors.Is(err, packet.ErrIncomplete) {
-			return errFragment
+			return fmt.Errorf("divert: transport checksum: %w", ErrFragment)
 		}
 		return fmt.Errorf("divert: %w", err)
 	}

@@ -292,8 +292,8 @@ func TestCalcChecksumsSpecial(t *testing.T) {
 	ipv4Frag1 := mustHex(t, "4500004c12340001400100000a000001080808088ba6605400000000f9080a0000000000101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f3031323334353637")
 	// First fragment: IP checksum fixed, transport checksum not computable.
 	b := append([]byte(nil), ipv4Frag0...)
-	if err := CalcChecksums(b, nil, 0); err == nil || errors.Is(err, ErrTruncated) {
-		t.Fatalf("first fragment: err %v", err)
+	if err := CalcChecksums(b, nil, 0); !errors.Is(err, ErrFragment) || errors.Is(err, ErrTruncated) {
+		t.Fatalf("first fragment: err %v, want ErrFragment", err)
 	}
 	if binary.BigEndian.Uint16(b[22:]) != 0x3cd2 {
 		t.Fatal("first fragment: ICMP checksum changed")
