@@ -637,6 +637,10 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 				if err := b.rc.Write(s.wfn); err != nil {
 					return 0, b.mapErr("reinject", err)
 				}
+				if s.errno != 0 {
+					// Lost: the program could not have taken it either.
+					return 0, fmt.Errorf("divert: recv: write back a packet the filter does not match: %w", os.NewSyscallError("sendto", s.errno))
+				}
 			}
 			continue
 		}
