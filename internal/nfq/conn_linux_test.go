@@ -790,17 +790,27 @@ func testHandOff(t *testing.T, procs int) {
 
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(procs))
 	type job struct {
-		id uint32
-		at time.Time
+		id  uint32
+		seq int64 // the reader's count of packets when it handed this one off
+		at  time.Time
 	}
+	// The property is an order, not a latency: a packet handed to the
+	// worker is handled before the reader takes the next one (800 µs
+	// later). A reader that kept the only P through its hot wait would
+	// let the worker run only when the next packet ends the wait.
+	var read atomic.Int64
 	jobs := make(chan job, 64)
 	var lat []time.Duration
+	late := 0
 	workerDone := make(chan struct{})
 	go func() {
 		defer close(workerDone)
 		vbuf := make([]byte, 0, 64)
 		for j := range jobs {
 			lat = append(lat, time.Since(j.at))
+			if read.Load() != j.seq {
+				late++
+			}
 			vbuf = AppendVerdict(vbuf[:0], c.Queue(), j.id, Accept, nil)
 			if c.Send(vbuf) != nil {
 				return
@@ -813,7 +823,7 @@ func testHandOff(t *testing.T, procs int) {
 		defer close(jobs)
 		var p Packet
 		for c.Next(&p, true) == nil {
-			jobs <- job{p.ID, time.Now()}
+			jobs <- job{p.ID, read.Add(1), time.Now()}
 		}
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -831,10 +841,10 @@ func testHandOff(t *testing.T, procs int) {
 		t.Fatalf("%d datagrams handed off, %d hot waits: the reader was not kept hot, the test proves nothing", len(lat), hot)
 	}
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	p50, p90 := lat[len(lat)/2], lat[len(lat)*9/10]
-	t.Logf("%d hand-offs, %d hot waits; hand-off latency p50 %v, p90 %v, max %v", len(lat), hot, p50, p90, lat[len(lat)-1])
-	if p90 > 400*time.Microsecond {
-		t.Fatalf("the worker ran %v (p90) after the reader handed it a packet: the hot wait kept it from the P", p90)
+	t.Logf("%d hand-offs, %d hot waits, %d handled only after the next read; hand-off latency p50 %v, p90 %v, max %v",
+		len(lat), hot, late, lat[len(lat)/2], lat[len(lat)*9/10], lat[len(lat)-1])
+	if late > len(lat)/4 {
+		t.Fatalf("%d of %d packets handed to the worker were handled only after the reader took the next one: the hot wait kept the worker from the P", late, len(lat))
 	}
 }
 
