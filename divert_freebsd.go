@@ -116,6 +116,7 @@ const (
 
 // sysAddr is the sockaddr a packet was received with.
 type sysAddr struct {
+	owner uint32 // serial of the handle that received the packet (userStats); 0 for new packets
 	sa    bsdaddr.Sockaddr
 	ifIdx uint32 // IfIdx reported at Recv
 	valid bool
@@ -141,6 +142,8 @@ type bsdBackend struct {
 	// packet that carries a receiving interface's name is inbound even when
 	// sin_addr is zero (an interface without an IPv4 address).
 	ownNamed bool
+
+	userStats // divert(4) counts nothing for a socket
 	// dropper: FlagDrop with rules that are not exact diverts instead, and
 	// this goroutine drops what the filter matches and writes the rest
 	// back (see install). Closed when it ends; nil without one.
@@ -164,6 +167,7 @@ func openBackend(cfg *openConfig) (backend, error) {
 		return nil, err
 	}
 	b := &bsdBackend{layer: cfg.layer, flags: cfg.flags, set: -1}
+	b.userStats.init(cfg.flags)
 	b.states.New = func() any { return newBSDIO(b) }
 	// The default QueueSize exceeds kern.ipc.maxsockbuf on stock systems:
 	// then the kernel's default buffers stay (SetParam reports the error).
@@ -211,7 +215,9 @@ func (b *bsdBackend) drop1() {
 			}
 			// A transient error (ENOBUFS...): go on, but not in a spin.
 			time.Sleep(10 * time.Millisecond)
+			continue
 		}
+		b.dropped.Add(1) // not written back: dropped
 	}
 }
 
@@ -630,6 +636,7 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 		pkt := s.buf[:s.n]
 		b.fill(a, pkt, &s.sa, r)
 		if b.filt != nil && !b.filt.Match(pkt, metaOf(&s.meta, a)) {
+			b.passedOne()
 			if b.flags&(FlagSniff) == 0 {
 				// Not ours: straight back, resuming after our rule.
 				b.writeBack(&s.sa)
@@ -712,7 +719,11 @@ func (b *bsdBackend) writeBack(sa *bsdaddr.Sockaddr) {
 	}
 }
 
-func (b *bsdBackend) recv(p []byte, a *Address) (int, error) { return b.recvOne(p, a, true) }
+func (b *bsdBackend) recv(p []byte, a *Address) (int, error) {
+	n, err := b.recvOne(p, a, true)
+	b.gotOne(a, err)
+	return n, err
+}
 
 func (b *bsdBackend) recvBatch(ms []Message) (int, error) {
 	n, err := b.recvOne(ms[0].Buf, &ms[0].Addr, true)
@@ -730,6 +741,7 @@ func (b *bsdBackend) recvBatch(ms []Message) (int, error) {
 		ms[i].N = n
 		trunc = trunc || err != nil
 	}
+	b.gotBatch(ms, i)
 	if trunc {
 		return i, ErrTruncated
 	}
@@ -753,6 +765,7 @@ func (b *bsdBackend) send(p []byte, a *Address) (int, error) {
 	if s.errno != 0 {
 		return 0, fmt.Errorf("divert: send: %w", os.NewSyscallError("sendto", s.errno))
 	}
+	b.sentOne(a)
 	return s.n, nil
 }
 
@@ -765,7 +778,11 @@ func (b *bsdBackend) sendBatch(ms []Message) (int, error) {
 	return len(ms), nil
 }
 
-func (b *bsdBackend) drop(*Address) error { return nil }
+// drop only counts: a received packet is gone unless sent back.
+func (b *bsdBackend) drop(a *Address) error {
+	b.droppedOne(a)
+	return nil
+}
 
 func (b *bsdBackend) shutdown(how ShutdownHow) error {
 	if how&ShutdownRecv == 0 {

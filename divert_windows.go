@@ -67,6 +67,7 @@ import (
 // needs only the public Address fields otherwise): Send refragments it at
 // fragLen with identification id when it is larger.
 type sysAddr struct {
+	owner       uint32 // serial of the handle that received the packet (userStats); 0 for new packets
 	reassembled bool
 	id          uint32 // IPv4 identification, or the IPv6 Fragment header's
 	fragLen     uint32 // the largest fragment it came in (whole IP packet)
@@ -101,6 +102,8 @@ type winBackend struct {
 
 	reasm     *winReasm    // FlagReassemble, else nil
 	queueTime atomic.Int64 // ParamQueueTime, ns
+
+	userStats // WinDivert counts nothing for a handle
 }
 
 func openBackend(cfg *openConfig) (backend, error) {
@@ -119,6 +122,7 @@ func openBackend(cfg *openConfig) (backend, error) {
 		return nil, mapOpenError(err)
 	}
 	b := &winBackend{h: h, layer: cfg.layer}
+	b.userStats.init(cfg.flags)
 	b.queueTime.Store(int64(cfg.params[ParamQueueTime]) * int64(time.Millisecond))
 	if cfg.flags&FlagReassemble != 0 {
 		b.reasm = newWinReasm()
@@ -246,6 +250,12 @@ func (b *winBackend) recvRaw(buf []byte, addrs []windivert.RawAddr) (int, int, e
 }
 
 func (b *winBackend) recv(p []byte, a *Address) (int, error) {
+	n, err := b.recvOne(p, a)
+	b.gotOne(a, err)
+	return n, err
+}
+
+func (b *winBackend) recvOne(p []byte, a *Address) (int, error) {
 	b.recvMu.Lock()
 	defer b.recvMu.Unlock()
 	if b.reasm != nil {
@@ -277,6 +287,12 @@ func (b *winBackend) recv(p []byte, a *Address) (int, error) {
 }
 
 func (b *winBackend) recvBatch(ms []Message) (int, error) {
+	k, err := b.recvMany(ms)
+	b.gotBatch(ms, k)
+	return k, err
+}
+
+func (b *winBackend) recvMany(ms []Message) (int, error) {
 	b.recvMu.Lock()
 	defer b.recvMu.Unlock()
 	if b.reasm != nil {
@@ -323,6 +339,14 @@ func (b *winBackend) recvBatch(ms []Message) (int, error) {
 }
 
 func (b *winBackend) send(p []byte, a *Address) (int, error) {
+	n, err := b.sendOne(p, a)
+	if err == nil {
+		b.sentOne(a)
+	}
+	return n, err
+}
+
+func (b *winBackend) sendOne(p []byte, a *Address) (int, error) {
 	if b.reasm != nil {
 		return b.sendReassembled(p, a)
 	}
@@ -337,6 +361,12 @@ func (b *winBackend) send(p []byte, a *Address) (int, error) {
 }
 
 func (b *winBackend) sendBatch(ms []Message) (int, error) {
+	n, err := b.sendMany(ms)
+	b.sentBatch(ms, n)
+	return n, err
+}
+
+func (b *winBackend) sendMany(ms []Message) (int, error) {
 	if b.reasm != nil {
 		return b.sendBatchReassembled(ms)
 	}
@@ -427,8 +457,11 @@ const (
 	errorNoSystemResources = 1450
 )
 
-// drop is a no-op: a received packet is gone unless sent back.
-func (b *winBackend) drop(*Address) error { return nil }
+// drop only counts: a received packet is gone unless sent back.
+func (b *winBackend) drop(a *Address) error {
+	b.droppedOne(a)
+	return nil
+}
 
 func (b *winBackend) shutdown(how ShutdownHow) error {
 	if err := b.h.Shutdown(uint32(how)); err != nil {

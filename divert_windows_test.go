@@ -64,6 +64,13 @@ func winOpen(t *testing.T, filterText string, layer Layer, prio int16, flags Fla
 	return h, f
 }
 
+// received is want as h's Recv returns it: marked as received by h (see
+// userStats), which a Send or Drop of it then tells from a new packet.
+func received(h *Handle, want Address) Address {
+	want.sys.owner = h.b.(*winBackend).serial
+	return want
+}
+
 // errHandle is a Fake whose calls fail with the given errors.
 type errHandle struct {
 	*windivert.Fake
@@ -267,7 +274,7 @@ func TestWinRecvSendAddress(t *testing.T) {
 			want := Address{Timestamp: w.Timestamp, Layer: layer, Sniffed: w.Sniffed, Outbound: w.Outbound,
 				Loopback: w.Loopback, Impostor: w.Impostor, IPv6: w.IPv6, IPChecksum: w.IPChecksum,
 				TCPChecksum: w.TCPChecksum, UDPChecksum: w.UDPChecksum, IfIdx: w.IfIdx, SubIfIdx: w.SubIfIdx}
-			if a != want {
+			if want = received(h, want); a != want {
 				t.Fatalf("%v: address %+v\nwant %+v", layer, a, want)
 			}
 			if m, err := h.Send(buf[:n], &a); err != nil || m != n {
@@ -318,7 +325,7 @@ func TestWinRecvFlowSocketReflect(t *testing.T) {
 		want := Address{Timestamp: 99, Layer: tc.layer, Event: tc.event, Sniffed: true, Outbound: true,
 			Flow: FlowData{EndpointID: 0x1122334455667788, ParentEndpointID: 42, ProcessID: 4321,
 				LocalAddr: local, RemoteAddr: remote, LocalPort: 50000, RemotePort: 443, Protocol: 6}}
-		if a != want {
+		if want = received(h, want); a != want {
 			t.Errorf("%v: %+v\nwant %+v", tc.layer, a, want)
 		}
 	}
@@ -335,7 +342,7 @@ func TestWinRecvFlowSocketReflect(t *testing.T) {
 	}
 	want := Address{Timestamp: 5, Layer: LayerReflect, Event: EventReflectOpen, Sniffed: true,
 		Reflect: ReflectData{Timestamp: -77, ProcessID: 8, Layer: LayerNetworkForward, Flags: FlagSniff | FlagFragments, Priority: -30000}}
-	if a != want {
+	if want = received(h, want); a != want {
 		t.Errorf("reflect: %+v\nwant %+v", a, want)
 	}
 }
@@ -358,7 +365,7 @@ func TestWinBatch(t *testing.T) {
 		if string(ms[i].Buf[:ms[i].N]) != string(pkts[i]) {
 			t.Errorf("message %d: %d bytes %x", i, ms[i].N, ms[i].Buf[:ms[i].N])
 		}
-		want := Address{Timestamp: int64(i), Outbound: i%2 == 0, IPv6: i == 1, IfIdx: uint32(10 + i)}
+		want := received(h, Address{Timestamp: int64(i), Outbound: i%2 == 0, IPv6: i == 1, IfIdx: uint32(10 + i)})
 		if ms[i].Addr != want {
 			t.Errorf("message %d: %+v\nwant %+v", i, ms[i].Addr, want)
 		}
@@ -882,7 +889,7 @@ func TestWinReassembleRandomOrder(t *testing.T) {
 			want := Address{Timestamp: int64(1000*round + last), Layer: layer, Outbound: true, IPv6: d[0]>>4 == 6,
 				IPChecksum: d[0]>>4 == 4, IfIdx: uint32(last + 1), SubIfIdx: 9,
 				sys: sysAddr{reassembled: true, id: id, fragLen: uint32(maxLen)}}
-			if a != want {
+			if want = received(h, want); a != want {
 				t.Fatalf("%v round %d: address %+v\nwant %+v (the last fragment's)", layer, round, a, want)
 			}
 		}
@@ -961,7 +968,7 @@ func TestWinReassemblePassesNonFragments(t *testing.T) {
 		if err != nil || !bytes.Equal(buf[:n], p) {
 			t.Fatalf("packet %d: Recv = %d, %v; bytes differ", i, n, err)
 		}
-		want := Address{Timestamp: int64(i), Layer: LayerNetworkForward, Loopback: i == 1, IPv6: p[0]>>4 == 6, IfIdx: uint32(i), TCPChecksum: true}
+		want := received(h, Address{Timestamp: int64(i), Layer: LayerNetworkForward, Loopback: i == 1, IPv6: p[0]>>4 == 6, IfIdx: uint32(i), TCPChecksum: true})
 		if a != want {
 			t.Fatalf("packet %d: address %+v\nwant %+v", i, a, want)
 		}
@@ -1572,5 +1579,119 @@ func TestWinSendBatchPaddedLast(t *testing.T) {
 	n, err := h.SendBatch([]Message{{Buf: winIPv4(40, 1), N: 40, Addr: Address{Outbound: true}}, {Buf: p, N: len(p), Addr: Address{Outbound: true}}})
 	if n != 2 || err != nil || len(d.injected) != 2 {
 		t.Fatalf("SendBatch = %d, %v; injected %d: want both", n, err, len(d.injected))
+	}
+}
+
+// TestWinStats: WinDivert keeps no counters, so the handle counts what its
+// own calls see. A Send of a received Address is a reinjection, of any
+// other an injection; a Drop counts once, for a received packet only, and
+// not with FlagSniff; a reassembled datagram counts once.
+func TestWinStats(t *testing.T) {
+	h, f := winOpen(t, "true", LayerNetwork, 0, 0)
+	for i := 0; i < 6; i++ {
+		f.Push(windivert.Item{Data: winIPv4(40, byte(i)), Addr: windivert.Addr{IfIdx: uint32(i + 1)}})
+	}
+	buf := make([]byte, MTUMax)
+	var a, b Address
+	if _, err := h.Recv(buf, &a); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.Send(winIPv4(40, 0), &a); err != nil { // reinjected
+		t.Fatal(err)
+	}
+	if _, err := h.Send(winIPv4(40, 0), &a); err != nil { // the same Address again: now an injection
+		t.Fatal(err)
+	}
+	if _, err := h.Send(winIPv4(40, 9), &Address{IfIdx: 3}); err != nil { // new
+		t.Fatal(err)
+	}
+	if _, err := h.Recv(buf, &b); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := h.Drop(&b); err != nil { // counted once
+			t.Fatal(err)
+		}
+	}
+	if err := h.Drop(&Address{}); err != nil { // a new packet: nothing to drop
+		t.Fatal(err)
+	}
+	ms := make([]Message, 4)
+	for i := range ms {
+		ms[i].Buf = make([]byte, 128)
+	}
+	n, err := h.RecvBatch(ms)
+	if err != nil || n != 4 {
+		t.Fatalf("RecvBatch = %d, %v", n, err)
+	}
+	ms[1].Addr = Address{IfIdx: 7} // one of the batch replaced by a new packet
+	if s, err := h.SendBatch(ms[:3]); err != nil || s != 3 {
+		t.Fatalf("SendBatch = %d, %v", s, err)
+	}
+	if err := h.Drop(&ms[3].Addr); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Drop(&ms[0].Addr); err != nil { // already sent
+		t.Fatal(err)
+	}
+	want := Stats{Received: 6, Sent: 6, Injected: 3, Dropped: 2}
+	if st, err := h.Stats(); err != nil || st != want {
+		t.Fatalf("Stats = %+v, %v\nwant %+v", st, err, want)
+	}
+	// An Address another handle received is new to this one.
+	h2, f2 := winOpen(t, "true", LayerNetwork, 0, 0)
+	f2.Push(windivert.Item{Data: winIPv4(40, 1)})
+	var c Address
+	if _, err := h2.Recv(buf, &c); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.Send(winIPv4(40, 1), &c); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Drop(&c); err != nil {
+		t.Fatal(err)
+	}
+	want.Sent++
+	want.Injected++
+	if st, _ := h.Stats(); st != want {
+		t.Fatalf("after another handle's Address: %+v\nwant %+v", st, want)
+	}
+	if st, _ := h2.Stats(); st != (Stats{Received: 1}) {
+		t.Fatalf("the other handle: %+v", st)
+	}
+	h.Close()
+	if st, err := h.Stats(); err != nil || st != want {
+		t.Fatalf("after Close: %+v, %v", st, err)
+	}
+
+	// FlagSniff: Drop of a copy drops nothing.
+	hs, fs := winOpen(t, "true", LayerNetwork, 0, FlagSniff)
+	fs.Push(windivert.Item{Data: winIPv4(40, 1)})
+	if _, err := hs.Recv(buf, &a); err != nil {
+		t.Fatal(err)
+	}
+	if err := hs.Drop(&a); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := hs.Stats(); st != (Stats{Received: 1}) {
+		t.Fatalf("sniff: %+v", st)
+	}
+
+	// FlagReassemble: a datagram counts once, however many fragments.
+	hr, fr := winOpen(t, "true", LayerNetwork, 0, FlagReassemble)
+	d := winUDP4(3000, 0x4242, 1)
+	frags := winFrag4(d, 576)
+	for _, p := range frags {
+		fr.Push(windivert.Item{Data: p, Addr: windivert.Addr{Outbound: true}})
+	}
+	n, err = hr.Recv(buf, &a)
+	if err != nil || !bytes.Equal(buf[:n], d) {
+		t.Fatalf("reassembled Recv = %d, %v", n, err)
+	}
+	if _, err := hr.Send(buf[:n], &a); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := hr.Stats(); st != (Stats{Received: 1, Sent: 1}) || len(frags) < 3 {
+		t.Fatalf("reassembled: %+v (%d fragments)", st, len(frags))
 	}
 }

@@ -7,7 +7,9 @@ import (
 
 // Stats are a handle's counters since Open. Every counter only grows. A
 // backend counts what it can observe: counters it cannot observe stay 0
-// (see each field).
+// (see each field). On Windows and FreeBSD, whose OS keeps no counters for
+// a handle, they are what the handle's own calls saw: Received, Sent,
+// Injected, Dropped and (FreeBSD) Passed.
 type Stats struct {
 	// Received is the number of packets handed to the program by Recv and
 	// RecvBatch (a datagram reassembled in user space counts once); 0 for
@@ -21,26 +23,31 @@ type Stats struct {
 	Injected uint64
 	// Dropped is the number of Drop calls that dropped a packet the handle
 	// held (Drop of a FlagSniff copy or of a new packet drops nothing and
-	// is not counted). For a FlagDrop handle on Linux: the packets its
-	// kernel rules could not judge and the filter dropped in user space
-	// (what the rules drop themselves is not counted).
+	// is not counted; on Windows and FreeBSD a packet is held from its Recv
+	// until its Address is given to Send or Drop). For a FlagDrop handle on
+	// Linux and FreeBSD: the packets its kernel rules could not judge and
+	// the filter dropped in user space (what the rules drop themselves is
+	// not counted).
 	Dropped uint64
 	// Expired is the number of queued packets released because they
 	// waited ParamQueueTime: held by the program without Send or Drop, or
 	// left unread. They are dropped; with FlagSniff the original went on
-	// and only the copy is lost.
+	// and only the copy is lost. Linux only (WinDivert expires packets
+	// without telling; divert(4) has no queue time).
 	Expired uint64
 	// Passed is the number of packets the OS queued for the handle but
 	// that were accepted without the program seeing them: packets the
-	// kernel rules over-approximate and the user-space filter rejected,
-	// and on Linux loopback packets seen on the input hook (WinDivert
-	// shows loopback outbound only).
+	// kernel (or ipfw) rules over-approximate and the user-space filter
+	// rejected, and on Linux loopback packets seen on the input hook
+	// (WinDivert shows loopback outbound only). 0 on Windows, where
+	// WinDivert evaluates the filter itself.
 	Passed uint64
 	// Overflows counts the packets lost to a full receive buffer (Linux:
 	// the packets missing from the queue's id sequence among those read,
 	// which the kernel could not put in the socket; they were dropped, or
 	// went on uncopied with FlagSniff or FlagFailOpen). For a Pipe: packets
-	// dropped because the queue was full.
+	// dropped because the queue was full. 0 on Windows and FreeBSD, which
+	// do not tell.
 	Overflows uint64
 	// KernelQueueDropped is the kernel's count of packets dropped because
 	// the queue was full (Linux: queue_dropped in
@@ -61,8 +68,8 @@ type statser interface {
 
 // Stats returns the handle's counters. It may be called at any time from
 // any goroutine, also after Close (then the counters are final and the
-// kernel's are as of Close). A backend that keeps no counters (WinDivert,
-// divert(4)) gives an error wrapping ErrNotSupported.
+// kernel's are as of Close). The error wraps ErrNotSupported for a backend
+// that keeps no counters; every backend of this package keeps some.
 func (h *Handle) Stats() (Stats, error) {
 	s, ok := h.b.(statser)
 	if !ok {
