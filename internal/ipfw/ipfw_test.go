@@ -446,6 +446,33 @@ func TestLowerWords(t *testing.T) {
 	}
 }
 
+// TestLowerContradictoryProtocol: a term whose protocol conditions leave
+// no protocol (here "not ICMP" and an ICMP field, which fixes the protocol
+// after the exclusion) matches nothing and gets no rule. The exclusion used
+// to survive the narrowing as a set with no member that did not know it was
+// empty, and rendering it panicked (found by FuzzLower).
+func TestLowerContradictoryProtocol(t *testing.T) {
+	cfg := Config{Number: 100, Set: 1, Port: 8668, Tag: tag}
+	for _, l := range []*filter.Lowered{
+		terms(conds(c(filter.FieldIPProtocol, filter.OpNe, 1), c(filter.FieldICMPCode, filter.OpEq, 0))),
+		terms(conds(c(filter.FieldProtocol, filter.OpNe, 6), c(filter.FieldTCPDstPort, filter.OpEq, 80))),
+	} {
+		res, err := Lower(l, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(res.Rules) != 0 {
+			t.Errorf("%+v: rules %q, want none", l.Terms, res.Rules)
+		}
+	}
+	s := fullSet(u128{}, u64(255))
+	s.apply(filter.OpNe, filter.Value{Lo: 1})
+	s.intersect(u64(1), u64(1))
+	if !s.empty || s.has(u64(1)) || len(s.ranges()) != 0 {
+		t.Errorf("{0..255} \\ {1} narrowed to [1, 1]: %+v, want empty", s)
+	}
+}
+
 func TestLowerIfNames(t *testing.T) {
 	for _, name := range []string{"", "any", "1abc", "table(t)", "em*", "e?", "e[0]", "a b", "interfacenamelong", "/x", "em0,"} {
 		res, err := Lower(terms(conds(yes(filter.FieldInbound), c(filter.FieldIfIdx, filter.OpEq, 3))),

@@ -116,6 +116,9 @@ func (s *set) apply(op filter.Op, v filter.Value) {
 	s.normalize()
 }
 
+// intersect narrows s to [lo, hi], normalized: an exclusion left at an
+// end of the narrowed interval shrinks it (or empties it), so that a set
+// with no member is always empty.
 func (s *set) intersect(lo, hi u128) {
 	if lo.cmp(s.lo) > 0 {
 		s.lo = lo
@@ -126,6 +129,7 @@ func (s *set) intersect(lo, hi u128) {
 	if s.lo.cmp(s.hi) > 0 {
 		s.empty = true
 	}
+	s.normalize()
 }
 
 // normalize drops exclusions outside the interval and shrinks the interval
