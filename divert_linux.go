@@ -117,8 +117,15 @@ type linuxBackend struct {
 	shutting  atomic.Bool // Shutdown(ShutdownRecv) has begun
 	dlmu      sync.Mutex  // orders SetReadDeadline after Shutdown's wake-up
 	closed    atomic.Bool
-	more      atomic.Bool   // the receive buffer holds undecoded packets
-	recvCalls atomic.Uint64 // bumped when a Recv starts and when it ends
+	more      atomic.Bool // the receive buffer holds undecoded packets
+	// recvCalls changes when a receive call starts (+1) and when it ends
+	// (+1<<32 - 1): its low 32 bits are the calls in progress, and any
+	// change says one started or ended (see recvStart, recvEnd).
+	recvCalls atomic.Uint64
+	// parked: the reaper waits on wake, with nothing to do until a
+	// receive call ends (see parkReaper).
+	parked atomic.Bool
+	wake   chan struct{}
 
 	rmu  sync.Mutex // receive side: conn.Next, pkt, pend, vHeld
 	pkt  nfq.Packet
@@ -161,6 +168,8 @@ type linuxBackend struct {
 
 	stop chan struct{}
 	done chan struct{}
+	// reaperTicks counts the reaper's ticks (for tests).
+	reaperTicks atomic.Uint64
 	// dropDone is closed when dropLoop ends; nil without one (FlagDrop
 	// handles with a queue run it).
 	dropDone chan struct{}
@@ -218,6 +227,7 @@ func (b *linuxBackend) start() {
 	b.procQ, _ = os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
 	b.lastCallT = monoNow()
 	b.stop, b.done = make(chan struct{}), make(chan struct{})
+	b.wake = make(chan struct{}, 1)
 	go b.reaper()
 	if b.flags&FlagDrop != 0 {
 		b.dropDone = make(chan struct{})
@@ -505,21 +515,36 @@ func (b *linuxBackend) recvUncounted(buf []byte, a *Address) (int, error) {
 	if b.conn == nil {
 		return 0, b.noQueueError()
 	}
-	b.recvCalls.Add(1)
+	b.recvStart()
 	b.rmu.Lock()
 	n, err := b.next(buf, a, true)
 	b.applyPending()
 	b.more.Store(b.conn.Buffered())
 	b.rmu.Unlock()
-	b.recvCalls.Add(1)
+	b.recvEnd()
 	return n, err
+}
+
+// recvStart and recvEnd bracket a receive call (see recvCalls). recvEnd
+// wakes a parked reaper: the call may have left packets held, or left the
+// handle with no receive call running.
+func (b *linuxBackend) recvStart() { b.recvCalls.Add(1) }
+
+func (b *linuxBackend) recvEnd() {
+	b.recvCalls.Add(1<<32 - 1)
+	if b.parked.Load() && b.parked.CompareAndSwap(true, false) {
+		select {
+		case b.wake <- struct{}{}:
+		default:
+		}
+	}
 }
 
 func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 	if b.conn == nil {
 		return 0, b.noQueueError()
 	}
-	b.recvCalls.Add(1)
+	b.recvStart()
 	b.rmu.Lock()
 	var err, terr error
 	k := 0
@@ -546,7 +571,7 @@ func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 	b.applyPending()
 	b.more.Store(b.conn.Buffered())
 	b.rmu.Unlock()
-	b.recvCalls.Add(1)
+	b.recvEnd()
 	if k > 0 {
 		b.st.received.Add(uint64(k)) // one add for the batch
 	}
@@ -1016,6 +1041,10 @@ func (b *linuxBackend) reaper() {
 			return
 		case <-time.After(tick):
 		}
+		b.reaperTicks.Add(1)
+		if !b.parkReaper() {
+			return
+		}
 		now := monoNow()
 		qt := b.queueTime.Load()
 		b.vmu.Lock()
@@ -1046,6 +1075,47 @@ func (b *linuxBackend) reaper() {
 		}
 		b.drainUnread(now, qt, ks.idSeq)
 	}
+}
+
+// parkReaper waits, instead of ticking, while the reaper has nothing to
+// do: no packet held, no fragment waiting for its datagram, and a receive
+// call in progress, which takes what the kernel queues (no unread packet
+// to drain) and flushed the verdicts before it blocked. Without FlagSniff
+// only (its copies are accepted by the tick). The call's end wakes it
+// (recvEnd): packets the call took are held from then on. An idle handle
+// whose program waits in Recv thus wakes the process for nothing. It
+// returns false when the handle is closing.
+func (b *linuxBackend) parkReaper() bool {
+	if b.flags&FlagSniff != 0 {
+		return true
+	}
+	calls := b.recvCalls.Load()
+	if uint32(calls) == 0 {
+		return true // no receive call in progress
+	}
+	b.vmu.Lock()
+	idle := b.track.Len() == 0 && (b.frag == nil || len(b.frag.pending) == 0)
+	b.vmu.Unlock()
+	if !idle {
+		return true
+	}
+	b.parked.Store(true)
+	// A call that ended since the Load above either changed recvCalls,
+	// seen here, or saw parked set and sends on wake (both atomics are
+	// sequentially consistent), so no wake-up is lost.
+	if b.recvCalls.Load() == calls {
+		select {
+		case <-b.stop:
+			return false
+		case <-b.wake:
+		}
+	}
+	b.parked.Store(false)
+	select {
+	case <-b.wake: // a wake-up sent after the change was seen
+	default:
+	}
+	return true
 }
 
 // acceptSniffed lets the originals of sniffed packets go on without

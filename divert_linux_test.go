@@ -318,6 +318,61 @@ func TestLinuxNoListenerAndQueueTime(t *testing.T) {
 	}
 }
 
+// TestLinuxReaperParks: while the program waits in Recv and holds
+// nothing, the reaper does not tick (an idle handle wakes the process for
+// nothing); the packet that ends the wait, held past the queue time, is
+// still dropped on time.
+func TestLinuxReaperParks(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "drp", 0)
+	h := openIn(t, l.B.NS, "icmp", LayerNetwork, 0, 0)
+	if err := h.SetParam(ParamQueueTime, 200); err != nil { // a 20 ms tick
+		t.Fatal(err)
+	}
+	b := h.b.(*linuxBackend)
+	got := make(chan error, 1)
+	buf := make([]byte, MTUMax)
+	var a Address
+	go func() {
+		h.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err := h.Recv(buf, &a)
+		got <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the Recv waits; the reaper parks at its next tick
+	t0 := b.reaperTicks.Load()
+	time.Sleep(500 * time.Millisecond) // 25 ticks' worth
+	if n := b.reaperTicks.Load() - t0; n > 1 || !b.parked.Load() {
+		t.Fatalf("%d reaper ticks in 500 ms of an idle Recv (parked %v): want it parked", n, b.parked.Load())
+	}
+	start := time.Now()
+	go l.A.NS.Ping(l.B.V4, 1, time.Second)
+	if err := <-got; err != nil {
+		t.Fatalf("Recv: %v", err)
+	}
+	// Held, not sent: the reaper wakes with the Recv's end and drops it
+	// after the queue time.
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		st, err := h.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Expired == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the held packet never expired (Stats %+v, reaper parked %v)", st, b.parked.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if el := time.Since(start); el < 200*time.Millisecond {
+		t.Fatalf("expired %v after it was received, before the 200 ms queue time", el)
+	}
+	if _, err := h.Send(buf[:1], &a); err == nil || !strings.Contains(err.Error(), "no longer queued") {
+		t.Fatalf("Send after expiry: %v", err)
+	}
+}
+
 // TestLinuxSniffDoesNotHold: a sniffing handle takes copies, so traffic
 // it sees must not wait for its reader: with nobody reading and the
 // default queue time (seconds), pings still get their replies at once, and
