@@ -260,7 +260,7 @@ func CalcChecksums(b []byte, a *Address, flags ChecksumFlag) error {
 	}
 	if err := packet.FixTransportChecksum(b, &p); err != nil {
 		if errors.Is(err, packet.ErrIncomplete) {
-			return fmt.Errorf("divert: transport checksum: %w", ErrFragment)
+			return fmt.Errorf("%w: its transport checksum is left alone", ErrFragment)
 		}
 		return fmt.Errorf("divert: %w", err)
 	}
