@@ -636,7 +636,6 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 		pkt := s.buf[:s.n]
 		b.fill(a, pkt, &s.sa, r)
 		if b.filt != nil && !b.filt.Match(pkt, metaOf(&s.meta, a)) {
-			b.passedOne()
 			if b.flags&(FlagSniff) == 0 {
 				// Not ours: straight back, resuming after our rule.
 				b.writeBack(&s.sa)
@@ -645,10 +644,13 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 					return 0, b.mapErr("reinject", err)
 				}
 				if s.errno != 0 {
-					// Lost: the program could not have taken it either.
-					return 0, fmt.Errorf("divert: recv: write back a packet the filter does not match: %w", os.NewSyscallError("sendto", s.errno))
+					// Lost (ENOBUFS...): counted, not an error of this
+					// call, whose program never saw the packet.
+					b.lost.Add(1)
+					continue
 				}
 			}
+			b.passedOne()
 			continue
 		}
 		n := copy(p, pkt)

@@ -53,6 +53,7 @@ package divert
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -362,9 +363,17 @@ func (b *winBackend) sendOne(p []byte, a *Address) (int, error) {
 
 func (b *winBackend) sendBatch(ms []Message) (int, error) {
 	n, err := b.sendMany(ms)
-	b.sentBatch(ms, n)
+	failed := 0
+	if errors.Is(err, errNotInjected) {
+		failed = 1 // at least
+	}
+	b.sentBatch(ms, n, failed)
 	return n, err
 }
+
+// errNotInjected is wrapped by SendBatch's error when the driver could not
+// inject a packet of the batch but went on with the others.
+var errNotInjected = errors.New("a packet of the batch was not injected")
 
 func (b *winBackend) sendMany(ms []Message) (int, error) {
 	if b.reasm != nil {
@@ -394,7 +403,7 @@ func (b *winBackend) sendMany(ms []Message) (int, error) {
 	}
 	if _, err := b.h.SendEx(buf, b.saddrs[:len(ms)]); err != nil {
 		if softSendError(err) {
-			return len(ms), fmt.Errorf("divert: send: a packet of the batch was not injected, the others were: %w", b.mapError("send", err))
+			return len(ms), fmt.Errorf("divert: send: %w, the others were: %w", errNotInjected, b.mapError("send", err))
 		}
 		return 0, b.mapError("send", err)
 	}

@@ -65,9 +65,12 @@ func winOpen(t *testing.T, filterText string, layer Layer, prio int16, flags Fla
 }
 
 // received is want as h's Recv returns it: marked as received by h (see
-// userStats), which a Send or Drop of it then tells from a new packet.
+// userStats), which a Send or Drop of it then tells from a new packet; a
+// FlagSniff copy is not.
 func received(h *Handle, want Address) Address {
-	want.sys.owner = h.b.(*winBackend).serial
+	if b := h.b.(*winBackend); !b.sniff {
+		want.sys.owner = b.serial
+	}
 	return want
 }
 
@@ -1273,6 +1276,10 @@ func TestWinReassembleTimeout(t *testing.T) {
 	if st := b.reasm.r.Stats(); st.Timeouts != 2 || st.Pending != 0 || st.Completed != 2 {
 		t.Fatalf("stats %+v", st)
 	}
+	// Each incomplete datagram dropped is one Expired.
+	if st, _ := h.Stats(); st.Expired != 2 || st.Received != 2 {
+		t.Fatalf("Stats %+v: want 2 expired, 2 received", st)
+	}
 	// A longer queue time applies to fragments already held.
 	if err := h.SetParam(ParamQueueTime, 100); err != nil {
 		t.Fatal(err)
@@ -1537,6 +1544,9 @@ func TestWinSendBatchSoftError(t *testing.T) {
 	if n != 3 || windivert.Code(err) != windivert.ErrorHostUnreachable || len(d.injected) != 2 {
 		t.Fatalf("SendBatch = %d, %v (code %d); injected %d: want 3 and ERROR_HOST_UNREACHABLE, 2 injected", n, err, windivert.Code(err), len(d.injected))
 	}
+	if st, _ := h.Stats(); st.Sent != 2 || st.Injected != 2 {
+		t.Fatalf("Stats %+v: want the 2 injected counted", st)
+	}
 }
 
 // TestWinSendBatchLengthMismatch: the driver cuts a batch by IP length, so
@@ -1664,16 +1674,24 @@ func TestWinStats(t *testing.T) {
 		t.Fatalf("after Close: %+v, %v", st, err)
 	}
 
-	// FlagSniff: Drop of a copy drops nothing.
+	// FlagSniff: the original went on, so Drop of a copy drops nothing
+	// and sending it injects a new packet (as on Linux).
 	hs, fs := winOpen(t, "true", LayerNetwork, 0, FlagSniff)
 	fs.Push(windivert.Item{Data: winIPv4(40, 1)})
+	fs.Push(windivert.Item{Data: winIPv4(40, 2)})
 	if _, err := hs.Recv(buf, &a); err != nil {
 		t.Fatal(err)
 	}
 	if err := hs.Drop(&a); err != nil {
 		t.Fatal(err)
 	}
-	if st, _ := hs.Stats(); st != (Stats{Received: 1}) {
+	if _, err := hs.Recv(buf, &b); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hs.Send(winIPv4(40, 2), &b); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := hs.Stats(); st != (Stats{Received: 2, Sent: 1, Injected: 1}) {
 		t.Fatalf("sniff: %+v", st)
 	}
 

@@ -76,7 +76,9 @@ func newWinReasm() *winReasm {
 // the queue time before now.
 func (b *winBackend) expireHeld(now time.Time) {
 	qt := time.Duration(b.queueTime.Load())
-	b.reasm.r.Expire(now.Add(reasmTimeout - qt))
+	if n := b.reasm.r.Expire(now.Add(reasmTimeout - qt)); n > 0 {
+		b.expired.Add(uint64(n))
+	}
 }
 
 // recvReassembled is recv with FlagReassemble.
@@ -341,7 +343,7 @@ func (b *winBackend) sendChunks(buf []byte) (int, error) {
 				return r.owner[start], b.mapError("send", err)
 			}
 			if soft == nil {
-				soft = fmt.Errorf("divert: send: a packet of the batch was not injected, the others were: %w", b.mapError("send", err))
+				soft = fmt.Errorf("divert: send: %w, the others were: %w", errNotInjected, b.mapError("send", err))
 			}
 		}
 		off += n

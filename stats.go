@@ -8,18 +8,22 @@ import (
 // Stats are a handle's counters since Open. Every counter only grows. A
 // backend counts what it can observe: counters it cannot observe stay 0
 // (see each field). On Windows and FreeBSD, whose OS keeps no counters for
-// a handle, they are what the handle's own calls saw: Received, Sent,
-// Injected, Dropped and (FreeBSD) Passed.
+// a handle, they are what the handle itself saw and did.
 type Stats struct {
 	// Received is the number of packets handed to the program by Recv and
 	// RecvBatch (a datagram reassembled in user space counts once); 0 for
 	// a FlagDrop handle.
 	Received uint64
 	// Sent is the number of packets Send and SendBatch sent: received
-	// packets reinjected plus new packets injected.
+	// packets reinjected plus new packets injected. (On Windows, a batch
+	// whose driver call could not inject one of its packets, and says so
+	// in SendBatch's error, counts one less.)
 	Sent uint64
-	// Injected is the part of Sent that were new packets (an Address not
-	// taken from Recv on this handle).
+	// Injected is the part of Sent that were new packets: an Address not
+	// taken from Recv on this handle, or already sent or dropped, or a
+	// FlagSniff copy's, whose original went on. (On Windows and FreeBSD a
+	// copy of a received Address also counts as received: each copy sent
+	// is a reinjection.)
 	Injected uint64
 	// Dropped is the number of Drop calls that dropped a packet the handle
 	// held (Drop of a FlagSniff copy or of a new packet drops nothing and
@@ -32,8 +36,10 @@ type Stats struct {
 	// Expired is the number of queued packets released because they
 	// waited ParamQueueTime: held by the program without Send or Drop, or
 	// left unread. They are dropped; with FlagSniff the original went on
-	// and only the copy is lost. Linux only (WinDivert expires packets
-	// without telling; divert(4) has no queue time).
+	// and only the copy is lost. On Windows, where WinDivert expires
+	// packets without telling: with FlagReassemble, the incomplete
+	// datagrams whose fragments waited ParamQueueTime; otherwise 0. 0 on
+	// FreeBSD (divert(4) has no queue time).
 	Expired uint64
 	// Passed is the number of packets the OS queued for the handle but
 	// that were accepted without the program seeing them: packets the
@@ -46,8 +52,9 @@ type Stats struct {
 	// the packets missing from the queue's id sequence among those read,
 	// which the kernel could not put in the socket; they were dropped, or
 	// went on uncopied with FlagSniff or FlagFailOpen). For a Pipe: packets
-	// dropped because the queue was full. 0 on Windows and FreeBSD, which
-	// do not tell.
+	// dropped because the queue was full. FreeBSD: packets the filter did
+	// not match that could not be written back (the kernel had no buffer
+	// for them). 0 on Windows, which does not tell.
 	Overflows uint64
 	// KernelQueueDropped is the kernel's count of packets dropped because
 	// the queue was full (Linux: queue_dropped in

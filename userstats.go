@@ -8,20 +8,22 @@ import (
 )
 
 // userStats are the Stats of a backend whose OS keeps no counters for it
-// (WinDivert, divert(4)): what the handle's own calls observe. Expired,
-// Overflows and the kernel's counters stay 0; Passed counts what the
-// backend passes itself (see passedOne).
+// (WinDivert, divert(4)): what the handle's own calls observe. The kernel's
+// counters stay 0; Passed, Expired and Overflows count what the backend
+// does itself (FreeBSD's write-backs, Windows' reassembly).
 //
 // A received packet's Address carries the handle's serial (sysAddr.owner),
 // so that Send tells a reinjection from an injection and Drop a held
 // packet from a new one, as on Linux: the serial is cleared once the
 // packet is sent or dropped, so a second Send of the same Address counts
-// as an injection and a second Drop is not counted.
+// as an injection and a second Drop is not counted. A FlagSniff copy gets
+// no serial: the original went on, so sending the copy injects a new
+// packet and dropping it drops nothing.
 type userStats struct {
 	serial uint32 // ≠ 0
-	sniff  bool   // FlagSniff: Drop drops nothing
+	sniff  bool   // FlagSniff: copies, never held
 
-	received, sent, injected, dropped, passed atomic.Uint64
+	received, sent, injected, dropped, passed, expired, lost atomic.Uint64
 }
 
 var userSerial atomic.Uint32
@@ -36,15 +38,19 @@ func (u *userStats) init(flags Flag) {
 // gotOne counts what a receive of one packet into a returned.
 func (u *userStats) gotOne(a *Address, err error) {
 	if err == nil || errors.Is(err, ErrTruncated) {
-		a.sys.owner = u.serial
+		if !u.sniff {
+			a.sys.owner = u.serial
+		}
 		u.received.Add(1)
 	}
 }
 
 // gotBatch counts the k messages a batch receive returned.
 func (u *userStats) gotBatch(ms []Message, k int) {
-	for i := range ms[:k] {
-		ms[i].Addr.sys.owner = u.serial
+	if !u.sniff {
+		for i := range ms[:k] {
+			ms[i].Addr.sys.owner = u.serial
+		}
 	}
 	if k > 0 {
 		u.received.Add(uint64(k))
@@ -60,8 +66,10 @@ func (u *userStats) sentOne(a *Address) {
 	u.sent.Add(1)
 }
 
-// sentBatch counts the first n messages of ms, which a batch send sent.
-func (u *userStats) sentBatch(ms []Message, n int) {
+// sentBatch counts the first n messages of ms, which a batch send sent,
+// less failed of them that the driver could not inject (it does not say
+// which: the new ones are assumed sent).
+func (u *userStats) sentBatch(ms []Message, n, failed int) {
 	var injected uint64
 	for i := range ms[:n] {
 		if ms[i].Addr.sys.owner != u.serial {
@@ -69,15 +77,15 @@ func (u *userStats) sentBatch(ms []Message, n int) {
 		}
 		ms[i].Addr.sys.owner = 0
 	}
-	if n > 0 {
+	if n -= failed; n > 0 {
 		u.sent.Add(uint64(n))
-		u.injected.Add(injected)
+		u.injected.Add(min(injected, uint64(n)))
 	}
 }
 
 // droppedOne counts a Drop of a.
 func (u *userStats) droppedOne(a *Address) {
-	if a.sys.owner == u.serial && !u.sniff {
+	if a.sys.owner == u.serial {
 		u.dropped.Add(1)
 	}
 	a.sys.owner = 0
@@ -89,10 +97,12 @@ func (u *userStats) passedOne() { u.passed.Add(1) }
 
 func (u *userStats) stats() (Stats, error) {
 	return Stats{
-		Received: u.received.Load(),
-		Sent:     u.sent.Load(),
-		Injected: u.injected.Load(),
-		Dropped:  u.dropped.Load(),
-		Passed:   u.passed.Load(),
+		Received:  u.received.Load(),
+		Sent:      u.sent.Load(),
+		Injected:  u.injected.Load(),
+		Dropped:   u.dropped.Load(),
+		Expired:   u.expired.Load(),
+		Passed:    u.passed.Load(),
+		Overflows: u.lost.Load(),
 	}, nil
 }
