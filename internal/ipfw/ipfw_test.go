@@ -453,10 +453,15 @@ func TestLowerWords(t *testing.T) {
 // empty, and rendering it panicked (found by FuzzLower).
 func TestLowerContradictoryProtocol(t *testing.T) {
 	cfg := Config{Number: 100, Set: 1, Port: 8668, Tag: tag}
-	for _, l := range []*filter.Lowered{
+	ls := []*filter.Lowered{
 		terms(conds(c(filter.FieldIPProtocol, filter.OpNe, 1), c(filter.FieldICMPCode, filter.OpEq, 0))),
 		terms(conds(c(filter.FieldProtocol, filter.OpNe, 6), c(filter.FieldTCPDstPort, filter.OpEq, 80))),
-	} {
+	}
+	// Compiled filters whose terms come in that order (these panicked).
+	for _, text := range []string{"icmp.Code == 0 and ip.Protocol != 1", "icmp and ip.Protocol != 1", "tcp.DstPort == 80 and ip.Protocol != 6"} {
+		ls = append(ls, filter.MustCompile(text, filter.LayerNetwork).Lower())
+	}
+	for _, l := range ls {
 		res, err := Lower(l, cfg)
 		if err != nil {
 			t.Fatal(err)
