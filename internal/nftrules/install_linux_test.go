@@ -98,15 +98,7 @@ func TestLayout(t *testing.T) {
 			Lowered: f.Lower(), Action: ActionQueue, QueueNum: 9, QueueCount: 1,
 			KeepNDP: true, Fragments: FragNone})
 		out := nftList(t, ns, "chain", tc.family, r.Table(), "input")
-		var rules []string
-		for _, line := range strings.Split(out, "\n") {
-			line = strings.TrimSpace(line)
-			if line == "" || strings.HasPrefix(line, "table") || strings.HasPrefix(line, "chain") ||
-				strings.HasPrefix(line, "type") || line == "}" {
-				continue
-			}
-			rules = append(rules, line)
-		}
+		rules := chainRules(out)
 		// With IPv6, one more rule sends the IPv6 packets whose headers the
 		// kernel walks otherwise than WinDivert to their own chain.
 		want := 2
@@ -173,19 +165,7 @@ func TestLayoutQueueFragments(t *testing.T) {
 	r := install(t, ns, Config{Hooks: []Hook{HookInput, HookOutput}, IPv4: true, IPv6: true,
 		Lowered: f.Lower(), Action: ActionQueue, QueueNum: 9, QueueCount: 1,
 		KeepNDP: true, Fragments: FragNone, QueueFragments: true})
-	rules := func(chain string) []string {
-		var out []string
-		for _, line := range strings.Split(nftList(t, ns, "chain", "inet", r.Table(), chain), "\n") {
-			line = strings.TrimSpace(line)
-			if line == "" || strings.HasPrefix(line, "table") || strings.HasPrefix(line, "chain") ||
-				strings.HasPrefix(line, "type") || line == "}" ||
-				strings.HasPrefix(line, "#") || strings.HasPrefix(line, "libxtables:") { // nft's notes on the xt target
-				continue
-			}
-			out = append(out, line)
-		}
-		return out
-	}
+	rules := func(chain string) []string { return chainRules(nftList(t, ns, "chain", "inet", r.Table(), chain)) }
 	for _, h := range []string{"input", "output"} {
 		base := rules(h)
 		var want []string
@@ -216,6 +196,23 @@ func TestLayoutQueueFragments(t *testing.T) {
 			}
 		}
 	}
+}
+
+// chainRules returns the rules of one chain in `nft list chain` output,
+// one per line, without the table and chain lines, the chain's type line,
+// the braces and nft's notes about the xt target.
+func chainRules(listing string) []string {
+	var out []string
+	for _, line := range strings.Split(listing, "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "table") || strings.HasPrefix(line, "chain") ||
+			strings.HasPrefix(line, "type") || line == "}" ||
+			strings.HasPrefix(line, "#") || strings.HasPrefix(line, "libxtables:") {
+			continue
+		}
+		out = append(out, line)
+	}
+	return out
 }
 
 func TestChainPriority(t *testing.T) {
