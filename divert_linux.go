@@ -396,7 +396,7 @@ func rulesConfig(cfg *openConfig, queue, count uint16) (rc nftrules.Config, reas
 		// The fragments are taken by a chain that queues them all,
 		// reassembled here, and the filter judges the datagram: in the
 		// same table, or in openFrag's for LayerNetworkForward, whose
-		// fragments are taken at prerouting (see fragRulesConfigs).
+		// fragments are taken at prerouting (see fragRulesConfig).
 		rc.Fragments = nftrules.FragNone
 		rc.QueueFragments = cfg.layer != LayerNetworkForward
 	}

@@ -153,7 +153,7 @@ type pendingDgram struct {
 
 // fragState is a handle's user-space reassembly.
 type fragState struct {
-	rules fragRuleset // the chains that queue fragments
+	rules *nftrules.Ruleset // the table that queues fragments (LayerNetworkForward); nil without
 	reasm *reassembly.Reassembler
 	info  reassembly.Info
 

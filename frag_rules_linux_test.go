@@ -22,8 +22,8 @@ func TestFragRulesConfigs(t *testing.T) {
 	if !slices.Equal(rc.Hooks, []nftrules.Hook{in, out}) || rc.Fragments != nftrules.FragNone || !rc.QueueFragments {
 		t.Errorf("LayerNetwork rules: hooks %v, fragments %v, QueueFragments %v; want input and output, FragNone, true", rc.Hooks, rc.Fragments, rc.QueueFragments)
 	}
-	if got := fragRulesConfigs(rc, LayerNetwork); got != nil {
-		t.Errorf("LayerNetwork: fragments' tables %+v, want none", got)
+	if got, ok := fragRulesConfig(rc, LayerNetwork); ok {
+		t.Errorf("LayerNetwork: fragments' table %+v, want none", got)
 	}
 	cfg.layer, cfg.flags = LayerNetworkForward, FlagReassemble // forwarded traffic: reassembled only when asked
 	cfg.filter = filter.MustCompile("udp.DstPort == 9999", filter.LayerNetworkForward)
@@ -31,11 +31,10 @@ func TestFragRulesConfigs(t *testing.T) {
 	if !ok || !reasm || rc.QueueFragments || rc.Fragments != nftrules.FragNone {
 		t.Fatalf("LayerNetworkForward rules: reasm %v, ok %v, QueueFragments %v, fragments %v", reasm, ok, rc.QueueFragments, rc.Fragments)
 	}
-	got := fragRulesConfigs(rc, LayerNetworkForward)
-	if len(got) != 1 {
-		t.Fatalf("forward: %d configs %+v, want 1", len(got), got)
+	c, ok := fragRulesConfig(rc, LayerNetworkForward)
+	if !ok {
+		t.Fatal("forward: no fragments' table, want one")
 	}
-	c := got[0]
 	if !slices.Equal(c.Hooks, []nftrules.Hook{nftrules.HookPrerouting}) || !c.IPv4 || !c.IPv6 || c.Dest != nftrules.DestRemote {
 		t.Errorf("forward: hooks %v, IPv4 %v, IPv6 %v, Dest %v; want prerouting, both, DestRemote", c.Hooks, c.IPv4, c.IPv6, c.Dest)
 	}

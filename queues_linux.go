@@ -55,7 +55,7 @@ type queueGroup struct {
 	mu    sync.Mutex
 	refs  int
 	rules *nftrules.Ruleset // the filter's rules
-	frag  fragRuleset       // the fragments' tables (LayerNetworkForward's reassembly); nil without
+	frag  *nftrules.Ruleset // the fragments' table (LayerNetworkForward's reassembly); nil without
 }
 
 // leave drops one reference; the last removes the rules.
@@ -126,7 +126,7 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 					return fail(err)
 				}
 			}
-			// openFrag's tables, if any, once, spread over the n queues
+			// openFrag's table, if any, once, spread over the n queues
 			// as the main rules are.
 			if g.frag, err = installFrag(rc, cfg.layer); err != nil {
 				return fail(mapSetupError("install nftables rules for fragments", err))
@@ -192,15 +192,15 @@ func bindQueues(nc nfq.Config, n int) ([]*nfq.Conn, error) {
 	return nil, fmt.Errorf("nfq: %w: no %d consecutive free queue numbers from %d up", nfq.ErrQueueBusy, n, nc.Queue)
 }
 
-// fragRulesConfigs are the configurations openFrag installs for the
-// fragments' tables, from the main rules' rc (keep the two in step). For
-// LayerNetworkForward, one prerouting chain takes the fragments of
-// forwarded packets before conntrack reassembles them. Otherwise the main
-// rules queue the fragments themselves (rc.QueueFragments), and there is
-// none.
-func fragRulesConfigs(rc nftrules.Config, layer Layer) []nftrules.Config {
+// fragRulesConfig is the configuration of the table openFrag installs for
+// the fragments, from the main rules' rc (keep the two in step); ok is
+// false when there is none. For LayerNetworkForward, one prerouting chain
+// takes the fragments of forwarded packets before conntrack reassembles
+// them. Otherwise the main rules queue the fragments themselves
+// (rc.QueueFragments).
+func fragRulesConfig(rc nftrules.Config, layer Layer) (c nftrules.Config, ok bool) {
 	if layer != LayerNetworkForward {
-		return nil
+		return c, false
 	}
 	rc.Lowered = nil // every fragment: the filter is evaluated on the datagram
 	rc.Fragments = nftrules.FragOnly
@@ -208,33 +208,17 @@ func fragRulesConfigs(rc nftrules.Config, layer Layer) []nftrules.Config {
 	rc.KeepNDP = false
 	rc.Hooks = []nftrules.Hook{nftrules.HookPrerouting}
 	rc.Dest = nftrules.DestRemote
-	return []nftrules.Config{rc}
+	return rc, true
 }
 
-// fragRuleset is the fragments' tables of a handle or a group of handles.
-type fragRuleset []*nftrules.Ruleset
-
-// installFrag installs the fragments' tables for the main rules' rc.
-func installFrag(rc nftrules.Config, layer Layer) (fragRuleset, error) {
-	var fr fragRuleset
-	for _, c := range fragRulesConfigs(rc, layer) {
-		r, err := nftrules.Install(c)
-		if err != nil {
-			fr.Close()
-			return nil, err
-		}
-		fr = append(fr, r)
+// installFrag installs the fragments' table for the main rules' rc; nil
+// when there is none (see fragRulesConfig).
+func installFrag(rc nftrules.Config, layer Layer) (*nftrules.Ruleset, error) {
+	c, ok := fragRulesConfig(rc, layer)
+	if !ok {
+		return nil, nil
 	}
-	return fr, nil
-}
-
-// Close removes the tables.
-func (fr fragRuleset) Close() error {
-	var errs []error
-	for _, r := range fr {
-		errs = append(errs, r.Close())
-	}
-	return errors.Join(errs...)
+	return nftrules.Install(c)
 }
 
 // newFragState is the reassembly state of a handle without its chains
