@@ -1080,15 +1080,13 @@ func (b *linuxBackend) reaper() {
 // parkReaper waits, instead of ticking, while the reaper has nothing to
 // do: no packet held, no fragment waiting for its datagram, and a receive
 // call in progress, which takes what the kernel queues (no unread packet
-// to drain) and flushed the verdicts before it blocked. Without FlagSniff
-// only (its copies are accepted by the tick). The call's end wakes it
-// (recvEnd): packets the call took are held from then on. An idle handle
-// whose program waits in Recv thus wakes the process for nothing. It
-// returns false when the handle is closing.
+// to drain) and flushed the verdicts before it blocked. The call's end
+// wakes it (recvEnd): packets the call took are held from then on, and
+// with FlagSniff the originals of packets queued after it must be accepted
+// by the tick (acceptSniffed) if no call takes them. An idle handle whose
+// program waits in Recv thus wakes the process for nothing. It returns
+// false when the handle is closing.
 func (b *linuxBackend) parkReaper() bool {
-	if b.flags&FlagSniff != 0 {
-		return true
-	}
 	calls := b.recvCalls.Load()
 	if uint32(calls) == 0 {
 		return true // no receive call in progress

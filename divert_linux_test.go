@@ -373,6 +373,41 @@ func TestLinuxReaperParks(t *testing.T) {
 	}
 }
 
+// TestLinuxSniffReaperParks: a sniffing handle's reaper parks too while a
+// Recv waits, and the Recv's end wakes it, so the originals of packets
+// nobody reads afterwards still go on within a tick or two.
+func TestLinuxSniffReaperParks(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dsp", 0)
+	h := openIn(t, l.B.NS, "icmp", LayerNetwork, 0, FlagSniff|FlagRecvOnly)
+	b := h.b.(*linuxBackend)
+	got := make(chan error, 1)
+	buf := make([]byte, MTUMax)
+	var a Address
+	go func() {
+		h.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err := h.Recv(buf, &a)
+		got <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the Recv waits; the reaper parks at its next tick
+	t0 := b.reaperTicks.Load()
+	time.Sleep(500 * time.Millisecond) // 50 ticks' worth
+	if n := b.reaperTicks.Load() - t0; n > 1 || !b.parked.Load() {
+		t.Fatalf("%d reaper ticks in 500 ms of an idle Recv (parked %v): want it parked", n, b.parked.Load())
+	}
+	if n, err := l.A.NS.Ping(l.B.V4, 1, time.Second); err != nil || n != 1 {
+		t.Fatalf("%d of 1 reply past a sniffing handle's Recv (%v)", n, err)
+	}
+	if err := <-got; err != nil || !a.Sniffed {
+		t.Fatalf("Recv: %v (Sniffed %v)", err, a.Sniffed)
+	}
+	// Nobody reads now: the tick, woken by the Recv's end, lets the
+	// originals go on.
+	if n, err := l.A.NS.Ping(l.B.V4, 3, 200*time.Millisecond); err != nil || n != 3 {
+		t.Fatalf("%d of 3 replies, each waited for 200 ms, after the Recv ended (%v, parked %v)", n, err, b.parked.Load())
+	}
+}
+
 // TestLinuxSniffDoesNotHold: a sniffing handle takes copies, so traffic
 // it sees must not wait for its reader: with nobody reading and the
 // default queue time (seconds), pings still get their replies at once, and
