@@ -22,7 +22,9 @@ import (
 // copy; FlagDrop drops what matches; ParamQueueLength bounds the queue (a
 // full queue drops the oldest packet, as WinDivert does); a received packet
 // that is neither sent nor dropped within ParamQueueTime is dropped; Close
-// puts still-queued packets back on the path.
+// puts still-queued packets back on the path. As on Linux, Send and Drop
+// clear the Address they are given: sending it again injects a new packet,
+// and a copy of it taken before names a packet that is gone (an error).
 type Pipe struct {
 	f      *filter.Filter
 	layer  Layer
@@ -200,8 +202,10 @@ func (p *Pipe) recvLocked(b []byte, a *Address) (int, error) {
 	p.serial++
 	p.hst.Received++
 	*a = x.addr
-	a.pipe = p.serial
 	if !a.Sniffed {
+		// A sniffed copy holds nothing: sending it is an injection, as on
+		// the OSes.
+		a.pipe = p.serial
 		p.held[p.serial] = time.Now()
 	}
 	n := copy(b, x.data)
@@ -240,9 +244,10 @@ func (p *Pipe) send(b []byte, a *Address) (int, error) {
 	if p.closed {
 		return 0, errClosed
 	}
-	if id := a.pipe; id != 0 {
+	id := a.pipe
+	if id != 0 {
 		if _, ok := p.held[id]; !ok {
-			return 0, errors.New("divert: pipe: packet is no longer queued (sent, dropped or expired)")
+			return 0, errors.New("divert: pipe: packet is no longer queued (expired, or sent or dropped through a copy of its Address)")
 		}
 		delete(p.held, id)
 	}
@@ -251,9 +256,10 @@ func (p *Pipe) send(b []byte, a *Address) (int, error) {
 	p.path = append(p.path, pipePacket{append([]byte(nil), b...), out})
 	p.pst.Sent++
 	p.hst.Sent++
-	if a.pipe == 0 {
+	if id == 0 {
 		p.hst.Injected++
 	}
+	a.pipe = 0 // sent: the Address now names no queued packet, as on Linux
 	return len(b), nil
 }
 
@@ -270,11 +276,13 @@ func (p *Pipe) drop(a *Address) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if id := a.pipe; id != 0 {
-		if _, ok := p.held[id]; ok {
-			delete(p.held, id)
-			p.pst.Dropped++
-			p.hst.Dropped++
+		if _, ok := p.held[id]; !ok {
+			return errors.New("divert: pipe: packet is no longer queued (expired, or sent or dropped through a copy of its Address)")
 		}
+		delete(p.held, id)
+		p.pst.Dropped++
+		p.hst.Dropped++
+		a.pipe = 0
 	}
 	return nil
 }

@@ -63,10 +63,74 @@ func TestPipeFilterAndReinject(t *testing.T) {
 	require.Equal(t, udp4(t, 53, "DNS"), got, "the changed packet is reinjected")
 	require.True(t, ga.UDPChecksum)
 
-	_, err = h.Send(buf[:n], &a)
-	require.ErrorContains(t, err, "no longer queued", "a packet is reinjected once")
 	st := p.Stats()
 	require.Equal(t, divert.PipeStats{Delivered: 2, Passed: 1, Queued: 1, Sent: 1}, st)
+}
+
+// TestPipeAddressAfterVerdict: as on Linux, Send and Drop clear the
+// Address they were given, so sending it again injects a new packet and
+// dropping it again does nothing; a copy taken before still names the
+// packet, which is gone. A sniffed copy holds nothing: sending it injects.
+func TestPipeAddressAfterVerdict(t *testing.T) {
+	h, p, err := divert.NewPipe("udp", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer h.Close()
+	buf := make([]byte, 100)
+	var a divert.Address
+	for range 2 {
+		_, err = p.Deliver(udp4(t, 1, "x"), divert.Address{})
+		require.NoError(t, err)
+	}
+
+	n, err := h.Recv(buf, &a)
+	require.NoError(t, err)
+	before := a
+	_, err = h.Send(buf[:n], &a)
+	require.NoError(t, err)
+	_, err = h.Send(buf[:n], &a)
+	require.NoError(t, err, "the second Send of the same Address injects")
+	_, err = h.Send(buf[:n], &before)
+	require.ErrorContains(t, err, "no longer queued", "a copy taken before the Send names a packet already sent")
+	require.ErrorContains(t, h.Drop(&before), "no longer queued")
+	for range 2 {
+		_, _, ok := p.Next(time.Second)
+		require.True(t, ok)
+	}
+
+	n, err = h.Recv(buf, &a)
+	require.NoError(t, err)
+	require.NoError(t, h.Drop(&a))
+	require.NoError(t, h.Drop(&a), "a second Drop drops nothing")
+	_, err = h.Send(buf[:n], &a)
+	require.NoError(t, err, "Send after Drop injects")
+	_, _, ok := p.Next(time.Second)
+	require.True(t, ok)
+
+	st, err := h.Stats()
+	require.NoError(t, err)
+	require.EqualValues(t, 2, st.Received)
+	require.EqualValues(t, 3, st.Sent)
+	require.EqualValues(t, 2, st.Injected)
+	require.EqualValues(t, 1, st.Dropped)
+
+	hs, ps, err := divert.NewPipe("udp", divert.LayerNetwork, divert.FlagSniff)
+	require.NoError(t, err)
+	defer hs.Close()
+	_, err = ps.Deliver(udp4(t, 1, "x"), divert.Address{})
+	require.NoError(t, err)
+	_, _, ok = ps.Next(time.Second) // the original
+	require.True(t, ok)
+	n, err = hs.Recv(buf, &a)
+	require.NoError(t, err)
+	require.True(t, a.Sniffed)
+	_, err = hs.Send(buf[:n], &a)
+	require.NoError(t, err, "a sniffed copy is sent as a new packet")
+	_, _, ok = ps.Next(time.Second)
+	require.True(t, ok)
+	st, err = hs.Stats()
+	require.NoError(t, err)
+	require.EqualValues(t, 1, st.Injected)
+	require.EqualValues(t, 1, st.Sent)
 }
 
 func TestPipeSniffAndDrop(t *testing.T) {
