@@ -154,13 +154,20 @@ const (
 	// of reassembled datagrams (inbound, network layer).
 	FlagFragments Flag = 0x20
 
-	// FlagPassThrough lets packets pass when no program is receiving on the
-	// handle's queue, instead of dropping them (the divert-socket
-	// "pass-through" option).
+	// FlagPassThrough lets matching packets pass instead of being dropped
+	// when no socket listens on the handle's queue: while a dying process's
+	// rules are still in place, or for a queue of OpenQueues whose handle
+	// was closed before the others (the divert-socket "pass-through"
+	// option). It does not apply while the handle is open and the program
+	// merely stops calling Recv: unread packets wait, and are dropped after
+	// ParamQueueTime. On Windows it is what WinDivert always does; FreeBSD
+	// refuses it (ErrNotSupported).
 	FlagPassThrough Flag = 1 << 32
-	// FlagReassemble always hands over whole datagrams: fragments are
-	// reassembled before Recv sees them (the divert-socket "always
-	// defragment" option). Send refragments what exceeds the path MTU.
+	// FlagReassemble hands over whole datagrams: fragments are reassembled
+	// before Recv sees them (the divert-socket "always defragment" option;
+	// on FreeBSD a FlagSniff handle's copies come as they are). Send
+	// refragments a datagram that arrived in fragments to the size of the
+	// largest of them, or smaller if its route's MTU is.
 	FlagReassemble Flag = 1 << 33
 	// FlagFailOpen lets packets pass when the handle's queue overflows,
 	// instead of dropping them.
@@ -284,8 +291,9 @@ var (
 	// (WinDivert's ERROR_NO_DATA). errors.Is(ErrShutdown, io.EOF) holds.
 	ErrShutdown error = shutdownError{}
 	// ErrDontFragment is wrapped by the error Send returns when a
-	// reassembled datagram (FlagReassemble) is larger than the path MTU and
-	// has DF set, so it cannot be refragmented. Nothing is sent.
+	// reassembled IPv4 datagram (FlagReassemble) is larger than the size it
+	// must be refragmented to (see FlagReassemble) and has DF set. Nothing
+	// is sent.
 	ErrDontFragment = reassembly.ErrDontFragment
 	// ErrFragment is wrapped by the error CalcChecksums returns for a
 	// first fragment: its transport checksum covers the whole datagram,
@@ -436,9 +444,11 @@ const MaxQueues = 64
 // OpenQueues is Open for a multi-core consumer: it opens n handles that share
 // one filter, layer, priority and flags and split the matching packets
 // between them, one reader goroutine per handle. On Linux each handle reads
-// its own NFQUEUE queue and the kernel spreads packets over the queues by
-// flow hash (a flow stays on one handle), so throughput grows with cores
-// when the consumer is the bottleneck. WinDivert and divert(4) serve
+// its own NFQUEUE queue and the kernel spreads packets over the queues by a
+// hash of the address pair (and, for IPv4, the protocol; not the ports):
+// every packet between two hosts, both ways, goes to one handle, so the
+// load spreads when many address pairs are diverted, and throughput then
+// grows with cores when the consumer is the bottleneck. WinDivert and divert(4) serve
 // concurrent readers from one queue: there the n handles share it, with its
 // read deadline and Shutdown state. The rules stay until the last of the n
 // handles is closed.
@@ -488,7 +498,9 @@ func prepare(filterText string, layer Layer, priority int16, flags Flag) (openCo
 // as "iptables -A INPUT -p icmp -j NFQUEUE --queue-num 1234"), on FreeBSD the
 // divert port of an ipfw "divert" rule. Windows has no such rules and returns
 // ErrNotSupported. The handle is at LayerNetwork; every packet the rule
-// queues is received. The rule decides what is taken, where and how, so the
+// queues is received (on Linux except inbound loopback packets, which are
+// accepted unseen and counted in Stats.Passed, as WinDivert shows loopback
+// traffic outbound only). The rule decides what is taken, where and how, so the
 // flags about that (FlagDrop, FlagPassThrough, FlagFragments,
 // FlagReassemble) are refused with ErrNotSupported. With FlagSniff the
 // handle sends nothing back: on FreeBSD that suits a "tee" rule, whose
@@ -593,7 +605,8 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // or not, where it was taken (a handle never sees its own reinjected packets
 // again; lower-priority handles do). With a fresh Address it injects a new
 // packet: outbound when a.Outbound is set, else inbound as if received on
-// interface a.IfIdx. On Linux an inbound new packet is a raw send to its
+// interface a.IfIdx (on Linux, at LayerNetworkForward a new packet always
+// goes out on its route). On Linux an inbound new packet is a raw send to its
 // destination, which must be one of the host's addresses: it enters the
 // stack through lo, so other handles see it as outbound loopback and
 // a.IfIdx is not used. Any other destination (another host's, a broadcast

@@ -1083,9 +1083,9 @@ func (b *linuxBackend) reaper() {
 // to drain) and flushed the verdicts before it blocked. The call's end
 // wakes it (recvEnd): packets the call took are held from then on, and
 // with FlagSniff the originals of packets queued after it must be accepted
-// by the tick (acceptSniffed) if no call takes them. An idle handle whose
-// program waits in Recv thus wakes the process for nothing. It returns
-// false when the handle is closing.
+// by the tick (acceptSniffed) if no call takes them. So the reaper no
+// longer wakes the process while an idle handle's program waits in Recv.
+// It returns false when the handle is closing.
 func (b *linuxBackend) parkReaper() bool {
 	calls := b.recvCalls.Load()
 	if uint32(calls) == 0 {

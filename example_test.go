@@ -104,7 +104,7 @@ func ExampleHandle_Send() {
 }
 
 // Several handles, one reader goroutine each: on Linux the kernel spreads
-// flows over their queues.
+// the packets over their queues by address pair.
 func ExampleOpenQueues() {
 	hs, err := divert.OpenQueues("tcp", divert.LayerNetwork, 0, 0, 2)
 	if err != nil {

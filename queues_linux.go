@@ -31,10 +31,9 @@ import (
 // Open handle does, and unbinds its queue; the rules stay until the last
 // of the n handles is closed. Packets that hash to a closed handle's queue
 // meet a queue without a listener: with FlagPassThrough the kernel accepts
-// them (queue bypass), otherwise it drops them, as for an Open handle whose
-// program stopped reading (DESIGN.md: "no listener: default drop"). They
-// are not moved to the other handles: the kernel's hash has no notion of a
-// queue that went away. Shutdown, SetParam and SetReadDeadline act on one
+// them (queue bypass), otherwise it drops them: the kernel's default for a
+// queue with no listener. They are not moved to the other handles: the
+// kernel's hash has no notion of a queue that went away. Shutdown, SetParam and SetReadDeadline act on one
 // handle's queue.
 //
 // Fragments: user-space reassembly (FlagReassemble, and LayerNetwork's
