@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/netdivert/divert/filter"
@@ -34,7 +35,8 @@ type Pipe struct {
 	queue  []pipePacket
 	path   []pipePacket
 	held   map[uint64]time.Time // received, not yet sent or dropped
-	serial uint64
+	id     uint64               // this Pipe's number, in the high 32 bits of its references
+	serial uint32
 	pst    PipeStats
 	hst    Stats // the handle's view (Handle.Stats)
 	qlen   int
@@ -57,7 +59,13 @@ type PipeStats struct {
 type pipePacket struct {
 	data []byte
 	addr Address
+	at   time.Time // when it was queued (the handle's queue only)
 }
+
+// pipeIDs numbers the Pipes, so that an Address received from one is a
+// new packet to another, as a handle's own serial tells them apart on the
+// OSes.
+var pipeIDs atomic.Uint32
 
 // NewPipe returns a Handle at layer that diverts what filter matches from a
 // Pipe instead of from the OS, and that Pipe.
@@ -69,6 +77,7 @@ func NewPipe(filterText string, layer Layer, flags Flag) (*Handle, *Pipe, error)
 	p := &Pipe{
 		f: cfg.filter, layer: layer, flags: flags,
 		held: make(map[uint64]time.Time),
+		id:   uint64(pipeIDs.Add(1)) << 32,
 		qlen: QueueLengthDefault, qtime: QueueTimeDefault * time.Millisecond,
 	}
 	p.cond = sync.NewCond(&p.mu)
@@ -105,13 +114,13 @@ func (p *Pipe) Deliver(pkt []byte, a Address) (taken bool, err error) {
 	case !match || p.shut:
 		p.pst.Passed++
 		p.hst.Passed++
-		p.path = append(p.path, pipePacket{data, a})
+		p.path = append(p.path, pipePacket{data: data, addr: a})
 		return false, nil
 	case p.flags&FlagDrop != 0:
 		p.pst.Dropped++
 		return true, nil
 	case p.flags&FlagSniff != 0:
-		p.path = append(p.path, pipePacket{data, a})
+		p.path = append(p.path, pipePacket{data: data, addr: a})
 		a.Sniffed = true
 		taken = false
 	default:
@@ -123,7 +132,7 @@ func (p *Pipe) Deliver(pkt []byte, a Address) (taken bool, err error) {
 		p.hst.Overflows++
 	}
 	p.pst.Queued++
-	p.queue = append(p.queue, pipePacket{data, a})
+	p.queue = append(p.queue, pipePacket{data, a, time.Now()})
 	return taken, nil
 }
 
@@ -157,7 +166,8 @@ func (p *Pipe) Stats() PipeStats {
 // filter did not take (or that came after Shutdown), Overflows the packets
 // a full queue pushed out, Expired the received packets neither sent nor
 // dropped within ParamQueueTime (counted when the pipe next looks: at
-// Deliver or here). The kernel counters stay 0.
+// Deliver or here), and the queued packets left unread that long (as the
+// OSes drain them). The kernel counters stay 0.
 func (p *Pipe) stats() (Stats, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -167,6 +177,9 @@ func (p *Pipe) stats() (Stats, error) {
 	return p.hst, nil
 }
 
+// expireLocked drops the received packets held and the queued packets
+// left unread for ParamQueueTime or longer. It runs whenever the pipe is
+// used, so a packet expires no later than the next call that could see it.
 func (p *Pipe) expireLocked(now time.Time) {
 	for id, at := range p.held {
 		if now.Sub(at) >= p.qtime {
@@ -174,6 +187,15 @@ func (p *Pipe) expireLocked(now time.Time) {
 			p.pst.Dropped++
 			p.hst.Expired++
 		}
+	}
+	k := 0
+	for k < len(p.queue) && now.Sub(p.queue[k].at) >= p.qtime {
+		k++
+	}
+	if k > 0 {
+		p.queue = p.queue[k:]
+		p.pst.Dropped += uint64(k)
+		p.hst.Expired += uint64(k)
 	}
 }
 
@@ -183,20 +205,34 @@ func (p *Pipe) recv(b []byte, a *Address) (int, error) {
 	return p.recvLocked(b, a)
 }
 
-// recvLocked takes the next packet, waiting for one. Called with p.mu
-// held.
+// recvLocked takes the next packet, waiting for one. A read deadline that
+// has passed fails the call even with packets queued, as Go's deadlines
+// do; after Shutdown the queue drains whatever the deadline. Called with
+// p.mu held.
 func (p *Pipe) recvLocked(b []byte, a *Address) (int, error) {
-	for len(p.queue) == 0 {
+	for {
+		now := time.Now()
 		switch {
 		case p.closed:
 			return 0, errClosed
-		case p.shut:
-			return 0, ErrShutdown
-		case !p.dl.IsZero() && !time.Now().Before(p.dl):
+		case !p.shut && !p.dl.IsZero() && !now.Before(p.dl):
 			return 0, fmt.Errorf("divert: recv: %w", os.ErrDeadlineExceeded)
+		}
+		p.expireLocked(now)
+		if len(p.queue) > 0 {
+			return p.takeLocked(b, a)
+		}
+		if p.shut {
+			return 0, ErrShutdown
 		}
 		p.cond.Wait()
 	}
+}
+
+// takeLocked hands over the oldest queued packet, cut to b with
+// ErrTruncated when b is short. Called with p.mu held and the queue not
+// empty.
+func (p *Pipe) takeLocked(b []byte, a *Address) (int, error) {
 	x := p.queue[0]
 	p.queue = p.queue[1:]
 	p.serial++
@@ -205,8 +241,8 @@ func (p *Pipe) recvLocked(b []byte, a *Address) (int, error) {
 	if !a.Sniffed {
 		// A sniffed copy holds nothing: sending it is an injection, as on
 		// the OSes.
-		a.pipe = p.serial
-		p.held[p.serial] = time.Now()
+		a.pipe = p.id | uint64(p.serial)
+		p.held[a.pipe] = time.Now()
 	}
 	n := copy(b, x.data)
 	if n < len(x.data) {
@@ -214,6 +250,10 @@ func (p *Pipe) recvLocked(b []byte, a *Address) (int, error) {
 	}
 	return n, nil
 }
+
+// own reports whether ref, an Address's reference, names a packet this
+// Pipe handed over (held or not any more).
+func (p *Pipe) own(ref uint64) bool { return ref != 0 && ref&^0xFFFFFFFF == p.id }
 
 // recvBatch waits for the first packet only, then takes what is queued,
 // all under one lock: a concurrent reader cannot take a packet between
@@ -228,7 +268,7 @@ func (p *Pipe) recvBatch(ms []Message) (int, error) {
 	ms[0].N = n
 	k := 1
 	for ; k < len(ms) && len(p.queue) > 0; k++ {
-		m, rerr := p.recvLocked(ms[k].Buf, &ms[k].Addr) // never waits: the queue is not empty
+		m, rerr := p.takeLocked(ms[k].Buf, &ms[k].Addr)
 		ms[k].N = m
 		if rerr != nil && err == nil {
 			err = rerr // ErrTruncated, the only error with a packet queued
@@ -244,24 +284,29 @@ func (p *Pipe) send(b []byte, a *Address) (int, error) {
 	if p.closed {
 		return 0, errClosed
 	}
-	id := a.pipe
-	if id != 0 {
-		if _, ok := p.held[id]; !ok {
-			return 0, errors.New("divert: pipe: packet is no longer queued (expired, or sent or dropped through a copy of its Address)")
+	p.expireLocked(time.Now())
+	// Another Pipe's Address, like a fresh one, injects a new packet.
+	mine := p.own(a.pipe)
+	if mine {
+		if _, ok := p.held[a.pipe]; !ok {
+			return 0, errNoLongerQueued
 		}
-		delete(p.held, id)
+		delete(p.held, a.pipe)
 	}
 	out := *a
 	out.pipe = 0
-	p.path = append(p.path, pipePacket{append([]byte(nil), b...), out})
+	p.path = append(p.path, pipePacket{data: append([]byte(nil), b...), addr: out})
 	p.pst.Sent++
 	p.hst.Sent++
-	if id == 0 {
+	if mine {
+		a.pipe = 0 // sent: the Address now names no queued packet, as on Linux
+	} else {
 		p.hst.Injected++
 	}
-	a.pipe = 0 // sent: the Address now names no queued packet, as on Linux
 	return len(b), nil
 }
+
+var errNoLongerQueued = errors.New("divert: pipe: packet is no longer queued (expired, or sent or dropped through a copy of its Address)")
 
 func (p *Pipe) sendBatch(ms []Message) (int, error) {
 	for i := range ms {
@@ -275,11 +320,15 @@ func (p *Pipe) sendBatch(ms []Message) (int, error) {
 func (p *Pipe) drop(a *Address) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if id := a.pipe; id != 0 {
-		if _, ok := p.held[id]; !ok {
-			return errors.New("divert: pipe: packet is no longer queued (expired, or sent or dropped through a copy of its Address)")
+	if p.closed {
+		return errClosed
+	}
+	p.expireLocked(time.Now())
+	if p.own(a.pipe) {
+		if _, ok := p.held[a.pipe]; !ok {
+			return errNoLongerQueued
 		}
-		delete(p.held, id)
+		delete(p.held, a.pipe)
 		p.pst.Dropped++
 		p.hst.Dropped++
 		a.pipe = 0

@@ -317,3 +317,86 @@ func TestPipeRecvBatchConcurrent(t *testing.T) {
 		}
 	}
 }
+
+// TestPipeForeignAddress: an Address received from one Pipe is a new
+// packet to another, as another handle's is on the OSes: the other Pipe
+// injects it and keeps what it holds.
+func TestPipeForeignAddress(t *testing.T) {
+	hA, pA, err := divert.NewPipe("udp", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer hA.Close()
+	hB, pB, err := divert.NewPipe("udp", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer hB.Close()
+	_, err = pA.Deliver(udp4(t, 1, "a"), divert.Address{Outbound: true})
+	require.NoError(t, err)
+	_, err = pB.Deliver(udp4(t, 1, "b"), divert.Address{Outbound: true})
+	require.NoError(t, err)
+	bufA, bufB := make([]byte, 100), make([]byte, 100)
+	var aA, aB divert.Address
+	nA, err := hA.Recv(bufA, &aA)
+	require.NoError(t, err)
+	nB, err := hB.Recv(bufB, &aB)
+	require.NoError(t, err)
+
+	_, err = hB.Send(bufA[:nA], &aA)
+	require.NoError(t, err, "A's Address is a new packet to B")
+	_, err = hB.Send(bufB[:nB], &aB)
+	require.NoError(t, err, "B still holds its own packet")
+	_, err = hA.Send(bufA[:nA], &aA)
+	require.NoError(t, err, "A's Address still names A's packet")
+	st, err := hB.Stats()
+	require.NoError(t, err)
+	require.EqualValues(t, 2, st.Sent)
+	require.EqualValues(t, 1, st.Injected)
+	st, err = hA.Stats()
+	require.NoError(t, err)
+	require.EqualValues(t, 0, st.Injected)
+}
+
+// TestPipeDeadlineAndExpiry: a read deadline that has passed fails Recv even
+// with packets queued (Go's deadlines), but not after Shutdown, which
+// drains; packets left unread for ParamQueueTime are gone, and a held one
+// cannot be sent after it, whether or not anything else used the pipe.
+func TestPipeDeadlineAndExpiry(t *testing.T) {
+	h, p, err := divert.NewPipe("udp", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer h.Close()
+	buf := make([]byte, 100)
+	var a divert.Address
+	_, err = p.Deliver(udp4(t, 1, "x"), divert.Address{})
+	require.NoError(t, err)
+	require.NoError(t, h.SetReadDeadline(time.Now().Add(-time.Second)))
+	_, err = h.Recv(buf, &a)
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded, "a passed deadline fails the read with a packet queued")
+	ms := []divert.Message{{Buf: buf}}
+	_, err = h.RecvBatch(ms)
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	require.NoError(t, h.SetReadDeadline(time.Time{}))
+	_, err = h.Recv(buf, &a)
+	require.NoError(t, err, "the packet was still queued")
+
+	require.NoError(t, h.SetParam(divert.ParamQueueTime, divert.QueueTimeMin))
+	_, err = p.Deliver(udp4(t, 2, "unread"), divert.Address{})
+	require.NoError(t, err)
+	time.Sleep(time.Duration(divert.QueueTimeMin)*time.Millisecond + 20*time.Millisecond)
+	_, err = h.Send(buf[:28], &a)
+	require.ErrorContains(t, err, "no longer queued", "held past the queue time")
+	_, err = p.Deliver(udp4(t, 3, "fresh"), divert.Address{})
+	require.NoError(t, err)
+	n, err := h.Recv(buf, &a)
+	require.NoError(t, err)
+	require.Equal(t, udp4(t, 3, "fresh"), buf[:n], "the packet left unread past the queue time is gone")
+	st, err := h.Stats()
+	require.NoError(t, err)
+	require.EqualValues(t, 2, st.Expired)
+
+	_, err = p.Deliver(udp4(t, 4, "y"), divert.Address{})
+	require.NoError(t, err)
+	require.NoError(t, h.SetReadDeadline(time.Now().Add(-time.Second)))
+	require.NoError(t, h.Shutdown(divert.ShutdownRecv))
+	_, err = h.Recv(buf, &a)
+	require.NoError(t, err, "after Shutdown the queue drains whatever the deadline")
+	_, err = h.Recv(buf, &a)
+	require.ErrorIs(t, err, divert.ErrShutdown)
+}

@@ -69,7 +69,7 @@ func TestStatsPipe(t *testing.T) {
 	if s, err := h.Stats(); err != nil || s != want {
 		t.Fatalf("Stats = %+v, %v; want %+v", s, err, want)
 	}
-	// Held past the queue time: expired.
+	// Held past the queue time, and left unread that long: expired.
 	if err := h.SetParam(ParamQueueTime, QueueTimeMin); err != nil {
 		t.Fatal(err)
 	}
@@ -78,16 +78,17 @@ func TestStatsPipe(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(time.Duration(QueueTimeMin)*time.Millisecond + 20*time.Millisecond)
+	unread := uint64(QueueLengthMin - 4) // queued, less 2 pushed out, 4 received
 	s, err := h.Stats()
-	if err != nil || s.Expired != 1 || s.Received != 4 {
-		t.Fatalf("after the queue time: %+v, %v", s, err)
+	if err != nil || s.Expired != 1+unread || s.Received != 4 {
+		t.Fatalf("after the queue time: %+v, %v; want %d expired", s, err, 1+unread)
 	}
 	if _, err := h.Send(buf[:20], &a); err == nil {
 		t.Fatal("Send of an expired packet succeeded")
 	}
 	// The old PipeStats still add up its own way.
 	ps := p.Stats()
-	if ps.Delivered != 3+QueueLengthMin+2 || ps.Passed != 3 || ps.Sent != 3 || ps.Dropped != 2+1+1 {
+	if ps.Delivered != 3+QueueLengthMin+2 || ps.Passed != 3 || ps.Sent != 3 || ps.Dropped != 2+1+1+unread {
 		t.Fatalf("PipeStats %+v", ps)
 	}
 }
