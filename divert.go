@@ -702,7 +702,10 @@ func (h *Handle) Close() error {
 }
 
 // SetReadDeadline sets the deadline for Recv and RecvBatch; a zero time
-// means none. Past it they return an error wrapping os.ErrDeadlineExceeded.
+// means none. Past it they return an error wrapping os.ErrDeadlineExceeded,
+// even with packets queued (as Go's deadlines do), except after
+// Shutdown(ShutdownRecv), when they drain what is queued whatever the
+// deadline.
 func (h *Handle) SetReadDeadline(t time.Time) error {
 	if h.closed.Load() {
 		return errClosed

@@ -515,6 +515,9 @@ func (b *linuxBackend) recvUncounted(buf []byte, a *Address) (int, error) {
 	if b.conn == nil {
 		return 0, b.noQueueError()
 	}
+	if b.deadlinePassed() {
+		return 0, errDeadline
+	}
 	b.recvStart()
 	b.rmu.Lock()
 	n, err := b.next(buf, a, true)
@@ -524,6 +527,16 @@ func (b *linuxBackend) recvUncounted(buf []byte, a *Address) (int, error) {
 	b.recvEnd()
 	return n, err
 }
+
+// deadlinePassed reports whether a receive call must fail at once: its read
+// deadline has passed, which fails the call even with packets buffered, as
+// Go's deadlines do (after Shutdown the handle drains instead). One atomic
+// load when no deadline is set.
+func (b *linuxBackend) deadlinePassed() bool {
+	return b.conn.Expired() && !b.shutRecv.Load()
+}
+
+var errDeadline = fmt.Errorf("divert: recv: %w", os.ErrDeadlineExceeded)
 
 // recvStart and recvEnd bracket a receive call (see recvCalls). recvEnd
 // wakes a parked reaper: the call may have left packets held, or left the
@@ -543,6 +556,9 @@ func (b *linuxBackend) recvEnd() {
 func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 	if b.conn == nil {
 		return 0, b.noQueueError()
+	}
+	if b.deadlinePassed() {
+		return 0, errDeadline
 	}
 	b.recvStart()
 	b.rmu.Lock()

@@ -373,6 +373,44 @@ func TestLinuxReaperParks(t *testing.T) {
 	}
 }
 
+// TestLinuxPassedDeadlineWithBuffered: a read deadline that has passed
+// fails Recv and RecvBatch even when the packet is already buffered in user
+// space (Go's deadlines), and the packet is still there once it is lifted.
+func TestLinuxPassedDeadlineWithBuffered(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "ddl", 0)
+	h := openIn(t, l.B.NS, "icmp", LayerNetwork, 0, 0)
+	b := h.b.(*linuxBackend)
+	done := make(chan struct{})
+	go func() { // two requests, held: no replies
+		defer close(done)
+		l.A.NS.Ping(l.B.V4, 2, 50*time.Millisecond)
+	}()
+	<-done
+	time.Sleep(50 * time.Millisecond)
+	buf := make([]byte, MTUMax)
+	var a Address
+	h.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := h.Recv(buf, &a); err != nil {
+		t.Fatalf("Recv: %v", err)
+	}
+	if !b.conn.Buffered() {
+		t.Fatal("the second request is not buffered after the first Recv: the test cannot check what it means to")
+	}
+	h.SetReadDeadline(time.Now().Add(-time.Second))
+	if _, err := h.Recv(buf, &a); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Recv past the deadline with a packet buffered: %v, want os.ErrDeadlineExceeded", err)
+	}
+	ms := []Message{{Buf: buf}}
+	if _, err := h.RecvBatch(ms); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("RecvBatch past the deadline with a packet buffered: %v, want os.ErrDeadlineExceeded", err)
+	}
+	h.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := h.Recv(buf, &a); err != nil {
+		t.Fatalf("Recv once the deadline is lifted: %v", err)
+	}
+}
+
 // TestLinuxSniffReaperParks: a sniffing handle's reaper parks too while a
 // Recv waits, and the Recv's end wakes it, so the originals of packets
 // nobody reads afterwards still go on within a tick or two.

@@ -89,12 +89,13 @@ type winBackend struct {
 	// guarded by dlMu
 	deadline time.Time
 	timedOut bool
+	shutRecv bool // Shutdown(ShutdownRecv) succeeded: Recv drains, whatever the deadline
 
 	sendMu sync.Mutex // guards sbuf, saddrs
 	sbuf   []byte
 	saddrs [BatchMax]windivert.RawAddr
 
-	dlMu   sync.Mutex // guards deadline, timedOut, closed, recvSeq
+	dlMu   sync.Mutex // guards deadline, timedOut, shutRecv, closed, recvSeq
 	closed bool
 	// inRecv is the number of the RecvEx in progress (recvSeq counts
 	// them), 0 between them: see cancelRecv.
@@ -211,7 +212,10 @@ func (b *winBackend) recvRaw(buf []byte, addrs []windivert.RawAddr) (int, int, e
 		b.dlMu.Lock()
 		dl := b.deadline
 		b.timedOut = false
-		if !dl.IsZero() {
+		if !dl.IsZero() && !b.shutRecv {
+			// After ShutdownRecv the driver hands over what is queued and
+			// then ERROR_NO_DATA without waiting: the handle drains, as on
+			// the other OSes.
 			d := time.Until(dl)
 			if d <= 0 {
 				b.dlMu.Unlock()
@@ -475,6 +479,11 @@ func (b *winBackend) drop(a *Address) error {
 func (b *winBackend) shutdown(how ShutdownHow) error {
 	if err := b.h.Shutdown(uint32(how)); err != nil {
 		return b.mapError("shutdown", err)
+	}
+	if how&ShutdownRecv != 0 {
+		b.dlMu.Lock()
+		b.shutRecv = true
+		b.dlMu.Unlock()
 	}
 	return nil
 }

@@ -584,6 +584,11 @@ func Mono() int64 { return epochUnix + mono() }
 
 var epochUnix = epoch.UnixNano()
 
+// Expired reports whether the read deadline has passed. A blocking Next
+// checks it before it reads the socket, not before it returns a datagram
+// already buffered.
+func (c *Conn) Expired() bool { return c.expired() }
+
 // expired reports whether the read deadline has passed.
 func (c *Conn) expired() bool {
 	dl := c.deadline.Load()
