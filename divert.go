@@ -615,7 +615,13 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // clear checksum bit of a (a zero Address has them all clear) makes Send
 // compute that checksum on Linux and Windows (WinDivert's driver does);
 // set bits, reinjected packets and FreeBSD send the packet's as given. Use
-// CalcChecksums after changing a packet.
+// CalcChecksums after changing a packet. b must be one whole IPv4 or IPv6
+// packet, whose length field covers exactly b: Send refuses others with an
+// error (as WinDivert's driver and divert(4) do), and a received packet
+// stays held. Sending an Address again after Send or Drop injects a new
+// packet; on Windows and FreeBSD so does any copy of a received Address,
+// while on Linux a copy taken before the Send or Drop is an error (its
+// packet is gone), except for a datagram reassembled in user space.
 func (h *Handle) Send(b []byte, a *Address) (int, error) {
 	if err := h.checkSend(); err != nil {
 		return 0, err

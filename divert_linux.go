@@ -874,6 +874,11 @@ func (b *linuxBackend) verdictLocked(s *sysAddr, v nfq.Verdict, pkt []byte, hold
 			// The verdict's payload attribute has a 16-bit length.
 			return fmt.Errorf("divert: cannot reinject a changed packet of %d bytes: NFQUEUE takes at most %d", len(pkt), nfq.MaxCopyRange)
 		}
+		// The kernel takes any bytes; the packet stays held, for the
+		// program to send corrected or drop.
+		if err := checkSendable(pkt); err != nil {
+			return err
+		}
 		payload = pkt
 	}
 	b.track.ReleaseAt(i)
@@ -927,6 +932,10 @@ func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
 func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 	if b.inj == nil {
 		return 0, errors.New("divert: handle cannot inject")
+	}
+	// A raw IPv4 send would rewrite the total length silently.
+	if err := checkSendable(pkt); err != nil {
+		return 0, err
 	}
 	out := pkt
 	if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) {

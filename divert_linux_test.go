@@ -629,6 +629,45 @@ func TestLinuxInjectOutboundEcho(t *testing.T) {
 	}
 }
 
+// TestLinuxMalformedSend: a changed packet that is not one whole IP packet
+// is refused and stays held (the kernel would take any bytes), so the
+// program can still send it right; a malformed new packet is refused too
+// (a raw IPv4 send would rewrite its total length).
+func TestLinuxMalformedSend(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dms", 0)
+	h := openIn(t, l.B.NS, "inbound and icmp.Type == 8", LayerNetwork, 0, 0)
+	got := make(chan int, 1)
+	go func() {
+		n, _ := l.A.NS.Ping(l.B.V4, 1, 2*time.Second)
+		got <- n
+	}()
+	h.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, MTUMax)
+	var a Address
+	n, err := h.Recv(buf, &a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := append([]byte(nil), buf[:n]...)
+	bad[3]++ // total length one past the end
+	if _, err := h.Send(bad, &a); err == nil || !strings.Contains(err.Error(), "total length") {
+		t.Fatalf("Send of a changed packet with a wrong total length: %v", err)
+	}
+	if _, err := h.Send(bad[:19], &a); err == nil || !strings.Contains(err.Error(), "no whole header") {
+		t.Fatalf("Send of a cut header: %v", err)
+	}
+	if _, err := h.Send(buf[:n], &a); err != nil {
+		t.Fatalf("Send of the packet as received, after the refusals: %v", err)
+	}
+	if r := <-got; r != 1 {
+		t.Fatal("no reply: the request was not reinjected")
+	}
+	if _, err := h.Send(bad, &Address{Outbound: true}); err == nil || !strings.Contains(err.Error(), "total length") {
+		t.Fatalf("inject of a packet with a wrong total length: %v", err)
+	}
+}
+
 func TestLinuxInjectInboundUDP(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dii", 0)

@@ -365,6 +365,9 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 	if b.inj == nil {
 		return 0, errors.New("divert: handle cannot inject")
 	}
+	if err := checkSendable(pkt); err != nil {
+		return 0, err
+	}
 	if b.layer == LayerNetwork && !a.Outbound {
 		// Delivered whole to the local stack (the raw send loops
 		// through lo, whose MTU holds any datagram).

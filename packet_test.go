@@ -766,3 +766,46 @@ func TestCalcChecksumsTruncatedTransport(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckSendable: Send refuses what is not one whole IPv4 or IPv6
+// packet, with a message that says why.
+func TestCheckSendable(t *testing.T) {
+	v4 := make([]byte, 28)
+	v4[0], v4[3] = 0x45, 28
+	v6 := make([]byte, 48)
+	v6[0], v6[5] = 0x60, 8
+	with := func(b []byte, i int, v byte) []byte {
+		c := append([]byte(nil), b...)
+		c[i] = v
+		return c
+	}
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		want string // "" for none
+	}{
+		{"v4", v4, ""},
+		{"v6", v6, ""},
+		{"empty", nil, "empty packet"},
+		{"not IP", []byte{1, 2, 3}, "IP version 0"},
+		{"v4 short", v4[:19], "no whole header"},
+		{"v4 IHL < 5", with(v4, 0, 0x44), "no whole header"},
+		{"v4 IHL past end", with(v4, 0, 0x48), "no whole header"},
+		{"v4 total length short", with(v4, 3, 27), "total length 27"},
+		{"v4 total length long", with(v4, 3, 29), "total length 29"},
+		{"v4 trailing bytes", append(append([]byte(nil), v4...), 0), "has 29 bytes"},
+		{"v6 short", v6[:39], "no whole header"},
+		{"v6 payload length", with(v6, 5, 9), "payload length 9"},
+	} {
+		err := checkSendable(tc.b)
+		if tc.want == "" {
+			if err != nil {
+				t.Errorf("%s: %v", tc.name, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error containing %q", tc.name, err, tc.want)
+		}
+	}
+}

@@ -285,6 +285,9 @@ func (p *Pipe) send(b []byte, a *Address) (int, error) {
 		return 0, errClosed
 	}
 	p.expireLocked(time.Now())
+	if err := checkSendable(b); err != nil {
+		return 0, err // as the OSes refuse it; a held packet stays held
+	}
 	// Another Pipe's Address, like a fresh one, injects a new packet.
 	mine := p.own(a.pipe)
 	if mine {

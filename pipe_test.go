@@ -373,18 +373,18 @@ func TestPipeDeadlineAndExpiry(t *testing.T) {
 	_, err = h.RecvBatch(ms)
 	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
 	require.NoError(t, h.SetReadDeadline(time.Time{}))
-	_, err = h.Recv(buf, &a)
+	n, err := h.Recv(buf, &a)
 	require.NoError(t, err, "the packet was still queued")
 
 	require.NoError(t, h.SetParam(divert.ParamQueueTime, divert.QueueTimeMin))
 	_, err = p.Deliver(udp4(t, 2, "unread"), divert.Address{})
 	require.NoError(t, err)
 	time.Sleep(time.Duration(divert.QueueTimeMin)*time.Millisecond + 20*time.Millisecond)
-	_, err = h.Send(buf[:28], &a)
+	_, err = h.Send(buf[:n], &a)
 	require.ErrorContains(t, err, "no longer queued", "held past the queue time")
 	_, err = p.Deliver(udp4(t, 3, "fresh"), divert.Address{})
 	require.NoError(t, err)
-	n, err := h.Recv(buf, &a)
+	n, err = h.Recv(buf, &a)
 	require.NoError(t, err)
 	require.Equal(t, udp4(t, 3, "fresh"), buf[:n], "the packet left unread past the queue time is gone")
 	st, err := h.Stats()
@@ -399,4 +399,28 @@ func TestPipeDeadlineAndExpiry(t *testing.T) {
 	require.NoError(t, err, "after Shutdown the queue drains whatever the deadline")
 	_, err = h.Recv(buf, &a)
 	require.ErrorIs(t, err, divert.ErrShutdown)
+}
+
+// TestPipeMalformedSend: Send refuses a packet that is not one whole IP
+// packet, as the OSes do, and the received packet stays held.
+func TestPipeMalformedSend(t *testing.T) {
+	h, p, err := divert.NewPipe("udp", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer h.Close()
+	_, err = p.Deliver(udp4(t, 1, "x"), divert.Address{})
+	require.NoError(t, err)
+	buf := make([]byte, 100)
+	var a divert.Address
+	n, err := h.Recv(buf, &a)
+	require.NoError(t, err)
+	_, err = h.Send([]byte{1, 2, 3}, &a)
+	require.ErrorContains(t, err, "malformed packet")
+	_, err = h.Send(buf[:n-1], &a)
+	require.ErrorContains(t, err, "total length")
+	_, _, ok := p.Next(20 * time.Millisecond)
+	require.False(t, ok, "nothing was sent")
+	_, err = h.Send(buf[:n], &a)
+	require.NoError(t, err, "the packet is still held")
+	_, err = h.Send([]byte{0x45}, &divert.Address{})
+	require.ErrorContains(t, err, "malformed packet", "a new packet too")
 }
