@@ -59,7 +59,8 @@ package divert
 //     see what that one writes back
 //     (ipfw.PlanNumber).
 //   - Params: ParamQueueSize sets SO_RCVBUF and SO_SNDBUF (bounded by
-//     kern.ipc.maxsockbuf); ParamQueueLength and ParamQueueTime have no
+//     kern.ipc.maxsockbuf: Open takes the largest size allowed and Param
+//     reports it; SetParam past it fails); ParamQueueLength and ParamQueueTime have no
 //     kernel counterpart and are kept but not enforced (a packet waits in
 //     the socket buffer until read).
 //   - Address: Outbound comes from sin_addr (zero means outbound), except
@@ -169,9 +170,11 @@ func openBackend(cfg *openConfig) (backend, error) {
 	b := &bsdBackend{layer: cfg.layer, flags: cfg.flags, set: -1}
 	b.userStats.init(cfg.flags)
 	b.states.New = func() any { return newBSDIO(b) }
-	// The default QueueSize exceeds kern.ipc.maxsockbuf on stock systems:
-	// then the kernel's default buffers stay (SetParam reports the error).
-	_ = setBuffers(fd, int(cfg.params[ParamQueueSize]))
+	// The default QueueSize exceeds kern.ipc.maxsockbuf on stock systems
+	// (FreeBSD has no SO_RCVBUFFORCE): the handle then gets the largest
+	// buffers the limit allows, and Param reports what is in force
+	// (SetParam past the limit is an error).
+	cfg.params[ParamQueueSize] = fitBuffers(fd, int(cfg.params[ParamQueueSize]))
 	if cfg.port >= 0 {
 		if err := unix.Bind(fd, &unix.SockaddrInet4{Port: cfg.port}); err != nil {
 			unix.Close(fd)
@@ -265,6 +268,32 @@ func setBuffers(fd, size int) error {
 		return os.NewSyscallError("setsockopt SO_SNDBUF", err)
 	}
 	return nil
+}
+
+// fitBuffers sets both buffers to size, or else to the largest size the
+// kernel accepts (a binary search: the limit derives from
+// kern.ipc.maxsockbuf by a formula that has changed between releases), and
+// returns the receive buffer's size then in force, within ParamQueueSize's
+// range.
+func fitBuffers(fd, size int) uint64 {
+	if setBuffers(fd, size) != nil {
+		lo, hi := 0, size // lo fits (0: none found yet), hi does not
+		for try := divertBufMin; hi-lo > 4096; try = lo + (hi-lo)/2 {
+			if setBuffers(fd, try) == nil {
+				lo = try
+			} else {
+				hi = try
+			}
+			if lo == 0 && try == divertBufMin {
+				break // not even one datagram's room: the kernel's defaults stay
+			}
+		}
+	}
+	got, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
+	if err != nil {
+		return uint64(size)
+	}
+	return uint64(min(max(got, QueueSizeMin), QueueSizeMax))
 }
 
 // install adds the handle's ipfw rules.
