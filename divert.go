@@ -200,7 +200,9 @@ type Param uint32
 // Params, with WinDivert's values.
 const (
 	// ParamQueueLength is the most packets the handle's queue holds
-	// (default 4096, 32..16384).
+	// (default 4096, 32..16384). On Linux the kernel's queue also holds the
+	// packets the program has received and not yet sent or dropped, so
+	// they count too; on Windows they have left the driver's queue.
 	ParamQueueLength Param = 0
 	// ParamQueueTime is how long, in milliseconds, a packet may wait in the
 	// queue before it is dropped (default 2000, 100..16000).
@@ -284,7 +286,9 @@ var (
 	// 65535-byte datagram at the output hook, before fragmentation). On
 	// Linux such a packet can be sent back unchanged, not changed; on
 	// Windows and FreeBSD the packet has left the kernel, and only what
-	// was received can be sent.
+	// was received can be sent. (On Linux, Send of the received bytes
+	// unchanged puts the whole original packet back; elsewhere, and with
+	// NewPipe, the cut packet is sent, and must then be whole: see Send.)
 	ErrTruncated = errors.New("divert: packet truncated: buffer too small")
 	// ErrShutdown is returned by Recv once the handle was shut down for
 	// receiving and its queue is empty, and by Send after ShutdownSend
