@@ -621,8 +621,9 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // set bits, reinjected packets and FreeBSD send the packet's as given. Use
 // CalcChecksums after changing a packet. b must be one whole IPv4 or IPv6
 // packet, whose length field covers exactly b: Send refuses others with an
-// error (on Windows and FreeBSD the driver's or the kernel's), and a
-// received packet stays held. Sending an Address again after Send or Drop injects a new
+// error (on Windows WinDivert's driver does), and a received packet stays
+// held. (On Linux and with NewPipe a received packet sent back unchanged is
+// not checked: it is the stack's own.) Sending an Address again after Send or Drop injects a new
 // packet; on Windows and FreeBSD so does any copy of a received Address,
 // while on Linux a copy taken before the Send or Drop is an error (its
 // packet is gone), except for a datagram reassembled in user space.

@@ -375,7 +375,8 @@ func TestLinuxReaperParks(t *testing.T) {
 
 // TestLinuxPassedDeadlineWithBuffered: a read deadline that has passed
 // fails Recv and RecvBatch even when the packet is already buffered in user
-// space (Go's deadlines), and the packet is still there once it is lifted.
+// space (Go's deadlines), and the packet is still there once it is lifted;
+// after Shutdown the handle drains whatever the deadline.
 func TestLinuxPassedDeadlineWithBuffered(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "ddl", 0)
@@ -384,7 +385,7 @@ func TestLinuxPassedDeadlineWithBuffered(t *testing.T) {
 	done := make(chan struct{})
 	go func() { // two requests, held: no replies
 		defer close(done)
-		l.A.NS.Ping(l.B.V4, 2, 50*time.Millisecond)
+		l.A.NS.Ping(l.B.V4, 3, 50*time.Millisecond)
 	}()
 	<-done
 	time.Sleep(50 * time.Millisecond)
@@ -408,6 +409,19 @@ func TestLinuxPassedDeadlineWithBuffered(t *testing.T) {
 	h.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if _, err := h.Recv(buf, &a); err != nil {
 		t.Fatalf("Recv once the deadline is lifted: %v", err)
+	}
+	if !b.conn.Buffered() {
+		t.Fatal("the third request is not buffered")
+	}
+	h.SetReadDeadline(time.Now().Add(-time.Second))
+	if err := h.Shutdown(ShutdownRecv); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.Recv(buf, &a); err != nil {
+		t.Fatalf("Recv after Shutdown, past the deadline, with a packet buffered: %v, want it drained", err)
+	}
+	if _, err := h.Recv(buf, &a); !errors.Is(err, ErrShutdown) {
+		t.Fatalf("Recv once drained: %v, want ErrShutdown", err)
 	}
 }
 

@@ -198,6 +198,45 @@ func TestFragReassembleInbound(t *testing.T) {
 	}
 }
 
+// TestFragMalformedDgramSend: a datagram reassembled in user space and
+// changed into something that is not one whole IP packet is refused, and
+// can still be sent as received.
+func TestFragMalformedDgramSend(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dfm", 1500)
+	dst := netip.AddrPortFrom(l.B.V6, 7102) // IPv4 reaches input reassembled by the kernel
+	sink, err := l.B.NS.ListenUDP(dst.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, l.B.NS, "inbound && udp.DstPort == 7102", LayerNetwork, 0, FlagReassemble)
+	if err := l.A.NS.SendUDP(dst, fragPayload("bad"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	h.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, MTUMax)
+	var a Address
+	n, err := h.Recv(buf, &a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !a.sys.dgram || n <= 1500 {
+		t.Fatalf("received %d bytes (datagram %v): want a datagram reassembled in user space", n, a.sys.dgram)
+	}
+	bad := bytes.Clone(buf[:n])
+	binary.BigEndian.PutUint16(bad[4:], binary.BigEndian.Uint16(bad[4:])-1) // payload length one short
+	if _, err := h.Send(bad, &a); err == nil || !strings.Contains(err.Error(), "malformed packet: IPv6 payload length") {
+		t.Fatalf("Send of the datagram with a wrong payload length: %v", err)
+	}
+	if _, err := h.Send(buf[:n], &a); err != nil {
+		t.Fatalf("Send of the datagram as received: %v", err)
+	}
+	if _, err := netnstest.RecvUDP(sink, 1, 3*time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestFragTruncatedKeepsToLen receives a datagram reassembled in user
 // space into a buffer shorter than it, cut from a bigger array: Recv must
 // report the cut and write nothing past len(buf), where the array's next

@@ -1,6 +1,7 @@
 package divert
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -22,7 +23,8 @@ import (
 // filter is WinDivert's, evaluated in user space; FlagSniff hands over a
 // copy; FlagDrop drops what matches; ParamQueueLength bounds the queue (a
 // full queue drops the oldest packet, as WinDivert does); a received packet
-// that is neither sent nor dropped within ParamQueueTime is dropped; Close
+// that is neither sent nor dropped within ParamQueueTime is dropped, and so
+// is a queued packet left unread that long; Close
 // puts still-queued packets back on the path. As on Linux, Send and Drop
 // clear the Address they are given: sending it again injects a new packet,
 // and a copy of it taken before names a packet that is gone (an error).
@@ -34,8 +36,8 @@ type Pipe struct {
 	cond   *sync.Cond // signalled when queue or path changes, or on close/shutdown
 	queue  []pipePacket
 	path   []pipePacket
-	held   map[uint64]time.Time // received, not yet sent or dropped
-	id     uint64               // this Pipe's number, in the high 32 bits of its references
+	held   map[uint64]pipeHeld // received, not yet sent or dropped
+	id     uint64              // this Pipe's number, in the high 32 bits of its references
 	serial uint32
 	pst    PipeStats
 	hst    Stats // the handle's view (Handle.Stats)
@@ -54,6 +56,11 @@ type PipeStats struct {
 	Queued    uint64 // queued for the handle
 	Dropped   uint64 // dropped: FlagDrop, Drop, queue overflow or QueueTime expiry
 	Sent      uint64 // sent by the handle (reinjected or new)
+}
+
+type pipeHeld struct {
+	at   time.Time
+	data []byte // as handed over, to tell an unchanged packet
 }
 
 type pipePacket struct {
@@ -76,7 +83,7 @@ func NewPipe(filterText string, layer Layer, flags Flag) (*Handle, *Pipe, error)
 	}
 	p := &Pipe{
 		f: cfg.filter, layer: layer, flags: flags,
-		held: make(map[uint64]time.Time),
+		held: make(map[uint64]pipeHeld),
 		id:   uint64(pipeIDs.Add(1)) << 32,
 		qlen: QueueLengthDefault, qtime: QueueTimeDefault * time.Millisecond,
 	}
@@ -92,6 +99,8 @@ func NewPipe(filterText string, layer Layer, flags Flag) (*Handle, *Pipe, error)
 func (p *Pipe) Deliver(pkt []byte, a Address) (taken bool, err error) {
 	a.Layer = p.layer
 	a.IPv6 = len(pkt) > 0 && pkt[0]>>4 == 6
+	a.Sniffed = false // the pipe sets it for its copies
+	a.pipe = 0        // an Address received from a handle names its packet there
 	meta := filter.Meta{
 		Layer: filter.Layer(p.layer), Outbound: a.Outbound, Loopback: a.Loopback,
 		Impostor: a.Impostor, IPv6: a.IPv6, IfIdx: a.IfIdx, SubIfIdx: a.SubIfIdx,
@@ -181,8 +190,8 @@ func (p *Pipe) stats() (Stats, error) {
 // left unread for ParamQueueTime or longer. It runs whenever the pipe is
 // used, so a packet expires no later than the next call that could see it.
 func (p *Pipe) expireLocked(now time.Time) {
-	for id, at := range p.held {
-		if now.Sub(at) >= p.qtime {
+	for id, h := range p.held {
+		if now.Sub(h.at) >= p.qtime {
 			delete(p.held, id)
 			p.pst.Dropped++
 			p.hst.Expired++
@@ -242,7 +251,7 @@ func (p *Pipe) takeLocked(b []byte, a *Address) (int, error) {
 		// A sniffed copy holds nothing: sending it is an injection, as on
 		// the OSes.
 		a.pipe = p.id | uint64(p.serial)
-		p.held[a.pipe] = time.Now()
+		p.held[a.pipe] = pipeHeld{time.Now(), x.data}
 	}
 	n := copy(b, x.data)
 	if n < len(x.data) {
@@ -285,15 +294,23 @@ func (p *Pipe) send(b []byte, a *Address) (int, error) {
 		return 0, errClosed
 	}
 	p.expireLocked(time.Now())
-	if err := checkSendable(b); err != nil {
-		return 0, err // as the OSes refuse it; a held packet stays held
-	}
 	// Another Pipe's Address, like a fresh one, injects a new packet.
 	mine := p.own(a.pipe)
+	var h pipeHeld
 	if mine {
-		if _, ok := p.held[a.pipe]; !ok {
+		var ok bool
+		if h, ok = p.held[a.pipe]; !ok {
 			return 0, errNoLongerQueued
 		}
+	}
+	// As on Linux: a packet sent back unchanged is the stack's own; others
+	// must be whole, and a refused held packet stays held.
+	if !mine || !bytes.Equal(b, h.data) {
+		if err := checkSendable(b); err != nil {
+			return 0, err
+		}
+	}
+	if mine {
 		delete(p.held, a.pipe)
 	}
 	out := *a

@@ -424,3 +424,76 @@ func TestPipeMalformedSend(t *testing.T) {
 	_, err = h.Send([]byte{0x45}, &divert.Address{})
 	require.ErrorContains(t, err, "malformed packet", "a new packet too")
 }
+
+// TestPipeUnchangedNotChecked: as on Linux, a received packet sent back
+// unchanged is the stack's own and is not checked, whatever its bytes; a
+// changed one is.
+func TestPipeUnchangedNotChecked(t *testing.T) {
+	h, p, err := divert.NewPipe("true", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer h.Close()
+	odd := append(udp4(t, 1, "x"), 0) // a byte past its total length
+	taken, err := p.Deliver(odd, divert.Address{})
+	require.NoError(t, err)
+	require.True(t, taken)
+	buf := make([]byte, 100)
+	var a divert.Address
+	n, err := h.Recv(buf, &a)
+	require.NoError(t, err)
+	buf[1] = 9 // the TOS byte
+	_, err = h.Send(buf[:n], &a)
+	require.ErrorContains(t, err, "malformed packet", "changed")
+	buf[1] = 0
+	_, err = h.Send(buf[:n], &a)
+	require.NoError(t, err, "unchanged")
+	got, _, ok := p.Next(time.Second)
+	require.True(t, ok)
+	require.Equal(t, odd, got)
+}
+
+// TestPipeDeliverFreshAddress: Deliver does not carry over a reference or
+// the Sniffed mark from the Address it is given (say, one a handle
+// received), so the copy a handle receives names only its own packet.
+func TestPipeDeliverFreshAddress(t *testing.T) {
+	hA, pA, err := divert.NewPipe("udp", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer hA.Close()
+	hB, pB, err := divert.NewPipe("udp", divert.LayerNetwork, divert.FlagSniff)
+	require.NoError(t, err)
+	defer hB.Close()
+	hC, pC, err := divert.NewPipe("udp", divert.LayerNetwork, 0)
+	require.NoError(t, err)
+	defer hC.Close()
+	_, err = pA.Deliver(udp4(t, 1, "x"), divert.Address{})
+	require.NoError(t, err)
+	buf := make([]byte, 100)
+	var a, b, c divert.Address
+	n, err := hA.Recv(buf, &a)
+	require.NoError(t, err)
+
+	_, err = pB.Deliver(buf[:n], a) // the Address A's handle received
+	require.NoError(t, err)
+	_, err = hB.Recv(make([]byte, 100), &b)
+	require.NoError(t, err)
+	require.True(t, b.Sniffed)
+	_, err = hA.Send(buf[:n], &b)
+	require.NoError(t, err, "B's copy is a new packet to A")
+	_, err = hA.Send(buf[:n], &a)
+	require.NoError(t, err, "A still holds its packet")
+	st, err := hA.Stats()
+	require.NoError(t, err)
+	require.EqualValues(t, 1, st.Injected)
+
+	sniffed := divert.Address{Sniffed: true}
+	taken, err := pC.Deliver(udp4(t, 2, "y"), sniffed)
+	require.NoError(t, err)
+	require.True(t, taken, "a non-sniffing handle takes the packet whatever the Address said")
+	n, err = hC.Recv(buf, &c)
+	require.NoError(t, err)
+	require.False(t, c.Sniffed)
+	_, err = hC.Send(buf[:n], &c)
+	require.NoError(t, err)
+	st, err = hC.Stats()
+	require.NoError(t, err)
+	require.EqualValues(t, 0, st.Injected, "the packet was held: its Send is a reinjection")
+}

@@ -243,7 +243,7 @@ func TestRateDropsTakeNoShare(t *testing.T) {
 	}
 	e := newEmulator(c, h)
 	pkt := make([]byte, 100)
-	pkt[0] = 0x45
+	pkt[0], pkt[3] = 0x45, 100 // an IPv4 header that covers the packet, as Send requires
 	t0 := time.Now()
 	for range 1000 { // 100 s of traffic at the rate, offered at once
 		addr := divert.Address{Outbound: true}
@@ -262,6 +262,9 @@ func TestRateDropsTakeNoShare(t *testing.T) {
 	}
 	if e.cnt.queueDrops.Load() != drops {
 		t.Fatal("a packet 30 s after the burst was dropped: the burst's dropped packets were charged to the rate")
+	}
+	if n := e.cnt.sendErrors.Load(); n != 0 {
+		t.Fatalf("%d sends failed", n)
 	}
 }
 
@@ -290,7 +293,7 @@ func TestNoOvertaking(t *testing.T) {
 	}
 	pkt := func(tag byte) []byte {
 		p := make([]byte, 28)
-		p[0], p[1] = 0x45, tag
+		p[0], p[1], p[3] = 0x45, tag, 28 // the tag in the TOS byte
 		return p
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -320,5 +323,8 @@ func TestNoOvertaking(t *testing.T) {
 	<-done
 	if order[0] != 1 || order[1] != 2 {
 		t.Fatalf("sent in the order %v, want 1 then 2", order)
+	}
+	if n := e.cnt.sendErrors.Load(); n != 0 {
+		t.Fatalf("%d sends failed", n)
 	}
 }
