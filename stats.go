@@ -28,7 +28,8 @@ type Stats struct {
 	// Dropped is the number of Drop calls that dropped a packet the handle
 	// held (Drop of a FlagSniff copy or of a new packet drops nothing and
 	// is not counted; on Windows and FreeBSD a packet is held from its Recv
-	// until its Address is given to Send or Drop). For a FlagDrop handle on
+	// until its Address is given to Send or Drop, and, as for Injected, a
+	// copy of the Address taken before counts as held once more). For a FlagDrop handle on
 	// Linux and FreeBSD: the packets its kernel rules could not judge and
 	// the filter dropped in user space (what the rules drop themselves is
 	// not counted).
