@@ -24,10 +24,10 @@ import (
 // copy; FlagDrop drops what matches; ParamQueueLength bounds the queue (a
 // full queue drops the oldest packet, as WinDivert does); a received packet
 // that is neither sent nor dropped within ParamQueueTime is dropped, and so
-// is a queued packet left unread that long; Close
-// puts still-queued packets back on the path. As on Linux, Send and Drop
-// clear the Address they are given: sending it again injects a new packet,
-// and a copy of it taken before names a packet that is gone (an error).
+// is a queued packet left unread that long; Close puts still-queued packets
+// back on the path. As on Linux, Send and Drop clear the Address they are
+// given: sending it again injects a new packet, and a copy of it taken
+// before names a packet that is gone (an error).
 type Pipe struct {
 	f      *filter.Filter
 	layer  Layer
@@ -174,9 +174,9 @@ func (p *Pipe) Stats() PipeStats {
 // stats is the handle's view of the counters: Passed are the packets the
 // filter did not take (or that came after Shutdown), Overflows the packets
 // a full queue pushed out, Expired the received packets neither sent nor
-// dropped within ParamQueueTime (counted when the pipe next looks: at
-// Deliver or here), and the queued packets left unread that long (as the
-// OSes drain them). The kernel counters stay 0.
+// dropped within ParamQueueTime, and the queued packets left unread that
+// long (as the OSes drain them), counted when the pipe next looks: at its
+// next call or here. The kernel counters stay 0.
 func (p *Pipe) stats() (Stats, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
