@@ -318,6 +318,27 @@ func TestLinuxNoListenerAndQueueTime(t *testing.T) {
 	}
 }
 
+// recvParked starts a Recv into buf and a on h, in a goroutine whose error
+// comes on the returned channel, and checks that while it waits the reaper
+// parks: at most one tick in 500 ms, against 25 or more with a 20 ms tick.
+func recvParked(t *testing.T, h *Handle, buf []byte, a *Address) <-chan error {
+	t.Helper()
+	b := h.b.(*linuxBackend)
+	got := make(chan error, 1)
+	go func() {
+		h.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err := h.Recv(buf, a)
+		got <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the Recv waits; the reaper parks at its next tick
+	t0 := b.reaperTicks.Load()
+	time.Sleep(500 * time.Millisecond)
+	if n := b.reaperTicks.Load() - t0; n > 1 || !b.parked.Load() {
+		t.Fatalf("%d reaper ticks in 500 ms of an idle Recv (parked %v): want it parked", n, b.parked.Load())
+	}
+	return got
+}
+
 // TestLinuxReaperParks: while the program waits in Recv and holds
 // nothing, the reaper does not tick (an idle handle wakes the process for
 // nothing); the packet that ends the wait, held past the queue time, is
@@ -330,20 +351,9 @@ func TestLinuxReaperParks(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := h.b.(*linuxBackend)
-	got := make(chan error, 1)
 	buf := make([]byte, MTUMax)
 	var a Address
-	go func() {
-		h.SetReadDeadline(time.Now().Add(10 * time.Second))
-		_, err := h.Recv(buf, &a)
-		got <- err
-	}()
-	time.Sleep(100 * time.Millisecond) // the Recv waits; the reaper parks at its next tick
-	t0 := b.reaperTicks.Load()
-	time.Sleep(500 * time.Millisecond) // 25 ticks' worth
-	if n := b.reaperTicks.Load() - t0; n > 1 || !b.parked.Load() {
-		t.Fatalf("%d reaper ticks in 500 ms of an idle Recv (parked %v): want it parked", n, b.parked.Load())
-	}
+	got := recvParked(t, h, buf, &a)
 	start := time.Now()
 	go l.A.NS.Ping(l.B.V4, 1, time.Second)
 	if err := <-got; err != nil {
@@ -433,20 +443,9 @@ func TestLinuxSniffReaperParks(t *testing.T) {
 	l := netnstest.Pair(t, "dsp", 0)
 	h := openIn(t, l.B.NS, "icmp", LayerNetwork, 0, FlagSniff|FlagRecvOnly)
 	b := h.b.(*linuxBackend)
-	got := make(chan error, 1)
 	buf := make([]byte, MTUMax)
 	var a Address
-	go func() {
-		h.SetReadDeadline(time.Now().Add(10 * time.Second))
-		_, err := h.Recv(buf, &a)
-		got <- err
-	}()
-	time.Sleep(100 * time.Millisecond) // the Recv waits; the reaper parks at its next tick
-	t0 := b.reaperTicks.Load()
-	time.Sleep(500 * time.Millisecond) // 50 ticks' worth
-	if n := b.reaperTicks.Load() - t0; n > 1 || !b.parked.Load() {
-		t.Fatalf("%d reaper ticks in 500 ms of an idle Recv (parked %v): want it parked", n, b.parked.Load())
-	}
+	got := recvParked(t, h, buf, &a)
 	if n, err := l.A.NS.Ping(l.B.V4, 1, time.Second); err != nil || n != 1 {
 		t.Fatalf("%d of 1 reply past a sniffing handle's Recv (%v)", n, err)
 	}
