@@ -619,10 +619,10 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // clear checksum bit of a (a zero Address has them all clear) makes Send
 // compute that checksum on Linux and Windows (WinDivert's driver does);
 // set bits, reinjected packets and FreeBSD send the packet's as given. Use
-// CalcChecksums after changing a packet. b must be one whole IPv4 or IPv6
-// packet, whose length field covers exactly b: Send refuses others with an
-// error (on Windows WinDivert's driver does), and a received packet stays
-// held. (On Linux and with NewPipe a received packet sent back unchanged is
+// CalcChecksums after changing a packet. b must hold one whole IPv4 or
+// IPv6 packet, whose length field b covers; bytes past it are left out, as
+// WinDivert's driver ignores them. Send refuses others with an error (on
+// Windows the driver does), and a received packet stays held. (On Linux and with NewPipe a received packet sent back unchanged is
 // not checked: it is the stack's own.) Sending an Address again after Send or Drop injects a new
 // packet; on Windows and FreeBSD so does any copy of a received Address,
 // while on Linux a copy taken before the Send or Drop is an error (its

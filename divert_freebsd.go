@@ -58,8 +58,9 @@ package divert
 //     of the last handle of higher or equal priority, and then does not
 //     see what that one writes back
 //     (ipfw.PlanNumber).
-//   - Send checks that a packet is one whole IP packet (checkSendable):
-//     divert(4) reports only some malformed packets.
+//   - Send checks that a packet is one whole IP packet, and leaves out
+//     bytes past its length, as WinDivert does (sendable): divert(4)
+//     reports only some malformed packets.
 //   - Params: ParamQueueSize sets SO_RCVBUF and SO_SNDBUF (bounded by
 //     kern.ipc.maxsockbuf: Open takes the largest size allowed and Param
 //     reports it; SetParam past it fails); ParamQueueLength and ParamQueueTime have no
@@ -784,7 +785,8 @@ func (b *bsdBackend) recvBatch(ms []Message) (int, error) {
 func (b *bsdBackend) send(p []byte, a *Address) (int, error) {
 	// div_output refuses only an IPv4 length past the end; a packet sent
 	// inbound goes to ip_input, which drops or trims it without a word.
-	if err := checkSendable(p); err != nil {
+	p, err := sendable(p)
+	if err != nil {
 		return 0, err
 	}
 	s := b.getIO()

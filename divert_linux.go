@@ -876,10 +876,10 @@ func (b *linuxBackend) verdictLocked(s *sysAddr, v nfq.Verdict, pkt []byte, hold
 		}
 		// The kernel takes any bytes; the packet stays held, for the
 		// program to send corrected or drop.
-		if err := checkSendable(pkt); err != nil {
+		var err error
+		if payload, err = sendable(pkt); err != nil {
 			return err
 		}
-		payload = pkt
 	}
 	b.track.ReleaseAt(i)
 	if v == nfq.Accept && payload == nil {
@@ -934,7 +934,9 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 		return 0, errors.New("divert: handle cannot inject")
 	}
 	// A raw IPv4 send would rewrite the total length silently.
-	if err := checkSendable(pkt); err != nil {
+	n := len(pkt)
+	pkt, err := sendable(pkt)
+	if err != nil {
 		return 0, err
 	}
 	out := pkt
@@ -959,7 +961,6 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 		// checksum covers bytes it lacks, goes out with what could be done.
 		_ = CalcChecksums(out, nil, fl)
 	}
-	var err error
 	if a.Outbound || b.layer == LayerNetworkForward {
 		err = b.inj.Outbound(out)
 	} else {
@@ -968,7 +969,7 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 	if err != nil {
 		return 0, injectError(err)
 	}
-	return len(pkt), nil
+	return n, nil
 }
 
 // injectError wraps an error of the injector; an inbound packet that is

@@ -642,10 +642,11 @@ func TestLinuxInjectOutboundEcho(t *testing.T) {
 	}
 }
 
-// TestLinuxMalformedSend: a changed packet that is not one whole IP packet
-// is refused and stays held (the kernel would take any bytes), so the
-// program can still send it right; a malformed new packet is refused too
-// (a raw IPv4 send would rewrite its total length).
+// TestLinuxMalformedSend: a changed packet that is not a whole IP packet is
+// refused and stays held (the kernel would take any bytes), so the program
+// can still send it right, and bytes past its length are left out; a
+// malformed new packet is refused too (a raw IPv4 send would rewrite its
+// total length).
 func TestLinuxMalformedSend(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dms", 0)
@@ -670,8 +671,10 @@ func TestLinuxMalformedSend(t *testing.T) {
 	if _, err := h.Send(bad[:19], &a); err == nil || !strings.Contains(err.Error(), "no whole header") {
 		t.Fatalf("Send of a cut header: %v", err)
 	}
-	if _, err := h.Send(buf[:n], &a); err != nil {
-		t.Fatalf("Send of the packet as received, after the refusals: %v", err)
+	// Bytes past the packet's length are left out, as WinDivert does: the
+	// ICMP checksum would not cover them otherwise, and no reply would come.
+	if _, err := h.Send(append(buf[:n:n], 0xAA, 0xBB), &a); err != nil {
+		t.Fatalf("Send of the packet as received, with 2 bytes past its length, after the refusals: %v", err)
 	}
 	if r := <-got; r != 1 {
 		t.Fatal("no reply: the request was not reinjected")

@@ -365,7 +365,9 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 	if b.inj == nil {
 		return 0, errors.New("divert: handle cannot inject")
 	}
-	if err := checkSendable(pkt); err != nil {
+	n := len(pkt)
+	pkt, err := sendable(pkt)
+	if err != nil {
 		return 0, err
 	}
 	if b.layer == LayerNetwork && !a.Outbound {
@@ -375,7 +377,7 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 			return 0, injectError(err)
 		}
 		a.sys = sysAddr{}
-		return len(pkt), nil
+		return n, nil
 	}
 	fs := b.frag
 	fs.smu.Lock()
@@ -402,7 +404,7 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		}
 		if err == nil {
 			a.sys = sysAddr{}
-			return len(pkt), nil
+			return n, nil
 		}
 		rm, merr := fs.routeMTU(pkt)
 		if merr != nil {

@@ -225,7 +225,7 @@ func TestFragMalformedDgramSend(t *testing.T) {
 		t.Fatalf("received %d bytes (datagram %v): want a datagram reassembled in user space", n, a.sys.dgram)
 	}
 	bad := bytes.Clone(buf[:n])
-	binary.BigEndian.PutUint16(bad[4:], binary.BigEndian.Uint16(bad[4:])-1) // payload length one short
+	binary.BigEndian.PutUint16(bad[4:], binary.BigEndian.Uint16(bad[4:])+1) // payload length one past the end
 	if _, err := h.Send(bad, &a); err == nil || !strings.Contains(err.Error(), "malformed packet: IPv6 payload length") {
 		t.Fatalf("Send of the datagram with a wrong payload length: %v", err)
 	}

@@ -314,33 +314,38 @@ func HashPacket(b []byte, seed uint64) uint64 {
 	return packet.Hash(b, seed)
 }
 
-// checkSendable reports, for Send, whether b is one whole IPv4 or IPv6 packet:
-// a known version, a whole header, and a length field that covers exactly
-// b (IPv4's total length, IPv6's payload length plus its fixed header).
-// WinDivert's driver and divert(4) refuse other packets; on Linux a
-// changed packet is handed to the kernel as it is, so it is checked here.
-func checkSendable(b []byte) error {
+// sendable returns, for Send, the IPv4 or IPv6 packet b holds: a known
+// version, a whole header, and a length field (IPv4's total length, IPv6's
+// payload length plus its fixed header) that b covers. Bytes past that
+// length are left out, as WinDivert's driver ignores them; an IPv4 header
+// whose total length is less than the header is refused. On Linux a changed
+// packet is handed to the kernel as it is, and divert(4) refuses only some
+// malformed packets, so they are checked here.
+func sendable(b []byte) ([]byte, error) {
 	if len(b) == 0 {
-		return errors.New("divert: send: empty packet")
+		return nil, errors.New("divert: send: empty packet")
 	}
+	var l int
 	switch b[0] >> 4 {
 	case 4:
 		hl := int(b[0]&0xf) * 4
 		if len(b) < 20 || hl < 20 || len(b) < hl {
-			return fmt.Errorf("divert: send: malformed packet: an IPv4 packet of %d bytes has no whole header", len(b))
+			return nil, fmt.Errorf("divert: send: malformed packet: an IPv4 packet of %d bytes has no whole header", len(b))
 		}
-		if tl := int(binary.BigEndian.Uint16(b[2:4])); tl != len(b) {
-			return fmt.Errorf("divert: send: malformed packet: IPv4 total length %d, but the packet has %d bytes", tl, len(b))
+		l = int(binary.BigEndian.Uint16(b[2:4]))
+		if l < hl || l > len(b) {
+			return nil, fmt.Errorf("divert: send: malformed packet: IPv4 total length %d, but the header has %d bytes and the packet %d", l, hl, len(b))
 		}
 	case 6:
 		if len(b) < 40 {
-			return fmt.Errorf("divert: send: malformed packet: an IPv6 packet of %d bytes has no whole header", len(b))
+			return nil, fmt.Errorf("divert: send: malformed packet: an IPv6 packet of %d bytes has no whole header", len(b))
 		}
-		if pl := int(binary.BigEndian.Uint16(b[4:6])); pl+40 != len(b) {
-			return fmt.Errorf("divert: send: malformed packet: IPv6 payload length %d, but the packet has %d bytes after its header", pl, len(b)-40)
+		l = 40 + int(binary.BigEndian.Uint16(b[4:6]))
+		if l > len(b) {
+			return nil, fmt.Errorf("divert: send: malformed packet: IPv6 payload length %d, but the packet has %d bytes after its header", l-40, len(b)-40)
 		}
 	default:
-		return fmt.Errorf("divert: send: malformed packet: IP version %d is neither 4 nor 6", b[0]>>4)
+		return nil, fmt.Errorf("divert: send: malformed packet: IP version %d is neither 4 nor 6", b[0]>>4)
 	}
-	return nil
+	return b[:l:l], nil
 }

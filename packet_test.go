@@ -767,9 +767,10 @@ func TestCalcChecksumsTruncatedTransport(t *testing.T) {
 	}
 }
 
-// TestCheckSendable: Send refuses what is not one whole IPv4 or IPv6
-// packet, with a message that says why.
-func TestCheckSendable(t *testing.T) {
+// TestSendable: Send refuses what is not a whole IPv4 or IPv6 packet, with
+// a message that says why, and leaves out bytes past the packet's length,
+// as WinDivert's driver does.
+func TestSendable(t *testing.T) {
 	v4 := make([]byte, 28)
 	v4[0], v4[3] = 0x45, 28
 	v6 := make([]byte, 48)
@@ -782,25 +783,28 @@ func TestCheckSendable(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		b    []byte
-		want string // "" for none
+		n    int    // the length sent
+		want string // the error, "" for none
 	}{
-		{"v4", v4, ""},
-		{"v6", v6, ""},
-		{"empty", nil, "empty packet"},
-		{"not IP", []byte{1, 2, 3}, "IP version 0"},
-		{"v4 short", v4[:19], "no whole header"},
-		{"v4 IHL < 5", with(v4, 0, 0x44), "no whole header"},
-		{"v4 IHL past end", with(v4, 0, 0x48), "no whole header"},
-		{"v4 total length short", with(v4, 3, 27), "total length 27"},
-		{"v4 total length long", with(v4, 3, 29), "total length 29"},
-		{"v4 trailing bytes", append(append([]byte(nil), v4...), 0), "has 29 bytes"},
-		{"v6 short", v6[:39], "no whole header"},
-		{"v6 payload length", with(v6, 5, 9), "payload length 9"},
+		{"v4", v4, 28, ""},
+		{"v6", v6, 48, ""},
+		{"v4 trailing bytes", append(append([]byte(nil), v4...), 0), 28, ""},
+		{"v4 total length short", with(v4, 3, 27), 27, ""},
+		{"v6 payload length short", with(v6, 5, 7), 47, ""},
+		{"empty", nil, 0, "empty packet"},
+		{"not IP", []byte{1, 2, 3}, 0, "IP version 0"},
+		{"v4 short", v4[:19], 0, "no whole header"},
+		{"v4 IHL < 5", with(v4, 0, 0x44), 0, "no whole header"},
+		{"v4 IHL past end", with(v4, 0, 0x48), 0, "no whole header"},
+		{"v4 total length inside the header", with(v4, 3, 19), 0, "total length 19"},
+		{"v4 total length past the end", with(v4, 3, 29), 0, "total length 29"},
+		{"v6 short", v6[:39], 0, "no whole header"},
+		{"v6 payload length past the end", with(v6, 5, 9), 0, "payload length 9"},
 	} {
-		err := checkSendable(tc.b)
+		got, err := sendable(tc.b)
 		if tc.want == "" {
-			if err != nil {
-				t.Errorf("%s: %v", tc.name, err)
+			if err != nil || len(got) != tc.n {
+				t.Errorf("%s: %d bytes, %v; want %d", tc.name, len(got), err, tc.n)
 			}
 			continue
 		}

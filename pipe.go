@@ -306,7 +306,8 @@ func (p *Pipe) send(b []byte, a *Address) (int, error) {
 	// As on Linux: a packet sent back unchanged is the stack's own; others
 	// must be whole, and a refused held packet stays held.
 	if !mine || !bytes.Equal(b, h.data) {
-		if err := checkSendable(b); err != nil {
+		var err error
+		if b, err = sendable(b); err != nil {
 			return 0, err
 		}
 	}

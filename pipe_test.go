@@ -419,8 +419,11 @@ func TestPipeMalformedSend(t *testing.T) {
 	require.ErrorContains(t, err, "total length")
 	_, _, ok := p.Next(20 * time.Millisecond)
 	require.False(t, ok, "nothing was sent")
-	_, err = h.Send(buf[:n], &a)
-	require.NoError(t, err, "the packet is still held")
+	_, err = h.Send(append(buf[:n:n], 1, 2), &a)
+	require.NoError(t, err, "the packet is still held; bytes past its length are left out")
+	got, _, ok := p.Next(time.Second)
+	require.True(t, ok)
+	require.Equal(t, buf[:n], got)
 	_, err = h.Send([]byte{0x45}, &divert.Address{})
 	require.ErrorContains(t, err, "malformed packet", "a new packet too")
 }
@@ -432,7 +435,8 @@ func TestPipeUnchangedNotChecked(t *testing.T) {
 	h, p, err := divert.NewPipe("true", divert.LayerNetwork, 0)
 	require.NoError(t, err)
 	defer h.Close()
-	odd := append(udp4(t, 1, "x"), 0) // a byte past its total length
+	odd := udp4(t, 1, "x")
+	odd[3]++ // a total length one past the end: cut short
 	taken, err := p.Deliver(odd, divert.Address{})
 	require.NoError(t, err)
 	require.True(t, taken)
