@@ -52,7 +52,6 @@ package divert
 // WinDivert has no way to let packets pass instead.
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -427,21 +426,16 @@ func validBatch(ms []Message) (int, error) {
 }
 
 // ipLengthIs checks that p is one whole IPv4 or IPv6 packet by the length
-// its header gives, the way the driver cuts a batch into packets. The last
-// packet of a batch may be followed by bytes the driver ignores (padding),
-// as Send allows.
+// its header gives (sendable), the way the driver cuts a batch into
+// packets. The last packet of a batch may be followed by bytes the driver
+// ignores (padding), as Send allows.
 func ipLengthIs(p []byte, last bool) error {
-	var l int
-	switch {
-	case len(p) >= 20 && p[0]>>4 == 4:
-		l = int(binary.BigEndian.Uint16(p[2:4]))
-	case len(p) >= 40 && p[0]>>4 == 6:
-		l = 40 + int(binary.BigEndian.Uint16(p[4:6]))
-	default:
-		return fmt.Errorf("%d bytes are not an IPv4 or IPv6 packet", len(p))
+	q, err := sendable(p)
+	if err != nil {
+		return err
 	}
-	if l != len(p) && !(last && l < len(p)) {
-		return fmt.Errorf("length %d is not the packet's IP length %d (the driver would cut the batch there)", len(p), l)
+	if len(q) != len(p) && !last {
+		return fmt.Errorf("length %d is not the packet's IP length %d (the driver would cut the batch there)", len(p), len(q))
 	}
 	return nil
 }
