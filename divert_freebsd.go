@@ -63,9 +63,9 @@ package divert
 //     reports only some malformed packets.
 //   - Params: ParamQueueSize sets SO_RCVBUF and SO_SNDBUF (bounded by
 //     kern.ipc.maxsockbuf: Open takes the largest size allowed and Param
-//     reports it; SetParam past it fails); ParamQueueLength and ParamQueueTime have no
-//     kernel counterpart and are kept but not enforced (a packet waits in
-//     the socket buffer until read).
+//     reports it; SetParam past it fails); ParamQueueLength and
+//     ParamQueueTime have no kernel counterpart and are kept but not
+//     enforced (a packet waits in the socket buffer until read).
 //   - Address: Outbound comes from sin_addr (zero means outbound), except
 //     at LayerNetwork, where the handle's rules take outbound packets only
 //     when the host made them, so a packet carrying a receiving

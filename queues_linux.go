@@ -33,16 +33,16 @@ import (
 // meet a queue without a listener: with FlagPassThrough the kernel accepts
 // them (queue bypass), otherwise it drops them: the kernel's default for a
 // queue with no listener. They are not moved to the other handles: the
-// kernel's hash has no notion of a queue that went away. Shutdown, SetParam and SetReadDeadline act on one
-// handle's queue.
+// kernel's hash has no notion of a queue that went away. Shutdown,
+// SetParam and SetReadDeadline act on one handle's queue.
 //
 // Fragments: user-space reassembly (FlagReassemble, and LayerNetwork's
 // default) works with n > 1 as with one handle. The chains that queue the
-// fragments are installed once, with the same fanout, and every fragment of a
-// datagram carries the same addresses and protocol, so all of them reach
-// the same handle, whose own reassembler (see frag_linux.go) completes the
-// datagram. FlagFragments hands fragments one by one and needs nothing
-// more.
+// fragments are installed once, with the same fanout, and every fragment
+// of a datagram carries the same addresses and protocol, so all of them
+// reach the same handle, whose own reassembler (see frag_linux.go)
+// completes the datagram. FlagFragments hands fragments one by one and
+// needs nothing more.
 //
 // FlagDrop and FlagSendOnly handles have no queue the program reads (a
 // FlagDrop handle's own goroutine reads the one it keeps for what its rules
