@@ -302,10 +302,17 @@ func (b *linuxBackend) attach(c *nfq.Conn) {
 // for the next packet). It takes vmu unless the receive side holds it
 // already (vHeld).
 func (b *linuxBackend) refill(block bool, cur, other []byte) bool {
-	if !b.vHeld {
-		b.vmu.Lock()
-		defer b.vmu.Unlock()
+	if b.vHeld {
+		return b.refillLocked(block, cur, other)
 	}
+	b.vmu.Lock()
+	switchArea := b.refillLocked(block, cur, other)
+	b.vmu.Unlock()
+	return switchArea
+}
+
+// refillLocked is refill with vmu held.
+func (b *linuxBackend) refillLocked(block bool, cur, other []byte) bool {
 	b.applyPendingLocked()
 	switchArea := b.track.HoldsIn(cur)
 	if switchArea {

@@ -12,6 +12,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"syscall"
 )
 
@@ -335,28 +336,44 @@ func appendAttrBE32(b []byte, typ uint16, v uint32) []byte {
 // trusts its lengths and checksums as they are.
 func AppendVerdict(b []byte, queue uint16, id uint32, v Verdict, payload []byte) []byte {
 	start := len(b)
-	b = appendHdr(b, msgVerdict, nlmFRequest, 0, 0, queue)
-	b = ne.AppendUint16(b, nlaHdrLen+8)
-	b = ne.AppendUint16(b, attrVerdictHdr)
-	b = binary.BigEndian.AppendUint32(b, uint32(v))
-	b = binary.BigEndian.AppendUint32(b, id)
+	b = appendVerdictMsg(b, msgVerdict, queue, id, v)
 	if payload != nil {
 		b = appendAttr(b, attrPayload, payload)
+		ne.PutUint32(b[start:], uint32(len(b)-start))
 	}
-	return finish(b, start)
+	return b
 }
 
 // AppendVerdictBatch appends an NFQNL_MSG_VERDICT_BATCH: verdict v for
 // every packet of queue still queued whose id is at most maxID (in the
 // kernel's wrapping id order).
 func AppendVerdictBatch(b []byte, queue uint16, maxID uint32, v Verdict) []byte {
+	return appendVerdictMsg(b, msgVerdictBatch, queue, maxID, v)
+}
+
+// verdictMsgLen is the length of a verdict message without payload: the
+// nlmsghdr, the nfgenmsg and the NFQA_VERDICT_HDR attribute.
+const verdictMsgLen = nlmsgHdrLen + nfgenHdrLen + nlaHdrLen + 8
+
+// appendVerdictMsg appends a verdict message of type typ without payload,
+// its fields stored in place: it runs once per batch on the idle path,
+// where a chain of appends, each checking the capacity, showed up.
+func appendVerdictMsg(b []byte, typ uint16, queue uint16, id uint32, v Verdict) []byte {
 	start := len(b)
-	b = appendHdr(b, msgVerdictBatch, nlmFRequest, 0, 0, queue)
-	b = ne.AppendUint16(b, nlaHdrLen+8)
-	b = ne.AppendUint16(b, attrVerdictHdr)
-	b = binary.BigEndian.AppendUint32(b, uint32(v))
-	b = binary.BigEndian.AppendUint32(b, maxID)
-	return finish(b, start)
+	b = slices.Grow(b, verdictMsgLen)[:start+verdictMsgLen]
+	m := b[start : start+verdictMsgLen : start+verdictMsgLen]
+	ne.PutUint32(m[0:], verdictMsgLen)
+	ne.PutUint16(m[4:], typ)
+	ne.PutUint16(m[6:], nlmFRequest)
+	ne.PutUint32(m[8:], 0)  // seq
+	ne.PutUint32(m[12:], 0) // portid: the kernel
+	m[16], m[17] = 0, 0     // nfgenmsg: family, NFNETLINK_V0
+	binary.BigEndian.PutUint16(m[18:], queue)
+	ne.PutUint16(m[20:], nlaHdrLen+8)
+	ne.PutUint16(m[22:], attrVerdictHdr)
+	binary.BigEndian.PutUint32(m[24:], uint32(v))
+	binary.BigEndian.PutUint32(m[28:], id)
+	return b
 }
 
 // appendCmd appends a config message carrying only a command (BIND, UNBIND).
