@@ -16,6 +16,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/netdivert/divert"
+	"github.com/netdivert/divert/filter"
 	"github.com/netdivert/divert/internal/netnstest"
 )
 
@@ -160,6 +162,9 @@ func Run(ctx context.Context, cfg Config) (*Suite, error) {
 	if err := cfg.check(); err != nil {
 		return nil, err
 	}
+	if os.Geteuid() != 0 {
+		return nil, errors.New("needs root: it makes network namespaces, installs nftables rules and binds an NFQUEUE queue")
+	}
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -254,7 +259,45 @@ func (c *Config) check() error {
 			return fmt.Errorf("unknown mode %q (want none, recv, batch, narrow)", m)
 		}
 	}
+	// What the consumers would refuse, refused before any run: each run's
+	// consumer would fail alone, and the suite would report nothing else.
+	for _, f := range []struct{ name, text string }{{"-filter", c.FilterAll}, {"-filter-narrow", c.FilterNarrow}, {"-filter-tcp", c.FilterTCP}} {
+		if _, err := filter.Compile(f.text, filter.LayerNetwork); err != nil {
+			return fmt.Errorf("%s: %w", f.name, err)
+		}
+	}
+	for _, p := range []struct {
+		name      string
+		v, lo, hi uint64
+	}{
+		{"-qlen", c.QLen, divert.QueueLengthMin, divert.QueueLengthMax},
+		{"-qsize", c.QSize, divert.QueueSizeMin, divert.QueueSizeMax},
+		{"-qtime", c.QTime, divert.QueueTimeMin, divert.QueueTimeMax},
+	} {
+		if p.v != 0 && (p.v < p.lo || p.v > p.hi) {
+			return fmt.Errorf("%s %d out of range [%d, %d] (0 = the default)", p.name, p.v, p.lo, p.hi)
+		}
+	}
+	if c.Batch < 1 || c.Batch > divert.BatchMax {
+		return fmt.Errorf("batch %d out of range [1, %d]", c.Batch, divert.BatchMax)
+	}
 	return nil
+}
+
+// Failed returns how many runs of s failed (an ERROR line each).
+func (s *Suite) Failed() int {
+	n := 0
+	for _, r := range s.Runs {
+		if r.Err != "" {
+			n++
+		}
+	}
+	for _, r := range s.TCP {
+		if r.Err != "" {
+			n++
+		}
+	}
+	return n
 }
 
 func (b *bench) consumerConfig(loop, filter string) *childConfig {

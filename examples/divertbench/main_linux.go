@@ -24,6 +24,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -61,6 +62,12 @@ func main() {
 	flag.DurationVar(&cfg.QuietWait, "quietwait", cfg.QuietWait, "... but at most this long (then run anyway, flagged noisy)")
 	jsonOut := flag.String("json", "", "also write all results as JSON to this file")
 	flag.Parse()
+	if flag.NArg() > 0 {
+		// "-tcp false" would otherwise turn the TCP modes on and drop
+		// every flag after it.
+		fmt.Fprintf(os.Stderr, "divertbench: unexpected argument %q (boolean flags take -flag=false)\n", flag.Arg(0))
+		os.Exit(2)
+	}
 	cfg.Modes = nil
 	for _, m := range strings.Split(*modes, ",") {
 		if m = strings.TrimSpace(m); m != "" {
@@ -87,8 +94,17 @@ func main() {
 			}
 		}
 	}
-	if err != nil {
+	switch {
+	case errors.Is(err, context.Canceled):
+		fmt.Fprintln(os.Stderr, "divertbench: interrupted; the table covers the runs completed")
+		stop()
+		os.Exit(1)
+	case err != nil:
 		fmt.Fprintln(os.Stderr, "divertbench:", err)
+		stop()
+		os.Exit(1)
+	case s != nil && s.Failed() > 0:
+		fmt.Fprintf(os.Stderr, "divertbench: %d of %d runs failed (ERROR lines above)\n", s.Failed(), len(s.Runs)+len(s.TCP))
 		stop()
 		os.Exit(1)
 	}

@@ -117,3 +117,31 @@ func TestParseCPULine(t *testing.T) {
 		t.Fatalf("busyCores = %v, %v", b, err)
 	}
 }
+
+// TestCheckRefusesUpFront checks that what every run's consumer would
+// refuse (a filter that does not compile, a parameter out of range) fails
+// the suite before any run, and that Failed counts the runs that failed.
+func TestCheckRefusesUpFront(t *testing.T) {
+	for name, mod := range map[string]func(*Config){
+		"filter":        func(c *Config) { c.FilterAll = "tcp.Bogus" },
+		"filter-narrow": func(c *Config) { c.FilterNarrow = "udp.DstPort ==" },
+		"filter-tcp":    func(c *Config) { c.FilterTCP = "(" },
+		"qlen":          func(c *Config) { c.QLen = 99999 },
+		"qsize":         func(c *Config) { c.QSize = 1 },
+		"qtime":         func(c *Config) { c.QTime = 20000 },
+		"batch":         func(c *Config) { c.Batch = 0 },
+	} {
+		cfg := DefaultConfig()
+		if err := cfg.check(); err != nil {
+			t.Fatalf("default config: %v", err)
+		}
+		mod(&cfg)
+		if err := cfg.check(); err == nil {
+			t.Errorf("%s: check passed", name)
+		}
+	}
+	s := &Suite{Runs: []RunResult{{}, {Err: "x"}}, TCP: []TCPResult{{Err: "y"}, {}}}
+	if n := s.Failed(); n != 2 {
+		t.Errorf("Failed = %d, want 2", n)
+	}
+}
