@@ -89,15 +89,16 @@ func run(ctx context.Context, c *config) error {
 
 	fmt.Fprintf(os.Stderr, "%s: capturing %q to %s; Ctrl-C stops\n", prog, c.Filter, c.out)
 	var packets, bytes atomic.Uint64
+	stopStatus := func() {}
 	if !c.quiet {
 		var meter exutil.Meter
-		stopStatus := exutil.NewStatusLine(os.Stderr).Start(context.Background(), time.Second, func() string {
+		stopStatus = exutil.NewStatusLine(os.Stderr).Start(context.Background(), time.Second, func() string {
 			pk, by := packets.Load(), bytes.Load()
 			pps, bps := meter.Rate(time.Now(), pk, by)
 			return fmt.Sprintf("captured %d packets, %s  rate %.0f pkt/s %s", pk, exutil.Bytes(by), pps, exutil.BitRate(bps))
 		})
-		defer stopStatus()
 	}
+	defer stopStatus() // on the early returns; the normal end stops it first
 
 	fw := &flushingWriter{pw: pw}
 	stopFlush := fw.flushEvery(time.Second)
@@ -105,6 +106,7 @@ func run(ctx context.Context, c *config) error {
 	err = capture(ctx, h, c, fw, &packets, &bytes)
 	loopDone()
 	stopFlush()
+	stopStatus() // before the last lines, which it would otherwise overwrite
 	if ferr := fw.flush(); err == nil {
 		err = ferr
 	}

@@ -133,7 +133,8 @@ func TestParseFlags(t *testing.T) {
 	for _, bad := range [][]string{
 		{}, {"-dst", "nonsense"}, {"-dst", "10.0.0.1", "-proto", "udp"}, {"-dst", "10.0.0.1", "-in"},
 		{"-dst", "10.0.0.1", "-proto", "gre"}, {"-dst", "10.0.0.1", "-ttl", "0"}, {"-dst", "10.0.0.1", "-payload-hex", "zz"},
-		{"-dst", "10.0.0.1", "-count", "0"},
+		{"-dst", "10.0.0.1", "-count", "0"}, {"-dst", "10.0.0.1", "-ifidx", "4294967296"},
+		{"-dst", "10.0.0.1", "-src", "fd00::1"}, {"-dst", "fd00::2", "-src", "10.0.0.2", "-in"},
 	} {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("parseFlags(%q) accepted", bad)

@@ -85,7 +85,10 @@ func parseFlags(args []string) (*config, error) {
 		return nil, fmt.Errorf("-proto %q: want icmp, udp or tcp", c.proto)
 	}
 	if *sport > 0xffff || *dport > 0xffff || *id > 0xffff || *ttl > 255 || *ttl == 0 || *ifIdx > 0xffffffff {
-		return nil, errors.New("-sport, -dport and -id must fit 16 bits, -ttl 1..255")
+		return nil, errors.New("-sport, -dport and -id must fit 16 bits, -ttl 1..255, -ifidx 32 bits")
+	}
+	if c.src.IsValid() && c.src.Is4() != c.dst.Is4() {
+		return nil, fmt.Errorf("-src %v and -dst %v: one address family, please", c.src, c.dst)
 	}
 	if c.count < 1 || c.count > 100000 {
 		return nil, fmt.Errorf("-count %d outside 1..100000", c.count)

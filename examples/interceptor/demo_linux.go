@@ -35,7 +35,15 @@ func runDemo(ctx context.Context, c *config, out io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("demo: make namespaces: %w", err)
 	}
-	defer link.Close()
+	linkClosed := false
+	closeLink := func() error {
+		if linkClosed {
+			return nil
+		}
+		linkClosed = true
+		return link.Close()
+	}
+	defer closeLink() // on the early returns
 	snd, rcv := &link.A, &link.B
 
 	filter := defaultDemoFilter()
@@ -122,6 +130,10 @@ func runDemo(ctx context.Context, c *config, out io.Writer) error {
 	}
 	if ctx.Err() != nil {
 		problems = append(problems, "interrupted")
+	}
+	// Before the verdict, which says the namespaces are gone.
+	if err := closeLink(); err != nil {
+		problems = append(problems, fmt.Sprintf("remove namespaces: %v", err))
 	}
 
 	s := st.snapshot()

@@ -125,11 +125,12 @@ func run(ctx context.Context, c *config, out io.Writer) error {
 		fmt.Fprintf(os.Stderr, "%s: diverting %q at layer %v, priority %d; Ctrl-C stops\n", prog, c.Filter, c.Layer, c.Priority)
 	}
 	st := newStats()
+	stopStatus := func() {}
 	if c.quiet && !c.json {
-		stopStatus := exutil.NewStatusLine(os.Stderr).Start(ctx, time.Second, st.statusLine)
-		defer stopStatus()
+		stopStatus = exutil.NewStatusLine(os.Stderr).Start(ctx, time.Second, st.statusLine)
 	}
 	err = intercept(ctx, h, c, c.packetOut(out), st)
+	stopStatus() // before the summary, which it would otherwise follow
 	st.print(out, c.json)
 	return err
 }

@@ -108,7 +108,7 @@ func parseFlags(args []string) (*config, error) {
 		c.seed = uint64(time.Now().UnixNano())
 	}
 	if hold := c.maxHold(); hold > maxQueueTime-queueMargin {
-		return nil, fmt.Errorf("-delay + -jitter + -reorder-gap = %v: a packet can be held at most %v", hold, maxQueueTime-queueMargin)
+		return nil, fmt.Errorf("-delay + -jitter (+ -reorder-gap with -reorder) = %v: a packet can be held at most %v", hold, maxQueueTime-queueMargin)
 	}
 	return c, nil
 }
@@ -123,8 +123,14 @@ const (
 
 // maxHold is the longest a packet is held for delay, jitter and reordering
 // (the rate limit adds to it; packets it would hold past the queue time are
-// dropped).
-func (c *config) maxHold() time.Duration { return c.delay + c.jitter + c.reorderGap }
+// dropped). The reorder gap counts only when packets are reordered.
+func (c *config) maxHold() time.Duration {
+	h := c.delay + c.jitter
+	if c.reorder > 0 {
+		h += c.reorderGap
+	}
+	return h
+}
 
 // queueTime is the ParamQueueTime (ms) the handle needs.
 func (c *config) queueTime() uint64 {

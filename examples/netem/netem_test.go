@@ -206,8 +206,22 @@ func TestParseFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if got := c.queueTime(); got != 3000+500 {
+		t.Errorf("queue time %d ms, want 3500 (delay + margin: no reordering, so no gap)", got)
+	}
+	c, err = parseFlags([]string{"-delay", "3s", "-reorder", "10"})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if got := c.queueTime(); got != 3000+20+500 {
 		t.Errorf("queue time %d ms, want 3520 (delay + reorder gap + margin)", got)
+	}
+	// The longest delay that fits is longer without reordering.
+	if _, err := parseFlags([]string{"-delay", "15490ms"}); err != nil {
+		t.Errorf("-delay 15490ms without -reorder: %v", err)
+	}
+	if _, err := parseFlags([]string{"-delay", "15490ms", "-reorder", "1"}); err == nil {
+		t.Error("-delay 15490ms with -reorder and its 20ms gap: accepted")
 	}
 	c, err = parseFlags(nil)
 	if err != nil {
