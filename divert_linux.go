@@ -115,9 +115,10 @@ type linuxBackend struct {
 	queueTime atomic.Int64 // ns
 	shutRecv  atomic.Bool
 	shutting  atomic.Bool // Shutdown(ShutdownRecv) has begun
+	shmu      sync.Mutex  // makes a concurrent Shutdown wait for the one stopping the queue
 	dlmu      sync.Mutex  // orders SetReadDeadline after Shutdown's wake-up
 	closed    atomic.Bool
-	more      atomic.Bool // the receive buffer holds undecoded packets
+	more      atomic.Bool // the receive buffer holds undecoded packets; cleared when a receive call is about to wait
 	// recvCalls changes when a receive call starts (+1) and when it ends
 	// (+1<<32 - 1): its low 32 bits are the calls in progress, and any
 	// change says one started or ended (see recvStart, recvEnd).
@@ -319,6 +320,10 @@ func (b *linuxBackend) refillLocked(block bool, cur, other []byte) bool {
 		b.track.Seal(other)
 	}
 	if block {
+		// The call is about to wait: a Send from now on must not count on
+		// it to flush, though the packets the last call left buffered set
+		// more (this call took them, and may have handed none out).
+		b.more.Store(false)
 		b.flushLocked()
 	}
 	return switchArea
@@ -1125,7 +1130,8 @@ func (b *linuxBackend) parkReaper() bool {
 		return true // no receive call in progress
 	}
 	b.vmu.Lock()
-	idle := b.track.Len() == 0 && (b.frag == nil || len(b.frag.pending) == 0)
+	idle := b.track.Len() == 0 && (b.frag == nil || len(b.frag.pending) == 0) &&
+		len(b.acc) == 0 && len(b.vbuf) == 0
 	b.vmu.Unlock()
 	if !idle {
 		return true
@@ -1328,19 +1334,27 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 		return nil
 	}
 	var errs []error
-	if b.conn != nil && !b.shutting.Swap(true) {
-		// Stop new packets first, then mark the handle shut down, so that
-		// a concurrent Recv cannot report ErrShutdown while packets still
-		// arrive; then wake a blocked Recv so that it drains.
-		b.vmu.Lock()
-		errs = append(errs, b.conn.StopQueueing())
-		b.vmu.Unlock()
-		// Under dlmu: a SetReadDeadline cannot put a later deadline in
-		// place of the wake-up once shutRecv is set.
-		b.dlmu.Lock()
-		b.shutRecv.Store(true)
-		errs = append(errs, b.conn.SetReadDeadline(time.Unix(1, 0)))
-		b.dlmu.Unlock()
+	if b.conn != nil {
+		// One call stops the queue; a concurrent one waits for it (under
+		// shmu), so that neither returns, nor sets shutRecv, before new
+		// packets stop.
+		b.shmu.Lock()
+		if !b.shutting.Swap(true) {
+			// Stop new packets first, then mark the handle shut down, so
+			// that a concurrent Recv cannot report ErrShutdown while
+			// packets still arrive; then wake a blocked Recv so that it
+			// drains.
+			b.vmu.Lock()
+			errs = append(errs, b.conn.StopQueueing())
+			b.vmu.Unlock()
+			// Under dlmu: a SetReadDeadline cannot put a later deadline
+			// in place of the wake-up once shutRecv is set.
+			b.dlmu.Lock()
+			b.shutRecv.Store(true)
+			errs = append(errs, b.conn.SetReadDeadline(time.Unix(1, 0)))
+			b.dlmu.Unlock()
+		}
+		b.shmu.Unlock()
 	}
 	b.shutRecv.Store(true)
 	if b.flags&FlagDrop != 0 {

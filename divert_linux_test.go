@@ -1947,3 +1947,112 @@ func TestLinuxDropOpenNoWindow(t *testing.T) {
 		t.Fatalf("%d of %d datagrams lost (the filter matches none); first lost: %v", len(lost), sent, lost[:min(len(lost), 20)])
 	}
 }
+
+// TestLinuxSendWhileOtherRecvWaits: a Send from one goroutine while another
+// goroutine's Recv waits must put its verdict on the wire at once. The
+// packets the previous Recv left buffered made Send count on the next
+// Recv to flush; that Recv took them (one passed by the user-space filter,
+// none handed out) and went to wait, so the ACCEPT stayed in user space,
+// and the reaper, seeing a Recv waiting and nothing held, parked.
+func TestLinuxSendWhileOtherRecvWaits(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dsw", 0)
+	ap, sink := udpSink(t, l, 6500)
+	// timestamp is for user space only: the kernel queues every datagram
+	// to 6500 and the filter passes the one from port 2222 in user space.
+	h := openIn(t, l.B.NS, "udp.DstPort == 6500 and (timestamp < 0 or udp.SrcPort == 1111)", LayerNetwork, 0, 0)
+	b := h.b.(*linuxBackend)
+	for _, d := range []struct {
+		port    int
+		payload string
+	}{{1111, "held"}, {2222, "pass"}} {
+		err := l.A.NS.Do(func() error {
+			c, err := net.DialUDP("udp", &net.UDPAddr{IP: l.A.V4.AsSlice(), Port: d.port}, net.UDPAddrFromAddrPort(ap))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			_, err = c.Write([]byte(d.payload))
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(50 * time.Millisecond) // both queued: one read takes both
+	buf := make([]byte, MTUMax)
+	var a Address
+	n, err := h.Recv(buf, &a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !b.more.Load() {
+		t.Fatal("the second datagram was not buffered with the first: the test shows nothing")
+	}
+	waiting := make(chan error, 1)
+	go func() {
+		_, err := h.Recv(make([]byte, MTUMax), new(Address))
+		waiting <- err
+	}()
+	// The second Recv takes the buffered datagram, passes it (flushing its
+	// ACCEPT before it waits) and waits.
+	if got, err := netnstest.RecvUDP(sink, 1, 2*time.Second); err != nil || len(got) != 1 || string(got[0]) != "pass" {
+		t.Fatalf("the passed datagram: %q, %v", got, err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if _, err := h.Send(buf[:n], &a); err != nil {
+		t.Fatal(err)
+	}
+	b.vmu.Lock()
+	unsent := len(b.acc) + len(b.vbuf)
+	b.vmu.Unlock()
+	if unsent != 0 {
+		t.Errorf("Send returned with its verdict unsent (%d bytes/ids left) while another Recv waits", unsent)
+	}
+	if got, err := netnstest.RecvUDP(sink, 1, 2*time.Second); err != nil || len(got) != 1 || string(got[0]) != "held" {
+		t.Errorf("the sent datagram: %q, %v", got, err)
+	}
+	h.Close()
+	if err := <-waiting; !errors.Is(err, net.ErrClosed) {
+		t.Errorf("the waiting Recv after Close: %v", err)
+	}
+}
+
+// TestLinuxConcurrentShutdown: a Shutdown(ShutdownRecv) racing another
+// must not return, nor make Recv report ErrShutdown, before the other has
+// stopped the queue: packets queued meanwhile would never be read, and
+// would expire. The first call is held inside (vmu taken, as a flush
+// would) while the second runs.
+func TestLinuxConcurrentShutdown(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dcs", 0)
+	h := openIn(t, l.B.NS, "icmp", LayerNetwork, 0, 0)
+	b := h.b.(*linuxBackend)
+	b.vmu.Lock()
+	first, second := make(chan error, 1), make(chan error, 1)
+	go func() { first <- h.Shutdown(ShutdownRecv) }()
+	for !b.shutting.Load() {
+		time.Sleep(time.Millisecond)
+	}
+	go func() { second <- h.Shutdown(ShutdownRecv) }()
+	waits := []chan error{first, second}
+	select {
+	case err := <-second:
+		t.Errorf("the second Shutdown returned (%v) while the first had not stopped the queue", err)
+		waits = waits[:1]
+	case <-time.After(100 * time.Millisecond):
+	}
+	if b.shutRecv.Load() {
+		t.Error("shutRecv set before the queue stopped: Recv would report ErrShutdown while packets still come")
+	}
+	b.vmu.Unlock()
+	for _, c := range waits {
+		if err := <-c; err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+	}
+	var a Address
+	if _, err := h.Recv(make([]byte, MTUMax), &a); !errors.Is(err, ErrShutdown) {
+		t.Errorf("Recv after Shutdown: %v", err)
+	}
+}
