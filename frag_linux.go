@@ -191,12 +191,16 @@ func (fs *fragState) close() error {
 	if fs.rules != nil {
 		err = fs.rules.Close()
 	}
+	// Under smu: a Send of a datagram may be asking a route's MTU on them
+	// (routeMTU), and a closed descriptor's number may be reused at once.
+	fs.smu.Lock()
 	for _, fd := range []*int{&fs.mtuFd4, &fs.mtuFd6} {
 		if *fd >= 0 {
 			unix.Close(*fd)
 			*fd = -1
 		}
 	}
+	fs.smu.Unlock()
 	return err
 }
 
