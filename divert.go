@@ -577,7 +577,9 @@ func (h *Handle) checkSend() error {
 // A received packet stays out of the host's path until it is sent back with
 // Send, dropped with Drop, or its ParamQueueTime runs out (then it is
 // dropped; Linux, where the kernel holds it: on Windows and FreeBSD it has
-// left the kernel and waits for Send as long as the program likes).
+// left the kernel and waits for Send as long as the program likes). An
+// empty b is refused before anything is received: no packet could be sent
+// back from it.
 func (h *Handle) Recv(b []byte, a *Address) (int, error) {
 	if err := h.checkRecv(); err != nil {
 		return 0, err
@@ -585,13 +587,20 @@ func (h *Handle) Recv(b []byte, a *Address) (int, error) {
 	if a == nil {
 		return 0, errors.New("divert: nil Address")
 	}
+	if len(b) == 0 {
+		return 0, errEmptyBuf
+	}
 	return h.b.recv(b, a)
 }
+
+var errEmptyBuf = errors.New("divert: recv: empty buffer (nothing received)")
 
 // RecvBatch receives up to min(len(ms), BatchMax) packets, blocking for the
 // first only. It returns how many messages it filled; each gets its packet
 // in Buf[:N] and its Address. A message whose Buf is too small holds the
-// truncated packet; the call then also returns ErrTruncated.
+// truncated packet; the call then also returns ErrTruncated. A message
+// with an empty Buf ends the batch before it (the first one is refused, as
+// by Recv).
 func (h *Handle) RecvBatch(ms []Message) (int, error) {
 	if err := h.checkRecv(); err != nil {
 		return 0, err
@@ -601,6 +610,9 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 	}
 	if len(ms) == 0 {
 		return 0, nil
+	}
+	if len(ms[0].Buf) == 0 {
+		return 0, errEmptyBuf
 	}
 	return h.b.recvBatch(ms)
 }

@@ -767,7 +767,7 @@ func (b *bsdBackend) recvBatch(ms []Message) (int, error) {
 	ms[0].N = n
 	trunc := err != nil
 	i := 1
-	for ; i < len(ms); i++ {
+	for ; i < len(ms) && len(ms[i].Buf) > 0; i++ { // an empty Buf ends the batch
 		n, err := b.recvOne(ms[i].Buf, &ms[i].Addr, false)
 		if err != nil && !errors.Is(err, ErrTruncated) {
 			break // nothing more queued now (or an error the next call reports)

@@ -576,7 +576,7 @@ func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 	b.rmu.Lock()
 	var err, terr error
 	k := 0
-	for k < len(ms) {
+	for k < len(ms) && len(ms[k].Buf) > 0 { // an empty Buf ends the batch (RecvBatch)
 		var n int
 		n, err = b.next(ms[k].Buf, &ms[k].Addr, k == 0)
 		if err != nil {

@@ -304,6 +304,10 @@ func (b *winBackend) recvMany(ms []Message) (int, error) {
 	}
 	total := 0
 	for i := range ms {
+		if len(ms[i].Buf) == 0 {
+			ms = ms[:i] // an empty Buf ends the batch (RecvBatch)
+			break
+		}
 		total += len(ms[i].Buf)
 	}
 	if total < 1 {

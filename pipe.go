@@ -276,7 +276,7 @@ func (p *Pipe) recvBatch(ms []Message) (int, error) {
 	}
 	ms[0].N = n
 	k := 1
-	for ; k < len(ms) && len(p.queue) > 0; k++ {
+	for ; k < len(ms) && len(p.queue) > 0 && len(ms[k].Buf) > 0; k++ { // an empty Buf ends the batch
 		m, rerr := p.takeLocked(ms[k].Buf, &ms[k].Addr)
 		ms[k].N = m
 		if rerr != nil && err == nil {

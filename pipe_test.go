@@ -501,3 +501,51 @@ func TestPipeDeliverFreshAddress(t *testing.T) {
 	require.NoError(t, err)
 	require.EqualValues(t, 0, st.Injected, "the packet was held: its Send is a reinjection")
 }
+
+// TestRecvEmptyBuffer: an empty receive buffer is refused before anything
+// is received (nothing could be sent back from it, so the packet would be
+// lost), and an empty Buf ends a batch before it.
+func TestRecvEmptyBuffer(t *testing.T) {
+	h, p, err := divert.NewPipe("udp", divert.LayerNetwork, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	for i := range 3 {
+		if _, err := p.Deliver(udp4(t, uint16(1000+i), "x"), divert.Address{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var a divert.Address
+	if n, err := h.Recv(nil, &a); err == nil || n != 0 {
+		t.Fatalf("Recv(nil) = %d, %v; want an error", n, err)
+	}
+	if n, err := h.RecvBatch([]divert.Message{{}}); err == nil || n != 0 {
+		t.Fatalf("RecvBatch with an empty first Buf = %d, %v; want an error", n, err)
+	}
+	ms := []divert.Message{{Buf: make([]byte, 1500)}, {}, {Buf: make([]byte, 1500)}}
+	n, err := h.RecvBatch(ms)
+	if err != nil || n != 1 {
+		t.Fatalf("RecvBatch with an empty second Buf = %d, %v; want 1", n, err)
+	}
+	if _, err := h.SendBatch(ms[:1]); err != nil {
+		t.Fatal(err)
+	}
+	// Nothing was lost: the other two are still queued.
+	for range 2 {
+		buf := make([]byte, 1500)
+		n, err := h.Recv(buf, &a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := h.Send(buf[:n], &a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := p.Stats(); st.Dropped != 0 || st.Sent != 3 {
+		t.Errorf("%+v: want none dropped, 3 sent", st)
+	}
+	if s, err := h.Stats(); err != nil || s.Received != 3 || s.Sent != 3 {
+		t.Errorf("Stats %+v, %v: want 3 received and sent", s, err)
+	}
+}

@@ -100,6 +100,10 @@ func (b *winBackend) recvReassembled(p []byte, a *Address) (int, error) {
 func (b *winBackend) recvBatchReassembled(ms []Message) (int, error) {
 	total := 0
 	for i := range ms {
+		if len(ms[i].Buf) == 0 {
+			ms = ms[:i] // an empty Buf ends the batch (RecvBatch)
+			break
+		}
 		total += len(ms[i].Buf)
 	}
 	// At least MTUMax, so that the driver never truncates a fragment.
