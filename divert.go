@@ -652,8 +652,9 @@ func (h *Handle) Send(b []byte, a *Address) (int, error) {
 	return h.b.send(b, a)
 }
 
-// SendBatch sends up to min(len(ms), BatchMax) messages, each Buf[:N] with
-// its Addr, and returns how many were sent. On error the count is how many
+// SendBatch sends the messages, each Buf[:N] with its Addr, and returns how
+// many were sent. More than BatchMax messages are refused, before any is
+// sent, as is any with N out of range. On error the count is how many
 // messages went before the one that failed, so a caller can go on from
 // there; on Windows, where a batch is one WinDivertSendEx that injects its
 // other packets past one it could not, the count is then every message
@@ -664,7 +665,9 @@ func (h *Handle) SendBatch(ms []Message) (int, error) {
 		return 0, err
 	}
 	if len(ms) > BatchMax {
-		ms = ms[:BatchMax]
+		// Sending the first BatchMax with no error would leave the rest
+		// unsent for a caller that checks only the error.
+		return 0, fmt.Errorf("divert: SendBatch of %d messages: at most BatchMax (%d) per call", len(ms), BatchMax)
 	}
 	for i := range ms {
 		if ms[i].N <= 0 || ms[i].N > len(ms[i].Buf) || ms[i].N > MTUMax {

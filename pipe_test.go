@@ -549,3 +549,27 @@ func TestRecvEmptyBuffer(t *testing.T) {
 		t.Errorf("Stats %+v, %v: want 3 received and sent", s, err)
 	}
 }
+
+// TestSendBatchTooLarge: more than BatchMax messages are refused before
+// any is sent, rather than the first BatchMax sent with no error.
+func TestSendBatchTooLarge(t *testing.T) {
+	h, p, err := divert.NewPipe("false", divert.LayerNetwork, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	pkt := udp4(t, 9, "x")
+	ms := make([]divert.Message, divert.BatchMax+1)
+	for i := range ms {
+		ms[i] = divert.Message{Buf: pkt, N: len(pkt), Addr: divert.Address{Outbound: true}}
+	}
+	if n, err := h.SendBatch(ms); err == nil || n != 0 {
+		t.Fatalf("SendBatch of %d = %d, %v; want 0 and an error", len(ms), n, err)
+	}
+	if st := p.Stats(); st.Sent != 0 {
+		t.Fatalf("%d sent by a refused batch", st.Sent)
+	}
+	if n, err := h.SendBatch(ms[:divert.BatchMax]); err != nil || n != divert.BatchMax {
+		t.Fatalf("SendBatch of BatchMax = %d, %v", n, err)
+	}
+}
