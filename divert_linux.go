@@ -936,7 +936,7 @@ func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
 			return 0, err
 		}
 		a.sys = sysAddr{}
-		return len(pkt), nil
+		return ipLen(pkt), nil
 	}
 	return b.inject(pkt, a)
 }
@@ -946,11 +946,11 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 		return 0, errors.New("divert: handle cannot inject")
 	}
 	// A raw IPv4 send would rewrite the total length silently.
-	n := len(pkt)
 	pkt, err := sendable(pkt)
 	if err != nil {
 		return 0, err
 	}
+	n := len(pkt) // the IP length, as WinDivertSend counts
 	out := pkt
 	if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) {
 		// Checksum-offloaded, as WinDivert reads the clear bits: finish
@@ -988,9 +988,9 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 // not for this host (see Handle.Send) is not supported.
 func injectError(err error) error {
 	if errors.Is(err, inject.ErrNotLocal) {
-		return fmt.Errorf("divert: inject inbound: %w: Linux delivers new inbound packets through the local stack only (%w)", ErrNotSupported, err)
+		return fmt.Errorf("%w: inject inbound: Linux delivers new inbound packets through the local stack only (%w)", ErrNotSupported, err)
 	}
-	return fmt.Errorf("divert: inject: %w", err)
+	return fmt.Errorf("divert: %w", err) // err says "inject: ..."
 }
 
 func (b *linuxBackend) sendBatch(ms []Message) (int, error) {

@@ -673,8 +673,8 @@ func TestLinuxMalformedSend(t *testing.T) {
 	}
 	// Bytes past the packet's length are left out, as WinDivert does: the
 	// ICMP checksum would not cover them otherwise, and no reply would come.
-	if _, err := h.Send(append(buf[:n:n], 0xAA, 0xBB), &a); err != nil {
-		t.Fatalf("Send of the packet as received, with 2 bytes past its length, after the refusals: %v", err)
+	if sent, err := h.Send(append(buf[:n:n], 0xAA, 0xBB), &a); err != nil || sent != n {
+		t.Fatalf("Send of the packet as received, with 2 bytes past its length, after the refusals: %d, %v; want %d sent (the IP length, as WinDivertSend counts)", sent, err, n)
 	}
 	if r := <-got; r != 1 {
 		t.Fatal("no reply: the request was not reinjected")

@@ -35,6 +35,10 @@ type Injector struct {
 // stay in, but be routed out like an outbound packet.
 var ErrNotLocal = errors.New("inject: the destination is not an address of this host")
 
+// ErrRefused reports a packet the kernel refused to send: a netfilter rule
+// on the output path dropped it.
+var ErrRefused = errors.New("inject: packet refused")
+
 // New opens the raw sockets, in the network namespace of the calling
 // thread, with SO_MARK mark (0 = no mark). Errors wrap os.ErrPermission when
 // the caller lacks CAP_NET_RAW (sockets) or CAP_NET_ADMIN (mark).
@@ -76,6 +80,14 @@ func rawSocket(family int, mark uint32) (int, error) {
 	fd, err := unix.Socket(family, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
 	if err != nil {
 		return -1, wrap("open raw socket", err, "CAP_NET_RAW")
+	}
+	if family == unix.AF_INET {
+		// Without it the kernel refuses a packet to a broadcast address
+		// (EACCES), which WinDivert injects (DHCP, say).
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_BROADCAST, 1); err != nil {
+			unix.Close(fd)
+			return -1, wrap("set SO_BROADCAST", err, "")
+		}
 	}
 	if family == unix.AF_INET6 {
 		// Implied by IPPROTO_RAW; explicit for clarity on kernels that
@@ -170,8 +182,10 @@ func sendto(fd int, p []byte, sa unsafe.Pointer, salen uintptr) error {
 		case unix.EINTR:
 			continue
 		case unix.EPERM, unix.EACCES:
-			// Also what a netfilter DROP on the output path returns.
-			return fmt.Errorf("inject: sendto: packet refused (dropped by a firewall rule, or CAP_NET_RAW missing): %w", os.NewSyscallError("sendto", e))
+			// What a netfilter DROP on the output path returns (the raw
+			// socket is open, so no privilege is missing). Not wrapped:
+			// errors.Is must not take it for os.ErrPermission.
+			return fmt.Errorf("%w: a firewall rule (netfilter, on the output path) dropped it (sendto: %v)", ErrRefused, e)
 		}
 		return fmt.Errorf("inject: %w", os.NewSyscallError("sendto", e))
 	}

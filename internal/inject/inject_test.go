@@ -233,8 +233,8 @@ func TestMarkSkipped(t *testing.T) {
 			inj := newIn(t, l.B.NS, tc.mark)
 			pkt := build(l.A.V4, l.B.V4, 17, udp(4242, port, tc.name), 6)
 			err := inj.Inbound(pkt, 0)
-			if err != nil && !errors.Is(err, os.ErrPermission) {
-				t.Fatal(err) // a drop at output shows as EPERM
+			if err != nil && (!errors.Is(err, ErrRefused) || errors.Is(err, os.ErrPermission)) {
+				t.Fatal(err) // a drop at output shows as ErrRefused, not as a missing privilege
 			}
 			c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
 			buf := make([]byte, 100)
@@ -388,5 +388,31 @@ func benchSend(b *testing.B, inbound bool) {
 		if err := send(pkt); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestOutboundBroadcast injects a datagram to the link's broadcast address:
+// the kernel refuses it (EACCES) unless the raw socket has SO_BROADCAST,
+// and WinDivert injects such packets (DHCP, say).
+func TestOutboundBroadcast(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "ibc", 0)
+	inj := newIn(t, l.A.NS, nftrules.Mark(0))
+	var c net.PacketConn
+	if err := l.B.NS.Do(func() (err error) { c, err = net.ListenPacket("udp4", ":7311"); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	bc := l.A.V4.As4()
+	bc[3] = 255 // the /24's broadcast address
+	pkt := build(l.A.V4, netip.AddrFrom4(bc), 17, udp(4242, 7311, "to all"), 6)
+	if err := inj.Outbound(pkt); err != nil {
+		t.Fatalf("Outbound to %v: %v", netip.AddrFrom4(bc), err)
+	}
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	buf := make([]byte, 100)
+	n, _, err := c.ReadFrom(buf)
+	if err != nil || string(buf[:n]) != "to all" {
+		t.Fatalf("the broadcast: %q, %v", buf[:n], err)
 	}
 }

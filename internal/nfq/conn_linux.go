@@ -311,7 +311,10 @@ func (c *Conn) bind(queue uint16, auto bool) error {
 		case busy && auto:
 			continue
 		case busy:
-			return fmt.Errorf("nfq: bind queue %d: %w (%w)", q, ErrQueueBusy, err)
+			// The kernel says EPERM for a queue another socket holds; not
+			// wrapped, so that errors.Is does not take it for a missing
+			// privilege.
+			return fmt.Errorf("nfq: bind queue %d: %w (%v)", q, ErrQueueBusy, err)
 		case errors.Is(err, unix.EPERM):
 			return fmt.Errorf("nfq: bind queue %d: %w (NFQUEUE needs CAP_NET_ADMIN)", q, err)
 		case errors.Is(err, unix.EINVAL), errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.ENOENT):
