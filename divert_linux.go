@@ -974,7 +974,7 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 		_ = CalcChecksums(out, nil, fl)
 	}
 	if a.Outbound || b.layer == LayerNetworkForward {
-		err = b.inj.Outbound(out)
+		err = b.inj.OutboundOn(out, a.IfIdx) // the zone of a link-local destination
 	} else {
 		err = b.inj.Inbound(out, a.IfIdx)
 	}

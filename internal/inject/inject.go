@@ -115,7 +115,13 @@ func wrap(op string, err error, capability string) error {
 func (i *Injector) Mark() uint32 { return i.mark }
 
 // Outbound sends pkt (a whole IPv4 or IPv6 packet) as if this host sent it.
-func (i *Injector) Outbound(pkt []byte) error { return i.send(pkt, false) }
+func (i *Injector) Outbound(pkt []byte) error { return i.send(pkt, false, 0) }
+
+// OutboundOn is Outbound for a packet whose IPv6 destination needs a zone
+// (link-local unicast, interface- or link-local multicast): it leaves
+// through interface ifIdx, where Outbound would take the first route that
+// matches. Other destinations go by their route, whatever ifIdx.
+func (i *Injector) OutboundOn(pkt []byte, ifIdx uint32) error { return i.send(pkt, false, ifIdx) }
 
 // Inbound delivers pkt (a whole IPv4 or IPv6 packet addressed to this host)
 // to the local stack as if it had been received. The packet enters through
@@ -125,10 +131,10 @@ func (i *Injector) Outbound(pkt []byte) error { return i.send(pkt, false) }
 // wrapping ErrNotLocal, and nothing is sent.
 func (i *Injector) Inbound(pkt []byte, ifIdx uint32) error {
 	_ = ifIdx
-	return i.send(pkt, true)
+	return i.send(pkt, true, 0)
 }
 
-func (i *Injector) send(pkt []byte, inbound bool) error {
+func (i *Injector) send(pkt []byte, inbound bool, zone uint32) error {
 	if len(pkt) == 0 {
 		return errors.New("inject: empty packet")
 	}
@@ -161,6 +167,9 @@ func (i *Injector) send(pkt []byte, inbound bool) error {
 		var sa unix.RawSockaddrInet6
 		sa.Family = unix.AF_INET6 // port must stay 0
 		copy(sa.Addr[:], pkt[24:40])
+		if zone != 0 && needsZone(sa.Addr) {
+			sa.Scope_id = zone
+		}
 		if inbound {
 			if err := i.checkLocal(netip.AddrFrom16(sa.Addr)); err != nil {
 				return err
@@ -169,6 +178,12 @@ func (i *Injector) send(pkt []byte, inbound bool) error {
 		return sendto(i.fd6, pkt, unsafe.Pointer(&sa), unix.SizeofSockaddrInet6)
 	}
 	return fmt.Errorf("inject: IP version %d is neither 4 nor 6", pkt[0]>>4)
+}
+
+// needsZone reports whether an IPv6 destination is scoped to one link:
+// link-local unicast, or multicast of interface- or link-local scope.
+func needsZone(a [16]byte) bool {
+	return a[0] == 0xfe && a[1]&0xc0 == 0x80 || a[0] == 0xff && (a[1]&0x0f == 1 || a[1]&0x0f == 2)
 }
 
 // sendto is sendto(2) without the allocation that unix.Sendto makes for the

@@ -416,3 +416,56 @@ func TestOutboundBroadcast(t *testing.T) {
 		t.Fatalf("the broadcast: %q, %v", buf[:n], err)
 	}
 }
+
+// TestOutboundZone injects to ff02::1 (link-local multicast) from a router
+// with two links: OutboundOn's ifIdx picks the link; without a zone the
+// kernel would take whichever link's route comes first.
+func TestOutboundZone(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r, err := netnstest.NewRouted("izn", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	inj := newIn(t, r.Router(), nftrules.Mark(0))
+	listen := func(ns *netnstest.NS) net.PacketConn {
+		var c net.PacketConn
+		if err := ns.Do(func() (err error) { c, err = net.ListenPacket("udp6", ":7312"); return }); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	left, right := listen(r.LeftHost()), listen(r.RightHost())
+	got := func(c net.PacketConn) string {
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		buf := make([]byte, 100)
+		n, _, err := c.ReadFrom(buf)
+		if err != nil {
+			return ""
+		}
+		return string(buf[:n])
+	}
+	all := netip.MustParseAddr("ff02::1")
+	for _, tc := range []struct {
+		name  string
+		ifIdx int
+		src   netip.Addr
+		want  net.PacketConn
+		other net.PacketConn
+	}{
+		{"right", r.Right.A.IfIdx, r.Right.A.V6, right, left},
+		{"left", r.Left.B.IfIdx, r.Left.B.V6, left, right},
+	} {
+		pkt := build(tc.src, all, 17, udp(4242, 7312, tc.name), 6)
+		if err := inj.OutboundOn(pkt, uint32(tc.ifIdx)); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if s := got(tc.want); s != tc.name {
+			t.Errorf("%s: the link's host got %q", tc.name, s)
+		}
+		if s := got(tc.other); s != "" {
+			t.Errorf("%s: the other link's host got %q", tc.name, s)
+		}
+	}
+}
