@@ -629,10 +629,13 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // stack through lo, so other handles see it as outbound loopback and
 // a.IfIdx is not used. Any other destination (another host's, a broadcast
 // or multicast one) would leave the host, so Send refuses it with an error
-// wrapping ErrNotSupported and sends nothing. Checksums: for a new packet a
-// clear checksum bit of a (a zero Address has them all clear) makes Send
-// compute that checksum on Linux and Windows (WinDivert's driver does);
-// set bits, reinjected packets and FreeBSD send the packet's as given. Use
+// wrapping ErrNotSupported and sends nothing. Checksums: a clear IP, TCP or
+// UDP checksum bit of a (a zero Address has them all clear) makes Send
+// compute that checksum on Windows, for every packet (WinDivert's driver
+// does), and on Linux for new packets and changed received ones; set bits,
+// packets sent back unchanged, ICMP's checksums and FreeBSD send the
+// packet's as given. (On Linux a received packet's TCP and UDP bits are
+// often clear: the stack finishes those checksums later.) Use
 // CalcChecksums after changing a packet. b must hold one whole IPv4 or
 // IPv6 packet, whose length field b covers; bytes past it are left out, as
 // WinDivert's driver ignores them. Send refuses others with an error (on

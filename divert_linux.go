@@ -111,6 +111,9 @@ type linuxBackend struct {
 
 	cmu  sync.Mutex // guards cbuf
 	cbuf []byte     // scratch for new packets whose checksums Send computes
+	// vcbuf (under vmu) is scratch for changed packets whose checksums
+	// Send computes.
+	vcbuf []byte
 
 	queueTime atomic.Int64 // ns
 	shutRecv  atomic.Bool
@@ -860,16 +863,19 @@ func (b *linuxBackend) flushLocked() error {
 // it) and sends it now, unless hold is set (SendBatch flushes at its end) or
 // the receiver is about to read more packets and will flush before it
 // blocks.
-func (b *linuxBackend) verdict(s *sysAddr, v nfq.Verdict, pkt []byte, hold bool) error {
+func (b *linuxBackend) verdict(a *Address, v nfq.Verdict, pkt []byte, hold bool) error {
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
-	return b.verdictLocked(s, v, pkt, hold)
+	return b.verdictLocked(a, v, pkt, hold)
 }
 
 // verdictLocked is verdict with vmu held.
 // For an ACCEPT, pkt is what the program sends back: the packet's payload
-// is replaced only if pkt differs from what it received.
-func (b *linuxBackend) verdictLocked(s *sysAddr, v nfq.Verdict, pkt []byte, hold bool) error {
+// is replaced only if pkt differs from what it received, and then, as
+// WinDivert's driver does, with the checksums a's clear bits say are
+// unfinished computed (the kernel takes a replaced payload's as they are).
+func (b *linuxBackend) verdictLocked(a *Address, v nfq.Verdict, pkt []byte, hold bool) error {
+	s := &a.sys
 	if b.closed.Load() {
 		return errClosed
 	}
@@ -891,6 +897,11 @@ func (b *linuxBackend) verdictLocked(s *sysAddr, v nfq.Verdict, pkt []byte, hold
 		var err error
 		if payload, err = sendable(pkt); err != nil {
 			return err
+		}
+		if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) {
+			b.vcbuf = append(b.vcbuf[:0], payload...)
+			payload = b.vcbuf
+			_ = CalcChecksums(payload, nil, unfinished(a)) // as for a new packet
 		}
 	}
 	b.track.ReleaseAt(i)
@@ -932,7 +943,7 @@ func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
 		return b.sendDgram(pkt, a)
 	}
 	if b.held(a) {
-		if err := b.verdict(&a.sys, nfq.Accept, pkt, hold); err != nil {
+		if err := b.verdict(a, nfq.Accept, pkt, hold); err != nil {
 			return 0, err
 		}
 		a.sys = sysAddr{}
@@ -959,19 +970,9 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 		defer b.cmu.Unlock()
 		b.cbuf = append(b.cbuf[:0], pkt...)
 		out = b.cbuf
-		fl := NoICMPChecksum | NoICMPv6Checksum // no Address bit says they are unfinished
-		if a.IPChecksum {
-			fl |= NoIPChecksum
-		}
-		if a.TCPChecksum {
-			fl |= NoTCPChecksum
-		}
-		if a.UDPChecksum {
-			fl |= NoUDPChecksum
-		}
 		// A packet that does not parse, or a fragment whose transport
 		// checksum covers bytes it lacks, goes out with what could be done.
-		_ = CalcChecksums(out, nil, fl)
+		_ = CalcChecksums(out, nil, unfinished(a))
 	}
 	if a.Outbound || b.layer == LayerNetworkForward {
 		err = b.inj.OutboundOn(out, a.IfIdx) // the zone of a link-local destination
@@ -982,6 +983,23 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 		return 0, injectError(err)
 	}
 	return n, nil
+}
+
+// unfinished returns the CalcChecksums flags that compute the checksums a's
+// clear bits say are unfinished, as WinDivert's driver does on every send:
+// IPv4, TCP and UDP (no Address bit covers ICMP's, which stay as given).
+func unfinished(a *Address) ChecksumFlag {
+	fl := NoICMPChecksum | NoICMPv6Checksum
+	if a.IPChecksum {
+		fl |= NoIPChecksum
+	}
+	if a.TCPChecksum {
+		fl |= NoTCPChecksum
+	}
+	if a.UDPChecksum {
+		fl |= NoUDPChecksum
+	}
+	return fl
 }
 
 // injectError wraps an error of the injector; an inbound packet that is
@@ -1022,7 +1040,7 @@ func (b *linuxBackend) sendBatch(ms []Message) (int, error) {
 				b.vmu.Lock()
 				locked = true
 			}
-			if err := b.verdictLocked(&a.sys, nfq.Accept, ms[i].Buf[:ms[i].N], true); err != nil {
+			if err := b.verdictLocked(a, nfq.Accept, ms[i].Buf[:ms[i].N], true); err != nil {
 				return i, fmt.Errorf("divert: message %d: %w", i, err)
 			}
 			a.sys = sysAddr{}
@@ -1056,7 +1074,7 @@ func (b *linuxBackend) drop(a *Address) error {
 	if !b.held(a) {
 		return nil // a copy or a new packet: nothing is queued
 	}
-	if err := b.verdict(&a.sys, nfq.Drop, nil, false); err != nil {
+	if err := b.verdict(a, nfq.Drop, nil, false); err != nil {
 		return err
 	}
 	b.st.dropped.Add(1)

@@ -2056,3 +2056,34 @@ func TestLinuxConcurrentShutdown(t *testing.T) {
 		t.Errorf("Recv after Shutdown: %v", err)
 	}
 }
+
+// TestLinuxChangedChecksumsComputed: a changed packet sent back with a
+// checksum bit clear gets that checksum computed, as WinDivert's driver
+// does on every send (the kernel takes a replaced payload's checksums as
+// they are, and the receiver would drop the datagram).
+func TestLinuxChangedChecksumsComputed(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dcc", 0)
+	ap, sink := udpSink(t, l, 6600)
+	h := openIn(t, l.B.NS, "inbound and udp.DstPort == 6600", LayerNetwork, 0, 0)
+	if err := l.A.NS.SendUDP(ap, []byte("hello"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	h.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, MTUMax)
+	var a Address
+	n, err := h.Recv(buf, &a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := buf[:n]
+	copy(p[n-5:], "HELLO") // the UDP checksum no longer matches
+	a.UDPChecksum = false  // unfinished: Send computes it
+	if _, err := h.Send(p, &a); err != nil {
+		t.Fatal(err)
+	}
+	got, err := netnstest.RecvUDP(sink, 1, 2*time.Second)
+	if err != nil || len(got) != 1 || string(got[0]) != "HELLO" {
+		t.Fatalf("the changed datagram: %q, %v (its checksum was not computed?)", got, err)
+	}
+}
