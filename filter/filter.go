@@ -90,7 +90,7 @@ const (
 
 // Error is a filter that does not compile.
 type Error struct {
-	Pos int    // character position of the fault
+	Pos int    // byte offset in the text of the fault (the start of the bad token or character); never negative
 	Msg string // WinDivert's message
 }
 
@@ -147,7 +147,10 @@ type Filter struct {
 
 // Compile compiles text, a filter in WinDivert's language (or a WinDivert
 // filter object "@WinDiv_..."), for layer. A filter that does not compile
-// gives an *Error with WinDivert's message and position.
+// gives an *Error with WinDivert's message and the position of the fault
+// (where WinDivert reports one before a token, or -1, Pos is the token's
+// start). A NUL byte inside text is refused: in WinDivert's C string it
+// would end the filter and leave the rest unread.
 func Compile(text string, layer Layer) (*Filter, error) {
 	if layer > LayerReflect {
 		return nil, &Error{Pos: 0, Msg: msgBadTokenLayer}

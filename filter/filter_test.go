@@ -102,8 +102,8 @@ func TestCompileErrors(t *testing.T) {
 		{LayerNetwork, "processId == 4", 0, msgBadTokenLayer},
 		{LayerNetwork, "event == CONNECT", 9, msgParse},
 		{LayerNetwork, "tcp and", 7, msgParse},
-		{LayerNetwork, "tcp & udp", 5, msgBadToken},
-		{LayerNetwork, "tcp | udp", 5, msgBadToken},
+		{LayerNetwork, "tcp & udp", 4, msgBadToken}, // at the lone '&'
+		{LayerNetwork, "tcp | udp", 4, msgBadToken},
 		{LayerNetwork, "packet[-0]", 9, msgIndexOOB},
 		{LayerNetwork, "packet16[-1b] == 1", 12, msgIndexOOB},
 		{LayerNetwork, "packet32[-3b] == 1", 12, msgIndexOOB},
@@ -126,8 +126,11 @@ func TestCompileErrors(t *testing.T) {
 		{LayerNetwork, "tcp.dstport == 80", 0, msgBadToken},
 		{LayerNetwork, "tcp.DstPort == 8_0", 15, msgBadToken},
 		{LayerNetwork, "tcp.DstPort == 1e3", 15, msgBadToken},
-		{LayerNetwork, "tcp.DstPort == \"80\"", 16, msgBadToken},
-		{LayerNetwork, "tcp $", 5, msgBadToken},
+		{LayerNetwork, "tcp.DstPort == \"80\"", 15, msgBadToken}, // at the bad character
+		{LayerNetwork, "tcp $", 4, msgBadToken},
+		{LayerNetwork, "tcp and \u00e9", 8, msgBadToken}, // at the first byte of the character
+		{LayerNetwork, "tcp\x00 and garbage(((", 3, msgBadToken}, // a NUL does not end the text unread
+		{LayerNetwork, "tcp and foo:", 8, msgBadToken},
 		{LayerNetwork, long, 0, msgBadToken},
 		{LayerNetwork, "tcp.DstPort == 340282366920938463463374607431768211456", 15, msgBadToken},
 		{LayerNetwork, "ipv6.SrcAddr == 1:2:3:4:5:6:1.2.3.4", 16, msgBadToken},
@@ -140,7 +143,9 @@ func TestCompileErrors(t *testing.T) {
 		{LayerNetwork, "tcp.DstPort == 80 tcp", 18, msgParse},
 		{LayerNetwork, "(tcp", 4, msgParse},
 		{LayerNetwork, "tcp)", 3, msgParse},
-		{LayerNetwork, "(ip? processId: tcp)", 4, msgBadTokenLayer}, // trailing ':' split: one before the word
+		{LayerNetwork, "(ip? processId: tcp)", 5, msgBadTokenLayer}, // a trailing ':' split: at the word (WinDivert: one before)
+		{LayerFlow, "random8:", 0, msgBadTokenLayer}, // WinDivert: -1
+		{LayerFlow, "tcp and random8:", 8, msgBadTokenLayer},
 		{LayerNetwork, "packet[1] ==", 12, msgParse},
 		{LayerNetwork, "packet == 1", 7, msgParse},
 		{LayerNetwork, "packet[b] == 1", 8, msgParse},

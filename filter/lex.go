@@ -366,7 +366,7 @@ func tokenize(filter string, layer Layer, toks []token) ([]token, *Error) {
 		i++
 		simple := true
 		switch c {
-		case 0:
+		case 0: // the end (compileText refuses a NUL inside the text)
 			t.kind = tkEnd
 			return append(toks, t), nil
 		case '(':
@@ -413,13 +413,13 @@ func tokenize(filter string, layer Layer, toks []token) ([]token, *Error) {
 		case '&':
 			i++
 			if at(i-1) != '&' {
-				return nil, &Error{Pos: i - 1, Msg: msgBadToken}
+				return nil, &Error{Pos: i - 2, Msg: msgBadToken} // at the lone '&'
 			}
 			t.kind = tkAnd
 		case '|':
 			i++
 			if at(i-1) != '|' {
-				return nil, &Error{Pos: i - 1, Msg: msgBadToken}
+				return nil, &Error{Pos: i - 2, Msg: msgBadToken} // at the lone '|'
 			}
 			t.kind = tkOr
 		default:
@@ -430,7 +430,7 @@ func tokenize(filter string, layer Layer, toks []token) ([]token, *Error) {
 			continue
 		}
 		if !isWordChar(c) {
-			return nil, &Error{Pos: i, Msg: msgBadToken}
+			return nil, &Error{Pos: i - 1, Msg: msgBadToken} // at the character
 		}
 		start := i - 1
 		j := 1
@@ -440,15 +440,16 @@ func tokenize(filter string, layer Layer, toks []token) ([]token, *Error) {
 			return nil, &Error{Pos: i - j, Msg: msgBadToken}
 		}
 		word := filter[start : start+j]
-		// A single trailing colon is split off (but "::" is kept). WinDivert
-		// keeps j, so positions reported for this word are one too small.
+		// A single trailing colon is split off (but "::" is kept). Errors
+		// about the word are reported at its start (WinDivert reports one
+		// before the start of a word it split so, -1 for the first).
 		if word[j-1] == ':' && (j == 1 || word[j-2] != ':') {
 			word = word[:j-1]
 			i--
 		}
 		if f, ok := fieldNames[word]; ok {
 			if f.wd && !validField(layer, f.id) {
-				return nil, &Error{Pos: i - j, Msg: msgBadTokenLayer}
+				return nil, &Error{Pos: start, Msg: msgBadTokenLayer}
 			}
 			t.kind = tkField
 			t.field = f.id
@@ -482,9 +483,9 @@ func tokenize(filter string, layer Layer, toks []token) ([]token, *Error) {
 				t.val = n
 				toks = append(toks, t)
 				if rest == "b" {
-					// WinDivert leaves this token's position unset; a fresh
-					// heap makes it 0.
-					toks = append(toks, token{kind: tkBytes})
+					// At the 'b' (WinDivert leaves this token's position
+					// unset, 0 on a fresh heap).
+					toks = append(toks, token{kind: tkBytes, pos: start + l})
 				}
 				continue
 			}
@@ -509,7 +510,7 @@ func tokenize(filter string, layer Layer, toks []token) ([]token, *Error) {
 			toks = append(toks, t)
 			continue
 		}
-		return nil, &Error{Pos: i - j, Msg: msgBadToken}
+		return nil, &Error{Pos: start, Msg: msgBadToken}
 	}
 }
 

@@ -479,7 +479,9 @@ func prepare(prog []insn, layer Layer) {
 // compileText compiles a filter string into a program (WinDivertCompileFilter).
 func compileText(text string, layer Layer) ([]insn, *Error) {
 	if n := indexNUL(text); n >= 0 {
-		text = text[:n] // C strings end at the first NUL
+		// WinDivert's C string would end there and the rest go unread: a
+		// Go string with a NUL inside is refused instead.
+		return nil, &Error{Pos: n, Msg: msgBadToken}
 	}
 	if len(text) > 0 && text[0] == '@' {
 		prog, ok := decodeObject(text, layer)
