@@ -128,7 +128,7 @@ func TestCompileErrors(t *testing.T) {
 		{LayerNetwork, "tcp.DstPort == 1e3", 15, msgBadToken},
 		{LayerNetwork, "tcp.DstPort == \"80\"", 15, msgBadToken}, // at the bad character
 		{LayerNetwork, "tcp $", 4, msgBadToken},
-		{LayerNetwork, "tcp and \u00e9", 8, msgBadToken}, // at the first byte of the character
+		{LayerNetwork, "tcp and \u00e9", 8, msgBadToken},         // at the first byte of the character
 		{LayerNetwork, "tcp\x00 and garbage(((", 3, msgBadToken}, // a NUL does not end the text unread
 		{LayerNetwork, "tcp and foo:", 8, msgBadToken},
 		{LayerNetwork, long, 0, msgBadToken},
@@ -144,7 +144,7 @@ func TestCompileErrors(t *testing.T) {
 		{LayerNetwork, "(tcp", 4, msgParse},
 		{LayerNetwork, "tcp)", 3, msgParse},
 		{LayerNetwork, "(ip? processId: tcp)", 5, msgBadTokenLayer}, // a trailing ':' split: at the word (WinDivert: one before)
-		{LayerFlow, "random8:", 0, msgBadTokenLayer}, // WinDivert: -1
+		{LayerFlow, "random8:", 0, msgBadTokenLayer},                // WinDivert: -1
 		{LayerFlow, "tcp and random8:", 8, msgBadTokenLayer},
 		{LayerNetwork, "packet[1] ==", 12, msgParse},
 		{LayerNetwork, "packet == 1", 7, msgParse},
