@@ -355,6 +355,11 @@ func (b *winBackend) send(p []byte, a *Address) (int, error) {
 }
 
 func (b *winBackend) sendOne(p []byte, a *Address) (int, error) {
+	// The driver refuses such a packet with ERROR_INVALID_PARAMETER, which
+	// names nothing; the batch path says what is wrong, and so does this.
+	if _, err := sendable(p); err != nil {
+		return 0, err
+	}
 	if b.reasm != nil {
 		return b.sendReassembled(p, a)
 	}

@@ -95,8 +95,19 @@ func NewPipe(filterText string, layer Layer, flags Flag) (*Handle, *Pipe, error)
 
 // Deliver offers the handle a packet as if the network stack met it, with
 // a describing it (Outbound, IfIdx, Loopback, ...). It reports whether the
-// handle took the packet out of the path (false: it went on, see Next).
+// handle took the packet out of the path (false: it went on, see Next). At
+// the network layers pkt must be one whole IPv4 or IPv6 packet, its length
+// field equal to len(pkt), as the stack's packets are; others are refused.
 func (p *Pipe) Deliver(pkt []byte, a Address) (taken bool, err error) {
+	if p.layer == LayerNetwork || p.layer == LayerNetworkForward {
+		q, err := sendable(pkt)
+		if err == nil && len(q) != len(pkt) {
+			err = fmt.Errorf("%d bytes past the IP length %d", len(pkt)-len(q), len(q))
+		}
+		if err != nil {
+			return false, fmt.Errorf("divert: pipe: Deliver: not a whole packet: %w", err)
+		}
+	}
 	a.Layer = p.layer
 	a.IPv6 = len(pkt) > 0 && pkt[0]>>4 == 6
 	a.Sniffed = false // the pipe sets it for its copies

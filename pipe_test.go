@@ -428,31 +428,38 @@ func TestPipeMalformedSend(t *testing.T) {
 	require.ErrorContains(t, err, "malformed packet", "a new packet too")
 }
 
-// TestPipeUnchangedNotChecked: as on Linux, a received packet sent back
-// unchanged is the stack's own and is not checked, whatever its bytes; a
-// changed one is.
-func TestPipeUnchangedNotChecked(t *testing.T) {
+// TestPipeDeliverWholePackets: Deliver takes only whole packets, as the
+// stack meets them (a packet cut short, or with bytes past its IP length,
+// is refused); a received packet changed into a malformed one is refused
+// by Send and stays held, and sent back unchanged it goes on.
+func TestPipeDeliverWholePackets(t *testing.T) {
 	h, p, err := divert.NewPipe("true", divert.LayerNetwork, 0)
 	require.NoError(t, err)
 	defer h.Close()
 	odd := udp4(t, 1, "x")
 	odd[3]++ // a total length one past the end: cut short
-	taken, err := p.Deliver(odd, divert.Address{})
+	_, err = p.Deliver(odd, divert.Address{})
+	require.ErrorContains(t, err, "not a whole packet", "cut short")
+	_, err = p.Deliver(append(udp4(t, 1, "x"), 0), divert.Address{})
+	require.ErrorContains(t, err, "past the IP length", "trailing bytes")
+	require.Zero(t, p.Stats().Delivered, "refused packets are not delivered")
+	pkt := udp4(t, 1, "x")
+	taken, err := p.Deliver(pkt, divert.Address{})
 	require.NoError(t, err)
 	require.True(t, taken)
 	buf := make([]byte, 100)
 	var a divert.Address
 	n, err := h.Recv(buf, &a)
 	require.NoError(t, err)
-	buf[1] = 9 // the TOS byte
+	buf[3]++ // changed: cut short
 	_, err = h.Send(buf[:n], &a)
 	require.ErrorContains(t, err, "malformed packet", "changed")
-	buf[1] = 0
+	buf[3]--
 	_, err = h.Send(buf[:n], &a)
-	require.NoError(t, err, "unchanged")
+	require.NoError(t, err, "unchanged, still held")
 	got, _, ok := p.Next(time.Second)
 	require.True(t, ok)
-	require.Equal(t, odd, got)
+	require.Equal(t, pkt, got)
 }
 
 // TestPipeDeliverFreshAddress: Deliver does not carry over a reference or
