@@ -452,7 +452,7 @@ func TestWinErrorMapping(t *testing.T) {
 		if _, err := h.Recv(make([]byte, 100), &a); !tc.check(err) {
 			t.Errorf("Recv with %v: %v, want %s", tc.err, err, tc.what)
 		}
-		if _, err := h.RecvBatch(make([]Message, 2)); !tc.check(err) {
+		if _, err := h.RecvBatch([]Message{{Buf: make([]byte, 100)}, {Buf: make([]byte, 100)}}); !tc.check(err) {
 			t.Errorf("RecvBatch with %v: %v, want %s", tc.err, err, tc.what)
 		}
 		h.Close()
@@ -508,8 +508,9 @@ func TestWinTruncatedAndShutdown(t *testing.T) {
 	}
 }
 
-// An empty buffer never reaches the driver (imgk indexes it unchecked): the
-// packet is taken, reported truncated, and its address filled.
+// An empty buffer never reaches the driver (imgk indexes it unchecked), nor
+// takes a packet: Recv refuses it, and an empty Buf ends a batch before it,
+// so the packets are all there for the buffers that follow.
 func TestWinEmptyBuffer(t *testing.T) {
 	h, f := winOpen(t, "true", LayerNetwork, 0, 0)
 	f.Push(windivert.Item{Data: winIPv4(60, 1), Addr: windivert.Addr{Outbound: true, IfIdx: 8}})
@@ -517,15 +518,23 @@ func TestWinEmptyBuffer(t *testing.T) {
 	f.Push(windivert.Item{Data: winIPv4(28, 3), Addr: windivert.Addr{IfIdx: 10}})
 	for i, b := range [][]byte{nil, make([]byte, 0, 100)} {
 		var a Address
-		n, err := h.Recv(b, &a)
-		if n != 0 || !errors.Is(err, ErrTruncated) || a.IfIdx != uint32(8+i) {
-			t.Fatalf("Recv(empty %d) = %d, %v, %+v", i, n, err, a)
+		if n, err := h.Recv(b, &a); n != 0 || err == nil || errors.Is(err, ErrTruncated) {
+			t.Fatalf("Recv(empty %d) = %d, %v; want a refusal", i, n, err)
 		}
 	}
-	ms := []Message{{Buf: nil}, {Buf: []byte{}}}
+	if n, err := h.RecvBatch([]Message{{Buf: nil}, {Buf: make([]byte, 100)}}); n != 0 || err == nil {
+		t.Fatalf("RecvBatch(empty first) = %d, %v; want a refusal", n, err)
+	}
+	ms := []Message{{Buf: make([]byte, 100)}, {Buf: []byte{}}, {Buf: make([]byte, 100)}}
 	n, err := h.RecvBatch(ms)
-	if n != 1 || !errors.Is(err, ErrTruncated) || ms[0].N != 0 || ms[0].Addr.IfIdx != 10 {
-		t.Fatalf("RecvBatch(empty) = %d, %v, %+v", n, err, ms[0])
+	if n != 1 || err != nil || ms[0].N != 60 || ms[0].Addr.IfIdx != 8 {
+		t.Fatalf("RecvBatch(empty second) = %d, %v, %+v; want the first packet only", n, err, ms[0])
+	}
+	for _, want := range []uint32{9, 10} {
+		var a Address
+		if _, err := h.Recv(make([]byte, 100), &a); err != nil || a.IfIdx != want {
+			t.Fatalf("Recv after the refusals: %v, IfIdx %d; want %d", err, a.IfIdx, want)
+		}
 	}
 	if _, err := h.Send(nil, &Address{Outbound: true}); err == nil {
 		t.Fatal("Send(nil) succeeded")
