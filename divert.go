@@ -14,7 +14,9 @@
 //   - FreeBSD: native divert(4) sockets, with ipfw rules.
 //   - Windows: WinDivert through github.com/imgk/divert-go.
 //
-// Every other OS compiles, and Open returns an error wrapping ErrNotSupported.
+// Every other OS compiles, and Open of a valid filter, layer and flags
+// returns an error wrapping ErrNotSupported (invalid ones get the same
+// errors as elsewhere).
 //
 // The classic loop:
 //
@@ -724,7 +726,10 @@ func (h *Handle) Shutdown(how ShutdownHow) error {
 // Later calls return net.ErrClosed. Only on Linux does a packet the program
 // has received (and not sent back) stay queued until Close reinjects it; on
 // FreeBSD, on Windows and in a Pipe it has left the queue, and unless sent
-// back first it is gone.
+// back first it is gone. So is, on Linux, a datagram FlagReassemble rebuilt
+// in user space (its fragments were dropped when it was delivered). On
+// Linux removing the rules makes the kernel drop every packet queued in the
+// network namespace, other handles' too (see the README's Linux notes).
 func (h *Handle) Close() error {
 	if h.closed.Swap(true) {
 		return errClosed
