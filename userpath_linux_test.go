@@ -299,3 +299,37 @@ func TestOverflowsFromIDGaps(t *testing.T) {
 		t.Fatalf("Stats %+v, %v: want 5 overflows (ids 2-4 and 7-8 missing), 4 received", s, err)
 	}
 }
+
+// TestKernelPairEmptyBuf: on Linux too an empty receive buffer is refused
+// and takes nothing, and an empty Buf ends a batch before it: the packets
+// after it stay buffered for the next call, and all get their verdicts.
+func TestKernelPairEmptyBuf(t *testing.T) {
+	pkt := udp64(t)
+	kp := newKernelPair(t, 3, pkt)
+	kp.queue(t, 3)
+	var a Address
+	if n, err := kp.h.Recv(nil, &a); err == nil || n != 0 {
+		t.Fatalf("Recv(nil) = %d, %v; want a refusal", n, err)
+	}
+	full := func() []byte { return make([]byte, MTUMax) }
+	ms := []Message{{Buf: full()}, {}, {Buf: full()}}
+	n, err := kp.h.RecvBatch(ms)
+	if err != nil || n != 1 {
+		t.Fatalf("RecvBatch with an empty second Buf = %d, %v; want 1", n, err)
+	}
+	rest := []Message{{Buf: full()}, {Buf: full()}, {Buf: full()}}
+	m, err := kp.h.RecvBatch(rest)
+	if err != nil || m != 2 {
+		t.Fatalf("the next RecvBatch = %d, %v; want the 2 packets left", m, err)
+	}
+	if sent, err := kp.h.SendBatch(append(ms[:1], rest[:2]...)); err != nil || sent != 3 {
+		t.Fatalf("SendBatch: %d, %v", sent, err)
+	}
+	want := nfq.AppendVerdictBatch(nil, kernelPairQueue, kp.next-1, nfq.Accept)
+	if v := kp.verdicts(t); len(v) != 1 || string(v[0]) != string(want) {
+		t.Fatalf("verdicts %x, want one: %x", v, want)
+	}
+	if s, err := kp.h.Stats(); err != nil || s.Received != 3 || s.Sent != 3 {
+		t.Fatalf("Stats %+v, %v", s, err)
+	}
+}
