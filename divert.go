@@ -579,9 +579,10 @@ func (h *Handle) checkSend() error {
 // A received packet stays out of the host's path until it is sent back with
 // Send, dropped with Drop, or its ParamQueueTime runs out (then it is
 // dropped; Linux, where the kernel holds it: on Windows and FreeBSD it has
-// left the kernel and waits for Send as long as the program likes). An
-// empty b is refused before anything is received: no packet could be sent
-// back from it.
+// left the kernel and waits for Send as long as the program likes). At the
+// network layers an empty b is refused before anything is received: no
+// packet could be sent back from it. (At the flow, socket and reflect
+// layers, which carry no packet, b may be empty, as in WinDivert.)
 func (h *Handle) Recv(b []byte, a *Address) (int, error) {
 	if err := h.checkRecv(); err != nil {
 		return 0, err
@@ -589,7 +590,7 @@ func (h *Handle) Recv(b []byte, a *Address) (int, error) {
 	if a == nil {
 		return 0, errors.New("divert: nil Address")
 	}
-	if len(b) == 0 {
+	if len(b) == 0 && carriesPackets(h.layer) {
 		return 0, errEmptyBuf
 	}
 	return h.b.recv(b, a)
@@ -597,12 +598,16 @@ func (h *Handle) Recv(b []byte, a *Address) (int, error) {
 
 var errEmptyBuf = errors.New("divert: recv: empty buffer (nothing received)")
 
+// carriesPackets reports whether a layer's events are packets, which a
+// receive buffer must hold (the others carry only an Address).
+func carriesPackets(l Layer) bool { return l == LayerNetwork || l == LayerNetworkForward }
+
 // RecvBatch receives up to min(len(ms), BatchMax) packets, blocking for the
 // first only. It returns how many messages it filled; each gets its packet
 // in Buf[:N] and its Address. A message whose Buf is too small holds the
-// truncated packet; the call then also returns ErrTruncated. A message
-// with an empty Buf ends the batch before it (the first one is refused, as
-// by Recv).
+// truncated packet; the call then also returns ErrTruncated. At the network
+// layers a message with an empty Buf ends the batch before it (the first
+// one is refused, as by Recv).
 func (h *Handle) RecvBatch(ms []Message) (int, error) {
 	if err := h.checkRecv(); err != nil {
 		return 0, err
@@ -613,7 +618,7 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 	if len(ms) == 0 {
 		return 0, nil
 	}
-	if len(ms[0].Buf) == 0 {
+	if len(ms[0].Buf) == 0 && carriesPackets(h.layer) {
 		return 0, errEmptyBuf
 	}
 	return h.b.recvBatch(ms)
@@ -640,8 +645,8 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // often clear: the stack finishes those checksums later.) Use
 // CalcChecksums after changing a packet. b must hold one whole IPv4 or
 // IPv6 packet, whose length field b covers; bytes past it are left out, as
-// WinDivert's driver ignores them. Send refuses others with an error (on
-// Windows the driver does), and a received packet stays held. (On Linux and with NewPipe a received packet sent back unchanged is
+// WinDivert's driver ignores them. Send refuses others with an error, and
+// on Linux and in a Pipe a received packet stays held. (On Linux and with NewPipe a received packet sent back unchanged is
 // not checked: it is the stack's own.) Sending an Address again after Send or Drop injects a new
 // packet; on Windows and FreeBSD so does any copy of a received Address,
 // while on Linux a copy taken before the Send or Drop is an error (its

@@ -304,8 +304,8 @@ func (b *winBackend) recvMany(ms []Message) (int, error) {
 	}
 	total := 0
 	for i := range ms {
-		if len(ms[i].Buf) == 0 {
-			ms = ms[:i] // an empty Buf ends the batch (RecvBatch)
+		if len(ms[i].Buf) == 0 && carriesPackets(b.layer) {
+			ms = ms[:i] // an empty Buf ends a batch of packets (RecvBatch)
 			break
 		}
 		total += len(ms[i].Buf)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -105,7 +106,9 @@ func (p *Pipe) Deliver(pkt []byte, a Address) (taken bool, err error) {
 			err = fmt.Errorf("%d bytes past the IP length %d", len(pkt)-len(q), len(q))
 		}
 		if err != nil {
-			return false, fmt.Errorf("divert: pipe: Deliver: not a whole packet: %w", err)
+			// sendable's message speaks for Send; keep what it says of
+			// the packet.
+			return false, fmt.Errorf("divert: pipe: Deliver: not a whole packet: %s", strings.TrimPrefix(strings.TrimPrefix(err.Error(), "divert: send: "), "malformed packet: "))
 		}
 	}
 	a.Layer = p.layer
@@ -287,7 +290,7 @@ func (p *Pipe) recvBatch(ms []Message) (int, error) {
 	}
 	ms[0].N = n
 	k := 1
-	for ; k < len(ms) && len(p.queue) > 0 && len(ms[k].Buf) > 0; k++ { // an empty Buf ends the batch
+	for ; k < len(ms) && len(p.queue) > 0 && (len(ms[k].Buf) > 0 || !carriesPackets(p.layer)); k++ { // an empty Buf ends a batch of packets
 		m, rerr := p.takeLocked(ms[k].Buf, &ms[k].Addr)
 		ms[k].N = m
 		if rerr != nil && err == nil {

@@ -555,6 +555,25 @@ func TestRecvEmptyBuffer(t *testing.T) {
 	if s, err := h.Stats(); err != nil || s.Received != 3 || s.Sent != 3 {
 		t.Errorf("Stats %+v, %v: want 3 received and sent", s, err)
 	}
+
+	// A layer whose events carry no packet takes an empty buffer, as in
+	// WinDivert.
+	fh, fp, err := divert.NewPipe("true", divert.LayerFlow, divert.FlagSniff|divert.FlagRecvOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fh.Close()
+	for range 2 {
+		if _, err := fp.Deliver(nil, divert.Address{Event: divert.EventFlowEstablished}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, err := fh.Recv(nil, &a); err != nil || n != 0 || a.Event != divert.EventFlowEstablished {
+		t.Errorf("Recv(nil) at the flow layer = %d, %v, %v; want the event", n, err, a.Event)
+	}
+	if n, err := fh.RecvBatch([]divert.Message{{}}); err != nil || n != 1 {
+		t.Errorf("RecvBatch of an empty Buf at the flow layer = %d, %v; want the event", n, err)
+	}
 }
 
 // TestSendBatchTooLarge: more than BatchMax messages are refused before

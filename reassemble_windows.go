@@ -101,7 +101,7 @@ func (b *winBackend) recvBatchReassembled(ms []Message) (int, error) {
 	total := 0
 	for i := range ms {
 		if len(ms[i].Buf) == 0 {
-			ms = ms[:i] // an empty Buf ends the batch (RecvBatch)
+			ms = ms[:i] // an empty Buf ends the batch (RecvBatch; packets only here)
 			break
 		}
 		total += len(ms[i].Buf)
