@@ -369,11 +369,11 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 	if b.inj == nil {
 		return 0, errors.New("divert: handle cannot inject")
 	}
-	n := len(pkt)
 	pkt, err := sendable(pkt)
 	if err != nil {
 		return 0, err
 	}
+	n := len(pkt) // the IP length, as WinDivertSend counts
 	if b.layer == LayerNetwork && !a.Outbound {
 		// Delivered whole to the local stack (the raw send loops
 		// through lo, whose MTU holds any datagram).
@@ -399,11 +399,11 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 			fs.flist = frags[:0]
 		}
 		for i, f := range frags {
-			if err = b.inj.Outbound(f); err != nil {
+			if err = b.inj.OutboundOn(f, a.IfIdx); err != nil { // the zone of a link-local destination
 				if i == 0 && try == 0 && errors.Is(err, unix.EMSGSIZE) {
 					break // the route's MTU is smaller: ask it, then again
 				}
-				return 0, fmt.Errorf("divert: inject fragment %d of %d: %w", i+1, len(frags), err)
+				return 0, fmt.Errorf("divert: fragment %d of %d: %w", i+1, len(frags), err) // err says "inject: ..."
 			}
 		}
 		if err == nil {
@@ -412,10 +412,10 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		}
 		rm, merr := fs.routeMTU(pkt)
 		if merr != nil {
-			return 0, fmt.Errorf("divert: inject: %w (route MTU: %w)", err, merr)
+			return 0, fmt.Errorf("divert: %w (route MTU: %w)", err, merr)
 		}
 		if rm >= mtu {
-			return 0, fmt.Errorf("divert: inject: %w", err)
+			return 0, fmt.Errorf("divert: %w", err)
 		}
 		mtu = rm
 	}

@@ -229,8 +229,9 @@ func TestFragMalformedDgramSend(t *testing.T) {
 	if _, err := h.Send(bad, &a); err == nil || !strings.Contains(err.Error(), "malformed packet: IPv6 payload length") {
 		t.Fatalf("Send of the datagram with a wrong payload length: %v", err)
 	}
-	if _, err := h.Send(buf[:n], &a); err != nil {
-		t.Fatalf("Send of the datagram as received: %v", err)
+	// With two bytes past its length, which are left out and not counted.
+	if sent, err := h.Send(append(buf[:n:n], 0xAA, 0xBB), &a); err != nil || sent != n {
+		t.Fatalf("Send of the datagram as received, 2 bytes past its length: %d, %v; want %d sent", sent, err, n)
 	}
 	if _, err := netnstest.RecvUDP(sink, 1, 3*time.Second); err != nil {
 		t.Fatal(err)
