@@ -1,6 +1,7 @@
 // Package filter implements WinDivert 2.2's filter language: the tokenizer,
 // parser, constant folder and code generator of WinDivertHelperCompileFilter
-// (with its error messages and positions), the interpreter of
+// (with its error messages; an error's position is at the fault, where
+// WinDivert's is sometimes one before or after it), the interpreter of
 // WinDivertHelperEvalFilter, the normalized text of
 // WinDivertHelperFormatFilter, WinDivert's compiled filter objects, a static
 // analysis in the spirit of WinDivertAnalyzeFilter, and a lowering to a small

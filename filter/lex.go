@@ -1,7 +1,8 @@
 package filter
 
-// This file is the tokenizer: WinDivertTokenizeFilter's behaviour, including
-// its error positions and quirks (see the package documentation).
+// This file is the tokenizer: WinDivertTokenizeFilter's behaviour and
+// quirks (see the package documentation), with error positions at the
+// fault rather than WinDivert's.
 
 // tokKind is the kind of a token.
 type tokKind uint8

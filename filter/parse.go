@@ -2,8 +2,9 @@ package filter
 
 // This file is the parser, the constant folder and the code generator:
 // WinDivertParseFilter, WinDivertSimplifyTest, WinDivertFlattenExpr and
-// WinDivertEmitFilter, with the same control flow so that error positions
-// (including the overwritten ones) are WinDivert's.
+// WinDivertEmitFilter, with the same control flow so that the parser's
+// error positions (including the overwritten ones) are WinDivert's, but for
+// a 'b' suffix's token, which the tokenizer places at the 'b'.
 
 type ekind uint8
 

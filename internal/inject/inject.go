@@ -35,8 +35,9 @@ type Injector struct {
 // stay in, but be routed out like an outbound packet.
 var ErrNotLocal = errors.New("inject: the destination is not an address of this host")
 
-// ErrRefused reports a packet the kernel refused to send: a netfilter rule
-// on the output path dropped it.
+// ErrRefused reports a packet the kernel's output path refused (EPERM or
+// EACCES from the send): a netfilter DROP, an xfrm policy, a prohibit
+// route or a security module.
 var ErrRefused = errors.New("inject: packet refused")
 
 // New opens the raw sockets, in the network namespace of the calling
@@ -82,8 +83,8 @@ func rawSocket(family int, mark uint32) (int, error) {
 		return -1, wrap("open raw socket", err, "CAP_NET_RAW")
 	}
 	if family == unix.AF_INET {
-		// Without it the kernel refuses a packet to a broadcast address
-		// (EACCES), which WinDivert injects (DHCP, say).
+		// Without it the kernel refuses a packet to a subnet's broadcast
+		// address (EACCES); WinDivert injects such packets.
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_BROADCAST, 1); err != nil {
 			unix.Close(fd)
 			return -1, wrap("set SO_BROADCAST", err, "")
@@ -197,10 +198,11 @@ func sendto(fd int, p []byte, sa unsafe.Pointer, salen uintptr) error {
 		case unix.EINTR:
 			continue
 		case unix.EPERM, unix.EACCES:
-			// What a netfilter DROP on the output path returns (the raw
+			// What the output path returns for a netfilter DROP, an xfrm
+			// policy, a prohibit route or a security module (the raw
 			// socket is open, so no privilege is missing). Not wrapped:
 			// errors.Is must not take it for os.ErrPermission.
-			return fmt.Errorf("%w: a firewall rule (netfilter, on the output path) dropped it (sendto: %v)", ErrRefused, e)
+			return fmt.Errorf("%w by the kernel's output path: a netfilter or xfrm rule, a prohibit route or a security module (sendto: %v)", ErrRefused, e)
 		}
 		return fmt.Errorf("inject: %w", os.NewSyscallError("sendto", e))
 	}
