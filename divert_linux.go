@@ -111,9 +111,6 @@ type linuxBackend struct {
 
 	cmu  sync.Mutex // guards cbuf
 	cbuf []byte     // scratch for new packets whose checksums Send computes
-	// vcbuf (under vmu) is scratch for changed packets whose checksums
-	// Send computes.
-	vcbuf []byte
 
 	queueTime atomic.Int64 // ns
 	shutRecv  atomic.Bool
@@ -863,7 +860,7 @@ func (b *linuxBackend) flushLocked() error {
 // it) and sends it now, unless hold is set (SendBatch flushes at its end) or
 // the receiver is about to read more packets and will flush before it
 // blocks.
-func (b *linuxBackend) verdict(a *Address, v nfq.Verdict, pkt []byte, hold bool) error {
+func (b *linuxBackend) verdict(a *Address, v nfq.Verdict, pkt []byte, hold bool) (int, error) {
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
 	return b.verdictLocked(a, v, pkt, hold)
@@ -874,46 +871,53 @@ func (b *linuxBackend) verdict(a *Address, v nfq.Verdict, pkt []byte, hold bool)
 // is replaced only if pkt differs from what it received, and then, as
 // WinDivert's driver does, with the checksums a's clear bits say are
 // unfinished computed (the kernel takes a replaced payload's as they are).
-func (b *linuxBackend) verdictLocked(a *Address, v nfq.Verdict, pkt []byte, hold bool) error {
+// It returns what Send reports sent: pkt's IP length.
+func (b *linuxBackend) verdictLocked(a *Address, v nfq.Verdict, pkt []byte, hold bool) (int, error) {
 	s := &a.sys
 	if b.closed.Load() {
-		return errClosed
+		return 0, errClosed
 	}
 	i, ok := b.track.Lookup(s.id)
 	if !ok {
-		return fmt.Errorf("divert: packet %d is no longer queued (already sent, dropped, or expired after %v)", s.id, time.Duration(b.queueTime.Load()))
+		return 0, fmt.Errorf("divert: packet %d is no longer queued (already sent, dropped, or expired after %v)", s.id, time.Duration(b.queueTime.Load()))
 	}
+	n := len(pkt) // unchanged: the kernel's own packet, whole
 	var payload []byte
+	fix := false
 	if v == nfq.Accept && !b.track.Unchanged(i, pkt) {
 		if s.trunc {
-			return errors.New("divert: cannot reinject a changed packet the kernel handed over truncated")
+			return 0, errors.New("divert: cannot reinject a changed packet the kernel handed over truncated")
 		}
 		if len(pkt) > nfq.MaxCopyRange {
 			// The verdict's payload attribute has a 16-bit length.
-			return fmt.Errorf("divert: cannot reinject a changed packet of %d bytes: NFQUEUE takes at most %d", len(pkt), nfq.MaxCopyRange)
+			return 0, fmt.Errorf("divert: cannot reinject a changed packet of %d bytes: NFQUEUE takes at most %d", len(pkt), nfq.MaxCopyRange)
 		}
 		// The kernel takes any bytes; the packet stays held, for the
 		// program to send corrected or drop.
 		var err error
 		if payload, err = sendable(pkt); err != nil {
-			return err
+			return 0, err
 		}
-		if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) {
-			b.vcbuf = append(b.vcbuf[:0], payload...)
-			payload = b.vcbuf
-			_ = CalcChecksums(payload, nil, unfinished(a)) // as for a new packet
-		}
+		n = len(payload)
+		fix = !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum)
 	}
 	b.track.ReleaseAt(i)
-	if v == nfq.Accept && payload == nil {
+	switch {
+	case v == nfq.Accept && payload == nil:
 		b.acc = append(b.acc, s.id)
-	} else {
+	case fix:
+		// Computed in the verdict message itself, as for a new packet.
+		var room []byte
+		b.vbuf, room = nfq.AppendVerdictRoom(b.vbuf, b.queue, s.id, v, len(payload))
+		copy(room, payload)
+		_ = CalcChecksums(room, nil, unfinished(a))
+	default:
 		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, s.id, v, payload)
 	}
 	if (hold || b.more.Load()) && len(b.vbuf) < nfq.SendLimit/2 && len(b.acc) < accInitCap {
-		return nil
+		return n, nil
 	}
-	return b.flushLocked()
+	return n, b.flushLocked()
 }
 
 func (b *linuxBackend) held(a *Address) bool {
@@ -943,11 +947,12 @@ func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
 		return b.sendDgram(pkt, a)
 	}
 	if b.held(a) {
-		if err := b.verdict(a, nfq.Accept, pkt, hold); err != nil {
+		n, err := b.verdict(a, nfq.Accept, pkt, hold)
+		if err != nil {
 			return 0, err
 		}
 		a.sys = sysAddr{}
-		return ipLen(pkt), nil
+		return n, nil
 	}
 	return b.inject(pkt, a)
 }
@@ -1040,7 +1045,7 @@ func (b *linuxBackend) sendBatch(ms []Message) (int, error) {
 				b.vmu.Lock()
 				locked = true
 			}
-			if err := b.verdictLocked(a, nfq.Accept, ms[i].Buf[:ms[i].N], true); err != nil {
+			if _, err := b.verdictLocked(a, nfq.Accept, ms[i].Buf[:ms[i].N], true); err != nil {
 				return i, fmt.Errorf("divert: message %d: %w", i, err)
 			}
 			a.sys = sysAddr{}
@@ -1074,7 +1079,7 @@ func (b *linuxBackend) drop(a *Address) error {
 	if !b.held(a) {
 		return nil // a copy or a new packet: nothing is queued
 	}
-	if err := b.verdict(a, nfq.Drop, nil, false); err != nil {
+	if _, err := b.verdict(a, nfq.Drop, nil, false); err != nil {
 		return err
 	}
 	b.st.dropped.Add(1)

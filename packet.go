@@ -314,15 +314,6 @@ func HashPacket(b []byte, seed uint64) uint64 {
 	return packet.Hash(b, seed)
 }
 
-// ipLen is what Send reports sent for b: its IP length, as WinDivertSend
-// counts (bytes past it are left out), or len(b) when b does not parse.
-func ipLen(b []byte) int {
-	if p, err := sendable(b); err == nil {
-		return len(p)
-	}
-	return len(b)
-}
-
 // sendable returns, for Send, the IPv4 or IPv6 packet b holds: a known
 // version, a whole header, and a length field (IPv4's total length, IPv6's
 // payload length plus its fixed header) that b covers. Bytes past that

@@ -335,13 +335,28 @@ func appendAttrBE32(b []byte, typ uint16, v uint32) []byte {
 // A non-nil payload replaces the packet (NFQA_PAYLOAD); the kernel then
 // trusts its lengths and checksums as they are.
 func AppendVerdict(b []byte, queue uint16, id uint32, v Verdict, payload []byte) []byte {
+	if payload == nil {
+		return appendVerdictMsg(b, msgVerdict, queue, id, v)
+	}
+	b, room := AppendVerdictRoom(b, queue, id, v, len(payload))
+	copy(room, payload)
+	return b
+}
+
+// AppendVerdictRoom appends an NFQNL_MSG_VERDICT for packet id of queue
+// whose replacement payload is n bytes, and returns them (zeroed or not)
+// for the caller to fill in place: a payload built there needs no copy of
+// its own.
+func AppendVerdictRoom(b []byte, queue uint16, id uint32, v Verdict, n int) ([]byte, []byte) {
 	start := len(b)
 	b = appendVerdictMsg(b, msgVerdict, queue, id, v)
-	if payload != nil {
-		b = appendAttr(b, attrPayload, payload)
-		ne.PutUint32(b[start:], uint32(len(b)-start))
-	}
-	return b
+	b = ne.AppendUint16(b, uint16(nlaHdrLen+n))
+	b = ne.AppendUint16(b, attrPayload)
+	off := len(b)
+	b = slices.Grow(b, align4(n))[:off+align4(n)]
+	clear(b[off+n:]) // the attribute's padding
+	ne.PutUint32(b[start:], uint32(len(b)-start))
+	return b, b[off : off+n : off+n]
 }
 
 // AppendVerdictBatch appends an NFQNL_MSG_VERDICT_BATCH: verdict v for
