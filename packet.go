@@ -314,38 +314,48 @@ func HashPacket(b []byte, seed uint64) uint64 {
 	return packet.Hash(b, seed)
 }
 
-// sendable returns, for Send, the IPv4 or IPv6 packet b holds: a known
-// version, a whole header, and a length field (IPv4's total length, IPv6's
-// payload length plus its fixed header) that b covers. Bytes past that
-// length are left out, as WinDivert's driver ignores them; an IPv4 header
-// whose total length is less than the header is refused. On Linux a changed
-// packet is handed to the kernel as it is, and divert(4) refuses only some
-// malformed packets, so they are checked here.
+// sendable returns, for Send, the IPv4 or IPv6 packet b holds (see
+// ipPacketLen): bytes past its length are left out, as WinDivert's driver
+// ignores them. On Linux a changed packet is handed to the kernel as it
+// is, and divert(4) refuses only some malformed packets, so they are
+// checked here.
 func sendable(b []byte) ([]byte, error) {
+	l, err := ipPacketLen(b)
+	if err != nil {
+		return nil, fmt.Errorf("divert: send: %w", err)
+	}
+	return b[:l:l], nil
+}
+
+// ipPacketLen returns the length of the IPv4 or IPv6 packet b starts with:
+// a known version, a whole header, and a length field (IPv4's total
+// length, IPv6's payload length plus its fixed header) that b covers. An
+// IPv4 header whose total length is less than the header is refused.
+func ipPacketLen(b []byte) (int, error) {
 	if len(b) == 0 {
-		return nil, errors.New("divert: send: empty packet")
+		return 0, errors.New("empty packet")
 	}
 	var l int
 	switch b[0] >> 4 {
 	case 4:
 		hl := int(b[0]&0xf) * 4
 		if len(b) < 20 || hl < 20 || len(b) < hl {
-			return nil, fmt.Errorf("divert: send: malformed packet: an IPv4 packet of %d bytes has no whole header", len(b))
+			return 0, fmt.Errorf("malformed packet: an IPv4 packet of %d bytes has no whole header", len(b))
 		}
 		l = int(binary.BigEndian.Uint16(b[2:4]))
 		if l < hl || l > len(b) {
-			return nil, fmt.Errorf("divert: send: malformed packet: IPv4 total length %d, but the header has %d bytes and the packet %d", l, hl, len(b))
+			return 0, fmt.Errorf("malformed packet: IPv4 total length %d, but the header has %d bytes and the packet %d", l, hl, len(b))
 		}
 	case 6:
 		if len(b) < 40 {
-			return nil, fmt.Errorf("divert: send: malformed packet: an IPv6 packet of %d bytes has no whole header", len(b))
+			return 0, fmt.Errorf("malformed packet: an IPv6 packet of %d bytes has no whole header", len(b))
 		}
 		l = 40 + int(binary.BigEndian.Uint16(b[4:6]))
 		if l > len(b) {
-			return nil, fmt.Errorf("divert: send: malformed packet: IPv6 payload length %d, but the packet has %d bytes after its header", l-40, len(b)-40)
+			return 0, fmt.Errorf("malformed packet: IPv6 payload length %d, but the packet has %d bytes after its header", l-40, len(b)-40)
 		}
 	default:
-		return nil, fmt.Errorf("divert: send: malformed packet: IP version %d is neither 4 nor 6", b[0]>>4)
+		return 0, fmt.Errorf("malformed packet: IP version %d is neither 4 nor 6", b[0]>>4)
 	}
-	return b[:l:l], nil
+	return l, nil
 }

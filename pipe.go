@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -100,15 +99,13 @@ func NewPipe(filterText string, layer Layer, flags Flag) (*Handle, *Pipe, error)
 // the network layers pkt must be one whole IPv4 or IPv6 packet, its length
 // field equal to len(pkt), as the stack's packets are; others are refused.
 func (p *Pipe) Deliver(pkt []byte, a Address) (taken bool, err error) {
-	if p.layer == LayerNetwork || p.layer == LayerNetworkForward {
-		q, err := sendable(pkt)
-		if err == nil && len(q) != len(pkt) {
-			err = fmt.Errorf("%d bytes past the IP length %d", len(pkt)-len(q), len(q))
+	if carriesPackets(p.layer) {
+		l, err := ipPacketLen(pkt)
+		if err == nil && l != len(pkt) {
+			err = fmt.Errorf("%d bytes past the IP length %d", len(pkt)-l, l)
 		}
 		if err != nil {
-			// sendable's message speaks for Send; keep what it says of
-			// the packet.
-			return false, fmt.Errorf("divert: pipe: Deliver: not a whole packet: %s", strings.TrimPrefix(strings.TrimPrefix(err.Error(), "divert: send: "), "malformed packet: "))
+			return false, fmt.Errorf("divert: pipe: Deliver: not a whole packet: %w", err)
 		}
 	}
 	a.Layer = p.layer
