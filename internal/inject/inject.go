@@ -168,7 +168,7 @@ func (i *Injector) send(pkt []byte, inbound bool, zone uint32) error {
 		var sa unix.RawSockaddrInet6
 		sa.Family = unix.AF_INET6 // port must stay 0
 		copy(sa.Addr[:], pkt[24:40])
-		if zone != 0 && needsZone(sa.Addr) {
+		if zone != 0 && needsZone(netip.AddrFrom16(sa.Addr)) {
 			sa.Scope_id = zone
 		}
 		if inbound {
@@ -183,8 +183,8 @@ func (i *Injector) send(pkt []byte, inbound bool, zone uint32) error {
 
 // needsZone reports whether an IPv6 destination is scoped to one link:
 // link-local unicast, or multicast of interface- or link-local scope.
-func needsZone(a [16]byte) bool {
-	return a[0] == 0xfe && a[1]&0xc0 == 0x80 || a[0] == 0xff && (a[1]&0x0f == 1 || a[1]&0x0f == 2)
+func needsZone(a netip.Addr) bool {
+	return a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsInterfaceLocalMulticast()
 }
 
 // sendto is sendto(2) without the allocation that unix.Sendto makes for the
