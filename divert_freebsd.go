@@ -81,7 +81,14 @@ package divert
 //     Timestamp is time.Now at receipt.
 //   - Drop is a no-op: a received packet is gone unless written back.
 //   - Shutdown(ShutdownRecv) removes the rules, then Recv drains the socket
-//     and returns ErrShutdown.
+//     and returns ErrShutdown. An OpenPort handle has no rules to remove:
+//     its socket moves to a free divert port, keeping what is queued, and
+//     a new socket bound to the rule's port writes back unchanged, until
+//     Close, what the rule takes from then on (with FlagSniff, whose tee
+//     rule lets the packets go on, none is needed), so that they pass
+//     after the rule as they do on Linux (detachPort). FreeBSD 13 cannot
+//     move a bound divert socket: there the rule's packets keep coming to
+//     the handle's socket, and Recv returns them.
 //   - Close removes the rules, then writes back unchanged the packets left
 //     unread in the socket (not for FlagSniff, whose packets are copies).
 //     A packet the program holds (received, not sent back) is lost, as
@@ -110,12 +117,10 @@ import (
 )
 
 const (
-	afDivert      = 44 // PF_DIVERT, FreeBSD 14+ (x/sys lacks it)
-	ipfwPath      = "/sbin/ipfw"
-	ipfwLockPath  = "/var/run/netdivert-ipfw.lock"
-	divertPortMin = 40000 // auto-chosen divert ports start here
-	divertPorts   = 20000
-	firstSet      = 1 // sets firstSet..30 are used one per handle
+	afDivert     = 44 // PF_DIVERT, FreeBSD 14+ (x/sys lacks it)
+	ipfwPath     = "/sbin/ipfw"
+	ipfwLockPath = "/var/run/netdivert-ipfw.lock"
+	firstSet     = 1 // sets firstSet..30 are used one per handle
 )
 
 // sysAddr is the sockaddr a packet was received with.
@@ -152,6 +157,24 @@ type bsdBackend struct {
 	// this goroutine drops what the filter matches and writes the rest
 	// back (see install). Closed when it ends; nil without one.
 	dropper chan struct{}
+
+	// openPort: an administrator's rule, not the handle's, feeds the
+	// socket (OpenPort). Shutdown then moves the socket off the rule's
+	// port (detach).
+	openPort bool
+	detached bool    // guarded by mu: detach has run
+	closing  bool    // guarded by mu: close has begun, detach must not start a passer
+	passer   *passer // guarded by mu: see detachPort; nil if none
+}
+
+// passer is the socket bound to an OpenPort handle's divert port after
+// Shutdown(ShutdownRecv), with the goroutine that writes back what it
+// receives (see detachPort).
+type passer struct {
+	f    *os.File
+	rc   syscall.RawConn
+	stop atomic.Bool   // close has begun: write back what is queued, then end
+	done chan struct{} // closed when the goroutine ends
 }
 
 func openBackend(cfg *openConfig) (backend, error) {
@@ -170,7 +193,7 @@ func openBackend(cfg *openConfig) (backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &bsdBackend{layer: cfg.layer, flags: cfg.flags, set: -1}
+	b := &bsdBackend{layer: cfg.layer, flags: cfg.flags, set: -1, openPort: cfg.port >= 0}
 	b.userStats.init(cfg.flags)
 	b.states.New = func() any { return newBSDIO(b) }
 	// The default QueueSize exceeds kern.ipc.maxsockbuf on stock systems
@@ -243,19 +266,17 @@ func divertSocket() (int, error) {
 }
 
 func bindAuto(fd int) (uint16, error) {
-	start := os.Getpid() % divertPorts
-	for i := 0; i < divertPorts; i++ {
-		p := divertPortMin + (start+i)%divertPorts
-		err := unix.Bind(fd, &unix.SockaddrInet4{Port: p})
-		if err == nil {
-			return uint16(p), nil
-		}
-		if err != unix.EADDRINUSE {
-			return 0, fmt.Errorf("divert: bind divert port %d: %w", p, os.NewSyscallError("bind", err))
-		}
-	}
-	return 0, fmt.Errorf("divert: no free divert port in [%d, %d)", divertPortMin, divertPortMin+divertPorts)
+	return bindFree(fdSock(fd), os.Getpid()%divertPorts, 0)
 }
+
+// fdSock is a divert socket's descriptor as a portSock.
+type fdSock int
+
+func (s fdSock) bind(port uint16) error {
+	return os.NewSyscallError("bind", unix.Bind(int(s), &unix.SockaddrInet4{Port: int(port)}))
+}
+
+func (s fdSock) close() error { return unix.Close(int(s)) }
 
 // divertBufMin is the kernel's default divert socket buffer (DIVRCVQ,
 // DIVSNDQ: 65536+100), room for one whole datagram and its sockaddr: a
@@ -831,13 +852,125 @@ func (b *bsdBackend) shutdown(how ShutdownHow) error {
 	if err := b.removeRules(); err != nil {
 		return err
 	}
+	if err := b.detach(); err != nil {
+		return err
+	}
 	b.shutRecv.Store(true)
 	// Wake blocked readers; they drain the socket and report ErrShutdown.
 	return b.f.SetReadDeadline(time.Unix(1, 0))
 }
 
+// detach stops the administrator's rule of an OpenPort handle from
+// queueing new packets to the handle's socket, which keeps those queued:
+// the socket moves to a free port and a passer takes its place on the
+// rule's port (see detachPort). Before FreeBSD 14 a bound socket cannot
+// move: the rule's packets keep coming to it, and Recv returns them after
+// those queued at the Shutdown.
+func (b *bsdBackend) detach() error {
+	if !b.openPort {
+		return nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.detached || b.closing {
+		return nil
+	}
+	var (
+		p   portSock
+		err error
+	)
+	cerr := b.rc.Control(func(fd uintptr) {
+		size, serr := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF)
+		p, err = detachPort(fdSock(fd), b.port, os.Getpid()%divertPorts, b.flags&FlagSniff != 0, func() (portSock, error) {
+			nfd, err := divertSocket()
+			if err == nil && serr == nil {
+				_ = setBuffers(nfd, size) // as large as the handle's, if allowed
+			}
+			return fdSock(nfd), err
+		})
+	})
+	if cerr != nil {
+		return b.mapErr("shutdown", cerr)
+	}
+	if errors.Is(err, errRebind) {
+		b.detached = true
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	b.detached = true
+	if p == nil {
+		return nil // FlagSniff: no passer
+	}
+	f := os.NewFile(uintptr(p.(fdSock)), "divert-pass:"+strconv.Itoa(int(b.port)))
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("divert: shutdown: %w", err)
+	}
+	b.passer = &passer{f: f, rc: rc, done: make(chan struct{})}
+	go b.pass(b.passer)
+	return nil
+}
+
+// pass is the passer's goroutine: it writes every packet the rule queues
+// back unchanged, so that it goes on after the rule, until the handle
+// closes; then it writes back what is still queued (a bounded number) and
+// ends.
+func (b *bsdBackend) pass(p *passer) {
+	defer close(p.done)
+	s := newBSDIO(b).(*bsdIO)
+	buf := make([]byte, MTUMax)
+	left := 1 << 16 // packets written back once stopped
+	for left > 0 {
+		s.buf = buf
+		s.block = !p.stop.Load()
+		var err error
+		if s.block {
+			err = p.rc.Read(s.rfn)
+		} else {
+			left--
+			err = p.rc.Control(s.cfn)
+		}
+		switch {
+		case err != nil && p.stop.Load() && errors.Is(err, os.ErrDeadlineExceeded):
+			continue // woken by close: write back what is queued
+		case err != nil, s.errno == unix.EAGAIN:
+			return // closed, or stopped and drained
+		case s.errno != 0:
+			if p.stop.Load() {
+				return
+			}
+			time.Sleep(10 * time.Millisecond) // ENOBUFS...: not in a spin
+			continue
+		}
+		s.buf = buf[:s.n]
+		if err := p.rc.Write(s.wfn); err != nil {
+			return
+		}
+		if s.errno != 0 {
+			b.lost.Add(1)
+		} else {
+			b.passedOne()
+		}
+	}
+}
+
 func (b *bsdBackend) close() error {
 	err := b.removeRules()
+	b.mu.Lock()
+	b.closing = true
+	p := b.passer
+	b.mu.Unlock()
+	if p != nil {
+		p.stop.Store(true)
+		_ = p.f.SetReadDeadline(time.Unix(1, 0))
+		<-p.done
+		if cerr := p.f.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("divert: close: %w", cerr)
+		}
+	}
 	switch {
 	case b.dropper != nil:
 		// Let the dropper finish what is queued (dropping or writing back

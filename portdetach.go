@@ -1,0 +1,87 @@
+//go:build freebsd || linux
+
+package divert
+
+// The FreeBSD backend's handling of divert ports, kept free of FreeBSD
+// system calls so that it is unit-tested on Linux too.
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+)
+
+// Auto-chosen divert ports: [divertPortMin, divertPortMin+divertPorts).
+const (
+	divertPortMin = 40000
+	divertPorts   = 20000
+)
+
+// portSock is a divert socket as far as binding it to a port goes.
+type portSock interface {
+	// bind binds the socket to a divert port, or moves it there when it
+	// is bound already (FreeBSD 14 and later: div_bind takes the socket
+	// off its old port; FreeBSD 13's in_pcbbind refuses with EINVAL).
+	bind(port uint16) error
+	close() error
+}
+
+// errRebind reports a socket that cannot move to another port (FreeBSD
+// before 14).
+var errRebind = errors.New("divert: a bound divert socket cannot move to another port before FreeBSD 14")
+
+// bindFree binds s to a divert port of the auto range that no other socket
+// has, trying them from start on, and returns it. avoid is never taken (0
+// for none: it is outside the range).
+func bindFree(s portSock, start int, avoid uint16) (uint16, error) {
+	for i := 0; i < divertPorts; i++ {
+		p := uint16(divertPortMin + (start+i)%divertPorts)
+		if p == avoid {
+			continue
+		}
+		err := s.bind(p)
+		if err == nil {
+			return p, nil
+		}
+		if !errors.Is(err, syscall.EADDRINUSE) {
+			return 0, fmt.Errorf("divert: bind divert port %d: %w", p, err)
+		}
+	}
+	return 0, fmt.Errorf("divert: no free divert port in [%d, %d)", divertPortMin, divertPortMin+divertPorts)
+}
+
+// detachPort stops an administrator's rule (OpenPort) from queueing new
+// packets to s, bound to the rule's port: s moves to a free port, keeping
+// the packets queued on it, so that Recv can drain them. A packet the rule
+// takes after that finds no socket on its port and would be dropped
+// (divert_packet: "noport"), so a fresh socket, the passer, is bound to
+// the port in s's place and returned: its reader writes every packet back
+// unchanged, so that it goes on after the rule, as if no handle were
+// there (the Linux backend's Shutdown lets them pass too). With FlagSniff
+// (a tee rule) there is no passer: the packet itself goes on after a tee
+// rule, and the kernel discards the copy that finds no socket.
+//
+// The port is free only once s has left it (div_bind refuses a second
+// socket on a port with EADDRINUSE), so a packet the rule takes between
+// the two binds is dropped. A bind of s that fails with EINVAL (FreeBSD
+// 13) leaves s where it was and returns errRebind.
+func detachPort(s portSock, port uint16, start int, sniff bool, open func() (portSock, error)) (portSock, error) {
+	if _, err := bindFree(s, start, port); err != nil {
+		if errors.Is(err, syscall.EINVAL) {
+			return nil, fmt.Errorf("%w: %w", errRebind, err)
+		}
+		return nil, err
+	}
+	if sniff {
+		return nil, nil
+	}
+	p, err := open()
+	if err != nil {
+		return nil, err
+	}
+	if err := p.bind(port); err != nil {
+		p.close()
+		return nil, fmt.Errorf("divert: bind divert port %d for the packets after shutdown: %w", port, err)
+	}
+	return p, nil
+}
