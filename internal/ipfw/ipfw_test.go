@@ -605,6 +605,7 @@ func TestParseList(t *testing.T) {
 02000 set 7 allow ip from any to any // someone else's comment
 02001 set 7 allow ip from any to any // netdivert pid=77 port=40003 prio=99999
 garbage
+# DISABLED 31002 set 10 divert 40004 ip from any to any in // netdivert pid=42 port=40004 prio=0
 100000 set 8 count ip from any to any
 65535 set 31 deny ip from any to any
 `
@@ -617,6 +618,7 @@ garbage
 		{Number: 31001, Set: 9, Owned: true, PID: 77, Port: 40002},
 		{Number: 2000, Set: 7},
 		{Number: 2001, Set: 7}, // a priority out of range: not ours
+		{Number: 31002, Set: 10, Owned: true, PID: 42, Port: 40004}, // in a disabled set
 		{Number: 100000, Set: 8},
 		{Number: 65535, Set: 31},
 	}
@@ -629,9 +631,10 @@ garbage
 		}
 	}
 	alive := func(pid int) bool { return pid == 77 }
-	plan := PlanSets(got, 1<<1, 1, alive)
-	// set 1 disabled, 2 free, 5 stale (pid 42 dead), 6 and 9 live, 7 foreign
-	if plan.Free != 2 || len(plan.Stale) != 1 || plan.Stale[0] != 5 {
+	plan := PlanSets(got, 1<<1|1<<10, 1, alive)
+	// set 1 disabled, 2 free, 5 and 10 (disabled) stale (pid 42 dead), 6
+	// and 9 live, 7 foreign
+	if plan.Free != 2 || len(plan.Stale) != 2 || plan.Stale[0] != 5 || plan.Stale[1] != 10 {
 		t.Fatalf("plan = %+v", plan)
 	}
 	// all sets taken: a stale one is reused
@@ -643,6 +646,36 @@ garbage
 	plan = PlanSets(full, 0, 1, alive)
 	if plan.Free != 4 || len(plan.Stale) != 1 {
 		t.Fatalf("plan = %+v", plan)
+	}
+}
+
+// TestSetOwners: Close deletes its set only when the set holds its rules
+// and no one else's (after "ipfw flush" another handle may have it).
+func TestSetOwners(t *testing.T) {
+	rules := ParseList(`31000 set 5 divert 40000 ip from any to any in // netdivert pid=42 port=40000 prio=0
+31000 set 5 divert 40000 ip from any to any out not recv * // netdivert pid=42 port=40000 prio=0
+# DISABLED 31000 set 6 divert 40001 ip from any to any in // netdivert pid=42 port=40001 prio=0
+31000 set 7 divert 40002 ip from any to any in // netdivert pid=43 port=40002 prio=0
+31000 set 7 count ip from any to any
+65535 set 31 deny ip from any to any
+`)
+	for _, c := range []struct {
+		set          uint8
+		pid          int
+		port         uint16
+		ours, others int
+	}{
+		{5, 42, 40000, 2, 0},
+		{6, 42, 40001, 1, 0}, // disabled by someone: still ours to delete
+		{5, 42, 40001, 0, 2}, // another handle of the process
+		{5, 43, 40000, 0, 2}, // another process
+		{7, 43, 40002, 1, 1},
+		{8, 42, 40000, 0, 0}, // flushed
+	} {
+		ours, others := SetOwners(rules, c.set, c.pid, c.port)
+		if ours != c.ours || others != c.others {
+			t.Errorf("SetOwners(set %d, pid %d, port %d) = %d, %d; want %d, %d", c.set, c.pid, c.port, ours, others, c.ours, c.others)
+		}
 	}
 }
 

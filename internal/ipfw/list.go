@@ -33,11 +33,12 @@ type Listed struct {
 // ipfw(8) OPTIONS, -S: "While listing rules, show the set each rule belongs
 // to" (and list disabled rules too); ipfw2.c show_static_rule prints the
 // rule number (zero-padded to five digits), then "set N ", then the rule,
-// and a comment last as "// text". Lines it does not understand are
-// skipped.
+// and a comment last as "// text", and puts "# DISABLED " before a rule
+// of a disabled set. Lines it does not understand are skipped.
 func ParseList(out string) []Listed {
 	var rules []Listed
 	for _, line := range strings.Split(out, "\n") {
+		line = strings.TrimPrefix(line, disabledPrefix)
 		f := strings.Fields(line)
 		if len(f) < 3 || f[1] != "set" {
 			continue
@@ -60,6 +61,28 @@ func ParseList(out string) []Listed {
 		rules = append(rules, r)
 	}
 	return rules
+}
+
+// disabledPrefix starts a rule of a disabled set in "ipfw -S list" output
+// (ipfw2.c show_static_rule).
+const disabledPrefix = "# DISABLED "
+
+// SetOwners counts the rules of set that carry the tag of process pid's
+// handle on divert port port (ours) and the other rules of the set. A
+// handle's set holds only its own rules unless someone else changed the
+// ruleset: after "ipfw flush" the set is empty, and may then be another
+// handle's, so that deleting it at Close would delete that handle's rules.
+func SetOwners(rules []Listed, set uint8, pid int, port uint16) (ours, others int) {
+	for _, r := range rules {
+		switch {
+		case r.Set != set:
+		case r.Owned && r.PID == pid && r.Port == port:
+			ours++
+		default:
+			others++
+		}
+	}
+	return ours, others
 }
 
 // noPrio marks a tag without a priority (one written before tags had it).
