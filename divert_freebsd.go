@@ -12,7 +12,8 @@ package divert
 //
 // Rules: Open lowers the filter (package internal/ipfw) to rules
 // "ipfw add NUM set SET divert PORT ...", runs /sbin/ipfw to install them,
-// and deletes the set on Close. NUM comes from the priority (1000 for
+// and deletes the set on Close (only the rules carrying the handle's tag:
+// after an "ipfw flush" the set may be another handle's). NUM comes from the priority (1000 for
 // PriorityHighest, 31000 for 0, 61000 for PriorityLowest; every rule of
 // the handle shares it; see below for equal priorities), SET is a set of
 // 1..30 that holds no rules (one per handle, so at most 30 handles with
@@ -432,7 +433,22 @@ func (b *bsdBackend) removeRulesLocked() error {
 	if set < 0 {
 		return nil
 	}
-	_, err := runIPFW("-q", "delete", "set", strconv.Itoa(set))
+	// Only what is still ours: after "ipfw flush" the set may be another
+	// handle's (PlanSets hands out empty sets).
+	list, err := runIPFW("-S", "list")
+	if err != nil {
+		return err
+	}
+	switch ours, others := ipfw.SetOwners(ipfw.ParseList(list), uint8(set), os.Getpid(), b.port); {
+	case ours == 0:
+		return nil
+	case others == 0:
+		_, err = runIPFW("-q", "delete", "set", strconv.Itoa(set))
+	default:
+		// Someone added rules to the set: delete the handle's (they all
+		// have its number) and leave theirs (ipfw(8): "ipfw set N delete").
+		_, err = runIPFW("-q", "set", strconv.Itoa(set), "delete", strconv.Itoa(int(b.rule)))
+	}
 	return err
 }
 
