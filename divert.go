@@ -629,8 +629,9 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // again; lower-priority handles do). With a fresh Address it injects a new
 // packet: outbound when a.Outbound is set, else inbound as if received on
 // interface a.IfIdx (on Linux, at LayerNetworkForward a new packet always
-// goes out on its route, and an outbound one whose IPv6 destination is
-// link-local, unicast or multicast, leaves through interface a.IfIdx when
+// goes out on its route, and an outbound one whose destination is scoped
+// to one link, IPv6 or IPv4 link-local unicast or multicast or the IPv4
+// limited broadcast 255.255.255.255, leaves through interface a.IfIdx when
 // it is set). On Linux an inbound new packet is a raw send to its
 // destination, which must be one of the host's addresses: it enters the
 // stack through lo, so other handles see it as outbound loopback and

@@ -980,7 +980,7 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 		_ = CalcChecksums(out, nil, unfinished(a))
 	}
 	if a.Outbound || b.layer == LayerNetworkForward {
-		err = b.inj.OutboundOn(out, a.IfIdx) // the zone of a link-local destination
+		err = b.inj.OutboundOn(out, a.IfIdx) // the link of a link-scoped destination
 	} else {
 		err = b.inj.Inbound(out, a.IfIdx)
 	}

@@ -399,7 +399,7 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 			fs.flist = frags[:0]
 		}
 		for i, f := range frags {
-			if err = b.inj.OutboundOn(f, a.IfIdx); err != nil { // the zone of a link-local destination
+			if err = b.inj.OutboundOn(f, a.IfIdx); err != nil { // the link of a link-scoped destination
 				if i == 0 && try == 0 && errors.Is(err, unix.EMSGSIZE) {
 					break // the route's MTU is smaller: ask it, then again
 				}

@@ -4,7 +4,9 @@
 //
 // Outbound packets go out as if this host sent them: a header-included raw
 // socket (IPPROTO_RAW) routes them by their destination address through the
-// OUTPUT and POSTROUTING hooks. For IPv4 the kernel fills the total length
+// OUTPUT and POSTROUTING hooks (OutboundOn sends a packet to a destination
+// scoped to one link through the interface given: an IPv6 zone, an IPv4
+// IP_PKTINFO control message). For IPv4 the kernel fills the total length
 // and header checksum (and the source address and id when zero); for IPv6 it
 // fills nothing. Packets larger than the route's MTU fail with EMSGSIZE.
 //

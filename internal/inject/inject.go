@@ -50,16 +50,24 @@ func New(mark uint32) (*Injector, error) {
 		return nil, err
 	}
 	if i.fd6, err = rawSocket(unix.AF_INET6, mark); err != nil {
-		unix.Close(i.fd4)
+		i.closeAll()
 		return nil, err
 	}
 	if i.rt, err = routeSocket(); err != nil {
-		unix.Close(i.fd4)
-		unix.Close(i.fd6)
+		i.closeAll()
 		return nil, err
 	}
 	i.rbuf = make([]byte, 0, 8192)
 	return i, nil
+}
+
+// closeAll closes the sockets New opened so far.
+func (i *Injector) closeAll() {
+	for _, fd := range []int{i.fd4, i.fd6, i.rt} {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+	}
 }
 
 // routeSocket opens the rtnetlink socket that checkLocal asks, with a
@@ -118,10 +126,12 @@ func (i *Injector) Mark() uint32 { return i.mark }
 // Outbound sends pkt (a whole IPv4 or IPv6 packet) as if this host sent it.
 func (i *Injector) Outbound(pkt []byte) error { return i.send(pkt, false, 0) }
 
-// OutboundOn is Outbound for a packet whose IPv6 destination needs a zone
-// (link-local unicast, interface- or link-local multicast): it leaves
-// through interface ifIdx, where Outbound would take the first route that
-// matches. Other destinations go by their route, whatever ifIdx.
+// OutboundOn is Outbound for a packet whose destination is scoped to one
+// link (IPv6 and IPv4 link-local unicast, interface- or link-local
+// multicast, the IPv4 limited broadcast 255.255.255.255): it leaves through
+// interface ifIdx, where Outbound would take the first route that matches
+// (or fail, ENETUNREACH, when none does, as for 255.255.255.255 without a
+// default route). Other destinations go by their route, whatever ifIdx.
 func (i *Injector) OutboundOn(pkt []byte, ifIdx uint32) error { return i.send(pkt, false, ifIdx) }
 
 // Inbound delivers pkt (a whole IPv4 or IPv6 packet addressed to this host)
@@ -157,6 +167,9 @@ func (i *Injector) send(pkt []byte, inbound bool, zone uint32) error {
 				return err
 			}
 		}
+		if oif := outIf(netip.AddrFrom4(sa.Addr), zone); oif != 0 {
+			return sendtoOn(i.fd4, pkt, &sa, oif)
+		}
 		return sendto(i.fd4, pkt, unsafe.Pointer(&sa), unix.SizeofSockaddrInet4)
 	case 6:
 		if len(pkt) < 40 {
@@ -168,9 +181,7 @@ func (i *Injector) send(pkt []byte, inbound bool, zone uint32) error {
 		var sa unix.RawSockaddrInet6
 		sa.Family = unix.AF_INET6 // port must stay 0
 		copy(sa.Addr[:], pkt[24:40])
-		if zone != 0 && needsZone(netip.AddrFrom16(sa.Addr)) {
-			sa.Scope_id = zone
-		}
+		sa.Scope_id = outIf(netip.AddrFrom16(sa.Addr), zone)
 		if inbound {
 			if err := i.checkLocal(netip.AddrFrom16(sa.Addr)); err != nil {
 				return err
@@ -181,10 +192,58 @@ func (i *Injector) send(pkt []byte, inbound bool, zone uint32) error {
 	return fmt.Errorf("inject: IP version %d is neither 4 nor 6", pkt[0]>>4)
 }
 
-// needsZone reports whether an IPv6 destination is scoped to one link:
-// link-local unicast, or multicast of interface- or link-local scope.
+// needsZone reports whether a destination is scoped to one link, so that
+// only an interface says where a packet to it goes: link-local unicast
+// (IPv6 fe80::/10, IPv4 169.254.0.0/16), multicast of interface- or
+// link-local scope (ff01::/16, ff02::/16, IPv4 224.0.0.0/24), and the IPv4
+// limited broadcast 255.255.255.255.
 func needsZone(a netip.Addr) bool {
-	return a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsInterfaceLocalMulticast()
+	return a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsInterfaceLocalMulticast() ||
+		a == netip.AddrFrom4([4]byte{255, 255, 255, 255})
+}
+
+// outIf returns the interface OutboundOn(pkt, ifIdx) sends a packet to dst
+// through: ifIdx when dst is scoped to one link (see OutboundOn), else 0,
+// the route's choice.
+func outIf(dst netip.Addr, ifIdx uint32) uint32 {
+	if ifIdx != 0 && needsZone(dst) {
+		return ifIdx
+	}
+	return 0
+}
+
+// pktinfo4 is a control message IP_PKTINFO, laid out as CMSG_SPACE says.
+type pktinfo4 struct {
+	h unix.Cmsghdr
+	i unix.Inet4Pktinfo
+}
+
+// sendtoOn is sendto for an IPv4 packet that must leave through interface
+// ifIdx: a sendmsg with an IP_PKTINFO control message, whose ipi_ifindex
+// raw_sendmsg takes as the output interface (ipi_spec_dst stays 0: the
+// header's source, or the interface's address when it is 0).
+func sendtoOn(fd int, p []byte, sa *unix.RawSockaddrInet4, ifIdx uint32) error {
+	var cm pktinfo4
+	cm.h.Level = unix.IPPROTO_IP
+	cm.h.Type = unix.IP_PKTINFO
+	cm.h.SetLen(unix.CmsgLen(unix.SizeofInet4Pktinfo))
+	cm.i.Ifindex = int32(ifIdx)
+	iov := unix.Iovec{Base: &p[0]}
+	iov.SetLen(len(p))
+	msg := unix.Msghdr{
+		Name:    (*byte)(unsafe.Pointer(sa)),
+		Namelen: unix.SizeofSockaddrInet4,
+		Iov:     &iov,
+		Control: (*byte)(unsafe.Pointer(&cm)),
+	}
+	msg.SetIovlen(1)
+	msg.SetControllen(int(unsafe.Sizeof(cm)))
+	for {
+		_, _, e := unix.Syscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), 0)
+		if e != unix.EINTR {
+			return sendError(e, "sendmsg")
+		}
+	}
 }
 
 // sendto is sendto(2) without the allocation that unix.Sendto makes for the
@@ -192,20 +251,25 @@ func needsZone(a netip.Addr) bool {
 func sendto(fd int, p []byte, sa unsafe.Pointer, salen uintptr) error {
 	for {
 		_, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), 0, uintptr(sa), salen)
-		switch e {
-		case 0:
-			return nil
-		case unix.EINTR:
-			continue
-		case unix.EPERM, unix.EACCES:
-			// What the output path returns for a netfilter DROP, an xfrm
-			// policy, a prohibit route or a security module (the raw
-			// socket is open, so no privilege is missing). Not wrapped:
-			// errors.Is must not take it for os.ErrPermission.
-			return fmt.Errorf("%w by the kernel's output path: a netfilter or xfrm rule, a prohibit route or a security module (sendto: %v)", ErrRefused, e)
+		if e != unix.EINTR {
+			return sendError(e, "sendto")
 		}
-		return fmt.Errorf("inject: %w", os.NewSyscallError("sendto", e))
 	}
+}
+
+// sendError is the error of a send that returned errno e (0: none).
+func sendError(e unix.Errno, call string) error {
+	switch e {
+	case 0:
+		return nil
+	case unix.EPERM, unix.EACCES:
+		// What the output path returns for a netfilter DROP, an xfrm
+		// policy, a prohibit route or a security module (the raw
+		// socket is open, so no privilege is missing). Not wrapped:
+		// errors.Is must not take it for os.ErrPermission.
+		return fmt.Errorf("%w by the kernel's output path: a netfilter or xfrm rule, a prohibit route or a security module (%s: %v)", ErrRefused, call, e)
+	}
+	return fmt.Errorf("inject: %w", os.NewSyscallError(call, e))
 }
 
 // Close closes the sockets. It is idempotent.

@@ -265,7 +265,8 @@ func TestErrors(t *testing.T) {
 	if err := inj.Close(); err != nil {
 		t.Fatalf("second Close: %v", err)
 	}
-	if err := inj.Outbound(build(netip.MustParseAddr("10.1.1.1"), netip.MustParseAddr("10.1.1.2"), 17, udp(1, 2, "x"), 6)); !errors.Is(err, net.ErrClosed) {
+	pkt := build(netip.MustParseAddr("10.1.1.1"), netip.MustParseAddr("10.1.1.2"), 17, udp(1, 2, "x"), 6)
+	if err := inj.Outbound(pkt); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("after Close: %v, want net.ErrClosed", err)
 	}
 }
@@ -467,5 +468,66 @@ func TestOutboundZone(t *testing.T) {
 		if s := got(tc.other); s != "" {
 			t.Errorf("%s: the other link's host got %q", tc.name, s)
 		}
+	}
+}
+
+// TestOutboundLinkScopeV4 injects from a router with two links to the
+// limited broadcast 255.255.255.255 and to the all-hosts group 224.0.0.1,
+// which no route leads to: OutboundOn's ifIdx picks the link they leave
+// through (the router has no default route, so without it the kernel
+// refuses them, ENETUNREACH), and only that link's host gets them.
+func TestOutboundLinkScopeV4(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "ilb", 0)
+	inj := newIn(t, r.Router(), nftrules.Mark(0))
+	listen := func(ns *netnstest.NS) net.PacketConn {
+		var c net.PacketConn
+		if err := ns.Do(func() (err error) { c, err = net.ListenPacket("udp4", ":7313"); return }); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	left, right := listen(r.LeftHost()), listen(r.RightHost())
+	got := func(c net.PacketConn) string {
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		buf := make([]byte, 100)
+		n, _, err := c.ReadFrom(buf)
+		if err != nil {
+			return ""
+		}
+		return string(buf[:n])
+	}
+	for _, dst := range []netip.Addr{netip.MustParseAddr("255.255.255.255"), netip.MustParseAddr("224.0.0.1")} {
+		for _, tc := range []struct {
+			name  string
+			ifIdx int
+			src   netip.Addr
+			want  net.PacketConn
+			other net.PacketConn
+		}{
+			{"right", r.Right.A.IfIdx, r.Right.A.V4, right, left},
+			{"left", r.Left.B.IfIdx, r.Left.B.V4, left, right},
+		} {
+			msg := tc.name + " " + dst.String()
+			pkt := build(tc.src, dst, 17, udp(4242, 7313, msg), 6)
+			if err := inj.OutboundOn(pkt, uint32(tc.ifIdx)); err != nil {
+				t.Fatalf("%s: %v", msg, err)
+			}
+			if s := got(tc.want); s != msg {
+				t.Errorf("%s: the link's host got %q", msg, s)
+			}
+			if s := got(tc.other); s != "" {
+				t.Errorf("%s: the other link's host got %q", msg, s)
+			}
+		}
+	}
+	pkt := build(r.Right.A.V4, netip.MustParseAddr("255.255.255.255"), 17, udp(4242, 7313, "allocs"), 6)
+	if allocs := testing.AllocsPerRun(10, func() {
+		if err := inj.OutboundOn(pkt, uint32(r.Right.A.IfIdx)); err != nil {
+			t.Fatal(err)
+		}
+	}); allocs != 0 {
+		t.Errorf("%v allocations per send with IP_PKTINFO", allocs)
 	}
 }
