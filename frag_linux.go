@@ -164,22 +164,18 @@ type fragState struct {
 	// Guarded by rmu.
 	evicted []fragKey
 
-	smu    sync.Mutex // Send side: fragment buffers and the MTU sockets
-	fbuf   []byte
-	flist  [][]byte
-	mtuFd4 int // UDP sockets of the handle's namespace, connected to ask a route's MTU
-	mtuFd6 int
+	smu   sync.Mutex // Send side: fragment buffers
+	fbuf  []byte
+	flist [][]byte
 }
 
 // openFrag sets up the reassembly and, at LayerNetworkForward, installs
 // the prerouting chain that queues forwarded fragments (at LayerNetwork
 // the main rules queue them). Called by open, in the caller's namespace.
 func (b *linuxBackend) openFrag(rc nftrules.Config, layer Layer, qt time.Duration) error {
-	fs, err := newFragState(qt)
-	if err != nil {
-		return err
-	}
+	fs := newFragState(qt)
 	b.frag = fs
+	var err error
 	if fs.rules, err = installFrag(rc, layer); err != nil {
 		return mapSetupError("install nftables rules for fragments", err)
 	}
@@ -187,21 +183,10 @@ func (b *linuxBackend) openFrag(rc nftrules.Config, layer Layer, qt time.Duratio
 }
 
 func (fs *fragState) close() error {
-	var err error
 	if fs.rules != nil {
-		err = fs.rules.Close()
+		return fs.rules.Close()
 	}
-	// Under smu: a Send of a datagram may be asking a route's MTU on them
-	// (routeMTU), and a closed descriptor's number may be reused at once.
-	fs.smu.Lock()
-	for _, fd := range []*int{&fs.mtuFd4, &fs.mtuFd6} {
-		if *fd >= 0 {
-			unix.Close(*fd)
-			*fd = -1
-		}
-	}
-	fs.smu.Unlock()
-	return err
+	return nil
 }
 
 // reassemble takes a fragment queued at prerouting. It returns handled
@@ -410,7 +395,9 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 			a.sys = sysAddr{}
 			return n, nil
 		}
-		rm, merr := fs.routeMTU(pkt)
+		// The same interface as the send's: a link-scoped destination's
+		// route depends on it.
+		rm, merr := b.inj.RouteMTU(pkt, a.IfIdx)
 		if merr != nil {
 			return 0, fmt.Errorf("divert: %w (route MTU: %w)", err, merr)
 		}
@@ -419,23 +406,4 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		}
 		mtu = rm
 	}
-}
-
-// routeMTU asks the namespace's routing table for the MTU towards the
-// datagram's destination, by connecting a UDP socket there (IP_MTU).
-func (fs *fragState) routeMTU(pkt []byte) (int, error) {
-	if pkt[0]>>4 == 4 {
-		sa := &unix.SockaddrInet4{Port: 9}
-		copy(sa.Addr[:], pkt[16:20])
-		if err := unix.Connect(fs.mtuFd4, sa); err != nil {
-			return 0, err
-		}
-		return unix.GetsockoptInt(fs.mtuFd4, unix.IPPROTO_IP, unix.IP_MTU)
-	}
-	sa := &unix.SockaddrInet6{Port: 9}
-	copy(sa.Addr[:], pkt[24:40])
-	if err := unix.Connect(fs.mtuFd6, sa); err != nil {
-		return 0, err
-	}
-	return unix.GetsockoptInt(fs.mtuFd6, unix.IPPROTO_IPV6, unix.IPV6_MTU)
 }

@@ -726,3 +726,72 @@ func TestFragEvictedDropsHeld(t *testing.T) {
 		t.Fatalf("%d held after completion, want 1 (datagram 102)", n)
 	}
 }
+
+// ipIn runs ip(8) with argv in ns, failing t on error.
+func ipIn(t *testing.T, ns *netnstest.NS, argv ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if out, err := ns.Run(ctx, append([]string{"ip"}, argv...)...); err != nil {
+		t.Fatalf("ip %v: %v: %s", argv, err, out)
+	}
+}
+
+// TestFragLinkLocalRouteMTU: a datagram reassembled in user space, to a
+// link-local destination, whose link's MTU shrank below the size its
+// fragments came in, is refragmented to that link's MTU: the route MTU is
+// asked with the datagram's zone (without it the kernel cannot route a
+// link-local address and the lookup fails). The router has links of MTU
+// 1500 on both sides and the address fe80::99 behind each, so only the
+// zone says which link's MTU applies.
+func TestFragLinkLocalRouteMTU(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dlz", 0)
+	ll := netip.MustParseAddr("fe80::99")
+	ipIn(t, r.RightHost(), "addr", "add", "fe80::99/64", "dev", r.Right.B.If, "nodad")
+	ipIn(t, r.LeftHost(), "addr", "add", "fe80::99/64", "dev", r.Left.A.If, "nodad")
+	sink, err := r.RightHost().ListenUDP("[::]:7121")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	// h takes the router's outbound fragments (from the raw sends of s,
+	// whose higher priority lets h see them) and reassembles them.
+	h := openIn(t, r.Router(), "outbound and udp.DstPort == 7121", LayerNetwork, 0, 0)
+	s := openIn(t, r.Router(), "false", LayerNetwork, 10, FlagSendOnly)
+	right := uint32(r.Right.A.IfIdx)
+	src := netip.AddrPortFrom(netip.MustParseAddr("fe80::1"), 5000)
+	dgram := udpPacket(t, src, netip.AddrPortFrom(ll, 7121), fragPayload("zone"))
+	frags, err := reassembly.Fragment(nil, nil, dgram, 1500, 0x7121)
+	if err != nil || len(frags) != 3 {
+		t.Fatalf("fragment: %d fragments, %v", len(frags), err)
+	}
+	for _, f := range frags {
+		if _, err := s.Send(f, &Address{Outbound: true, IPv6: true, IfIdx: right, IPChecksum: true, TCPChecksum: true, UDPChecksum: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, MTUMax)
+	var a Address
+	n, err := h.Recv(buf, &a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != len(dgram) || a.IfIdx != right || !a.Outbound {
+		t.Fatalf("handle got %d bytes, %+v; want the %d-byte datagram outbound on %d", n, a, len(dgram), right)
+	}
+	// The right link shrinks: the 1500-byte fragments no longer fit.
+	ipIn(t, r.Router(), "link", "set", r.Right.A.If, "mtu", "1280")
+	ipIn(t, r.RightHost(), "link", "set", r.Right.B.If, "mtu", "1280")
+	if _, err := h.Send(buf[:n], &a); err != nil {
+		t.Fatalf("Send: %v", err)
+	}
+	got, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || !bytes.Equal(got[0], fragPayload("zone")) {
+		t.Fatalf("the right host got %d datagrams, want the one refragmented to 1280", len(got))
+	}
+}

@@ -6,8 +6,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/netdivert/divert/internal/nfq"
 	"github.com/netdivert/divert/internal/nftrules"
 	"github.com/netdivert/divert/internal/reassembly"
@@ -121,9 +119,7 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 		if reasm {
 			qt := time.Duration(cfg.params[ParamQueueTime]) * time.Millisecond
 			for _, b := range bs {
-				if b.frag, err = newFragState(qt); err != nil {
-					return fail(err)
-				}
+				b.frag = newFragState(qt)
 			}
 			// openFrag's table, if any, once, spread over the n queues
 			// as the main rules are.
@@ -222,22 +218,12 @@ func installFrag(rc nftrules.Config, layer Layer) (*nftrules.Ruleset, error) {
 
 // newFragState is the reassembly state of a handle without its chains
 // (openFrag installs them per handle; OpenQueues once for all its handles).
-func newFragState(qt time.Duration) (*fragState, error) {
+func newFragState(qt time.Duration) *fragState {
 	fs := &fragState{
 		pending: make(map[fragKey]*pendingDgram),
 		fbuf:    make([]byte, 0, 2*MTUMax),
 		flist:   make([][]byte, 0, 64),
-		mtuFd4:  -1,
-		mtuFd6:  -1,
 	}
 	fs.reasm = reassembly.New(reassembly.Config{Timeout: qt, OnEvict: fs.evict})
-	var err error
-	if fs.mtuFd4, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-		return nil, fmt.Errorf("divert: open a route MTU socket: %w", err)
-	}
-	if fs.mtuFd6, err = unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-		unix.Close(fs.mtuFd4)
-		return nil, fmt.Errorf("divert: open a route MTU socket: %w", err)
-	}
-	return fs, nil
+	return fs
 }

@@ -28,6 +28,12 @@ type Injector struct {
 	rt   int        // NETLINK_ROUTE socket of the namespace; -1 once closed
 	rbuf []byte
 	seq  uint32
+
+	// RouteMTU's UDP sockets, connected to a destination to ask its
+	// route's MTU, and the interface each is bound to (0: none).
+	mmu            sync.Mutex
+	mtu4, mtu6     int // -1 once closed
+	mtuIf4, mtuIf6 uint32
 }
 
 // ErrNotLocal reports an Inbound packet whose destination is not an
@@ -44,7 +50,7 @@ var ErrRefused = errors.New("inject: packet refused")
 // thread, with SO_MARK mark (0 = no mark). Errors wrap os.ErrPermission when
 // the caller lacks CAP_NET_RAW (sockets) or CAP_NET_ADMIN (mark).
 func New(mark uint32) (*Injector, error) {
-	i := &Injector{fd4: -1, fd6: -1, rt: -1, mark: mark}
+	i := &Injector{fd4: -1, fd6: -1, rt: -1, mtu4: -1, mtu6: -1, mark: mark}
 	var err error
 	if i.fd4, err = rawSocket(unix.AF_INET, mark); err != nil {
 		return nil, err
@@ -57,17 +63,58 @@ func New(mark uint32) (*Injector, error) {
 		i.closeAll()
 		return nil, err
 	}
+	if i.mtu4, i.mtu6, err = mtuSockets(mark); err != nil {
+		i.closeAll()
+		return nil, err
+	}
 	i.rbuf = make([]byte, 0, 8192)
 	return i, nil
 }
 
 // closeAll closes the sockets New opened so far.
 func (i *Injector) closeAll() {
-	for _, fd := range []int{i.fd4, i.fd6, i.rt} {
+	for _, fd := range []int{i.fd4, i.fd6, i.rt, i.mtu4, i.mtu6} {
 		if fd >= 0 {
 			unix.Close(fd)
 		}
 	}
+}
+
+// mtuSockets opens RouteMTU's UDP sockets, with the injector's mark
+// (policy rules may route by it) and SO_BROADCAST (without it connecting to
+// a broadcast address fails, EACCES).
+func mtuSockets(mark uint32) (fd4, fd6 int, err error) {
+	fd4, fd6 = -1, -1
+	for _, f := range []struct {
+		fd     *int
+		family int
+	}{{&fd4, unix.AF_INET}, {&fd6, unix.AF_INET6}} {
+		if *f.fd, err = unix.Socket(f.family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
+			err = fmt.Errorf("inject: open a route MTU socket: %w", os.NewSyscallError("socket", err))
+			break
+		}
+		if f.family == unix.AF_INET {
+			if err = unix.SetsockoptInt(*f.fd, unix.SOL_SOCKET, unix.SO_BROADCAST, 1); err != nil {
+				err = wrap("set SO_BROADCAST", err, "")
+				break
+			}
+		}
+		if mark != 0 {
+			if err = unix.SetsockoptInt(*f.fd, unix.SOL_SOCKET, unix.SO_MARK, int(mark)); err != nil {
+				err = wrap("set SO_MARK", err, "CAP_NET_ADMIN")
+				break
+			}
+		}
+	}
+	if err != nil {
+		for _, fd := range []int{fd4, fd6} {
+			if fd >= 0 {
+				unix.Close(fd)
+			}
+		}
+		return -1, -1, err
+	}
+	return fd4, fd6, nil
 }
 
 // routeSocket opens the rtnetlink socket that checkLocal asks, with a
@@ -272,6 +319,77 @@ func sendError(e unix.Errno, call string) error {
 	return fmt.Errorf("inject: %w", os.NewSyscallError(call, e))
 }
 
+// RouteMTU returns the MTU of the route a packet to pkt's destination
+// takes when sent by Outbound (ifIdx 0) or OutboundOn(pkt, ifIdx): the
+// route's MTU, or the path MTU the kernel learned for that destination. It
+// asks the namespace's routing table by connecting a UDP socket there
+// (IP_MTU, IPV6_MTU).
+func (i *Injector) RouteMTU(pkt []byte, ifIdx uint32) (int, error) {
+	if len(pkt) == 0 {
+		return 0, errors.New("inject: empty packet")
+	}
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	if i.fd4 < 0 {
+		return 0, fmt.Errorf("inject: %w", net.ErrClosed)
+	}
+	i.mmu.Lock()
+	defer i.mmu.Unlock()
+	var mtu int
+	var err error
+	switch pkt[0] >> 4 {
+	case 4:
+		if len(pkt) < 20 {
+			return 0, fmt.Errorf("inject: IPv4 packet of %d bytes has no whole header", len(pkt))
+		}
+		sa := &unix.SockaddrInet4{Port: 9}
+		copy(sa.Addr[:], pkt[16:20])
+		err = bindTo(i.mtu4, &i.mtuIf4, outIf(netip.AddrFrom4(sa.Addr), ifIdx))
+		if err == nil {
+			err = unix.Connect(i.mtu4, sa)
+		}
+		if err == nil {
+			mtu, err = unix.GetsockoptInt(i.mtu4, unix.IPPROTO_IP, unix.IP_MTU)
+		}
+	case 6:
+		if len(pkt) < 40 {
+			return 0, fmt.Errorf("inject: IPv6 packet of %d bytes has no whole header", len(pkt))
+		}
+		sa := &unix.SockaddrInet6{Port: 9}
+		copy(sa.Addr[:], pkt[24:40])
+		sa.ZoneId = outIf(netip.AddrFrom16(sa.Addr), ifIdx)
+		err = bindTo(i.mtu6, &i.mtuIf6, sa.ZoneId)
+		if err == nil {
+			err = unix.Connect(i.mtu6, sa)
+		}
+		if err == nil {
+			mtu, err = unix.GetsockoptInt(i.mtu6, unix.IPPROTO_IPV6, unix.IPV6_MTU)
+		}
+	default:
+		return 0, fmt.Errorf("inject: IP version %d is neither 4 nor 6", pkt[0]>>4)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("inject: ask the route MTU: %w", err)
+	}
+	return mtu, nil
+}
+
+// bindTo binds the UDP socket fd to interface ifIdx (0: none) unless it is
+// bound there already (*cur). Connecting to a destination with a zone binds
+// the socket to that interface, and a bound socket refuses another zone
+// (EINVAL) and routes everything through its interface: so the binding is
+// set for every connect, the zone's or none.
+func bindTo(fd int, cur *uint32, ifIdx uint32) error {
+	if *cur == ifIdx {
+		return nil
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_BINDTOIFINDEX, int(ifIdx)); err != nil {
+		return os.NewSyscallError("setsockopt SO_BINDTOIFINDEX", err)
+	}
+	*cur = ifIdx
+	return nil
+}
+
 // Close closes the sockets. It is idempotent.
 func (i *Injector) Close() error {
 	i.mu.Lock()
@@ -282,8 +400,14 @@ func (i *Injector) Close() error {
 	err4 := unix.Close(i.fd4)
 	err6 := unix.Close(i.fd6)
 	errRt := unix.Close(i.rt)
-	i.fd4, i.fd6, i.rt = -1, -1, -1
-	if err := errors.Join(err4, err6, errRt); err != nil {
+	// Under mmu: a RouteMTU may be using them (it holds mu read-locked
+	// too, so none runs now; the lock orders the fields' writes).
+	i.mmu.Lock()
+	errM4 := unix.Close(i.mtu4)
+	errM6 := unix.Close(i.mtu6)
+	i.fd4, i.fd6, i.rt, i.mtu4, i.mtu6 = -1, -1, -1, -1, -1
+	i.mmu.Unlock()
+	if err := errors.Join(err4, err6, errRt, errM4, errM6); err != nil {
 		return fmt.Errorf("inject: close: %w", err)
 	}
 	return nil

@@ -269,6 +269,9 @@ func TestErrors(t *testing.T) {
 	if err := inj.Outbound(pkt); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("after Close: %v, want net.ErrClosed", err)
 	}
+	if _, err := inj.RouteMTU(pkt, 0); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("RouteMTU after Close: %v, want net.ErrClosed", err)
+	}
 }
 
 func TestSendAllocs(t *testing.T) {
@@ -529,5 +532,49 @@ func TestOutboundLinkScopeV4(t *testing.T) {
 		}
 	}); allocs != 0 {
 		t.Errorf("%v allocations per send with IP_PKTINFO", allocs)
+	}
+}
+
+// TestRouteMTUZone: a router has a link of MTU 1500 and one of MTU 1280,
+// with the same link-local address fe80::99 behind both. RouteMTU takes the
+// interface OutboundOn would send on (the zone of a link-local destination,
+// the link of a limited broadcast): each link's MTU; and a destination
+// without a zone afterwards still gets its own route's MTU.
+func TestRouteMTUZone(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "imz", 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, argv := range [][]string{
+		{"ip", "link", "set", r.Right.A.If, "mtu", "1280"},
+	} {
+		if out, err := r.Router().Run(ctx, argv...); err != nil {
+			t.Fatalf("%v: %v: %s", argv, err, out)
+		}
+	}
+	inj := newIn(t, r.Router(), nftrules.Mark(0))
+	ll := netip.MustParseAddr("fe80::99")
+	bc := netip.MustParseAddr("255.255.255.255")
+	for _, tc := range []struct {
+		name  string
+		src   netip.Addr
+		dst   netip.Addr
+		ifIdx int
+		want  int
+	}{
+		{"link-local right", netip.MustParseAddr("fe80::1"), ll, r.Right.A.IfIdx, 1280},
+		{"link-local left", netip.MustParseAddr("fe80::1"), ll, r.Left.B.IfIdx, 1500},
+		{"link-local right again", netip.MustParseAddr("fe80::1"), ll, r.Right.A.IfIdx, 1280},
+		{"global right", r.Right.A.V6, r.Right.B.V6, r.Left.B.IfIdx, 1280}, // no zone: ifIdx is not used
+		{"global left", r.Left.B.V6, r.Left.A.V6, 0, 1500},
+		{"broadcast right", r.Right.A.V4, bc, r.Right.A.IfIdx, 1280},
+		{"broadcast left", r.Left.B.V4, bc, r.Left.B.IfIdx, 1500},
+		{"v4 right", r.Right.A.V4, r.Right.B.V4, r.Left.B.IfIdx, 1280},
+		{"v4 left", r.Left.B.V4, r.Left.A.V4, 0, 1500},
+	} {
+		mtu, err := inj.RouteMTU(build(tc.src, tc.dst, 17, udp(1, 9, "x"), 6), uint32(tc.ifIdx))
+		if err != nil || mtu != tc.want {
+			t.Errorf("%s: RouteMTU = %d, %v; want %d", tc.name, mtu, err, tc.want)
+		}
 	}
 }
