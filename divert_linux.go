@@ -89,6 +89,7 @@ type sysAddr struct {
 	dgram   bool
 	fragID  uint32 // identification to refragment with
 	fragMTU uint32 // size of its largest fragment
+	dsum    uint64 // maphash (dgramSeed) of the datagram as handed over
 }
 
 var (

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"sync"
 	"time"
 
@@ -45,7 +46,9 @@ import (
 //     reassembled in user space had its fragments dropped when it was
 //     received: Send delivers it whole to the local stack (inbound) or
 //     refragments it and sends the fragments as marked raw packets
-//     (outbound). With FlagSniff the fragments continue and the program gets
+//     (outbound), in both cases with the checksums its Address's clear bits
+//     say are unfinished computed first when the program changed it, as for
+//     a whole packet. With FlagSniff the fragments continue and the program gets
 //     a copy of the datagram.
 //   - LayerNetwork with FlagFragments: inbound, the packets addressed to the
 //     host as they are on the wire, fragments included, before any
@@ -164,9 +167,10 @@ type fragState struct {
 	// Guarded by rmu.
 	evicted []fragKey
 
-	smu   sync.Mutex // Send side: fragment buffers
+	smu   sync.Mutex // Send side: fragment buffers and cbuf
 	fbuf  []byte
 	flist [][]byte
+	cbuf  []byte // a changed datagram whose checksums Send computes
 }
 
 // openFrag sets up the reassembly and, at LayerNetworkForward, installs
@@ -292,6 +296,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 			dgram:   true,
 			fragID:  fs.info.ID,
 			fragMTU: uint32(fs.info.MaxFragLen),
+			dsum:    maphash.Bytes(dgramSeed, buf[:n]),
 		},
 	}
 	if sniff {
@@ -346,10 +351,19 @@ func (b *linuxBackend) expirePending(now, qt int64) {
 	fs.reasm.Expire(time.Unix(0, now))
 }
 
+// dgramSeed seeds the hash that tells a reassembled datagram sent back
+// changed (see sendDgram).
+var dgramSeed = maphash.MakeSeed()
+
 // sendDgram emits a datagram reassembled in user space: inbound at
 // LayerNetwork whole to the local stack, otherwise refragmented to the size
 // it came in (or the route's MTU when smaller), each fragment a marked raw
-// packet.
+// packet. As for a packet sent back whole (verdictLocked), a datagram the
+// program changed gets the checksums a's clear bits say are unfinished
+// computed first (in a copy); one sent back unchanged goes as it came,
+// the sender's checksums included. Changed means that its bytes hash
+// otherwise than those Recv handed over (a change that hashes equal, odds
+// 2^-64, is taken for none).
 func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 	if b.inj == nil {
 		return 0, errors.New("divert: handle cannot inject")
@@ -359,6 +373,14 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		return 0, err
 	}
 	n := len(pkt) // the IP length, as WinDivertSend counts
+	fs := b.frag
+	fs.smu.Lock()
+	defer fs.smu.Unlock()
+	if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) && maphash.Bytes(dgramSeed, pkt) != a.sys.dsum {
+		fs.cbuf = append(fs.cbuf[:0], pkt...)
+		pkt = fs.cbuf
+		_ = CalcChecksums(pkt, nil, unfinished(a))
+	}
 	if b.layer == LayerNetwork && !a.Outbound {
 		// Delivered whole to the local stack (the raw send loops
 		// through lo, whose MTU holds any datagram).
@@ -368,9 +390,6 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		a.sys = sysAddr{}
 		return n, nil
 	}
-	fs := b.frag
-	fs.smu.Lock()
-	defer fs.smu.Unlock()
 	mtu := int(a.sys.fragMTU)
 	for try := 0; ; try++ {
 		frags, err := reassembly.Fragment(fs.fbuf[:0], fs.flist, pkt, mtu, a.sys.fragID)

@@ -795,3 +795,110 @@ func TestFragLinkLocalRouteMTU(t *testing.T) {
 		t.Fatalf("the right host got %d datagrams, want the one refragmented to 1280", len(got))
 	}
 }
+
+// TestFragChangedChecksumsComputed: a datagram reassembled in user space
+// that the program changes and sends back with its UDPChecksum bit clear
+// gets its UDP checksum computed, refragmented (forward) or whole
+// (inbound), and the receiver's socket takes it (Linux drops UDP with a bad
+// checksum); as for a whole packet, one sent back unchanged goes as it
+// came, so a datagram whose sender got the checksum wrong stays dropped.
+func TestFragChangedChecksumsComputed(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dcf", 1500)
+	for _, c := range []struct {
+		name    string
+		v6      bool
+		forward bool
+	}{{"forward/ipv4", false, true}, {"forward/ipv6", true, true}, {"inbound/ipv6", true, false}} {
+		t.Run(c.name, func(t *testing.T) {
+			srcAddr, dstAddr := r.Left.A.V4, r.Right.B.V4
+			if c.v6 {
+				srcAddr, dstAddr = r.Left.A.V6, r.Right.B.V6
+			}
+			dst := netip.AddrPortFrom(dstAddr, 7122)
+			sink, err := r.RightHost().ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			var h *Handle
+			if c.forward {
+				h = openIn(t, r.Router(), "udp.DstPort == 7122", LayerNetworkForward, 0, FlagReassemble)
+			} else {
+				// IPv6 fragments reach the input hook as they are: user
+				// space reassembles them.
+				h = openIn(t, r.RightHost(), "inbound and udp.DstPort == 7122", LayerNetwork, 0, 0)
+			}
+			// The left host sends the datagrams as fragments of its own
+			// making, so that one can carry a wrong checksum.
+			var ls *Handle
+			if err := r.LeftHost().Do(func() (err error) { ls, err = Open("false", LayerNetwork, 0, FlagSendOnly); return err }); err != nil {
+				t.Fatal(err)
+			}
+			defer ls.Close()
+			send := func(tag string, badSum bool, id uint32) {
+				t.Helper()
+				d := udpPacket(t, netip.AddrPortFrom(srcAddr, 5000), dst, fragPayload(tag))
+				if !c.v6 {
+					binary.BigEndian.PutUint16(d[4:], uint16(id))
+				}
+				if badSum {
+					d[len(d)-fragPayloadLen-2] ^= 0x5a
+				}
+				frags, err := reassembly.Fragment(nil, nil, d, 1500, id)
+				if err != nil || len(frags) < 2 {
+					t.Fatalf("fragment: %d fragments, %v", len(frags), err)
+				}
+				for _, f := range frags {
+					if _, err := ls.Send(f, &Address{Outbound: true, IPv6: c.v6, IPChecksum: true, TCPChecksum: true, UDPChecksum: true}); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			recvBack := func(change bool) {
+				t.Helper()
+				h.SetReadDeadline(time.Now().Add(3 * time.Second))
+				buf := make([]byte, MTUMax)
+				var a Address
+				n, err := h.Recv(buf, &a)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !a.UDPChecksum {
+					t.Fatalf("a reassembled datagram's UDPChecksum bit is clear")
+				}
+				if change {
+					p, err := ParsePacket(buf[:n])
+					if err != nil || p.UDP == nil {
+						t.Fatalf("parse: %v", err)
+					}
+					copy(p.Payload, "CHG") // the UDP checksum no longer matches
+				}
+				a.UDPChecksum = false // unfinished: Send computes it if the datagram changed
+				if _, err := h.Send(buf[:n], &a); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Unchanged with a wrong checksum: sent as it came, dropped.
+			send("bad", true, 0x7001)
+			recvBack(false)
+			got, err := netnstest.RecvUDP(sink, 1, 500*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != 0 {
+				t.Fatalf("an unchanged datagram with a wrong checksum arrived: its checksum was computed, or the receiver does not check")
+			}
+			// Changed: computed, delivered.
+			send("chg", false, 0x7002)
+			recvBack(true)
+			got, err = netnstest.RecvUDP(sink, 1, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != 1 || !bytes.Equal(got[0], fragPayload("CHG")) {
+				t.Fatalf("the changed datagram: the sink got %d datagrams (its checksum was not computed?)", len(got))
+			}
+		})
+	}
+}
