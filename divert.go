@@ -644,7 +644,10 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // packets sent back unchanged, ICMP's checksums and FreeBSD send the
 // packet's as given. (On Linux a received packet's TCP and UDP bits are
 // often clear: the stack finishes those checksums later.) Use
-// CalcChecksums after changing a packet. b must hold one whole IPv4 or
+// CalcChecksums after changing a packet. On Linux a new outbound packet
+// larger than its route's MTU goes out as fragments of that MTU, as the
+// host fragments its own datagrams; an IPv4 one with DF set is refused with
+// an error wrapping syscall.EMSGSIZE. b must hold one whole IPv4 or
 // IPv6 packet, whose length field b covers; bytes past it are left out, as
 // WinDivert's driver ignores them. Send refuses others with an error, and
 // on Linux and in a Pipe a received packet stays held. (On Linux and with NewPipe a received packet sent back unchanged is

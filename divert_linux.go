@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/netdivert/divert/filter"
 	"github.com/netdivert/divert/internal/inject"
 	"github.com/netdivert/divert/internal/nfq"
@@ -42,7 +44,8 @@ import (
 // UDPChecksum bit is clear gets those checksums computed before it is sent,
 // as WinDivert treats such packets as checksum-offloaded (a packet taken
 // from a veth often carries an unfinished checksum); the caller's buffer is
-// left as it is.
+// left as it is. One larger than its route's MTU is sent as fragments (see
+// sendTooBig).
 //
 // Fragments: see frag_linux.go for what a handle sees at each layer and
 // direction, with and without FlagFragments and FlagReassemble.
@@ -110,8 +113,9 @@ type linuxBackend struct {
 	frag  *fragState        // user-space reassembly (see frag_linux.go); nil without
 	queue uint16
 
-	cmu  sync.Mutex // guards cbuf
-	cbuf []byte     // scratch for new packets whose checksums Send computes
+	cmu   sync.Mutex // guards cbuf
+	cbuf  []byte     // scratch for new packets whose checksums Send computes
+	fsend fragSend   // Send's fragmenting (see frag_linux.go)
 
 	queueTime atomic.Int64 // ns
 	shutRecv  atomic.Bool
@@ -982,6 +986,14 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 	}
 	if a.Outbound || b.layer == LayerNetworkForward {
 		err = b.inj.OutboundOn(out, a.IfIdx) // the link of a link-scoped destination
+		if err != nil && errors.Is(err, unix.EMSGSIZE) {
+			// Larger than its route's MTU: fragmented as the host's own.
+			err = b.sendTooBig(out, a.IfIdx, err)
+			if err != nil {
+				return 0, err
+			}
+			return n, nil
+		}
 	} else {
 		err = b.inj.Inbound(out, a.IfIdx)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/netdivert/divert/filter"
 	"github.com/netdivert/divert/internal/nfq"
 	"github.com/netdivert/divert/internal/nftrules"
+	"github.com/netdivert/divert/internal/packet"
 	"github.com/netdivert/divert/internal/reassembly"
 )
 
@@ -76,6 +78,10 @@ import (
 //     router's output path: lower-priority forward handles do not see them.
 //   - FlagDrop: the kernel rules drop what they select, fragments included
 //     as each hook sees them; nothing is reassembled.
+//
+// A new outbound packet (Send with a fresh Address) larger than its route's
+// MTU, which the kernel's header-included raw send refuses (EMSGSIZE), is
+// sent as fragments of that MTU by the same code (see sendTooBig).
 //
 // For every user-space reassembly: Drop of a reassembled datagram has
 // nothing left to release; fragments whose datagram does not complete
@@ -166,11 +172,16 @@ type fragState struct {
 	// the current AddInfo, whose held fragments go at once (see evict).
 	// Guarded by rmu.
 	evicted []fragKey
+}
 
-	smu   sync.Mutex // Send side: fragment buffers and cbuf
-	fbuf  []byte
-	flist [][]byte
-	cbuf  []byte // a changed datagram whose checksums Send computes
+// fragSend is what Send needs to emit a datagram as fragments (one
+// reassembled in user space, or a new packet larger than its route's MTU),
+// allocated at its first use.
+type fragSend struct {
+	mu    sync.Mutex
+	fbuf  []byte   // the fragments, back to back
+	flist [][]byte // the fragments
+	cbuf  []byte   // a changed datagram whose checksums Send computes
 }
 
 // openFrag sets up the reassembly and, at LayerNetworkForward, installs
@@ -373,9 +384,9 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		return 0, err
 	}
 	n := len(pkt) // the IP length, as WinDivertSend counts
-	fs := b.frag
-	fs.smu.Lock()
-	defer fs.smu.Unlock()
+	fs := &b.fsend
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
 	if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) && maphash.Bytes(dgramSeed, pkt) != a.sys.dsum {
 		fs.cbuf = append(fs.cbuf[:0], pkt...)
 		pkt = fs.cbuf
@@ -390,38 +401,99 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		a.sys = sysAddr{}
 		return n, nil
 	}
-	mtu := int(a.sys.fragMTU)
-	for try := 0; ; try++ {
-		frags, err := reassembly.Fragment(fs.fbuf[:0], fs.flist, pkt, mtu, a.sys.fragID)
+	if err := b.sendFragments(pkt, int(a.sys.fragMTU), a.sys.fragID, a.IfIdx, false); err != nil {
+		return 0, err
+	}
+	a.sys = sysAddr{}
+	return n, nil
+}
+
+// sendTooBig sends pkt, a new outbound packet the kernel refused as larger
+// than the MTU of its route (EMSGSIZE; the header-included raw send does
+// not fragment), as fragments of that route's MTU, as the host fragments
+// its own datagrams: IPv4 with its identification (one chosen at random
+// when it is 0, where the kernel would choose one for each fragment), IPv6
+// with a Fragment header of a random identification. An IPv4 packet with
+// DF set is refused, and so is an IPv6 packet that is a fragment already.
+// err is the refused send's error.
+func (b *linuxBackend) sendTooBig(pkt []byte, ifIdx uint32, err error) error {
+	rm, merr := b.inj.RouteMTU(pkt, ifIdx)
+	if merr != nil {
+		return fmt.Errorf("divert: %w (route MTU: %w)", err, merr)
+	}
+	if rm >= len(pkt) {
+		return fmt.Errorf("divert: %w (the route's MTU is %d)", err, rm) // the device's MTU is smaller than its route's
+	}
+	fs := &b.fsend
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	var id uint32
+	if pkt[0]>>4 == 6 {
+		id = rand.Uint32N(1<<32-1) + 1
+	}
+	if err := b.sendFragments(pkt, rm, id, ifIdx, true); err != nil {
+		if errors.Is(err, reassembly.ErrDontFragment) {
+			return fmt.Errorf("divert: send: the %d-byte packet exceeds the %d-byte MTU of its route and has DF set, so it is not fragmented (a router would drop it and answer ICMP fragmentation needed, MTU %d): %w (%w)", len(pkt), rm, rm, reassembly.ErrDontFragment, unix.EMSGSIZE)
+		}
+		return err
+	}
+	return nil
+}
+
+// sendFragments sends pkt outbound as fragments of at most mtu bytes, each
+// a marked raw packet leaving through ifIdx for a link-scoped destination;
+// id is the identification of IPv6 fragments (IPv4 ones keep pkt's, or get
+// a random one when it is 0). When the first fragment is refused as too big
+// (EMSGSIZE) and asked is false, it asks the route's MTU and, if smaller,
+// fragments again to it. Called with b.fsend.mu held.
+func (b *linuxBackend) sendFragments(pkt []byte, mtu int, id uint32, ifIdx uint32, asked bool) error {
+	fs := &b.fsend
+	if fs.fbuf == nil {
+		fs.fbuf = make([]byte, 0, 2*MTUMax)
+		fs.flist = make([][]byte, 0, 64)
+	}
+	for {
+		frags, err := reassembly.Fragment(fs.fbuf[:0], fs.flist, pkt, mtu, id)
 		if err != nil {
 			if errors.Is(err, reassembly.ErrDontFragment) {
-				return 0, fmt.Errorf("divert: send: the %d-byte datagram exceeds the %d-byte MTU and has DF set, so it cannot be refragmented: %w", len(pkt), mtu, err)
+				return fmt.Errorf("divert: send: the %d-byte datagram exceeds the %d-byte MTU and has DF set, so it cannot be refragmented: %w", len(pkt), mtu, err)
 			}
-			return 0, fmt.Errorf("divert: send: refragment the %d-byte datagram to %d bytes: %w", len(pkt), mtu, err)
+			return fmt.Errorf("divert: send: fragment the %d-byte datagram to %d bytes: %w", len(pkt), mtu, err)
 		}
 		if cap(frags) > cap(fs.flist) {
 			fs.flist = frags[:0]
 		}
+		if pkt[0]>>4 == 4 && len(frags) > 1 && binary.BigEndian.Uint16(pkt[4:]) == 0 {
+			// The kernel would give each fragment an identification of
+			// its own: one for all of them.
+			v := uint16(rand.Uint32N(1<<16-1) + 1)
+			for _, f := range frags {
+				binary.BigEndian.PutUint16(f[4:], v)
+				hl := int(f[0]&0xf) * 4
+				f[10], f[11] = 0, 0
+				binary.BigEndian.PutUint16(f[10:], ^packet.Checksum(f[:hl], 0))
+			}
+		}
 		for i, f := range frags {
-			if err = b.inj.OutboundOn(f, a.IfIdx); err != nil { // the link of a link-scoped destination
-				if i == 0 && try == 0 && errors.Is(err, unix.EMSGSIZE) {
+			if err = b.inj.OutboundOn(f, ifIdx); err != nil { // the link of a link-scoped destination
+				if i == 0 && !asked && errors.Is(err, unix.EMSGSIZE) {
 					break // the route's MTU is smaller: ask it, then again
 				}
-				return 0, fmt.Errorf("divert: fragment %d of %d: %w", i+1, len(frags), err) // err says "inject: ..."
+				return fmt.Errorf("divert: fragment %d of %d: %w", i+1, len(frags), err) // err says "inject: ..."
 			}
 		}
 		if err == nil {
-			a.sys = sysAddr{}
-			return n, nil
+			return nil
 		}
+		asked = true
 		// The same interface as the send's: a link-scoped destination's
 		// route depends on it.
-		rm, merr := b.inj.RouteMTU(pkt, a.IfIdx)
+		rm, merr := b.inj.RouteMTU(pkt, ifIdx)
 		if merr != nil {
-			return 0, fmt.Errorf("divert: %w (route MTU: %w)", err, merr)
+			return fmt.Errorf("divert: %w (route MTU: %w)", err, merr)
 		}
 		if rm >= mtu {
-			return 0, fmt.Errorf("divert: %w", err)
+			return fmt.Errorf("divert: %w", err)
 		}
 		mtu = rm
 	}

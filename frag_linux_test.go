@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -901,4 +902,89 @@ func TestFragChangedChecksumsComputed(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestLinuxNewPacketLargerThanMTU: a new outbound packet larger than its
+// route's MTU is fragmented as the host fragments its own datagrams (the
+// kernel's header-included raw send alone refuses it, EMSGSIZE): IPv4
+// without DF (with the sender's identification, or one chosen when it is 0,
+// as the kernel chooses one), IPv6, a link-local destination on the link
+// Address.IfIdx names, and a packet whose checksums Send computes first.
+// An IPv4 packet with DF set is refused with an error that says so.
+func TestLinuxNewPacketLargerThanMTU(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dbg", 1500)
+	ipIn(t, l.B.NS, "addr", "add", "fe80::99/64", "dev", l.B.If, "nodad")
+	h := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
+	sink, err := l.B.NS.ListenUDP("[::]:7123") // both families
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	all := Address{Outbound: true, IPChecksum: true, TCPChecksum: true, UDPChecksum: true}
+	for _, c := range []struct {
+		name   string
+		src    netip.Addr
+		dst    netip.Addr
+		id     uint16 // IPv4
+		clear  bool   // checksum bits clear, the UDP checksum wrong
+		ifIdx  bool
+		fe80v6 bool
+	}{
+		{name: "ipv4", src: l.A.V4, dst: l.B.V4, id: 0x4242},
+		{name: "ipv4/id0", src: l.A.V4, dst: l.B.V4},
+		{name: "ipv4/checksums", src: l.A.V4, dst: l.B.V4, id: 0x4343, clear: true},
+		{name: "ipv6", src: l.A.V6, dst: l.B.V6},
+		{name: "ipv6/checksums", src: l.A.V6, dst: l.B.V6, clear: true},
+		{name: "ipv6/link-local", src: netip.MustParseAddr("fe80::1"), dst: netip.MustParseAddr("fe80::99"), ifIdx: true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pkt := udpPacket(t, netip.AddrPortFrom(c.src, 5000), netip.AddrPortFrom(c.dst, 7123), fragPayload(c.name))
+			a := all
+			a.IPv6 = c.dst.Is6()
+			if !a.IPv6 {
+				binary.BigEndian.PutUint16(pkt[4:], c.id)
+				CalcChecksums(pkt, nil, NoUDPChecksum)
+			}
+			if c.clear {
+				pkt[len(pkt)-fragPayloadLen-2] ^= 0x5a
+				a.IPChecksum, a.TCPChecksum, a.UDPChecksum = false, false, false
+			}
+			if c.ifIdx {
+				a.IfIdx = uint32(l.A.IfIdx)
+			}
+			orig := bytes.Clone(pkt)
+			n, err := h.Send(pkt, &a)
+			if err != nil || n != len(pkt) {
+				t.Fatalf("Send of %d bytes: %d, %v", len(pkt), n, err)
+			}
+			if !bytes.Equal(pkt, orig) {
+				t.Errorf("Send changed the caller's buffer")
+			}
+			got, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != 1 || !bytes.Equal(got[0], fragPayload(c.name)) {
+				t.Fatalf("the sink got %d datagrams, want the %d-byte one", len(got), len(pkt))
+			}
+		})
+	}
+	t.Run("ipv4/DF", func(t *testing.T) {
+		pkt := udpPacket(t, netip.AddrPortFrom(l.A.V4, 5000), netip.AddrPortFrom(l.B.V4, 7123), fragPayload("df"))
+		pkt[6] |= 0x40
+		CalcChecksums(pkt, nil, NoUDPChecksum)
+		a := all
+		_, err := h.Send(pkt, &a)
+		if !errors.Is(err, reassembly.ErrDontFragment) || !errors.Is(err, syscall.EMSGSIZE) || !strings.Contains(err.Error(), "1500") {
+			t.Fatalf("Send of a DF packet larger than the MTU: %v, want ErrDontFragment and EMSGSIZE, naming the MTU", err)
+		}
+		got, err := netnstest.RecvUDP(sink, 1, 500*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 0 {
+			t.Fatalf("the DF packet arrived")
+		}
+	})
 }

@@ -221,8 +221,6 @@ func installFrag(rc nftrules.Config, layer Layer) (*nftrules.Ruleset, error) {
 func newFragState(qt time.Duration) *fragState {
 	fs := &fragState{
 		pending: make(map[fragKey]*pendingDgram),
-		fbuf:    make([]byte, 0, 2*MTUMax),
-		flist:   make([][]byte, 0, 64),
 	}
 	fs.reasm = reassembly.New(reassembly.Config{Timeout: qt, OnEvict: fs.evict})
 	return fs

@@ -8,7 +8,8 @@
 // scoped to one link through the interface given: an IPv6 zone, an IPv4
 // IP_PKTINFO control message). For IPv4 the kernel fills the total length
 // and header checksum (and the source address and id when zero); for IPv6 it
-// fills nothing. Packets larger than the route's MTU fail with EMSGSIZE.
+// fills nothing. Packets larger than the route's MTU fail with EMSGSIZE
+// (RouteMTU tells the MTU to fragment them to).
 //
 // Inbound packets are delivered to the local stack as if received: they are
 // sent on the same raw sockets to their (local) destination address, loop
