@@ -642,6 +642,33 @@ func TestLinuxInjectOutboundEcho(t *testing.T) {
 	}
 }
 
+// TestLinuxInjectLimitedBroadcast: a new outbound packet to 255.255.255.255
+// leaves through the interface its Address names (A has no route there:
+// without the interface the kernel refuses it, ENETUNREACH), and B's
+// socket on the port takes it.
+func TestLinuxInjectLimitedBroadcast(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dlb", 0)
+	sink, err := l.B.NS.ListenUDP("0.0.0.0:7124")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
+	pkt := udpPacket(t, netip.AddrPortFrom(l.A.V4, 5000), netip.MustParseAddrPort("255.255.255.255:7124"), []byte("to all"))
+	a := Address{Outbound: true, IfIdx: uint32(l.A.IfIdx), IPChecksum: true, TCPChecksum: true, UDPChecksum: true}
+	if _, err := h.Send(pkt, &a); err != nil {
+		t.Fatal(err)
+	}
+	got, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || string(got[0]) != "to all" {
+		t.Fatalf("B got %q", got)
+	}
+}
+
 // TestLinuxMalformedSend: a changed packet that is not a whole IP packet is
 // refused and stays held (the kernel would take any bytes), so the program
 // can still send it right, and bytes past its length are left out; a
