@@ -344,8 +344,11 @@ type ReflectData struct {
 // it back. Recv fills it; Send reads Outbound, Impostor, the checksum bits,
 // IfIdx and SubIfIdx (WinDivert's contract), and, for a packet that was
 // received, the hidden reference that lets the backend reinject that exact
-// packet. A zero Address with Outbound set describes a new outbound packet; a
-// zero Address with an IfIdx describes a new inbound packet.
+// packet, as long as Outbound is what Recv set. A zero Address with Outbound
+// set describes a new outbound packet; a zero Address with an IfIdx
+// describes a new inbound packet; a received Address with Outbound reversed
+// describes a new packet going back the way the received one came (see
+// Send).
 type Address struct {
 	// Timestamp is when the packet was taken: nanoseconds since the Unix
 	// epoch on Linux and FreeBSD, QueryPerformanceCounter ticks on Windows.
@@ -628,10 +631,15 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // or not, where it was taken (a handle never sees its own reinjected packets
 // again; lower-priority handles do). With a fresh Address it injects a new
 // packet: outbound when a.Outbound is set, else inbound as if received on
-// interface a.IfIdx (on Linux, at LayerNetworkForward a new packet always
-// goes out on its route, and an outbound one whose destination is scoped
-// to one link, IPv6 or IPv4 link-local unicast or multicast or the IPv4
-// limited broadcast 255.255.255.255, leaves through interface a.IfIdx when
+// interface a.IfIdx. A copy of a received Address with Outbound reversed is
+// such a fresh one, WinDivert's way to answer a packet (its netfilter
+// sample sends a TCP reset or an ICMP error so): Send injects b the other
+// way, and the received packet is left to its own Address (on Linux and in
+// a Pipe it stays held, for Send or Drop). (On Linux, at
+// LayerNetworkForward a new packet always goes out on its route, and an
+// outbound one whose destination is scoped to one link, IPv6 or IPv4
+// link-local unicast or multicast or the IPv4 limited broadcast
+// 255.255.255.255, leaves through interface a.IfIdx when
 // it is set). On Linux an inbound new packet is a raw send to its
 // destination, which must be one of the host's addresses: it enters the
 // stack through lo, so other handles see it as outbound loopback and

@@ -127,6 +127,7 @@ const (
 // sysAddr is the sockaddr a packet was received with.
 type sysAddr struct {
 	owner uint32 // serial of the handle that received the packet (userStats); 0 for new packets
+	out   bool   // the Outbound it was received with (userStats)
 	sa    bsdaddr.Sockaddr
 	ifIdx uint32 // IfIdx reported at Recv
 	valid bool

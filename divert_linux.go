@@ -86,6 +86,7 @@ type sysAddr struct {
 	owner uint32 // serial of the handle that holds the packet; 0 for new packets
 	id    uint32 // NFQUEUE packet id
 	trunc bool   // the kernel copied less than the whole packet
+	out   bool   // the Outbound Recv set: an Address whose Outbound differs names a new packet
 
 	// A datagram reassembled in user space (see frag_linux.go): its
 	// fragments are already dropped; Send emits it again.
@@ -767,6 +768,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 			a.sys.owner = b.serial
 			a.sys.id = p.ID
 			a.sys.trunc = p.Truncated()
+			a.sys.out = a.Outbound
 			b.pendAdd(p.ID, pendHold, now, p.Payload[:n])
 		}
 		if n < len(p.Payload) {
@@ -925,8 +927,18 @@ func (b *linuxBackend) verdictLocked(a *Address, v nfq.Verdict, pkt []byte, hold
 	return n, b.flushLocked()
 }
 
+// mine reports whether a is an Address this handle's receive filled, its
+// direction unchanged. A copy whose Outbound was flipped describes a new
+// packet, as everywhere in WinDivert: its netfilter sample answers a
+// packet with a TCP reset or ICMP error sent with the received Address,
+// direction reversed. Reinjecting that answer in place of the received
+// packet would take it where the received packet was going.
+func (b *linuxBackend) mine(a *Address) bool {
+	return a.sys.owner == b.serial && a.sys.out == a.Outbound
+}
+
 func (b *linuxBackend) held(a *Address) bool {
-	return a.sys.owner == b.serial && b.conn != nil
+	return b.mine(a) && b.conn != nil
 }
 
 func (b *linuxBackend) send(pkt []byte, a *Address) (int, error) {
@@ -944,11 +956,11 @@ func (b *linuxBackend) send(pkt []byte, a *Address) (int, error) {
 // fresh reports whether Send injects a as a new packet rather than
 // reinjecting one the handle holds.
 func (b *linuxBackend) fresh(a *Address) bool {
-	return !(a.sys.dgram && a.sys.owner == b.serial && b.frag != nil) && !b.held(a)
+	return !(a.sys.dgram && b.mine(a) && b.frag != nil) && !b.held(a)
 }
 
 func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
-	if a.sys.dgram && a.sys.owner == b.serial && b.frag != nil {
+	if a.sys.dgram && b.mine(a) && b.frag != nil {
 		return b.sendDgram(pkt, a)
 	}
 	if b.held(a) {
@@ -1083,7 +1095,7 @@ func (b *linuxBackend) sendBatch(ms []Message) (int, error) {
 
 func (b *linuxBackend) drop(a *Address) error {
 	if a.sys.dgram {
-		if a.sys.owner == b.serial {
+		if b.mine(a) {
 			b.st.dropped.Add(1)
 		}
 		a.sys = sysAddr{} // its fragments were dropped when it was received

@@ -2114,3 +2114,90 @@ func TestLinuxChangedChecksumsComputed(t *testing.T) {
 		t.Fatalf("the changed datagram: %q, %v (its checksum was not computed?)", got, err)
 	}
 }
+
+// WinDivert's way to answer a packet, as its netfilter sample sends a TCP
+// reset or an ICMP error: a copy of the received Address with Outbound
+// reversed, given to Send with the answer. The answer must go the other
+// way, as a new packet, and the received packet stay held for its own
+// Address (here dropped). Reinjecting the answer in place of the received
+// packet would take it where the query was going.
+func TestLinuxAnswerWithReversedAddress(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "drev", 0)
+	for i, c := range []struct {
+		name  string
+		at    *netnstest.NS // where the handle runs
+		filt  string
+		dst   netip.AddrPort
+		batch bool
+	}{
+		{"inbound v4", l.B.NS, "inbound and udp.DstPort == 7301", netip.AddrPortFrom(l.B.V4, 7301), false},
+		{"inbound v6", l.B.NS, "inbound and udp.DstPort == 7301", netip.AddrPortFrom(l.B.V6, 7301), true},
+		{"outbound v4", l.A.NS, "outbound and udp.DstPort == 7302", netip.AddrPortFrom(l.B.V4, 7302), false},
+		{"outbound v6", l.A.NS, "outbound and udp.DstPort == 7302", netip.AddrPortFrom(l.B.V6, 7302), true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			sink, err := l.B.NS.ListenUDP(c.dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			h := openIn(t, c.at, c.filt, LayerNetwork, 0, 0)
+			var client *net.UDPConn
+			if err := l.A.NS.Do(func() (err error) {
+				client, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(c.dst))
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer client.Close()
+			query := fmt.Sprintf("query %d", i)
+			if _, err := client.Write([]byte(query)); err != nil {
+				t.Fatal(err)
+			}
+
+			h.SetReadDeadline(time.Now().Add(5 * time.Second))
+			buf := make([]byte, 2048)
+			var recvAddr Address
+			n, err := h.Recv(buf, &recvAddr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, err := ParsePacket(buf[:n])
+			if err != nil || string(p.Payload) != query {
+				t.Fatalf("received %x (%v), want the query", buf[:n], err)
+			}
+			answer := udpPacket(t, netip.AddrPortFrom(p.DstAddr(), p.DstPort()),
+				netip.AddrPortFrom(p.SrcAddr(), p.SrcPort()), []byte("answer"))
+			sendAddr := recvAddr
+			sendAddr.Outbound = !recvAddr.Outbound
+			if err := CalcChecksums(answer, &sendAddr, 0); err != nil {
+				t.Fatal(err)
+			}
+			if c.batch {
+				ms := []Message{{Buf: answer, N: len(answer), Addr: sendAddr}}
+				if _, err := h.SendBatch(ms); err != nil {
+					t.Fatalf("SendBatch of the answer: %v", err)
+				}
+			} else if _, err := h.Send(answer, &sendAddr); err != nil {
+				t.Fatalf("Send of the answer: %v", err)
+			}
+			client.SetReadDeadline(time.Now().Add(3 * time.Second))
+			got := make([]byte, 100)
+			k, err := client.Read(got)
+			if err != nil || string(got[:k]) != "answer" {
+				t.Fatalf("the client read %q (%v), want the answer", got[:k], err)
+			}
+			if err := h.Drop(&recvAddr); err != nil {
+				t.Fatalf("Drop of the received query after the answer: %v", err)
+			}
+			st, err := h.Stats()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.Received != 1 || st.Sent != 1 || st.Injected != 1 || st.Dropped != 1 {
+				t.Fatalf("stats %+v, want 1 received, 1 sent and injected (the answer), 1 dropped", st)
+			}
+		})
+	}
+}

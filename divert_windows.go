@@ -68,6 +68,7 @@ import (
 // fragLen with identification id when it is larger.
 type sysAddr struct {
 	owner       uint32 // serial of the handle that received the packet (userStats); 0 for new packets
+	out         bool   // the Outbound it was received with (userStats)
 	reassembled bool
 	id          uint32 // IPv4 identification, or the IPv6 Fragment header's
 	fragLen     uint32 // the largest fragment it came in (whole IP packet)

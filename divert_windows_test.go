@@ -69,7 +69,7 @@ func winOpen(t *testing.T, filterText string, layer Layer, prio int16, flags Fla
 // FlagSniff copy is not.
 func received(h *Handle, want Address) Address {
 	if b := h.b.(*winBackend); !b.sniff {
-		want.sys.owner = b.serial
+		want.sys.owner, want.sys.out = b.serial, want.Outbound
 	}
 	return want
 }
@@ -1608,6 +1608,49 @@ func TestWinSendBatchPaddedLast(t *testing.T) {
 // own calls see. A Send of a received Address is a reinjection, of any
 // other an injection; a Drop counts once, for a received packet only, and
 // not with FlagSniff; a reassembled datagram counts once.
+// WinDivert's way to answer a packet (its netfilter sample): a copy of the
+// received Address with Outbound reversed sends the answer the other way.
+// The driver does that by itself; Stats count the answer as a new packet,
+// and the received Address still reinjects its packet.
+func TestWinStatsAnswerWithReversedAddress(t *testing.T) {
+	h, f := winOpen(t, "true", LayerNetwork, 0, 0)
+	f.Push(windivert.Item{Data: winIPv4(40, 1), Addr: windivert.Addr{IfIdx: 4}})
+	f.Push(windivert.Item{Data: winIPv4(40, 2), Addr: windivert.Addr{Outbound: true, IfIdx: 4}})
+	buf := make([]byte, MTUMax)
+	var recvAddr Address
+	if _, err := h.Recv(buf, &recvAddr); err != nil {
+		t.Fatal(err)
+	}
+	sendAddr := recvAddr
+	sendAddr.Outbound = !recvAddr.Outbound
+	if _, err := h.Send(winIPv4(40, 9), &sendAddr); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.Send(winIPv4(40, 1), &recvAddr); err != nil {
+		t.Fatal(err)
+	}
+	ms := make([]Message, 1)
+	ms[0].Buf = make([]byte, 128)
+	if n, err := h.RecvBatch(ms); err != nil || n != 1 {
+		t.Fatalf("RecvBatch = %d, %v", n, err)
+	}
+	held := ms[0].Addr
+	ms[0].Addr.Outbound = !ms[0].Addr.Outbound
+	if _, err := h.SendBatch(ms); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Drop(&held); err != nil {
+		t.Fatal(err)
+	}
+	if sent := f.Sent(); len(sent) != 3 || !sent[0].Addr.Outbound || sent[1].Addr.Outbound || sent[2].Addr.Outbound {
+		t.Fatalf("sent %+v: want the answers reversed, the reinjection as received", sent)
+	}
+	want := Stats{Received: 2, Sent: 3, Injected: 2, Dropped: 1}
+	if st, err := h.Stats(); err != nil || st != want {
+		t.Fatalf("Stats = %+v, %v\nwant %+v", st, err, want)
+	}
+}
+
 func TestWinStats(t *testing.T) {
 	h, f := winOpen(t, "true", LayerNetwork, 0, 0)
 	for i := 0; i < 6; i++ {

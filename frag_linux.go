@@ -304,6 +304,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		IfIdx:       ifIdx,
 		sys: sysAddr{
 			owner:   b.serial,
+			out:     outbound && b.layer == LayerNetwork,
 			dgram:   true,
 			fragID:  fs.info.ID,
 			fragMTU: uint32(fs.info.MaxFragLen),

@@ -261,7 +261,10 @@ func (p *Pipe) takeLocked(b []byte, a *Address) (int, error) {
 	if !a.Sniffed {
 		// A sniffed copy holds nothing: sending it is an injection, as on
 		// the OSes.
-		a.pipe = p.id | uint64(p.serial)
+		a.pipe = p.id | uint64(p.serial&^pipeOutBit)
+		if a.Outbound {
+			a.pipe |= pipeOutBit
+		}
 		p.held[a.pipe] = pipeHeld{time.Now(), x.data}
 	}
 	n := copy(b, x.data)
@@ -271,9 +274,16 @@ func (p *Pipe) takeLocked(b []byte, a *Address) (int, error) {
 	return n, nil
 }
 
-// own reports whether ref, an Address's reference, names a packet this
-// Pipe handed over (held or not any more).
-func (p *Pipe) own(ref uint64) bool { return ref != 0 && ref&^0xFFFFFFFF == p.id }
+// pipeOutBit, in a reference, is the Outbound the packet was received
+// with.
+const pipeOutBit = 1 << 31
+
+// own reports whether a names a packet this Pipe handed over (held or not
+// any more), its direction unchanged: as on the OSes, a copy whose
+// Outbound was flipped describes a new packet (see Handle.Send).
+func (p *Pipe) own(a *Address) bool {
+	return a.pipe != 0 && a.pipe&^0xFFFFFFFF == p.id && (a.pipe&pipeOutBit != 0) == a.Outbound
+}
 
 // recvBatch waits for the first packet only, then takes what is queued,
 // all under one lock: a concurrent reader cannot take a packet between
@@ -306,7 +316,7 @@ func (p *Pipe) send(b []byte, a *Address) (int, error) {
 	}
 	p.expireLocked(time.Now())
 	// Another Pipe's Address, like a fresh one, injects a new packet.
-	mine := p.own(a.pipe)
+	mine := p.own(a)
 	var h pipeHeld
 	if mine {
 		var ok bool
@@ -356,7 +366,7 @@ func (p *Pipe) drop(a *Address) error {
 		return errClosed
 	}
 	p.expireLocked(time.Now())
-	if p.own(a.pipe) {
+	if p.own(a) {
 		if _, ok := p.held[a.pipe]; !ok {
 			return errNoLongerQueued
 		}

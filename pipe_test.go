@@ -133,6 +133,46 @@ func TestPipeAddressAfterVerdict(t *testing.T) {
 	require.EqualValues(t, 1, st.Sent)
 }
 
+// WinDivert's way to answer a packet (its netfilter sample's TCP reset and
+// ICMP error): a copy of the received Address with Outbound reversed sends
+// the answer the other way as a new packet, and the received packet stays
+// held for its own Address.
+func TestPipeAnswerWithReversedAddress(t *testing.T) {
+	for _, out := range []bool{false, true} {
+		h, p, err := divert.NewPipe("udp", divert.LayerNetwork, 0)
+		require.NoError(t, err)
+		_, err = p.Deliver(udp4(t, 53, "query"), divert.Address{Outbound: out, IfIdx: 3})
+		require.NoError(t, err)
+		buf := make([]byte, 100)
+		var recvAddr divert.Address
+		n, err := h.Recv(buf, &recvAddr)
+		require.NoError(t, err)
+
+		answer := udp4(t, 12345, "answer")
+		sendAddr := recvAddr
+		sendAddr.Outbound = !recvAddr.Outbound
+		_, err = h.Send(answer, &sendAddr)
+		require.NoError(t, err)
+		got, a, ok := p.Next(time.Second)
+		require.True(t, ok)
+		require.Equal(t, answer, got)
+		require.Equal(t, !out, a.Outbound, "the answer goes the other way")
+
+		_, err = h.Send(buf[:n], &recvAddr)
+		require.NoError(t, err, "the received packet is still held after the answer")
+		got, a, ok = p.Next(time.Second)
+		require.True(t, ok)
+		require.Equal(t, udp4(t, 53, "query"), got)
+		require.Equal(t, out, a.Outbound)
+
+		st, err := h.Stats()
+		require.NoError(t, err)
+		require.EqualValues(t, 2, st.Sent)
+		require.EqualValues(t, 1, st.Injected, "the answer is a new packet")
+		h.Close()
+	}
+}
+
 func TestPipeSniffAndDrop(t *testing.T) {
 	h, p, err := divert.NewPipe("udp", divert.LayerNetwork, divert.FlagSniff|divert.FlagRecvOnly)
 	require.NoError(t, err)

@@ -21,7 +21,8 @@ type Stats struct {
 	Sent uint64
 	// Injected is the part of Sent that were new packets: an Address not
 	// taken from Recv on this handle, or already sent or dropped, or a
-	// FlagSniff copy's, whose original went on. (On Windows and FreeBSD a
+	// FlagSniff copy's, whose original went on, or one whose Outbound was
+	// reversed (an answer to the received packet). (On Windows and FreeBSD a
 	// copy of a received Address also counts as received: each copy sent
 	// is a reinjection.)
 	Injected uint64

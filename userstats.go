@@ -18,7 +18,9 @@ import (
 // packet is sent or dropped, so a second Send of the same Address counts
 // as an injection and a second Drop is not counted. A FlagSniff copy gets
 // no serial: the original went on, so sending the copy injects a new
-// packet and dropping it drops nothing.
+// packet and dropping it drops nothing. Nor is a copy whose Outbound was
+// flipped the received packet (sysAddr.out keeps the direction it came
+// with): the driver sends it the other way, as a new packet.
 type userStats struct {
 	serial uint32 // ≠ 0
 	sniff  bool   // FlagSniff: copies, never held
@@ -39,7 +41,7 @@ func (u *userStats) init(flags Flag) {
 func (u *userStats) gotOne(a *Address, err error) {
 	if err == nil || errors.Is(err, ErrTruncated) {
 		if !u.sniff {
-			a.sys.owner = u.serial
+			a.sys.owner, a.sys.out = u.serial, a.Outbound
 		}
 		u.received.Add(1)
 	}
@@ -49,7 +51,7 @@ func (u *userStats) gotOne(a *Address, err error) {
 func (u *userStats) gotBatch(ms []Message, k int) {
 	if !u.sniff {
 		for i := range ms[:k] {
-			ms[i].Addr.sys.owner = u.serial
+			ms[i].Addr.sys.owner, ms[i].Addr.sys.out = u.serial, ms[i].Addr.Outbound
 		}
 	}
 	if k > 0 {
@@ -57,9 +59,15 @@ func (u *userStats) gotBatch(ms []Message, k int) {
 	}
 }
 
+// mine reports whether a names a packet this handle received, in the
+// direction it came.
+func (u *userStats) mine(a *Address) bool {
+	return a.sys.owner == u.serial && a.sys.out == a.Outbound
+}
+
 // sentOne counts a sent packet (call it only when the send succeeded).
 func (u *userStats) sentOne(a *Address) {
-	if a.sys.owner != u.serial {
+	if !u.mine(a) {
 		u.injected.Add(1)
 	}
 	a.sys.owner = 0
@@ -72,7 +80,7 @@ func (u *userStats) sentOne(a *Address) {
 func (u *userStats) sentBatch(ms []Message, n, failed int) {
 	var injected uint64
 	for i := range ms[:n] {
-		if ms[i].Addr.sys.owner != u.serial {
+		if !u.mine(&ms[i].Addr) {
 			injected++
 		}
 		ms[i].Addr.sys.owner = 0
@@ -85,7 +93,7 @@ func (u *userStats) sentBatch(ms []Message, n, failed int) {
 
 // droppedOne counts a Drop of a.
 func (u *userStats) droppedOne(a *Address) {
-	if a.sys.owner == u.serial {
+	if u.mine(a) {
 		u.dropped.Add(1)
 	}
 	a.sys.owner = 0
