@@ -36,31 +36,6 @@ func ExampleOpen() {
 	}
 }
 
-// The fast loop: batches of packets, one syscall each way.
-func ExampleHandle_RecvBatch() {
-	h, err := divert.Open("udp", divert.LayerNetwork, 0, 0)
-	if err != nil {
-		log.Fatal(err)
-	}
-	defer h.Close()
-	ms := make([]divert.Message, 64)
-	for i := range ms {
-		ms[i].Buf = make([]byte, 2048) // larger packets arrive truncated (ErrTruncated)
-	}
-	for {
-		n, err := h.RecvBatch(ms)
-		if errors.Is(err, divert.ErrShutdown) {
-			return
-		}
-		if err != nil && !errors.Is(err, divert.ErrTruncated) {
-			log.Fatal(err)
-		}
-		if _, err := h.SendBatch(ms[:n]); err != nil {
-			log.Fatal(err)
-		}
-	}
-}
-
 // Attach to a rule an administrator wrote, the way "ipchains -j DIVERT 1234"
 // worked: on Linux "iptables -A INPUT -p icmp -j NFQUEUE --queue-num 1234".
 func ExampleOpenPort() {
