@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/netdivert/divert"
+	"github.com/netdivert/divert/filter"
 )
 
 // An IPv4 UDP DNS query (WinDivert's test packet) with zero checksums.
@@ -56,4 +57,34 @@ func ExampleNextPacket() {
 	// Output:
 	// packet 0 57 bytes
 	// packet 1 57 bytes
+}
+
+// WinDivertHelperEvalFilter: judge a packet and its Address by a filter in
+// user space, e.g. to sort what one handle receives by several rules.
+func ExampleEvalFilter() {
+	b, _ := hex.DecodeString(dnsQuery)
+	addr := divert.Address{Outbound: true, IfIdx: 2} // as Recv fills it
+	for _, rule := range []string{
+		"outbound and udp.DstPort == 53",
+		"inbound",
+		"ip.DstAddr == 8.8.4.4 and udp.PayloadLength > 20",
+		"ipv6",
+	} {
+		ok, err := divert.EvalFilter(rule, b, &addr)
+		fmt.Printf("%-50s %v %v\n", rule, ok, err)
+	}
+	_, err := divert.EvalFilter("tcp.DstPort = = 80", b, &addr)
+	fmt.Println(err)
+
+	// Many packets: compile once, match with the Address's Meta.
+	f := filter.MustCompile("ifIdx == 2 and udp", filter.LayerNetwork)
+	m := addr.Meta()
+	fmt.Println(f.Match(b, &m))
+	// Output:
+	// outbound and udp.DstPort == 53                     true <nil>
+	// inbound                                            false <nil>
+	// ip.DstAddr == 8.8.4.4 and udp.PayloadLength > 20   true <nil>
+	// ipv6                                               false <nil>
+	// filter: Filter expression parse error at position 14
+	// true
 }
