@@ -210,11 +210,20 @@ const (
 	// queue before it is dropped (default 2000, 100..16000).
 	ParamQueueTime Param = 1
 	// ParamQueueSize is the most bytes the handle's queue holds
-	// (default 4 MiB, 65535..32 MiB).
+	// (default 4 MiB, 65535..32 MiB). On Linux it is the receive buffer
+	// of the queue's socket, which holds the packets the kernel handed
+	// over and Recv has not read yet (a packet that does not fit is
+	// dropped, or passes with FlagFailOpen: Stats.Overflows); on FreeBSD
+	// the divert socket's buffers.
 	ParamQueueSize Param = 2
-	// ParamVersionMajor is the backend's major version (read-only).
+	// ParamVersionMajor is the backend's major version (read-only): the
+	// WinDivert driver's on Windows (2 for 2.2), the FreeBSD release's on
+	// FreeBSD, this package's Linux backend's (1) on Linux, 2 for a Pipe.
+	// A program that tests it for WinDivert 2.x should test it on Windows
+	// only.
 	ParamVersionMajor Param = 3
-	// ParamVersionMinor is the backend's minor version (read-only).
+	// ParamVersionMinor is the backend's minor version (read-only), of
+	// the same version as ParamVersionMajor.
 	ParamVersionMinor Param = 4
 )
 
@@ -267,8 +276,9 @@ type ShutdownHow int
 
 // Shutdown directions, with WinDivert's values.
 const (
-	// ShutdownRecv stops queueing new packets; packets already queued can
-	// still be received, then Recv returns ErrShutdown.
+	// ShutdownRecv stops queueing new packets (they go on their way,
+	// unseen, as in WinDivert); packets already queued can still be
+	// received, then Recv returns ErrShutdown.
 	ShutdownRecv ShutdownHow = 1
 	// ShutdownSend stops injection; Send returns ErrShutdown.
 	ShutdownSend ShutdownHow = 2
@@ -718,8 +728,9 @@ func (h *Handle) Drop(a *Address) error {
 }
 
 // Shutdown stops receiving, sending or both, like WinDivertShutdown: after
-// ShutdownRecv no new packet is queued, packets already queued can still be
-// received, and then Recv returns ErrShutdown (at LayerReflect, where
+// ShutdownRecv no new packet is queued (what the filter matches goes on
+// its way, unseen, also for a FlagDrop handle), packets already queued can
+// still be received, and then Recv returns ErrShutdown (at LayerReflect, where
 // WinDivert never ends a receive for a shutdown, Recv keeps waiting: use
 // Close or a read deadline).
 func (h *Handle) Shutdown(how ShutdownHow) error {

@@ -196,6 +196,23 @@ func TestPipeExampleRelay(t *testing.T) {
 	}
 }
 
+// After ShutdownRecv what the filter matches goes on its way, unseen, as
+// WinDivert's driver lets it (also for a FlagDrop handle).
+func TestPipeShutdownPasses(t *testing.T) {
+	for _, fl := range []divert.Flag{0, divert.FlagDrop} {
+		h, p, err := divert.NewPipe("udp", divert.LayerNetwork, fl)
+		require.NoError(t, err)
+		require.NoError(t, h.Shutdown(divert.ShutdownRecv))
+		taken, err := p.Deliver(udp4(t, 53, "late"), divert.Address{})
+		require.NoError(t, err)
+		require.False(t, taken)
+		got, _, ok := p.Next(time.Second)
+		require.True(t, ok)
+		require.Equal(t, udp4(t, 53, "late"), got)
+		h.Close()
+	}
+}
+
 func TestPipeSniffAndDrop(t *testing.T) {
 	h, p, err := divert.NewPipe("udp", divert.LayerNetwork, divert.FlagSniff|divert.FlagRecvOnly)
 	require.NoError(t, err)
