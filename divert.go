@@ -645,9 +645,10 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // such a fresh one, WinDivert's way to answer a packet (its netfilter
 // sample sends a TCP reset or an ICMP error so): Send injects b the other
 // way, and the received packet is left to its own Address (on Linux and in
-// a Pipe it stays held, for Send or Drop). (On Linux, at
-// LayerNetworkForward a new packet always goes out on its route, and an
-// outbound one whose destination is scoped to one link, IPv6 or IPv4
+// a Pipe it stays held: Drop it once answered, or it waits out
+// ParamQueueTime and counts against ParamQueueLength until then). (On
+// Linux, at LayerNetworkForward a new packet always goes out on its route,
+// and an outbound one whose destination is scoped to one link, IPv6 or IPv4
 // link-local unicast or multicast or the IPv4 limited broadcast
 // 255.255.255.255, leaves through interface a.IfIdx when
 // it is set). On Linux an inbound new packet is a raw send to its
