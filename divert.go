@@ -757,8 +757,11 @@ func (h *Handle) Shutdown(how ShutdownHow) error {
 // FreeBSD, on Windows and in a Pipe it has left the queue, and unless sent
 // back first it is gone. So is, on Linux, a datagram FlagReassemble rebuilt
 // in user space (its fragments were dropped when it was delivered). On
-// Linux removing the rules makes the kernel drop every packet queued in the
-// network namespace, other handles' too (see the README's Linux notes).
+// Linux removing a netfilter hook makes the kernel drop every packet queued
+// in the network namespace, other handles' too: so while another handle of
+// the process is open in the namespace, Close empties its table and leaves
+// its hooks in place until the last handle there is closed; other
+// programs' changes still drop them (see the README's Linux notes).
 func (h *Handle) Close() error {
 	if h.closed.Swap(true) {
 		return errClosed

@@ -113,6 +113,12 @@ type linuxBackend struct {
 	inj   *inject.Injector  // nil with FlagRecvOnly
 	frag  *fragState        // user-space reassembly (see frag_linux.go); nil without
 	queue uint16
+	// member counts a handle with a queue as a user of its network
+	// namespace from open to close: while it is, no Ruleset of the
+	// process closed there unregisters a hook, which would make the
+	// kernel drop the packets the handle holds (see nftrules'
+	// share_linux.go).
+	member *nftrules.Member
 
 	cmu   sync.Mutex // guards cbuf
 	cbuf  []byte     // scratch for new packets whose checksums Send computes
@@ -342,6 +348,7 @@ func (b *linuxBackend) open(cfg *openConfig) error {
 	if cfg.flags&FlagSendOnly == 0 {
 		// A FlagDrop handle has a queue too, for the packets its kernel
 		// rules cannot judge (see dropLoop; OpenPort refuses FlagDrop).
+		b.member = nftrules.Join() // before the queue can hold a packet
 		c, err := nfq.Open(queueConfig(cfg))
 		if err != nil {
 			return mapSetupError("bind NFQUEUE queue", err)
@@ -453,6 +460,9 @@ func mapSetupError(what string, err error) error {
 }
 
 func (b *linuxBackend) release() {
+	if b.member != nil {
+		b.member.Leave()
+	}
 	if b.frag != nil {
 		b.frag.close()
 	}
@@ -1376,6 +1386,9 @@ func (b *linuxBackend) stats() (Stats, error) {
 // (nf_queue_nf_hook_drop). So the queue is stopped instead: queue length 0
 // with fail-open accepts every new packet unqueued, while those queued stay
 // for Recv (Shutdown) or for one last ACCEPT (Close) before the rules go.
+// The rules' Close keeps the hooks (an emptied table) while another handle
+// of the process is open in the namespace (b.member; nftrules'
+// share_linux.go), so that its packets stay queued.
 
 func (b *linuxBackend) shutdown(how ShutdownHow) error {
 	if how&ShutdownRecv == 0 {
@@ -1452,6 +1465,12 @@ func (b *linuxBackend) close() error {
 		b.conn.Send(b.vbuf) // ENOENT when nothing was queued: harmless
 		b.vbuf = b.vbuf[:0]
 		b.vmu.Unlock()
+	}
+	if b.member != nil {
+		// The handle holds nothing now: the rules closed below (its own,
+		// or the last of its group) delete their tables unless another
+		// handle of the process remains in the namespace.
+		errs = append(errs, b.member.Leave())
 	}
 	if b.frag != nil {
 		errs = append(errs, b.frag.close())

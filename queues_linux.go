@@ -86,13 +86,23 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 	if err := checkLayer(cfg.layer); err != nil {
 		return nil, err
 	}
+	// Members of the namespace before any queue can hold a packet (see
+	// linuxBackend.member).
+	members := make([]*nftrules.Member, n)
+	for i := range members {
+		members[i] = nftrules.Join()
+	}
 	conns, err := bindQueues(queueConfig(cfg), n)
 	if err != nil {
+		for _, m := range members {
+			m.Leave()
+		}
 		return nil, mapSetupError(fmt.Sprintf("bind %d consecutive NFQUEUE queues", n), err)
 	}
 	bs := make([]*linuxBackend, n)
 	for i := range bs {
 		bs[i] = newLinuxBackend(cfg)
+		bs[i].member = members[i]
 		bs[i].attach(conns[i])
 	}
 	fail := func(err error) ([]backend, error) {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -16,12 +18,17 @@ import (
 )
 
 // Ruleset is an installed table. Its rules live as long as the Ruleset's
-// netlink socket: Close, or the death of the process, removes them.
+// netlink socket: Close, or the death of the process, removes them (see
+// share_linux.go for when Close keeps the emptied table).
 type Ruleset struct {
 	table  string
 	family nftables.TableFamily
 	exact  bool
 	native bool
+	ns     nsKey       // the table's network namespace
+	shared bool        // ns is known: the table counts as a user of it (share_linux.go)
+	bases  []baseChain // the base chains, sorted
+	chains []string    // the non-base chains
 
 	mu   sync.Mutex
 	conn *nftables.Conn // nil once closed
@@ -30,7 +37,9 @@ type Ruleset struct {
 var tableSeq atomic.Uint32
 
 // Install creates an owned table with the rules cfg describes, in the
-// network namespace of the calling thread.
+// network namespace of the calling thread. A table of the same family and
+// base chains that a Close parked in that namespace (see share_linux.go)
+// is taken over instead of a new one, so that no hook is registered.
 //
 // Errors wrap os.ErrPermission when the caller lacks CAP_NET_ADMIN, and
 // ErrUnsupported when the kernel lacks nf_tables, table ownership or NFQUEUE.
@@ -38,21 +47,64 @@ func Install(cfg Config) (*Ruleset, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
+	// The namespace is told, and the table's socket opened, on one thread.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	native := (cfg.Action == ActionQueue || cfg.UnclearQueue) && HasNativeQueue()
-	name := fmt.Sprintf("divert_%d_%d", os.Getpid(), tableSeq.Add(1))
 	family := cfg.family()
-	conn, err := openOwned(name, family)
-	if err != nil {
-		return nil, err
+	r := &Ruleset{family: family, native: native, bases: cfg.bases()}
+	r.ns, r.shared = join()
+	var reused bool
+	if r.shared {
+		if p := takeParked(r.ns, family, r.bases); p != nil {
+			r.table, r.conn, reused = p.table, p.conn, true
+		}
 	}
-	r := &Ruleset{table: name, family: family, native: native, conn: conn}
-	exact, err := r.program(&cfg)
+	if r.conn == nil {
+		r.table = fmt.Sprintf("divert_%d_%d", os.Getpid(), tableSeq.Add(1))
+		conn, err := openOwned(r.table, family)
+		if err != nil {
+			r.leave(nil)
+			return nil, err
+		}
+		r.conn = conn
+	}
+	exact, err := r.program(&cfg, reused)
 	if err != nil {
-		conn.CloseLasting()
+		// The batch is atomic: a new table has no chain, and deleting it
+		// unregisters nothing. A parked one is deleted too, though its
+		// base chains go with it: whether the kernel applied the batch is
+		// unknown when its answer could not be read.
+		r.leave(r.conn)
 		return nil, err
 	}
 	r.exact = exact
 	return r, nil
+}
+
+// bases returns the base chains of cfg's table, sorted.
+func (c *Config) bases() []baseChain {
+	out := make([]baseChain, 0, len(c.Hooks))
+	for _, h := range c.Hooks {
+		out = append(out, baseChain{hook: h, prio: ChainPriority(h, c.Priority)})
+	}
+	slices.SortFunc(out, func(a, b baseChain) int { return int(a.hook) - int(b.hook) })
+	return out
+}
+
+// leave deletes the table owned by conn (if not nil) and counts the
+// Ruleset out of its namespace.
+func (r *Ruleset) leave(conn *nftables.Conn) error {
+	var conns []*nftables.Conn
+	if conn != nil {
+		conns = append(conns, conn)
+	}
+	if !r.shared {
+		return closeConns(conns)
+	}
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	return closeConns(append(conns, leaveLocked(r.ns)...))
 }
 
 // openOwned opens a lasting nftables connection and creates the table name
@@ -154,8 +206,17 @@ func (c *Config) family() nftables.TableFamily {
 // leaves out), returns on the term's guards, and queues or drops what is
 // left. A packet the filter does not match, the bulk of the traffic under
 // a narrow filter, costs only the filter's own expressions.
-func (r *Ruleset) program(cfg *Config) (bool, error) {
+//
+// With reused, the table is a parked one (see share_linux.go): its base
+// chains are there already, empty, and only the rules and the other
+// chains are added.
+func (r *Ruleset) program(cfg *Config, reused bool) (bool, error) {
 	t := &nftables.Table{Name: r.table, Family: r.family}
+	// addSub adds a non-base chain, which parking deletes.
+	addSub := func(name string) *nftables.Chain {
+		r.chains = append(r.chains, name)
+		return r.conn.AddChain(&nftables.Chain{Name: name, Table: t})
+	}
 	exact := true
 	var action, queue []expr.Any
 	switch {
@@ -183,7 +244,7 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 		// them past the filter (its skips: Dest's and the marks).
 		var frags *nftables.Chain
 		if cfg.QueueFragments && (cfg.IPv4 || cfg.IPv6) {
-			frags = r.conn.AddChain(&nftables.Chain{Name: h.String() + "_frag", Table: t})
+			frags = addSub(h.String() + "_frag")
 			for _, sk := range append(destSkips(cfg), markSkip(cfg.Priority)) {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: frags, Exprs: sk})
 			}
@@ -202,29 +263,32 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 		if l.inexact {
 			exact = false
 		}
-		base := r.conn.AddChain(&nftables.Chain{
-			Name:     h.String(),
-			Table:    t,
-			Type:     nftables.ChainTypeFilter,
-			Hooknum:  hookNum(h),
-			Priority: nftables.ChainPriorityRef(nftables.ChainPriority(ChainPriority(h, cfg.Priority))),
-			Policy:   &accept,
-		})
+		base := &nftables.Chain{Name: h.String(), Table: t}
+		if !reused {
+			base = r.conn.AddChain(&nftables.Chain{
+				Name:     h.String(),
+				Table:    t,
+				Type:     nftables.ChainTypeFilter,
+				Hooknum:  hookNum(h),
+				Priority: nftables.ChainPriorityRef(nftables.ChainPriority(ChainPriority(h, cfg.Priority))),
+				Policy:   &accept,
+			})
+		}
 		if !cfg.IPv4 && !cfg.IPv6 {
 			continue
 		}
 		// actionChain makes a chain that applies the skips, then the
 		// guards (a match returns), then the action.
 		actionChain := func(name string, guards [][]expr.Any, act []expr.Any) *nftables.Chain {
-			sub := r.conn.AddChain(&nftables.Chain{Name: name, Table: t})
+			c := addSub(name)
 			for _, sk := range skips {
-				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: sk})
+				r.conn.AddRule(&nftables.Rule{Table: t, Chain: c, Exprs: sk})
 			}
 			for _, g := range guards {
-				r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: concat(g, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})})
+				r.conn.AddRule(&nftables.Rule{Table: t, Chain: c, Exprs: concat(g, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})})
 			}
-			r.conn.AddRule(&nftables.Rule{Table: t, Chain: sub, Exprs: act})
-			return sub
+			r.conn.AddRule(&nftables.Rule{Table: t, Chain: c, Exprs: act})
+			return c
 		}
 		// IPv6 packets whose headers the kernel walks otherwise than
 		// WinDivert go to user space, which decides (see v6Unclear): one
@@ -236,7 +300,7 @@ func (r *Ruleset) program(cfg *Config) (bool, error) {
 			(cfg.Action == ActionQueue || cfg.UnclearQueue)
 		addUnclear := func() {
 			sub := actionChain(h.String()+"_v6q", nil, queue)
-			v6 := r.conn.AddChain(&nftables.Chain{Name: h.String() + "_v6", Table: t})
+			v6 := addSub(h.String() + "_v6")
 			for _, p := range v6Plain() {
 				r.conn.AddRule(&nftables.Rule{Table: t, Chain: v6, Exprs: concat(p,
 					[]expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})})
@@ -408,7 +472,13 @@ func (r *Ruleset) Native() bool { return r.native }
 // Table is the name of the table (family inet).
 func (r *Ruleset) Table() string { return r.table }
 
-// Close deletes the table by closing the socket that owns it. It is
+// Close removes the rules. It deletes the table, by closing the socket
+// that owns it, unless another user of the table's network namespace in
+// this process is open (another Ruleset, or a Member): then deleting the
+// table's base chains would make the kernel drop the packets queued to
+// that user, so Close empties the table instead and parks it until the
+// last user goes (see share_linux.go). If emptying fails, or too many
+// tables are parked there already, the table is deleted. It is
 // idempotent.
 func (r *Ruleset) Close() error {
 	r.mu.Lock()
@@ -418,8 +488,42 @@ func (r *Ruleset) Close() error {
 	if c == nil {
 		return nil
 	}
-	if err := c.CloseLasting(); err != nil {
+	if !r.shared {
+		return r.closeErr(c.CloseLasting())
+	}
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	if mayParkLocked(r.ns) && r.park(c) == nil {
+		e := registry.ns[r.ns]
+		e.parked = append(e.parked, &parkedTable{conn: c, table: r.table, family: r.family, bases: r.bases})
+		c = nil
+	}
+	var errs []error
+	if c != nil {
+		errs = append(errs, r.closeErr(c.CloseLasting()))
+	}
+	errs = append(errs, closeConns(leaveLocked(r.ns)))
+	return errors.Join(errs...)
+}
+
+func (r *Ruleset) closeErr(err error) error {
+	if err != nil {
 		return fmt.Errorf("nftrules: close table %s: %w", r.table, err)
+	}
+	return nil
+}
+
+// park empties the table in one batch on its socket c: every rule goes,
+// then every non-base chain, so that only the base chains stay (empty,
+// policy accept), and with them the hooks.
+func (r *Ruleset) park(c *nftables.Conn) error {
+	t := &nftables.Table{Name: r.table, Family: r.family}
+	c.FlushTable(t)
+	for _, name := range r.chains {
+		c.DelChain(&nftables.Chain{Name: name, Table: t})
+	}
+	if err := c.Flush(); err != nil {
+		return mapErr("empty table "+r.table, err)
 	}
 	return nil
 }

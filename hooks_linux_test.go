@@ -1,0 +1,266 @@
+package divert
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/netdivert/divert/internal/netnstest"
+)
+
+// Removing a netfilter hook makes the kernel drop every packet queued in
+// the namespace. These tests check that closing one handle of the process
+// removes none while another is open there (nftrules' share_linux.go).
+
+// nftTables returns the names of the nftables tables in ns.
+func nftTables(t *testing.T, ns *netnstest.NS) []string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := ns.Run(ctx, "nft", "list", "tables")
+	if err != nil {
+		t.Fatalf("nft list tables: %v: %s", err, out)
+	}
+	var names []string
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "table" {
+			names = append(names, f[2])
+		}
+	}
+	return names
+}
+
+// holdOne sends one datagram to ap from l.A and receives it on h, which
+// holds it; it returns the packet and its Address.
+func holdOne(t *testing.T, l *netnstest.Link, h *Handle, ap netip.AddrPort, payload string) ([]byte, Address) {
+	t.Helper()
+	if err := l.A.NS.SendUDP(ap, []byte(payload), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, MTUMax)
+	var a Address
+	h.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, err := h.Recv(buf, &a)
+	if err != nil {
+		t.Fatalf("Recv: %v", err)
+	}
+	h.SetReadDeadline(time.Time{})
+	return buf[:n], a
+}
+
+// TestLinuxCloseKeepsOthersHeld: a handle holds a packet while another
+// handle of the process, in the same namespace, is opened and closed; the
+// packet is still queued afterwards, and the first handle's Send delivers
+// it. The other handle's chain runs after the first's (lower priority) or
+// at another hook, so that opening it shifts nothing (see README).
+func TestLinuxCloseKeepsOthersHeld(t *testing.T) {
+	netnstest.RequireRoot(t)
+	type opener func(t *testing.T, ns *netnstest.NS) []*Handle
+	open := func(filt string, layer Layer, prio int16, flags Flag) opener {
+		return func(t *testing.T, ns *netnstest.NS) []*Handle {
+			return []*Handle{openIn(t, ns, filt, layer, prio, flags)}
+		}
+	}
+	for _, tc := range []struct {
+		name  string
+		other opener
+	}{
+		{"same hook", open("inbound and udp.DstPort == 6001", LayerNetwork, -10, 0)},
+		{"other hook", open("outbound and tcp", LayerNetwork, 50, 0)},
+		{"sniff", open("inbound and udp", LayerNetwork, -10, FlagSniff)},
+		{"drop", open("inbound and udp.DstPort == 6001", LayerNetwork, -10, FlagDrop)},
+		{"fragments", open("inbound and udp.DstPort == 6001", LayerNetwork, -10, FlagFragments)},
+		{"forward reassembly", open("udp", LayerNetworkForward, -10, FlagReassemble)},
+		{"queues", func(t *testing.T, ns *netnstest.NS) []*Handle {
+			var hs []*Handle
+			if err := ns.Do(func() (err error) {
+				hs, err = OpenQueues("inbound and udp.DstPort == 6001", LayerNetwork, -10, 0, 2)
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				for _, h := range hs {
+					h.Close()
+				}
+			})
+			return hs
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := netnstest.Pair(t, "dko", 0)
+			ap, sink := udpSink(t, l, 6000)
+			a := openIn(t, l.B.NS, "inbound and udp.DstPort == 6000", LayerNetwork, 10, 0)
+			pkt, addr := holdOne(t, l, a, ap, "held")
+			for _, h := range tc.other(t, l.B.NS) {
+				if err := h.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if n, _, ok := queueStat(t, l.B.NS, a.b.(*linuxBackend).queue); !ok || n != 1 {
+				t.Fatalf("after the other handle's Close the kernel queue holds %d (found %v), want the held packet", n, ok)
+			}
+			if _, err := a.Send(pkt, &addr); err != nil {
+				t.Fatal(err)
+			}
+			got, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != 1 || string(got[0]) != "held" {
+				t.Fatalf("sink got %q, want the held datagram", got)
+			}
+		})
+	}
+}
+
+// TestLinuxCloseKeepsPortHeld: an OpenPort handle, whose rule is the
+// administrator's, holds a packet while a handle with rules of its own is
+// opened and closed; the packet stays queued and is delivered.
+func TestLinuxCloseKeepsPortHeld(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dkp", 0)
+	const q = 4343
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// The administrator's rule, from outside the process.
+	if out, err := l.B.NS.Run(ctx, "iptables", "-A", "INPUT", "-p", "udp", "--dport", "6000", "-j", "NFQUEUE", "--queue-num", fmt.Sprint(q)); err != nil {
+		t.Fatalf("iptables: %v: %s", err, out)
+	}
+	ap, sink := udpSink(t, l, 6000)
+	var a *Handle
+	if err := l.B.NS.Do(func() (err error) { a, err = OpenPort(q, 0); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	pkt, addr := holdOne(t, l, a, ap, "held")
+	b := openIn(t, l.B.NS, "inbound and udp.DstPort == 6001", LayerNetwork, -10, 0)
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n, _, ok := queueStat(t, l.B.NS, q); !ok || n != 1 {
+		t.Fatalf("after the other handle's Close the kernel queue holds %d (found %v), want the held packet", n, ok)
+	}
+	if _, err := a.Send(pkt, &addr); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := netnstest.RecvUDP(sink, 1, 3*time.Second); len(got) != 1 || string(got[0]) != "held" {
+		t.Fatalf("sink got %q, want the held datagram", got)
+	}
+}
+
+// TestLinuxClosedHandleQueuesNothing: the table a closed handle leaves
+// while another is open queues nothing (a datagram its filter matches goes
+// straight to its destination), and once the last handle is closed no
+// table of the library remains in the namespace.
+func TestLinuxClosedHandleQueuesNothing(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dkn", 0)
+	apB, sinkB := udpSink(t, l, 6001)
+	a := openIn(t, l.B.NS, "inbound and udp.DstPort == 6000", LayerNetwork, 0, 0)
+	b := openIn(t, l.B.NS, "inbound and udp.DstPort == 6001", LayerNetwork, 5, 0)
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := nftTables(t, l.B.NS); len(got) != 2 {
+		t.Fatalf("tables while one handle is open: %v, want its own and the closed one's, emptied", got)
+	}
+	if err := l.A.NS.SendUDP(apB, []byte("free"), 3, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := netnstest.RecvUDP(sinkB, 3, 3*time.Second); len(got) != 3 {
+		t.Fatalf("%d of 3 datagrams for the closed handle's filter passed", len(got))
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := nftTables(t, l.B.NS); len(got) != 0 {
+		t.Fatalf("tables after every handle closed: %v", got)
+	}
+}
+
+// TestLinuxReopenKeepsHookPositions: a handle opened with the layer,
+// hooks, family and priority of one closed while another handle stays
+// open takes the closed one's table over, registering no hook: a packet
+// the open handle holds, whose chain runs after the new one's, is not
+// shifted back into that chain and is delivered when sent.
+func TestLinuxReopenKeepsHookPositions(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dkr", 0)
+	ap, sink := udpSink(t, l, 6000)
+	apC, sinkC := udpSink(t, l, 6002)
+	a := openIn(t, l.B.NS, "inbound and udp.DstPort == 6000", LayerNetwork, 0, 0)
+	b := openIn(t, l.B.NS, "inbound and udp.DstPort == 6001", LayerNetwork, 100, 0)
+	parked := b.b.(*linuxBackend).rules.Table()
+	b.Close()
+	pkt, addr := holdOne(t, l, a, ap, "held")
+	c := openIn(t, l.B.NS, "inbound and udp.DstPort == 6002", LayerNetwork, 100, 0)
+	if got := c.b.(*linuxBackend).rules.Table(); got != parked {
+		t.Errorf("the new handle's table is %s, want the closed handle's %s taken over", got, parked)
+	}
+	if _, err := a.Send(pkt, &addr); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := netnstest.RecvUDP(sink, 1, 3*time.Second); len(got) != 1 || string(got[0]) != "held" {
+		t.Fatalf("sink got %q, want the held datagram", got)
+	}
+	// The new handle works in the table it took over.
+	stop := pump(t, c, true, nil)
+	if err := l.A.NS.SendUDP(apC, []byte("c"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	gotC, _ := netnstest.RecvUDP(sinkC, 1, 3*time.Second)
+	seenC := stop()
+	if len(gotC) != 1 || len(seenC) != 1 {
+		t.Fatalf("the new handle saw %d datagrams and its sink got %d, want 1 and 1", len(seenC), len(gotC))
+	}
+}
+
+// TestLinuxConcurrentCloseKeepsHeld: handles opened and closed from many
+// goroutines while one holds a packet leave it queued, and once all are
+// closed no table remains (run with -race).
+func TestLinuxConcurrentCloseKeepsHeld(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dkc", 0)
+	ap, sink := udpSink(t, l, 6000)
+	a := openIn(t, l.B.NS, "inbound and udp.DstPort == 6000", LayerNetwork, 10, 0)
+	pkt, addr := holdOne(t, l, a, ap, "held")
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Go(func() {
+			for i := range 3 {
+				// Lower priorities than a's: their chains run after it
+				// and opening them shifts nothing.
+				filt := fmt.Sprintf("inbound and udp.DstPort == %d", 6001+g)
+				var h *Handle
+				if err := l.B.NS.Do(func() (err error) { h, err = Open(filt, LayerNetwork, int16(-1-i), 0); return err }); err != nil {
+					t.Error(err)
+					return
+				}
+				if err := h.Close(); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if n, _, ok := queueStat(t, l.B.NS, a.b.(*linuxBackend).queue); !ok || n != 1 {
+		t.Fatalf("after the other handles' Close the kernel queue holds %d (found %v), want the held packet", n, ok)
+	}
+	if _, err := a.Send(pkt, &addr); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := netnstest.RecvUDP(sink, 1, 3*time.Second); len(got) != 1 || string(got[0]) != "held" {
+		t.Fatalf("sink got %q, want the held datagram", got)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := nftTables(t, l.B.NS); len(got) != 0 {
+		t.Fatalf("tables after every handle closed: %v", got)
+	}
+}

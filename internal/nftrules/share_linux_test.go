@@ -1,0 +1,214 @@
+package nftrules
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netdivert/divert/filter"
+	"github.com/netdivert/divert/internal/netnstest"
+)
+
+// shareCfg is a queueing configuration at input and output with a filter,
+// so that its table has term, v6 and fragment chains besides the base
+// chains.
+func shareCfg(t *testing.T, prio int16, queue uint16) Config {
+	t.Helper()
+	f, err := filter.Compile(fmt.Sprintf("udp.DstPort == %d or tcp.DstPort == %d", 9000+int(queue), 9000+int(queue)), filter.LayerNetwork)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Config{Hooks: []Hook{HookInput, HookOutput}, IPv4: true, IPv6: true, Priority: prio,
+		Lowered: f.Lower(), Action: ActionQueue, QueueNum: queue, QueueCount: 1, KeepNDP: true,
+		Fragments: FragNone, QueueFragments: true}
+}
+
+// tables returns the names of the tables in ns.
+func tables(t *testing.T, ns *netnstest.NS) []string {
+	t.Helper()
+	var out []string
+	for _, line := range strings.Split(nftList(t, ns, "tables"), "\n") {
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "table" {
+			out = append(out, f[2])
+		}
+	}
+	return out
+}
+
+// registered reports whether the process has an entry for ns in the
+// registry.
+func registered(t *testing.T, ns *netnstest.NS) bool {
+	t.Helper()
+	var key nsKey
+	if err := ns.Do(func() error {
+		k, fd, err := threadNS()
+		if err == nil {
+			unix.Close(fd)
+		}
+		key = k
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	return registry.ns[key] != nil
+}
+
+// TestParkAndReuse: closing a Ruleset while another of the process is
+// open in its namespace empties its table but keeps its base chains; an
+// Install with the same family, hooks and priority takes that table
+// over; the last Close deletes every table.
+func TestParkAndReuse(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfpk")
+	a := install(t, ns, shareCfg(t, 0, 11))
+	b := install(t, ns, shareCfg(t, 7, 12))
+	name := b.Table()
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := tables(t, ns); len(got) != 2 {
+		t.Fatalf("tables after closing one of two: %v, want both (one parked)", got)
+	}
+	out := nftList(t, ns, "table", "inet", name)
+	for _, want := range []string{"chain input {", "hook input priority filter - 7; policy accept;", "chain output {", "hook output priority filter - 7; policy accept;"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("parked table lacks %q:\n%s", want, out)
+		}
+	}
+	rules := slices.DeleteFunc(chainRules(out), func(l string) bool { return l == "flags owner" })
+	if len(rules) != 0 || strings.Count(out, "chain ") != 2 {
+		t.Errorf("parked table keeps rules or chains beyond its two empty base chains:\n%s", out)
+	}
+	// A different priority does not fit the parked table; the same one does.
+	c := install(t, ns, shareCfg(t, 8, 13))
+	if c.Table() == name {
+		t.Fatalf("Install at another priority took the parked table %s", name)
+	}
+	d := install(t, ns, shareCfg(t, 7, 14))
+	if d.Table() != name {
+		t.Fatalf("Install with the parked table's family, hooks and priority made %s, want %s taken over", d.Table(), name)
+	}
+	if out := nftList(t, ns, "chain", "inet", name, "input"); !strings.Contains(out, "jump input_0") {
+		t.Fatalf("the reused table has no rules:\n%s", out)
+	}
+	for _, r := range []*Ruleset{d, c, a} {
+		if err := r.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := tables(t, ns); len(got) != 0 {
+		t.Fatalf("tables after the last Close: %v", got)
+	}
+	if registered(t, ns) {
+		t.Fatal("the registry keeps the namespace after its last Close")
+	}
+}
+
+// TestParkFailureDeletes: when emptying the table fails, Close deletes it.
+func TestParkFailureDeletes(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfpf")
+	a := install(t, ns, shareCfg(t, 0, 21))
+	b := install(t, ns, shareCfg(t, 3, 22))
+	// A chain the table does not have: the kernel refuses the whole batch.
+	b.chains = append(b.chains, "missing")
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := tables(t, ns); len(got) != 1 || got[0] != a.Table() {
+		t.Fatalf("tables after a failed park: %v, want only %s", got, a.Table())
+	}
+	a.Close()
+	if got := tables(t, ns); len(got) != 0 {
+		t.Fatalf("tables after the last Close: %v", got)
+	}
+}
+
+// TestParkBound: past maxParked tables parked in a namespace, Close
+// deletes.
+func TestParkBound(t *testing.T) {
+	netnstest.RequireRoot(t)
+	defer func(n int) { maxParked = n }(maxParked)
+	maxParked = 1
+	ns := netnstest.NewT(t, "nfpb")
+	a := install(t, ns, shareCfg(t, 0, 51))
+	b := install(t, ns, shareCfg(t, 1, 52))
+	c := install(t, ns, shareCfg(t, 2, 53))
+	b.Close()
+	c.Close()
+	if got := tables(t, ns); len(got) != 2 || !slices.Contains(got, a.Table()) || !slices.Contains(got, b.Table()) {
+		t.Fatalf("tables: %v, want %s (open) and %s (parked), %s deleted", got, a.Table(), b.Table(), c.Table())
+	}
+	a.Close()
+	if got := tables(t, ns); len(got) != 0 {
+		t.Fatalf("tables after the last Close: %v", got)
+	}
+}
+
+// TestMemberKeepsTable: a Member counts as a user of its namespace.
+func TestMemberKeepsTable(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfmb")
+	var m *Member
+	ns.Do(func() error { m = Join(); return nil })
+	t.Cleanup(func() { m.Leave() })
+	b := install(t, ns, shareCfg(t, 0, 31))
+	b.Close()
+	if got := tables(t, ns); len(got) != 1 || got[0] != b.Table() {
+		t.Fatalf("tables while a Member is in: %v, want %s parked", got, b.Table())
+	}
+	if err := m.Leave(); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Leave(); err != nil {
+		t.Fatalf("second Leave: %v", err)
+	}
+	if got := tables(t, ns); len(got) != 0 {
+		t.Fatalf("tables after the Member left: %v", got)
+	}
+	if registered(t, ns) {
+		t.Fatal("the registry keeps the namespace after its last user")
+	}
+}
+
+// TestShareConcurrent: Installs and Closes from many goroutines, in two
+// namespaces, leave no table behind (run with -race).
+func TestShareConcurrent(t *testing.T) {
+	netnstest.RequireRoot(t)
+	nss := []*netnstest.NS{netnstest.NewT(t, "nfc1"), netnstest.NewT(t, "nfc2")}
+	var wg sync.WaitGroup
+	for g := range 6 {
+		ns := nss[g%2]
+		wg.Go(func() {
+			for i := range 4 {
+				var r *Ruleset
+				err := ns.Do(func() (err error) {
+					r, err = Install(shareCfg(t, int16(i%2), uint16(40+g)))
+					return err
+				})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if err := r.Close(); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	for _, ns := range nss {
+		if got := tables(t, ns); len(got) != 0 {
+			t.Errorf("%s: tables left: %v", ns.Name, got)
+		}
+		if registered(t, ns) {
+			t.Errorf("%s: the registry keeps the namespace", ns.Name)
+		}
+	}
+}
