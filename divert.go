@@ -369,7 +369,9 @@ type Address struct {
 	Event Event
 	// Sniffed is set when the packet was copied, not taken (FlagSniff).
 	Sniffed bool
-	// Outbound is set for packets leaving the host; clear for inbound.
+	// Outbound is set for packets leaving the host; clear for inbound. At
+	// LayerNetworkForward it is always set, as WinDivert's driver sets it
+	// for a routed packet.
 	Outbound bool
 	// Loopback is set for packets from the host to itself.
 	Loopback bool

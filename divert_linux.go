@@ -760,7 +760,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 		a.Timestamp = ts
 		a.Layer = b.layer
 		a.Event = EventNetworkPacket
-		a.Outbound = outbound && b.layer == LayerNetwork
+		a.Outbound = b.addrOutbound(outbound)
 		a.Loopback = loopback
 		a.IPv6 = ipv6
 		a.IPChecksum = true
@@ -945,6 +945,15 @@ func (b *linuxBackend) verdictLocked(a *Address, v nfq.Verdict, pkt []byte, hold
 // packet would take it where the received packet was going.
 func (b *linuxBackend) mine(a *Address) bool {
 	return a.sys.owner == b.serial && a.sys.out == a.Outbound
+}
+
+// addrOutbound is the Outbound of a received packet's Address: the
+// direction the packet took at LayerNetwork, and always set at
+// LayerNetworkForward, where a routed packet leaves the host (WinDivert's
+// forward classify sets it too, and FreeBSD's forward rules take packets
+// on their way out).
+func (b *linuxBackend) addrOutbound(outbound bool) bool {
+	return outbound && b.layer == LayerNetwork || b.layer == LayerNetworkForward
 }
 
 func (b *linuxBackend) held(a *Address) bool {

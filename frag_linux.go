@@ -295,7 +295,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		Timestamp:   ts,
 		Layer:       b.layer,
 		Event:       EventNetworkPacket,
-		Outbound:    outbound && b.layer == LayerNetwork,
+		Outbound:    b.addrOutbound(outbound),
 		Loopback:    p.InDev == loIfIndex || p.OutDev == loIfIndex,
 		IPv6:        ipv6,
 		IPChecksum:  true,
@@ -304,7 +304,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		IfIdx:       ifIdx,
 		sys: sysAddr{
 			owner:   b.serial,
-			out:     outbound && b.layer == LayerNetwork,
+			out:     b.addrOutbound(outbound),
 			dgram:   true,
 			fragID:  fs.info.ID,
 			fragMTU: uint32(fs.info.MaxFragLen),

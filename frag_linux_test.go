@@ -463,7 +463,7 @@ func TestFragReassembleForward(t *testing.T) {
 			}
 			checkWhole(t, got[:2], errs[:2], recvd, c.v6)
 			for _, s := range got {
-				if s.addr.Layer != LayerNetworkForward || s.addr.Outbound || s.addr.IfIdx != uint32(r.Left.B.IfIdx) {
+				if s.addr.Layer != LayerNetworkForward || !s.addr.Outbound || s.addr.IfIdx != uint32(r.Left.B.IfIdx) {
 					t.Errorf("address %+v", s.addr)
 				}
 			}
