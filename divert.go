@@ -44,6 +44,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 
 	"sync"
 	"sync/atomic"
@@ -185,13 +186,13 @@ const (
 func (f Flag) Validate() error {
 	switch {
 	case f&^flagsAll != 0:
-		return fmt.Errorf("divert: unknown flag bits %#x", uint64(f&^flagsAll))
+		return fmt.Errorf("divert: unknown flag bits %#x: %w", uint64(f&^flagsAll), os.ErrInvalid)
 	case f&(FlagSniff|FlagDrop) == FlagSniff|FlagDrop:
-		return errors.New("divert: FlagSniff and FlagDrop are exclusive")
+		return fmt.Errorf("divert: FlagSniff and FlagDrop are exclusive: %w", os.ErrInvalid)
 	case f&(FlagRecvOnly|FlagSendOnly) == FlagRecvOnly|FlagSendOnly:
-		return errors.New("divert: FlagRecvOnly and FlagSendOnly are exclusive")
+		return fmt.Errorf("divert: FlagRecvOnly and FlagSendOnly are exclusive: %w", os.ErrInvalid)
 	case f&(FlagFragments|FlagReassemble) == FlagFragments|FlagReassemble:
-		return errors.New("divert: FlagFragments and FlagReassemble are exclusive")
+		return fmt.Errorf("divert: FlagFragments and FlagReassemble are exclusive: %w", os.ErrInvalid)
 	}
 	return nil
 }
@@ -261,12 +262,12 @@ func checkParam(p Param, v uint64) error {
 	case ParamQueueSize:
 		lo, hi = QueueSizeMin, QueueSizeMax
 	case ParamVersionMajor, ParamVersionMinor:
-		return fmt.Errorf("divert: param %v is read-only", p)
+		return fmt.Errorf("divert: param %v is read-only: %w", p, os.ErrInvalid)
 	default:
-		return fmt.Errorf("divert: unknown param %d", uint32(p))
+		return fmt.Errorf("divert: unknown param %d: %w", uint32(p), os.ErrInvalid)
 	}
 	if v < lo || v > hi {
-		return fmt.Errorf("divert: param %v value %d out of range [%d, %d]", p, v, lo, hi)
+		return fmt.Errorf("divert: param %v value %d out of range [%d, %d]: %w", p, v, lo, hi, os.ErrInvalid)
 	}
 	return nil
 }
@@ -475,7 +476,7 @@ const MaxQueues = 64
 // handles is closed.
 func OpenQueues(filterText string, layer Layer, priority int16, flags Flag, n int) ([]*Handle, error) {
 	if n < 1 || n > MaxQueues {
-		return nil, fmt.Errorf("divert: queue count %d out of range [1, %d]", n, MaxQueues)
+		return nil, fmt.Errorf("divert: queue count %d out of range [1, %d]: %w", n, MaxQueues, os.ErrInvalid)
 	}
 	cfg, err := prepare(filterText, layer, priority, flags)
 	if err != nil {
@@ -496,10 +497,10 @@ func OpenQueues(filterText string, layer Layer, priority int16, flags Flag, n in
 // prepare validates Open's arguments and compiles the filter.
 func prepare(filterText string, layer Layer, priority int16, flags Flag) (openConfig, error) {
 	if layer > LayerReflect {
-		return openConfig{}, fmt.Errorf("divert: invalid layer %d", uint8(layer))
+		return openConfig{}, fmt.Errorf("divert: invalid layer %d: %w", uint8(layer), os.ErrInvalid)
 	}
 	if priority < PriorityLowest || priority > PriorityHighest {
-		return openConfig{}, fmt.Errorf("divert: priority %d out of range [%d, %d]", priority, PriorityLowest, PriorityHighest)
+		return openConfig{}, fmt.Errorf("divert: priority %d out of range [%d, %d]: %w", priority, PriorityLowest, PriorityHighest, os.ErrInvalid)
 	}
 	if err := flags.Validate(); err != nil {
 		return openConfig{}, err
@@ -540,15 +541,15 @@ func checkLayerFlags(layer Layer, flags Flag) error {
 	switch layer {
 	case LayerFlow, LayerReflect:
 		if flags&(FlagSniff|FlagRecvOnly) != FlagSniff|FlagRecvOnly {
-			return fmt.Errorf("divert: layer %v needs FlagSniff|FlagRecvOnly", layer)
+			return fmt.Errorf("divert: layer %v needs FlagSniff|FlagRecvOnly: %w", layer, os.ErrInvalid)
 		}
 	case LayerSocket:
 		if flags&FlagRecvOnly == 0 {
-			return fmt.Errorf("divert: layer %v needs FlagRecvOnly", layer)
+			return fmt.Errorf("divert: layer %v needs FlagRecvOnly: %w", layer, os.ErrInvalid)
 		}
 	}
 	if flags&FlagFragments != 0 && layer != LayerNetwork {
-		return fmt.Errorf("divert: FlagFragments needs layer %v", LayerNetwork)
+		return fmt.Errorf("divert: FlagFragments needs layer %v: %w", LayerNetwork, os.ErrInvalid)
 	}
 	return nil
 }
@@ -603,7 +604,7 @@ func (h *Handle) Recv(b []byte, a *Address) (int, error) {
 		return 0, err
 	}
 	if a == nil {
-		return 0, errors.New("divert: nil Address")
+		return 0, fmt.Errorf("divert: nil Address: %w", os.ErrInvalid)
 	}
 	if len(b) == 0 && carriesPackets(h.layer) {
 		return 0, errEmptyBuf
@@ -611,7 +612,7 @@ func (h *Handle) Recv(b []byte, a *Address) (int, error) {
 	return h.b.recv(b, a)
 }
 
-var errEmptyBuf = errors.New("divert: recv: empty buffer (nothing received)")
+var errEmptyBuf = fmt.Errorf("divert: recv: empty buffer (nothing received): %w", os.ErrInvalid)
 
 // carriesPackets reports whether a layer's events are packets, which a
 // receive buffer must hold (the others carry only an Address).
@@ -681,10 +682,10 @@ func (h *Handle) Send(b []byte, a *Address) (int, error) {
 		return 0, err
 	}
 	if a == nil {
-		return 0, errors.New("divert: nil Address")
+		return 0, fmt.Errorf("divert: nil Address: %w", os.ErrInvalid)
 	}
 	if len(b) == 0 || len(b) > MTUMax {
-		return 0, fmt.Errorf("divert: packet length %d out of range [1, %d]", len(b), MTUMax)
+		return 0, fmt.Errorf("divert: packet length %d out of range [1, %d]: %w", len(b), MTUMax, os.ErrInvalid)
 	}
 	return h.b.send(b, a)
 }
@@ -704,11 +705,11 @@ func (h *Handle) SendBatch(ms []Message) (int, error) {
 	if len(ms) > BatchMax {
 		// Sending the first BatchMax with no error would leave the rest
 		// unsent for a caller that checks only the error.
-		return 0, fmt.Errorf("divert: SendBatch of %d messages: at most BatchMax (%d) per call", len(ms), BatchMax)
+		return 0, fmt.Errorf("divert: SendBatch of %d messages: at most BatchMax (%d) per call: %w", len(ms), BatchMax, os.ErrInvalid)
 	}
 	for i := range ms {
 		if ms[i].N <= 0 || ms[i].N > len(ms[i].Buf) || ms[i].N > MTUMax {
-			return 0, fmt.Errorf("divert: message %d: length %d out of range", i, ms[i].N)
+			return 0, fmt.Errorf("divert: message %d: length %d out of range: %w", i, ms[i].N, os.ErrInvalid)
 		}
 	}
 	if len(ms) == 0 {
@@ -725,7 +726,7 @@ func (h *Handle) Drop(a *Address) error {
 		return errClosed
 	}
 	if a == nil {
-		return errors.New("divert: nil Address")
+		return fmt.Errorf("divert: nil Address: %w", os.ErrInvalid)
 	}
 	return h.b.drop(a)
 }
@@ -741,7 +742,7 @@ func (h *Handle) Shutdown(how ShutdownHow) error {
 		return errClosed
 	}
 	if how < ShutdownRecv || how > ShutdownBoth {
-		return fmt.Errorf("divert: invalid shutdown direction %d", how)
+		return fmt.Errorf("divert: invalid shutdown direction %d: %w", how, os.ErrInvalid)
 	}
 	for {
 		old := h.shut.Load()
@@ -822,5 +823,5 @@ func (h *Handle) Param(p Param) (uint64, error) {
 		_, minor := h.b.version()
 		return minor, nil
 	}
-	return 0, fmt.Errorf("divert: unknown param %d", uint32(p))
+	return 0, fmt.Errorf("divert: unknown param %d: %w", uint32(p), os.ErrInvalid)
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -330,4 +331,47 @@ func TestSharedBackendClosesWithLastView(t *testing.T) {
 	require.NoError(t, hs[2].Close())
 	require.True(t, f.closed)
 	require.Len(t, shareBackend(f, 1), 1)
+}
+
+// TestInvalidArguments: every argument the API refuses wraps os.ErrInvalid
+// (WinDivert's ERROR_INVALID_PARAMETER), before anything reaches an OS.
+func TestInvalidArguments(t *testing.T) {
+	openErr := func(layer Layer, prio int16, flags Flag) func() error {
+		return func() error { _, err := Open("true", layer, prio, flags); return err }
+	}
+	h, _ := fakeHandle(0)
+	h.layer = LayerNetwork
+	buf := make([]byte, 64)
+	for _, tc := range []struct {
+		name string
+		call func() error
+	}{
+		{"layer", openErr(LayerReflect+1, 0, 0)},
+		{"priority", openErr(LayerNetwork, PriorityHighest+1, 0)},
+		{"unknown flag", openErr(LayerNetwork, 0, 0x40)},
+		{"sniff and drop", openErr(LayerNetwork, 0, FlagSniff|FlagDrop)},
+		{"recv-only and send-only", openErr(LayerNetwork, 0, FlagRecvOnly|FlagSendOnly)},
+		{"fragments and reassemble", openErr(LayerNetwork, 0, FlagFragments|FlagReassemble)},
+		{"flow without sniff", openErr(LayerFlow, 0, FlagRecvOnly)},
+		{"socket without recv-only", openErr(LayerSocket, 0, FlagSniff)},
+		{"fragments at forward", openErr(LayerNetworkForward, 0, FlagFragments)},
+		{"queue count", func() error { _, err := OpenQueues("true", LayerNetwork, 0, 0, 0); return err }},
+		{"param value", func() error { return h.SetParam(ParamQueueLength, QueueLengthMax+1) }},
+		{"read-only param", func() error { return h.SetParam(ParamVersionMajor, 1) }},
+		{"unknown param to set", func() error { return h.SetParam(Param(9), 1) }},
+		{"unknown param to get", func() error { _, err := h.Param(Param(9)); return err }},
+		{"shutdown direction", func() error { return h.Shutdown(0) }},
+		{"send nil address", func() error { _, err := h.Send(buf, nil); return err }},
+		{"send empty packet", func() error { _, err := h.Send(nil, &Address{}); return err }},
+		{"send batch too large", func() error { _, err := h.SendBatch(make([]Message, BatchMax+1)); return err }},
+		{"send batch length", func() error { _, err := h.SendBatch([]Message{{Buf: buf, N: 65}}); return err }},
+		{"recv empty buffer", func() error { var a Address; _, err := h.Recv(nil, &a); return err }},
+		{"recv nil address", func() error { _, err := h.Recv(buf, nil); return err }},
+		{"eval nil address", func() error { _, err := EvalFilter("true", buf, nil); return err }},
+	} {
+		err := tc.call()
+		require.Error(t, err, tc.name)
+		require.ErrorIs(t, err, os.ErrInvalid, tc.name)
+		require.True(t, strings.HasPrefix(err.Error(), "divert: "), "%s: %v", tc.name, err)
+	}
 }

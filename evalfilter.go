@@ -2,6 +2,7 @@ package divert
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/netdivert/divert/filter"
 )
@@ -52,7 +53,7 @@ func (a *Address) Meta() filter.Meta {
 // compile the filter once and use (*filter.Filter).Match with a.Meta().
 func EvalFilter(filterText string, b []byte, a *Address) (bool, error) {
 	if a == nil {
-		return false, fmt.Errorf("divert: nil Address")
+		return false, fmt.Errorf("divert: nil Address: %w", os.ErrInvalid)
 	}
 	f, err := filter.Compile(filterText, filter.Layer(a.Layer))
 	if err != nil {
