@@ -453,7 +453,7 @@ type Handle struct {
 // error wrapping os.ErrPermission; a layer or flag the OS cannot do gives an
 // error wrapping ErrNotSupported.
 func Open(filterText string, layer Layer, priority int16, flags Flag) (*Handle, error) {
-	cfg, err := prepare(filterText, layer, priority, flags)
+	cfg, err := prepare(filterText, layer, priority, flags, true)
 	if err != nil {
 		return nil, err
 	}
@@ -478,7 +478,7 @@ func OpenQueues(filterText string, layer Layer, priority int16, flags Flag, n in
 	if n < 1 || n > MaxQueues {
 		return nil, fmt.Errorf("divert: queue count %d out of range [1, %d]: %w", n, MaxQueues, os.ErrInvalid)
 	}
-	cfg, err := prepare(filterText, layer, priority, flags)
+	cfg, err := prepare(filterText, layer, priority, flags, true)
 	if err != nil {
 		return nil, err
 	}
@@ -494,10 +494,17 @@ func OpenQueues(filterText string, layer Layer, priority int16, flags Flag, n in
 	return hs, nil
 }
 
-// prepare validates Open's arguments and compiles the filter.
-func prepare(filterText string, layer Layer, priority int16, flags Flag) (openConfig, error) {
+// prepare validates Open's arguments and compiles the filter. With osLayer,
+// a layer the OS has no counterpart of is refused first (ErrNotSupported),
+// rather than after the flags it would need elsewhere.
+func prepare(filterText string, layer Layer, priority int16, flags Flag, osLayer bool) (openConfig, error) {
 	if layer > LayerReflect {
 		return openConfig{}, fmt.Errorf("divert: invalid layer %d: %w", uint8(layer), os.ErrInvalid)
+	}
+	if osLayer {
+		if err := layerSupport(layer); err != nil {
+			return openConfig{}, err
+		}
 	}
 	if priority < PriorityLowest || priority > PriorityHighest {
 		return openConfig{}, fmt.Errorf("divert: priority %d out of range [%d, %d]: %w", priority, PriorityLowest, PriorityHighest, os.ErrInvalid)

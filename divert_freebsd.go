@@ -179,11 +179,19 @@ type passer struct {
 	done chan struct{} // closed when the goroutine ends
 }
 
-func openBackend(cfg *openConfig) (backend, error) {
-	switch cfg.layer {
+// layerSupport refuses, before Open looks at anything else, a layer the OS
+// has no counterpart of.
+func layerSupport(l Layer) error {
+	switch l {
 	case LayerNetwork, LayerNetworkForward:
-	default:
-		return nil, fmt.Errorf("%w: layer %v on freebsd", ErrNotSupported, cfg.layer)
+		return nil
+	}
+	return fmt.Errorf("%w: layer %v on freebsd", ErrNotSupported, l)
+}
+
+func openBackend(cfg *openConfig) (backend, error) {
+	if err := layerSupport(cfg.layer); err != nil {
+		return nil, err
 	}
 	if cfg.flags&FlagFragments != 0 {
 		return nil, fmt.Errorf("%w: FlagFragments on freebsd (ipfw divert always reassembles)", ErrNotSupported)

@@ -201,6 +201,10 @@ func openBackend(cfg *openConfig) (backend, error) {
 	return b, nil
 }
 
+// layerSupport refuses, before Open looks at anything else, a layer the OS
+// has no counterpart of.
+func layerSupport(l Layer) error { return checkLayer(l) }
+
 func checkLayer(l Layer) error {
 	switch l {
 	case LayerNetwork, LayerNetworkForward:

@@ -1262,9 +1262,17 @@ func TestLinuxConcurrentRecvSend(t *testing.T) {
 
 func TestLinuxNotSupported(t *testing.T) {
 	for _, layer := range []Layer{LayerFlow, LayerSocket, LayerReflect} {
-		_, err := Open("true", layer, 0, FlagSniff|FlagRecvOnly)
-		if !errors.Is(err, ErrNotSupported) {
-			t.Errorf("layer %v: %v, want ErrNotSupported", layer, err)
+		// With the flags the layer needs elsewhere, and without them: the
+		// layer is refused first, so a porter does not add flags in vain.
+		for _, flags := range []Flag{FlagSniff | FlagRecvOnly, 0} {
+			_, err := Open("true", layer, 0, flags)
+			if !errors.Is(err, ErrNotSupported) {
+				t.Errorf("layer %v, flags %#x: %v, want ErrNotSupported", layer, uint64(flags), err)
+			}
+			_, err = OpenQueues("true", layer, 0, flags, 2)
+			if !errors.Is(err, ErrNotSupported) {
+				t.Errorf("OpenQueues: layer %v, flags %#x: %v, want ErrNotSupported", layer, uint64(flags), err)
+			}
 		}
 	}
 }

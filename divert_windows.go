@@ -108,6 +108,9 @@ type winBackend struct {
 	userStats // WinDivert counts nothing for a handle
 }
 
+// layerSupport accepts every layer: WinDivert has them all.
+func layerSupport(Layer) error { return nil }
+
 func openBackend(cfg *openConfig) (backend, error) {
 	if cfg.filter == nil {
 		return nil, fmt.Errorf("%w: OpenPort on windows (WinDivert has no divert rules to attach to)", ErrNotSupported)

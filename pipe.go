@@ -77,7 +77,7 @@ var pipeIDs atomic.Uint32
 // NewPipe returns a Handle at layer that diverts what filter matches from a
 // Pipe instead of from the OS, and that Pipe.
 func NewPipe(filterText string, layer Layer, flags Flag) (*Handle, *Pipe, error) {
-	cfg, err := prepare(filterText, layer, 0, flags)
+	cfg, err := prepare(filterText, layer, 0, flags, false)
 	if err != nil {
 		return nil, nil, err
 	}
