@@ -170,7 +170,9 @@ const (
 	// before Recv sees them (the divert-socket "always defragment" option;
 	// on FreeBSD a FlagSniff handle's copies come as they are). Send
 	// refragments a datagram that arrived in fragments to the size of the
-	// largest of them, or smaller if its route's MTU is.
+	// largest of them, or smaller if its route's MTU is; on Linux and
+	// Windows one the program changed first gets the checksums its
+	// Address's clear bits ask for (see Send).
 	FlagReassemble Flag = 1 << 33
 	// FlagFailOpen lets packets pass when the handle's queue overflows,
 	// instead of dropping them.
@@ -668,9 +670,12 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // or multicast one) would leave the host, so Send refuses it with an error
 // wrapping ErrNotSupported and sends nothing. Checksums: a clear IP, TCP or
 // UDP checksum bit of a (a zero Address has them all clear) makes Send
-// compute that checksum on Windows, for every packet (WinDivert's driver
-// does), and on Linux for new packets and changed received ones; set bits,
-// packets sent back unchanged, ICMP's checksums and FreeBSD send the
+// compute that checksum: on Windows for every packet (WinDivert's driver
+// does), but for a fragment's TCP or UDP checksum, which covers the whole
+// datagram; on Linux for new packets and changed received ones; on both,
+// for a datagram FlagReassemble rebuilt from fragments, when it was
+// changed, before it is refragmented. Set bits, ICMP's checksums, FreeBSD,
+// and packets (on Windows, rebuilt datagrams) sent back unchanged send the
 // packet's as given. (On Linux a received packet's TCP and UDP bits are
 // often clear: the stack finishes those checksums later.) Use
 // CalcChecksums after changing a packet. On Linux a new outbound packet

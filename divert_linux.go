@@ -1038,23 +1038,6 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 	return n, nil
 }
 
-// unfinished returns the CalcChecksums flags that compute the checksums a's
-// clear bits say are unfinished, as WinDivert's driver does on every send:
-// IPv4, TCP and UDP (no Address bit covers ICMP's, which stay as given).
-func unfinished(a *Address) ChecksumFlag {
-	fl := NoICMPChecksum | NoICMPv6Checksum
-	if a.IPChecksum {
-		fl |= NoIPChecksum
-	}
-	if a.TCPChecksum {
-		fl |= NoTCPChecksum
-	}
-	if a.UDPChecksum {
-		fl |= NoUDPChecksum
-	}
-	return fl
-}
-
 // injectError wraps an error of the injector; an inbound packet that is
 // not for this host (see Handle.Send) is not supported.
 func injectError(err error) error {

@@ -30,8 +30,10 @@ package divert
 // fragments the reassembler refuses (overlaps, tiny TCP fragments, ...).
 // Send of a reassembled datagram larger than the largest fragment it came in
 // refragments it at that size with its identification and injects the
-// fragments in one batch; an IPv4 datagram with DF set is then an error
-// that says so, and nothing is sent. Held fragments are lost on Close
+// fragments in one batch, with the checksums its Address's clear bits ask
+// for computed first when the program changed it (the driver computes no
+// fragment's TCP or UDP checksum); an IPv4 datagram with DF set is then an
+// error that says so, and nothing is sent. Held fragments are lost on Close
 // (they were out of the stack already). FlagReassemble needs a network
 // layer.
 //
@@ -72,6 +74,7 @@ type sysAddr struct {
 	reassembled bool
 	id          uint32 // IPv4 identification, or the IPv6 Fragment header's
 	fragLen     uint32 // the largest fragment it came in (whole IP packet)
+	dsum        uint64 // maphash (dgramSeed) of the datagram as handed over
 }
 
 // openWinDivert is the seam; tests replace it with a fake.

@@ -13,6 +13,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"io"
 	"math/rand"
 	"net"
@@ -780,6 +781,42 @@ func winFrag6(d []byte, mtu int, id uint32) [][]byte {
 	return out
 }
 
+// winSetUDPSum sets the UDP checksum of an IPv4 or IPv6 UDP datagram (no
+// IPv6 extension headers), computed over its pseudo header.
+func winSetUDPSum(p []byte) {
+	off := 40
+	if p[0]>>4 == 4 {
+		off = int(p[0]&0x0F) * 4
+	}
+	p[off+6], p[off+7] = 0, 0
+	sum := winUDPSum(p)
+	if sum == 0 {
+		sum = 0xFFFF
+	}
+	binary.BigEndian.PutUint16(p[off+6:], sum)
+}
+
+// winUDPSum is the Internet checksum of a UDP datagram's pseudo header,
+// header and data: 0 when its checksum field is right.
+func winUDPSum(p []byte) uint16 {
+	var ph, udp []byte
+	if p[0]>>4 == 4 {
+		udp = p[int(p[0]&0x0F)*4 : binary.BigEndian.Uint16(p[2:])]
+		ph = append(ph, p[12:20]...)
+		ph = append(ph, 0, 17, byte(len(udp)>>8), byte(len(udp)))
+	} else {
+		udp = p[40:]
+		ph = append(ph, p[8:40]...)
+		ph = binary.BigEndian.AppendUint32(ph, uint32(len(udp)))
+		ph = append(ph, 0, 0, 0, 17)
+	}
+	all := append(ph, udp...)
+	if len(all)%2 != 0 {
+		all = append(all, 0)
+	}
+	return winCsum(all)
+}
+
 // winCheckFrags checks that frags are fragments of d of at most mtu bytes
 // with identification id, in order, and that they reassemble to d.
 func winCheckFrags(t *testing.T, frags [][]byte, d []byte, mtu int, id uint32) {
@@ -903,7 +940,7 @@ func TestWinReassembleRandomOrder(t *testing.T) {
 			last := len(frags) - 1
 			want := Address{Timestamp: int64(1000*round + last), Layer: layer, Outbound: true, IPv6: d[0]>>4 == 6,
 				IPChecksum: d[0]>>4 == 4, IfIdx: uint32(last + 1), SubIfIdx: 9,
-				sys: sysAddr{reassembled: true, id: id, fragLen: uint32(maxLen)}}
+				sys: sysAddr{reassembled: true, id: id, fragLen: uint32(maxLen), dsum: maphash.Bytes(dgramSeed, d)}}
 			if want = received(h, want); a != want {
 				t.Fatalf("%v round %d: address %+v\nwant %+v (the last fragment's)", layer, round, a, want)
 			}
@@ -1181,6 +1218,7 @@ func TestWinReassembleSendBatch(t *testing.T) {
 		t.Fatalf("Recv = %d, %v", n, err)
 	}
 	grown := winUDP4(20000, 0x7171, 5)
+	winSetUDPSum(grown) // changed with its UDP bit clear: Send would compute it
 	c.mu.Lock()
 	c.calls = c.calls[:0]
 	c.mu.Unlock()
@@ -1203,6 +1241,93 @@ func TestWinReassembleSendBatch(t *testing.T) {
 	winCheckFrags(t, fr, grown, 68, 0x7171)
 	if !bytes.Equal(sent[len(sent)-1].Data, plain) {
 		t.Fatal("the plain packet did not follow")
+	}
+}
+
+// A reassembled datagram the program changed and sends back with its UDP
+// checksum bit clear is refragmented with that checksum computed (the
+// driver computes no fragment's TCP or UDP checksum), in a copy; one sent
+// back unchanged goes as it came (winUDP4 and winUDP6 leave the checksum
+// 0, which a computation would replace); a set bit leaves the program's
+// checksum as it is. Send and SendBatch, IPv4 and IPv6, both layers.
+func TestWinReassembleSendChangedChecksums(t *testing.T) {
+	for _, layer := range []Layer{LayerNetwork, LayerNetworkForward} {
+		h, c := winOpenCount(t, layer, FlagReassemble)
+		buf := make([]byte, MTUMax)
+		for _, batch := range []bool{false, true} {
+			for _, v6 := range []bool{false, true} {
+				name := fmt.Sprintf("%v batch=%v ipv6=%v", layer, batch, v6)
+				var d []byte
+				var frags [][]byte
+				mtu, id := 1500, uint32(0x3131)
+				if v6 {
+					mtu, id = 1280, 0x60006
+					d = winUDP6(5000, 7)
+					frags = winFrag6(d, mtu, id)
+				} else {
+					d = winUDP4(5000, uint16(id), 7)
+					frags = winFrag4(d, mtu)
+				}
+				// roundTrip receives d's fragments, sends p with the
+				// Address Recv filled (changed by edit) and returns what
+				// was injected.
+				roundTrip := func(p []byte, edit func(*Address)) [][]byte {
+					t.Helper()
+					for _, fr := range frags {
+						c.Push(windivert.Item{Data: fr, Addr: windivert.Addr{Layer: uint8(layer), Outbound: true, IPv6: v6, IfIdx: 2}})
+					}
+					var a Address
+					n, err := h.Recv(buf, &a)
+					if err != nil || !bytes.Equal(buf[:n], d) || a.UDPChecksum || a.TCPChecksum {
+						t.Fatalf("%s: Recv = %d, %v, %+v", name, n, err, a)
+					}
+					if edit != nil {
+						edit(&a)
+					}
+					if p == nil {
+						p = buf[:n]
+					}
+					before := len(c.Sent())
+					if batch {
+						if k, err := h.SendBatch([]Message{{Buf: p, N: len(p), Addr: a}}); k != 1 || err != nil {
+							t.Fatalf("%s: SendBatch = %d, %v", name, k, err)
+						}
+					} else if k, err := h.Send(p, &a); k != len(p) || err != nil {
+						t.Fatalf("%s: Send = %d, %v", name, k, err)
+					}
+					var got [][]byte
+					for _, s := range c.Sent()[before:] {
+						if !s.Addr.Outbound || s.Addr.IfIdx != 2 {
+							t.Fatalf("%s: fragment sent with %+v", name, s.Addr)
+						}
+						got = append(got, s.Data)
+					}
+					return got
+				}
+
+				// Unchanged: as it came, checksum 0 included.
+				winCheckFrags(t, roundTrip(nil, nil), d, mtu, id)
+
+				// Changed, UDP bit clear: the checksum is computed, in a
+				// copy (the caller's bytes stay as they were).
+				changed := append([]byte(nil), d...)
+				changed[len(changed)-1] ^= 0x5A
+				changed[len(changed)/2] ^= 0xA5
+				orig := append([]byte(nil), changed...)
+				want := append([]byte(nil), changed...)
+				winSetUDPSum(want)
+				if bytes.Equal(want, changed) || winUDPSum(want) != 0 {
+					t.Fatalf("%s: test datagram: checksum already right", name)
+				}
+				winCheckFrags(t, roundTrip(changed, nil), want, mtu, id)
+				if !bytes.Equal(changed, orig) {
+					t.Fatalf("%s: Send wrote into the caller's buffer", name)
+				}
+
+				// Changed, UDP bit set: the program's checksum, as given.
+				winCheckFrags(t, roundTrip(changed, func(a *Address) { a.UDPChecksum = true }), changed, mtu, id)
+			}
+		}
 	}
 }
 

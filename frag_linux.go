@@ -363,10 +363,6 @@ func (b *linuxBackend) expirePending(now, qt int64) {
 	fs.reasm.Expire(time.Unix(0, now))
 }
 
-// dgramSeed seeds the hash that tells a reassembled datagram sent back
-// changed (see sendDgram).
-var dgramSeed = maphash.MakeSeed()
-
 // sendDgram emits a datagram reassembled in user space: inbound at
 // LayerNetwork whole to the local stack, otherwise refragmented to the size
 // it came in (or the route's MTU when smaller), each fragment a marked raw

@@ -23,12 +23,20 @@ package divert
 // Send of a reassembled datagram (an Address Recv filled for it) that is
 // larger than the largest of the fragments it came in splits it again at
 // that size with the datagram's identification, and injects the fragments
-// with one WinDivertSendEx (more only beyond BatchMax fragments).
+// with one WinDivertSendEx (more only beyond BatchMax fragments). The driver
+// computes the checksums an Address's clear bits ask for on every packet it
+// injects, but a fragment's TCP or UDP checksum it leaves alone (it covers
+// the whole datagram; WinDivertHelperCalcChecksums skips it when MF or the
+// offset is set), so those of a datagram the program changed are computed
+// here before it is split, as on Linux. Changed means that its bytes hash
+// otherwise than those Recv handed over (sysAddr.dsum); one sent back
+// unchanged goes as it came, the sender's checksums included.
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"time"
 
 	"github.com/netdivert/divert/internal/packet"
@@ -54,6 +62,7 @@ type winReasm struct {
 
 	// send side
 	fbuf   []byte   // fragments of one datagram, back to back
+	cbuf   []byte   // a changed datagram whose checksums Send computes
 	frags  [][]byte // views of fbuf
 	sbuf   []byte   // a whole SendEx buffer
 	saddrs []windivert.RawAddr
@@ -145,7 +154,8 @@ func (b *winBackend) recvBatchReassembled(ms []Message) (int, error) {
 				continue // refused (dropped) or held
 			}
 			if in := &b.reasm.info; in.Fragmented {
-				m.Addr.sys = sysAddr{reassembled: true, id: in.ID, fragLen: uint32(in.MaxFragLen)}
+				m.Addr.sys = sysAddr{reassembled: true, id: in.ID, fragLen: uint32(in.MaxFragLen),
+					dsum: maphash.Bytes(dgramSeed, d)}
 				if d[0]>>4 == 4 {
 					m.Addr.IPChecksum = true // the reassembler recomputed it
 				}
@@ -211,14 +221,29 @@ func isFragment(p []byte) bool {
 	return false
 }
 
-// refragment splits the reassembled datagram p at the size its fragments
-// had into the send state's fragment buffer. It returns p alone when it
-// needs no splitting. sendMu is held.
-func (b *winBackend) refragment(p []byte, s *sysAddr) ([][]byte, error) {
+// refragment returns the packets that Send injects for p with a: the
+// fragments of a reassembled datagram larger than the largest one it came
+// in, cut at that size with its identification into the send state's
+// fragment buffer; else p alone.
+// A datagram the program changed gets the checksums a's clear bits ask for
+// computed first (in a copy): the driver computes a clear bit's checksum on
+// every packet it injects, but no TCP or UDP checksum of a fragment, which
+// lacks the rest of its datagram. One sent back unchanged goes as it came.
+// sendMu is held.
+func (b *winBackend) refragment(p []byte, a *Address) ([][]byte, error) {
 	r := b.reasm
+	s := &a.sys
 	if !s.reassembled || len(p) <= int(s.fragLen) {
 		r.frags = append(r.frags[:0], p)
 		return r.frags, nil
+	}
+	if l, err := ipPacketLen(p); err == nil {
+		p = p[:l] // checked by Send: bytes past the IP length are left out
+	}
+	if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) && maphash.Bytes(dgramSeed, p) != s.dsum {
+		r.cbuf = append(r.cbuf[:0], p...)
+		p = r.cbuf
+		_ = CalcChecksums(p, nil, unfinished(a))
 	}
 	frags, err := reassembly.Fragment(r.fbuf[:0], r.frags[:0], p, int(s.fragLen), s.id)
 	if cap(frags) > cap(r.frags) {
@@ -241,7 +266,7 @@ func (b *winBackend) refragment(p []byte, s *sysAddr) ([][]byte, error) {
 func (b *winBackend) sendReassembled(p []byte, a *Address) (int, error) {
 	b.sendMu.Lock()
 	defer b.sendMu.Unlock()
-	frags, err := b.refragment(p, &a.sys)
+	frags, err := b.refragment(p, a)
 	if err != nil {
 		return 0, err
 	}
@@ -279,7 +304,7 @@ func (b *winBackend) sendBatchReassembled(ms []Message) (int, error) {
 	r := b.reasm
 	r.resetItems()
 	for i := range ms {
-		frags, err := b.refragment(ms[i].Buf[:ms[i].N], &ms[i].Addr.sys)
+		frags, err := b.refragment(ms[i].Buf[:ms[i].N], &ms[i].Addr)
 		if err != nil {
 			if i > 0 {
 				// Send what came before, so that the count is right.
