@@ -33,9 +33,10 @@ package divert
 // fragments in one batch, with the checksums its Address's clear bits ask
 // for computed first when the program changed it (the driver computes no
 // fragment's TCP or UDP checksum); an IPv4 datagram with DF set is then an
-// error that says so, and nothing is sent. Held fragments are lost on Close
-// (they were out of the stack already). FlagReassemble needs a network
-// layer.
+// error that says so, and nothing is sent. A copy of its Address with
+// Outbound reversed describes an answer, a new packet: that goes whole.
+// Held fragments are lost on Close (they were out of the stack already).
+// FlagReassemble needs a network layer.
 //
 // FlagPassThrough is accepted and is what WinDivert always does: when the
 // handle goes away (Close, or the process dies) the driver removes its
@@ -67,10 +68,11 @@ import (
 
 // sysAddr marks a datagram reassembled under FlagReassemble (WinDivertSend
 // needs only the public Address fields otherwise): Send refragments it at
-// fragLen with identification id when it is larger.
+// fragLen with identification id when it is larger, unless its Outbound
+// was reversed (an answer: a new packet, sent whole).
 type sysAddr struct {
 	owner       uint32 // serial of the handle that received the packet (userStats); 0 for new packets
-	out         bool   // the Outbound it was received with (userStats)
+	out         bool   // the Outbound it was received with (userStats, refragment)
 	reassembled bool
 	id          uint32 // IPv4 identification, or the IPv6 Fragment header's
 	fragLen     uint32 // the largest fragment it came in (whole IP packet)

@@ -1331,6 +1331,73 @@ func TestWinReassembleSendChangedChecksums(t *testing.T) {
 	}
 }
 
+// A copy of a reassembled datagram's Address with Outbound reversed
+// describes an answer, a new packet: Send and SendBatch inject it whole,
+// larger than the fragments the datagram came in or not, DF set or not
+// (not refragmented with the received datagram's size and identification),
+// while the Address as received still refragments. Both layers, IPv4 and
+// IPv6.
+func TestWinReassembleAnswerGoesWhole(t *testing.T) {
+	for _, layer := range []Layer{LayerNetwork, LayerNetworkForward} {
+		h, c := winOpenCount(t, layer, FlagReassemble)
+		buf := make([]byte, MTUMax)
+		for _, v6 := range []bool{false, true} {
+			name := fmt.Sprintf("%v ipv6=%v", layer, v6)
+			var d, answer []byte
+			var frags [][]byte
+			if v6 {
+				d = winUDP6(3000, 3)
+				frags = winFrag6(d, 1280, 0x4321)
+				answer = winUDP6(2900, 4)
+				answer[8], answer[24] = 0xfe, 0xfe // another flow
+			} else {
+				d = winUDP4(3000, 0x4321, 3)
+				frags = winFrag4(d, 1000)
+				answer = winUDP4(2900, 0x1111, 4)
+				answer[6] |= 0x40 // DF, as a host's own datagrams often have
+				answer[10], answer[11] = 0, 0
+				binary.BigEndian.PutUint16(answer[10:], winCsum(answer[:20]))
+			}
+			for _, fr := range frags {
+				c.Push(windivert.Item{Data: fr, Addr: windivert.Addr{Layer: uint8(layer), Outbound: true, IPv6: v6, IfIdx: 5}})
+			}
+			var a Address
+			n, err := h.Recv(buf, &a)
+			if err != nil || !bytes.Equal(buf[:n], d) || !a.Outbound {
+				t.Fatalf("%s: Recv = %d, %v, %+v", name, n, err, a)
+			}
+			back := a
+			back.Outbound = false
+			before := len(c.Sent())
+			if k, err := h.Send(answer, &back); k != len(answer) || err != nil {
+				t.Fatalf("%s: Send of the answer = %d, %v", name, k, err)
+			}
+			msgs := []Message{{Buf: answer, N: len(answer), Addr: back}, {Buf: buf, N: n, Addr: a}}
+			if k, err := h.SendBatch(msgs); k != 2 || err != nil {
+				t.Fatalf("%s: SendBatch = %d, %v", name, k, err)
+			}
+			sent := c.Sent()[before:]
+			if len(sent) != 2+len(frags) {
+				t.Fatalf("%s: %d packets sent, want the answer twice whole and the datagram in %d fragments", name, len(sent), len(frags))
+			}
+			for i, s := range sent[:2] {
+				if !bytes.Equal(s.Data, answer) || s.Addr.Outbound || s.Addr.IfIdx != 5 {
+					t.Fatalf("%s: packet %d: %d bytes, %+v; want the answer whole, inbound", name, i, len(s.Data), s.Addr)
+				}
+			}
+			var got [][]byte
+			for _, s := range sent[2:] {
+				got = append(got, s.Data)
+			}
+			mtu, id := 1000, uint32(0x4321)
+			if v6 {
+				mtu = 1280
+			}
+			winCheckFrags(t, got, d, mtu, id)
+		}
+	}
+}
+
 // A reassembled IPv4 datagram with DF set that does not fit is an error;
 // nothing is sent, in Send or in SendBatch (which sends what came before).
 func TestWinReassembleDontFragment(t *testing.T) {

@@ -20,17 +20,20 @@ package divert
 // own reassembly would drop them. A packet that cannot be parsed and is not
 // recognisably a fragment is handed over as it is.
 //
-// Send of a reassembled datagram (an Address Recv filled for it) that is
-// larger than the largest of the fragments it came in splits it again at
-// that size with the datagram's identification, and injects the fragments
-// with one WinDivertSendEx (more only beyond BatchMax fragments). The driver
-// computes the checksums an Address's clear bits ask for on every packet it
-// injects, but a fragment's TCP or UDP checksum it leaves alone (it covers
-// the whole datagram; WinDivertHelperCalcChecksums skips it when MF or the
-// offset is set), so those of a datagram the program changed are computed
-// here before it is split, as on Linux. Changed means that its bytes hash
-// otherwise than those Recv handed over (sysAddr.dsum); one sent back
-// unchanged goes as it came, the sender's checksums included.
+// Send of a reassembled datagram (an Address Recv filled for it, Outbound
+// as received) that is larger than the largest of the fragments it came in
+// splits it again at that size with the datagram's identification, and
+// injects the fragments with one WinDivertSendEx (more only beyond BatchMax
+// fragments). The driver computes the checksums an Address's clear bits
+// ask for on every packet it injects, but a fragment's TCP or UDP checksum
+// it leaves alone (it covers the whole datagram; WinDivertHelperCalcChecksums
+// skips it when MF or the offset is set), so those of a datagram the
+// program changed are computed here before it is split, as on Linux.
+// Changed means that its bytes hash otherwise than those Recv handed over
+// (sysAddr.dsum); one sent back unchanged goes as it came, the sender's
+// checksums included. A copy of the Address with Outbound reversed
+// describes an answer, a new packet (see Handle.Send): it goes whole, as
+// any new packet, and the driver computes its checksums.
 
 import (
 	"encoding/binary"
@@ -154,8 +157,8 @@ func (b *winBackend) recvBatchReassembled(ms []Message) (int, error) {
 				continue // refused (dropped) or held
 			}
 			if in := &b.reasm.info; in.Fragmented {
-				m.Addr.sys = sysAddr{reassembled: true, id: in.ID, fragLen: uint32(in.MaxFragLen),
-					dsum: maphash.Bytes(dgramSeed, d)}
+				m.Addr.sys = sysAddr{reassembled: true, out: m.Addr.Outbound, id: in.ID,
+					fragLen: uint32(in.MaxFragLen), dsum: maphash.Bytes(dgramSeed, d)}
 				if d[0]>>4 == 4 {
 					m.Addr.IPChecksum = true // the reassembler recomputed it
 				}
@@ -224,16 +227,18 @@ func isFragment(p []byte) bool {
 // refragment returns the packets that Send injects for p with a: the
 // fragments of a reassembled datagram larger than the largest one it came
 // in, cut at that size with its identification into the send state's
-// fragment buffer; else p alone.
-// A datagram the program changed gets the checksums a's clear bits ask for
-// computed first (in a copy): the driver computes a clear bit's checksum on
-// every packet it injects, but no TCP or UDP checksum of a fragment, which
-// lacks the rest of its datagram. One sent back unchanged goes as it came.
-// sendMu is held.
+// fragment buffer; else p alone. A copy of its Address with Outbound
+// reversed describes a new packet, an answer, which goes whole: the
+// fragment size and identification are the received datagram's, not the
+// answer's. A datagram the program changed gets the checksums a's clear
+// bits ask for computed first (in a copy): the driver computes a clear
+// bit's checksum on every packet it injects, but no TCP or UDP checksum of
+// a fragment, which lacks the rest of its datagram. One sent back
+// unchanged goes as it came. sendMu is held.
 func (b *winBackend) refragment(p []byte, a *Address) ([][]byte, error) {
 	r := b.reasm
 	s := &a.sys
-	if !s.reassembled || len(p) <= int(s.fragLen) {
+	if !s.reassembled || a.Outbound != s.out || len(p) <= int(s.fragLen) {
 		r.frags = append(r.frags[:0], p)
 		return r.frags, nil
 	}
