@@ -370,6 +370,17 @@ func TestInvalidArguments(t *testing.T) {
 		{"recv empty buffer", func() error { var a Address; _, err := h.Recv(nil, &a); return err }},
 		{"recv nil address", func() error { _, err := h.Recv(buf, nil); return err }},
 		{"eval nil address", func() error { _, err := EvalFilter("true", buf, nil); return err }},
+		// A packet Send refuses as malformed (here through a Pipe; on
+		// Windows also SendBatch, before the driver sees it).
+		{"send malformed packet", func() error {
+			ph, _, err := NewPipe("true", LayerNetwork, 0)
+			if err != nil {
+				return err
+			}
+			defer ph.Close()
+			_, err = ph.Send([]byte{0x45, 0, 0, 20}, &Address{Outbound: true})
+			return err
+		}},
 	} {
 		err := tc.call()
 		require.Error(t, err, tc.name)

@@ -148,6 +148,8 @@ func mapOpenError(err error) error {
 	switch {
 	case code == windivert.ErrorAccessDenied:
 		return fmt.Errorf("divert: WinDivertOpen: %s: %w: %w", msg, os.ErrPermission, err)
+	case code == windivert.ErrorInvalidParameter:
+		return fmt.Errorf("divert: WinDivertOpen: %s: %w: %w", msg, os.ErrInvalid, err)
 	case msg != "":
 		return fmt.Errorf("divert: WinDivertOpen: %s: %w", msg, err)
 	case code == 0:
@@ -165,6 +167,8 @@ func (b *winBackend) mapError(op string, err error) error {
 		return ErrTruncated
 	case windivert.ErrorAccessDenied:
 		return fmt.Errorf("divert: %s: %w: %w", op, os.ErrPermission, err)
+	case windivert.ErrorInvalidParameter:
+		return fmt.Errorf("divert: %s: %w: %w", op, os.ErrInvalid, err)
 	case windivert.ErrorInvalidHandle:
 		return errClosed
 	}
@@ -453,7 +457,7 @@ func ipLengthIs(p []byte, last bool) error {
 		return err
 	}
 	if len(q) != len(p) && !last {
-		return fmt.Errorf("length %d is not the packet's IP length %d (the driver would cut the batch there)", len(p), len(q))
+		return fmt.Errorf("length %d is not the packet's IP length %d (the driver would cut the batch there): %w", len(p), len(q), os.ErrInvalid)
 	}
 	return nil
 }

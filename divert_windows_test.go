@@ -240,6 +240,9 @@ func TestWinOpenErrors(t *testing.T) {
 			if errors.Is(err, os.ErrPermission) != tc.perm {
 				t.Errorf("code %d (%T): errors.Is(os.ErrPermission) = %v", tc.code, e, !tc.perm)
 			}
+			if inval := tc.code == windivert.ErrorInvalidParameter; errors.Is(err, os.ErrInvalid) != inval {
+				t.Errorf("code %d (%T): errors.Is(os.ErrInvalid) = %v", tc.code, e, !inval)
+			}
 			if got := windivert.Code(err); got != tc.code {
 				t.Errorf("code %d (%T): Code(err) = %d: %v", tc.code, e, got, err)
 			}
@@ -423,6 +426,8 @@ func TestWinErrorMapping(t *testing.T) {
 		{windivert.FakeErrno(122), func(e error) bool { return errors.Is(e, ErrTruncated) }, "ErrTruncated"},
 		{windivert.FakeErrno(6), func(e error) bool { return errors.Is(e, net.ErrClosed) }, "net.ErrClosed"},
 		{windivert.FakeErrno(1232), func(e error) bool { return windivert.Code(e) == 1232 }, "code 1232"},
+		{windivert.FakeErrno(87), func(e error) bool { return errors.Is(e, os.ErrInvalid) && windivert.Code(e) == 87 }, "os.ErrInvalid"},
+		{syscall.Errno(87), func(e error) bool { return errors.Is(e, os.ErrInvalid) }, "os.ErrInvalid"},
 	} {
 		e := &errHandle{Fake: windivert.NewFake(), sendErr: tc.err, paramErr: tc.err, shutErr: tc.err}
 		winSeam(t, e, nil)
@@ -1772,9 +1777,16 @@ func TestWinSendBatchLengthMismatch(t *testing.T) {
 			{Buf: p2, N: 60, Addr: Address{Outbound: true}},
 		}
 		n, err := h.SendBatch(ms)
+		if n != 1 || !errors.Is(err, os.ErrInvalid) || len(d.injected) != 1 || !bytes.Equal(d.injected[0], p0) {
+			t.Fatalf("flags %#x: SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1 wrapping os.ErrInvalid", uint64(flags), n, err, len(d.injected))
+		}
+		// N longer than the IP length, not last: the driver would cut the
+		// batch inside message 1.
+		ms[1] = Message{Buf: append(winIPv4(40, 0xBB), 0, 0), N: 42, Addr: Address{Outbound: true}}
+		n, err = h.SendBatch(ms)
 		h.Close()
-		if n != 1 || err == nil || len(d.injected) != 1 || !bytes.Equal(d.injected[0], p0) {
-			t.Fatalf("flags %#x: SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1", uint64(flags), n, err, len(d.injected))
+		if n != 1 || !errors.Is(err, os.ErrInvalid) || !strings.Contains(err.Error(), "message 1") {
+			t.Fatalf("flags %#x: SendBatch with a padded middle message = %d, %v; want 1 sent, an error for message 1 wrapping os.ErrInvalid", uint64(flags), n, err)
 		}
 	}
 }

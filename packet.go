@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 
 	"github.com/netdivert/divert/internal/packet"
 )
@@ -322,7 +323,7 @@ func HashPacket(b []byte, seed uint64) uint64 {
 func sendable(b []byte) ([]byte, error) {
 	l, err := ipPacketLen(b)
 	if err != nil {
-		return nil, fmt.Errorf("divert: send: %w", err)
+		return nil, fmt.Errorf("divert: send: %w: %w", err, os.ErrInvalid)
 	}
 	return b[:l:l], nil
 }
