@@ -355,7 +355,8 @@ type ReflectData struct {
 
 // Address is what comes with every packet: where it was taken and how to put
 // it back. Recv fills it; Send reads Outbound, Impostor, the checksum bits,
-// IfIdx and SubIfIdx (WinDivert's contract), and, for a packet that was
+// IfIdx and SubIfIdx (WinDivert's contract; its driver reads Outbound at
+// LayerNetwork only, see Send), and, for a packet that was
 // received, the hidden reference that lets the backend reinject that exact
 // packet, as long as Outbound is what Recv set. A zero Address with Outbound
 // set describes a new outbound packet; a zero Address with an IfIdx
@@ -380,7 +381,10 @@ type Address struct {
 	Loopback bool
 	// Impostor is set for packets injected by someone else (Windows: by
 	// another driver). Linux and FreeBSD never set it, so the filter's
-	// impostor field is false there.
+	// impostor field is false there. On Send, Windows' driver decrements
+	// the TTL or hop limit of a packet whose Impostor is set, so that it
+	// cannot loop, and refuses it (error code ERROR_HOST_UNREACHABLE) when
+	// that is 1 or less; Linux and FreeBSD ignore the bit.
 	Impostor bool
 	// IPv6 is set for IPv6 packets.
 	IPv6 bool
@@ -663,7 +667,11 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // and an outbound one whose destination is scoped to one link, IPv6 or IPv4
 // link-local unicast or multicast or the IPv4 limited broadcast
 // 255.255.255.255, leaves through interface a.IfIdx when
-// it is set). On Linux an inbound new packet is a raw send to its
+// it is set. On Windows, at LayerNetworkForward the driver ignores
+// a.Outbound and forwards every packet out of interface a.IfIdx, which in
+// a received Address is the interface the packet was routed to: an answer
+// needs the index of the interface toward its own destination.) On Linux
+// an inbound new packet is a raw send to its
 // destination, which must be one of the host's addresses: it enters the
 // stack through lo, so other handles see it as outbound loopback and
 // a.IfIdx is not used. Any other destination (another host's, a broadcast
@@ -681,9 +689,14 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // CalcChecksums after changing a packet. On Linux a new outbound packet
 // larger than its route's MTU goes out as fragments of that MTU, as the
 // host fragments its own datagrams; an IPv4 one with DF set is refused with
-// an error wrapping syscall.EMSGSIZE. b must hold one whole IPv4 or
-// IPv6 packet, whose length field b covers; bytes past it are left out, as
-// WinDivert's driver ignores them. Send refuses others with an error, and
+// an error wrapping syscall.EMSGSIZE. On Windows a packet injected outbound
+// at LayerNetwork that is larger than its interface's MTU is not sent, and
+// Send cannot tell (the stack refuses it after Send returned); WinDivert's
+// driver after 2.2.2 then answers the host with an ICMP
+// fragmentation-needed (IPv4, DF or not) or packet-too-big message for an
+// MTU it guesses, 2.2.2 and before say nothing. b must hold one
+// whole IPv4 or IPv6 packet, whose length field b covers; bytes past it
+// are left out, as WinDivert's driver ignores them. Send refuses others with an error, and
 // on Linux and in a Pipe a received packet stays held. (On Linux and with NewPipe a received packet sent back unchanged is
 // not checked: it is the stack's own.) Sending an Address again after Send or Drop injects a new
 // packet; on Windows and FreeBSD so does any copy of a received Address,

@@ -597,9 +597,10 @@ func decodeAddr(r *windivert.RawAddr, a *Address) {
 	}
 }
 
-// encodeAddr converts an Address for WinDivertSend, which reads Outbound,
-// Impostor, the checksum bits, IfIdx and SubIfIdx. The layer is the
-// handle's.
+// encodeAddr converts an Address for WinDivertSend, which reads Outbound
+// (at LayerNetwork only: the driver forwards every packet of
+// LayerNetworkForward out of IfIdx), Impostor, the checksum bits, IfIdx
+// and SubIfIdx. The layer is the handle's.
 func encodeAddr(r *windivert.RawAddr, a *Address, layer Layer) {
 	w := windivert.Addr{
 		Timestamp:   a.Timestamp,

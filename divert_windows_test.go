@@ -1808,10 +1808,6 @@ func TestWinSendBatchPaddedLast(t *testing.T) {
 	}
 }
 
-// TestWinStats: WinDivert keeps no counters, so the handle counts what its
-// own calls see. A Send of a received Address is a reinjection, of any
-// other an injection; a Drop counts once, for a received packet only, and
-// not with FlagSniff; a reassembled datagram counts once.
 // WinDivert's way to answer a packet (its netfilter sample): a copy of the
 // received Address with Outbound reversed sends the answer the other way.
 // The driver does that by itself; Stats count the answer as a new packet,
@@ -1855,6 +1851,10 @@ func TestWinStatsAnswerWithReversedAddress(t *testing.T) {
 	}
 }
 
+// TestWinStats: WinDivert keeps no counters, so the handle counts what its
+// own calls see. A Send of a received Address is a reinjection, of any
+// other an injection; a Drop counts once, for a received packet only, and
+// not with FlagSniff; a reassembled datagram counts once.
 func TestWinStats(t *testing.T) {
 	h, f := winOpen(t, "true", LayerNetwork, 0, 0)
 	for i := 0; i < 6; i++ {
