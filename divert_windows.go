@@ -441,23 +441,23 @@ func (b *winBackend) sendMany(ms []Message) (int, error) {
 func validBatch(ms []Message) (int, error) {
 	for i := range ms {
 		if err := ipLengthIs(ms[i].Buf[:ms[i].N], i == len(ms)-1); err != nil {
-			return i, fmt.Errorf("divert: message %d: %w", i, err)
+			return i, fmt.Errorf("divert: send: message %d: %w", i, err)
 		}
 	}
 	return len(ms), nil
 }
 
 // ipLengthIs checks that p is one whole IPv4 or IPv6 packet by the length
-// its header gives (sendable), the way the driver cuts a batch into
+// its header gives (ipPacketLen, as sendable), the way the driver cuts a batch into
 // packets. The last packet of a batch may be followed by bytes the driver
 // ignores (padding), as Send allows.
 func ipLengthIs(p []byte, last bool) error {
-	q, err := sendable(p)
+	l, err := ipPacketLen(p)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", err, os.ErrInvalid)
 	}
-	if len(q) != len(p) && !last {
-		return fmt.Errorf("length %d is not the packet's IP length %d (the driver would cut the batch there): %w", len(p), len(q), os.ErrInvalid)
+	if l != len(p) && !last {
+		return fmt.Errorf("length %d is not the packet's IP length %d (the driver would cut the batch there): %w", len(p), l, os.ErrInvalid)
 	}
 	return nil
 }

@@ -1777,6 +1777,9 @@ func TestWinSendBatchLengthMismatch(t *testing.T) {
 			{Buf: p2, N: 60, Addr: Address{Outbound: true}},
 		}
 		n, err := h.SendBatch(ms)
+		if err != nil && strings.Count(err.Error(), "divert:") != 1 {
+			t.Errorf("flags %#x: %q: want one \"divert:\" prefix", uint64(flags), err)
+		}
 		if n != 1 || !errors.Is(err, os.ErrInvalid) || len(d.injected) != 1 || !bytes.Equal(d.injected[0], p0) {
 			t.Fatalf("flags %#x: SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1 wrapping os.ErrInvalid", uint64(flags), n, err, len(d.injected))
 		}
