@@ -73,8 +73,18 @@ package divert
 //     interface's name is inbound: an inbound IPv6 packet on an interface
 //     without an IPv4 address, to which the kernel gives a zero sin_addr,
 //     is reported and written back inbound. IfIdx comes from the interface
-//     name in sin_zero, which the kernel cuts to 7 bytes: a cut name
-//     resolves when one interface starts with it, else IfIdx is 0.
+//     name in sin_zero, which the kernel cuts to 7 bytes: a 7-byte name
+//     may stand for several interfaces ("bridge1" for "bridge1" and
+//     "bridge10"), and sin_addr, an inbound packet's interface's first
+//     IPv4 address, tells them apart; IfIdx is 0 when it cannot. Written
+//     back, the kernel looks the name up exactly (ifunit) and would take
+//     "bridge1": such a packet goes back without its name, by its address,
+//     and when the address cannot pick the interface either (none, or
+//     another interface's too) Send refuses to send it back as received
+//     (ErrNotSupported) and a packet written back unseen is lost
+//     (bsdaddr.ResolveRecv). A forwarded packet's outbound sockaddr names
+//     the interface it came in on (ipfw's recv option reads it); a cut
+//     name that may stand for another interface is cleared.
 //     Loopback is set for packets received on a loopback interface: a
 //     packet from the host to itself is seen twice, outbound (Loopback
 //     false: it has no receiving interface yet) and inbound on lo0
@@ -100,6 +110,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"strconv"
@@ -129,7 +140,8 @@ type sysAddr struct {
 	owner uint32 // serial of the handle that received the packet (userStats); 0 for new packets
 	out   bool   // the Outbound it was received with (userStats)
 	sa    bsdaddr.Sockaddr
-	ifIdx uint32 // IfIdx reported at Recv
+	ifIdx uint32          // IfIdx reported at Recv
+	fix   bsdaddr.NameFix // what sa's interface name needed (sa has it done; NameRefuse: sa cannot go back as received)
 	valid bool
 }
 
@@ -507,67 +519,134 @@ func ifName(idx uint32) (string, bool) {
 	return ifc.Name, true
 }
 
-// ifCache maps interface names from sin_zero to index and loopback flag
-// without allocating on a hit. An entry is looked up again after
-// ifCacheTTL, so that an interface destroyed and made again (a new index)
-// is seen.
+// ifCache maps interface names from sin_zero to the interfaces they may
+// stand for (bsdaddr.Candidate: a name cut to 7 bytes may stand for
+// several, with their IPv4 addresses to tell them apart) without allocating
+// on a hit. An entry is looked up again after ifCacheTTL, so that an
+// interface destroyed and made again (a new index) is seen.
 type ifCache struct {
 	mu sync.RWMutex
-	m  map[string]ifInfo
+	m  map[string]ifEntry
 }
 
-type ifInfo struct {
-	idx  uint32
-	loop bool
-	ok   bool
-	at   time.Time
+type ifEntry struct {
+	cands []bsdaddr.Candidate // read-only once stored
+	at    time.Time
 }
 
 const ifCacheTTL = 5 * time.Second
 
-func (c *ifCache) lookup(name []byte) ifInfo {
+func (c *ifCache) lookup(name []byte) []bsdaddr.Candidate {
 	c.mu.RLock()
-	info, hit := c.m[string(name)]
+	e, hit := c.m[string(name)]
 	c.mu.RUnlock()
-	if hit && time.Since(info.at) < ifCacheTTL {
-		return info
+	if hit && time.Since(e.at) < ifCacheTTL {
+		return e.cands
 	}
-	info = resolveIf(name)
-	info.at = time.Now()
+	e = ifEntry{cands: candidates(name), at: time.Now()}
 	c.mu.Lock()
 	if c.m == nil {
-		c.m = make(map[string]ifInfo)
+		c.m = make(map[string]ifEntry)
 	}
-	c.m[string(name)] = info
+	c.m[string(name)] = e
 	c.mu.Unlock()
-	return info
+	return e.cands
 }
 
-// resolveIf finds the interface of a name from sin_zero, which the kernel
-// cuts to 7 bytes (see bsdaddr.ResolveName).
-func resolveIf(name []byte) ifInfo {
-	var ifc *net.Interface
-	if len(name) < bsdaddr.NameLen-1 {
-		var err error
-		if ifc, err = net.InterfaceByName(string(name)); err != nil {
-			return ifInfo{}
-		}
-	} else {
-		all, err := net.Interfaces()
-		if err != nil {
-			return ifInfo{}
-		}
-		names := make([]string, len(all))
-		for i := range all {
-			names[i] = all[i].Name
-		}
-		i, ok := bsdaddr.ResolveName(name, names)
-		if !ok {
-			return ifInfo{}
-		}
-		ifc = &all[i]
+// candidates lists the interfaces a name from sin_zero may stand for
+// (bsdaddr.Matches), with their IPv4 addresses when there are several.
+func candidates(name []byte) []bsdaddr.Candidate {
+	cand := func(ifc *net.Interface) bsdaddr.Candidate {
+		return bsdaddr.Candidate{Name: ifc.Name, Index: uint32(ifc.Index), Loopback: ifc.Flags&net.FlagLoopback != 0}
 	}
-	return ifInfo{idx: uint32(ifc.Index), loop: ifc.Flags&net.FlagLoopback != 0, ok: true}
+	if len(name) < bsdaddr.NameLen-1 {
+		ifc, err := net.InterfaceByName(string(name))
+		if err != nil {
+			return nil
+		}
+		return []bsdaddr.Candidate{cand(ifc)}
+	}
+	all, err := net.Interfaces()
+	if err != nil {
+		return nil
+	}
+	var cands []bsdaddr.Candidate
+	var ifcs []*net.Interface
+	for i := range all {
+		if bsdaddr.Matches(name, all[i].Name) {
+			cands = append(cands, cand(&all[i]))
+			ifcs = append(ifcs, &all[i])
+		}
+	}
+	if len(cands) < 2 {
+		return cands
+	}
+	// Several: their addresses tell them apart, and whether the kernel's
+	// lookup by address (ifa_ifwithaddr) finds only one interface.
+	owners := make(map[[4]byte]int)
+	lists := make([][][4]byte, len(cands))
+	for i, ifc := range ifcs {
+		lists[i] = ipv4Addrs(ifc)
+	}
+	for _, ifc := range all {
+		for _, a := range ipv4Addrs(&ifc) {
+			owners[a]++
+		}
+	}
+	for i := range cands {
+		for _, a := range lists[i] {
+			cands[i].Addrs = append(cands[i].Addrs, bsdaddr.CandidateAddr{Addr: a, Unique: owners[a] == 1})
+		}
+	}
+	return cands
+}
+
+// ipv4Addrs lists an interface's IPv4 addresses.
+func ipv4Addrs(ifc *net.Interface) [][4]byte {
+	addrs, err := ifc.Addrs()
+	if err != nil {
+		return nil
+	}
+	var r [][4]byte
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if v4 := n.IP.To4(); v4 != nil {
+				r = append(r, [4]byte(v4))
+			}
+		}
+	}
+	return r
+}
+
+// recvIface resolves the interface a received sockaddr names, as it will
+// be written back, inbound or not, and clears the name when the kernel
+// would take it for another interface (bsdaddr.ResolveRecv). It returns
+// nil when the interface cannot be told.
+func (b *bsdBackend) recvIface(sa *bsdaddr.Sockaddr, inbound bool) (*bsdaddr.Candidate, bsdaddr.NameFix) {
+	name := sa.Name()
+	if len(name) == 0 {
+		return nil, bsdaddr.NameKeep
+	}
+	cands := b.ifs.lookup(name)
+	i, fix := bsdaddr.ResolveRecv(name, sa.Addr(), inbound, cands)
+	if fix == bsdaddr.NameClear {
+		sa.ClearName()
+	}
+	if i < 0 {
+		return nil, fix
+	}
+	return &cands[i], fix
+}
+
+// backAsIs prepares a sockaddr read with a packet that is written straight
+// back, unseen by the program (the passer, Close): it reports false when
+// the kernel could not be told the packet's interface (NameRefuse).
+func (b *bsdBackend) backAsIs(sa *bsdaddr.Sockaddr) bool {
+	if _, fix := b.recvIface(sa, b.inbound(sa) || !sa.Outbound()); fix == bsdaddr.NameRefuse {
+		return false
+	}
+	b.writeBack(sa)
+	return true
 }
 
 func ifaceForInject(idx uint32) (bsdaddr.Iface, error) {
@@ -716,6 +795,10 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 		if b.filt != nil && !b.filt.Match(pkt, metaOf(&s.meta, a)) {
 			if b.flags&(FlagSniff) == 0 {
 				// Not ours: straight back, resuming after our rule.
+				if a.sys.fix == bsdaddr.NameRefuse {
+					b.lost.Add(1) // no sockaddr brings it in where it came from
+					continue
+				}
 				b.writeBack(&s.sa)
 				s.buf = pkt
 				if err := b.rc.Write(s.wfn); err != nil {
@@ -770,18 +853,19 @@ func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdadd
 		Outbound:  r.Outbound && !b.inbound(sa),
 		IPv6:      len(pkt) > 0 && pkt[0]>>4 == 6,
 	}
-	if name := sa.Name(); len(name) > 0 {
-		if info := b.ifs.lookup(name); info.ok {
-			a.IfIdx = info.idx
-			a.Loopback = info.loop
-		}
+	// The name may be cut: sa's address tells, and sa loses a name that
+	// written back would pick another interface (recvIface).
+	ifc, fix := b.recvIface(sa, !a.Outbound)
+	if ifc != nil {
+		a.IfIdx = ifc.Index
+		a.Loopback = ifc.Loopback
 	}
 	// The kernel verified the IPv4 header of inbound packets and finalised
 	// the transport checksums of outbound ones before queueing them.
 	a.IPChecksum = !a.Outbound && !a.IPv6
 	a.TCPChecksum = a.Outbound
 	a.UDPChecksum = a.Outbound
-	a.sys = sysAddr{sa: *sa, ifIdx: a.IfIdx, valid: true}
+	a.sys = sysAddr{sa: *sa, ifIdx: a.IfIdx, fix: fix, valid: true}
 }
 
 // inbound reports whether the handle's own rules make sa's packet inbound
@@ -840,6 +924,10 @@ func (b *bsdBackend) send(p []byte, a *Address) (int, error) {
 	var recv *bsdaddr.Sockaddr
 	if a.sys.valid {
 		recv = &a.sys.sa
+		if a.sys.fix == bsdaddr.NameRefuse && bsdaddr.SendsBack(a.Outbound, a.IfIdx, recv, a.sys.ifIdx) {
+			return 0, fmt.Errorf("divert: send: %w: the packet came in on an interface whose name divert(4) cut to %q, another interface's name, and its address %v does not tell the kernel which (give Address.IfIdx another interface, or send it outbound)",
+				ErrNotSupported, recv.Name(), netip.AddrFrom4(recv.Addr()))
+		}
 	}
 	if err := bsdaddr.Target(&s.sa, binary.NativeEndian, a.Outbound, a.IfIdx, b.rule, recv, a.sys.ifIdx, ifaceForInject); err != nil {
 		return 0, fmt.Errorf("divert: send: %w", err)
@@ -971,6 +1059,10 @@ func (b *bsdBackend) pass(p *passer) {
 			continue
 		}
 		s.buf = buf[:s.n]
+		if !b.backAsIs(&s.sa) {
+			b.lost.Add(1)
+			continue
+		}
 		if err := p.rc.Write(s.wfn); err != nil {
 			return
 		}
@@ -1031,7 +1123,10 @@ func (b *bsdBackend) reinjectUnread() {
 			return // EAGAIN: the socket is empty
 		}
 		s.buf = s.big[:s.n] // s.sa still holds the packet's divert address
-		b.writeBack(&s.sa)
+		if !b.backAsIs(&s.sa) {
+			b.lost.Add(1)
+			continue
+		}
 		if err := b.rc.Control(func(fd uintptr) { s.sendto(fd) }); err != nil {
 			return
 		}

@@ -13,8 +13,13 @@
 //     decides the direction from sin_addr alone: zero sends out (ip_output),
 //     anything else delivers in (netisr, as if received).
 //   - sin_zero holds the receiving interface's name, NUL-terminated within
-//     its 8 bytes (so at most 7 characters survive). On sendto a non-empty
-//     name picks the receiving interface of an inbound packet.
+//     its 8 bytes (strlcpy: at most 7 characters survive). On sendto a
+//     non-empty name is looked up with ifunit, an exact match: the
+//     interface found is the packet's receiving interface (outbound too,
+//     for ipfw's recv option); when none is found, an inbound packet's is
+//     the interface owning sin_addr (ifa_ifwithaddr), or the send fails
+//     with EADDRNOTAVAIL (div_output_inbound). So a cut name written back
+//     may pick another interface ("bridge1" for "bridge10"): ResolveRecv.
 //
 // The package is pure Go with no build tags so that it is tested on every OS.
 package bsdaddr
@@ -138,8 +143,8 @@ var placeholder = [4]byte{0, 0, 0, 1}
 //
 //   - recv is the sockaddr the packet was received with, or nil for a new
 //     packet. When the requested direction and interface equal the received
-//     ones, recv is sent back unchanged so that ipfw resumes after the
-//     diverting rule and the interface name survives.
+//     ones (SendsBack), recv is sent back unchanged so that ipfw resumes
+//     after the diverting rule and the interface name survives.
 //   - Otherwise an outbound packet gets INADDR_ANY and rule, and an inbound
 //     one gets the interface's name and address (a placeholder address when
 //     the interface has no IPv4 address, so that the kernel does not send it
@@ -152,16 +157,14 @@ var placeholder = [4]byte{0, 0, 0, 1}
 //   - iface resolves ifIdx for inbound packets.
 func Target(dst *Sockaddr, order binary.ByteOrder, outbound bool, ifIdx uint32, rule uint16,
 	recv *Sockaddr, recvIfIdx uint32, iface func(idx uint32) (Iface, error)) error {
-	if recv != nil && recv.Valid() && recv.Outbound() == outbound && (outbound || ifIdx == recvIfIdx) {
+	if SendsBack(outbound, ifIdx, recv, recvIfIdx) {
 		*dst = *recv
-		return nil
-	}
-	if recv != nil && recv.Valid() && !outbound && recv.Outbound() && len(recv.Name()) > 0 && ifIdx == recvIfIdx {
-		// Received inbound on an interface without an IPv4 address
-		// (sin_addr zero, the name set): back in on that interface, after
-		// the diverting rule.
-		*dst = *recv
-		dst.MarkInbound()
+		if !outbound {
+			// Received inbound on an interface without an IPv4 address
+			// (sin_addr zero, the name set): back in on that interface,
+			// after the diverting rule.
+			dst.MarkInbound()
+		}
 		return nil
 	}
 	if recv != nil && recv.Valid() {
@@ -197,28 +200,146 @@ func Target(dst *Sockaddr, order binary.ByteOrder, outbound bool, ifIdx uint32, 
 	return dst.Set(order, rule, addr, name)
 }
 
-// ResolveName finds the interface a name from sin_zero stands for among
-// names, the host's interface names, and returns its position. The kernel
-// copies at most NameLen-1 bytes of the name, so a name of that length may
-// be the start of a longer one: it resolves to the one interface it is the
-// exact name or the start of, and not at all when it is the start of
-// several ("igb0.10" for "igb0.10" and "igb0.100").
-func ResolveName(name []byte, names []string) (int, bool) {
-	found := -1
-	for i, n := range names {
+// SendsBack reports whether Target sends recv back as it was received
+// (with a placeholder address for an inbound packet that came without
+// one): the direction asked for is the one recv names, or inbound for a
+// zero-address sockaddr with a name, and, inbound, the interface is the
+// one the packet was reported on.
+func SendsBack(outbound bool, ifIdx uint32, recv *Sockaddr, recvIfIdx uint32) bool {
+	if recv == nil || !recv.Valid() {
+		return false
+	}
+	if outbound {
+		return recv.Outbound()
+	}
+	return ifIdx == recvIfIdx && (!recv.Outbound() || len(recv.Name()) > 0)
+}
+
+// ClearName empties sin_zero: the kernel then finds an inbound packet's
+// interface by sin_addr alone (div_output_inbound: ifa_ifwithaddr), and an
+// outbound packet gets no receiving interface.
+func (s *Sockaddr) ClearName() { clear(s[8:16]) }
+
+// Matches reports whether interface ifName may be the one a name from
+// sin_zero stands for. The kernel copies at most NameLen-1 bytes of the
+// name (strlcpy into sin_zero), so a name of that length may be the start
+// of a longer one ("bridge1" for "bridge10"); a shorter one is whole.
+func Matches(name []byte, ifName string) bool {
+	if len(name) == 0 {
+		return false
+	}
+	if len(name) < NameLen-1 {
+		return ifName == string(name)
+	}
+	return len(ifName) >= len(name) && ifName[:len(name)] == string(name)
+}
+
+// Candidate is an interface of the host that a received name Matches.
+type Candidate struct {
+	Name     string
+	Index    uint32
+	Loopback bool
+	// Addrs are its IPv4 addresses. They are needed only to tell
+	// candidates apart, so they may be left out when there is one.
+	Addrs []CandidateAddr
+}
+
+// CandidateAddr is an IPv4 address of a Candidate.
+type CandidateAddr struct {
+	Addr   [4]byte
+	Unique bool // no other interface of the host has it
+}
+
+func (c *Candidate) has(a [4]byte) (found, unique bool) {
+	for _, x := range c.Addrs {
+		if x.Addr == a {
+			return true, x.Unique
+		}
+	}
+	return false, false
+}
+
+// NameFix says what a received sockaddr needs before it is written back
+// as received.
+type NameFix uint8
+
+const (
+	// NameKeep: the kernel finds the packet's interface from the sockaddr
+	// as it is.
+	NameKeep NameFix = iota
+	// NameClear: the name would find another interface (ifunit looks up
+	// the cut name exactly); without it the kernel finds the right one by
+	// sin_addr (inbound), or gives the packet no receiving interface
+	// (outbound) rather than a wrong one.
+	NameClear
+	// NameRefuse: neither the name nor sin_addr finds the packet's
+	// interface for certain; written back, the packet could enter on
+	// another interface.
+	NameRefuse
+)
+
+// ResolveRecv finds the interface a packet received with name (sin_zero)
+// and addr (sin_addr) came in on, among cands, the host's interfaces that
+// name Matches, and says what writing the sockaddr back needs (the kernel
+// looks the name up with ifunit, an exact match, and, for an inbound
+// packet, falls back to the interface owning sin_addr only when that finds
+// none: div_output_inbound). inbound is the direction the packet is
+// written back in. It returns the position of the interface in cands, or
+// -1 when it cannot be told.
+//
+// A name shorter than NameLen-1 bytes is whole. A cut one ("bridge1" for
+// "bridge10") is told apart by sin_addr, which the kernel fills with the
+// first IPv4 address of the receiving interface of an inbound packet and
+// leaves zero for an interface without one.
+func ResolveRecv(name []byte, addr [4]byte, inbound bool, cands []Candidate) (int, NameFix) {
+	exact, longer := -1, 0
+	for i := range cands {
 		switch {
-		case n == string(name):
-			if len(name) < NameLen-1 {
-				return i, true
-			}
-		case len(name) == NameLen-1 && len(n) > len(name) && n[:len(name)] == string(name):
-		default:
+		case cands[i].Name == string(name):
+			exact = i
+		case Matches(name, cands[i].Name):
+			longer++
+		}
+	}
+	if longer == 0 {
+		return exact, NameKeep // the name is whole
+	}
+	// The candidates the sockaddr agrees with.
+	found, n := -1, 0
+	for i := range cands {
+		c := &cands[i]
+		if !Matches(name, c.Name) {
 			continue
 		}
-		if found >= 0 {
-			return -1, false // truncated, and ambiguous
+		if inbound {
+			if addr == ([4]byte{}) {
+				if len(c.Addrs) > 0 {
+					continue
+				}
+			} else if has, _ := c.has(addr); !has {
+				continue
+			}
 		}
-		found = i
+		if n++; n == 1 {
+			found = i
+		}
 	}
-	return found, found >= 0
+	if n != 1 {
+		found = -1
+	}
+	switch {
+	case exact < 0:
+		// ifunit finds nothing: the kernel goes by sin_addr (inbound), or
+		// gives no receiving interface (outbound), as with no name.
+		return found, NameKeep
+	case found == exact:
+		return found, NameKeep
+	case !inbound:
+		return found, NameClear
+	case found >= 0 && addr != ([4]byte{}):
+		if _, unique := cands[found].has(addr); unique {
+			return found, NameClear
+		}
+	}
+	return found, NameRefuse
 }

@@ -235,25 +235,92 @@ func TestInboundWithoutIPv4(t *testing.T) {
 	}
 }
 
-// TestResolveName: the kernel keeps 7 bytes of the interface name, so a
-// 7-byte name resolves only when one interface starts with it.
-func TestResolveName(t *testing.T) {
-	names := []string{"lo0", "em0", "igb0.10", "igb0.100", "vlan1234", "epair0b"}
+// TestMatches: the kernel keeps 7 bytes of the interface name, so a
+// 7-byte name stands for itself or any name it starts; a shorter one is
+// whole.
+func TestMatches(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		want int // -1: not resolved
+		name, ifName string
+		want         bool
 	}{
-		{"em0", 1},
-		{"lo0", 0},
-		{"em1", -1},
-		{"igb0.10", -1}, // igb0.10 or a cut igb0.100
-		{"vlan123", 4},  // vlan1234, cut
-		{"epair0b", 5},  // 7 bytes, exactly one interface
-		{"", -1},
+		{"em0", "em0", true},
+		{"em0", "em01", false},
+		{"bridge1", "bridge1", true},
+		{"bridge1", "bridge10", true},
+		{"bridge1", "bridge", false},
+		{"bridge1", "bridge2", false},
+		{"", "", false},
 	} {
-		i, ok := ResolveName([]byte(tc.name), names)
-		if (tc.want < 0 && ok) || (tc.want >= 0 && (!ok || i != tc.want)) {
-			t.Errorf("ResolveName(%q) = %d, %v; want %d", tc.name, i, ok, tc.want)
+		if got := Matches([]byte(tc.name), tc.ifName); got != tc.want {
+			t.Errorf("Matches(%q, %q) = %v, want %v", tc.name, tc.ifName, got, tc.want)
 		}
+	}
+}
+
+// TestResolveRecv: a name cut to 7 bytes may stand for several interfaces;
+// sin_addr (the first IPv4 address of the receiving interface, zero when it
+// has none) tells them apart. Written back, the kernel's ifunit takes the
+// name exactly ("bridge1"), so a packet of "bridge10" must lose the name and
+// go by its address, or, when the address cannot pick it, not be written
+// back at all.
+func TestResolveRecv(t *testing.T) {
+	a1, a10, a11 := [4]byte{10, 1, 0, 1}, [4]byte{10, 10, 0, 1}, [4]byte{10, 11, 0, 1}
+	shared := [4]byte{10, 99, 0, 1}
+	u := func(a [4]byte) CandidateAddr { return CandidateAddr{Addr: a, Unique: true} }
+	bridge1 := Candidate{Name: "bridge1", Index: 1, Addrs: []CandidateAddr{u(a1)}}
+	bridge10 := Candidate{Name: "bridge10", Index: 10, Addrs: []CandidateAddr{u(a10)}}
+	bridge11 := Candidate{Name: "bridge11", Index: 11, Addrs: []CandidateAddr{u(a11), {Addr: shared}}}
+	bridge12 := Candidate{Name: "bridge12", Index: 12}       // IPv6 only
+	bridge13 := Candidate{Name: "bridge13", Index: 13}       // IPv6 only
+	bridge1v6 := Candidate{Name: "bridge1", Index: 1}        // IPv6 only
+	epair := Candidate{Name: "epair0a", Index: 5}            // 7 bytes, whole
+	em0 := Candidate{Name: "em0", Index: 2, Loopback: false} // short: whole
+	for _, tc := range []struct {
+		name    string
+		ifName  string
+		addr    [4]byte
+		inbound bool
+		cands   []Candidate
+		want    int
+		fix     NameFix
+	}{
+		{"short name", "em0", [4]byte{}, true, []Candidate{em0}, 0, NameKeep},
+		{"7 bytes, one interface", "epair0a", [4]byte{}, true, []Candidate{epair}, 0, NameKeep},
+		{"unknown", "em1", [4]byte{}, true, nil, -1, NameKeep},
+		// bridge1 and bridge10 both exist: the address tells.
+		{"bridge10 inbound", "bridge1", a10, true, []Candidate{bridge1, bridge10}, 1, NameClear},
+		{"bridge1 inbound", "bridge1", a1, true, []Candidate{bridge1, bridge10}, 0, NameKeep},
+		// Only longer names: ifunit finds none, the kernel takes sin_addr.
+		{"bridge10, no bridge1", "bridge1", a10, true, []Candidate{bridge10, bridge11}, 0, NameKeep},
+		{"bridge1x unknown address, no bridge1", "bridge1", [4]byte{1, 2, 3, 4}, true, []Candidate{bridge10, bridge11}, -1, NameKeep},
+		// The address is another interface's too: ifa_ifwithaddr may pick
+		// that one.
+		{"shared address", "bridge1", shared, true, []Candidate{bridge1, bridge11}, 1, NameRefuse},
+		// No IPv4 address: nothing but the name can pick the interface.
+		{"IPv6-only bridge12 beside bridge1", "bridge1", [4]byte{}, true, []Candidate{bridge1, bridge12}, 1, NameRefuse},
+		{"IPv6-only bridge1 beside bridge10", "bridge1", [4]byte{}, true, []Candidate{bridge1v6, bridge10}, 0, NameKeep},
+		{"two IPv6-only", "bridge1", [4]byte{}, true, []Candidate{bridge1v6, bridge12, bridge13}, -1, NameRefuse},
+		{"address on none of them", "bridge1", [4]byte{1, 2, 3, 4}, true, []Candidate{bridge1, bridge10}, -1, NameRefuse},
+		// Outbound (a forwarded packet): no address to tell by; no
+		// receiving interface rather than maybe a wrong one.
+		{"outbound, bridge1 and bridge10", "bridge1", [4]byte{}, false, []Candidate{bridge1, bridge10}, -1, NameClear},
+		{"outbound, only bridge10", "bridge1", [4]byte{}, false, []Candidate{bridge10}, 0, NameKeep},
+		{"outbound, only bridge1", "bridge1", [4]byte{}, false, []Candidate{bridge1}, 0, NameKeep},
+	} {
+		i, fix := ResolveRecv([]byte(tc.ifName), tc.addr, tc.inbound, tc.cands)
+		if i != tc.want || fix != tc.fix {
+			t.Errorf("%s: ResolveRecv(%q, %v, inbound %v) = %d, %d; want %d, %d", tc.name, tc.ifName, tc.addr, tc.inbound, i, fix, tc.want, tc.fix)
+		}
+	}
+}
+
+// TestClearName: a cleared name leaves the rest of the sockaddr and is no
+// name at all; written back inbound, the kernel then goes by the address.
+func TestClearName(t *testing.T) {
+	o := binary.LittleEndian
+	s := received(o, 100, [4]byte{10, 10, 0, 1}, "bridge10")
+	s.ClearName()
+	if len(s.Name()) != 0 || s.Rule(o) != 100 || s.Addr() != [4]byte{10, 10, 0, 1} || s.Outbound() || !s.Valid() {
+		t.Fatalf("ClearName: %x", s)
 	}
 }
