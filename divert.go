@@ -539,7 +539,11 @@ func prepare(filterText string, layer Layer, priority int16, flags Flag, osLayer
 // flags about that (FlagDrop, FlagPassThrough, FlagFragments,
 // FlagReassemble) are refused with ErrNotSupported. With FlagSniff the
 // handle sends nothing back: on FreeBSD that suits a "tee" rule, whose
-// packets are copies; a "divert" rule's packets would be lost.
+// packets are copies; a "divert" rule's packets would be lost. On FreeBSD a
+// new packet the handle sends resumes after the highest rule number its
+// received packets of that direction came with, so that the rule does not
+// divert it back to the handle; before the handle has received a packet it
+// runs the whole ruleset, and the rule may.
 func OpenPort(port uint16, flags Flag) (*Handle, error) {
 	if err := flags.Validate(); err != nil {
 		return nil, err

@@ -90,6 +90,15 @@ package divert
 //     false: it has no receiving interface yet) and inbound on lo0
 //     (WinDivert shows it once, outbound). Impostor is never set.
 //     Timestamp is time.Now at receipt.
+//   - New packets (a fresh Address, or a received one with Outbound
+//     reversed) resume after the handle's rule number, so that its own
+//     rules and those of higher priority skip them. An OpenPort handle
+//     has no rules: its new packets resume after the highest rule number
+//     its received packets of that direction carried (or, before any,
+//     of the other direction), so that the administrator's rule does not
+//     divert them back to it; before the handle has received a packet
+//     they run the whole ruleset, and may come back to it
+//     (resumePoints).
 //   - Drop is a no-op: a received packet is gone unless written back.
 //   - Shutdown(ShutdownRecv) removes the rules, then Recv drains the socket
 //     and returns ErrShutdown. An OpenPort handle has no rules to remove:
@@ -174,8 +183,10 @@ type bsdBackend struct {
 
 	// openPort: an administrator's rule, not the handle's, feeds the
 	// socket (OpenPort). Shutdown then moves the socket off the rule's
-	// port (detach).
+	// port (detach). New packets resume after the rules seen feeding the
+	// handle (resumePoints).
 	openPort bool
+	seen     resumePoints
 	detached bool    // guarded by mu: detach has run
 	closing  bool    // guarded by mu: close has begun, detach must not start a passer
 	passer   *passer // guarded by mu: see detachPort; nil if none
@@ -790,6 +801,9 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 		if err != nil {
 			return 0, fmt.Errorf("divert: recv: %w", err)
 		}
+		if b.openPort {
+			b.seen.note(r.Outbound, r.Rule)
+		}
 		pkt := s.buf[:s.n]
 		b.fill(a, pkt, &s.sa, r)
 		if b.filt != nil && !b.filt.Match(pkt, metaOf(&s.meta, a)) {
@@ -929,7 +943,8 @@ func (b *bsdBackend) send(p []byte, a *Address) (int, error) {
 				ErrNotSupported, recv.Name(), netip.AddrFrom4(recv.Addr()))
 		}
 	}
-	if err := bsdaddr.Target(&s.sa, binary.NativeEndian, a.Outbound, a.IfIdx, b.rule, recv, a.sys.ifIdx, ifaceForInject); err != nil {
+	rule := newPacketRule(b.openPort, b.rule, &b.seen, a.Outbound)
+	if err := bsdaddr.Target(&s.sa, binary.NativeEndian, a.Outbound, a.IfIdx, rule, recv, a.sys.ifIdx, ifaceForInject); err != nil {
 		return 0, fmt.Errorf("divert: send: %w", err)
 	}
 	s.buf = p

@@ -7,7 +7,10 @@
 //   - sin_len is 16 and sin_family AF_INET, also for IPv6 packets.
 //   - sin_port is the number of the ipfw rule that diverted the packet, in
 //     host byte order. Writing the packet back with it resumes the ruleset at
-//     the first rule numbered higher.
+//     the first rule numbered higher; 0 runs the whole ruleset (ipfw has no
+//     rule 0). (A packet pf's divert-to diverted carries its direction
+//     there instead, 1 in and 2 out, which on sendto tells pf not to divert
+//     it again in that direction.)
 //   - sin_addr is INADDR_ANY for outbound packets and the first IPv4 address
 //     of the receiving interface for inbound ones. On sendto, the kernel
 //     decides the direction from sin_addr alone: zero sends out (ip_output),
@@ -148,8 +151,9 @@ var placeholder = [4]byte{0, 0, 0, 1}
 //   - Otherwise an outbound packet gets INADDR_ANY and rule, and an inbound
 //     one gets the interface's name and address (a placeholder address when
 //     the interface has no IPv4 address, so that the kernel does not send it
-//     out). rule is where ipfw resumes: the received rule, or for a new packet
-//     the handle's own rule number so that its own rules skip it.
+//     out). rule is where ipfw resumes (the kernel starts at rule+1): the
+//     handle's own rule number, so that its own rules skip the packet; 0
+//     takes recv's rule, or, for a new packet, runs the whole ruleset.
 //   - A packet received with a name but no address (inbound on an interface
 //     without an IPv4 address) and sent back inbound on the interface it
 //     was reported on keeps recv with a placeholder address.
@@ -167,7 +171,7 @@ func Target(dst *Sockaddr, order binary.ByteOrder, outbound bool, ifIdx uint32, 
 		}
 		return nil
 	}
-	if recv != nil && recv.Valid() {
+	if rule == 0 && recv != nil && recv.Valid() {
 		rule = recv.Rule(order)
 	}
 	if outbound {

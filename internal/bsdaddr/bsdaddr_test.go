@@ -110,9 +110,14 @@ func TestTarget(t *testing.T) {
 	}{
 		{name: "reinject inbound unchanged", ifIdx: 1, rule: 1, recv: &in, recvIf: 1, want: in},
 		{name: "reinject outbound unchanged", outbound: true, rule: 1, recv: &out, want: out},
-		{name: "outbound turned inbound keeps rule", ifIdx: 1, rule: 1, recv: &out, want: received(le, 29000, [4]byte{10, 0, 0, 1}, "vtnet0")},
-		{name: "inbound turned outbound keeps rule", outbound: true, rule: 1, recv: &in, recvIf: 1, want: received(le, 31000, [4]byte{}, "")},
-		{name: "inbound moved to another interface", ifIdx: 3, rule: 1, recv: &in, recvIf: 1, want: received(le, 31000, placeholder, "gif0")},
+		{name: "outbound turned inbound keeps rule", ifIdx: 1, recv: &out, want: received(le, 29000, [4]byte{10, 0, 0, 1}, "vtnet0")},
+		{name: "inbound turned outbound keeps rule", outbound: true, recv: &in, recvIf: 1, want: received(le, 31000, [4]byte{}, "")},
+		{name: "inbound moved to another interface", ifIdx: 3, recv: &in, recvIf: 1, want: received(le, 31000, placeholder, "gif0")},
+		// A rule given (an OpenPort handle's, learnt per direction) is
+		// where an answer resumes, not the received packet's rule.
+		{name: "inbound turned outbound resumes after the rule given", outbound: true, rule: 300, recv: &in, recvIf: 1, want: received(le, 300, [4]byte{}, "")},
+		{name: "outbound turned inbound resumes after the rule given", ifIdx: 1, rule: 100, recv: &out, want: received(le, 100, [4]byte{10, 0, 0, 1}, "vtnet0")},
+		{name: "new outbound without a rule runs the whole ruleset", outbound: true, want: received(le, 0, [4]byte{}, "")},
 		{name: "new outbound resumes after own rule", outbound: true, rule: 30500, want: received(le, 30500, [4]byte{}, "")},
 		{name: "new inbound", ifIdx: 1, rule: 30500, want: received(le, 30500, [4]byte{10, 0, 0, 1}, "vtnet0")},
 		{name: "new inbound ipv6-only interface", ifIdx: 3, rule: 7, want: received(le, 7, placeholder, "gif0")},
