@@ -89,7 +89,9 @@ package divert
 //     packet from the host to itself is seen twice, outbound (Loopback
 //     false: it has no receiving interface yet) and inbound on lo0
 //     (WinDivert shows it once, outbound). Impostor is never set.
-//     Timestamp is time.Now at receipt.
+//     Timestamp is time.Now at receipt. TCPChecksum and UDPChecksum are
+//     set for outbound packets, whose delayed checksums divert_packet
+//     finishes, except IPv6 ones before FreeBSD 14 (divertL4Valid).
 //   - New packets (a fresh Address, or a received one with Outbound
 //     reversed) resume after the handle's rule number, so that its own
 //     rules and those of higher priority skip them. An OpenPort handle
@@ -162,6 +164,7 @@ type bsdBackend struct {
 	flags  Flag
 	rule   uint16 // resume point for new packets: the handle's rule number, or 0
 	port   uint16
+	major  uint64 // FreeBSD major release (0: unknown), for the checksum bits
 	ifs    ifCache
 	states sync.Pool // *bsdIO
 
@@ -227,6 +230,7 @@ func openBackend(cfg *openConfig) (backend, error) {
 		return nil, err
 	}
 	b := &bsdBackend{layer: cfg.layer, flags: cfg.flags, set: -1, openPort: cfg.port >= 0}
+	b.major, _ = b.version()
 	b.userStats.init(cfg.flags)
 	b.states.New = func() any { return newBSDIO(b) }
 	// The default QueueSize exceeds kern.ipc.maxsockbuf on stock systems
@@ -875,10 +879,11 @@ func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdadd
 		a.Loopback = ifc.Loopback
 	}
 	// The kernel verified the IPv4 header of inbound packets and finalised
-	// the transport checksums of outbound ones before queueing them.
+	// the transport checksums of outbound ones before queueing them
+	// (IPv6's only since FreeBSD 14: divertL4Valid).
 	a.IPChecksum = !a.Outbound && !a.IPv6
-	a.TCPChecksum = a.Outbound
-	a.UDPChecksum = a.Outbound
+	a.TCPChecksum = divertL4Valid(a.Outbound, a.IPv6, b.major)
+	a.UDPChecksum = a.TCPChecksum
 	a.sys = sysAddr{sa: *sa, ifIdx: a.IfIdx, fix: fix, valid: true}
 }
 
