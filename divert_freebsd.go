@@ -111,7 +111,9 @@ package divert
 //     after the rule as they do on Linux (detachPort). FreeBSD 13 cannot
 //     move a bound divert socket: there the rule's packets keep coming to
 //     the handle's socket, and Recv returns them.
-//   - Close removes the rules, then writes back unchanged the packets left
+//   - Close removes the rules (after a Shutdown that is removing them at
+//     the same time: setClaim; rules that Shutdown failed to remove are
+//     tried again), then writes back unchanged the packets left
 //     unread in the socket (not for FlagSniff, whose packets are copies).
 //     A packet the program holds (received, not sent back) is lost, as
 //     with Drop.
@@ -168,8 +170,7 @@ type bsdBackend struct {
 	ifs    ifCache
 	states sync.Pool // *bsdIO
 
-	mu       sync.Mutex // guards set
-	set      int        // our ipfw set, -1 when no rules are installed
+	sets     setClaim // our ipfw set (see setClaim)
 	shutRecv atomic.Bool
 	closed   atomic.Bool // close has begun (see mapErr)
 	// ownNamed: the handle's own LayerNetwork rules divert inbound packets
@@ -190,6 +191,7 @@ type bsdBackend struct {
 	// handle (resumePoints).
 	openPort bool
 	seen     resumePoints
+	mu       sync.Mutex
 	detached bool    // guarded by mu: detach has run
 	closing  bool    // guarded by mu: close has begun, detach must not start a passer
 	passer   *passer // guarded by mu: see detachPort; nil if none
@@ -229,7 +231,8 @@ func openBackend(cfg *openConfig) (backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &bsdBackend{layer: cfg.layer, flags: cfg.flags, set: -1, openPort: cfg.port >= 0}
+	b := &bsdBackend{layer: cfg.layer, flags: cfg.flags, openPort: cfg.port >= 0}
+	b.sets.init()
 	b.major, _ = b.version()
 	b.userStats.init(cfg.flags)
 	b.states.New = func() any { return newBSDIO(b) }
@@ -434,41 +437,32 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 		b.dropper = nil
 		return nil
 	}
-	b.mu.Lock()
-	b.set = plan.Free
-	b.mu.Unlock()
+	b.sets.claim(plan.Free)
 	for _, r := range res.Rules {
 		if _, err := runIPFW(append([]string{"-q"}, r...)...); err != nil {
-			b.removeRulesLocked()
+			b.sets.remove(b.deleteSet) // the ipfw lock is held
 			return err
 		}
 	}
 	return nil
 }
 
+// removeRules deletes the handle's rules, once: a Shutdown and a Close at
+// once delete them one after the other, and the second waits for the
+// first (setClaim).
 func (b *bsdBackend) removeRules() error {
-	b.mu.Lock()
-	set := b.set
-	b.mu.Unlock()
-	if set < 0 {
-		return nil
-	}
-	unlock, err := lockIPFW()
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	return b.removeRulesLocked()
+	return b.sets.remove(func(set int) error {
+		unlock, err := lockIPFW()
+		if err != nil {
+			return err
+		}
+		defer unlock()
+		return b.deleteSet(set)
+	})
 }
 
-func (b *bsdBackend) removeRulesLocked() error {
-	b.mu.Lock()
-	set := b.set
-	b.set = -1
-	b.mu.Unlock()
-	if set < 0 {
-		return nil
-	}
+// deleteSet deletes the handle's rules from set; the ipfw lock is held.
+func (b *bsdBackend) deleteSet(set int) error {
 	// Only what is still ours: after "ipfw flush" the set may be another
 	// handle's (PlanSets hands out empty sets).
 	list, err := runIPFW("-S", "list")
