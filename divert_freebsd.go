@@ -984,7 +984,7 @@ func (b *bsdBackend) shutdown(how ShutdownHow) error {
 	}
 	b.shutRecv.Store(true)
 	// Wake blocked readers; they drain the socket and report ErrShutdown.
-	return b.f.SetReadDeadline(time.Unix(1, 0))
+	return b.f.SetReadDeadline(pastDeadline)
 }
 
 // detach stops the administrator's rule of an OpenPort handle from
@@ -1096,7 +1096,7 @@ func (b *bsdBackend) close() error {
 	b.mu.Unlock()
 	if p != nil {
 		p.stop.Store(true)
-		_ = p.f.SetReadDeadline(time.Unix(1, 0))
+		_ = p.f.SetReadDeadline(pastDeadline)
 		<-p.done
 		if cerr := p.f.Close(); err == nil && cerr != nil {
 			err = fmt.Errorf("divert: close: %w", cerr)
@@ -1107,7 +1107,7 @@ func (b *bsdBackend) close() error {
 		// Let the dropper finish what is queued (dropping or writing back
 		// each packet as its filter says), as Shutdown does, then end.
 		b.shutRecv.Store(true)
-		_ = b.f.SetReadDeadline(time.Unix(1, 0))
+		_ = b.f.SetReadDeadline(pastDeadline)
 		<-b.dropper
 	case b.flags&FlagSniff == 0:
 		b.reinjectUnread()
@@ -1162,10 +1162,7 @@ func (b *bsdBackend) setParam(p Param, v uint64) error {
 }
 
 func (b *bsdBackend) setReadDeadline(t time.Time) error {
-	if b.shutRecv.Load() {
-		return nil
-	}
-	return b.f.SetReadDeadline(t)
+	return setDeadlineUnlessShut(&b.shutRecv, b.f.SetReadDeadline, t)
 }
 
 // version reports the FreeBSD major and minor release.
