@@ -64,7 +64,8 @@ func bindFree(s portSock, start int, avoid uint16) (uint16, error) {
 // The port is free only once s has left it (div_bind refuses a second
 // socket on a port with EADDRINUSE), so a packet the rule takes between
 // the two binds is dropped. A bind of s that fails with EINVAL (FreeBSD
-// 13) leaves s where it was and returns errRebind.
+// 13) leaves s where it was and returns errRebind. When the passer cannot
+// be opened or bound, s goes back to the port and the error is returned.
 func detachPort(s portSock, port uint16, start int, sniff bool, open func() (portSock, error)) (portSock, error) {
 	if _, err := bindFree(s, start, port); err != nil {
 		if errors.Is(err, syscall.EINVAL) {
@@ -76,12 +77,20 @@ func detachPort(s portSock, port uint16, start int, sniff bool, open func() (por
 		return nil, nil
 	}
 	p, err := open()
-	if err != nil {
-		return nil, err
+	if err == nil {
+		if err = p.bind(port); err != nil {
+			p.close()
+			err = fmt.Errorf("divert: bind divert port %d for the packets after shutdown: %w", port, err)
+		}
 	}
-	if err := p.bind(port); err != nil {
-		p.close()
-		return nil, fmt.Errorf("divert: bind divert port %d for the packets after shutdown: %w", port, err)
+	if err != nil {
+		// No passer: the rule's packets would find no socket and be
+		// dropped. Put s back, so that a failed Shutdown leaves the handle
+		// as it was.
+		if berr := s.bind(port); berr != nil {
+			return nil, fmt.Errorf("%w (and the handle's socket cannot go back to port %d: %w)", err, port, berr)
+		}
+		return nil, err
 	}
 	return p, nil
 }

@@ -146,6 +146,27 @@ func TestDetachPortPasserBindFails(t *testing.T) {
 	if len(k.opened) != 1 || !k.opened[0].closed {
 		t.Fatal("the passer was not closed")
 	}
+	// The handle's socket is back on the rule's port: the failed Shutdown
+	// left the handle receiving what the rule takes, not dropping it.
+	if k.owner[port] != h || h.port != port {
+		t.Fatalf("port %d belongs to %+v (handle on %d); want the handle's socket back", port, k.owner[port], h.port)
+	}
+}
+
+// TestDetachPortOpenFails: a passer that cannot be opened leaves the
+// handle's socket on the rule's port.
+func TestDetachPortOpenFails(t *testing.T) {
+	const port = 8668
+	k := newFakeDivert()
+	h := k.bound(t, port)
+	open := func() (portSock, error) { return nil, syscall.EMFILE }
+	p, err := detachPort(h, port, 0, false, open)
+	if !errors.Is(err, syscall.EMFILE) || p != nil {
+		t.Fatalf("detachPort = %v, %v; want EMFILE", p, err)
+	}
+	if k.owner[port] != h || h.port != port {
+		t.Fatalf("port %d belongs to %+v (handle on %d); want the handle's socket back", port, k.owner[port], h.port)
+	}
 }
 
 // TestBindFree: bindFree skips the port to avoid and ports in use, wraps
