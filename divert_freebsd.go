@@ -984,7 +984,10 @@ func (b *bsdBackend) shutdown(how ShutdownHow) error {
 	}
 	b.shutRecv.Store(true)
 	// Wake blocked readers; they drain the socket and report ErrShutdown.
-	return b.f.SetReadDeadline(pastDeadline)
+	if err := b.f.SetReadDeadline(pastDeadline); err != nil {
+		return b.mapErr("shutdown", err) // Close won: net.ErrClosed, as everywhere
+	}
+	return nil
 }
 
 // detach stops the administrator's rule of an OpenPort handle from
