@@ -394,7 +394,8 @@ type Address struct {
 	TCPChecksum bool
 	UDPChecksum bool
 	// IfIdx is the interface index (the receiving interface for inbound
-	// packets, the sending one for outbound packets when known).
+	// packets, the sending one for outbound packets when known; at
+	// LayerNetworkForward the one the packet is forwarded through).
 	IfIdx uint32
 	// SubIfIdx is the sub-interface index (Windows; zero elsewhere).
 	SubIfIdx uint32

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"math/rand/v2"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -70,7 +71,11 @@ import (
 //     reassembles them. Each fragment is held in the queue until its
 //     datagram is complete; then the fragments are dropped and the datagram
 //     is handed to the program (a datagram the filter does not match has its
-//     fragments accepted unchanged). Send emits it again, changed or not,
+//     fragments accepted unchanged). Its IfIdx, which the fragments do not
+//     carry (they are taken before routing), is the interface the routing
+//     table forwards it through, asked over rtnetlink once per datagram (0
+//     when there is no route), as the forward hook gives it for whole
+//     packets and WinDivert reports it. Send emits it again, changed or not,
 //     from the router as marked raw packets, fragmented to the size its
 //     largest fragment had (and smaller when the route's MTU says so); an
 //     IPv4 datagram with DF set that does not fit gives an error wrapping
@@ -163,6 +168,7 @@ type pendingDgram struct {
 // fragState is a handle's user-space reassembly.
 type fragState struct {
 	rules *nftrules.Ruleset // the table that queues fragments (LayerNetworkForward); nil without
+	route *routeQuery       // LayerNetworkForward: a datagram's outgoing interface (see forwardIf); nil without
 	reasm *reassembly.Reassembler
 	info  reassembly.Info
 
@@ -194,14 +200,43 @@ func (b *linuxBackend) openFrag(rc nftrules.Config, layer Layer, qt time.Duratio
 	if fs.rules, err = installFrag(rc, layer); err != nil {
 		return mapSetupError("install nftables rules for fragments", err)
 	}
+	if layer == LayerNetworkForward {
+		if fs.route, err = newRouteQuery(); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
 func (fs *fragState) close() error {
+	if fs.route != nil {
+		fs.route.close()
+	}
 	if fs.rules != nil {
 		return fs.rules.Close()
 	}
 	return nil
+}
+
+// forwardIf returns the interface the namespace forwards dgram, received
+// on iif, through: the forward layer's IfIdx, which the fragments, taken
+// at prerouting before routing, do not carry. 0 when the routing table has
+// no answer (the kernel would not forward the datagram either).
+func (fs *fragState) forwardIf(dgram []byte, iif uint32) uint32 {
+	var src, dst netip.Addr
+	switch {
+	case len(dgram) >= 20 && dgram[0]>>4 == 4:
+		src, dst = netip.AddrFrom4([4]byte(dgram[12:16])), netip.AddrFrom4([4]byte(dgram[16:20]))
+	case len(dgram) >= 40 && dgram[0]>>4 == 6:
+		src, dst = netip.AddrFrom16([16]byte(dgram[8:24])), netip.AddrFrom16([16]byte(dgram[24:40]))
+	default:
+		return 0
+	}
+	oif, err := fs.route.outIf(src, dst, iif)
+	if err != nil {
+		return 0
+	}
+	return oif
 }
 
 // reassemble takes a fragment queued at prerouting. It returns handled
@@ -261,6 +296,9 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		return 0, false, false, nil
 	}
 	ipv6 := k.v6
+	if fs.route != nil && !outbound {
+		ifIdx = fs.forwardIf(dgram, ifIdx)
+	}
 	if b.userSide && b.filt != nil {
 		b.meta = filter.Meta{
 			Layer:     filter.Layer(b.layer),

@@ -410,7 +410,10 @@ func TestFragReassembleForward(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer sink2.Close()
-			h := openIn(t, r.Router(), "udp.DstPort == 7103", LayerNetworkForward, 0, FlagReassemble)
+			// At the forward layer IfIdx is the outgoing interface, for a
+			// datagram reassembled from fragments taken before routing too.
+			out := uint32(r.Right.A.IfIdx)
+			h := openIn(t, r.Router(), fmt.Sprintf("udp.DstPort == 7103 and ifIdx == %d", out), LayerNetworkForward, 0, FlagReassemble)
 			edit := changeTag(t)
 			p := startFragPump(t, h, func(b []byte, a *Address) []byte {
 				if !c.v6 && bytes.Contains(b, []byte("dfdf")) {
@@ -438,9 +441,18 @@ func TestFragReassembleForward(t *testing.T) {
 			if len(recvd2) != 1 || !bytes.Equal(recvd2[0], fragPayload("other")) {
 				t.Errorf("a datagram the filter does not match: sink got %d", len(recvd2))
 			}
+			checkAddrs := func(got []seen) {
+				t.Helper()
+				for _, s := range got {
+					if s.addr.Layer != LayerNetworkForward || !s.addr.Outbound || s.addr.IfIdx != out {
+						t.Errorf("address %+v, want IfIdx %d (outgoing)", s.addr, out)
+					}
+				}
+			}
 			if c.v6 {
 				got, errs := p.stop()
 				checkWhole(t, got, errs, recvd, c.v6)
+				checkAddrs(got)
 				return
 			}
 			// IPv4: a DF datagram larger than the MTU.
@@ -462,11 +474,7 @@ func TestFragReassembleForward(t *testing.T) {
 				t.Errorf("Send of a DF datagram larger than the MTU: %v, want ErrDontFragment", errs[2])
 			}
 			checkWhole(t, got[:2], errs[:2], recvd, c.v6)
-			for _, s := range got {
-				if s.addr.Layer != LayerNetworkForward || !s.addr.Outbound || s.addr.IfIdx != uint32(r.Left.B.IfIdx) {
-					t.Errorf("address %+v", s.addr)
-				}
-			}
+			checkAddrs(got)
 		})
 	}
 }
