@@ -449,8 +449,9 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 // its own datagrams: IPv4 with its identification (one chosen at random
 // when it is 0, where the kernel would choose one for each fragment), IPv6
 // with a Fragment header of a random identification. An IPv4 packet with
-// DF set is refused, and so is an IPv6 packet that is a fragment already.
-// err is the refused send's error.
+// DF set is refused, and so is an IPv6 packet that is a fragment already
+// (or whose headers leave no room for data in a fragment), with errors
+// that wrap EMSGSIZE and name the MTU. err is the refused send's error.
 func (b *linuxBackend) sendTooBig(pkt []byte, ifIdx uint32, err error) error {
 	rm, merr := b.inj.RouteMTU(pkt, ifIdx)
 	if merr != nil {
@@ -467,8 +468,16 @@ func (b *linuxBackend) sendTooBig(pkt []byte, ifIdx uint32, err error) error {
 		id = rand.Uint32N(1<<32-1) + 1
 	}
 	if err := b.sendFragments(pkt, rm, id, ifIdx, true); err != nil {
-		if errors.Is(err, reassembly.ErrDontFragment) {
+		switch {
+		case errors.Is(err, reassembly.ErrDontFragment):
 			return fmt.Errorf("divert: send: the %d-byte packet exceeds the %d-byte MTU of its route and has DF set, so it is not fragmented (a router would drop it and answer ICMP fragmentation needed, MTU %d): %w (%w)", len(pkt), rm, rm, reassembly.ErrDontFragment, unix.EMSGSIZE)
+		case errors.Is(err, reassembly.ErrFragmented), errors.Is(err, reassembly.ErrMTU):
+			// Too big, and not to be fragmented: still the send's EMSGSIZE.
+			why := reassembly.ErrMTU
+			if errors.Is(err, reassembly.ErrFragmented) {
+				why = reassembly.ErrFragmented
+			}
+			return fmt.Errorf("divert: send: the %d-byte packet exceeds the %d-byte MTU of its route and cannot be fragmented: %w (%w)", len(pkt), rm, why, unix.EMSGSIZE)
 		}
 		return err
 	}

@@ -995,4 +995,30 @@ func TestLinuxNewPacketLargerThanMTU(t *testing.T) {
 			t.Fatalf("the DF packet arrived")
 		}
 	})
+	// An IPv6 packet that is a fragment already (an atomic fragment: a
+	// Fragment header, offset 0, no more fragments) cannot be fragmented
+	// again: refused as the README says, wrapping EMSGSIZE and naming the
+	// MTU, as the IPv4 DF case is.
+	t.Run("ipv6/fragment", func(t *testing.T) {
+		whole := udpPacket(t, netip.AddrPortFrom(l.A.V6, 5000), netip.AddrPortFrom(l.B.V6, 7123), fragPayload("v6frag"))
+		pkt := make([]byte, 0, len(whole)+8)
+		pkt = append(pkt, whole[:40]...)
+		pkt = append(pkt, 17, 0, 0, 0, 0x12, 0x34, 0x56, 0x78) // UDP next, offset 0, M clear
+		pkt = append(pkt, whole[40:]...)
+		pkt[6] = 44
+		binary.BigEndian.PutUint16(pkt[4:], uint16(len(pkt)-40))
+		a := all
+		a.IPv6 = true
+		_, err := h.Send(pkt, &a)
+		if !errors.Is(err, reassembly.ErrFragmented) || !errors.Is(err, syscall.EMSGSIZE) || !strings.Contains(err.Error(), "1500") {
+			t.Fatalf("Send of an IPv6 fragment larger than the MTU: %v, want ErrFragmented and EMSGSIZE, naming the MTU", err)
+		}
+		got, err := netnstest.RecvUDP(sink, 1, 500*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 0 {
+			t.Fatalf("the fragment arrived")
+		}
+	})
 }
