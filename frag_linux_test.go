@@ -805,6 +805,45 @@ func TestFragLinkLocalRouteMTU(t *testing.T) {
 	}
 }
 
+// TestFragForwardLinkLocalV4: a router forwards a fragmented datagram to
+// 169.254.2.2 (IPv4 link-local, which Linux routes like any address) onto
+// its right link; a LayerNetworkForward FlagReassemble handle takes it and
+// sends it back. Its Address's IfIdx is the link its fragments came in on
+// (they are taken at prerouting), so the refragmented datagram must leave
+// by its route, not through that interface as the zone of a link-scoped
+// destination: the host behind the right link gets it.
+func TestFragForwardLinkLocalV4(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dfl", 1500)
+	ipIn(t, r.RightHost(), "addr", "add", "169.254.2.2/24", "dev", r.Right.B.If)
+	ipIn(t, r.Router(), "route", "add", "169.254.2.0/24", "dev", r.Right.A.If)
+	dst := netip.AddrPortFrom(netip.MustParseAddr("169.254.2.2"), 7131)
+	sink, err := r.RightHost().ListenUDP(dst.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, r.Router(), "udp.DstPort == 7131", LayerNetworkForward, 0, FlagReassemble)
+	p := startFragPump(t, h, nil)
+	if err := r.LeftHost().SendUDP(dst, fragPayload("ll4"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	recvd, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, errs := p.stop()
+	if len(got) != 1 || len(errs) != 1 || errs[0] != nil {
+		t.Fatalf("handle saw %d datagrams (Send: %v), want 1 sent back", len(got), errs)
+	}
+	if got[0].addr.IfIdx != uint32(r.Left.B.IfIdx) {
+		t.Errorf("IfIdx %d, want %d (the link the fragments came in on)", got[0].addr.IfIdx, r.Left.B.IfIdx)
+	}
+	if len(recvd) != 1 || !bytes.Equal(recvd[0], fragPayload("ll4")) {
+		t.Fatalf("the host behind the router got %d datagrams, want the one sent back", len(recvd))
+	}
+}
+
 // TestFragChangedChecksumsComputed: a datagram reassembled in user space
 // that the program changes and sends back with its UDPChecksum bit clear
 // gets its UDP checksum computed, refragmented (forward) or whole
