@@ -80,9 +80,9 @@ import (
 //     largest fragment had (and smaller when the route's MTU says so); an
 //     IPv4 datagram with DF set that does not fit gives an error wrapping
 //     reassembly.ErrDontFragment. The re-emitted packets leave through the
-//     router's output path, by their route (the Address's IfIdx is the link
-//     the fragments came in on): lower-priority forward handles do not see
-//     them.
+//     router's output path, by their route, whatever the Address's IfIdx
+//     says (as new packets at this layer): lower-priority forward handles
+//     do not see them.
 //   - FlagDrop: the kernel rules drop what they select, fragments included
 //     as each hook sees them; nothing is reassembled.
 //
@@ -440,10 +440,10 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 	}
 	zone := a.IfIdx
 	if b.layer == LayerNetworkForward {
-		// A forwarded datagram's IfIdx is the link its fragments came in
-		// on (they are taken at prerouting): not the link to send it on,
-		// even to a link-scoped destination (IPv4 169.254/16, which Linux
-		// forwards). It leaves by its route.
+		// A forwarded datagram leaves by its route, as a new packet at
+		// this layer does, even to a link-scoped destination (IPv4
+		// 169.254/16, which Linux forwards): its IfIdx (the route's
+		// interface, or 0 when there was none) names no link to force.
 		zone = 0
 	}
 	if err := b.sendFragments(pkt, int(a.sys.fragMTU), a.sys.fragID, zone, false); err != nil {
