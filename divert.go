@@ -588,7 +588,7 @@ func (h *Handle) checkRecv() error {
 		return errClosed
 	}
 	if h.flags&(FlagSendOnly|FlagDrop) != 0 {
-		return errors.New("divert: handle cannot receive (FlagSendOnly or FlagDrop)")
+		return fmt.Errorf("divert: handle cannot receive (FlagSendOnly or FlagDrop): %w", os.ErrInvalid)
 	}
 	return nil
 }
@@ -598,7 +598,7 @@ func (h *Handle) checkSend() error {
 		return errClosed
 	}
 	if h.flags&FlagRecvOnly != 0 {
-		return errors.New("divert: handle cannot send (FlagRecvOnly)")
+		return fmt.Errorf("divert: handle cannot send (FlagRecvOnly): %w", os.ErrInvalid)
 	}
 	if h.shut.Load()&int32(ShutdownSend) != 0 {
 		return ErrShutdown

@@ -370,17 +370,32 @@ func TestInvalidArguments(t *testing.T) {
 		{"recv empty buffer", func() error { var a Address; _, err := h.Recv(nil, &a); return err }},
 		{"recv nil address", func() error { _, err := h.Recv(buf, nil); return err }},
 		{"eval nil address", func() error { _, err := EvalFilter("true", buf, nil); return err }},
-		// A packet Send refuses as malformed (here through a Pipe; on
-		// Windows also SendBatch, before the driver sees it).
-		{"send malformed packet", func() error {
+		// WinDivert answers ERROR_INVALID_PARAMETER to these too (sys/windivert.c:
+		// a read of a send-only handle, a write of a receive-only one, a
+		// packet whose version or IPv4 length is not a packet's).
+		{"recv on a send-only handle", func() error {
+			so, _ := fakeHandle(FlagSendOnly)
+			var a Address
+			_, err := so.Recv(buf, &a)
+			return err
+		}},
+		{"send on a recv-only handle", func() error {
+			ro, _ := fakeHandle(FlagRecvOnly)
+			_, err := ro.Send(buf, &Address{})
+			return err
+		}},
+		{"send a malformed packet", func() error {
 			ph, _, err := NewPipe("true", LayerNetwork, 0)
 			if err != nil {
 				return err
 			}
 			defer ph.Close()
-			_, err = ph.Send([]byte{0x45, 0, 0, 20}, &Address{Outbound: true})
+			bad := make([]byte, 20)
+			bad[0], bad[3] = 0x45, 40 // IPv4 total length past the buffer
+			_, err = ph.Send(bad, &Address{Outbound: true})
 			return err
 		}},
+		{"checksum flags", func() error { return CalcChecksums(buf, nil, 1<<20) }},
 	} {
 		err := tc.call()
 		require.Error(t, err, tc.name)

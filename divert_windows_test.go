@@ -1761,35 +1761,35 @@ func TestWinSendBatchSoftError(t *testing.T) {
 // TestWinSendBatchLengthMismatch: the driver cuts a batch by IP length, so
 // a message whose N is not its packet's length would shift the ones after
 // it. SendBatch, also under FlagReassemble, sends the messages before it
-// and reports it.
+// and reports it, a refused argument (os.ErrInvalid), whether N is shorter
+// or longer than the IP length.
 func TestWinSendBatchLengthMismatch(t *testing.T) {
 	for _, flags := range []Flag{0, FlagReassemble} {
-		d := &winDriverSendHandle{Fake: windivert.NewFake(), failIdx: -1}
-		winSeam(t, d, nil)
-		h, err := Open("true", LayerNetwork, 0, flags)
-		if err != nil {
-			t.Fatal(err)
-		}
-		p0, p1, p2 := winIPv4(60, 0xAA), winIPv4(60, 0xBB), winIPv4(60, 0xCC)
-		ms := []Message{
-			{Buf: p0, N: 60, Addr: Address{Outbound: true}},
-			{Buf: p1, N: 40, Addr: Address{Outbound: true}}, // N shorter than the IP length
-			{Buf: p2, N: 60, Addr: Address{Outbound: true}},
-		}
-		n, err := h.SendBatch(ms)
-		if err != nil && strings.Count(err.Error(), "divert:") != 1 {
-			t.Errorf("flags %#x: %q: want one \"divert:\" prefix", uint64(flags), err)
-		}
-		if n != 1 || !errors.Is(err, os.ErrInvalid) || len(d.injected) != 1 || !bytes.Equal(d.injected[0], p0) {
-			t.Fatalf("flags %#x: SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1 wrapping os.ErrInvalid", uint64(flags), n, err, len(d.injected))
-		}
-		// N longer than the IP length, not last: the driver would cut the
-		// batch inside message 1.
-		ms[1] = Message{Buf: append(winIPv4(40, 0xBB), 0, 0), N: 42, Addr: Address{Outbound: true}}
-		n, err = h.SendBatch(ms)
-		h.Close()
-		if n != 1 || !errors.Is(err, os.ErrInvalid) || !strings.Contains(err.Error(), "message 1") {
-			t.Fatalf("flags %#x: SendBatch with a padded middle message = %d, %v; want 1 sent, an error for message 1 wrapping os.ErrInvalid", uint64(flags), n, err)
+		for _, n1 := range []int{40, 60} {
+			d := &winDriverSendHandle{Fake: windivert.NewFake(), failIdx: -1}
+			winSeam(t, d, nil)
+			h, err := Open("true", LayerNetwork, 0, flags)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p0, p1, p2 := winIPv4(60, 0xAA), winIPv4(50, 0xBB), winIPv4(60, 0xCC)
+			p1 = append(p1, make([]byte, 10)...)
+			ms := []Message{
+				{Buf: p0, N: 60, Addr: Address{Outbound: true}},
+				{Buf: p1, N: n1, Addr: Address{Outbound: true}}, // N not the IP length (50)
+				{Buf: p2, N: 60, Addr: Address{Outbound: true}},
+			}
+			n, err := h.SendBatch(ms)
+			h.Close()
+			if n != 1 || err == nil || len(d.injected) != 1 || !bytes.Equal(d.injected[0], p0) {
+				t.Fatalf("flags %#x, N %d: SendBatch = %d, %v; injected %d: want 1 sent (p0), an error for message 1", uint64(flags), n1, n, err, len(d.injected))
+			}
+			if strings.Count(err.Error(), "divert:") != 1 {
+				t.Errorf("flags %#x, N %d: %q: want one \"divert:\" prefix", uint64(flags), n1, err)
+			}
+			if !errors.Is(err, os.ErrInvalid) {
+				t.Fatalf("flags %#x, N %d: SendBatch error %v, want os.ErrInvalid", uint64(flags), n1, err)
+			}
 		}
 	}
 }

@@ -223,7 +223,7 @@ const (
 // computed.
 func CalcChecksums(b []byte, a *Address, flags ChecksumFlag) error {
 	if flags&^checksumFlagsAll != 0 {
-		return fmt.Errorf("divert: unknown checksum flag bits %#x", uint64(flags&^checksumFlagsAll))
+		return fmt.Errorf("divert: unknown checksum flag bits %#x: %w", uint64(flags&^checksumFlagsAll), os.ErrInvalid)
 	}
 	var p packet.Info
 	if err := packet.Parse(b, &p); err != nil {
