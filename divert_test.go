@@ -154,10 +154,16 @@ func TestOpenArgumentErrors(t *testing.T) {
 	require.ErrorContains(t, err, "priority")
 	_, err = Open("true", LayerNetwork, 0, FlagSniff|FlagDrop)
 	require.ErrorContains(t, err, "exclusive")
-	_, err = Open("true", LayerFlow, 0, 0)
+	// Through a Pipe, which has every layer: Open on Linux and FreeBSD
+	// refuses these layers first (ErrNotSupported, TestLinuxNotSupported).
+	_, _, err = NewPipe("true", LayerFlow, 0)
 	require.ErrorContains(t, err, "FlagSniff|FlagRecvOnly")
-	_, err = Open("true", LayerSocket, 0, 0)
+	_, _, err = NewPipe("true", LayerSocket, 0)
 	require.ErrorContains(t, err, "FlagRecvOnly")
+	if layerSupport(LayerFlow) != nil {
+		_, err = Open("true", LayerFlow, 0, 0)
+		require.ErrorIs(t, err, ErrNotSupported, "a layer the OS lacks is refused before its flags")
+	}
 	_, err = Open("true", LayerNetworkForward, 0, FlagFragments)
 	require.ErrorContains(t, err, "FlagFragments")
 	_, err = OpenPort(1, 1<<50)
