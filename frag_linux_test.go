@@ -808,9 +808,10 @@ func TestFragLinkLocalRouteMTU(t *testing.T) {
 // TestFragForwardLinkLocalV4: a router forwards a fragmented datagram to
 // 169.254.2.2 (IPv4 link-local, which Linux routes like any address) onto
 // its right link; a LayerNetworkForward FlagReassemble handle takes it and
-// sends it back. Its Address's IfIdx is the link its fragments came in on
-// (they are taken at prerouting), so the refragmented datagram must leave
-// by its route, not through that interface as the zone of a link-scoped
+// sends it back. Its Address's IfIdx is the route's interface; the handle
+// then points IfIdx at the link the fragments came in on, and the
+// refragmented datagram must still leave by its route, as new packets at
+// this layer do, not through that interface as the zone of a link-scoped
 // destination: the host behind the right link gets it.
 func TestFragForwardLinkLocalV4(t *testing.T) {
 	netnstest.RequireRoot(t)
@@ -824,7 +825,10 @@ func TestFragForwardLinkLocalV4(t *testing.T) {
 	}
 	defer sink.Close()
 	h := openIn(t, r.Router(), "udp.DstPort == 7131", LayerNetworkForward, 0, FlagReassemble)
-	p := startFragPump(t, h, nil)
+	p := startFragPump(t, h, func(b []byte, a *Address) []byte {
+		a.IfIdx = uint32(r.Left.B.IfIdx)
+		return b
+	})
 	if err := r.LeftHost().SendUDP(dst, fragPayload("ll4"), 1, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -836,8 +840,8 @@ func TestFragForwardLinkLocalV4(t *testing.T) {
 	if len(got) != 1 || len(errs) != 1 || errs[0] != nil {
 		t.Fatalf("handle saw %d datagrams (Send: %v), want 1 sent back", len(got), errs)
 	}
-	if got[0].addr.IfIdx != uint32(r.Left.B.IfIdx) {
-		t.Errorf("IfIdx %d, want %d (the link the fragments came in on)", got[0].addr.IfIdx, r.Left.B.IfIdx)
+	if got[0].addr.IfIdx != uint32(r.Right.A.IfIdx) {
+		t.Errorf("IfIdx %d, want %d (the route's interface)", got[0].addr.IfIdx, r.Right.A.IfIdx)
 	}
 	if len(recvd) != 1 || !bytes.Equal(recvd[0], fragPayload("ll4")) {
 		t.Fatalf("the host behind the router got %d datagrams, want the one sent back", len(recvd))
