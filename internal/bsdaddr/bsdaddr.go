@@ -294,7 +294,8 @@ const (
 // A name shorter than NameLen-1 bytes is whole. A cut one ("bridge1" for
 // "bridge10") is told apart by sin_addr, which the kernel fills with the
 // first IPv4 address of the receiving interface of an inbound packet and
-// leaves zero for an interface without one.
+// leaves zero for an interface without one; when the name stands for one
+// interface only, that interface is the one, whatever its addresses.
 func ResolveRecv(name []byte, addr [4]byte, inbound bool, cands []Candidate) (int, NameFix) {
 	exact, longer := -1, 0
 	for i := range cands {
@@ -307,6 +308,16 @@ func ResolveRecv(name []byte, addr [4]byte, inbound bool, cands []Candidate) (in
 	}
 	if longer == 0 {
 		return exact, NameKeep // the name is whole
+	}
+	if exact < 0 && longer == 1 {
+		// The one interface the cut name stands for (its addresses may
+		// be left out: Candidate). ifunit finds none, and the kernel
+		// goes by sin_addr, its address, as with no name.
+		for i := range cands {
+			if Matches(name, cands[i].Name) {
+				return i, NameKeep
+			}
+		}
 	}
 	// The candidates the sockaddr agrees with.
 	found, n := -1, 0

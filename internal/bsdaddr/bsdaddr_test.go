@@ -298,6 +298,10 @@ func TestResolveRecv(t *testing.T) {
 		// Only longer names: ifunit finds none, the kernel takes sin_addr.
 		{"bridge10, no bridge1", "bridge1", a10, true, []Candidate{bridge10, bridge11}, 0, NameKeep},
 		{"bridge1x unknown address, no bridge1", "bridge1", [4]byte{1, 2, 3, 4}, true, []Candidate{bridge10, bridge11}, -1, NameKeep},
+		// One interface the cut name stands for: its addresses are left
+		// out (Candidate), as the backend's cache leaves them; the kernel
+		// goes by sin_addr, that interface's address.
+		{"only bridge10, addresses left out", "bridge1", a10, true, []Candidate{{Name: "bridge10", Index: 10}}, 0, NameKeep},
 		// The address is another interface's too: ifa_ifwithaddr may pick
 		// that one.
 		{"shared address", "bridge1", shared, true, []Candidate{bridge1, bridge11}, 1, NameRefuse},
