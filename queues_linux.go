@@ -130,6 +130,13 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 			qt := time.Duration(cfg.params[ParamQueueTime]) * time.Millisecond
 			for _, b := range bs {
 				b.frag = newFragState(qt)
+				if cfg.layer == LayerNetworkForward {
+					// Each handle asks the routing table for its
+					// datagrams' IfIdx, as openFrag's does.
+					if b.frag.route, err = newRouteQuery(); err != nil {
+						return fail(err)
+					}
+				}
 			}
 			// openFrag's table, if any, once, spread over the n queues
 			// as the main rules are.

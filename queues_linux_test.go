@@ -571,3 +571,51 @@ func benchQueues(b *testing.B, n int, work time.Duration) {
 	b.ReportMetric(float64(done.Load())/el.Seconds(), "pkts/s")
 	b.Logf("n=%d: %d packets in %v; per handle %v", n, done.Load(), el, per)
 }
+
+// TestQueuesForwardReassembleIfIdx: OpenQueues' LayerNetworkForward
+// FlagReassemble handles give a datagram reassembled from fragments (taken
+// at prerouting, before routing) the outgoing interface as IfIdx, as an
+// Open handle does (see frag_linux.go), and their filter's ifIdx sees it:
+// a datagram of each IP version, sent back, reaches the host behind the
+// router.
+func TestQueuesForwardReassembleIfIdx(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "qfi", 1500)
+	out := uint32(r.Right.A.IfIdx)
+	hs := openQueuesIn(t, r.Router(), fmt.Sprintf("udp.DstPort == 7133 and ifIdx == %d", out), LayerNetworkForward, FlagReassemble, 2)
+	stops := []func() []seen{pump(t, hs[0], true, nil), pump(t, hs[1], true, nil)}
+	var sinks []*net.UDPConn
+	for _, a := range []netip.Addr{r.Right.B.V4, r.Right.B.V6} {
+		dst := netip.AddrPortFrom(a, 7133)
+		sink, err := r.RightHost().ListenUDP(dst.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sink.Close()
+		sinks = append(sinks, sink)
+		if err := r.LeftHost().SendUDP(dst, fragPayload("qif"), 1, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, sink := range sinks {
+		recvd, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(recvd) != 1 || !bytes.Equal(recvd[0], fragPayload("qif")) {
+			t.Errorf("datagram %d: the host behind the router got %d datagrams, want it once", i, len(recvd))
+		}
+	}
+	var got []seen
+	for _, stop := range stops {
+		got = append(got, stop()...)
+	}
+	if len(got) != 2 {
+		t.Fatalf("the handles saw %d datagrams, want 2", len(got))
+	}
+	for _, s := range got {
+		if len(s.pkt) < 20+8+fragPayloadLen || isFragment(s.pkt) || s.addr.IfIdx != out {
+			t.Errorf("a %d-byte packet (fragment %v), IfIdx %d; want a whole datagram, IfIdx %d (outgoing)", len(s.pkt), isFragment(s.pkt), s.addr.IfIdx, out)
+		}
+	}
+}
