@@ -81,8 +81,7 @@ import (
 //     IPv4 datagram with DF set that does not fit gives an error wrapping
 //     reassembly.ErrDontFragment. The re-emitted packets leave through the
 //     router's output path, by their route, whatever the Address's IfIdx
-//     says (as new packets at this layer): lower-priority forward handles
-//     do not see them.
+//     says: lower-priority forward handles do not see them.
 //   - FlagDrop: the kernel rules drop what they select, fragments included
 //     as each hook sees them; nothing is reassembled.
 //
@@ -261,6 +260,11 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 	}
 	// Capped at len(buf): the caller owns only that much of its array.
 	dgram, done, rerr := fs.reasm.AddInfo(buf[:0:len(buf)], p.Payload, time.Unix(0, now), &fs.info)
+	if done && rerr == nil && fs.route != nil && !outbound && fs.info.Fragmented && !fs.info.Atomic {
+		// Asked before vmu is taken: a netlink round trip must not hold up
+		// the handle's verdicts.
+		ifIdx = fs.forwardIf(dgram, ifIdx)
+	}
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
 	for _, ek := range fs.evicted {
@@ -298,9 +302,6 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		return 0, false, false, nil
 	}
 	ipv6 := k.v6
-	if fs.route != nil && !outbound {
-		ifIdx = fs.forwardIf(dgram, ifIdx)
-	}
 	if b.userSide && b.filt != nil {
 		b.meta = filter.Meta{
 			Layer:     filter.Layer(b.layer),
@@ -440,10 +441,10 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 	}
 	zone := a.IfIdx
 	if b.layer == LayerNetworkForward {
-		// A forwarded datagram leaves by its route, as a new packet at
-		// this layer does, even to a link-scoped destination (IPv4
-		// 169.254/16, which Linux forwards): its IfIdx (the route's
-		// interface, or 0 when there was none) names no link to force.
+		// A forwarded datagram leaves by its route, even to a link-scoped
+		// destination (IPv4 169.254/16, which Linux forwards like any
+		// address): its IfIdx (the route's interface, or 0 when there was
+		// none) names no link to force.
 		zone = 0
 	}
 	if err := b.sendFragments(pkt, int(a.sys.fragMTU), a.sys.fragID, zone, false); err != nil {
