@@ -220,20 +220,22 @@ func (fs *fragState) close() error {
 }
 
 // forwardIf returns the interface the namespace forwards dgram, received
-// on iif, through: the forward layer's IfIdx, which the fragments, taken
+// on iif with mark, through: the forward layer's IfIdx, which the fragments, taken
 // at prerouting before routing, do not carry. 0 when the routing table has
 // no answer (the kernel would not forward the datagram either).
-func (fs *fragState) forwardIf(dgram []byte, iif uint32) uint32 {
+func (fs *fragState) forwardIf(dgram []byte, iif, mark uint32) uint32 {
 	var src, dst netip.Addr
+	var tos byte
 	switch {
 	case len(dgram) >= 20 && dgram[0]>>4 == 4:
 		src, dst = netip.AddrFrom4([4]byte(dgram[12:16])), netip.AddrFrom4([4]byte(dgram[16:20]))
+		tos = dgram[1]
 	case len(dgram) >= 40 && dgram[0]>>4 == 6:
 		src, dst = netip.AddrFrom16([16]byte(dgram[8:24])), netip.AddrFrom16([16]byte(dgram[24:40]))
 	default:
 		return 0
 	}
-	oif, err := fs.route.outIf(src, dst, iif)
+	oif, err := fs.route.outIf(src, dst, iif, tos, mark)
 	if err != nil {
 		return 0
 	}
@@ -263,7 +265,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 	if done && rerr == nil && fs.route != nil && !outbound && fs.info.Fragmented && !fs.info.Atomic {
 		// Asked before vmu is taken: a netlink round trip must not hold up
 		// the handle's verdicts.
-		ifIdx = fs.forwardIf(dgram, ifIdx)
+		ifIdx = fs.forwardIf(dgram, ifIdx, p.Mark)
 	}
 	b.vmu.Lock()
 	defer b.vmu.Unlock()

@@ -1065,3 +1065,94 @@ func TestLinuxNewPacketLargerThanMTU(t *testing.T) {
 		}
 	})
 }
+
+// TestFragForwardPolicyRoute: the outgoing interface of a datagram
+// reassembled at LayerNetworkForward follows the router's policy rules
+// on the datagram's TOS and on its mark, as the kernel's forwarding does:
+// rules send TOS 0x10 and mark 7 to a third interface (a veth going nowhere).
+func TestFragForwardPolicyRoute(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dpr", 1500)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	dstT := r.Right.B.V4
+	dstM := netip.MustParseAddr("192.0.2.77")
+	ipIn(t, r.RightHost(), "addr", "add", dstM.String()+"/32", "dev", r.Right.B.If)
+	ipIn(t, r.Router(), "route", "add", dstM.String()+"/32", "dev", r.Right.A.If)
+	ipIn(t, r.Router(), "link", "add", "dpol", "type", "veth", "peer", "name", "dpolp")
+	ipIn(t, r.Router(), "link", "set", "dpol", "up")
+	ipIn(t, r.Router(), "link", "set", "dpolp", "up")
+	ipIn(t, r.Router(), "route", "add", dstT.String()+"/32", "dev", "dpol", "table", "100")
+	ipIn(t, r.Router(), "route", "add", dstM.String()+"/32", "dev", "dpol", "table", "101")
+	ipIn(t, r.Router(), "rule", "add", "tos", "0x10", "lookup", "100")
+	ipIn(t, r.Router(), "rule", "add", "fwmark", "7", "lookup", "101")
+	for _, argv := range [][]string{
+		{"nft", "add", "table", "ip", "dprmark"},
+		// Before the handle's fragments chain (prerouting, about -30401).
+		{"nft", "add", "chain", "ip", "dprmark", "c", "{ type filter hook prerouting priority -40000 ; }"},
+		{"nft", "add", "rule", "ip", "dprmark", "c", "ip", "daddr", dstM.String(), "meta", "mark", "set", "7"},
+	} {
+		if out, err := r.Router().Run(ctx, argv...); err != nil {
+			t.Fatalf("%v: %v: %s", argv, err, out)
+		}
+	}
+	var dpol uint32
+	if err := r.Router().Do(func() error {
+		ifc, err := net.InterfaceByName("dpol")
+		if err == nil {
+			dpol = uint32(ifc.Index)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	h := openIn(t, r.Router(), "udp.DstPort == 7140", LayerNetworkForward, 0, FlagReassemble)
+	p := startFragPump(t, h, nil)
+	var ls *Handle
+	if err := r.LeftHost().Do(func() (err error) { ls, err = Open("false", LayerNetwork, 0, FlagSendOnly); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer ls.Close()
+	// TOS 0x10, crafted: the left host's own sends carry TOS 0.
+	d := udpPacket(t, netip.AddrPortFrom(r.Left.A.V4, 5000), netip.AddrPortFrom(dstT, 7140), fragPayload("tos"))
+	d[1] = 0x10
+	binary.BigEndian.PutUint16(d[4:], 0x7140) // an ID 0 would get one per fragment from the kernel
+	if err := CalcChecksums(d, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	frags, err := reassembly.Fragment(nil, nil, d, 1500, 0)
+	if err != nil || len(frags) < 2 {
+		t.Fatalf("fragment: %d fragments, %v", len(frags), err)
+	}
+	for _, f := range frags {
+		if _, err := ls.Send(f, &Address{Outbound: true, IPChecksum: true, TCPChecksum: true, UDPChecksum: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Marked by the router's prerouting rule.
+	if err := r.LeftHost().SendUDP(netip.AddrPortFrom(dstM, 7140), fragPayload("mark"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		p.mu.Lock()
+		n := len(p.got)
+		p.mu.Unlock()
+		if n >= 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	got, _ := p.stop()
+	if len(got) != 2 {
+		for _, s := range got {
+			t.Logf("seen: to %v, IfIdx %d", netip.AddrFrom4([4]byte(s.pkt[16:20])), s.addr.IfIdx)
+		}
+		t.Fatalf("handle saw %d datagrams, want 2", len(got))
+	}
+	for _, s := range got {
+		if s.addr.IfIdx != dpol {
+			t.Errorf("datagram to %v: IfIdx %d, want %d (the interface the policy rules pick)", netip.AddrFrom4([4]byte(s.pkt[16:20])), s.addr.IfIdx, dpol)
+		}
+	}
+}

@@ -61,15 +61,16 @@ func (q *routeQuery) close() {
 }
 
 // outIf returns the interface the namespace forwards a packet from src to
-// dst, received on interface iif, through.
-func (q *routeQuery) outIf(src, dst netip.Addr, iif uint32) (uint32, error) {
+// dst, received on interface iif, through: with its IPv4 TOS and its mark,
+// which policy routing rules (ip rule ... tos, fwmark) may select on.
+func (q *routeQuery) outIf(src, dst netip.Addr, iif uint32, tos byte, mark uint32) (uint32, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.fd < 0 {
 		return 0, net.ErrClosed
 	}
 	q.seq++
-	q.req = appendRouteGet(q.req[:0], q.seq, src, dst, iif)
+	q.req = appendRouteGet(q.req[:0], q.seq, src, dst, iif, tos, mark)
 	if err := unix.Sendto(q.fd, q.req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return 0, fmt.Errorf("route request: %w", err)
 	}
@@ -89,11 +90,12 @@ func (q *routeQuery) outIf(src, dst netip.Addr, iif uint32) (uint32, error) {
 }
 
 // appendRouteGet appends an RTM_GETROUTE request for the route a packet
-// from src to dst received on iif takes.
-func appendRouteGet(b []byte, seq uint32, src, dst netip.Addr, iif uint32) []byte {
+// from src to dst received on iif takes, with IPv4 TOS tos (IPv6 has no
+// such field in the request) and mark (none when 0).
+func appendRouteGet(b []byte, seq uint32, src, dst netip.Addr, iif uint32, tos byte, mark uint32) []byte {
 	family, bits := byte(unix.AF_INET), byte(32)
 	if dst.Is6() {
-		family, bits = unix.AF_INET6, 128
+		family, bits, tos = unix.AF_INET6, 128, 0
 	}
 	start := len(b)
 	b = binary.NativeEndian.AppendUint32(b, 0) // length, set below
@@ -102,11 +104,14 @@ func appendRouteGet(b []byte, seq uint32, src, dst netip.Addr, iif uint32) []byt
 	b = binary.NativeEndian.AppendUint32(b, seq)
 	b = binary.NativeEndian.AppendUint32(b, 0) // port: the kernel
 	// struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-	b = append(b, family, bits, bits, 0, 0, 0, 0, 0)
+	b = append(b, family, bits, bits, tos, 0, 0, 0, 0)
 	b = binary.NativeEndian.AppendUint32(b, 0)
 	b = appendRouteAttr(b, unix.RTA_DST, dst.AsSlice())
 	b = appendRouteAttr(b, unix.RTA_SRC, src.AsSlice())
 	b = appendRouteAttr(b, unix.RTA_IIF, binary.NativeEndian.AppendUint32(nil, iif))
+	if mark != 0 {
+		b = appendRouteAttr(b, unix.RTA_MARK, binary.NativeEndian.AppendUint32(nil, mark))
+	}
 	binary.NativeEndian.PutUint32(b[start:], uint32(len(b)-start))
 	return b
 }

@@ -52,12 +52,23 @@ func TestRouteAnswer(t *testing.T) {
 		}
 	}
 	// The request: header length, type, and the three attributes.
-	req := appendRouteGet(nil, 3, netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.1.2"), 4)
+	req := appendRouteGet(nil, 3, netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.1.2"), 4, 0x10, 0)
 	if int(binary.NativeEndian.Uint32(req)) != len(req) || binary.NativeEndian.Uint16(req[4:]) != unix.RTM_GETROUTE || req[unix.NLMSG_HDRLEN] != unix.AF_INET || req[unix.NLMSG_HDRLEN+1] != 32 {
 		t.Errorf("request header % x", req[:unix.NLMSG_HDRLEN+2])
 	}
+	if req[unix.NLMSG_HDRLEN+3] != 0x10 {
+		t.Errorf("rtm_tos %#x, want 0x10", req[unix.NLMSG_HDRLEN+3])
+	}
 	if want := unix.NLMSG_HDRLEN + unix.SizeofRtMsg + 3*8; len(req) != want {
 		t.Errorf("request of %d bytes, want %d", len(req), want)
+	}
+	// With a mark: one more attribute. IPv6 has no TOS in the request.
+	req = appendRouteGet(nil, 3, netip.MustParseAddr("fd00::1"), netip.MustParseAddr("fd00::2"), 4, 0x10, 7)
+	if req[unix.NLMSG_HDRLEN] != unix.AF_INET6 || req[unix.NLMSG_HDRLEN+3] != 0 {
+		t.Errorf("IPv6 request header % x", req[unix.NLMSG_HDRLEN:unix.NLMSG_HDRLEN+4])
+	}
+	if want := unix.NLMSG_HDRLEN + unix.SizeofRtMsg + 2*20 + 8 + 8; len(req) != want {
+		t.Errorf("IPv6 request with a mark of %d bytes, want %d", len(req), want)
 	}
 }
 
