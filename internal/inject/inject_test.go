@@ -432,24 +432,7 @@ func TestOutboundZone(t *testing.T) {
 	}
 	defer r.Close()
 	inj := newIn(t, r.Router(), nftrules.Mark(0))
-	listen := func(ns *netnstest.NS) net.PacketConn {
-		var c net.PacketConn
-		if err := ns.Do(func() (err error) { c, err = net.ListenPacket("udp6", ":7312"); return }); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	left, right := listen(r.LeftHost()), listen(r.RightHost())
-	got := func(c net.PacketConn) string {
-		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-		buf := make([]byte, 100)
-		n, _, err := c.ReadFrom(buf)
-		if err != nil {
-			return ""
-		}
-		return string(buf[:n])
-	}
+	left, right := listenIn(t, r.LeftHost(), "udp6", ":7312"), listenIn(t, r.RightHost(), "udp6", ":7312")
 	all := netip.MustParseAddr("ff02::1")
 	for _, tc := range []struct {
 		name  string
@@ -465,10 +448,10 @@ func TestOutboundZone(t *testing.T) {
 		if err := inj.OutboundOn(pkt, uint32(tc.ifIdx)); err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
-		if s := got(tc.want); s != tc.name {
+		if s := readString(tc.want); s != tc.name {
 			t.Errorf("%s: the link's host got %q", tc.name, s)
 		}
-		if s := got(tc.other); s != "" {
+		if s := readString(tc.other); s != "" {
 			t.Errorf("%s: the other link's host got %q", tc.name, s)
 		}
 	}
@@ -483,24 +466,7 @@ func TestOutboundLinkScopeV4(t *testing.T) {
 	netnstest.RequireRoot(t)
 	r := netnstest.Route(t, "ilb", 0)
 	inj := newIn(t, r.Router(), nftrules.Mark(0))
-	listen := func(ns *netnstest.NS) net.PacketConn {
-		var c net.PacketConn
-		if err := ns.Do(func() (err error) { c, err = net.ListenPacket("udp4", ":7313"); return }); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	left, right := listen(r.LeftHost()), listen(r.RightHost())
-	got := func(c net.PacketConn) string {
-		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-		buf := make([]byte, 100)
-		n, _, err := c.ReadFrom(buf)
-		if err != nil {
-			return ""
-		}
-		return string(buf[:n])
-	}
+	left, right := listenIn(t, r.LeftHost(), "udp4", ":7313"), listenIn(t, r.RightHost(), "udp4", ":7313")
 	for _, dst := range []netip.Addr{netip.MustParseAddr("255.255.255.255"), netip.MustParseAddr("224.0.0.1")} {
 		for _, tc := range []struct {
 			name  string
@@ -517,10 +483,10 @@ func TestOutboundLinkScopeV4(t *testing.T) {
 			if err := inj.OutboundOn(pkt, uint32(tc.ifIdx)); err != nil {
 				t.Fatalf("%s: %v", msg, err)
 			}
-			if s := got(tc.want); s != msg {
+			if s := readString(tc.want); s != msg {
 				t.Errorf("%s: the link's host got %q", msg, s)
 			}
-			if s := got(tc.other); s != "" {
+			if s := readString(tc.other); s != "" {
 				t.Errorf("%s: the other link's host got %q", msg, s)
 			}
 		}
@@ -577,4 +543,27 @@ func TestRouteMTUZone(t *testing.T) {
 			t.Errorf("%s: RouteMTU = %d, %v; want %d", tc.name, mtu, err, tc.want)
 		}
 	}
+}
+
+// listenIn opens a packet socket in ns, closed when the test ends.
+func listenIn(t *testing.T, ns *netnstest.NS, network, addr string) net.PacketConn {
+	t.Helper()
+	var c net.PacketConn
+	if err := ns.Do(func() (err error) { c, err = net.ListenPacket(network, addr); return }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// readString returns the next datagram c receives within 300 ms as a
+// string, "" if none comes.
+func readString(c net.PacketConn) string {
+	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	buf := make([]byte, 100)
+	n, _, err := c.ReadFrom(buf)
+	if err != nil {
+		return ""
+	}
+	return string(buf[:n])
 }
