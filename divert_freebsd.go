@@ -804,7 +804,7 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 		}
 		pkt := s.buf[:s.n]
 		b.fill(a, pkt, &s.sa, r)
-		if b.filt != nil && !b.filt.Match(pkt, metaOf(&s.meta, a)) {
+		if b.filt != nil && !b.filt.Match(pkt, s.metaOf(a)) {
 			if b.flags&(FlagSniff) == 0 {
 				// Not ours: straight back, resuming after our rule.
 				if a.sys.fix == bsdaddr.NameRefuse {
@@ -840,20 +840,10 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 	}
 }
 
-// metaOf fills m from a network-layer Address.
-func metaOf(m *filter.Meta, a *Address) *filter.Meta {
-	*m = filter.Meta{
-		Layer:     filter.Layer(a.Layer),
-		Event:     uint8(a.Event),
-		Outbound:  a.Outbound,
-		Loopback:  a.Loopback,
-		Impostor:  a.Impostor,
-		IPv6:      a.IPv6,
-		IfIdx:     a.IfIdx,
-		SubIfIdx:  a.SubIfIdx,
-		Timestamp: a.Timestamp,
-	}
-	return m
+// metaOf fills the scratch Meta from a and returns it.
+func (s *bsdIO) metaOf(a *Address) *filter.Meta {
+	s.meta = a.Meta()
+	return &s.meta
 }
 
 func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdaddr.Received) {

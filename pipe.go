@@ -112,11 +112,7 @@ func (p *Pipe) Deliver(pkt []byte, a Address) (taken bool, err error) {
 	a.IPv6 = len(pkt) > 0 && pkt[0]>>4 == 6
 	a.Sniffed = false // the pipe sets it for its copies
 	a.pipe = 0        // an Address received from a handle names its packet there
-	meta := filter.Meta{
-		Layer: filter.Layer(p.layer), Outbound: a.Outbound, Loopback: a.Loopback,
-		Impostor: a.Impostor, IPv6: a.IPv6, IfIdx: a.IfIdx, SubIfIdx: a.SubIfIdx,
-		Timestamp: a.Timestamp,
-	}
+	meta := a.Meta()
 	match, err := p.f.Eval(pkt, &meta)
 	if err != nil {
 		return false, fmt.Errorf("divert: pipe: %w", err)
