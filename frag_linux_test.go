@@ -500,11 +500,7 @@ func TestFragForwardExpiry(t *testing.T) {
 	pkt[6] |= 0x20 // MF
 	binary.BigEndian.PutUint16(pkt[4:], 0x4242)
 	CalcChecksums(pkt, nil, NoUDPChecksum)
-	var ls *Handle
-	if err := r.LeftHost().Do(func() (err error) { ls, err = Open("false", LayerNetwork, 0, FlagSendOnly); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer ls.Close()
+	ls := openIn(t, r.LeftHost(), "false", LayerNetwork, 0, FlagSendOnly)
 	if _, err := ls.Send(pkt, &Address{Outbound: true, IPChecksum: true, UDPChecksum: true}); err != nil {
 		t.Fatal(err)
 	}
@@ -810,9 +806,9 @@ func TestFragLinkLocalRouteMTU(t *testing.T) {
 // its right link; a LayerNetworkForward FlagReassemble handle takes it and
 // sends it back. Its Address's IfIdx is the route's interface; the handle
 // then points IfIdx at the link the fragments came in on, and the
-// refragmented datagram must still leave by its route, as new packets at
-// this layer do, not through that interface as the zone of a link-scoped
-// destination: the host behind the right link gets it.
+// refragmented datagram must still leave by its route, not through that
+// interface as the zone of a link-scoped destination: the host behind the
+// right link gets it.
 func TestFragForwardLinkLocalV4(t *testing.T) {
 	netnstest.RequireRoot(t)
 	r := netnstest.Route(t, "dfl", 1500)
@@ -883,11 +879,7 @@ func TestFragChangedChecksumsComputed(t *testing.T) {
 			}
 			// The left host sends the datagrams as fragments of its own
 			// making, so that one can carry a wrong checksum.
-			var ls *Handle
-			if err := r.LeftHost().Do(func() (err error) { ls, err = Open("false", LayerNetwork, 0, FlagSendOnly); return err }); err != nil {
-				t.Fatal(err)
-			}
-			defer ls.Close()
+			ls := openIn(t, r.LeftHost(), "false", LayerNetwork, 0, FlagSendOnly)
 			send := func(tag string, badSum bool, id uint32) {
 				t.Helper()
 				d := udpPacket(t, netip.AddrPortFrom(srcAddr, 5000), dst, fragPayload(tag))
@@ -897,15 +889,7 @@ func TestFragChangedChecksumsComputed(t *testing.T) {
 				if badSum {
 					d[len(d)-fragPayloadLen-2] ^= 0x5a
 				}
-				frags, err := reassembly.Fragment(nil, nil, d, 1500, id)
-				if err != nil || len(frags) < 2 {
-					t.Fatalf("fragment: %d fragments, %v", len(frags), err)
-				}
-				for _, f := range frags {
-					if _, err := ls.Send(f, &Address{Outbound: true, IPv6: c.v6, IPChecksum: true, TCPChecksum: true, UDPChecksum: true}); err != nil {
-						t.Fatal(err)
-					}
-				}
+				sendFrags(t, ls, d, id, Address{Outbound: true, IPv6: c.v6, IPChecksum: true, TCPChecksum: true, UDPChecksum: true})
 			}
 			recvBack := func(change bool) {
 				t.Helper()
@@ -1108,11 +1092,7 @@ func TestFragForwardPolicyRoute(t *testing.T) {
 	}
 	h := openIn(t, r.Router(), "udp.DstPort == 7140", LayerNetworkForward, 0, FlagReassemble)
 	p := startFragPump(t, h, nil)
-	var ls *Handle
-	if err := r.LeftHost().Do(func() (err error) { ls, err = Open("false", LayerNetwork, 0, FlagSendOnly); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer ls.Close()
+	ls := openIn(t, r.LeftHost(), "false", LayerNetwork, 0, FlagSendOnly)
 	// TOS 0x10, crafted: the left host's own sends carry TOS 0.
 	d := udpPacket(t, netip.AddrPortFrom(r.Left.A.V4, 5000), netip.AddrPortFrom(dstT, 7140), fragPayload("tos"))
 	d[1] = 0x10
@@ -1120,15 +1100,7 @@ func TestFragForwardPolicyRoute(t *testing.T) {
 	if err := CalcChecksums(d, nil, 0); err != nil {
 		t.Fatal(err)
 	}
-	frags, err := reassembly.Fragment(nil, nil, d, 1500, 0)
-	if err != nil || len(frags) < 2 {
-		t.Fatalf("fragment: %d fragments, %v", len(frags), err)
-	}
-	for _, f := range frags {
-		if _, err := ls.Send(f, &Address{Outbound: true, IPChecksum: true, TCPChecksum: true, UDPChecksum: true}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	sendFrags(t, ls, d, 0, Address{Outbound: true, IPChecksum: true, TCPChecksum: true, UDPChecksum: true})
 	// Marked by the router's prerouting rule.
 	if err := r.LeftHost().SendUDP(netip.AddrPortFrom(dstM, 7140), fragPayload("mark"), 1, 0); err != nil {
 		t.Fatal(err)
@@ -1153,6 +1125,22 @@ func TestFragForwardPolicyRoute(t *testing.T) {
 	for _, s := range got {
 		if s.addr.IfIdx != dpol {
 			t.Errorf("datagram to %v: IfIdx %d, want %d (the interface the policy rules pick)", netip.AddrFrom4([4]byte(s.pkt[16:20])), s.addr.IfIdx, dpol)
+		}
+	}
+}
+
+// sendFrags cuts the datagram d into fragments of at most 1500 bytes
+// (identification id for IPv6) and sends each through h with a copy of a.
+func sendFrags(t *testing.T, h *Handle, d []byte, id uint32, a Address) {
+	t.Helper()
+	frags, err := reassembly.Fragment(nil, nil, d, 1500, id)
+	if err != nil || len(frags) < 2 {
+		t.Fatalf("fragment: %d fragments, %v", len(frags), err)
+	}
+	for _, f := range frags {
+		fa := a
+		if _, err := h.Send(f, &fa); err != nil {
+			t.Fatal(err)
 		}
 	}
 }
