@@ -102,12 +102,7 @@ func TestParkAndReuse(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if got := tables(t, ns); len(got) != 0 {
-		t.Fatalf("tables after the last Close: %v", got)
-	}
-	if registered(t, ns) {
-		t.Fatal("the registry keeps the namespace after its last Close")
-	}
+	requireGone(t, ns, "after the last Close")
 }
 
 // TestParkFailureDeletes: when emptying the table fails, Close deletes it.
@@ -125,9 +120,7 @@ func TestParkFailureDeletes(t *testing.T) {
 		t.Fatalf("tables after a failed park: %v, want only %s", got, a.Table())
 	}
 	a.Close()
-	if got := tables(t, ns); len(got) != 0 {
-		t.Fatalf("tables after the last Close: %v", got)
-	}
+	requireGone(t, ns, "after the last Close")
 }
 
 // TestParkBound: past maxParked tables parked in a namespace, Close
@@ -146,9 +139,7 @@ func TestParkBound(t *testing.T) {
 		t.Fatalf("tables: %v, want %s (open) and %s (parked), %s deleted", got, a.Table(), b.Table(), c.Table())
 	}
 	a.Close()
-	if got := tables(t, ns); len(got) != 0 {
-		t.Fatalf("tables after the last Close: %v", got)
-	}
+	requireGone(t, ns, "after the last Close")
 }
 
 // TestMemberKeepsTable: a Member counts as a user of its namespace.
@@ -169,12 +160,7 @@ func TestMemberKeepsTable(t *testing.T) {
 	if err := m.Leave(); err != nil {
 		t.Fatalf("second Leave: %v", err)
 	}
-	if got := tables(t, ns); len(got) != 0 {
-		t.Fatalf("tables after the Member left: %v", got)
-	}
-	if registered(t, ns) {
-		t.Fatal("the registry keeps the namespace after its last user")
-	}
+	requireGone(t, ns, "after the Member left")
 }
 
 // TestShareConcurrent: Installs and Closes from many goroutines, in two
@@ -210,5 +196,17 @@ func TestShareConcurrent(t *testing.T) {
 		if registered(t, ns) {
 			t.Errorf("%s: the registry keeps the namespace", ns.Name)
 		}
+	}
+}
+
+// requireGone fails t unless ns has no table left and the registry no
+// longer knows it, when (say, "after the last Close") everything is closed.
+func requireGone(t *testing.T, ns *netnstest.NS, when string) {
+	t.Helper()
+	if got := tables(t, ns); len(got) != 0 {
+		t.Fatalf("tables %s: %v", when, got)
+	}
+	if registered(t, ns) {
+		t.Fatalf("the registry keeps the namespace %s", when)
 	}
 }
