@@ -81,7 +81,10 @@ import (
 //     IPv4 datagram with DF set that does not fit gives an error wrapping
 //     reassembly.ErrDontFragment. The re-emitted packets leave through the
 //     router's output path, by their route, whatever the Address's IfIdx
-//     says: lower-priority forward handles do not see them.
+//     says, but for an IPv6 datagram to a link-scoped destination
+//     (fe80::/10), which Linux forwards only back onto the link it came
+//     in on (its IfIdx, from the route lookup): it leaves through IfIdx.
+//     Lower-priority forward handles do not see them.
 //   - FlagDrop: the kernel rules drop what they select, fragments included
 //     as each hook sees them; nothing is reassembled.
 //
@@ -442,11 +445,16 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		return n, nil
 	}
 	zone := a.IfIdx
-	if b.layer == LayerNetworkForward {
-		// A forwarded datagram leaves by its route, even to a link-scoped
-		// destination (IPv4 169.254/16, which Linux forwards like any
-		// address): its IfIdx (the route's interface, or 0 when there was
-		// none) names no link to force.
+	if b.layer == LayerNetworkForward && pkt[0]>>4 == 4 {
+		// A forwarded IPv4 datagram leaves by its route, even to a
+		// link-scoped destination (169.254/16, which Linux forwards like
+		// any address): its IfIdx (the route's interface, or 0 when there
+		// was none) names no link to force. An IPv6 one to a link-scoped
+		// destination (fe80::/10) is routed only back onto the link it
+		// came in on, which its IfIdx names (the route lookup's answer
+		// for such a destination is the incoming interface), and the
+		// raw send needs that zone: without one the kernel sends it onto
+		// the link of its first fe80::/64 route.
 		zone = 0
 	}
 	if err := b.sendFragments(pkt, int(a.sys.fragMTU), a.sys.fragID, zone, false); err != nil {

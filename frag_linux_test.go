@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -841,6 +842,101 @@ func TestFragForwardLinkLocalV4(t *testing.T) {
 	}
 	if len(recvd) != 1 || !bytes.Equal(recvd[0], fragPayload("ll4")) {
 		t.Fatalf("the host behind the router got %d datagrams, want the one sent back", len(recvd))
+	}
+}
+
+// TestFragForwardLinkLocalV6: fragments of a datagram to fe80::99 reach a
+// router on one of its links (sent to the router's MAC address: a
+// neighbour that routes it); Linux routes an IPv6 link-local destination
+// only back onto the link it came in on, so a LayerNetworkForward
+// FlagReassemble handle gets the datagram with that link as IfIdx, and
+// sent back it must leave through it, the zone of its link-local
+// destination. Both hosts have fe80::99; the fragments come in on the link
+// that a raw send without a zone would not take (the router's first
+// fe80::/64 route's), so only the zone brings the datagram back to the
+// host that sent it.
+func TestFragForwardLinkLocalV6(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dfl6", 1500)
+	ipIn(t, r.LeftHost(), "addr", "add", "fe80::99/64", "dev", r.Left.A.If, "nodad")
+	ipIn(t, r.RightHost(), "addr", "add", "fe80::99/64", "dev", r.Right.B.If, "nodad")
+	// The link a zoneless send to fe80::99 takes.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := r.Router().Run(ctx, "ip", "-6", "-o", "route", "get", "fe80::99")
+	if err != nil {
+		t.Fatalf("ip route get: %v: %s", err, out)
+	}
+	host, routerEnd, other := r.Right.B, r.Right.A, r.Left.A // host sends to routerEnd; other must get nothing
+	switch f := strings.Fields(string(out)); {
+	case slices.Contains(f, r.Right.A.If):
+		host, routerEnd, other = r.Left.A, r.Left.B, r.Right.B
+	case !slices.Contains(f, r.Left.B.If):
+		t.Fatalf("a zoneless fe80::99 takes neither of the router's links: %s", out)
+	}
+	sink, err := host.NS.ListenUDP("[::]:7132")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	sinkOther, err := other.NS.ListenUDP("[::]:7132")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sinkOther.Close()
+	var routerMAC net.HardwareAddr
+	if err := r.Router().Do(func() error {
+		ifc, err := net.InterfaceByName(routerEnd.If)
+		if err == nil {
+			routerMAC = ifc.HardwareAddr
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	h := openIn(t, r.Router(), "udp.DstPort == 7132", LayerNetworkForward, 0, FlagReassemble)
+	p := startFragPump(t, h, nil)
+	dst := netip.AddrPortFrom(netip.MustParseAddr("fe80::99"), 7132)
+	d := udpPacket(t, netip.AddrPortFrom(host.V6, 5000), dst, fragPayload("ll6"))
+	frags, err := reassembly.Fragment(nil, nil, d, 1500, 0x7132)
+	if err != nil || len(frags) != 3 {
+		t.Fatalf("fragment: %d fragments, %v", len(frags), err)
+	}
+	// The host's own sends to fe80::99 stay in it (a local address): the
+	// fragments go out as frames to the router.
+	if err := host.NS.Do(func() error {
+		fd, err := syscall.Socket(syscall.AF_PACKET, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer syscall.Close(fd)
+		sa := &syscall.SockaddrLinklayer{Protocol: 0xdd86, Ifindex: host.IfIdx, Halen: 6} // ETH_P_IPV6, network order
+		copy(sa.Addr[:], routerMAC)
+		for _, f := range frags {
+			if err := syscall.Sendto(fd, f, 0, sa); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("send the fragments to the router: %v", err)
+	}
+	recvd, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, errs := p.stop()
+	if len(got) != 1 || len(errs) != 1 || errs[0] != nil {
+		t.Fatalf("handle saw %d datagrams (Send: %v), want 1 sent back", len(got), errs)
+	}
+	if got[0].addr.IfIdx != uint32(routerEnd.IfIdx) || !got[0].addr.IPv6 {
+		t.Errorf("IfIdx %d, want %d (the link it came in on)", got[0].addr.IfIdx, routerEnd.IfIdx)
+	}
+	if len(recvd) != 1 || !bytes.Equal(recvd[0], fragPayload("ll6")) {
+		t.Fatalf("the host on the link it came in on got %d datagrams, want the one sent back", len(recvd))
+	}
+	if late, err := netnstest.RecvUDP(sinkOther, 1, 200*time.Millisecond); err != nil || len(late) != 0 {
+		t.Errorf("the host on the other link got %d datagrams (%v), want none", len(late), err)
 	}
 }
 
