@@ -47,11 +47,13 @@ import (
 //     datagram. Reinjecting a datagram the kernel handed over whole is an
 //     ACCEPT; the kernel fragments what it then sends. A datagram
 //     reassembled in user space had its fragments dropped when it was
-//     received: Send delivers it whole to the local stack (inbound) or
-//     refragments it and sends the fragments as marked raw packets
-//     (outbound), in both cases with the checksums its Address's clear bits
-//     say are unfinished computed first when the program changed it, as for
-//     a whole packet. With FlagSniff the fragments continue and the program gets
+//     received: Send delivers it whole to the local stack (inbound; as
+//     fragments of lo's MTU, which the kernel reassembles, when it exceeds
+//     that: an IPv6 datagram of 65,537 to 65,575 bytes against lo's default
+//     65,536) or refragments it and sends the fragments as marked raw
+//     packets (outbound), in both cases with the checksums its Address's
+//     clear bits say are unfinished computed first when the program changed
+//     it, as for a whole packet. With FlagSniff the fragments continue and the program gets
 //     a copy of the datagram.
 //   - LayerNetwork with FlagFragments: inbound, the packets addressed to the
 //     host as they are on the wire, fragments included, before any
@@ -410,7 +412,8 @@ func (b *linuxBackend) expirePending(now, qt int64) {
 }
 
 // sendDgram emits a datagram reassembled in user space: inbound at
-// LayerNetwork whole to the local stack, otherwise refragmented to the size
+// LayerNetwork whole to the local stack (as fragments when it exceeds lo's
+// MTU, see inboundFragments), otherwise refragmented to the size
 // it came in (or the route's MTU when smaller), each fragment a marked raw
 // packet. As for a packet sent back whole (verdictLocked), a datagram the
 // program changed gets the checksums a's clear bits say are unfinished
@@ -437,9 +440,14 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 	}
 	if b.layer == LayerNetwork && !a.Outbound {
 		// Delivered whole to the local stack (the raw send loops
-		// through lo, whose MTU holds any datagram).
+		// through lo), or as fragments when it exceeds lo's MTU.
 		if err := b.inj.Inbound(pkt, a.IfIdx); err != nil {
-			return 0, injectError(err)
+			if !errors.Is(err, unix.EMSGSIZE) {
+				return 0, injectError(err)
+			}
+			if err := b.inboundFragments(pkt, a.sys.fragID, err); err != nil {
+				return 0, err
+			}
 		}
 		a.sys = sysAddr{}
 		return n, nil
@@ -462,6 +470,61 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 	}
 	a.sys = sysAddr{}
 	return n, nil
+}
+
+// inboundFragments delivers pkt, a datagram reassembled in user space whose
+// raw send to the local stack the kernel refused as larger than lo's MTU
+// (err, EMSGSIZE), as fragments of that MTU, which the kernel reassembles
+// on input as it would have reassembled the datagram's own: an IPv6
+// datagram of 65,537 to 65,575 bytes (a payload of up to 65,535 bytes, which
+// the kernel's reassembly takes) exceeds lo's default MTU of 65,536 bytes,
+// and a smaller MTU set on lo leaves more datagrams too big. id is the
+// identification of IPv6 fragments. A datagram that cannot be fragmented
+// (IPv4 with DF set, or an MTU too small for its headers) gives an error
+// wrapping reassembly's reason and EMSGSIZE. Called with b.fsend.mu held.
+func (b *linuxBackend) inboundFragments(pkt []byte, id uint32, err error) error {
+	mtu, merr := b.inj.RouteMTU(pkt, 0) // a local destination's route: lo's
+	if merr != nil {
+		return fmt.Errorf("divert: %w (route MTU: %w)", err, merr)
+	}
+	if mtu >= len(pkt) {
+		return fmt.Errorf("divert: %w (the route's MTU is %d)", err, mtu)
+	}
+	fs := &b.fsend
+	if fs.fbuf == nil {
+		fs.fbuf = make([]byte, 0, 2*MTUMax)
+		fs.flist = make([][]byte, 0, 64)
+	}
+	frags, ferr := reassembly.Fragment(fs.fbuf[:0], fs.flist, pkt, mtu, id)
+	if ferr != nil {
+		return fmt.Errorf("divert: send: the %d-byte datagram exceeds the %d-byte MTU of lo, through which it is delivered, and cannot be fragmented: %w (%w)", len(pkt), mtu, ferr, unix.EMSGSIZE)
+	}
+	if cap(frags) > cap(fs.flist) {
+		fs.flist = frags[:0]
+	}
+	oneV4ID(pkt, frags)
+	for i, f := range frags {
+		if err := b.inj.Inbound(f, 0); err != nil {
+			return fmt.Errorf("divert: fragment %d of %d: %w", i+1, len(frags), err) // err says "inject: ..."
+		}
+	}
+	return nil
+}
+
+// oneV4ID gives the fragments of pkt, an IPv4 datagram whose
+// identification is 0, one random identification (the kernel would give
+// each fragment one of its own), their header checksums updated.
+func oneV4ID(pkt []byte, frags [][]byte) {
+	if pkt[0]>>4 != 4 || len(frags) < 2 || binary.BigEndian.Uint16(pkt[4:]) != 0 {
+		return
+	}
+	v := uint16(rand.Uint32N(1<<16-1) + 1)
+	for _, f := range frags {
+		binary.BigEndian.PutUint16(f[4:], v)
+		hl := int(f[0]&0xf) * 4
+		f[10], f[11] = 0, 0
+		binary.BigEndian.PutUint16(f[10:], ^packet.Checksum(f[:hl], 0))
+	}
 }
 
 // sendTooBig sends pkt, a new outbound packet the kernel refused as larger
@@ -528,17 +591,7 @@ func (b *linuxBackend) sendFragments(pkt []byte, mtu int, id uint32, ifIdx uint3
 		if cap(frags) > cap(fs.flist) {
 			fs.flist = frags[:0]
 		}
-		if pkt[0]>>4 == 4 && len(frags) > 1 && binary.BigEndian.Uint16(pkt[4:]) == 0 {
-			// The kernel would give each fragment an identification of
-			// its own: one for all of them.
-			v := uint16(rand.Uint32N(1<<16-1) + 1)
-			for _, f := range frags {
-				binary.BigEndian.PutUint16(f[4:], v)
-				hl := int(f[0]&0xf) * 4
-				f[10], f[11] = 0, 0
-				binary.BigEndian.PutUint16(f[10:], ^packet.Checksum(f[:hl], 0))
-			}
-		}
+		oneV4ID(pkt, frags)
 		for i, f := range frags {
 			if err = b.inj.OutboundOn(f, ifIdx); err != nil { // the link of a link-scoped destination
 				if i == 0 && !asked && errors.Is(err, unix.EMSGSIZE) {

@@ -200,6 +200,56 @@ func TestFragReassembleInbound(t *testing.T) {
 	}
 }
 
+// TestFragInboundLargerThanLo: an IPv6 datagram reassembled in user space
+// inbound whose length exceeds lo's MTU (65,575 bytes, the largest, against
+// lo's default 65,536; 3,048 bytes against an MTU of 1,280 set on lo) is
+// delivered through lo as fragments of lo's MTU, which the kernel
+// reassembles: the socket gets it whole.
+func TestFragInboundLargerThanLo(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dfo", 1500)
+	for _, c := range []struct {
+		name  string
+		loMTU int // 0: lo's default
+		data  []byte
+	}{
+		{"max", 0, bytes.Repeat([]byte("big!"), (65535-8)/4+1)[:65535-8]},
+		{"lo1280", 1280, fragPayload("lo1280")},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if c.loMTU != 0 {
+				ipIn(t, l.B.NS, "link", "set", "lo", "mtu", fmt.Sprint(c.loMTU))
+				defer ipIn(t, l.B.NS, "link", "set", "lo", "mtu", "65536")
+			}
+			dst := netip.AddrPortFrom(l.B.V6, 7151)
+			sink, err := l.B.NS.ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			h := openIn(t, l.B.NS, "inbound && udp.DstPort == 7151", LayerNetwork, 0, 0)
+			p := startFragPump(t, h, nil)
+			if err := l.A.NS.SendUDP(dst, c.data, 1, 0); err != nil {
+				t.Fatal(err)
+			}
+			recvd, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, errs := p.stop()
+			if len(got) != 1 || len(errs) != 1 || errs[0] != nil {
+				t.Fatalf("handle saw %d datagrams (Send: %v), want 1 sent back", len(got), errs)
+			}
+			if want := 40 + 8 + len(c.data); len(got[0].pkt) != want {
+				t.Errorf("handle got %d bytes, want the %d-byte datagram", len(got[0].pkt), want)
+			}
+			if len(recvd) != 1 || !bytes.Equal(recvd[0], c.data) {
+				t.Fatalf("the socket got %d datagrams, want the %d-byte one sent back", len(recvd), len(c.data))
+			}
+		})
+	}
+}
+
 // TestFragMalformedDgramSend: a datagram reassembled in user space and
 // changed into something that is not one whole IP packet is refused, and
 // can still be sent as received.
