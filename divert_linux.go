@@ -1421,6 +1421,13 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 			<-b.dropDone
 			b.flush() // the ACCEPTs of what passed, before the hooks go
 		}
+		if b.member != nil {
+			// The queue holds nothing now and takes no new packet: as a
+			// user of the namespace the handle would only make its
+			// rules' Close park their emptied table (hooks and all)
+			// until Close when no other handle of the process is there.
+			errs = append(errs, b.member.Leave())
+		}
 		if b.rules != nil {
 			errs = append(errs, b.rules.Close())
 		}

@@ -264,3 +264,48 @@ func TestLinuxConcurrentCloseKeepsHeld(t *testing.T) {
 		t.Fatalf("tables after every handle closed: %v", got)
 	}
 }
+
+// TestLinuxDropShutdownRemovesRules: Shutdown of a FlagDrop handle, the
+// only handle of the process in its namespace, removes its table at once
+// (not parked until Close: nothing of the process is left there to keep
+// queued packets for), and what its filter matches passes. With another
+// handle open there, the table is parked instead, its hooks kept for the
+// other handle's queue.
+func TestLinuxDropShutdownRemovesRules(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dds", 0)
+	ap, sink := udpSink(t, l, 6320)
+	d := openIn(t, l.B.NS, "inbound and udp.DstPort == 6320", LayerNetwork, 0, FlagDrop)
+	if got := nftTables(t, l.B.NS); len(got) != 1 {
+		t.Fatalf("tables of an open FlagDrop handle: %v, want one", got)
+	}
+	if err := d.Shutdown(ShutdownRecv); err != nil {
+		t.Fatal(err)
+	}
+	if got := nftTables(t, l.B.NS); len(got) != 0 {
+		t.Fatalf("tables after a lone FlagDrop handle's Shutdown: %v, want none", got)
+	}
+	if err := l.A.NS.SendUDP(ap, []byte("pass"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := netnstest.RecvUDP(sink, 1, 3*time.Second); len(got) != 1 {
+		t.Fatalf("sink got %d datagrams after Shutdown, want the one sent", len(got))
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// With another handle open, Shutdown parks the table.
+	a := openIn(t, l.B.NS, "inbound and udp.DstPort == 6321", LayerNetwork, 0, 0)
+	d = openIn(t, l.B.NS, "inbound and udp.DstPort == 6320", LayerNetwork, 5, FlagDrop)
+	if err := d.Shutdown(ShutdownRecv); err != nil {
+		t.Fatal(err)
+	}
+	if got := nftTables(t, l.B.NS); len(got) != 2 {
+		t.Fatalf("tables after a FlagDrop handle's Shutdown while another is open: %v, want both (one parked)", got)
+	}
+	d.Close()
+	a.Close()
+	if got := nftTables(t, l.B.NS); len(got) != 0 {
+		t.Fatalf("tables after every handle closed: %v", got)
+	}
+}
