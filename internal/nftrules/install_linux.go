@@ -71,15 +71,84 @@ func Install(cfg Config) (*Ruleset, error) {
 	}
 	exact, err := r.program(&cfg, reused)
 	if err != nil {
-		// The batch is atomic: a new table has no chain, and deleting it
-		// unregisters nothing. A parked one is deleted too, though its
-		// base chains go with it: whether the kernel applied the batch is
-		// unknown when its answer could not be read.
-		r.leave(r.conn)
+		r.abandon()
 		return nil, err
 	}
 	r.exact = exact
 	return r, nil
+}
+
+// abandon gives up the table of an Install whose batch failed, and counts
+// the Ruleset out of its namespace. The batch is atomic, but whether the
+// kernel applied it is unknown when its answer could not be read, so the
+// table is asked for: deleting base chains, a parked table's or those the
+// batch added, would make the kernel drop every packet queued in the
+// namespace (see share_linux.go). So, as Close does, the table is parked
+// (emptied first if the batch was applied) while another user of the
+// namespace in the process is open; else, or when it cannot be brought
+// back to its base chains alone, it is deleted. A new table the batch left
+// without chains is deleted: that unregisters nothing.
+func (r *Ruleset) abandon() {
+	c := r.conn
+	r.conn = nil
+	if !r.shared {
+		_ = closeConns([]*nftables.Conn{c})
+		return
+	}
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	_ = r.closeLocked(c, r.reempty)
+}
+
+// reempty brings the table owned by c, which a failed batch may have
+// changed or not, back to its base chains alone, empty, and reports
+// whether it is so, as the kernel lists it. A table without any chain
+// (new, the batch not applied) is left as it is, and reported false.
+func (r *Ruleset) reempty(c *nftables.Conn) bool {
+	parked, some := r.isParked()
+	if parked || !some {
+		return parked
+	}
+	if r.park(c) != nil {
+		return false
+	}
+	parked, _ = r.isParked()
+	return parked
+}
+
+// isParked reports whether the table has exactly its base chains, without
+// rules (parked), and whether it has any chain at all, asking the kernel
+// on sockets of their own (the table's may hold a failed batch's
+// unread answers). An answer that cannot be had counts as not parked.
+func (r *Ruleset) isParked() (parked, some bool) {
+	lc, err := nftables.New()
+	if err != nil {
+		return false, true
+	}
+	chains, err := lc.ListChainsOfTableFamily(r.family)
+	if err != nil {
+		return false, true
+	}
+	t := &nftables.Table{Name: r.table, Family: r.family}
+	var names []string
+	for _, ch := range chains {
+		if ch.Table != nil && ch.Table.Name == r.table {
+			names = append(names, ch.Name)
+		}
+	}
+	if len(names) != len(r.bases) {
+		return false, len(names) > 0
+	}
+	for _, b := range r.bases {
+		if !slices.Contains(names, b.hook.String()) {
+			return false, true
+		}
+		rules, err := lc.GetRules(t, &nftables.Chain{Name: b.hook.String(), Table: t})
+		if err != nil || len(rules) != 0 {
+			return false, true
+		}
+	}
+	return true, true
 }
 
 // bases returns the base chains of cfg's table, sorted.
@@ -342,11 +411,26 @@ func (r *Ruleset) program(cfg *Config, reused bool) (bool, error) {
 			addUnclear()
 		}
 	}
+	if testBatch != nil {
+		testBatch(r.conn, t)
+	}
 	if err := r.conn.Flush(); err != nil {
 		return false, mapErr("add chains and rules to "+r.table, err)
 	}
+	if testFlushErr != nil {
+		return false, mapErr("add chains and rules to "+r.table, testFlushErr)
+	}
 	return exact, nil
 }
+
+// Test seams of program: testBatch adds to the batch before it is sent
+// (a broken message makes the kernel refuse it), and testFlushErr is
+// returned after the batch was applied (an answer that could not be
+// read).
+var (
+	testBatch    func(c *nftables.Conn, t *nftables.Table)
+	testFlushErr error
+)
 
 // selectSkips returns the rules that accept, before a selected packet is
 // queued, the packets cfg.Fragments and cfg.Dest exclude. Fragments that
@@ -493,7 +577,15 @@ func (r *Ruleset) Close() error {
 	}
 	registry.mu.Lock()
 	defer registry.mu.Unlock()
-	if mayParkLocked(r.ns) && r.park(c) == nil {
+	return r.closeLocked(c, func(c *nftables.Conn) bool { return r.park(c) == nil })
+}
+
+// closeLocked parks the table owned by c when the namespace has room and
+// another user (mayParkLocked) and emptied reports it emptied, else
+// deletes it; then counts r out of the namespace. Called with registry.mu
+// held.
+func (r *Ruleset) closeLocked(c *nftables.Conn, emptied func(*nftables.Conn) bool) error {
+	if mayParkLocked(r.ns) && emptied(c) {
 		e := registry.ns[r.ns]
 		e.parked = append(e.parked, &parkedTable{conn: c, table: r.table, family: r.family, bases: r.bases})
 		c = nil

@@ -28,7 +28,10 @@ import (
 // policy accept, and parks the table, with the socket that owns it, here.
 // An Install in that namespace whose table would have the same family and
 // the same base chains (hooks and priorities) takes a parked table over
-// instead of registering new hooks. When the last user of the namespace
+// instead of registering new hooks. An Install whose batch fails gives
+// its table up the same way, parked (emptied again if the kernel applied
+// the batch) rather than deleted while another user is open (see
+// Ruleset.abandon). When the last user of the namespace
 // in the process goes, the parked tables are deleted with it: nobody in
 // the process holds a queued packet there any more.
 //

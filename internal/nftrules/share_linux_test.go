@@ -1,12 +1,15 @@
 package nftrules
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 
 	"github.com/netdivert/divert/filter"
@@ -208,5 +211,132 @@ func requireGone(t *testing.T, ns *netnstest.NS, when string) {
 	}
 	if registered(t, ns) {
 		t.Fatalf("the registry keeps the namespace %s", when)
+	}
+}
+
+// parkedNames returns the names of the tables the registry has parked in
+// ns.
+func parkedNames(t *testing.T, ns *netnstest.NS) []string {
+	t.Helper()
+	var key nsKey
+	if err := ns.Do(func() error {
+		k, fd, err := threadNS()
+		if err == nil {
+			unix.Close(fd)
+		}
+		key = k
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	var out []string
+	if e := registry.ns[key]; e != nil {
+		for _, p := range e.parked {
+			out = append(out, p.table)
+		}
+	}
+	return out
+}
+
+// requireParkedEmpty fails t unless table name in ns has its two base
+// chains (input and output at priority -prio), empty, and nothing else.
+func requireParkedEmpty(t *testing.T, ns *netnstest.NS, name string, prio int) {
+	t.Helper()
+	out := nftList(t, ns, "table", "inet", name)
+	for _, want := range []string{"chain input {", fmt.Sprintf("hook input priority filter - %d; policy accept;", prio), "chain output {"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("table %s lacks %q:\n%s", name, want, out)
+		}
+	}
+	rules := slices.DeleteFunc(chainRules(out), func(l string) bool { return l == "flags owner" })
+	if len(rules) != 0 || strings.Count(out, "chain ") != 2 {
+		t.Fatalf("table %s keeps rules or chains beyond its two empty base chains:\n%s", name, out)
+	}
+}
+
+// TestFailedBatchKeepsParked: an Install whose batch fails, while another
+// Ruleset of the process is open in the namespace, deletes no base chain
+// (which would make the kernel drop the packets queued there): a parked
+// table it took over goes back to the registry, empty, whether the kernel
+// refused the batch or applied it (an answer that could not be read); so
+// does a new table whose batch was applied, parked as Close would park
+// it; a new table the kernel refused has no chain, and is deleted. A later
+// Install takes the parked table over and works, and the last Close
+// leaves nothing.
+func TestFailedBatchKeepsParked(t *testing.T) {
+	netnstest.RequireRoot(t)
+	refuse := func(c *nftables.Conn, tb *nftables.Table) {
+		// A jump to a chain the table does not have: the kernel refuses
+		// the whole batch (ENOENT).
+		ch := &nftables.Chain{Name: "input", Table: tb}
+		c.AddRule(&nftables.Rule{Table: tb, Chain: ch, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "missing"}}})
+	}
+	for _, c := range []struct {
+		name    string
+		reused  bool
+		applied bool
+		kept    bool // the failed Install's table stays, parked
+	}{
+		{"reused/refused", true, false, true},
+		{"reused/applied", true, true, true},
+		{"new/applied", false, true, true},
+		{"new/refused", false, false, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ns := netnstest.NewT(t, "nffb")
+			a := install(t, ns, shareCfg(t, 0, 61))
+			name := ""
+			if c.reused {
+				b := install(t, ns, shareCfg(t, 7, 62))
+				name = b.Table()
+				if err := b.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if c.applied {
+				testFlushErr = errors.New("the answer could not be read")
+			} else {
+				testBatch = refuse
+			}
+			var err error
+			var got *Ruleset
+			ns.Do(func() error { got, err = Install(shareCfg(t, 7, 63)); return nil })
+			testBatch, testFlushErr = nil, nil
+			if err == nil {
+				got.Close()
+				t.Fatal("Install succeeded through a failing batch")
+			}
+			tabs := tables(t, ns)
+			parked := parkedNames(t, ns)
+			if !c.kept {
+				if len(tabs) != 1 || tabs[0] != a.Table() || len(parked) != 0 {
+					t.Fatalf("tables %v, parked %v; want only %s", tabs, parked, a.Table())
+				}
+			} else {
+				if len(tabs) != 2 || len(parked) != 1 || !slices.Contains(tabs, parked[0]) || !slices.Contains(tabs, a.Table()) {
+					t.Fatalf("tables %v, parked %v; want %s and one parked", tabs, parked, a.Table())
+				}
+				if c.reused && parked[0] != name {
+					t.Fatalf("parked %v, want %s, the table the failed Install took over", parked, name)
+				}
+				requireParkedEmpty(t, ns, parked[0], 7)
+				name = parked[0]
+			}
+			d := install(t, ns, shareCfg(t, 7, 64))
+			if c.kept && d.Table() != name {
+				t.Fatalf("Install after the failure made %s, want %s taken over", d.Table(), name)
+			}
+			if out := nftList(t, ns, "chain", "inet", d.Table(), "input"); !strings.Contains(out, "jump input_0") {
+				t.Fatalf("the table installed after the failure has no rules:\n%s", out)
+			}
+			for _, r := range []*Ruleset{d, a} {
+				if err := r.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			requireGone(t, ns, "after the last Close")
+		})
 	}
 }
