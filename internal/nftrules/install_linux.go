@@ -86,7 +86,8 @@ func Install(cfg Config) (*Ruleset, error) {
 // namespace (see share_linux.go). So, as Close does, the table is parked
 // (emptied first if the batch was applied) while another user of the
 // namespace in the process is open; else, or when it cannot be brought
-// back to its base chains alone, it is deleted. A new table the batch left
+// back to its base chains alone, or its socket no longer works, it is
+// deleted. A new table the batch left
 // without chains is deleted: that unregisters nothing.
 func (r *Ruleset) abandon() {
 	c := r.conn
@@ -102,12 +103,21 @@ func (r *Ruleset) abandon() {
 
 // reempty brings the table owned by c, which a failed batch may have
 // changed or not, back to its base chains alone, empty, and reports
-// whether it is so, as the kernel lists it. A table without any chain
-// (new, the batch not applied) is left as it is, and reported false.
+// whether it is so, as the kernel lists it, and c still works. A table
+// without any chain (new, the batch not applied) is left as it is, and
+// reported false.
 func (r *Ruleset) reempty(c *nftables.Conn) bool {
 	parked, some := r.isParked()
-	if parked || !some {
-		return parked
+	switch {
+	case !some:
+		return false
+	case parked:
+		// The batch was not applied, maybe not even sent: google/nftables
+		// keeps a serialization error on c and returns it from every
+		// later Flush, so a batch that empties the empty table says
+		// whether c is any use to the Install that takes it over.
+		c.FlushTable(&nftables.Table{Name: r.table, Family: r.family})
+		return c.Flush() == nil
 	}
 	if r.park(c) != nil {
 		return false

@@ -273,16 +273,25 @@ func TestFailedBatchKeepsParked(t *testing.T) {
 		ch := &nftables.Chain{Name: "input", Table: tb}
 		c.AddRule(&nftables.Rule{Table: tb, Chain: ch, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "missing"}}})
 	}
+	unsent := func(c *nftables.Conn, tb *nftables.Table) {
+		// An expression the library cannot serialize: it keeps the error
+		// on c and sends no batch again.
+		ch := &nftables.Chain{Name: "input", Table: tb}
+		c.AddRule(&nftables.Rule{Table: tb, Chain: ch, Exprs: []expr.Any{&expr.Numgen{Register: 1, Type: 99, Modulus: 2}}})
+	}
 	for _, c := range []struct {
 		name    string
 		reused  bool
 		applied bool
+		batch   func(*nftables.Conn, *nftables.Table)
 		kept    bool // the failed Install's table stays, parked
 	}{
-		{"reused/refused", true, false, true},
-		{"reused/applied", true, true, true},
-		{"new/applied", false, true, true},
-		{"new/refused", false, false, false},
+		{"reused/refused", true, false, refuse, true},
+		{"reused/applied", true, true, nil, true},
+		{"new/applied", false, true, nil, true},
+		{"new/refused", false, false, refuse, false},
+		// Its socket is no use: deleted.
+		{"reused/unsent", true, false, unsent, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ns := netnstest.NewT(t, "nffb")
@@ -297,9 +306,8 @@ func TestFailedBatchKeepsParked(t *testing.T) {
 			}
 			if c.applied {
 				testFlushErr = errors.New("the answer could not be read")
-			} else {
-				testBatch = refuse
 			}
+			testBatch = c.batch
 			var err error
 			var got *Ruleset
 			ns.Do(func() error { got, err = Install(shareCfg(t, 7, 63)); return nil })
@@ -325,8 +333,8 @@ func TestFailedBatchKeepsParked(t *testing.T) {
 				name = parked[0]
 			}
 			d := install(t, ns, shareCfg(t, 7, 64))
-			if c.kept && d.Table() != name {
-				t.Fatalf("Install after the failure made %s, want %s taken over", d.Table(), name)
+			if c.kept && d.Table() != name || !c.kept && d.Table() == name {
+				t.Fatalf("Install after the failure made %s (the failed Install's table kept: %v)", d.Table(), c.kept)
 			}
 			if out := nftList(t, ns, "chain", "inet", d.Table(), "input"); !strings.Contains(out, "jump input_0") {
 				t.Fatalf("the table installed after the failure has no rules:\n%s", out)
