@@ -563,7 +563,7 @@ func (c *ifCache) lookup(name []byte) []bsdaddr.Candidate {
 }
 
 // candidates lists the interfaces a name from sin_zero may stand for
-// (bsdaddr.Matches), with their IPv4 addresses when there are several.
+// (bsdaddr.Matches), with their IPv4 addresses unless the name is whole.
 func candidates(name []byte) []bsdaddr.Candidate {
 	cand := func(ifc *net.Interface) bsdaddr.Candidate {
 		return bsdaddr.Candidate{Name: ifc.Name, Index: uint32(ifc.Index), Loopback: ifc.Flags&net.FlagLoopback != 0}
@@ -587,11 +587,12 @@ func candidates(name []byte) []bsdaddr.Candidate {
 			ifcs = append(ifcs, &all[i])
 		}
 	}
-	if len(cands) < 2 {
+	if len(cands) == 0 || len(cands) == 1 && cands[0].Name == string(name) {
 		return cands
 	}
-	// Several: their addresses tell them apart, and whether the kernel's
-	// lookup by address (ifa_ifwithaddr) finds only one interface.
+	// Several, or one whose name is longer (ifunit finds none): their
+	// addresses tell them apart, and whether the kernel's lookup by
+	// address (ifa_ifwithaddr) finds only one interface.
 	owners := make(map[[4]byte]int)
 	lists := make([][][4]byte, len(cands))
 	for i, ifc := range ifcs {

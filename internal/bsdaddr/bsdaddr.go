@@ -238,13 +238,37 @@ func Matches(name []byte, ifName string) bool {
 	return len(ifName) >= len(name) && ifName[:len(name)] == string(name)
 }
 
+// byAddr says what a sockaddr whose name ifunit finds no interface for
+// needs, written back: outbound, nothing (the packet gets no receiving
+// interface, as with no name); inbound, the kernel takes the interface
+// owning sin_addr (div_output_inbound: ifa_ifwithaddr), which is found's
+// only when sin_addr is non-zero (MarkInbound's placeholder is no
+// interface's) and no other interface has it. An address none of the
+// candidates lists (they changed since) is left to the kernel.
+func byAddr(found int, addr [4]byte, inbound bool, cands []Candidate) NameFix {
+	if !inbound {
+		return NameKeep
+	}
+	if addr == ([4]byte{}) {
+		return NameRefuse
+	}
+	for i := range cands {
+		if has, unique := cands[i].has(addr); has && (i != found || !unique) {
+			return NameRefuse
+		}
+	}
+	return NameKeep
+}
+
 // Candidate is an interface of the host that a received name Matches.
 type Candidate struct {
 	Name     string
 	Index    uint32
 	Loopback bool
-	// Addrs are its IPv4 addresses. They are needed only to tell
-	// candidates apart, so they may be left out when there is one.
+	// Addrs are its IPv4 addresses. They tell candidates apart, and
+	// whether the kernel finds a cut name's interface by sin_addr, so
+	// they may be left out only for a whole name (one shorter than
+	// NameLen-1 bytes, or equal to the interface's).
 	Addrs []CandidateAddr
 }
 
@@ -295,7 +319,10 @@ const (
 // "bridge10") is told apart by sin_addr, which the kernel fills with the
 // first IPv4 address of the receiving interface of an inbound packet and
 // leaves zero for an interface without one; when the name stands for one
-// interface only, that interface is the one, whatever its addresses.
+// interface only, that interface is the one, whatever its addresses. When
+// no interface has the cut name itself, ifunit finds none, and written
+// back inbound the packet goes by sin_addr alone: NameRefuse unless that
+// address is the interface's and no other's (byAddr).
 func ResolveRecv(name []byte, addr [4]byte, inbound bool, cands []Candidate) (int, NameFix) {
 	exact, longer := -1, 0
 	for i := range cands {
@@ -310,12 +337,11 @@ func ResolveRecv(name []byte, addr [4]byte, inbound bool, cands []Candidate) (in
 		return exact, NameKeep // the name is whole
 	}
 	if exact < 0 && longer == 1 {
-		// The one interface the cut name stands for (its addresses may
-		// be left out: Candidate). ifunit finds none, and the kernel
-		// goes by sin_addr, its address, as with no name.
+		// The one interface the cut name stands for, whatever sin_addr
+		// says (its addresses may be left out: Candidate).
 		for i := range cands {
 			if Matches(name, cands[i].Name) {
-				return i, NameKeep
+				return i, byAddr(i, addr, inbound, cands)
 			}
 		}
 	}
@@ -344,9 +370,7 @@ func ResolveRecv(name []byte, addr [4]byte, inbound bool, cands []Candidate) (in
 	}
 	switch {
 	case exact < 0:
-		// ifunit finds nothing: the kernel goes by sin_addr (inbound), or
-		// gives no receiving interface (outbound), as with no name.
-		return found, NameKeep
+		return found, byAddr(found, addr, inbound, cands)
 	case found == exact:
 		return found, NameKeep
 	case !inbound:

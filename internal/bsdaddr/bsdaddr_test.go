@@ -298,10 +298,18 @@ func TestResolveRecv(t *testing.T) {
 		// Only longer names: ifunit finds none, the kernel takes sin_addr.
 		{"bridge10, no bridge1", "bridge1", a10, true, []Candidate{bridge10, bridge11}, 0, NameKeep},
 		{"bridge1x unknown address, no bridge1", "bridge1", [4]byte{1, 2, 3, 4}, true, []Candidate{bridge10, bridge11}, -1, NameKeep},
-		// One interface the cut name stands for: its addresses are left
-		// out (Candidate), as the backend's cache leaves them; the kernel
-		// goes by sin_addr, that interface's address.
-		{"only bridge10, addresses left out", "bridge1", a10, true, []Candidate{{Name: "bridge10", Index: 10}}, 0, NameKeep},
+		// One interface the cut name stands for: the kernel goes by
+		// sin_addr, that interface's own address.
+		{"only bridge10", "bridge1", a10, true, []Candidate{bridge10}, 0, NameKeep},
+		// ifunit finds no "bridge1" and sin_addr cannot pick the
+		// interface: zero (an IPv6-only interface; the placeholder is
+		// no interface's address) or another interface's too.
+		{"only bridge12, no IPv4 address", "bridge1", [4]byte{}, true, []Candidate{bridge12}, 0, NameRefuse},
+		{"only bridge11, shared address", "bridge1", shared, true, []Candidate{bridge11}, 0, NameRefuse},
+		{"bridge11 shared address beside bridge10", "bridge1", shared, true, []Candidate{bridge10, bridge11}, 1, NameRefuse},
+		{"IPv6-only bridge12 beside bridge10", "bridge1", [4]byte{}, true, []Candidate{bridge10, bridge12}, 1, NameRefuse},
+		{"two IPv6-only, no bridge1", "bridge1", [4]byte{}, true, []Candidate{bridge12, bridge13}, -1, NameRefuse},
+		{"outbound, only bridge12", "bridge1", [4]byte{}, false, []Candidate{bridge12}, 0, NameKeep},
 		// The address is another interface's too: ifa_ifwithaddr may pick
 		// that one.
 		{"shared address", "bridge1", shared, true, []Candidate{bridge1, bridge11}, 1, NameRefuse},
