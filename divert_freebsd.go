@@ -90,8 +90,11 @@ package divert
 //     false: it has no receiving interface yet) and inbound on lo0
 //     (WinDivert shows it once, outbound). Impostor is never set.
 //     Timestamp is time.Now at receipt. TCPChecksum and UDPChecksum are
-//     set for outbound packets, whose delayed checksums divert_packet
-//     finishes, except IPv6 ones before FreeBSD 14 (divertL4Valid).
+//     set for the outbound packets the host made, whose delayed checksums
+//     divert_packet finishes, except IPv6 ones before FreeBSD 14, and
+//     never for forwarded packets, whose checksums nobody checked;
+//     IPChecksum for inbound IPv4 packets, except on a loopback interface
+//     (divertChecksums).
 //   - New packets (a fresh Address, or a received one with Outbound
 //     reversed) resume after the handle's rule number, so that its own
 //     rules and those of higher priority skip them. An OpenPort handle
@@ -863,11 +866,12 @@ func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdadd
 		a.IfIdx = ifc.Index
 		a.Loopback = ifc.Loopback
 	}
-	// The kernel verified the IPv4 header of inbound packets and finalised
-	// the transport checksums of outbound ones before queueing them
-	// (IPv6's only since FreeBSD 14: divertL4Valid).
-	a.IPChecksum = !a.Outbound && !a.IPv6
-	a.TCPChecksum = divertL4Valid(a.Outbound, a.IPv6, b.major)
+	// The kernel verified the IPv4 header of inbound packets (not on
+	// loopback) and finalised the transport checksums of the outbound
+	// ones the host made (IPv6's only since FreeBSD 14; a forwarded
+	// packet's are as they came in): divertChecksums.
+	forwarded := a.Outbound && len(sa.Name()) > 0
+	a.IPChecksum, a.TCPChecksum = divertChecksums(a.Outbound, forwarded, a.Loopback, a.IPv6, b.major)
 	a.UDPChecksum = a.TCPChecksum
 	a.sys = sysAddr{sa: *sa, ifIdx: a.IfIdx, fix: fix, valid: true}
 }
