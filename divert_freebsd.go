@@ -18,8 +18,10 @@ package divert
 // the handle shares it; see below for equal priorities), SET is a set of
 // 1..30 that holds no rules (one per handle, so at most 30 handles with
 // rules at once), and every rule carries the comment "netdivert pid=PID
-// port=PORT prio=PRIORITY". Sets holding only such rules of processes that
-// no longer exist are deleted at the next Open. Rule
+// port=PORT prio=PRIORITY start=START", START being when the process
+// started (microseconds of uptime). Sets holding only such rules of
+// processes that no longer run are deleted at the next Open: a process
+// that has the PID but another start is another process (ownerAlive). Rule
 // changes are serialised between processes with flock on
 // /var/run/netdivert-ipfw.lock. The IP_FW3 socket option would avoid the
 // exec but its opcode stream is an internal ABI that changed in FreeBSD 15.
@@ -416,7 +418,7 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 		Action:  action,
 		Forward: cfg.layer == LayerNetworkForward,
 		IfName:  ifName,
-		Tag:     ipfw.Tag(os.Getpid(), b.port, cfg.priority),
+		Tag:     ipfw.Tag(os.Getpid(), ownStart(), b.port, cfg.priority),
 	}
 	res, err := ipfw.Lower(cfg.filter.Lower(), lcfg)
 	if err == nil && action == ipfw.Deny && !res.Exact {
@@ -515,12 +517,70 @@ func runIPFW(args ...string) (string, error) {
 	return string(out), nil
 }
 
-func processAlive(pid int) bool {
-	if pid == os.Getpid() {
-		return true
+// processAlive reports whether the process that tagged a rule with pid
+// and start still runs (ownerAlive).
+func processAlive(pid int, start int64) bool {
+	return ownerAlive(pid, start, processStart)
+}
+
+// ownStart is this process's start for its tags (processStart), 0 when
+// unknown.
+var ownStart = sync.OnceValue(func() int64 {
+	s, _, known := processStart(os.Getpid())
+	if !known {
+		return 0
 	}
-	err := unix.Kill(pid, 0)
-	return err == nil || err == unix.EPERM
+	return s
+})
+
+// Offsets in struct kinfo_proc (sys/sys/user.h) of ki_pid and ki_start:
+// after two ints and eight pointers, and after the fields up to ki_runtime
+// (336 bytes on LP64; 280 on i386, whose segsz_t, vm_size_t and pointers
+// are 4 bytes and whose uint64_t is 4-aligned). KINFO_PROC_SIZE, the
+// struct's size, checks the layout: 1088 on amd64 and arm64, 768 on i386.
+const (
+	ptrSize           = int(unsafe.Sizeof(uintptr(0)))
+	kinfoPIDOff       = 8 + 8*ptrSize
+	kinfoStartOff     = 336*(ptrSize/8) + 280*(1-ptrSize/8)
+	kinfoProcSize     = 1088*(ptrSize/8) + 768*(1-ptrSize/8)
+	microsecondsInSec = 1_000_000
+)
+
+// processStart returns when process pid started, in microseconds of
+// uptime: ki_start (kern.proc.pid) is the uptime at fork plus boottime,
+// which a clock step moves, so boottime is taken off again. exists is
+// false when there is no such process; known is false when the start
+// cannot be read.
+func processStart(pid int) (start int64, exists, known bool) {
+	kp, err := unix.SysctlRaw("kern.proc.pid", pid)
+	if err != nil || len(kp) == 0 {
+		if err == unix.ESRCH || err == nil {
+			return 0, false, false
+		}
+		kerr := unix.Kill(pid, 0)
+		return 0, kerr == nil || kerr == unix.EPERM, false
+	}
+	if len(kp) < kinfoProcSize || int(binary.NativeEndian.Uint32(kp)) != kinfoProcSize ||
+		int(int32(binary.NativeEndian.Uint32(kp[kinfoPIDOff:]))) != pid {
+		return 0, true, false // another layout
+	}
+	boot, err := unix.SysctlTimeval("kern.boottime")
+	if err != nil {
+		return 0, true, false
+	}
+	var sec, usec int64
+	if ptrSize == 8 {
+		sec = int64(binary.NativeEndian.Uint64(kp[kinfoStartOff:]))
+		usec = int64(binary.NativeEndian.Uint64(kp[kinfoStartOff+8:]))
+	} else {
+		sec = int64(int32(binary.NativeEndian.Uint32(kp[kinfoStartOff:])))
+		usec = int64(int32(binary.NativeEndian.Uint32(kp[kinfoStartOff+4:])))
+	}
+	s := (sec-int64(boot.Sec))*microsecondsInSec + usec - int64(boot.Usec)
+	if usec < 0 || usec >= microsecondsInSec || s <= 0 {
+		return 0, true, false
+	}
+	return s, true, true
 }
 
 func ifName(idx uint32) (string, bool) {

@@ -630,7 +630,7 @@ garbage
 			t.Errorf("rule %d = %+v, want %+v", i, got[i], want[i])
 		}
 	}
-	alive := func(pid int) bool { return pid == 77 }
+	alive := func(pid int, start int64) bool { return pid == 77 && start == 0 }
 	plan := PlanSets(got, 1<<1|1<<10, 1, alive)
 	// set 1 disabled, 2 free, 5 and 10 (disabled) stale (pid 42 dead), 6
 	// and 9 live, 7 foreign
@@ -780,7 +780,7 @@ func TestTeeOneRule(t *testing.T) {
 // TestPlanNumber: a handle's rule number puts it after every live handle
 // of higher or equal priority and before every one of lower priority.
 func TestPlanNumber(t *testing.T) {
-	alive := func(pid int) bool { return pid != 13 }
+	alive := func(pid int, _ int64) bool { return pid != 13 }
 	h := func(n uint32, prio int16, pid int) Listed {
 		return Listed{Number: n, Set: 1, Owned: true, PID: pid, Port: 40000, Prio: prio}
 	}
@@ -805,5 +805,50 @@ func TestPlanNumber(t *testing.T) {
 		if got := PlanNumber(tc.rules, tc.prio, alive); got != tc.want {
 			t.Errorf("%s: PlanNumber = %d, want %d", tc.name, got, tc.want)
 		}
+	}
+}
+
+// TestTagStart: a tag carries the process's start, so that a later process
+// given the same PID is told apart; tags written before starts were (no
+// start, or no priority either) still parse, with Start 0.
+func TestTagStart(t *testing.T) {
+	tag := Tag(42, 123456789, 40000, -5)
+	if len(tag) > MaxTag || !validTag(tag) {
+		t.Fatalf("tag %q invalid", tag)
+	}
+	longest := Tag(2147483647, 9223372036854775807, 65535, -30000)
+	if len(longest) > MaxTag || !validTag(longest) {
+		t.Fatalf("tag %q invalid (%d bytes)", longest, len(longest))
+	}
+	got := ParseList("31005 set 3 divert 40000 ip from any to any in // " + tag + "\n" +
+		"31006 set 4 divert 40001 ip from any to any in // netdivert pid=42 port=40001 prio=0\n" +
+		"31007 set 5 divert 40002 ip from any to any in // netdivert pid=42 port=40002 prio=0 start=0\n" +
+		"31008 set 6 divert 40003 ip from any to any in // netdivert pid=42 port=40003 prio=0 begin=7\n")
+	want := []Listed{
+		{Number: 31005, Set: 3, Owned: true, PID: 42, Start: 123456789, Port: 40000, Prio: -5},
+		{Number: 31006, Set: 4, Owned: true, PID: 42, Port: 40001},
+		{Number: 31007, Set: 5}, // start=0 is never written: not ours
+		{Number: 31008, Set: 6},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %+v", got)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("rule %d = %+v, want %+v", i, got[i], want[i])
+		}
+	}
+	if Tag(42, 0, 40000, 0) != "netdivert pid=42 port=40000 prio=0" {
+		t.Errorf("no start: %q", Tag(42, 0, 40000, 0))
+	}
+	// The set of a process whose PID now runs a later process is stale,
+	// and is deleted at Open.
+	alive := func(pid int, start int64) bool { return pid == 42 && start == 999 }
+	plan := PlanSets(got[:1], 0, 3, alive)
+	if plan.Free != 4 || len(plan.Stale) != 1 || plan.Stale[0] != 3 {
+		t.Fatalf("plan = %+v", plan)
+	}
+	if n := PlanNumber(got[:1], -5, alive); n != RuleNumber(-5) {
+		t.Fatalf("PlanNumber = %d: a dead handle's number counted", n)
 	}
 }

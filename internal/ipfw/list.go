@@ -10,9 +10,15 @@ import (
 const TagPrefix = "netdivert"
 
 // Tag returns the comment that marks a rule as installed by process pid for
-// divert port port, by a handle of priority prio.
-func Tag(pid int, port uint16, prio int16) string {
-	return fmt.Sprintf("%s pid=%d port=%d prio=%d", TagPrefix, pid, port, prio)
+// divert port port, by a handle of priority prio. start is when the process
+// started (any clock that a process's start keeps to, such as microseconds
+// of uptime), so that a later process given the same PID is not taken for
+// it; 0 leaves it out.
+func Tag(pid int, start int64, port uint16, prio int16) string {
+	if start == 0 {
+		return fmt.Sprintf("%s pid=%d port=%d prio=%d", TagPrefix, pid, port, prio)
+	}
+	return fmt.Sprintf("%s pid=%d port=%d prio=%d start=%d", TagPrefix, pid, port, prio, start)
 }
 
 // Listed is one rule of "ipfw -S list" output.
@@ -22,8 +28,9 @@ type Listed struct {
 	// 32-bit rule numbers, and their sets must still count as in use.
 	Number uint32
 	Set    uint8
-	Owned  bool // the comment is one of our tags
-	PID    int  // from the tag
+	Owned  bool  // the comment is one of our tags
+	PID    int   // from the tag
+	Start  int64 // the process's start, from the tag; 0 if the tag has none
 	Port   uint16
 	Prio   int16 // the handle's priority, from the tag (or, in a tag without one, from Number)
 }
@@ -53,7 +60,7 @@ func ParseList(out string) []Listed {
 		}
 		r := Listed{Number: uint32(n), Set: uint8(s)}
 		if i := strings.Index(line, "// "); i >= 0 {
-			r.PID, r.Port, r.Prio, r.Owned = parseTag(strings.TrimSpace(line[i+3:]))
+			r.PID, r.Start, r.Port, r.Prio, r.Owned = parseTag(strings.TrimSpace(line[i+3:]))
 			if r.Owned && r.Prio == noPrio {
 				r.Prio = priorityOf(r.Number)
 			}
@@ -88,31 +95,42 @@ func SetOwners(rules []Listed, set uint8, pid int, port uint16) (ours, others in
 // noPrio marks a tag without a priority (one written before tags had it).
 const noPrio = -32768
 
-func parseTag(c string) (pid int, port uint16, prio int16, ok bool) {
+// parseTag reads a comment Tag wrote, or one of a release before tags had
+// a priority or a start.
+func parseTag(c string) (pid int, start int64, port uint16, prio int16, ok bool) {
 	f := strings.Fields(c)
-	if len(f) < 3 || len(f) > 4 || f[0] != TagPrefix || !strings.HasPrefix(f[1], "pid=") || !strings.HasPrefix(f[2], "port=") {
-		return 0, 0, 0, false
+	if len(f) < 3 || len(f) > 5 || f[0] != TagPrefix || !strings.HasPrefix(f[1], "pid=") || !strings.HasPrefix(f[2], "port=") {
+		return 0, 0, 0, 0, false
 	}
 	p, err := strconv.Atoi(f[1][4:])
 	if err != nil || p <= 0 {
-		return 0, 0, 0, false
+		return 0, 0, 0, 0, false
 	}
 	q, err := strconv.ParseUint(f[2][5:], 10, 16)
 	if err != nil {
-		return 0, 0, 0, false
+		return 0, 0, 0, 0, false
 	}
 	prio = noPrio
-	if len(f) == 4 {
+	if len(f) >= 4 {
 		if !strings.HasPrefix(f[3], "prio=") {
-			return 0, 0, 0, false
+			return 0, 0, 0, 0, false
 		}
 		v, err := strconv.ParseInt(f[3][5:], 10, 16)
 		if err != nil || v < -30000 || v > 30000 {
-			return 0, 0, 0, false
+			return 0, 0, 0, 0, false
 		}
 		prio = int16(v)
 	}
-	return p, uint16(q), prio, true
+	if len(f) == 5 {
+		if !strings.HasPrefix(f[4], "start=") {
+			return 0, 0, 0, 0, false
+		}
+		start, err = strconv.ParseInt(f[4][6:], 10, 64)
+		if err != nil || start <= 0 {
+			return 0, 0, 0, 0, false
+		}
+	}
+	return p, start, uint16(q), prio, true
 }
 
 // priorityOf inverts RuleNumber.
@@ -135,12 +153,12 @@ func priorityOf(n uint32) int16 {
 // with the last handle of higher or equal priority (or is RuleNumber(prio)),
 // which then does not see what the other writes back, and never comes
 // before a handle of higher priority.
-func PlanNumber(rules []Listed, prio int16, alive func(pid int) bool) uint16 {
+func PlanNumber(rules []Listed, prio int16, alive func(pid int, start int64) bool) uint16 {
 	base := uint32(RuleNumber(prio))
 	var ge uint32             // highest number of a live handle of priority >= prio
 	lt := uint32(MaxRule) + 1 // lowest number of a live handle of priority < prio
 	for _, r := range rules {
-		if !r.Owned || !alive(r.PID) {
+		if !r.Owned || !alive(r.PID, r.Start) {
 			continue
 		}
 		if r.Prio >= prio {
@@ -190,16 +208,18 @@ type SetPlan struct {
 
 // PlanSets picks a free set in [first, MaxSet] and finds stale ones. A set
 // is free when it holds no rules and is enabled; it is stale when it holds
-// only our rules and none of their processes is alive. Sets holding a rule
+// only our rules and none of their processes is alive (alive gets a rule's
+// PID and Start: a live process of that PID that started at another time
+// is another process). Sets holding a rule
 // that is not ours are never touched.
-func PlanSets(rules []Listed, disabled uint32, first uint8, alive func(pid int) bool) SetPlan {
+func PlanSets(rules []Listed, disabled uint32, first uint8, alive func(pid int, start int64) bool) SetPlan {
 	var used, foreign, live uint32
 	for _, r := range rules {
 		used |= 1 << r.Set
 		switch {
 		case !r.Owned:
 			foreign |= 1 << r.Set
-		case alive(r.PID):
+		case alive(r.PID, r.Start):
 			live |= 1 << r.Set
 		}
 	}
