@@ -5,6 +5,11 @@ package divert
 // The FreeBSD backend's bookkeeping of its ipfw set, kept free of FreeBSD
 // system calls so that it is unit-tested on Linux too.
 
+import (
+	"errors"
+	"sync"
+)
+
 // setClaim is a handle's claim on its ipfw set. Shutdown and Close both
 // remove the handle's rules, maybe at once from two goroutines: remove runs
 // one deletion at a time, and a caller that comes while another deletes
@@ -44,4 +49,74 @@ func (c *setClaim) remove(del func(set int) error) error {
 	}
 	c.set = -1
 	return nil
+}
+
+// errRulesShared reports rules that cannot be deleted without another
+// program's (ipfw.RemoveShared): trying again at once is useless.
+var errRulesShared = errors.New("another rule of the set has the handle's rule number, and ipfw deletes by set and number only")
+
+// closeAttempts is how many times Close tries to delete the rules.
+const closeAttempts = 3
+
+// removeAtClose deletes the claimed set's rules with del (remove) at
+// Close, trying up to attempts times while del fails other than with
+// errRulesShared (pause runs between tries). When the rules are still
+// there, their socket is about to close and what they divert would be
+// dropped: the set goes to left, for the process's later Opens and Closes
+// to try again (leftSets), and the error is returned.
+func (c *setClaim) removeAtClose(del func(set int) error, attempts int, pause func(try int), left *leftSets, number, port uint16) error {
+	var err error
+	for try := 0; try < attempts; try++ {
+		if try > 0 {
+			pause(try)
+		}
+		if err = c.remove(del); err == nil || errors.Is(err, errRulesShared) {
+			break
+		}
+	}
+	if err == nil {
+		return nil
+	}
+	c.sem <- struct{}{}
+	if c.set >= 0 {
+		left.add(leftSet{set: c.set, number: number, port: port})
+		c.set = -1
+	}
+	<-c.sem
+	return err
+}
+
+// leftSet is a set whose rules a closed handle failed to delete.
+type leftSet struct {
+	set          int
+	number, port uint16
+}
+
+// leftSets records, for the whole process, the sets of closed handles
+// whose rules are still installed. The process's rules count as alive
+// (ownerAlive), so no other Open deletes them: the process's own later
+// Opens and Closes try again.
+type leftSets struct {
+	mu   sync.Mutex
+	sets []leftSet
+}
+
+func (l *leftSets) add(s leftSet) {
+	l.mu.Lock()
+	l.sets = append(l.sets, s)
+	l.mu.Unlock()
+}
+
+// retry runs del on every recorded set and forgets the ones it deleted.
+func (l *leftSets) retry(del func(leftSet) error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	kept := l.sets[:0]
+	for _, s := range l.sets {
+		if del(s) != nil {
+			kept = append(kept, s)
+		}
+	}
+	clear(l.sets[len(kept):])
+	l.sets = kept
 }

@@ -93,3 +93,68 @@ func TestSetClaimRetry(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestRemoveAtClose: Close tries the deletion again after a failure, but
+// not after errRulesShared, which no retry mends; rules it could not
+// delete are recorded for the process's later Opens and Closes, which
+// delete them once ipfw lets them, and forget them then.
+func TestRemoveAtClose(t *testing.T) {
+	boom := errors.New("ipfw failed")
+	var left leftSets
+	var pauses []int
+	pause := func(try int) { pauses = append(pauses, try) }
+
+	// Fails once, then succeeds: deleted, nothing left.
+	var c setClaim
+	c.init()
+	c.claim(3)
+	calls := 0
+	err := c.removeAtClose(func(int) error {
+		if calls++; calls == 1 {
+			return boom
+		}
+		return nil
+	}, closeAttempts, pause, &left, 31000, 40000)
+	if err != nil || calls != 2 || len(pauses) != 1 || len(left.sets) != 0 {
+		t.Fatalf("transient failure: %v, %d calls, pauses %v, left %v", err, calls, pauses, left.sets)
+	}
+
+	// Fails every time: the error, every attempt made, the set left.
+	c.claim(4)
+	calls, pauses = 0, nil
+	err = c.removeAtClose(func(int) error { calls++; return boom }, closeAttempts, pause, &left, 31001, 40001)
+	if !errors.Is(err, boom) || calls != closeAttempts || len(pauses) != closeAttempts-1 {
+		t.Fatalf("lasting failure: %v, %d calls, pauses %v", err, calls, pauses)
+	}
+	if len(left.sets) != 1 || left.sets[0] != (leftSet{set: 4, number: 31001, port: 40001}) {
+		t.Fatalf("left = %v", left.sets)
+	}
+
+	// Shared number: no retry, left.
+	c.claim(5)
+	calls = 0
+	err = c.removeAtClose(func(int) error { calls++; return errRulesShared }, closeAttempts, pause, &left, 31002, 40002)
+	if !errors.Is(err, errRulesShared) || calls != 1 || len(left.sets) != 2 {
+		t.Fatalf("shared: %v, %d calls, left %v", err, calls, left.sets)
+	}
+	if err := c.remove(func(int) error { t.Fatal("the claim kept a left set"); return nil }); err != nil {
+		t.Fatal(err)
+	}
+
+	// A later Open retries: set 4 goes, set 5 (still shared) stays.
+	var tried []int
+	left.retry(func(s leftSet) error {
+		tried = append(tried, s.set)
+		if s.set == 5 {
+			return errRulesShared
+		}
+		return nil
+	})
+	if len(tried) != 2 || len(left.sets) != 1 || left.sets[0].set != 5 {
+		t.Fatalf("retry tried %v, left %v", tried, left.sets)
+	}
+	left.retry(func(leftSet) error { return nil })
+	if len(left.sets) != 0 {
+		t.Fatalf("left %v after a successful retry", left.sets)
+	}
+}

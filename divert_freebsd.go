@@ -13,7 +13,7 @@ package divert
 // Rules: Open lowers the filter (package internal/ipfw) to rules
 // "ipfw add NUM set SET divert PORT ...", runs /sbin/ipfw to install them,
 // and deletes the set on Close (only the rules carrying the handle's tag:
-// after an "ipfw flush" the set may be another handle's). NUM comes from the priority (1000 for
+// after an "ipfw flush" the set may be another handle's; see Close below). NUM comes from the priority (1000 for
 // PriorityHighest, 31000 for 0, 61000 for PriorityLowest; every rule of
 // the handle shares it; see below for equal priorities), SET is a set of
 // 1..30 that holds no rules (one per handle, so at most 30 handles with
@@ -118,7 +118,16 @@ package divert
 //     the handle's socket, and Recv returns them.
 //   - Close removes the rules (after a Shutdown that is removing them at
 //     the same time: setClaim; rules that Shutdown failed to remove are
-//     tried again), then writes back unchanged the packets left
+//     tried again, and a failing ipfw up to closeAttempts times). Rules
+//     it cannot remove stay installed, and what they divert is dropped
+//     (divert_packet finds no socket on the port), until a later Open or
+//     Close of the process removes them (leftSets); Close then returns
+//     the error. Removal deletes the handle's set, or, when someone else
+//     added rules to it, the set's rules numbered as the handle's; when
+//     one of those others has the handle's number too, ipfw cannot delete
+//     the handle's rules without it (it deletes by set and number only),
+//     and they stay (ipfw.RemoveShared). Close then writes back unchanged
+//     the packets left
 //     unread in the socket (not for FlagSniff, whose packets are copies).
 //     A packet the program holds (received, not sent back) is lost, as
 //     with Drop.
@@ -386,6 +395,8 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 		return err
 	}
 	defer unlock()
+	// Rules that closed handles of the process could not delete: again.
+	bsdLeft.retry(func(l leftSet) error { return deleteRules(l.set, l.number, l.port) })
 	list, err := runIPFW("-S", "list")
 	if err != nil {
 		return err
@@ -456,33 +467,65 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 // once delete them one after the other, and the second waits for the
 // first (setClaim).
 func (b *bsdBackend) removeRules() error {
-	return b.sets.remove(func(set int) error {
-		unlock, err := lockIPFW()
-		if err != nil {
-			return err
-		}
-		defer unlock()
-		return b.deleteSet(set)
-	})
+	return b.sets.remove(b.lockedDeleteSet)
+}
+
+// removeRulesAtClose deletes the handle's rules at Close, trying again
+// when ipfw fails; rules it cannot delete are left to the process's later
+// Opens and Closes (setClaim.removeAtClose).
+func (b *bsdBackend) removeRulesAtClose() error {
+	err := b.sets.removeAtClose(b.lockedDeleteSet, closeAttempts, func(try int) {
+		time.Sleep(time.Duration(try) * 20 * time.Millisecond)
+	}, &bsdLeft, b.rule, b.port)
+	// Another handle's rules left before: maybe ipfw lets them go now.
+	if unlock, lerr := lockIPFW(); lerr == nil {
+		bsdLeft.retry(func(l leftSet) error { return deleteRules(l.set, l.number, l.port) })
+		unlock()
+	}
+	if err != nil {
+		return fmt.Errorf("divert: close: the handle's ipfw rules (number %d) are left installed, and what they divert is dropped until a later Open or Close of the process deletes them: %w", b.rule, err)
+	}
+	return nil
+}
+
+// bsdLeft holds the sets of closed handles whose rules are still
+// installed (leftSets).
+var bsdLeft leftSets
+
+func (b *bsdBackend) lockedDeleteSet(set int) error {
+	unlock, err := lockIPFW()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return b.deleteSet(set)
 }
 
 // deleteSet deletes the handle's rules from set; the ipfw lock is held.
 func (b *bsdBackend) deleteSet(set int) error {
+	return deleteRules(set, b.rule, b.port)
+}
+
+// deleteRules deletes the rules numbered number that this process's handle
+// on divert port port installed in set, and only those (ipfw.PlanRemoval);
+// the ipfw lock is held.
+func deleteRules(set int, number, port uint16) error {
 	// Only what is still ours: after "ipfw flush" the set may be another
 	// handle's (PlanSets hands out empty sets).
 	list, err := runIPFW("-S", "list")
 	if err != nil {
 		return err
 	}
-	switch ours, others := ipfw.SetOwners(ipfw.ParseList(list), uint8(set), os.Getpid(), b.port); {
-	case ours == 0:
-		return nil
-	case others == 0:
+	switch ipfw.PlanRemoval(ipfw.ParseList(list), uint8(set), number, os.Getpid(), port) {
+	case ipfw.RemoveSet:
 		_, err = runIPFW("-q", "delete", "set", strconv.Itoa(set))
-	default:
-		// Someone added rules to the set: delete the handle's (they all
-		// have its number) and leave theirs (ipfw(8): "ipfw set N delete").
-		_, err = runIPFW("-q", "set", strconv.Itoa(set), "delete", strconv.Itoa(int(b.rule)))
+	case ipfw.RemoveNumber:
+		// Someone added rules to the set, with other numbers: delete the
+		// handle's (they all have its number) and leave theirs (ipfw(8):
+		// "ipfw set N delete").
+		_, err = runIPFW("-q", "set", strconv.Itoa(set), "delete", strconv.Itoa(int(number)))
+	case ipfw.RemoveShared:
+		err = fmt.Errorf("divert: ipfw set %d: %w (delete that rule, or all of set %d's rules numbered %d)", set, errRulesShared, set, number)
 	}
 	return err
 }
@@ -1147,7 +1190,7 @@ func (b *bsdBackend) pass(p *passer) {
 }
 
 func (b *bsdBackend) close() error {
-	err := b.removeRules()
+	err := b.removeRulesAtClose()
 	b.mu.Lock()
 	b.closing = true
 	p := b.passer

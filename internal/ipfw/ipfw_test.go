@@ -852,3 +852,39 @@ func TestTagStart(t *testing.T) {
 		t.Fatalf("PlanNumber = %d: a dead handle's number counted", n)
 	}
 }
+
+// TestPlanRemoval: a handle's rules go with their set when the set holds
+// nothing else, by set and number when the set's other rules have other
+// numbers, and not at all when another rule of the set has their number:
+// ipfw deletes by set and number only, and would delete it too.
+func TestPlanRemoval(t *testing.T) {
+	rules := ParseList(`31000 set 5 divert 40000 ip from any to any in // netdivert pid=42 port=40000 prio=0
+31000 set 5 divert 40000 ip from any to any out not recv * // netdivert pid=42 port=40000 prio=0
+31000 set 6 divert 40001 ip from any to any in // netdivert pid=42 port=40001 prio=0
+31500 set 6 count ip from any to any
+31000 set 7 divert 40002 ip from any to any in // netdivert pid=42 port=40002 prio=0
+31000 set 7 count ip from any to any
+31000 set 8 divert 40003 ip from any to any in // netdivert pid=42 port=40003 prio=0
+31000 set 8 divert 40009 ip from any to any in // netdivert pid=43 port=40009 prio=0
+31000 set 9 divert 40004 ip from any to any in // netdivert pid=42 port=40004 prio=0
+31000 set 10 count ip from any to any
+65535 set 31 deny ip from any to any
+`)
+	for _, c := range []struct {
+		set  uint8
+		port uint16
+		want Removal
+	}{
+		{5, 40000, RemoveSet},
+		{6, 40001, RemoveNumber}, // another number in the set
+		{7, 40002, RemoveShared}, // a foreign rule with the number
+		{8, 40003, RemoveShared}, // another handle's rule with the number
+		{9, 40004, RemoveSet},    // the number shared across sets only
+		{10, 40005, RemoveNone},  // flushed, the set someone else's now
+		{11, 40006, RemoveNone},
+	} {
+		if got := PlanRemoval(rules, c.set, 31000, 42, c.port); got != c.want {
+			t.Errorf("PlanRemoval(set %d, port %d) = %d, want %d", c.set, c.port, got, c.want)
+		}
+	}
+}

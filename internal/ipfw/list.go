@@ -92,6 +92,49 @@ func SetOwners(rules []Listed, set uint8, pid int, port uint16) (ours, others in
 	return ours, others
 }
 
+// Removal is how the rules of a handle are deleted from its set
+// (PlanRemoval).
+type Removal uint8
+
+// Removals.
+const (
+	// RemoveNone: none of the handle's rules is left in the set.
+	RemoveNone Removal = iota
+	// RemoveSet: the set holds the handle's rules only; "ipfw delete set
+	// S" deletes them.
+	RemoveSet
+	// RemoveNumber: the set holds other rules too, none with the handle's
+	// number; "ipfw set S delete N" deletes the handle's rules (which all
+	// have N) and leaves the others.
+	RemoveNumber
+	// RemoveShared: another rule of the set has the handle's number.
+	// ipfw cannot delete the handle's rules without it: deletion goes by
+	// set and number only (ipfw2.c ipfw_delete fills an ipfw_range_tlv of
+	// set and rule range; the kernel's IP_FW_XDEL has no finer key), and
+	// "set move rule" moves by number too. Deleting it would delete
+	// another program's rule, so the handle's rules stay.
+	RemoveShared
+)
+
+// PlanRemoval says how to delete the rules that process pid's handle on
+// divert port port installed in set with number number, given the rules
+// installed ("ipfw -S list").
+func PlanRemoval(rules []Listed, set uint8, number uint16, pid int, port uint16) Removal {
+	ours, others := SetOwners(rules, set, pid, port)
+	switch {
+	case ours == 0:
+		return RemoveNone
+	case others == 0:
+		return RemoveSet
+	}
+	for _, r := range rules {
+		if r.Set == set && r.Number == uint32(number) && !(r.Owned && r.PID == pid && r.Port == port) {
+			return RemoveShared
+		}
+	}
+	return RemoveNumber
+}
+
 // noPrio marks a tag without a priority (one written before tags had it).
 const noPrio = -32768
 
