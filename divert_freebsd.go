@@ -70,11 +70,15 @@ package divert
 //     ParamQueueTime have no kernel counterpart and are kept but not
 //     enforced (a packet waits in the socket buffer until read).
 //   - Address: Outbound comes from sin_addr (zero means outbound), except
-//     at LayerNetwork, where the handle's rules take outbound packets only
-//     when the host made them, so a packet carrying a receiving
-//     interface's name is inbound: an inbound IPv6 packet on an interface
-//     without an IPv4 address, to which the kernel gives a zero sin_addr,
-//     is reported and written back inbound. IfIdx comes from the interface
+//     for an inbound packet on an interface without an IPv4 address, to
+//     which the kernel gives a zero sin_addr, as to a forwarded one, and
+//     the interface's name, as to a forwarded one (divertInbound). At
+//     LayerNetwork the handle's rules take outbound packets only when the
+//     host made them, so such a packet is inbound; an OpenPort handle
+//     takes it for inbound when the interface has no IPv4 address and
+//     the destination is one of the host's addresses or link-scoped (never
+//     forwarded), else for forwarded. It is reported and written back so.
+//     IfIdx comes from the interface
 //     name in sin_zero, which the kernel cuts to 7 bytes: a 7-byte name
 //     may stand for several interfaces ("bridge1" for "bridge1" and
 //     "bridge10"), and sin_addr, an inbound packet's interface's first
@@ -669,17 +673,10 @@ func (c *ifCache) lookup(name []byte) []bsdaddr.Candidate {
 }
 
 // candidates lists the interfaces a name from sin_zero may stand for
-// (bsdaddr.Matches), with their IPv4 addresses unless the name is whole.
+// (bsdaddr.Matches), with their IPv4 addresses.
 func candidates(name []byte) []bsdaddr.Candidate {
 	cand := func(ifc *net.Interface) bsdaddr.Candidate {
 		return bsdaddr.Candidate{Name: ifc.Name, Index: uint32(ifc.Index), Loopback: ifc.Flags&net.FlagLoopback != 0}
-	}
-	if len(name) < bsdaddr.NameLen-1 {
-		ifc, err := net.InterfaceByName(string(name))
-		if err != nil {
-			return nil
-		}
-		return []bsdaddr.Candidate{cand(ifc)}
 	}
 	all, err := net.Interfaces()
 	if err != nil {
@@ -693,12 +690,12 @@ func candidates(name []byte) []bsdaddr.Candidate {
 			ifcs = append(ifcs, &all[i])
 		}
 	}
-	if len(cands) == 0 || len(cands) == 1 && cands[0].Name == string(name) {
-		return cands
+	if len(cands) == 0 {
+		return nil
 	}
-	// Several, or one whose name is longer (ifunit finds none): their
-	// addresses tell them apart, and whether the kernel's lookup by
-	// address (ifa_ifwithaddr) finds only one interface.
+	// Their addresses tell them apart, whether the kernel's lookup by
+	// address (ifa_ifwithaddr) finds only one interface, and whether an
+	// inbound packet would carry one (divertInbound).
 	owners := make(map[[4]byte]int)
 	lists := make([][][4]byte, len(cands))
 	for i, ifc := range ifcs {
@@ -757,11 +754,11 @@ func (b *bsdBackend) recvIface(sa *bsdaddr.Sockaddr, inbound bool) (*bsdaddr.Can
 // backAsIs prepares a sockaddr read with a packet that is written straight
 // back, unseen by the program (the passer, Close): it reports false when
 // the kernel could not be told the packet's interface (NameRefuse).
-func (b *bsdBackend) backAsIs(sa *bsdaddr.Sockaddr) bool {
-	if _, fix := b.recvIface(sa, b.inbound(sa) || !sa.Outbound()); fix == bsdaddr.NameRefuse {
+func (b *bsdBackend) backAsIs(sa *bsdaddr.Sockaddr, pkt []byte) bool {
+	if _, fix := b.recvIface(sa, b.inbound(sa, pkt)); fix == bsdaddr.NameRefuse {
 		return false
 	}
-	b.writeBack(sa)
+	b.writeBack(sa, pkt)
 	return true
 }
 
@@ -918,7 +915,7 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 					b.lost.Add(1) // no sockaddr brings it in where it came from
 					continue
 				}
-				b.writeBack(&s.sa)
+				b.writeBack(&s.sa, pkt)
 				s.buf = pkt
 				if err := b.rc.Write(s.wfn); err != nil {
 					return 0, b.mapErr("reinject", err)
@@ -959,7 +956,7 @@ func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdadd
 		Layer:     b.layer,
 		Event:     EventNetworkPacket,
 		Sniffed:   b.flags&FlagSniff != 0,
-		Outbound:  r.Outbound && !b.inbound(sa),
+		Outbound:  !b.inbound(sa, pkt),
 		IPv6:      len(pkt) > 0 && pkt[0]>>4 == 6,
 	}
 	// The name may be cut: sa's address tells, and sa loses a name that
@@ -979,19 +976,67 @@ func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdadd
 	a.sys = sysAddr{sa: *sa, ifIdx: a.IfIdx, fix: fix, valid: true}
 }
 
-// inbound reports whether the handle's own rules make sa's packet inbound
-// whatever sin_addr says (see ownNamed).
-func (b *bsdBackend) inbound(sa *bsdaddr.Sockaddr) bool {
-	return b.ownNamed && len(sa.Name()) > 0
+// inbound reports whether pkt, read with sa, came in (divertInbound: sa's
+// zero sin_addr may be an inbound packet's on an interface without an
+// IPv4 address).
+func (b *bsdBackend) inbound(sa *bsdaddr.Sockaddr, pkt []byte) bool {
+	return divertInbound(sa, pkt, b.ownNamed, b.ifV4, hostAddrs.has)
+}
+
+// ifV4 reports whether the interfaces a name from sin_zero stands for
+// have an IPv4 address (known: all of them do, or none).
+func (b *bsdBackend) ifV4(name []byte) (has, known bool) {
+	with, without := 0, 0
+	for _, c := range b.ifs.lookup(name) {
+		if len(c.Addrs) > 0 {
+			with++
+		} else {
+			without++
+		}
+	}
+	return with > 0 && without == 0, (with > 0) != (without > 0)
 }
 
 // writeBack prepares the sockaddr a packet was read with for writing the
 // packet straight back where it was: an inbound packet whose sin_addr is
 // zero needs a non-zero one, else the kernel would send it out.
-func (b *bsdBackend) writeBack(sa *bsdaddr.Sockaddr) {
-	if b.inbound(sa) {
+func (b *bsdBackend) writeBack(sa *bsdaddr.Sockaddr, pkt []byte) {
+	if b.inbound(sa, pkt) {
 		sa.MarkInbound()
 	}
+}
+
+// hostAddrs caches the host's addresses for divertInbound, looked up again
+// after ifCacheTTL.
+var hostAddrs addrCache
+
+type addrCache struct {
+	mu    sync.RWMutex
+	addrs map[netip.Addr]struct{}
+	at    time.Time
+}
+
+func (c *addrCache) has(a netip.Addr) bool {
+	c.mu.RLock()
+	m, at := c.addrs, c.at
+	c.mu.RUnlock()
+	if m == nil || time.Since(at) >= ifCacheTTL {
+		m = make(map[netip.Addr]struct{})
+		if addrs, err := net.InterfaceAddrs(); err == nil {
+			for _, x := range addrs {
+				if n, ok := x.(*net.IPNet); ok {
+					if ip, ok := netip.AddrFromSlice(n.IP); ok {
+						m[ip.Unmap()] = struct{}{}
+					}
+				}
+			}
+		}
+		c.mu.Lock()
+		c.addrs, c.at = m, time.Now()
+		c.mu.Unlock()
+	}
+	_, ok := m[a.WithZone("")]
+	return ok
 }
 
 func (b *bsdBackend) recv(p []byte, a *Address) (int, error) {
@@ -1174,7 +1219,7 @@ func (b *bsdBackend) pass(p *passer) {
 			continue
 		}
 		s.buf = buf[:s.n]
-		if !b.backAsIs(&s.sa) {
+		if !b.backAsIs(&s.sa, s.buf) {
 			b.lost.Add(1)
 			continue
 		}
@@ -1238,7 +1283,7 @@ func (b *bsdBackend) reinjectUnread() {
 			return // EAGAIN: the socket is empty
 		}
 		s.buf = s.big[:s.n] // s.sa still holds the packet's divert address
-		if !b.backAsIs(&s.sa) {
+		if !b.backAsIs(&s.sa, s.buf) {
 			b.lost.Add(1)
 			continue
 		}
