@@ -107,6 +107,13 @@ func (l *leftSets) add(s leftSet) {
 	l.mu.Unlock()
 }
 
+// empty reports whether no set is recorded.
+func (l *leftSets) empty() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.sets) == 0
+}
+
 // retry runs del on every recorded set and forgets the ones it deleted.
 func (l *leftSets) retry(del func(leftSet) error) {
 	l.mu.Lock()

@@ -153,8 +153,11 @@ func TestRemoveAtClose(t *testing.T) {
 	if len(tried) != 2 || len(left.sets) != 1 || left.sets[0].set != 5 {
 		t.Fatalf("retry tried %v, left %v", tried, left.sets)
 	}
+	if left.empty() {
+		t.Fatal("empty with a set left")
+	}
 	left.retry(func(leftSet) error { return nil })
-	if len(left.sets) != 0 {
+	if len(left.sets) != 0 || !left.empty() {
 		t.Fatalf("left %v after a successful retry", left.sets)
 	}
 }

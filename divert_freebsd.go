@@ -478,14 +478,16 @@ func (b *bsdBackend) removeRules() error {
 // when ipfw fails; rules it cannot delete are left to the process's later
 // Opens and Closes (setClaim.removeAtClose).
 func (b *bsdBackend) removeRulesAtClose() error {
+	if !bsdLeft.empty() {
+		// Other handles' rules left before: maybe ipfw lets them go now.
+		if unlock, err := lockIPFW(); err == nil {
+			bsdLeft.retry(func(l leftSet) error { return deleteRules(l.set, l.number, l.port) })
+			unlock()
+		}
+	}
 	err := b.sets.removeAtClose(b.lockedDeleteSet, closeAttempts, func(try int) {
 		time.Sleep(time.Duration(try) * 20 * time.Millisecond)
 	}, &bsdLeft, b.rule, b.port)
-	// Another handle's rules left before: maybe ipfw lets them go now.
-	if unlock, lerr := lockIPFW(); lerr == nil {
-		bsdLeft.retry(func(l leftSet) error { return deleteRules(l.set, l.number, l.port) })
-		unlock()
-	}
 	if err != nil {
 		return fmt.Errorf("divert: close: the handle's ipfw rules (number %d) are left installed, and what they divert is dropped until a later Open or Close of the process deletes them: %w", b.rule, err)
 	}
