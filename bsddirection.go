@@ -27,10 +27,12 @@ import (
 //     interfaces with and without one): then the packet is outbound, since
 //     inbound it would carry that address;
 //   - otherwise the packet is inbound when its destination is one of the
-//     host's addresses (local) or an IPv6 link-local unicast or interface-
-//     or link-local multicast one: ip_input and ip6_input deliver those
-//     and never forward them (ip6_forward refuses multicast, and a
-//     link-local destination cannot leave its link). Anything else is
+//     host's addresses (local), a link-local unicast or interface- or
+//     link-local multicast one, or the IPv4 limited broadcast: ip_input
+//     and ip6_input deliver those and do not forward them (ip_input: "Do
+//     not forward packets to or from IN_LINKLOCAL", limited broadcast and
+//     multicast go to "ours"; ip6_forward refuses multicast, and the
+//     multicast routers leave link-scoped groups alone). Anything else is
 //     taken for forwarded (outbound): an inbound packet to be forwarded
 //     then goes back outbound, to ip_output or ip6_output, rather than an
 //     outbound one in again, which the forwarding path would bring back to
@@ -54,7 +56,8 @@ func divertInbound(sa *bsdaddr.Sockaddr, pkt []byte, ownNamed bool,
 	if !ok {
 		return false
 	}
-	if dst.Is6() && (dst.IsLinkLocalUnicast() || dst.IsInterfaceLocalMulticast() || dst.IsLinkLocalMulticast()) {
+	if dst.IsLinkLocalUnicast() || dst.IsInterfaceLocalMulticast() || dst.IsLinkLocalMulticast() ||
+		dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		return true
 	}
 	return local(dst)

@@ -43,9 +43,13 @@ func TestDivertInbound(t *testing.T) {
 	}
 	host := netip.MustParseAddr("2001:db8::1")
 	local := func(a netip.Addr) bool { return a == host }
-	v4 := make([]byte, 20)
-	v4[0] = 0x45
-	copy(v4[16:], []byte{192, 0, 2, 7})
+	v4To := func(a ...byte) []byte {
+		p := make([]byte, 20)
+		p[0] = 0x45
+		copy(p[16:], a)
+		return p
+	}
+	v4 := v4To(192, 0, 2, 7)
 	for _, tc := range []struct {
 		name     string
 		sa       *bsdaddr.Sockaddr
@@ -64,6 +68,9 @@ func TestDivertInbound(t *testing.T) {
 		{"IPv6-only, site multicast forwarded", sa([4]byte{}, "gif0"), ipv6Packet("ff05::2"), false, false},
 		{"unknown interface, to the host", sa([4]byte{}, "bridge1"), ipv6Packet("2001:db8::1"), false, true},
 		{"IPv4 to elsewhere", sa([4]byte{}, "gif0"), v4, false, false},
+		{"IPv4 limited broadcast", sa([4]byte{}, "gif0"), v4To(255, 255, 255, 255), false, true},
+		{"IPv4 link-local", sa([4]byte{}, "gif0"), v4To(169, 254, 1, 2), false, true},
+		{"IPv4 all-hosts", sa([4]byte{}, "gif0"), v4To(224, 0, 0, 1), false, true},
 		{"no packet", sa([4]byte{}, "gif0"), nil, false, false},
 	} {
 		if got := divertInbound(tc.sa, tc.pkt, tc.ownNamed, ifV4, local); got != tc.want {
