@@ -961,6 +961,9 @@ func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdadd
 		Outbound:  !b.inbound(sa, pkt),
 		IPv6:      len(pkt) > 0 && pkt[0]>>4 == 6,
 	}
+	// An outbound packet with a receiving interface was forwarded (read
+	// before recvIface may clear the name).
+	forwarded := a.Outbound && len(sa.Name()) > 0
 	// The name may be cut: sa's address tells, and sa loses a name that
 	// written back would pick another interface (recvIface).
 	ifc, fix := b.recvIface(sa, !a.Outbound)
@@ -972,7 +975,6 @@ func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdadd
 	// loopback) and finalised the transport checksums of the outbound
 	// ones the host made (IPv6's only since FreeBSD 14; a forwarded
 	// packet's are as they came in): divertChecksums.
-	forwarded := a.Outbound && len(sa.Name()) > 0
 	a.IPChecksum, a.TCPChecksum = divertChecksums(a.Outbound, forwarded, a.Loopback, a.IPv6, b.major)
 	a.UDPChecksum = a.TCPChecksum
 	a.sys = sysAddr{sa: *sa, ifIdx: a.IfIdx, fix: fix, valid: true}
