@@ -114,6 +114,19 @@ func (l *leftSets) empty() bool {
 	return len(l.sets) == 0
 }
 
+// holds reports whether rules of a recorded set divert to port: a new
+// handle bound to it would receive their packets.
+func (l *leftSets) holds(port uint16) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, s := range l.sets {
+		if s.port == port {
+			return true
+		}
+	}
+	return false
+}
+
 // retry runs del on every recorded set and forgets the ones it deleted.
 func (l *leftSets) retry(del func(leftSet) error) {
 	l.mu.Lock()

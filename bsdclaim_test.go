@@ -156,6 +156,14 @@ func TestRemoveAtClose(t *testing.T) {
 	if left.empty() {
 		t.Fatal("empty with a set left")
 	}
+	// A new handle does not bind the port the left rules divert to.
+	if !left.holds(40002) || left.holds(40001) {
+		t.Fatalf("holds: 40002 %v, 40001 %v; want true, false", left.holds(40002), left.holds(40001))
+	}
+	k := newFakeDivert()
+	if p, err := bindFree(&fakeSock{k: k}, 40002-divertPortMin, left.holds); err != nil || p != 40003 {
+		t.Fatalf("bindFree = %d, %v; want 40003, past the left rules' port", p, err)
+	}
 	left.retry(func(leftSet) error { return nil })
 	if len(left.sets) != 0 || !left.empty() {
 		t.Fatalf("left %v after a successful retry", left.sets)

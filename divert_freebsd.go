@@ -324,7 +324,9 @@ func divertSocket() (int, error) {
 }
 
 func bindAuto(fd int) (uint16, error) {
-	return bindFree(fdSock(fd), os.Getpid()%divertPorts, 0)
+	// Not a port that rules a closed handle left still divert to: the
+	// handle would get their packets.
+	return bindFree(fdSock(fd), os.Getpid()%divertPorts, bsdLeft.holds)
 }
 
 // fdSock is a divert socket's descriptor as a portSock.

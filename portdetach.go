@@ -31,12 +31,12 @@ type portSock interface {
 var errRebind = errors.New("divert: a bound divert socket cannot move to another port before FreeBSD 14")
 
 // bindFree binds s to a divert port of the auto range that no other socket
-// has, trying them from start on, and returns it. avoid is never taken (0
-// for none: it is outside the range).
-func bindFree(s portSock, start int, avoid uint16) (uint16, error) {
+// has, trying them from start on, and returns it. A port avoid reports
+// (nil for none) is never taken.
+func bindFree(s portSock, start int, avoid func(port uint16) bool) (uint16, error) {
 	for i := 0; i < divertPorts; i++ {
 		p := uint16(divertPortMin + (start+i)%divertPorts)
-		if p == avoid {
+		if avoid != nil && avoid(p) {
 			continue
 		}
 		err := s.bind(p)
@@ -67,7 +67,7 @@ func bindFree(s portSock, start int, avoid uint16) (uint16, error) {
 // 13) leaves s where it was and returns errRebind. When the passer cannot
 // be opened or bound, s goes back to the port and the error is returned.
 func detachPort(s portSock, port uint16, start int, sniff bool, open func() (portSock, error)) (portSock, error) {
-	if _, err := bindFree(s, start, port); err != nil {
+	if _, err := bindFree(s, start, func(p uint16) bool { return p == port }); err != nil {
 		if errors.Is(err, syscall.EINVAL) {
 			return nil, fmt.Errorf("%w: %w", errRebind, err)
 		}

@@ -176,17 +176,17 @@ func TestBindFree(t *testing.T) {
 	last := uint16(divertPortMin + divertPorts - 1)
 	k.bound(t, last)
 	s := &fakeSock{k: k}
-	got, err := bindFree(s, divertPorts-1, 0)
+	got, err := bindFree(s, divertPorts-1, nil)
 	if err != nil || got != divertPortMin {
 		t.Fatalf("bindFree = %d, %v; want %d (wrapped past the taken last port)", got, err, divertPortMin)
 	}
 	s2 := &fakeSock{k: k}
-	got, err = bindFree(s2, 1, divertPortMin+1)
+	got, err = bindFree(s2, 1, func(p uint16) bool { return p == divertPortMin+1 })
 	if err != nil || got != divertPortMin+2 {
 		t.Fatalf("bindFree = %d, %v; want %d (the avoided port skipped)", got, err, divertPortMin+2)
 	}
 	s3 := &fakeSock{k: k, fail: syscall.EACCES}
-	if _, err := bindFree(s3, 0, 0); !errors.Is(err, syscall.EACCES) {
+	if _, err := bindFree(s3, 0, nil); !errors.Is(err, syscall.EACCES) {
 		t.Fatalf("bindFree = %v, want EACCES", err)
 	}
 }
