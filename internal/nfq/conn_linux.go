@@ -38,9 +38,13 @@ const (
 	maxWait = 500 * time.Millisecond
 	// hotWait bounds a receive that waits holding its P (see Conn).
 	hotWait = time.Millisecond
-	// yieldEvery is how often, at most, a reader alone on the only P
-	// yields before a hot wait (see Conn).
+	// yieldEvery is how often, at most, a reader on the only P yields
+	// before a hot wait once another goroutine has sent while it waited
+	// (see Conn).
 	yieldEvery = int64(50 * time.Microsecond)
+	// yieldAlone is how often, at most, it yields until then: as long as a
+	// hot wait may hold the P anyway.
+	yieldAlone = int64(hotWait)
 )
 
 // sleptMin is how long a blocking receive of one datagram takes, at least,
@@ -98,12 +102,24 @@ type Config struct {
 // when the packet arrives: several context switches per wakeup, measured
 // as the main cost of an idle round trip and a tenth of the CPU under load.
 // With one P (GOMAXPROCS 1) the reader yields before a hot wait
-// (runtime.Gosched, about 80 ns when nothing else is runnable), so that
-// goroutines it made runnable, such as a worker it just handed a packet
-// to, and expired timers run first; under load, when reads come less than
-// yieldEvery (50 µs) apart, it yields before one wait in that time only. A
-// goroutine made runnable in between waits for the end of the wait, which
-// the next packet brings (hotWait at most). With more Ps it does not: the
+// (runtime.Gosched), so that goroutines it made runnable, such as a worker
+// it just handed a packet to, and expired timers run first. A yield is not
+// free: about 80 ns when hot, but 1.3-1.9 µs on average right after a wait
+// (measured on the README's VM), and it lies between a packet's verdict
+// and the wait, while the program the verdict woke waits for the CPU: with
+// queues measured side by side (internal/benchadapter/simul.sh), idle round
+// trips through a reader that yielded before every wait had a median p50
+// 6 µs above those through one that yields as below. So the reader yields before a
+// wait at most every yieldAlone (1 ms, as long as a hot wait may hold the
+// P anyway) until a Send runs while it waits: another goroutine then
+// verdicts the packets (the pipeline pattern), and from then on the reader
+// yields at most every yieldEvery (50 µs), that is before every wait when
+// packets come one at a time, so that the worker it hands each packet to
+// runs before the next packet. The first packets of a pipeline may wait for
+// a yield or for the end of a hot wait (1 ms at most) before the Send that
+// switches the reader over. A goroutine made runnable between yields waits
+// for the end of the wait, which the next packet brings (hotWait at most).
+// With more Ps it does not yield: the
 // runtime already hands what the reader makes runnable to an idle P, and a
 // Gosched there would wake another thread and move the reader to it
 // (measured: 25% more CPU). A signal (preemption, GC) interrupts a hot
@@ -157,6 +173,7 @@ type Conn struct {
 	wantHot  bool         // what the next blocking read should be
 	soloP    bool         // GOMAXPROCS was 1 when the reader last turned hot
 	yieldT   int64        // rtime of the read after the last yield before a hot wait
+	shared   atomic.Bool  // a Send ran while a Next waited: yield every yieldEvery (see Conn)
 	rtime    int64        // mono time of the last read that returned data
 	waiting  atomic.Bool  // a Next may be in a blocking read: wake it on changes
 	deadline atomic.Int64 // read deadline on the mono clock; 0: none
@@ -169,6 +186,7 @@ type Conn struct {
 	coldWaits atomic.Uint64
 	intrs     atomic.Uint64
 	hotWaits  atomic.Uint64
+	yields    atomic.Uint64
 	sends     atomic.Uint64 // completed Sends; also the receive side's hint generation (drained)
 	enobufs   atomic.Uint64
 	truncs    atomic.Uint64
@@ -514,6 +532,15 @@ func (c *Conn) recvOne(fd uintptr, flags int, raw bool) (uintptr, syscall.Errno)
 	return 1, 0
 }
 
+// yieldInterval is how long a reader alone on the only P goes between
+// yields before hot waits (see Conn).
+func (c *Conn) yieldInterval() int64 {
+	if c.shared.Load() {
+		return yieldEvery
+	}
+	return yieldAlone
+}
+
 // hotConns counts the Conns of the process whose blocking reads are hot:
 // each keeps a P while it waits (see Conn).
 var hotConns atomic.Int32
@@ -685,10 +712,11 @@ func (c *Conn) readInto(first int, block bool) error {
 				return c.ioError(os.ErrDeadlineExceeded)
 			}
 			c.rflags = unix.MSG_WAITFORONE
-			if c.wantHot && c.soloP && c.rtime-c.yieldT >= yieldEvery {
+			if c.wantHot && c.soloP && c.rtime-c.yieldT >= c.yieldInterval() {
 				// The wait will keep the only P: let what is runnable run
 				// first.
 				runtime.Gosched()
+				c.yields.Add(1)
 				c.yieldT = c.rtime
 			}
 		} else {
@@ -850,6 +878,11 @@ func (c *Conn) Send(b []byte) error {
 	if len(b) == 0 {
 		return nil
 	}
+	if c.waiting.Load() && !c.shared.Load() {
+		// Another goroutine verdicts while the reader waits: from now on
+		// the reader yields to it before every hot wait (see Conn).
+		c.shared.Store(true)
+	}
 	if !c.sfd.acquire() {
 		return c.ioError(os.ErrClosed)
 	}
@@ -954,6 +987,8 @@ type Stats struct {
 	EmptyReads   uint64        // receive syscalls that found nothing (EAGAIN)
 	Waits        uint64        // blocking receive syscalls (waits for the first packet), included in Reads
 	HotWaits     uint64        // Waits that kept the P, while packets kept coming (see Conn)
+	Yields       uint64        // times the reader, alone on the only P, yielded before a hot wait
+	Shared       bool          // a Send ran while a Next waited, so the reader yields every yieldEvery
 	Interrupted  uint64        // Waits a signal ended early (EINTR); each is followed by another wait
 	Sends        uint64        // send syscalls (one per Send)
 	ENOBUFS      uint64        // receive overflows reported to the socket
@@ -970,6 +1005,8 @@ func (c *Conn) Stats() Stats {
 		EmptyReads:   c.emptyRds.Load(),
 		Waits:        cold + hot,
 		HotWaits:     hot,
+		Yields:       c.yields.Load(),
+		Shared:       c.shared.Load(),
 		Interrupted:  c.intrs.Load(),
 		Sends:        c.sends.Load(),
 		ENOBUFS:      c.enobufs.Load(),

@@ -724,6 +724,80 @@ func TestConnHotReaderYields(t *testing.T) {
 	}
 }
 
+// TestConnHotReaderAloneYieldsRarely checks that a reader alone on the
+// only P, which sends its own verdicts, yields before a hot wait at most
+// every yieldAlone, not before every wait: datagrams 0.3 ms apart make
+// about one wait each, and a yield every wait (yieldEvery) would be one
+// each; and that a Send from another goroutine while it waits switches it
+// to yieldEvery (Stats.Shared).
+func TestConnHotReaderAloneYieldsRarely(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l, c, dst := queued(t, "nfqa", Config{Queue: 550, Auto: true}, 9993)
+
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	var got atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var p Packet
+		vbuf := make([]byte, 0, 64)
+		for c.Next(&p, true) == nil {
+			got.Add(1)
+			vbuf = AppendVerdict(vbuf[:0], c.Queue(), p.ID, Accept, nil)
+			if c.Send(vbuf) != nil {
+				return
+			}
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	s0 := c.Stats()
+	if err := <-startSender(ctx, t, l, dst, 2000, 300*time.Microsecond); err != nil {
+		t.Fatalf("sender: %v", err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	s1 := c.Stats()
+	hot, yields := s1.HotWaits-s0.HotWaits, s1.Yields-s0.Yields
+	t.Logf("%d datagrams, %d hot waits, %d yields", got.Load(), hot, yields)
+	if got.Load() < 1800 || hot < 1000 {
+		t.Fatalf("%d of 2000 datagrams, %d hot waits: the reader was not kept hot, the test proves nothing", got.Load(), hot)
+	}
+	if s1.Shared {
+		t.Fatal("Stats.Shared set, but only the reader sent")
+	}
+	// 2000 datagrams 0.3 ms apart take 0.6 s: about 600 yields at most
+	// one a millisecond, against about one a wait at yieldEvery.
+	if yields == 0 || yields > hot/2 {
+		t.Fatalf("%d yields for %d hot waits: a reader alone should yield about once a millisecond", yields, hot)
+	}
+
+	// A Send from another goroutine while the reader waits: the reader
+	// now shares its packets, and yields at most every yieldEvery.
+	c.SetReadDeadline(time.Unix(1, 0))
+	<-done
+	c.SetReadDeadline(time.Time{})
+	ready := make(chan struct{})
+	done = make(chan struct{})
+	go func() {
+		defer close(done)
+		var p Packet
+		close(ready)
+		c.Next(&p, true) // the deadline below ends it
+	}()
+	<-ready
+	for !c.waiting.Load() {
+		runtime.Gosched()
+	}
+	if err := c.Send(AppendVerdict(nil, c.Queue(), 1<<31, Accept, nil)); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Unix(1, 0))
+	<-done
+	if !c.Stats().Shared || c.yieldInterval() != yieldEvery {
+		t.Fatalf("after a Send while the reader waited: Shared %v, yield interval %v", c.Stats().Shared, time.Duration(c.yieldInterval()))
+	}
+}
+
 const senderEnv = "NFQ_TEST_UDP_SENDER"
 
 // startSender runs TestHelperUDPSender in l.A's namespace, n datagrams gap
