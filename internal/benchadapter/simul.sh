@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# simul.sh: our batch loop and C libnetfilter_queue's batch loop (the shared
+# bench's cnfq -b 64) measured AT THE SAME TIME, each on its own queue and
+# its own flows through the same namespaces, so that both see the same
+# state of the machine. Run as root from the repository:
+#
+#	internal/benchadapter/simul.sh [ROUNDS]
+#
+# Each round starts both daemons (their queues swap from round to round, so
+# that neither position favours one), then
+#   - floods each queue with GEN_PPS datagrams per second (64 bytes) for DUR
+#     seconds, both generators on CPU 0, and reads each daemon's CPU time
+#     (every thread's schedstat) and the packets its queue took
+#     (/proc/net/netfilter/nfnetlink_queue): CPU ns per packet;
+#   - sends PINGS sequential echo round trips to each daemon's echo port, in
+#     PBLK alternating blocks: RTT p50 per daemon.
+# It prints per round the ratio ours/C of CPU per packet and the difference
+# ours-C of RTT p50, and their medians at the end. Daemons, echo servers and
+# ping clients run on CPU 1, as run.sh's PIN=split places them.
+#
+# Sequential runs (run.sh, one daemon after the other) compare moments of
+# a VM whose speed drifts by tens of percent between runs; here the two
+# share every moment, and two copies of the same daemon measure within 1-2%
+# of each other (OTHER=<our adapter binary> runs that A/A check, or
+# compares two builds).
+#
+# Knobs: OURS (adapter binary; default: built from this package), OTHER
+# (C, or a second adapter binary), GEN_PPS [50000] per queue, DUR [3],
+# PINGS [400] per daemon per round, PBLK [4], BENCH_DIR [../shared/bench]
+# (the shared bench: its gen, sink and cnfq are built into $OUT).
+# Traffic stays inside two namespaces this script creates (10.200.1.0/24,
+# the range the bench's gen accepts) and removes on exit, also on failure;
+# every generator and ping client is bounded in count and time.
+set -Eeuo pipefail
+
+ROUNDS=${1:-6}
+GEN_PPS=${GEN_PPS:-50000}
+DUR=${DUR:-3}
+PINGS=${PINGS:-400}
+PBLK=${PBLK:-4}
+OTHER=${OTHER:-C}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+BENCH_DIR=${BENCH_DIR:-$REPO/../shared/bench}
+OUT=${OUT:-${TMPDIR:-/tmp}/simul}
+mkdir -p "$OUT"
+
+[ "$(id -u)" = 0 ] || { echo "simul.sh: must run as root" >&2; exit 1; }
+[ "$(nproc)" -ge 2 ] || { echo "simul.sh: needs 2 CPUs" >&2; exit 1; }
+(cd "$BENCH_DIR" && go build -trimpath -o "$OUT/" ./gen ./sink)
+gcc -O2 -Wall -o "$OUT/cnfq" "$BENCH_DIR/cnfq/cnfq.c" -lnetfilter_queue -lnfnetlink
+if [ -z "${OURS:-}" ]; then
+	OURS=$OUT/ours
+	(cd "$REPO" && go build -o "$OURS" ./internal/benchadapter)
+fi
+
+TX=simtx$$
+RX=simrx$$
+PIDS=()
+stop_daemons() {
+	local p
+	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+	PIDS=()
+}
+cleanup() {
+	stop_daemons
+	ip netns pids "$RX" 2>/dev/null | xargs -r kill 2>/dev/null || true
+	ip netns pids "$TX" 2>/dev/null | xargs -r kill 2>/dev/null || true
+	sleep 0.2
+	ip netns del "$TX" 2>/dev/null || true
+	ip netns del "$RX" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+ip netns add "$TX"
+ip netns add "$RX"
+ip link add vtx netns "$TX" type veth peer name vrx netns "$RX"
+ip -n "$TX" addr add 10.200.1.1/24 dev vtx
+ip -n "$RX" addr add 10.200.1.2/24 dev vrx
+for ns in "$TX" "$RX"; do
+	ip -n "$ns" link set lo up
+done
+ip -n "$TX" link set vtx up
+ip -n "$RX" link set vrx up
+# queue q takes bulk port 9000+2q and echo port 9001+2q
+for q in 0 1; do
+	for p in $((9000 + 2 * q)) $((9001 + 2 * q)); do
+		ip netns exec "$RX" iptables -A INPUT -p udp --dport "$p" -j NFQUEUE --queue-num "$q"
+	done
+	taskset -c 1 ip netns exec "$RX" "$OUT/sink" -port $((9000 + 2 * q)) -echo $((9001 + 2 * q)) -maxdur 1200s >/dev/null 2>&1 &
+done
+
+start() { # start QUEUE BIN: the daemon's pid in SP
+	if [ "$2" = C ]; then
+		taskset -c 1 ip netns exec "$RX" "$OUT/cnfq" -q "$1" -l 4096 -r 4194304 -b 64 -t 1200 >/dev/null 2>&1 &
+	else
+		taskset -c 1 ip netns exec "$RX" "$2" -q "$1" -qlen 4096 -rcvbuf 4194304 -t 1200s >/dev/null 2>&1 &
+	fi
+	SP=$!
+	PIDS+=("$SP")
+}
+sched_ns() { # CPU ns of every thread of process $1
+	local t s=0
+	for t in /proc/"$1"/task/*/schedstat; do s=$((s + $(cut -d' ' -f1 "$t"))); done
+	echo "$s"
+}
+qstat() { # queue $1: packets queued so far (id sequence) and dropped
+	ip netns exec "$RX" awk -v q="$1" '$1 == q {print $8, $6 + $7}' /proc/net/netfilter/nfnetlink_queue
+}
+ping_p50() { # echo port $1, n $2 -> p50 in µs
+	taskset -c 1 ip netns exec "$TX" "$OUT/gen" -ping -dst 10.200.1.2:"$1" -n "$2" -warm 20 -dur 20s |
+		awk -F= '$1 == "rtt_p50_us" {print $2}'
+}
+
+: >"$OUT/rounds.txt"
+for r in $(seq "$ROUNDS"); do
+	# odd rounds: C (or OTHER) on queue 0, ours on queue 1; even rounds swapped
+	if [ $((r % 2)) = 1 ]; then qc=0 qo=1; else qc=1 qo=0; fi
+	start "$qc" "$OTHER"
+	dc=$SP
+	start "$qo" "$OURS"
+	do=$SP
+	sleep 1
+	c0=$(sched_ns "$dc") o0=$(sched_ns "$do")
+	read -r nc0 _ < <(qstat "$qc")
+	read -r no0 _ < <(qstat "$qo")
+	taskset -c 0 ip netns exec "$TX" "$OUT/gen" -dst 10.200.1.2:$((9000 + 2 * qc)) -dur "${DUR}s" -pps "$GEN_PPS" -batch 64 >/dev/null &
+	g1=$!
+	taskset -c 0 ip netns exec "$TX" "$OUT/gen" -dst 10.200.1.2:$((9000 + 2 * qo)) -dur "${DUR}s" -pps "$GEN_PPS" -batch 64 >/dev/null &
+	g2=$!
+	wait "$g1" "$g2"
+	sleep 0.2
+	c1=$(sched_ns "$dc") o1=$(sched_ns "$do")
+	read -r nc1 dropc < <(qstat "$qc")
+	read -r no1 dropo < <(qstat "$qo")
+	pc=() po=()
+	for k in $(seq "$PBLK"); do
+		if [ $((k % 2)) = 1 ]; then
+			pc+=("$(ping_p50 $((9001 + 2 * qc)) $((PINGS / PBLK)))")
+			po+=("$(ping_p50 $((9001 + 2 * qo)) $((PINGS / PBLK)))")
+		else
+			po+=("$(ping_p50 $((9001 + 2 * qo)) $((PINGS / PBLK)))")
+			pc+=("$(ping_p50 $((9001 + 2 * qc)) $((PINGS / PBLK)))")
+		fi
+	done
+	stop_daemons
+	python3 - "$r" "$c0" "$c1" "$o0" "$o1" "$nc0" "$nc1" "$no0" "$no1" "$dropc" "$dropo" "${pc[*]}" "${po[*]}" <<'PY' | tee -a "$OUT/rounds.txt"
+import statistics as st, sys
+r, c0, c1, o0, o1, nc0, nc1, no0, no1, dc, do = map(int, sys.argv[1:12])
+pc = [float(x) for x in sys.argv[12].split()]
+po = [float(x) for x in sys.argv[13].split()]
+cc, co = (c1 - c0) / max(nc1 - nc0, 1), (o1 - o0) / max(no1 - no0, 1)
+print(f"round {r}: cpu/pkt C {cc:.0f} ns, ours {co:.0f} ns, ratio {co / cc:.4f}; "
+      f"packets {nc1 - nc0} and {no1 - no0}, dropped {dc} and {do}; "
+      f"rtt p50 C {st.median(pc):.1f}, ours {st.median(po):.1f}, diff {st.median(po) - st.median(pc):+.1f} us")
+PY
+done
+python3 - "$OUT/rounds.txt" <<'PY'
+import re, statistics as st, sys
+ratios, diffs = [], []
+for line in open(sys.argv[1]):
+    m = re.search(r"ratio ([\d.]+);.*diff ([-+\d.]+) us", line)
+    if m:
+        ratios.append(float(m.group(1)))
+        diffs.append(float(m.group(2)))
+print(f"{len(ratios)} rounds: CPU per packet ours/C median {st.median(ratios):.3f} "
+      f"(range {min(ratios):.3f}-{max(ratios):.3f}); RTT p50 ours-C median {st.median(diffs):+.1f} us "
+      f"(range {min(diffs):+.1f} to {max(diffs):+.1f})")
+PY
