@@ -47,15 +47,6 @@ const (
 	yieldAlone = int64(hotWait)
 )
 
-// sleptMin is how long a blocking receive of one datagram takes, at least,
-// to count as having slept (see readInto); the datagram's copy adds 1 ns per
-// 4 bytes to it. A variable for tests.
-var sleptMin = int64(2 * time.Microsecond)
-
-// checkEvery is how often a blocking read in single mode takes every slot,
-// in case "slept" was misjudged (see readInto).
-const checkEvery = 16
-
 // Config says how to open a Conn.
 type Config struct {
 	// Queue is the queue number to bind; with Auto, the first number tried.
@@ -87,8 +78,7 @@ type Config struct {
 // which is in blocking mode and outside the poller, so one syscall on its
 // own thread both waits and reads the batch, and the kernel wakes that
 // thread directly when a packet arrives: no epoll wakeup, no separate poll
-// or EAGAIN read. When packets come one at a time, the wait takes one
-// datagram only (see readInto).
+// or EAGAIN read (see readInto).
 // Close and the read deadline wake the waiter by asking the kernel for an
 // acknowledgement (an NLMSG_NOOP with NLM_F_ACK): the answer lands in the
 // socket, the receive returns, and Next skips it and looks at the state.
@@ -155,8 +145,7 @@ type Conn struct {
 	rn       int
 	rerr     syscall.Errno
 	// drained: the last read returned fewer datagrams than it asked for,
-	// or was a single read that slept (see readInto), so the socket was
-	// empty then; the first non-blocking fill after it reports ErrNoData
+	// so the socket was empty then; the first non-blocking fill after it reports ErrNoData
 	// without a syscall (once), unless a message went to the kernel since
 	// (sends moved: its answer may be waiting).
 	drained    bool
@@ -166,8 +155,6 @@ type Conn struct {
 	rflags   uintptr      // flags of the next read: MSG_DONTWAIT or MSG_WAITFORONE
 	rfirst   int          // first slot the next read fills
 	rmax     int          // most datagrams the next read takes
-	single   bool         // the next blocking read takes one datagram (see readInto)
-	singles  int          // blocking reads since single mode began
 	hot      bool         // SO_RCVTIMEO is hotWait and waits are raw syscalls
 	holdsHot atomic.Bool  // c holds one of the process's hot slots (takeHot)
 	wantHot  bool         // what the next blocking read should be
@@ -354,9 +341,8 @@ func (c *Conn) configure(qc *QueueConfig) error {
 // packets that arrive first stay buffered for Next; the answer is blanked
 // out of the buffer. It must not run concurrently with Next.
 func (c *Conn) request(msg []byte) error {
-	// An answer is no sign of traffic: keep the next wait cold, and let
-	// it take every slot.
-	defer func() { c.wantHot, c.single = false, false }()
+	// An answer is no sign of traffic: keep the next wait cold.
+	defer func() { c.wantHot = false }()
 	seq := ne.Uint32(msg[8:12])
 	if err := c.Send(msg); err != nil {
 		return err
@@ -457,7 +443,7 @@ func (c *Conn) read(fd uintptr) {
 	p, vlen := uintptr(unsafe.Pointer(&hdrs[0])), uintptr(len(hdrs))
 	if c.rflags&unix.MSG_WAITFORONE == 0 {
 		if vlen == 1 {
-			n, e = c.recvOne(fd, unix.MSG_DONTWAIT, true)
+			n, e = c.recvOne(fd, unix.MSG_DONTWAIT)
 		} else {
 			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
 		}
@@ -486,8 +472,6 @@ func (c *Conn) read(fd uintptr) {
 			}
 		}
 		switch {
-		case vlen == 1:
-			n, e = c.recvOne(fd, 0, c.hot)
 		case c.hot:
 			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
 		default:
@@ -502,23 +486,15 @@ func (c *Conn) read(fd uintptr) {
 	c.rn, c.rerr = int(n), e
 }
 
-// recvOne is read for a single slot: one recvfrom into c.slots[c.rfirst],
-// which the kernel serves with less work than a recvmmsg of one message
-// (no message header or iovec to copy in, no lengths and flags to copy
-// out). It fills the slot's header as recvmmsg would, Len and MSG_TRUNC,
-// and returns 1 datagram or the error. raw makes it a raw syscall (a
-// non-blocking read, or a hot wait); otherwise the runtime may hand the P
-// on while it blocks.
-func (c *Conn) recvOne(fd uintptr, flags int, raw bool) (uintptr, syscall.Errno) {
+// recvOne is a non-blocking read for a single slot: one recvfrom into
+// c.slots[c.rfirst], which the kernel serves with less work than a
+// recvmmsg of one message (no message header or iovec to copy in, no
+// lengths and flags to copy out). It fills the slot's header as recvmmsg
+// would, Len and MSG_TRUNC, and returns 1 datagram or the error.
+func (c *Conn) recvOne(fd uintptr, flags int) (uintptr, syscall.Errno) {
 	b := c.slots[c.rfirst]
 	p, l, f := uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), uintptr(flags|unix.MSG_TRUNC)
-	var n uintptr
-	var e syscall.Errno
-	if raw {
-		n, _, e = unix.RawSyscall6(unix.SYS_RECVFROM, fd, p, l, f, 0, 0)
-	} else {
-		n, _, e = unix.Syscall6(unix.SYS_RECVFROM, fd, p, l, f, 0, 0)
-	}
+	n, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, fd, p, l, f, 0, 0)
 	if e != 0 {
 		return 0, e
 	}
@@ -632,7 +608,7 @@ func (c *Conn) expired() bool {
 // still holds packets in this one.
 //
 // A non-blocking fill right after a read that left slots free (the socket
-// was empty at that moment; see readInto for single reads) returns
+// was empty at that moment) returns
 // ErrNoData without a syscall: such a read would almost always fail with
 // EAGAIN, and a batch receive loop issues one after every partial read.
 // The shortcut is taken once per read and never after a Send completed
@@ -657,42 +633,25 @@ func (c *Conn) fill(block bool) error {
 	return c.readInto(0, block)
 }
 
-// readInto reads into the slots from first on: all of them, or for a
-// blocking read in single mode only the first.
+// readInto reads into the slots from first on. A blocking read is one
+// recvmmsg with MSG_WAITFORONE: it sleeps until the first datagram and
+// takes whatever else is queued then, so a read that brings fewer than it
+// asked for found the socket empty (see fill).
 //
-// Single mode saves the receive of a datagram that is not there. A blocking
-// recvmmsg that returns its first datagram tries for a second before it
-// returns; when packets come one at a time, that try fails, and on the
-// 2-core VM of the README it costs 0.45 µs of the 7.5 µs an idle round
-// trip costs the consumer: as much as the EAGAIN read that a C batch loop
-// makes to learn that the socket is empty. So a blocking read that slept
-// (it took sleptMin or more) and brought one datagram makes the next
-// blocking read take one datagram only. When that one slept too, the
-// socket was empty a moment ago: the read counts as having drained it (see
-// fill), so the batch ends with it, and a datagram that came meanwhile is
-// read at once by the next blocking read. When it did not sleep, packets
-// are queued: the read does not count as draining, the batch's next,
-// non-blocking read takes the rest, and the next blocking read takes every
-// slot again.
-//
-// "Slept" is a guess from the clock: on a slow CPU, or with every syscall
-// traced, a read that found its datagram queued can take sleptMin too, and
-// single mode would then read a backlog one datagram per batch for as long
-// as it lasts. So every checkEvery-th blocking read in single mode takes
-// every slot anyway: with a backlog it brings more than one datagram, and
-// single mode ends.
+// An earlier version read one datagram only (a recvfrom) after a read
+// that, by the clock, had slept and brought one: the recvmmsg's try for a
+// second datagram is an EAGAIN read inside the call. Measured side by side
+// (internal/benchadapter/simul.sh), that saved nothing on the idle round
+// trip (median p50 0.5-1.3 µs higher with it, CPU per idle packet the
+// same) and cost 3.3-3.5% more CPU per packet under bursty load, where a
+// datagram read alone as the burst was arriving ended its batch: more
+// batches, more wakeups. It also cost two clock reads per wait.
 func (c *Conn) readInto(first int, block bool) error {
 	if first >= len(c.hdrs) {
 		return ErrNoData
 	}
 	c.rfirst = first
 	c.rmax = len(c.hdrs) - first
-	if block && c.single {
-		c.singles++
-		if c.singles%checkEvery != 0 {
-			c.rmax = 1
-		}
-	}
 	c.drained = false
 	if block {
 		// waiting is set before the state is checked, and Close and
@@ -730,10 +689,6 @@ func (c *Conn) readInto(first int, block bool) error {
 		if !c.sfd.acquire() {
 			return c.ioError(os.ErrClosed)
 		}
-		var t0 int64
-		if block {
-			t0 = mono()
-		}
 		c.read(uintptr(c.sfd.fd))
 		c.sfd.release()
 		switch c.rerr {
@@ -743,20 +698,11 @@ func (c *Conn) readInto(first int, block bool) error {
 					c.truncs.Add(1)
 				}
 			}
-			now := mono()
 			c.count = first + c.rn
 			c.drained, c.drainedGen = c.rn < c.rmax, gen
-			c.rtime = epochUnix + now
+			c.rtime = epochUnix + mono()
 			if block {
 				c.wantHot = true // packets are coming
-				slept := c.rn == 1 && now-t0 >= sleptMin+int64(c.hdrs[first].Len/4)
-				if c.rmax == 1 {
-					c.drained = slept
-				}
-				if slept && !c.single {
-					c.singles = 0
-				}
-				c.single = slept
 			}
 			return nil
 		case unix.EAGAIN:

@@ -344,71 +344,19 @@ func TestConnDrainedHint(t *testing.T) {
 	}
 }
 
-// TestConnSingleRead checks single mode (see readInto): after a blocking
-// read that slept and brought one datagram, the next blocking read takes one
-// datagram; if it slept too the batch ends with it without an EAGAIN read,
-// and if packets were queued the batch's non-blocking read takes the rest
-// and blocking reads take every slot again.
-func TestConnSingleRead(t *testing.T) {
+// TestConnBlockingReadTakesQueued checks the blocking read (see readInto):
+// it takes every datagram queued when it returns, up to the slots, and one
+// that brought fewer than its slots found the socket empty, so the batch
+// ends without an EAGAIN read; a packet that comes alone is read alone
+// after a wait, by a read that still asks for every slot.
+func TestConnBlockingReadTakesQueued(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l, c, dst := queued(t, "nfq1", Config{Queue: 700, Auto: true, Slots: 4}, 9993)
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	// Make "slept" certain either way: a read that waited 50 ms slept, one
-	// that found packets queued did not.
-	defer func(v int64) { sleptMin = v }(sleptMin)
-	sleptMin = int64(10 * time.Millisecond)
-
 	var p Packet
-	// A signal to the thread ends a wait early with EINTR, and the wait
-	// starts again: counted as a read. So reads are counted from after
-	// each blocking Next.
-	reads := func(want uint64, what string) {
-		t.Helper()
-		if s := c.Stats(); s.Reads != want || s.EmptyReads != 0 {
-			t.Fatalf("%s: %d reads (%d empty), want %d (0)", what, s.Reads, s.EmptyReads, want)
-		}
-	}
-	send := func(n int, delay time.Duration) {
-		t.Helper()
-		errc := make(chan error, 1)
-		go func() {
-			time.Sleep(delay)
-			errc <- l.A.NS.SendUDP(dst, []byte("s"), n, 0)
-		}()
-		t.Cleanup(func() {
-			if err := <-errc; err != nil {
-				t.Error(err)
-			}
-		})
-	}
-	// 1. Packets one at a time: each blocking read sleeps and brings one;
-	// the second is a single read, and the batch ends without a syscall.
-	for i := 1; i <= 2; i++ {
-		send(1, 50*time.Millisecond)
-		if err := c.Next(&p, true); err != nil {
-			t.Fatal(err)
-		}
-		want := 1 // the second read is a single one
-		if i == 1 {
-			want = 4
-		}
-		if !c.single || c.rmax != want {
-			t.Fatalf("packet %d: single %v after a read of %d slots, want true after %d", i, c.single, c.rmax, want)
-		}
-		r := c.Stats().Reads
-		if err := c.Next(&p, false); !errors.Is(err, ErrNoData) {
-			t.Fatalf("Next(false) after a sleeping read: %v, want ErrNoData", err)
-		}
-		reads(r, "the batch's end after a sleeping read")
-		if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
-			t.Fatal(err)
-		}
-	}
 
-	// 2. Three packets queued before the read: the single read does not
-	// sleep, the batch's non-blocking read takes the other two, and single
-	// mode ends.
-	sleptMin = int64(time.Hour)
+	// Three packets queued before the read: one blocking read takes them
+	// all, and the batch ends without another syscall.
 	if err := l.A.NS.SendUDP(dst, []byte("q"), 3, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -416,8 +364,8 @@ func TestConnSingleRead(t *testing.T) {
 	if err := c.Next(&p, true); err != nil {
 		t.Fatal(err)
 	}
-	if c.single || c.rmax != 1 || c.count != 1 {
-		t.Fatalf("single %v after a read of %d slots that got %d", c.single, c.rmax, c.count)
+	if c.rmax != 4 || c.count != 3 {
+		t.Fatalf("blocking read took %d of %d slots, want 3 of 4", c.count, c.rmax)
 	}
 	r := c.Stats().Reads
 	for i := 0; i < 2; i++ {
@@ -425,78 +373,38 @@ func TestConnSingleRead(t *testing.T) {
 			t.Fatalf("queued packet %d: %v", i+2, err)
 		}
 	}
-	reads(r+1, "after the rest") // one read for both
 	if err := c.Next(&p, false); !errors.Is(err, ErrNoData) {
-		t.Fatalf("Next(false) after the rest: %v, want ErrNoData", err)
+		t.Fatalf("Next(false) after the batch: %v, want ErrNoData", err)
 	}
-	reads(r+1, "the batch's end") // two of four slots: hinted
-	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
-		t.Fatal(err)
-	}
-	send(1, 50*time.Millisecond)
-	if err := c.Next(&p, true); err != nil {
-		t.Fatal(err)
-	}
-	if c.rmax != 4 {
-		t.Fatalf("a blocking read after single mode took %d slots, want 4", c.rmax)
+	if s := c.Stats(); s.Reads != r || s.EmptyReads != 0 {
+		t.Fatalf("%d reads (%d empty) for the rest of the batch, want none", s.Reads-r, s.EmptyReads)
 	}
 	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
 		t.Fatal(err)
 	}
 
-	// 3. "Slept" misjudged (every read takes sleptMin, as on a slow CPU):
-	// single mode reads a backlog one datagram per batch, but only until
-	// its checkEvery-th blocking read, which takes every slot, brings four
-	// and ends it.
-	sleptMin = 0
-	send(1, 50*time.Millisecond)
+	// A packet that comes alone, 50 ms later: the read waits for it and
+	// asks for every slot.
+	errc := make(chan error, 1)
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		errc <- l.A.NS.SendUDP(dst, []byte("s"), 1, 0)
+	}()
 	if err := c.Next(&p, true); err != nil {
 		t.Fatal(err)
 	}
-	if !c.single {
-		t.Fatal("a read of one datagram that \"slept\" did not start single mode")
-	}
-	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
-		t.Fatal(err)
-	}
-	const backlog = checkEvery + 8
-	if err := l.A.NS.SendUDP(dst, []byte("b"), backlog, 0); err != nil {
-		t.Fatal(err)
-	}
-	waitQueued(t, l.B.NS, c, backlog)
-	for i := 1; i <= checkEvery; i++ {
-		if err := c.Next(&p, true); err != nil {
-			t.Fatalf("backlog read %d: %v", i, err)
-		}
-		want, got := 1, 1
-		if i == checkEvery {
-			want, got = 4, 4
-		}
-		if c.rmax != want || c.count != got {
-			t.Fatalf("backlog read %d took %d of %d slots, want %d of %d", i, c.count, c.rmax, got, want)
-		}
-		for {
-			if err := c.Next(&p, false); errors.Is(err, ErrNoData) {
-				break
-			} else if err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if c.single {
-		t.Fatal("single mode went on after a read that brought every slot")
-	}
-	// That batch's non-blocking reads took the rest; the next blocking
-	// read takes every slot.
-	send(1, 50*time.Millisecond)
-	if err := c.Next(&p, true); err != nil {
+	if err := <-errc; err != nil {
 		t.Fatal(err)
 	}
 	if c.rmax != 4 || c.count != 1 {
-		t.Fatalf("read after single mode took %d of %d slots, want 1 of 4", c.count, c.rmax)
+		t.Fatalf("read of a lone packet took %d of %d slots, want 1 of 4", c.count, c.rmax)
+	}
+	r = c.Stats().Reads
+	if err := c.Next(&p, false); !errors.Is(err, ErrNoData) {
+		t.Fatalf("Next(false) after a lone packet: %v, want ErrNoData", err)
+	}
+	if s := c.Stats(); s.Reads != r || s.EmptyReads != 0 {
+		t.Fatalf("%d reads (%d empty) after a lone packet, want none", s.Reads-r, s.EmptyReads)
 	}
 	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
 		t.Fatal(err)
