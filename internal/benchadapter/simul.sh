@@ -133,6 +133,8 @@ for r in $(seq "$ROUNDS"); do
 	c1=$(sched_ns "$dc") o1=$(sched_ns "$do")
 	read -r nc1 dropc < <(qstat "$qc")
 	read -r no1 dropo < <(qstat "$qo")
+	read -r ic0 _ < <(qstat "$qc")
+	read -r io0 _ < <(qstat "$qo")
 	pc=() po=()
 	for k in $(seq "$PBLK"); do
 		if [ $((k % 2)) = 1 ]; then
@@ -143,27 +145,35 @@ for r in $(seq "$ROUNDS"); do
 			pc+=("$(ping_p50 $((9001 + 2 * qc)) $((PINGS / PBLK)))")
 		fi
 	done
+	c2=$(sched_ns "$dc") o2=$(sched_ns "$do")
+	read -r ic1 _ < <(qstat "$qc")
+	read -r io1 _ < <(qstat "$qo")
 	stop_daemons
-	python3 - "$r" "$c0" "$c1" "$o0" "$o1" "$nc0" "$nc1" "$no0" "$no1" "$dropc" "$dropo" "${pc[*]}" "${po[*]}" <<'PY' | tee -a "$OUT/rounds.txt"
+	python3 - "$r" "$c0" "$c1" "$o0" "$o1" "$nc0" "$nc1" "$no0" "$no1" "$dropc" "$dropo" \
+		"$c2" "$o2" "$ic0" "$ic1" "$io0" "$io1" "${pc[*]}" "${po[*]}" <<'PY' | tee -a "$OUT/rounds.txt"
 import statistics as st, sys
-r, c0, c1, o0, o1, nc0, nc1, no0, no1, dc, do = map(int, sys.argv[1:12])
-pc = [float(x) for x in sys.argv[12].split()]
-po = [float(x) for x in sys.argv[13].split()]
+r, c0, c1, o0, o1, nc0, nc1, no0, no1, dc, do, c2, o2, ic0, ic1, io0, io1 = map(int, sys.argv[1:18])
+pc = [float(x) for x in sys.argv[18].split()]
+po = [float(x) for x in sys.argv[19].split()]
 cc, co = (c1 - c0) / max(nc1 - nc0, 1), (o1 - o0) / max(no1 - no0, 1)
+ic, io = (c2 - c1) / max(ic1 - ic0, 1), (o2 - o1) / max(io1 - io0, 1)
 print(f"round {r}: cpu/pkt C {cc:.0f} ns, ours {co:.0f} ns, ratio {co / cc:.4f}; "
       f"packets {nc1 - nc0} and {no1 - no0}, dropped {dc} and {do}; "
+      f"idle cpu/pkt C {ic:.0f} ns, ours {io:.0f} ns, ratio {io / ic:.4f}; "
       f"rtt p50 C {st.median(pc):.1f}, ours {st.median(po):.1f}, diff {st.median(po) - st.median(pc):+.1f} us")
 PY
 done
 python3 - "$OUT/rounds.txt" <<'PY'
 import re, statistics as st, sys
-ratios, diffs = [], []
+ratios, idle, diffs = [], [], []
 for line in open(sys.argv[1]):
-    m = re.search(r"ratio ([\d.]+);.*diff ([-+\d.]+) us", line)
+    m = re.search(r"ratio ([\d.]+);.*ratio ([\d.]+);.*diff ([-+\d.]+) us", line)
     if m:
         ratios.append(float(m.group(1)))
-        diffs.append(float(m.group(2)))
+        idle.append(float(m.group(2)))
+        diffs.append(float(m.group(3)))
 print(f"{len(ratios)} rounds: CPU per packet ours/C median {st.median(ratios):.3f} "
-      f"(range {min(ratios):.3f}-{max(ratios):.3f}); RTT p50 ours-C median {st.median(diffs):+.1f} us "
+      f"(range {min(ratios):.3f}-{max(ratios):.3f}); idle CPU per packet {st.median(idle):.3f} "
+      f"(range {min(idle):.3f}-{max(idle):.3f}); RTT p50 ours-C median {st.median(diffs):+.1f} us "
       f"(range {min(diffs):+.1f} to {max(diffs):+.1f})")
 PY
