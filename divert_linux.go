@@ -617,7 +617,9 @@ func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 		k++
 	}
 	b.applyPending()
-	b.more.Store(b.conn.Buffered())
+	if m := b.conn.Buffered(); m != b.more.Load() {
+		b.more.Store(m) // a locked write only when it changes
+	}
 	b.rmu.Unlock()
 	b.recvEnd()
 	if k > 0 {
@@ -690,6 +692,13 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 	for {
 		shut := b.shutRecv.Load()
 		err := b.conn.Next(p, block && !shut) // flushes verdicts before it blocks
+		if err == nfq.ErrNoData {
+			// The end of every batch: compared first, without errors.Is.
+			if shut {
+				return 0, ErrShutdown
+			}
+			return 0, err
+		}
 		if err != nil {
 			switch {
 			case errors.Is(err, nfq.ErrNoData):
