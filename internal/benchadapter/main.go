@@ -22,6 +22,13 @@
 //
 //	BENCHADAPTER_CPUPROFILE=/tmp/ours OURS_DIR=internal/benchadapter ../shared/bench/run.sh
 //	go tool pprof -top /tmp/ours.<pid>
+//
+// Two scripts next to it measure side by side rather than one run after
+// another: simul.sh runs this adapter and the shared bench's C batch loop
+// at the same time on two queues (CPU per packet under a flood and idle,
+// idle RTT), and narrowpair.sh floods two receivers at once, one behind a
+// handle with a narrow filter (what the rules cost the traffic they do not
+// match). See the README's performance section.
 package main
 
 import (
