@@ -36,7 +36,9 @@ const (
 	// only, as Close and the read deadline wake the waiter with a message
 	// (see wake).
 	maxWait = 500 * time.Millisecond
-	// hotWait bounds a receive that waits holding its P (see Conn).
+	// hotWait bounds a receive that waits holding its P (see Conn). The
+	// kernel counts SO_RCVTIMEO in ticks, rounded up: such a wait ends at
+	// the next tick, up to 4 ms later with HZ=250.
 	hotWait = time.Millisecond
 	// yieldEvery is how often, at most, a reader on the only P yields
 	// before a hot wait once another goroutine has sent while it waited
