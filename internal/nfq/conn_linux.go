@@ -44,7 +44,7 @@ const (
 	// before a hot wait once another goroutine has sent while it waited
 	// (see Conn).
 	yieldEvery = int64(50 * time.Microsecond)
-	// yieldAlone is how often, at most, it yields until then: as long as a
+	// yieldAlone is how often, at most, it yields until then: no longer than a
 	// hot wait may hold the P anyway.
 	yieldAlone = int64(hotWait)
 )
@@ -102,7 +102,7 @@ type Config struct {
 // queues measured side by side (internal/benchadapter/simul.sh), idle round
 // trips through a reader that yielded before every wait had a median p50
 // 6 µs above those through one that yields as below. So the reader yields before a
-// wait at most every yieldAlone (1 ms, as long as a hot wait may hold the
+// wait at most every yieldAlone (1 ms, no longer than a hot wait may hold the
 // P anyway) until a Send runs while it waits: another goroutine then
 // verdicts the packets (the pipeline pattern), and from then on the reader
 // yields at most every yieldEvery (50 µs), that is before every wait when
