@@ -63,6 +63,22 @@ func divertInbound(sa *bsdaddr.Sockaddr, pkt []byte, ownNamed bool,
 	return local(dst)
 }
 
+// recvOutbound reports whether a packet read with sa is outbound, as it
+// is reported and written back (not divertInbound), and, for an OpenPort
+// handle (seen not nil), notes rule, the sin_port it came with, as the
+// rule that feeds the handle in that direction (resumePoints): a packet
+// that came in on an interface without an IPv4 address has a zero
+// sin_addr, like an outbound one, yet the ruleset's inbound pass diverted
+// it, and a new inbound packet is to resume after that rule.
+func recvOutbound(sa *bsdaddr.Sockaddr, pkt []byte, rule uint16, ownNamed bool,
+	ifV4 func(name []byte) (has, known bool), local func(netip.Addr) bool, seen *resumePoints) bool {
+	out := !divertInbound(sa, pkt, ownNamed, ifV4, local)
+	if seen != nil {
+		seen.note(out, rule)
+	}
+	return out
+}
+
 // packetDst returns an IPv4 or IPv6 packet's destination address.
 func packetDst(pkt []byte) (netip.Addr, bool) {
 	switch {

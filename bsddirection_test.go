@@ -78,3 +78,38 @@ func TestDivertInbound(t *testing.T) {
 		}
 	}
 }
+
+// TestRecvOutboundNotes: an OpenPort handle notes the rule each packet came
+// from by the direction the packet is reported in, so that a packet that
+// came in on an interface without an IPv4 address (sin_addr zero, like an
+// outbound one) sets the inbound resume point, not the outbound one: a new
+// inbound packet resumes after the administrator's inbound rule, and a new
+// outbound one is not sent past the outbound rule's successors.
+func TestRecvOutboundNotes(t *testing.T) {
+	sa := func(addr [4]byte, name string) *bsdaddr.Sockaddr {
+		var s bsdaddr.Sockaddr
+		if err := s.Set(binary.NativeEndian, 100, addr, []byte(name)); err != nil {
+			t.Fatal(err)
+		}
+		return &s
+	}
+	ifV4 := func(name []byte) (bool, bool) { return false, true } // gif0: IPv6 only
+	host := netip.MustParseAddr("2001:db8::1")
+	local := func(a netip.Addr) bool { return a == host }
+	var seen resumePoints
+	// "200 divert 8668 out": a packet the host made.
+	if !recvOutbound(sa([4]byte{}, ""), ipv6Packet("2001:db8::99"), 200, false, ifV4, local, &seen) {
+		t.Fatal("a packet the host made taken for inbound")
+	}
+	// "100 divert 8668 in": a packet to the host on gif0.
+	if recvOutbound(sa([4]byte{}, "gif0"), ipv6Packet("2001:db8::1"), 100, false, ifV4, local, &seen) {
+		t.Fatal("a packet to the host on an IPv6-only interface taken for outbound")
+	}
+	if in, out := seen.resume(false), seen.resume(true); in != 100 || out != 200 {
+		t.Fatalf("resume points: inbound %d, outbound %d; want 100 (the in rule), 200 (the out rule)", in, out)
+	}
+	// An Open handle notes nothing.
+	if recvOutbound(sa([4]byte{}, "gif0"), ipv6Packet("2001:db8::1"), 300, true, ifV4, local, nil) {
+		t.Fatal("own rules: a named packet taken for outbound")
+	}
+}

@@ -29,7 +29,8 @@ type resumePoints struct {
 }
 
 // note records the sin_port of a received packet, received outbound or not
-// (as the kernel's sockaddr says: sin_addr zero).
+// (as the packet is reported: recvOutbound; sin_addr alone would take one
+// that came in on an interface without an IPv4 address for outbound).
 func (r *resumePoints) note(outbound bool, port uint16) {
 	p := &r.in
 	if outbound {

@@ -907,9 +907,6 @@ func (b *bsdBackend) recvOne(p []byte, a *Address, block bool) (int, error) {
 		if err != nil {
 			return 0, fmt.Errorf("divert: recv: %w", err)
 		}
-		if b.openPort {
-			b.seen.note(r.Outbound, r.Rule)
-		}
 		pkt := s.buf[:s.n]
 		b.fill(a, pkt, &s.sa, r)
 		if b.filt != nil && !b.filt.Match(pkt, s.metaOf(a)) {
@@ -955,12 +952,18 @@ func (s *bsdIO) metaOf(a *Address) *filter.Meta {
 }
 
 func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdaddr.Received) {
+	// An OpenPort handle notes the rule each packet came from, by the
+	// direction it is reported in (recvOutbound).
+	var seen *resumePoints
+	if b.openPort {
+		seen = &b.seen
+	}
 	*a = Address{
 		Timestamp: time.Now().UnixNano(),
 		Layer:     b.layer,
 		Event:     EventNetworkPacket,
 		Sniffed:   b.flags&FlagSniff != 0,
-		Outbound:  !b.inbound(sa, pkt),
+		Outbound:  recvOutbound(sa, pkt, r.Rule, b.ownNamed, b.ifV4, hostAddrs.has, seen),
 		IPv6:      len(pkt) > 0 && pkt[0]>>4 == 6,
 	}
 	// An outbound packet with a receiving interface was forwarded (read
