@@ -86,6 +86,11 @@ func (c *setClaim) removeAtClose(del func(set int) error, attempts int, pause fu
 	return err
 }
 
+// bsdLeft holds the sets of closed handles whose rules are still
+// installed (leftSets). No socket of a new handle is bound to a port their
+// rules divert to (bindAuto, detachPort).
+var bsdLeft leftSets
+
 // leftSet is a set whose rules a closed handle failed to delete.
 type leftSet struct {
 	set          int

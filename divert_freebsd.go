@@ -496,10 +496,6 @@ func (b *bsdBackend) removeRulesAtClose() error {
 	return nil
 }
 
-// bsdLeft holds the sets of closed handles whose rules are still
-// installed (leftSets).
-var bsdLeft leftSets
-
 func (b *bsdBackend) lockedDeleteSet(set int) error {
 	unlock, err := lockIPFW()
 	if err != nil {

@@ -51,7 +51,8 @@ func bindFree(s portSock, start int, avoid func(port uint16) bool) (uint16, erro
 }
 
 // detachPort stops an administrator's rule (OpenPort) from queueing new
-// packets to s, bound to the rule's port: s moves to a free port, keeping
+// packets to s, bound to the rule's port: s moves to a free port (one that
+// no rule a closed handle of the process left diverts to), keeping
 // the packets queued on it, so that Recv can drain them. A packet the rule
 // takes after that finds no socket on its port and would be dropped
 // (divert_packet: "noport"), so a fresh socket, the passer, is bound to
@@ -67,7 +68,10 @@ func bindFree(s portSock, start int, avoid func(port uint16) bool) (uint16, erro
 // 13) leaves s where it was and returns errRebind. When the passer cannot
 // be opened or bound, s goes back to the port and the error is returned.
 func detachPort(s portSock, port uint16, start int, sniff bool, open func() (portSock, error)) (portSock, error) {
-	if _, err := bindFree(s, start, func(p uint16) bool { return p == port }); err != nil {
+	// Not the rule's port, nor one that rules a closed handle left divert
+	// to (bsdLeft): Recv would drain their packets as the handle's.
+	avoid := func(p uint16) bool { return p == port || bsdLeft.holds(p) }
+	if _, err := bindFree(s, start, avoid); err != nil {
 		if errors.Is(err, syscall.EINVAL) {
 			return nil, fmt.Errorf("%w: %w", errRebind, err)
 		}

@@ -190,3 +190,28 @@ func TestBindFree(t *testing.T) {
 		t.Fatalf("bindFree = %v, want EACCES", err)
 	}
 }
+
+// TestDetachPortAvoidsLeftRules: the port the handle's socket moves to is
+// not one that rules a closed handle of the process left installed divert
+// to (bsdLeft): on it, the socket would receive their packets, and Recv
+// would drain them as the handle's after Shutdown.
+func TestDetachPortAvoidsLeftRules(t *testing.T) {
+	const port = 8668
+	left := uint16(divertPortMin + 7) // where the process's first auto port usually is
+	bsdLeft.add(leftSet{set: 9, number: 31000, port: left})
+	defer bsdLeft.retry(func(l leftSet) error {
+		if l.set == 9 && l.port == left {
+			return nil // forget it
+		}
+		return errors.New("not this test's")
+	})
+	k := newFakeDivert()
+	h := k.bound(t, port)
+	p, err := detachPort(h, port, 7, false, k.open)
+	if err != nil || p == nil {
+		t.Fatalf("detachPort = %v, %v", p, err)
+	}
+	if h.port != left+1 || k.owner[h.port] != h {
+		t.Fatalf("handle's socket on port %d, want %d (past the left rules' port %d)", h.port, left+1, left)
+	}
+}
