@@ -1272,8 +1272,9 @@ func (b *bsdBackend) close() error {
 
 // reinjectUnread writes back, unchanged, the packets still unread in the
 // socket when the handle closes, as WinDivert reinjects a closing handle's
-// queue: each resumes after the rule that diverted it. The rules are gone
-// by then, so the socket gets nothing new; the loop is bounded anyway.
+// queue: each resumes after the rule that diverted it. The rules are
+// mostly gone by then, so the socket gets nothing new; rules Close could
+// not delete (leftSets) still divert to it, so the loop is bounded.
 // FlagSniff's tee rules queued copies, which are not written back.
 func (b *bsdBackend) reinjectUnread() {
 	s := b.getIO()

@@ -338,7 +338,8 @@ func ResolveRecv(name []byte, addr [4]byte, inbound bool, cands []Candidate) (in
 	}
 	if exact < 0 && longer == 1 {
 		// The one interface the cut name stands for, whatever sin_addr
-		// says (its addresses may be left out: Candidate).
+		// says; written back inbound, ifunit finds no interface of the
+		// cut name, and sin_addr must find this one (byAddr).
 		for i := range cands {
 			if Matches(name, cands[i].Name) {
 				return i, byAddr(i, addr, inbound, cands)
