@@ -445,7 +445,7 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 			if !errors.Is(err, unix.EMSGSIZE) {
 				return 0, injectError(err)
 			}
-			if err := b.inboundFragments(pkt, a.sys.fragID, err); err != nil {
+			if err := b.inboundFragments(pkt, a.IfIdx, a.sys.fragID, err); err != nil {
 				return 0, err
 			}
 		}
@@ -479,11 +479,14 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 // datagram of 65,537 to 65,575 bytes (a payload of up to 65,535 bytes, which
 // the kernel's reassembly takes) exceeds lo's default MTU of 65,536 bytes,
 // and a smaller MTU set on lo leaves more datagrams too big. id is the
-// identification of IPv6 fragments. A datagram that cannot be fragmented
-// (IPv4 with DF set, or an MTU too small for its headers) gives an error
-// wrapping reassembly's reason and EMSGSIZE. Called with b.fsend.mu held.
-func (b *linuxBackend) inboundFragments(pkt []byte, id uint32, err error) error {
-	mtu, merr := b.inj.RouteMTU(pkt, 0) // a local destination's route: lo's
+// identification of IPv6 fragments; ifIdx the interface the datagram came
+// in on, the zone of a link-local destination, without which the kernel
+// cannot look up its route (a UDP connect to fe80::/10 without one is
+// EINVAL). A datagram that cannot be fragmented (IPv4 with DF set, or an
+// MTU too small for its headers) gives an error wrapping reassembly's
+// reason and EMSGSIZE. Called with b.fsend.mu held.
+func (b *linuxBackend) inboundFragments(pkt []byte, ifIdx, id uint32, err error) error {
+	mtu, merr := b.inj.RouteMTU(pkt, ifIdx) // a local destination's route: lo's
 	if merr != nil {
 		return fmt.Errorf("divert: %w (route MTU: %w)", err, merr)
 	}

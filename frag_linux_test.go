@@ -204,25 +204,36 @@ func TestFragReassembleInbound(t *testing.T) {
 // inbound whose length exceeds lo's MTU (65,575 bytes, the largest, against
 // lo's default 65,536; 3,048 bytes against an MTU of 1,280 set on lo) is
 // delivered through lo as fragments of lo's MTU, which the kernel
-// reassembles: the socket gets it whole.
+// reassembles: the socket gets it whole. So is one to a link-local
+// address of the host, whose route (lo's MTU) is asked with its zone.
 func TestFragInboundLargerThanLo(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dfo", 1500)
+	// B's link-local address: the route of a datagram to it, whose
+	// fragments' size is lo's MTU, is looked up with its zone.
+	ipIn(t, l.B.NS, "addr", "add", "fe80::99/64", "dev", l.B.If, "nodad")
+	largest := bytes.Repeat([]byte("big!"), (65535-8)/4+1)[:65535-8]
 	for _, c := range []struct {
-		name  string
-		loMTU int // 0: lo's default
-		data  []byte
+		name      string
+		loMTU     int // 0: lo's default
+		data      []byte
+		linkLocal bool
 	}{
-		{"max", 0, bytes.Repeat([]byte("big!"), (65535-8)/4+1)[:65535-8]},
-		{"lo1280", 1280, fragPayload("lo1280")},
+		{"max", 0, largest, false},
+		{"lo1280", 1280, fragPayload("lo1280"), false},
+		{"max/link-local", 0, largest, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if c.loMTU != 0 {
 				ipIn(t, l.B.NS, "link", "set", "lo", "mtu", fmt.Sprint(c.loMTU))
 				defer ipIn(t, l.B.NS, "link", "set", "lo", "mtu", "65536")
 			}
-			dst := netip.AddrPortFrom(l.B.V6, 7151)
-			sink, err := l.B.NS.ListenUDP(dst.String())
+			dst, listen := netip.AddrPortFrom(l.B.V6, 7151), netip.AddrPortFrom(l.B.V6, 7151).String()
+			if c.linkLocal {
+				dst = netip.AddrPortFrom(netip.MustParseAddr("fe80::99").WithZone(l.A.If), 7151)
+				listen = "[::]:7151"
+			}
+			sink, err := l.B.NS.ListenUDP(listen)
 			if err != nil {
 				t.Fatal(err)
 			}
