@@ -16,7 +16,8 @@ import (
 // waits for it, so that Close does not close the socket (and drop what
 // the rules still divert to it) before the rules are gone. The set is
 // forgotten only once deleted, so that a deletion that failed at Shutdown
-// is tried again at Close.
+// is tried again at Close, or once Close gives up on it and hands it to
+// the process's leftSets (removeAtClose).
 type setClaim struct {
 	// sem holds one token while the set is read or deleted (a channel
 	// rather than a mutex, so that a test sees a waiter as blocked).
