@@ -79,11 +79,14 @@ func (c *setClaim) removeAtClose(del func(set int) error, attempts int, pause fu
 		return nil
 	}
 	c.sem <- struct{}{}
-	if c.set >= 0 {
-		left.add(leftSet{set: c.set, number: number, port: port})
-		c.set = -1
+	defer func() { <-c.sem }()
+	if c.set < 0 {
+		// A concurrent remove (Shutdown) deleted them since the last
+		// try: nothing is left.
+		return nil
 	}
-	<-c.sem
+	left.add(leftSet{set: c.set, number: number, port: port})
+	c.set = -1
 	return err
 }
 
