@@ -794,7 +794,11 @@ func (h *Handle) Shutdown(how ShutdownHow) error {
 // in the network namespace, other handles' too: so while another handle of
 // the process is open in the namespace, Close empties its table and leaves
 // its hooks in place until the last handle there is closed; other
-// programs' changes still drop them (see the README's Linux notes).
+// programs' changes still drop them (see the README's Linux notes). On
+// FreeBSD a rule ipfw cannot remove (it fails, or another program's rule
+// shares its set and number) stays installed: Close then returns an error,
+// and the process's later Open and Close calls try again (see the README's
+// FreeBSD notes).
 func (h *Handle) Close() error {
 	if h.closed.Swap(true) {
 		return errClosed
