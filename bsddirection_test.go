@@ -25,13 +25,7 @@ func ipv6Packet(dst string) []byte {
 // packet's destination (the host's own, or link-scoped, is never
 // forwarded) tell them apart.
 func TestDivertInbound(t *testing.T) {
-	sa := func(addr [4]byte, name string) *bsdaddr.Sockaddr {
-		var s bsdaddr.Sockaddr
-		if err := s.Set(binary.NativeEndian, 100, addr, []byte(name)); err != nil {
-			t.Fatal(err)
-		}
-		return &s
-	}
+	sa := func(addr [4]byte, name string) *bsdaddr.Sockaddr { return testSockaddr(t, addr, name) }
 	ifV4 := func(name []byte) (bool, bool) {
 		switch string(name) {
 		case "em0":
@@ -86,13 +80,7 @@ func TestDivertInbound(t *testing.T) {
 // inbound packet resumes after the administrator's inbound rule, and a new
 // outbound one is not sent past the outbound rule's successors.
 func TestRecvOutboundNotes(t *testing.T) {
-	sa := func(addr [4]byte, name string) *bsdaddr.Sockaddr {
-		var s bsdaddr.Sockaddr
-		if err := s.Set(binary.NativeEndian, 100, addr, []byte(name)); err != nil {
-			t.Fatal(err)
-		}
-		return &s
-	}
+	sa := func(addr [4]byte, name string) *bsdaddr.Sockaddr { return testSockaddr(t, addr, name) }
 	ifV4 := func(name []byte) (bool, bool) { return false, true } // gif0: IPv6 only
 	host := netip.MustParseAddr("2001:db8::1")
 	local := func(a netip.Addr) bool { return a == host }
@@ -112,4 +100,15 @@ func TestRecvOutboundNotes(t *testing.T) {
 	if recvOutbound(sa([4]byte{}, "gif0"), ipv6Packet("2001:db8::1"), 300, true, ifV4, local, nil) {
 		t.Fatal("own rules: a named packet taken for outbound")
 	}
+}
+
+// testSockaddr is a divert sockaddr for port 100 with addr and the
+// interface name (cut to what sin_zero holds).
+func testSockaddr(t *testing.T, addr [4]byte, name string) *bsdaddr.Sockaddr {
+	t.Helper()
+	var s bsdaddr.Sockaddr
+	if err := s.Set(binary.NativeEndian, 100, addr, []byte(name)); err != nil {
+		t.Fatal(err)
+	}
+	return &s
 }

@@ -573,6 +573,26 @@ func TestConnWaitWakeups(t *testing.T) {
 	}
 }
 
+// acceptEach runs the hot reader tests' reader: it receives with blocking
+// Next calls until one fails, calls seen for each packet, and accepts it
+// with a verdict of its own. The channel closes when it stops.
+func acceptEach(c *Conn, seen func()) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var p Packet
+		vbuf := make([]byte, 0, 64)
+		for c.Next(&p, true) == nil {
+			seen()
+			vbuf = AppendVerdict(vbuf[:0], c.Queue(), p.ID, Accept, nil)
+			if c.Send(vbuf) != nil {
+				return
+			}
+		}
+	}()
+	return done
+}
+
 // TestConnHotReaderYields checks that a reader whose waits keep the P
 // while packets keep coming (see Conn) still lets other goroutines run,
 // with one P: a goroutine sleeping 1 ms at a time while datagrams arrive
@@ -584,19 +604,7 @@ func TestConnHotReaderYields(t *testing.T) {
 
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	var got atomic.Int64
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		var p Packet
-		vbuf := make([]byte, 0, 64)
-		for c.Next(&p, true) == nil {
-			got.Add(1)
-			vbuf = AppendVerdict(vbuf[:0], c.Queue(), p.ID, Accept, nil)
-			if c.Send(vbuf) != nil {
-				return
-			}
-		}
-	}()
+	done := acceptEach(c, func() { got.Add(1) })
 	// The traffic comes from another process (this test binary as
 	// TestHelperUDPSender), so that it does not need the one P.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -644,21 +652,11 @@ func TestConnHotReaderAloneYieldsRarely(t *testing.T) {
 
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	var got, first, last atomic.Int64 // datagrams, and the reader's clock at the first and last
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		var p Packet
-		vbuf := make([]byte, 0, 64)
-		for c.Next(&p, true) == nil {
-			got.Add(1)
-			first.CompareAndSwap(0, c.ReadTime())
-			last.Store(c.ReadTime())
-			vbuf = AppendVerdict(vbuf[:0], c.Queue(), p.ID, Accept, nil)
-			if c.Send(vbuf) != nil {
-				return
-			}
-		}
-	}()
+	done := acceptEach(c, func() {
+		got.Add(1)
+		first.CompareAndSwap(0, c.ReadTime())
+		last.Store(c.ReadTime())
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	s0 := c.Stats()
@@ -689,15 +687,12 @@ func TestConnHotReaderAloneYieldsRarely(t *testing.T) {
 	c.SetReadDeadline(time.Unix(1, 0))
 	<-done
 	c.SetReadDeadline(time.Time{})
-	ready := make(chan struct{})
-	done = make(chan struct{})
+	waited := make(chan struct{})
 	go func() {
-		defer close(done)
+		defer close(waited)
 		var p Packet
-		close(ready)
 		c.Next(&p, true) // the deadline below ends it
 	}()
-	<-ready
 	for !c.waiting.Load() {
 		runtime.Gosched()
 	}
@@ -705,7 +700,7 @@ func TestConnHotReaderAloneYieldsRarely(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.SetReadDeadline(time.Unix(1, 0))
-	<-done
+	<-waited
 	if !c.Stats().Shared || c.yieldInterval() != yieldEvery {
 		t.Fatalf("after a Send while the reader waited: Shared %v, yield interval %v", c.Stats().Shared, time.Duration(c.yieldInterval()))
 	}

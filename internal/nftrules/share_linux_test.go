@@ -42,9 +42,8 @@ func tables(t *testing.T, ns *netnstest.NS) []string {
 	return out
 }
 
-// registered reports whether the process has an entry for ns in the
-// registry.
-func registered(t *testing.T, ns *netnstest.NS) bool {
+// nsKeyOf returns the registry's key of network namespace ns.
+func nsKeyOf(t *testing.T, ns *netnstest.NS) nsKey {
 	t.Helper()
 	var key nsKey
 	if err := ns.Do(func() error {
@@ -57,6 +56,14 @@ func registered(t *testing.T, ns *netnstest.NS) bool {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	return key
+}
+
+// registered reports whether the process has an entry for ns in the
+// registry.
+func registered(t *testing.T, ns *netnstest.NS) bool {
+	t.Helper()
+	key := nsKeyOf(t, ns)
 	registry.mu.Lock()
 	defer registry.mu.Unlock()
 	return registry.ns[key] != nil
@@ -218,17 +225,7 @@ func requireGone(t *testing.T, ns *netnstest.NS, when string) {
 // ns.
 func parkedNames(t *testing.T, ns *netnstest.NS) []string {
 	t.Helper()
-	var key nsKey
-	if err := ns.Do(func() error {
-		k, fd, err := threadNS()
-		if err == nil {
-			unix.Close(fd)
-		}
-		key = k
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	key := nsKeyOf(t, ns)
 	registry.mu.Lock()
 	defer registry.mu.Unlock()
 	var out []string
