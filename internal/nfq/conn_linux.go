@@ -935,7 +935,7 @@ type Stats struct {
 	EmptyReads   uint64        // receive syscalls that found nothing (EAGAIN)
 	Waits        uint64        // blocking receive syscalls (waits for the first packet), included in Reads
 	HotWaits     uint64        // Waits that kept the P, while packets kept coming (see Conn)
-	Yields       uint64        // times the reader, alone on the only P, yielded before a hot wait
+	Yields       uint64        // times the reader, on the only P, yielded before a hot wait
 	Shared       bool          // a Send ran while a Next waited, so the reader yields every yieldEvery
 	Interrupted  uint64        // Waits a signal ended early (EINTR); each is followed by another wait
 	Sends        uint64        // send syscalls (one per Send)
