@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"syscall"
 	"testing"
 	"unsafe"
 
@@ -331,5 +332,106 @@ func TestKernelPairEmptyBuf(t *testing.T) {
 	}
 	if s, err := kp.h.Stats(); err != nil || s.Received != 3 || s.Sent != 3 {
 		t.Fatalf("Stats %+v, %v", s, err)
+	}
+}
+
+// memPair is a kernelPair whose queue socket is never used: the Conn's
+// reads and Sends call an in-memory fake (nfq.Fake) that hands out batches
+// of k packet messages and counts the verdict messages. No syscall is made,
+// so what a benchmark measures is the user-space path alone.
+type memPair struct {
+	*kernelPair
+	k        int
+	queued   int // packets still to hand out
+	verdicts int
+}
+
+func newMemPair(tb testing.TB, k int, pkt []byte) *memPair {
+	mp := &memPair{kernelPair: newKernelPair(tb, k, pkt), k: k}
+	mp.h.b.(*linuxBackend).conn.SetFake(&nfq.Fake{
+		Read: func(hdrs []unix.Mmsghdr, slots [][]byte, block bool) (int, syscall.Errno) {
+			n := min(mp.queued, len(hdrs))
+			if n == 0 {
+				if block {
+					tb.Fatal("blocking read with nothing queued")
+				}
+				return 0, unix.EAGAIN
+			}
+			for i := range n {
+				m := mp.msgs[mp.k-mp.queued]
+				binary.BigEndian.PutUint32(m[packetIDOffset:], mp.next)
+				mp.next++
+				hdrs[i].Len = uint32(copy(slots[i], m))
+				hdrs[i].Hdr.Flags = 0
+				mp.queued--
+			}
+			return n, 0
+		},
+		Send: func(b []byte) syscall.Errno {
+			mp.verdicts++
+			return 0
+		},
+	})
+	return mp
+}
+
+// BenchmarkLinuxUserPathMem is BenchmarkLinuxUserPath without the
+// socketpair: the queue socket is an in-memory fake (memPair), so the
+// figure is the user-space path alone, per packet, without the syscalls.
+func BenchmarkLinuxUserPathMem(b *testing.B) {
+	for _, k := range []int{1, 3, 8} {
+		b.Run(fmt.Sprintf("batch=%d", k), func(b *testing.B) {
+			mp := newMemPair(b, k, udp64(b))
+			ms := make([]Message, 64)
+			for i := range ms {
+				ms[i].Buf = make([]byte, MTUMax)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				mp.queued = k
+				n, err := mp.h.RecvBatch(ms)
+				if err != nil || n != k {
+					b.Fatalf("RecvBatch: %d, %v; want %d", n, err, k)
+				}
+				if sent, err := mp.h.SendBatch(ms[:n]); sent != n || err != nil {
+					b.Fatalf("SendBatch: %d, %v", sent, err)
+				}
+			}
+			if mp.verdicts != b.N {
+				b.Fatalf("%d verdict messages for %d batches", mp.verdicts, b.N)
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*k), "ns/pkt")
+		})
+	}
+}
+
+// BenchmarkLinuxConnPathMem is BenchmarkLinuxConnPath on the in-memory
+// fake: the queue socket layer's user-space path alone.
+func BenchmarkLinuxConnPathMem(b *testing.B) {
+	for _, k := range []int{1, 3, 8} {
+		b.Run(fmt.Sprintf("batch=%d", k), func(b *testing.B) {
+			mp := newMemPair(b, k, udp64(b))
+			c := mp.h.b.(*linuxBackend).conn
+			var p nfq.Packet
+			msg := make([]byte, 0, 64)
+			b.ReportAllocs()
+			for b.Loop() {
+				mp.queued = k
+				got := 0
+				for err := c.Next(&p, true); err == nil; err = c.Next(&p, false) {
+					if got++; !c.Buffered() {
+						break
+					}
+				}
+				if got != k {
+					b.Fatalf("read %d packets, want %d", got, k)
+				}
+				msg = nfq.AppendVerdictBatch(msg[:0], c.Queue(), p.ID, nfq.Accept)
+				if err := c.Send(msg); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*k), "ns/pkt")
+		})
 	}
 }

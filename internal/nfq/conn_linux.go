@@ -169,6 +169,8 @@ type Conn struct {
 	dmu      sync.Mutex   // guards dtimer
 	dtimer   *time.Timer  // wakes a waiting Next when the deadline passes
 
+	fake *Fake // replaces the syscalls (SetFake)
+
 	closed    atomic.Bool
 	nbReads   atomic.Uint64 // non-blocking reads; blocking ones are waits
 	emptyRds  atomic.Uint64
@@ -440,6 +442,10 @@ func (c *Conn) read(fd uintptr) {
 	// The kernel sets msg_len and msg_flags of every header it fills; the
 	// others are not looked at.
 	hdrs := c.hdrs[c.rfirst : c.rfirst+c.rmax]
+	if c.fake != nil {
+		c.rn, c.rerr = c.fake.Read(hdrs, c.slots[c.rfirst:c.rfirst+c.rmax], c.rflags&unix.MSG_WAITFORONE != 0)
+		return
+	}
 	var n uintptr
 	var e syscall.Errno
 	p, vlen := uintptr(unsafe.Pointer(&hdrs[0])), uintptr(len(hdrs))
@@ -835,9 +841,13 @@ func (c *Conn) Send(b []byte) error {
 		return c.ioError(os.ErrClosed)
 	}
 	var e syscall.Errno
-	for {
-		if e = sendto(uintptr(c.sfd.fd), b); e != unix.EINTR {
-			break
+	if c.fake != nil {
+		e = c.fake.Send(b)
+	} else {
+		for {
+			if e = sendto(uintptr(c.sfd.fd), b); e != unix.EINTR {
+				break
+			}
 		}
 	}
 	c.sfd.release()
@@ -850,6 +860,23 @@ func (c *Conn) Send(b []byte) error {
 	}
 	return nil
 }
+
+// Fake stands in for the kernel in benchmarks of the user-space path: with
+// it set (SetFake), reads and Sends call its functions instead of the
+// socket's syscalls, so that what a benchmark measures is the code around
+// them.
+type Fake struct {
+	// Read fills slots[i] and hdrs[i].Len for the datagrams it returns,
+	// from the first on, and returns how many, or an errno (EAGAIN for
+	// nothing queued). block says whether the read would wait.
+	Read func(hdrs []unix.Mmsghdr, slots [][]byte, block bool) (int, syscall.Errno)
+	// Send takes what Send would write to the socket.
+	Send func(b []byte) syscall.Errno
+}
+
+// SetFake makes c's reads and Sends call f instead of the socket (see
+// Fake). It must be called before c is used.
+func (c *Conn) SetFake(f *Fake) { c.fake = f }
 
 // SendLimit is the most bytes one Send should carry.
 const SendLimit = sendLimit
