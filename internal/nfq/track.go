@@ -93,7 +93,9 @@ func (t *Tracker) AddHeld(id uint32, now int64, orig []byte) {
 		*t.at(i) = *t.at(i - 1)
 		i--
 	}
-	*t.at(i) = trackEntry{id: id, t: now, orig: orig, n: uint32(len(orig))}
+	// Field by field, not a composite literal (see linuxBackend.pendAdd).
+	e := t.at(i)
+	e.id, e.done, e.n, e.t, e.orig, e.sum = id, false, uint32(len(orig)), now, orig, 0
 	t.tail++
 	t.live++
 	if int32(i-t.sealed) < 0 {
