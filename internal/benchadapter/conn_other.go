@@ -20,3 +20,7 @@ func (*connLoop) Close() error                    { return nil }
 func (*connLoop) run(*atomic.Bool) (verdicts, batches uint64, err error) {
 	return 0, 0, errors.New("-loop conn: NFQUEUE is Linux-only")
 }
+
+func (*connLoop) runFloor(string, bool, *atomic.Bool) (verdicts, batches uint64, err error) {
+	return 0, 0, errors.New("-loop floor-*: NFQUEUE is Linux-only")
+}

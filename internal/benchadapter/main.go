@@ -14,7 +14,10 @@
 // Extra flags: -batch (messages per RecvBatch, 1..divert.BatchMax), -loop
 // single (Recv→Send instead of the batch loop), -loop conn (the floor under
 // the batch loop: the queue socket layer, internal/nfq, without a Handle;
-// see conn_linux.go) and -cpuprofile FILE (a pprof CPU profile of the whole run,
+// see conn_linux.go), -loop floor-recv and -loop floor-mmsg (the floor under
+// that: the C batch loop's algorithm in Go with raw syscalls, reading one
+// datagram per recvfrom or eight per recvmmsg; see floor_linux.go) and
+// -cpuprofile FILE (a pprof CPU profile of the whole run,
 // for `go tool pprof -top`). Because run.sh
 // passes no extra flags, the environment variables BENCHADAPTER_LOOP,
 // BENCHADAPTER_BATCH and BENCHADAPTER_CPUPROFILE (a path prefix; the pid is
@@ -53,7 +56,7 @@ func main() {
 	rcvbuf := flag.Uint64("rcvbuf", divert.QueueSizeDefault, "netlink receive buffer bytes (divert.ParamQueueSize)")
 	maxdur := flag.Duration("t", 60*time.Second, "hard cap on lifetime")
 	batch := flag.Int("batch", 64, "messages per RecvBatch (1..255)")
-	loop := flag.String("loop", "batch", "loop under test: batch (RecvBatch→SendBatch), single (Recv→Send) or conn (internal/nfq alone)")
+	loop := flag.String("loop", "batch", "loop under test: batch (RecvBatch→SendBatch), single (Recv→Send), conn (internal/nfq alone), floor-recv or floor-mmsg (raw syscalls)")
 	cpuprofile := flag.String("cpuprofile", "", "write a pprof CPU profile of the run to this file")
 	if v := os.Getenv("BENCHADAPTER_LOOP"); v != "" {
 		*loop = v
@@ -84,14 +87,15 @@ func run(queue uint, qlen, rcvbuf uint64, maxdur time.Duration, batch int, loop,
 	if batch < 1 || batch > divert.BatchMax {
 		return fmt.Errorf("-batch %d out of range [1, %d]", batch, divert.BatchMax)
 	}
-	if loop != "batch" && loop != "single" && loop != "conn" {
-		return fmt.Errorf("-loop %q: want batch, single or conn", loop)
+	floor := loop == "floor-recv" || loop == "floor-mmsg"
+	if loop != "batch" && loop != "single" && loop != "conn" && !floor {
+		return fmt.Errorf("-loop %q: want batch, single, conn, floor-recv or floor-mmsg", loop)
 	}
 	// No FlagPassThrough, no FlagFailOpen: a slow loop must show up as loss.
 	var h stopper
 	var dh *divert.Handle
 	var c *connLoop
-	if loop == "conn" {
+	if loop == "conn" || floor {
 		var err error
 		if c, err = openConnLoop(uint16(queue), qlen, rcvbuf); err != nil {
 			return err
@@ -158,6 +162,8 @@ func run(queue uint, qlen, rcvbuf uint64, maxdur time.Duration, batch int, loop,
 		verdicts, err = singleLoop(dh, &stopping)
 	case "conn":
 		verdicts, batches, err = c.run(&stopping)
+	default:
+		verdicts, batches, err = c.runFloor(loop, os.Getenv("BENCHADAPTER_FLOOR_HOT") != "", &stopping)
 	}
 	fmt.Printf("daemon_verdicts=%d\n", verdicts)
 	if loop != "single" {

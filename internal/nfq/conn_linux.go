@@ -884,6 +884,11 @@ const SendLimit = sendLimit
 // Queue returns the bound queue number.
 func (c *Conn) Queue() uint16 { return c.queue }
 
+// Fd returns the socket's descriptor, for measurement tools that read and
+// write it themselves (internal/benchadapter's floor loops). The Conn still
+// owns it: such a tool must be done with it before Close.
+func (c *Conn) Fd() int { return c.sfd.fd }
+
 // SetMaxLen sets the queue length while the queue runs. The kernel answers
 // only on failure, and that answer is counted by Next. Like StopQueueing,
 // it sends a message: it must not run concurrently with Send.
