@@ -31,7 +31,77 @@ type Ruleset struct {
 	chains []string    // the non-base chains
 
 	mu   sync.Mutex
-	conn *nftables.Conn // nil once closed
+	conn *tableConn // nil once closed
+}
+
+// tableConn is the lasting socket that owns a table: google/nftables'
+// Conn, and the netlink socket under it, which flush drains.
+type tableConn struct {
+	*nftables.Conn
+	sock *netlink.Conn
+	// dirty: draining failed, so answers to an earlier batch may be
+	// unread; flush sends no batch on the socket again.
+	dirty bool
+}
+
+// flush sends the batch queued on c and reads the kernel's answers, as
+// Conn.Flush does, and leaves no answer unread when that fails.
+//
+// google/nftables' Flush reads one answer for each message of the batch,
+// in order, but returns at the first EPERM or ENOBUFS without reading the
+// rest (an EPERM for one message does not stop the kernel from answering
+// the batch's later ones; ENOBUFS says some answers were lost, while
+// others may still be queued). Left on the lasting socket, those answers
+// would be read by the next batch's Flush, a parked table's next Install
+// or Close among them, as answers to its own messages: a batch the kernel
+// refused could pass for applied. The kernel handles a batch, answers
+// included, within the sendmsg that carries it, so once Flush returns
+// every answer there is has been queued, and flush discards them all.
+func (c *tableConn) flush() error {
+	if c.dirty {
+		return errors.New("nftrules: the table's socket may hold answers to an earlier batch")
+	}
+	err := c.Flush()
+	if err == nil {
+		return nil
+	}
+	if derr := c.drain(); derr != nil {
+		c.dirty = true
+		return fmt.Errorf("%w (and draining its answers: %w)", err, derr)
+	}
+	return err
+}
+
+// maxDrain bounds the datagrams drain discards: far more than the answers
+// to any batch of ours (one or two a message).
+const maxDrain = 1 << 20
+
+// drain discards every datagram queued on c's socket, without waiting.
+func (c *tableConn) drain() error {
+	raw, err := c.sock.SyscallConn()
+	if err != nil {
+		return err
+	}
+	derr := fmt.Errorf("nftrules: more than %d answers queued", maxDrain)
+	cerr := raw.Control(func(fd uintptr) {
+		var b [64]byte // MSG_TRUNC: the rest of a longer datagram goes too
+		for range maxDrain {
+			_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_DONTWAIT|unix.MSG_TRUNC)
+			switch err {
+			case nil, unix.EINTR, unix.ENOBUFS: // ENOBUFS: the overflow, reported once
+			case unix.EAGAIN:
+				derr = nil
+				return
+			default:
+				derr = err
+				return
+			}
+		}
+	})
+	if cerr != nil {
+		return cerr
+	}
+	return derr
 }
 
 var tableSeq atomic.Uint32
@@ -93,7 +163,7 @@ func (r *Ruleset) abandon() {
 	c := r.conn
 	r.conn = nil
 	if !r.shared {
-		_ = closeConns([]*nftables.Conn{c})
+		_ = closeConns([]*tableConn{c})
 		return
 	}
 	registry.mu.Lock()
@@ -106,7 +176,7 @@ func (r *Ruleset) abandon() {
 // whether it is so, as the kernel lists it, and c still works. A table
 // without any chain (new, the batch not applied) is left as it is, and
 // reported false.
-func (r *Ruleset) reempty(c *nftables.Conn) bool {
+func (r *Ruleset) reempty(c *tableConn) bool {
 	parked, some := r.isParked()
 	switch {
 	case !some:
@@ -117,7 +187,7 @@ func (r *Ruleset) reempty(c *nftables.Conn) bool {
 		// later Flush, so a batch that empties the empty table says
 		// whether c is any use to the Install that takes it over.
 		c.FlushTable(&nftables.Table{Name: r.table, Family: r.family})
-		return c.Flush() == nil
+		return c.flush() == nil
 	}
 	if r.park(c) != nil {
 		return false
@@ -129,7 +199,8 @@ func (r *Ruleset) reempty(c *nftables.Conn) bool {
 // isParked reports whether the table has exactly its base chains, without
 // rules (parked), and whether it has any chain at all, asking the kernel
 // on sockets of their own (the table's may hold a failed batch's
-// unread answers). An answer that cannot be had counts as not parked.
+// unread answers when draining them failed; see tableConn.flush). An
+// answer that cannot be had counts as not parked.
 func (r *Ruleset) isParked() (parked, some bool) {
 	lc, err := nftables.New()
 	if err != nil {
@@ -173,8 +244,8 @@ func (c *Config) bases() []baseChain {
 
 // leave deletes the table owned by conn (if not nil) and counts the
 // Ruleset out of its namespace.
-func (r *Ruleset) leave(conn *nftables.Conn) error {
-	var conns []*nftables.Conn
+func (r *Ruleset) leave(conn *tableConn) error {
+	var conns []*tableConn
 	if conn != nil {
 		conns = append(conns, conn)
 	}
@@ -193,7 +264,7 @@ func (r *Ruleset) leave(conn *nftables.Conn) error {
 // with one raw NEWTABLE batch on the captured lasting socket; chains and
 // rules then travel over the same socket with the library's API. AddTable
 // must never be called for this table (it would ask to clear OWNER).
-func openOwned(name string, family nftables.TableFamily) (*nftables.Conn, error) {
+func openOwned(name string, family nftables.TableFamily) (*tableConn, error) {
 	var sock *netlink.Conn
 	conn, err := nftables.New(nftables.AsLasting(), nftables.WithSockOptions(func(c *netlink.Conn) error {
 		sock = c
@@ -235,7 +306,7 @@ func openOwned(name string, family nftables.TableFamily) (*nftables.Conn, error)
 		conn.CloseLasting()
 		return nil, mapErr("create table "+name, err)
 	}
-	return conn, nil
+	return &tableConn{Conn: conn, sock: sock}, nil
 }
 
 // batchBuf is the send and receive buffer of the rule socket. The rules go
@@ -422,9 +493,9 @@ func (r *Ruleset) program(cfg *Config, reused bool) (bool, error) {
 		}
 	}
 	if testBatch != nil {
-		testBatch(r.conn, t)
+		testBatch(r.conn.Conn, t)
 	}
-	if err := r.conn.Flush(); err != nil {
+	if err := r.conn.flush(); err != nil {
 		return false, mapErr("add chains and rules to "+r.table, err)
 	}
 	if testFlushErr != nil {
@@ -587,14 +658,14 @@ func (r *Ruleset) Close() error {
 	}
 	registry.mu.Lock()
 	defer registry.mu.Unlock()
-	return r.closeLocked(c, func(c *nftables.Conn) bool { return r.park(c) == nil })
+	return r.closeLocked(c, func(c *tableConn) bool { return r.park(c) == nil })
 }
 
 // closeLocked parks the table owned by c when the namespace has room and
 // another user (mayParkLocked) and emptied reports it emptied, else
 // deletes it; then counts r out of the namespace. Called with registry.mu
 // held.
-func (r *Ruleset) closeLocked(c *nftables.Conn, emptied func(*nftables.Conn) bool) error {
+func (r *Ruleset) closeLocked(c *tableConn, emptied func(*tableConn) bool) error {
 	if mayParkLocked(r.ns) && emptied(c) {
 		e := registry.ns[r.ns]
 		e.parked = append(e.parked, &parkedTable{conn: c, table: r.table, family: r.family, bases: r.bases})
@@ -618,13 +689,13 @@ func (r *Ruleset) closeErr(err error) error {
 // park empties the table in one batch on its socket c: every rule goes,
 // then every non-base chain, so that only the base chains stay (empty,
 // policy accept), and with them the hooks.
-func (r *Ruleset) park(c *nftables.Conn) error {
+func (r *Ruleset) park(c *tableConn) error {
 	t := &nftables.Table{Name: r.table, Family: r.family}
 	c.FlushTable(t)
 	for _, name := range r.chains {
 		c.DelChain(&nftables.Chain{Name: name, Table: t})
 	}
-	if err := c.Flush(); err != nil {
+	if err := c.flush(); err != nil {
 		return mapErr("empty table "+r.table, err)
 	}
 	return nil

@@ -55,7 +55,7 @@ type baseChain struct {
 
 // parkedTable is a flushed table whose base chains stay registered.
 type parkedTable struct {
-	conn   *nftables.Conn // owns the table
+	conn   *tableConn // owns the table
 	table  string
 	family nftables.TableFamily
 	bases  []baseChain // sorted
@@ -116,7 +116,7 @@ func join() (key nsKey, ok bool) {
 // held. The last one takes the parked tables with it: it returns their
 // sockets, which the caller closes (still under registry.mu, so that a
 // concurrent join waits until their hooks are gone).
-func leaveLocked(key nsKey) []*nftables.Conn {
+func leaveLocked(key nsKey) []*tableConn {
 	e := registry.ns[key]
 	if e == nil {
 		return nil
@@ -125,7 +125,7 @@ func leaveLocked(key nsKey) []*nftables.Conn {
 	if e.users > 0 {
 		return nil
 	}
-	conns := make([]*nftables.Conn, 0, len(e.parked))
+	conns := make([]*tableConn, 0, len(e.parked))
 	for _, p := range e.parked {
 		conns = append(conns, p.conn)
 	}
@@ -165,7 +165,7 @@ func takeParked(key nsKey, family nftables.TableFamily, bases []baseChain) *park
 }
 
 // closeConns closes the sockets, deleting the tables they own.
-func closeConns(conns []*nftables.Conn) error {
+func closeConns(conns []*tableConn) error {
 	var errs []error
 	for _, c := range conns {
 		if err := c.CloseLasting(); err != nil {

@@ -3,6 +3,7 @@ package nftrules
 import (
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -344,4 +345,108 @@ func TestFailedBatchKeepsParked(t *testing.T) {
 			requireGone(t, ns, "after the last Close")
 		})
 	}
+}
+
+// TestFailedBatchLeavesNoAnswer: google/nftables' Flush returns at the
+// first EPERM of a batch without reading the kernel's answers to the
+// batch's later messages. A parked table's socket keeps no such answer
+// after a failed Install: otherwise the next batch on it reads them as
+// its own, and an Install the kernel refuses passes for applied.
+func TestFailedBatchLeavesNoAnswer(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfsa")
+	a := install(t, ns, shareCfg(t, 0, 71))
+	b := install(t, ns, shareCfg(t, 7, 72))
+	name := b.Table()
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A table another socket owns: a message about it fails with EPERM.
+	var foreign *tableConn
+	if err := ns.Do(func() (err error) {
+		foreign, err = openOwned("divert_test_foreign", nftables.TableFamilyINet)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer foreign.CloseLasting()
+	foreignT := &nftables.Table{Name: "divert_test_foreign", Family: nftables.TableFamilyINet}
+	testBatch = func(c *nftables.Conn, tb *nftables.Table) {
+		c.AddChain(&nftables.Chain{Name: "theirs", Table: foreignT})
+		// The kernel answers these too, though it refuses the batch.
+		for i := range 3 {
+			c.AddChain(&nftables.Chain{Name: fmt.Sprintf("late_%d", i), Table: tb})
+		}
+	}
+	var err error
+	ns.Do(func() error { _, err = Install(shareCfg(t, 7, 73)); return nil })
+	testBatch = nil
+	if !errors.Is(err, os.ErrPermission) {
+		t.Fatalf("Install through a batch with a message about another socket's table: %v, want EPERM", err)
+	}
+	if parked := parkedNames(t, ns); len(parked) != 1 || parked[0] != name {
+		t.Fatalf("parked %v, want %s, the table the failed Install took over", parked, name)
+	}
+	requireParkedEmpty(t, ns, name, 7)
+	key := nsKeyOf(t, ns)
+	registry.mu.Lock()
+	queued, qerr := answerQueued(registry.ns[key].parked[0].conn)
+	registry.mu.Unlock()
+	if queued || qerr != nil {
+		t.Errorf("the parked table's socket holds an unread answer (%v), want none", qerr)
+	}
+	// A batch the kernel refuses (ENOENT for its last message) must fail.
+	testBatch = func(c *nftables.Conn, tb *nftables.Table) {
+		ch := &nftables.Chain{Name: "input", Table: tb}
+		c.AddRule(&nftables.Rule{Table: tb, Chain: ch, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "missing"}}})
+	}
+	var r *Ruleset
+	ns.Do(func() error { r, err = Install(shareCfg(t, 7, 74)); return nil })
+	testBatch = nil
+	if err == nil {
+		r.Close()
+		t.Fatal("Install on the parked table succeeded though the kernel refused its batch")
+	}
+	if !errors.Is(err, unix.ENOENT) {
+		t.Errorf("Install of a refused batch: %v, want ENOENT", err)
+	}
+	d := install(t, ns, shareCfg(t, 7, 75))
+	if d.Table() != name {
+		t.Fatalf("Install after the failures made %s, want %s taken over", d.Table(), name)
+	}
+	if out := nftList(t, ns, "chain", "inet", name, "input"); !strings.Contains(out, "jump input_0") {
+		t.Fatalf("the table installed after the failures has no rules:\n%s", out)
+	}
+	for _, r := range []*Ruleset{d, a} {
+		if err := r.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	foreign.CloseLasting()
+	requireGone(t, ns, "after the last Close")
+}
+
+// answerQueued reports whether a datagram waits on c's socket, leaving it
+// there.
+func answerQueued(c *tableConn) (bool, error) {
+	raw, err := c.sock.SyscallConn()
+	if err != nil {
+		return false, err
+	}
+	var rerr error
+	queued := false
+	if err := raw.Control(func(fd uintptr) {
+		var b [64]byte
+		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_DONTWAIT|unix.MSG_PEEK|unix.MSG_TRUNC)
+		switch err {
+		case nil:
+			queued = true
+		case unix.EAGAIN:
+		default:
+			rerr = err
+		}
+	}); err != nil {
+		return false, err
+	}
+	return queued, rerr
 }
