@@ -458,7 +458,9 @@ type Handle struct {
 // [PriorityLowest, PriorityHighest], higher first. A filter error is a
 // *FilterError with the position of the fault. Missing privileges give an
 // error wrapping os.ErrPermission; a layer or flag the OS cannot do gives an
-// error wrapping ErrNotSupported.
+// error wrapping ErrNotSupported. A failed Open undoes what it set up; on
+// Linux an error in undoing it is wrapped in Open's error too, as Close
+// returns the errors of its own cleanup.
 func Open(filterText string, layer Layer, priority int16, flags Flag) (*Handle, error) {
 	cfg, err := prepare(filterText, layer, priority, flags, true)
 	if err != nil {

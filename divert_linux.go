@@ -194,8 +194,7 @@ func openBackend(cfg *openConfig) (backend, error) {
 	}
 	b := newLinuxBackend(cfg)
 	if err := b.open(cfg); err != nil {
-		b.release()
-		return nil, err
+		return nil, withCleanup(err, b.release())
 	}
 	b.start()
 	return b, nil
@@ -463,26 +462,46 @@ func mapSetupError(what string, err error) error {
 	return fmt.Errorf("divert: %s: %w", what, err)
 }
 
-func (b *linuxBackend) release() {
+// release undoes what a failed open set up, and returns the errors of
+// doing so, joined, for the caller to report with the open's error (see
+// withCleanup), as close reports its own. Nothing is retried: a socket
+// whose close failed is closed all the same, and a Member that failed to
+// delete the tables parked in its namespace has left it.
+func (b *linuxBackend) release() error {
+	var errs []error
 	if b.member != nil {
-		b.member.Leave()
+		errs = append(errs, leaveNamespace(b.member))
 	}
 	if b.frag != nil {
-		b.frag.close()
+		errs = append(errs, b.frag.close())
 	}
 	if b.group != nil {
-		b.group.leave()
+		errs = append(errs, b.group.leave())
 	}
 	if b.rules != nil {
-		b.rules.Close()
+		errs = append(errs, b.rules.Close())
 	}
 	if b.conn != nil {
-		b.conn.Close()
+		errs = append(errs, b.conn.Close())
 	}
 	if b.inj != nil {
-		b.inj.Close()
+		errs = append(errs, b.inj.Close())
 	}
+	return errors.Join(errs...)
 }
+
+// withCleanup adds to err, the error of a failed open, the errors of
+// undoing what it had set up, if any.
+func withCleanup(err, cleanup error) error {
+	if cleanup == nil {
+		return err
+	}
+	return fmt.Errorf("%w (and cleaning up: %w)", err, cleanup)
+}
+
+// leaveNamespace ends a handle's membership of its network namespace
+// (a variable for tests).
+var leaveNamespace = (*nftrules.Member).Leave
 
 // asksNDP reports whether the filter asks for ICMPv6 neighbour discovery
 // explicitly: some Term tests icmpv6.Type and admits one of the types
@@ -1439,7 +1458,7 @@ func (b *linuxBackend) shutdown(how ShutdownHow) error {
 			// user of the namespace the handle would only make its
 			// rules' Close park their emptied table (hooks and all)
 			// until Close when no other handle of the process is there.
-			errs = append(errs, b.member.Leave())
+			errs = append(errs, leaveNamespace(b.member))
 		}
 		if b.rules != nil {
 			errs = append(errs, b.rules.Close())
@@ -1486,7 +1505,7 @@ func (b *linuxBackend) close() error {
 		// The handle holds nothing now: the rules closed below (its own,
 		// or the last of its group) delete their tables unless another
 		// handle of the process remains in the namespace.
-		errs = append(errs, b.member.Leave())
+		errs = append(errs, leaveNamespace(b.member))
 	}
 	if b.frag != nil {
 		errs = append(errs, b.frag.close())

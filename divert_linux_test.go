@@ -1388,6 +1388,46 @@ func TestLinuxOpenPort(t *testing.T) {
 	}
 }
 
+// TestOpenFailureReportsCleanup: when Open fails after it joined the
+// namespace's registry, an error leaving it (which deletes the tables
+// parked there when it is the last user) comes with Open's error, as
+// Close reports its cleanup's, and the membership ends all the same.
+func TestOpenFailureReportsCleanup(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "dofc")
+	const q = 4243
+	var h *Handle
+	if err := ns.Do(func() (err error) { h, err = OpenPort(q, 0); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	errLeave := errors.New("the parked tables could not be deleted")
+	leaves := 0
+	defer func(f func(*nftrules.Member) error) { leaveNamespace = f }(leaveNamespace)
+	leaveNamespace = func(m *nftrules.Member) error {
+		leaves++
+		return errors.Join(m.Leave(), errLeave)
+	}
+	// The queue is bound already: Open fails after joining.
+	var err error
+	ns.Do(func() error {
+		var h2 *Handle
+		if h2, err = OpenPort(q, 0); err == nil {
+			h2.Close()
+		}
+		return nil
+	})
+	if err == nil {
+		t.Fatal("a second OpenPort on a bound queue succeeded")
+	}
+	if leaves != 1 {
+		t.Fatalf("the failed Open left its namespace %d times, want once", leaves)
+	}
+	if !errors.Is(err, errLeave) || !errors.Is(err, nfq.ErrQueueBusy) || !strings.HasPrefix(err.Error(), "divert: ") {
+		t.Fatalf("Open's error %q: want the bind's failure and the cleanup's (%v) in it", err, errLeave)
+	}
+}
+
 // queueStat returns the /proc/net/netfilter/nfnetlink_queue columns of
 // queue q inside ns: current length and packets dropped for a full queue.
 func queueStat(t *testing.T, ns *netnstest.NS, q uint16) (length, dropped int, ok bool) {

@@ -94,10 +94,11 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 	}
 	conns, err := bindQueues(queueConfig(cfg), n)
 	if err != nil {
+		var cleanup []error
 		for _, m := range members {
-			m.Leave()
+			cleanup = append(cleanup, leaveNamespace(m))
 		}
-		return nil, mapSetupError(fmt.Sprintf("bind %d consecutive NFQUEUE queues", n), err)
+		return nil, withCleanup(mapSetupError(fmt.Sprintf("bind %d consecutive NFQUEUE queues", n), err), errors.Join(cleanup...))
 	}
 	bs := make([]*linuxBackend, n)
 	for i := range bs {
@@ -106,10 +107,11 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 		bs[i].attach(conns[i])
 	}
 	fail := func(err error) ([]backend, error) {
+		var cleanup []error
 		for _, b := range bs {
-			b.release() // leaves the group too, whose last member removes the rules
+			cleanup = append(cleanup, b.release()) // leaves the group too, whose last member removes the rules
 		}
-		return nil, err
+		return nil, withCleanup(err, errors.Join(cleanup...))
 	}
 	for _, b := range bs {
 		if err := b.openInjector(cfg); err != nil {
