@@ -709,6 +709,19 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // packet; on Windows and FreeBSD so does any copy of a received Address,
 // while on Linux a copy taken before the Send or Drop is an error (its
 // packet is gone), except for a datagram reassembled in user space.
+//
+// On Linux a received packet that the kernel dropped while the program
+// held it is not reported: its Send returns no error and sends nothing.
+// The kernel drops every packet queued in the network namespace when a
+// netfilter hook there is removed (another program deletes a base chain or
+// table, reloads iptables, or closes a handle of its own), and the packets
+// that came in on or were to leave through an interface that goes down.
+// The kernel answers the verdict with ENOENT, but on the queue's socket,
+// after Send has returned and behind the packets waiting to be received,
+// and Recv skips the answer: the verdicts of unchanged packets go out in
+// batches, often after their Send returned, and a batch is answered only
+// when none of its packets was still queued. Telling Send's caller would
+// cost a round trip to the kernel for every packet.
 func (h *Handle) Send(b []byte, a *Address) (int, error) {
 	if err := h.checkSend(); err != nil {
 		return 0, err

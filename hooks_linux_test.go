@@ -309,3 +309,42 @@ func TestLinuxDropShutdownRemovesRules(t *testing.T) {
 		t.Fatalf("tables after every handle closed: %v", got)
 	}
 }
+
+// TestLinuxSendOfKernelDropped: when another program removes a netfilter
+// hook in the namespace, the kernel drops the packet a handle holds, and
+// the handle's Send of it returns no error, as documented (the kernel's
+// ENOENT answer comes after Send returned, among the packets to receive);
+// Recv skips that answer and the handle goes on working. The dropped
+// datagram never arrives: it would have been delivered within Send's
+// verdict, before the marker sent after it was even received.
+func TestLinuxSendOfKernelDropped(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dskd", 0)
+	ap, sink := udpSink(t, l, 7150)
+	h := openIn(t, l.B.NS, "inbound and udp.DstPort == 7150", LayerNetwork, 0, 0)
+	pkt, a := holdOne(t, l, h, ap, "dropped")
+	// Another program's table with a base chain, added and deleted: the
+	// hook goes, and with it every packet queued in the namespace.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, argv := range [][]string{
+		{"nft", "add", "table", "inet", "dskd_other"},
+		{"nft", "add", "chain", "inet", "dskd_other", "c", "{ type filter hook input priority 100 ; }"},
+		{"nft", "delete", "table", "inet", "dskd_other"},
+	} {
+		if out, err := l.B.NS.Run(ctx, argv...); err != nil {
+			t.Fatalf("%v: %v: %s", argv, err, out)
+		}
+	}
+	if n, err := h.Send(pkt, &a); err != nil || n != len(pkt) {
+		t.Fatalf("Send of the packet the kernel dropped: %d, %v; want %d, nil", n, err, len(pkt))
+	}
+	marker, ma := holdOne(t, l, h, ap, "marker")
+	if _, err := h.Send(marker, &ma); err != nil {
+		t.Fatal(err)
+	}
+	got, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+	if err != nil || len(got) != 1 || string(got[0]) != "marker" {
+		t.Fatalf("the receiver got %q (%v), want the marker first and alone", got, err)
+	}
+}
