@@ -451,7 +451,7 @@ func (c *Conn) read(fd uintptr) {
 	p, vlen := uintptr(unsafe.Pointer(&hdrs[0])), uintptr(len(hdrs))
 	if c.rflags&unix.MSG_WAITFORONE == 0 {
 		if vlen == 1 {
-			n, e = c.recvOne(fd, unix.MSG_DONTWAIT)
+			n, e = c.recvOne(fd)
 		} else {
 			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
 		}
@@ -499,9 +499,9 @@ func (c *Conn) read(fd uintptr) {
 // recvmmsg of one message (no message header or iovec to copy in, no
 // lengths and flags to copy out). It fills the slot's header as recvmmsg
 // would, Len and MSG_TRUNC, and returns 1 datagram or the error.
-func (c *Conn) recvOne(fd uintptr, flags int) (uintptr, syscall.Errno) {
+func (c *Conn) recvOne(fd uintptr) (uintptr, syscall.Errno) {
 	b := c.slots[c.rfirst]
-	p, l, f := uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), uintptr(flags|unix.MSG_TRUNC)
+	p, l, f := uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), uintptr(unix.MSG_DONTWAIT|unix.MSG_TRUNC)
 	n, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, fd, p, l, f, 0, 0)
 	if e != 0 {
 		return 0, e
