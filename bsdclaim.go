@@ -7,6 +7,8 @@ package divert
 
 import (
 	"errors"
+	"fmt"
+	"strings"
 	"sync"
 )
 
@@ -55,6 +57,27 @@ func (c *setClaim) remove(del func(set int) error) error {
 // errRulesShared reports rules that cannot be deleted without another
 // program's (ipfw.RemoveShared): trying again at once is useless.
 var errRulesShared = errors.New("another rule of the set has the handle's rule number, and ipfw deletes by set and number only")
+
+// sharedError is the error for the handle's rules in set, numbered
+// number, that ipfw cannot delete without another program's rule of the
+// same set and number (errRulesShared).
+func sharedError(set int, number uint16) error {
+	return fmt.Errorf("divert: ipfw set %d: %w (delete that rule, or all of set %d's rules numbered %d)", set, errRulesShared, set, number)
+}
+
+// leftError is Close's error when the handle's rules, numbered number,
+// stay installed (removeAtClose); err, the deletion's, says why.
+func leftError(number uint16, err error) error {
+	return fmt.Errorf("divert: close: the handle's ipfw rules (number %d) are left installed, and what they divert is dropped until a later Open or Close of the process deletes them: %w", number, inner{err})
+}
+
+// inner is an error of this package told inside another one's message,
+// which already starts with "divert: ": its text without that prefix.
+// errors.Is and errors.As see the error itself.
+type inner struct{ err error }
+
+func (e inner) Error() string { return strings.TrimPrefix(e.err.Error(), "divert: ") }
+func (e inner) Unwrap() error { return e.err }
 
 // closeAttempts is how many times Close tries to delete the rules.
 const closeAttempts = 3

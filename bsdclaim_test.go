@@ -4,6 +4,9 @@ package divert
 
 import (
 	"errors"
+	"fmt"
+	"os"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
@@ -185,5 +188,33 @@ func TestRemoveAtCloseRacedShutdown(t *testing.T) {
 	}, 1, func(int) {}, &left, 31000, 40000)
 	if err != nil || !left.empty() {
 		t.Fatalf("removeAtClose = %v, left %v; want nil, nothing left", err, left.sets)
+	}
+}
+
+// TestLeftErrorMessage: Close's error for rules it leaves installed says
+// "divert: " once, though the deletion's error, which it tells, starts
+// with it too, and still wraps that error's sentinels.
+func TestLeftErrorMessage(t *testing.T) {
+	for _, tc := range []struct {
+		cause error
+		is    error
+	}{
+		{sharedError(5, 31000), errRulesShared},
+		{fmt.Errorf("divert: ipfw -S list: Operation not permitted: %w", os.ErrPermission), os.ErrPermission},
+	} {
+		err := leftError(31000, tc.cause)
+		msg := err.Error()
+		if !strings.HasPrefix(msg, "divert: close: ") || strings.Count(msg, "divert:") != 1 {
+			t.Errorf("message %q: want one \"divert: \", at the start", msg)
+		}
+		if !strings.HasSuffix(msg, strings.TrimPrefix(tc.cause.Error(), "divert: ")) {
+			t.Errorf("message %q does not end with the cause %q", msg, tc.cause)
+		}
+		if !errors.Is(err, tc.is) || !errors.Is(err, tc.cause) {
+			t.Errorf("%v: errors.Is(%v) = false", err, tc.is)
+		}
+	}
+	if msg := sharedError(5, 31000).Error(); !strings.HasPrefix(msg, "divert: ipfw set 5: ") || strings.Count(msg, "divert:") != 1 {
+		t.Errorf("shared error %q", msg)
 	}
 }

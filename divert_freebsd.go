@@ -491,7 +491,7 @@ func (b *bsdBackend) removeRulesAtClose() error {
 		time.Sleep(time.Duration(try) * 20 * time.Millisecond)
 	}, &bsdLeft, b.rule, b.port)
 	if err != nil {
-		return fmt.Errorf("divert: close: the handle's ipfw rules (number %d) are left installed, and what they divert is dropped until a later Open or Close of the process deletes them: %w", b.rule, err)
+		return leftError(b.rule, err)
 	}
 	return nil
 }
@@ -529,7 +529,7 @@ func deleteRules(set int, number, port uint16) error {
 		// "ipfw set N delete").
 		_, err = runIPFW("-q", "set", strconv.Itoa(set), "delete", strconv.Itoa(int(number)))
 	case ipfw.RemoveShared:
-		err = fmt.Errorf("divert: ipfw set %d: %w (delete that rule, or all of set %d's rules numbered %d)", set, errRulesShared, set, number)
+		err = sharedError(set, number)
 	}
 	return err
 }
