@@ -113,6 +113,28 @@ func (c *setClaim) removeAtClose(del func(set int) error, attempts int, pause fu
 	return err
 }
 
+// addRules claims set for the handle's rules and adds them, n of them,
+// with add. When one fails, the socket they divert to is about to close
+// with the failed Open: the rules added before are deleted as at Close
+// (removeAtClose, with del, attempts and pause), and those that cannot be
+// are left to the process's later Opens and Closes (left), as a closed
+// handle's are, and no new handle binds their port. The error is add's,
+// and tells the deletion's too when the rules stay.
+func (c *setClaim) addRules(set, n int, add func(i int) error, del func(set int) error, attempts int, pause func(try int), left *leftSets, number, port uint16) error {
+	c.claim(set)
+	for i := range n {
+		err := add(i)
+		if err == nil {
+			continue
+		}
+		if derr := c.removeAtClose(del, attempts, pause, left, number, port); derr != nil {
+			return fmt.Errorf("%w (and the %d rules added before it are left installed, what they divert dropped, until a later Open or Close of the process deletes them: %w)", err, i, inner{derr})
+		}
+		return err
+	}
+	return nil
+}
+
 // bsdLeft holds the sets of closed handles whose rules are still
 // installed (leftSets). No socket of a new handle is bound to a port their
 // rules divert to (bindAuto, detachPort).

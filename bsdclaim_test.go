@@ -218,3 +218,67 @@ func TestLeftErrorMessage(t *testing.T) {
 		t.Errorf("shared error %q", msg)
 	}
 }
+
+// TestAddRulesFails: when ipfw refuses a rule partway, the rules added
+// before are deleted; when they cannot be, they are recorded as a closed
+// handle's left rules (their socket closes with the failed Open), so that
+// later Opens and Closes delete them and no new handle binds their port,
+// and the error tells both failures.
+func TestAddRulesFails(t *testing.T) {
+	refused := errors.New("ipfw add failed")
+	stuck := errors.New("ipfw delete failed")
+	addUntil := func(fail int, added *int) func(int) error {
+		return func(i int) error {
+			if i == fail {
+				return refused
+			}
+			*added++
+			return nil
+		}
+	}
+
+	// Deleted: nothing left, the claim gone, add's error alone.
+	var left leftSets
+	var c setClaim
+	c.init()
+	added, dels := 0, 0
+	err := c.addRules(8, 4, addUntil(2, &added), func(set int) error {
+		dels++
+		if set != 8 {
+			t.Errorf("deleting set %d, want 8", set)
+		}
+		return nil
+	}, closeAttempts, func(int) {}, &left, 31000, 40100)
+	if err != refused || added != 2 || dels != 1 || !left.empty() {
+		t.Fatalf("addRules = %v, %d added, %d deletions, left %v; want add's error, 2, 1, none", err, added, dels, left.sets)
+	}
+	if err := c.remove(func(int) error { t.Fatal("the claim outlived a deletion"); return nil }); err != nil {
+		t.Fatal(err)
+	}
+
+	// Not deleted: left, the claim handed over, both errors.
+	added, dels = 0, 0
+	err = c.addRules(9, 4, addUntil(3, &added), func(int) error { dels++; return stuck }, closeAttempts, func(int) {}, &left, 31001, 40101)
+	if !errors.Is(err, refused) || !errors.Is(err, stuck) || dels != closeAttempts {
+		t.Fatalf("addRules = %v, %d deletions; want both errors, %d deletions", err, dels, closeAttempts)
+	}
+	if msg := err.Error(); strings.Count(msg, "divert:") > 1 {
+		t.Errorf("message %q says \"divert:\" twice", msg)
+	}
+	if len(left.sets) != 1 || left.sets[0] != (leftSet{set: 9, number: 31001, port: 40101}) || !left.holds(40101) {
+		t.Fatalf("left = %v; want set 9's rules on port 40101", left.sets)
+	}
+	if err := c.remove(func(int) error { t.Fatal("the claim kept a left set"); return nil }); err != nil {
+		t.Fatal(err)
+	}
+
+	// Every rule added: claimed, nothing left.
+	added = 0
+	if err := c.addRules(10, 3, addUntil(-1, &added), func(int) error { t.Fatal("deleting added rules"); return nil }, closeAttempts, func(int) {}, &left, 31002, 40102); err != nil || added != 3 {
+		t.Fatalf("addRules = %v, %d added", err, added)
+	}
+	got := -1
+	if err := c.remove(func(set int) error { got = set; return nil }); err != nil || got != 10 {
+		t.Fatalf("remove deleted set %d (%v), want 10", got, err)
+	}
+}

@@ -135,6 +135,9 @@ package divert
 //     unread in the socket (not for FlagSniff, whose packets are copies).
 //     A packet the program holds (received, not sent back) is lost, as
 //     with Drop.
+//   - An Open whose rules ipfw refuses partway deletes the ones it added
+//     as Close does, and those it cannot delete are left so too (and no
+//     later handle binds their port): setClaim.addRules.
 
 import (
 	"encoding/binary"
@@ -459,14 +462,11 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 		b.dropper = nil
 		return nil
 	}
-	b.sets.claim(plan.Free)
-	for _, r := range res.Rules {
-		if _, err := runIPFW(append([]string{"-q"}, r...)...); err != nil {
-			b.sets.remove(b.deleteSet) // the ipfw lock is held
-			return err
-		}
-	}
-	return nil
+	// The ipfw lock is held: deleteSet, not lockedDeleteSet.
+	return b.sets.addRules(plan.Free, len(res.Rules), func(i int) error {
+		_, err := runIPFW(append([]string{"-q"}, res.Rules[i]...)...)
+		return err
+	}, b.deleteSet, closeAttempts, closePause, &bsdLeft, b.rule, b.port)
 }
 
 // removeRules deletes the handle's rules, once: a Shutdown and a Close at
@@ -487,14 +487,16 @@ func (b *bsdBackend) removeRulesAtClose() error {
 			unlock()
 		}
 	}
-	err := b.sets.removeAtClose(b.lockedDeleteSet, closeAttempts, func(try int) {
-		time.Sleep(time.Duration(try) * 20 * time.Millisecond)
-	}, &bsdLeft, b.rule, b.port)
+	err := b.sets.removeAtClose(b.lockedDeleteSet, closeAttempts, closePause, &bsdLeft, b.rule, b.port)
 	if err != nil {
 		return leftError(b.rule, err)
 	}
 	return nil
 }
+
+// closePause is the pause before the try-th new attempt at deleting
+// rules (removeAtClose).
+func closePause(try int) { time.Sleep(time.Duration(try) * 20 * time.Millisecond) }
 
 func (b *bsdBackend) lockedDeleteSet(set int) error {
 	unlock, err := lockIPFW()
