@@ -597,10 +597,17 @@ const (
 
 // processStart returns when process pid started, in microseconds of
 // uptime: ki_start (kern.proc.pid) is the uptime at fork plus boottime,
-// which a clock step moves, so boottime is taken off again. exists is
+// which a clock step moves, so boottime is taken off again, read on both
+// sides so that a step between the reads is seen (uptimeStart). exists is
 // false when there is no such process; known is false when the start
 // cannot be read.
 func processStart(pid int) (start int64, exists, known bool) {
+	return uptimeStart(func() (int64, bool, bool) { return kinfoStart(pid) }, bootTime)
+}
+
+// kinfoStart returns ki_start, process pid's start in wall-clock
+// microseconds (see processStart).
+func kinfoStart(pid int) (wall int64, exists, known bool) {
 	kp, err := unix.SysctlRaw("kern.proc.pid", pid)
 	if err != nil || len(kp) == 0 {
 		if err == unix.ESRCH || err == nil {
@@ -613,10 +620,6 @@ func processStart(pid int) (start int64, exists, known bool) {
 		int(int32(binary.NativeEndian.Uint32(kp[kinfoPIDOff:]))) != pid {
 		return 0, true, false // another layout
 	}
-	boot, err := unix.SysctlTimeval("kern.boottime")
-	if err != nil {
-		return 0, true, false
-	}
 	var sec, usec int64
 	if ptrSize == 8 {
 		sec = int64(binary.NativeEndian.Uint64(kp[kinfoStartOff:]))
@@ -625,11 +628,19 @@ func processStart(pid int) (start int64, exists, known bool) {
 		sec = int64(int32(binary.NativeEndian.Uint32(kp[kinfoStartOff:])))
 		usec = int64(int32(binary.NativeEndian.Uint32(kp[kinfoStartOff+4:])))
 	}
-	s := (sec-int64(boot.Sec))*microsecondsInSec + usec - int64(boot.Usec)
-	if usec < 0 || usec >= microsecondsInSec || s <= 0 {
+	if usec < 0 || usec >= microsecondsInSec {
 		return 0, true, false
 	}
-	return s, true, true
+	return sec*microsecondsInSec + usec, true, true
+}
+
+// bootTime returns kern.boottime in wall-clock microseconds.
+func bootTime() (int64, bool) {
+	boot, err := unix.SysctlTimeval("kern.boottime")
+	if err != nil || boot.Usec < 0 || int64(boot.Usec) >= microsecondsInSec {
+		return 0, false
+	}
+	return int64(boot.Sec)*microsecondsInSec + int64(boot.Usec), true
 }
 
 func ifName(idx uint32) (string, bool) {
