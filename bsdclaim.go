@@ -23,8 +23,10 @@ import (
 type setClaim struct {
 	// sem holds one token while the set is read or deleted (a channel
 	// rather than a mutex, so that a test sees a waiter as blocked).
-	sem chan struct{}
-	set int // guarded by sem; -1: none
+	sem  chan struct{}
+	set  int       // guarded by sem; -1: none
+	port uint16    // guarded by sem: the divert port the set's rules divert to (addRules)
+	live *liveSets // guarded by sem: where the process records the set while claimed (addRules); nil: nowhere
 }
 
 func (c *setClaim) init() {
@@ -32,10 +34,17 @@ func (c *setClaim) init() {
 	c.set = -1
 }
 
-// claim records the set the handle's rules are in.
-func (c *setClaim) claim(set int) {
+// claim records the set the handle's rules are in (claimFor, recording
+// it nowhere else).
+func (c *setClaim) claim(set int) { c.claimFor(set, 0, nil) }
+
+// claimFor records the set the handle's rules are in, and that they divert
+// to port, and records both in live until the set is released (live may
+// be nil).
+func (c *setClaim) claimFor(set int, port uint16, live *liveSets) {
 	c.sem <- struct{}{}
-	c.set = set
+	c.set, c.port, c.live = set, port, live
+	live.add(set, port)
 	<-c.sem
 }
 
@@ -50,8 +59,14 @@ func (c *setClaim) remove(del func(set int) error) error {
 	if err := del(c.set); err != nil {
 		return err
 	}
-	c.set = -1
+	c.release()
 	return nil
+}
+
+// release forgets the claimed set; c.sem is held.
+func (c *setClaim) release() {
+	c.live.drop(c.set, c.port)
+	c.set = -1
 }
 
 // errRulesShared reports rules that cannot be deleted without another
@@ -108,20 +123,23 @@ func (c *setClaim) removeAtClose(del func(set int) error, attempts int, pause fu
 		// try: nothing is left.
 		return nil
 	}
+	// Left before released: the process's records hold the set at every
+	// moment (ownsRules).
 	left.add(leftSet{set: c.set, number: number, port: port})
-	c.set = -1
+	c.release()
 	return err
 }
 
-// addRules claims set for the handle's rules and adds them, n of them,
+// addRules claims set for the handle's rules, records it and port in live
+// until they are deleted or left (ownsRules), and adds them, n of them,
 // with add. When one fails, the socket they divert to is about to close
 // with the failed Open: the rules added before are deleted as at Close
 // (removeAtClose, with del, attempts and pause), and those that cannot be
 // are left to the process's later Opens and Closes (left), as a closed
 // handle's are, and no new handle binds their port. The error is add's,
 // and tells the deletion's too when the rules stay.
-func (c *setClaim) addRules(set, n int, add func(i int) error, del func(set int) error, attempts int, pause func(try int), left *leftSets, number, port uint16) error {
-	c.claim(set)
+func (c *setClaim) addRules(set, n int, add func(i int) error, del func(set int) error, attempts int, pause func(try int), live *liveSets, left *leftSets, number, port uint16) error {
+	c.claimFor(set, port, live) // before the rules: none is ever the process's unrecorded
 	for i := range n {
 		err := add(i)
 		if err == nil {
@@ -133,6 +151,66 @@ func (c *setClaim) addRules(set, n int, add func(i int) error, del func(set int)
 		return err
 	}
 	return nil
+}
+
+// bsdLive holds the sets that the process's open handles have rules in
+// (liveSets).
+var bsdLive liveSets
+
+// liveSets records, for the whole process, the ipfw sets that its open
+// handles have rules in, each with the divert port its rules divert to
+// (setClaim.addRules), from before the rules are added until they are
+// deleted or handed to leftSets.
+type liveSets struct {
+	mu sync.Mutex
+	m  map[setPort]struct{}
+}
+
+type setPort struct {
+	set  int
+	port uint16
+}
+
+// add records set and port; l may be nil (a test's claim), to record
+// nothing.
+func (l *liveSets) add(set int, port uint16) {
+	if l == nil {
+		return
+	}
+	l.mu.Lock()
+	if l.m == nil {
+		l.m = make(map[setPort]struct{})
+	}
+	l.m[setPort{set, port}] = struct{}{}
+	l.mu.Unlock()
+}
+
+// drop undoes add (an open handle's port is its own: no two claims
+// record the same pair).
+func (l *liveSets) drop(set int, port uint16) {
+	if l == nil {
+		return
+	}
+	l.mu.Lock()
+	delete(l.m, setPort{set, port})
+	l.mu.Unlock()
+}
+
+// has reports whether set and port are recorded.
+func (l *liveSets) has(set int, port uint16) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	_, ok := l.m[setPort{set, port}]
+	return ok
+}
+
+// ownsRules reports whether the process has rules in set that divert to
+// port: an open handle's (live) or a closed one's it could not delete
+// (left). live is asked first: a set goes to left before it leaves live
+// (removeAtClose), so that it is seen in one or the other whenever it is
+// looked at.
+func ownsRules(live *liveSets, left *leftSets, set int, port uint16) bool {
+	return live.has(set, port) || left.has(set, port)
 }
 
 // bsdLeft holds the sets of closed handles whose rules are still
@@ -148,8 +226,8 @@ type leftSet struct {
 
 // leftSets records, for the whole process, the sets of closed handles
 // whose rules are still installed. The process's rules count as alive
-// (ownerAlive), so no other Open deletes them: the process's own later
-// Opens and Closes try again.
+// (ruleAlive: by their tag's start, or by this record), so no other Open
+// deletes them: the process's own later Opens and Closes try again.
 type leftSets struct {
 	mu   sync.Mutex
 	sets []leftSet
@@ -166,6 +244,18 @@ func (l *leftSets) empty() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return len(l.sets) == 0
+}
+
+// has reports whether set is recorded with rules that divert to port.
+func (l *leftSets) has(set int, port uint16) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, s := range l.sets {
+		if s.set == set && s.port == port {
+			return true
+		}
+	}
+	return false
 }
 
 // holds reports whether rules of a recorded set divert to port: a new

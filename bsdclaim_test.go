@@ -248,7 +248,7 @@ func TestAddRulesFails(t *testing.T) {
 			t.Errorf("deleting set %d, want 8", set)
 		}
 		return nil
-	}, closeAttempts, func(int) {}, &left, 31000, 40100)
+	}, closeAttempts, func(int) {}, nil, &left, 31000, 40100)
 	if err != refused || added != 2 || dels != 1 || !left.empty() {
 		t.Fatalf("addRules = %v, %d added, %d deletions, left %v; want add's error, 2, 1, none", err, added, dels, left.sets)
 	}
@@ -258,7 +258,7 @@ func TestAddRulesFails(t *testing.T) {
 
 	// Not deleted: left, the claim handed over, both errors.
 	added, dels = 0, 0
-	err = c.addRules(9, 4, addUntil(3, &added), func(int) error { dels++; return stuck }, closeAttempts, func(int) {}, &left, 31001, 40101)
+	err = c.addRules(9, 4, addUntil(3, &added), func(int) error { dels++; return stuck }, closeAttempts, func(int) {}, nil, &left, 31001, 40101)
 	if !errors.Is(err, refused) || !errors.Is(err, stuck) || dels != closeAttempts {
 		t.Fatalf("addRules = %v, %d deletions; want both errors, %d deletions", err, dels, closeAttempts)
 	}
@@ -274,7 +274,7 @@ func TestAddRulesFails(t *testing.T) {
 
 	// Every rule added: claimed, nothing left.
 	added = 0
-	if err := c.addRules(10, 3, addUntil(-1, &added), func(int) error { t.Fatal("deleting added rules"); return nil }, closeAttempts, func(int) {}, &left, 31002, 40102); err != nil || added != 3 {
+	if err := c.addRules(10, 3, addUntil(-1, &added), func(int) error { t.Fatal("deleting added rules"); return nil }, closeAttempts, func(int) {}, nil, &left, 31002, 40102); err != nil || added != 3 {
 		t.Fatalf("addRules = %v, %d added", err, added)
 	}
 	got := -1

@@ -5,6 +5,8 @@ package divert
 // Whether the process named by a rule's tag still runs (FreeBSD backend),
 // kept free of FreeBSD system calls so that it is unit-tested on Linux too.
 
+import "github.com/netdivert/divert/internal/ipfw"
+
 // startSlack is how far apart two readings of one process's start may be:
 // the kernel gives the start in wall-clock time (ki_start, the uptime at
 // fork plus boottime), and the backend takes boottime off again
@@ -50,6 +52,22 @@ func uptimeStart(readStart func() (wall int64, exists, known bool), readBoot fun
 		return 0, true, false
 	}
 	return 0, true, false
+}
+
+// ruleAlive reports whether rule r, one of our tags, may be a live
+// handle's: ownerAlive, with startOf, judges it by the process its tag
+// names, except for a tag of this process's PID (own) without a start.
+// This process tags its rules with its start whenever it knows it, so
+// such a rule is, most likely, an earlier process's that had the PID (a
+// release of the library before tags had a start): it is a live handle's
+// only when this process has rules in its set that divert to its port
+// (mine: the process's own records, ownsRules), else it is stale, though
+// the PID runs.
+func ruleAlive(r ipfw.Listed, own int, mine func(set int, port uint16) bool, startOf func(pid int) (s int64, exists, known bool)) bool {
+	if r.PID == own && r.Start == 0 {
+		return mine(int(r.Set), r.Port)
+	}
+	return ownerAlive(r.PID, r.Start, startOf)
 }
 
 // ownerAlive reports whether the process that tagged a rule with pid and

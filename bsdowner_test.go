@@ -2,7 +2,12 @@
 
 package divert
 
-import "testing"
+import (
+	"errors"
+	"testing"
+
+	"github.com/netdivert/divert/internal/ipfw"
+)
 
 // TestOwnerAlive: a rule's process is alive only while its PID exists and
 // started when the tag says; a PID reused by a later process (this one's
@@ -83,5 +88,73 @@ func TestUptimeStartClockStep(t *testing.T) {
 	future := func() (int64, bool, bool) { return k.boot - 1, true, true } // before boot
 	if _, exists, known := uptimeStart(future, readBoot); !exists || known {
 		t.Errorf("a start before boot: exists %v, known %v; want true, false", exists, known)
+	}
+}
+
+// TestRuleAliveOwnPIDNoStart: a rule tagged with this process's PID and no
+// start (an earlier release's tag) is a live handle's only when the
+// process's own records have rules in its set for its port: otherwise an
+// earlier process with the PID left it, and it is stale, though the PID
+// runs. Other tags are judged by their process (ownerAlive).
+func TestRuleAliveOwnPIDNoStart(t *testing.T) {
+	const own = 7
+	startOf := func(pid int) (int64, bool, bool) {
+		switch pid {
+		case own:
+			return 5_000_000, true, true
+		case 8:
+			return 6_000_000, true, true
+		}
+		return 0, false, false
+	}
+	var live liveSets
+	var left leftSets
+	mine := func(set int, port uint16) bool { return ownsRules(&live, &left, set, port) }
+	rule := func(pid int, start int64, set uint8, port uint16) ipfw.Listed {
+		return ipfw.Listed{Number: 31000, Set: set, Owned: true, PID: pid, Start: start, Port: port}
+	}
+	alive := func(r ipfw.Listed) bool { return ruleAlive(r, own, mine, startOf) }
+
+	// Nothing of the process's recorded: a start-less tag of its PID is
+	// stale; a tag with its start, or another live process's, is not.
+	if alive(rule(own, 0, 3, 40000)) {
+		t.Error("a start-less rule of this PID, in a set the process has no rules in, counts as alive")
+	}
+	if !alive(rule(own, 5_000_000, 3, 40000)) || !alive(rule(8, 0, 3, 40000)) || !alive(rule(8, 6_000_000, 3, 40000)) {
+		t.Error("a rule of a live process counts as stale")
+	}
+	if alive(rule(own, 1_000_000, 3, 40000)) || alive(rule(9, 0, 3, 40000)) {
+		t.Error("a rule of a dead process counts as alive")
+	}
+	plan := ipfw.PlanSets([]ipfw.Listed{rule(own, 0, 3, 40000), rule(8, 0, 4, 40001)}, 0, 1, alive)
+	if len(plan.Stale) != 1 || plan.Stale[0] != 3 {
+		t.Errorf("PlanSets stale = %v, want [3]", plan.Stale)
+	}
+
+	// The process's own start-less rules (it did not know its start): an
+	// open handle's, then a closed one's left, then deleted.
+	var c setClaim
+	c.init()
+	c.claimFor(3, 40000, &live)
+	if !alive(rule(own, 0, 3, 40000)) {
+		t.Error("an open handle's start-less rule counts as stale")
+	}
+	if alive(rule(own, 0, 3, 40001)) || alive(rule(own, 0, 2, 40000)) {
+		t.Error("a start-less rule of this PID with another set or port counts as the open handle's")
+	}
+	err := c.removeAtClose(func(int) error { return errRulesShared }, 1, func(int) {}, &left, 31000, 40000)
+	if !errors.Is(err, errRulesShared) || live.has(3, 40000) {
+		t.Fatalf("removeAtClose = %v, still live %v", err, live.has(3, 40000))
+	}
+	if !alive(rule(own, 0, 3, 40000)) {
+		t.Error("a closed handle's left start-less rule counts as stale")
+	}
+	left.retry(func(leftSet) error { return nil })
+	if alive(rule(own, 0, 3, 40000)) {
+		t.Error("a deleted set's start-less rule still counts as alive")
+	}
+	c.claimFor(5, 40002, &live)
+	if err := c.remove(func(int) error { return nil }); err != nil || live.has(5, 40002) || alive(rule(own, 0, 5, 40002)) {
+		t.Errorf("remove = %v; the set is still recorded after its rules were deleted", err)
 	}
 }

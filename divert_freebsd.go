@@ -21,8 +21,10 @@ package divert
 // port=PORT prio=PRIORITY start=START", START being when the process
 // started (microseconds of uptime). Sets holding only such rules of
 // processes that no longer run are deleted at the next Open: a process
-// that has the PID but another start is another process (ownerAlive). Rule
-// changes are serialised between processes with flock on
+// that has the PID but another start is another process (ownerAlive), and
+// a rule of the opening process's own PID without a start (an earlier
+// release's tag) is its own only when its set and port are among the
+// process's rules (ruleAlive). Rule changes are serialised between processes with flock on
 // /var/run/netdivert-ipfw.lock. The IP_FW3 socket option would avoid the
 // exec but its opcode stream is an internal ABI that changed in FreeBSD 15.
 //
@@ -466,7 +468,7 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 	return b.sets.addRules(plan.Free, len(res.Rules), func(i int) error {
 		_, err := runIPFW(append([]string{"-q"}, res.Rules[i]...)...)
 		return err
-	}, b.deleteSet, closeAttempts, closePause, &bsdLeft, b.rule, b.port)
+	}, b.deleteSet, closeAttempts, closePause, &bsdLive, &bsdLeft, b.rule, b.port)
 }
 
 // removeRules deletes the handle's rules, once: a Shutdown and a Close at
@@ -566,10 +568,12 @@ func runIPFW(args ...string) (string, error) {
 	return string(out), nil
 }
 
-// processAlive reports whether the process that tagged a rule with pid
-// and start still runs (ownerAlive).
-func processAlive(pid int, start int64) bool {
-	return ownerAlive(pid, start, processStart)
+// processAlive reports whether rule r, one of our tags, may be a live
+// handle's (ruleAlive).
+func processAlive(r ipfw.Listed) bool {
+	return ruleAlive(r, os.Getpid(), func(set int, port uint16) bool {
+		return ownsRules(&bsdLive, &bsdLeft, set, port)
+	}, processStart)
 }
 
 // ownStart is this process's start for its tags (processStart), 0 when

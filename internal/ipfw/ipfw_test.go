@@ -630,7 +630,7 @@ garbage
 			t.Errorf("rule %d = %+v, want %+v", i, got[i], want[i])
 		}
 	}
-	alive := func(pid int, start int64) bool { return pid == 77 && start == 0 }
+	alive := func(r Listed) bool { return r.PID == 77 && r.Start == 0 }
 	plan := PlanSets(got, 1<<1|1<<10, 1, alive)
 	// set 1 disabled, 2 free, 5 and 10 (disabled) stale (pid 42 dead), 6
 	// and 9 live, 7 foreign
@@ -780,7 +780,7 @@ func TestTeeOneRule(t *testing.T) {
 // TestPlanNumber: a handle's rule number puts it after every live handle
 // of higher or equal priority and before every one of lower priority.
 func TestPlanNumber(t *testing.T) {
-	alive := func(pid int, _ int64) bool { return pid != 13 }
+	alive := func(r Listed) bool { return r.PID != 13 }
 	h := func(n uint32, prio int16, pid int) Listed {
 		return Listed{Number: n, Set: 1, Owned: true, PID: pid, Port: 40000, Prio: prio}
 	}
@@ -843,7 +843,7 @@ func TestTagStart(t *testing.T) {
 	}
 	// The set of a process whose PID now runs a later process is stale,
 	// and is deleted at Open.
-	alive := func(pid int, start int64) bool { return pid == 42 && start == 999 }
+	alive := func(r Listed) bool { return r.PID == 42 && r.Start == 999 }
 	plan := PlanSets(got[:1], 0, 3, alive)
 	if plan.Free != 4 || len(plan.Stale) != 1 || plan.Stale[0] != 3 {
 		t.Fatalf("plan = %+v", plan)

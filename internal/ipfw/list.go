@@ -183,8 +183,8 @@ func priorityOf(n uint32) int16 {
 }
 
 // PlanNumber picks the rule number of a new handle of priority prio, given
-// the rules installed ("ipfw -S list") and which processes are alive. A
-// packet a handle writes back resumes after its number, so every handle of
+// the rules installed ("ipfw -S list") and which of our rules are a live
+// handle's (alive, given one of them). A packet a handle writes back resumes after its number, so every handle of
 // higher priority must have a lower number and every one of lower priority
 // a higher one (RuleNumber gives that); a handle of equal priority opened
 // before gets a lower one too, so that both see every packet (WinDivert
@@ -196,12 +196,12 @@ func priorityOf(n uint32) int16 {
 // with the last handle of higher or equal priority (or is RuleNumber(prio)),
 // which then does not see what the other writes back, and never comes
 // before a handle of higher priority.
-func PlanNumber(rules []Listed, prio int16, alive func(pid int, start int64) bool) uint16 {
+func PlanNumber(rules []Listed, prio int16, alive func(r Listed) bool) uint16 {
 	base := uint32(RuleNumber(prio))
 	var ge uint32             // highest number of a live handle of priority >= prio
 	lt := uint32(MaxRule) + 1 // lowest number of a live handle of priority < prio
 	for _, r := range rules {
-		if !r.Owned || !alive(r.PID, r.Start) {
+		if !r.Owned || !alive(r) {
 			continue
 		}
 		if r.Prio >= prio {
@@ -251,18 +251,18 @@ type SetPlan struct {
 
 // PlanSets picks a free set in [first, MaxSet] and finds stale ones. A set
 // is free when it holds no rules and is enabled; it is stale when it holds
-// only our rules and none of their processes is alive (alive gets a rule's
-// PID and Start: a live process of that PID that started at another time
-// is another process). Sets holding a rule
-// that is not ours are never touched.
-func PlanSets(rules []Listed, disabled uint32, first uint8, alive func(pid int, start int64) bool) SetPlan {
+// only our rules and none of them is a live handle's (alive, given one of
+// them, judges by its tag's PID and Start, its set and its port: a live
+// process of that PID that started at another time is another process).
+// Sets holding a rule that is not ours are never touched.
+func PlanSets(rules []Listed, disabled uint32, first uint8, alive func(r Listed) bool) SetPlan {
 	var used, foreign, live uint32
 	for _, r := range rules {
 		used |= 1 << r.Set
 		switch {
 		case !r.Owned:
 			foreign |= 1 << r.Set
-		case alive(r.PID, r.Start):
+		case alive(r):
 			live |= 1 << r.Set
 		}
 	}
