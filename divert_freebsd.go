@@ -101,8 +101,10 @@ package divert
 //     set for the outbound packets the host made, whose delayed checksums
 //     divert_packet finishes, except IPv6 ones before FreeBSD 14, and
 //     never for forwarded packets, whose checksums nobody checked;
-//     IPChecksum for inbound IPv4 packets, except on a loopback interface
-//     (divertChecksums).
+//     IPChecksum for inbound IPv4 packets whose header checksum is right,
+//     except on a loopback interface: the kernel verified most, but a
+//     broadcast the host sent and loops back on its interface comes
+//     marked verified without a header checksum (divertChecksums).
 //   - New packets (a fresh Address, or a received one with Outbound
 //     reversed) resume after the handle's rule number, so that its own
 //     rules and those of higher priority skip them. An OpenPort handle
@@ -989,11 +991,12 @@ func (b *bsdBackend) fill(a *Address, pkt []byte, sa *bsdaddr.Sockaddr, r bsdadd
 		a.IfIdx = ifc.Index
 		a.Loopback = ifc.Loopback
 	}
-	// The kernel verified the IPv4 header of inbound packets (not on
-	// loopback) and finalised the transport checksums of the outbound
-	// ones the host made (IPv6's only since FreeBSD 14; a forwarded
-	// packet's are as they came in): divertChecksums.
-	a.IPChecksum, a.TCPChecksum = divertChecksums(a.Outbound, forwarded, a.Loopback, a.IPv6, b.major)
+	// The kernel verified the IPv4 header of most inbound packets (not on
+	// loopback, nor its own looped-back broadcasts: checked again) and
+	// finalised the transport checksums of the outbound ones the host
+	// made (IPv6's only since FreeBSD 14; a forwarded packet's are as they
+	// came in): divertChecksums.
+	a.IPChecksum, a.TCPChecksum = divertChecksums(pkt, a.Outbound, forwarded, a.Loopback, b.major)
 	a.UDPChecksum = a.TCPChecksum
 	a.sys = sysAddr{sa: *sa, ifIdx: a.IfIdx, fix: fix, valid: true}
 }
