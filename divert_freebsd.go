@@ -24,7 +24,9 @@ package divert
 // that has the PID but another start is another process (ownerAlive), and
 // a rule of the opening process's own PID without a start (an earlier
 // release's tag) is its own only when its set and port are among the
-// process's rules (ruleAlive). Rule changes are serialised between processes with flock on
+// process's rules (ruleAlive). No new handle's socket is bound to a port
+// that such rules divert to (busyPorts): until they are deleted it would
+// receive their packets. Rule changes are serialised between processes with flock on
 // /var/run/netdivert-ipfw.lock. The IP_FW3 socket option would avoid the
 // exec but its opcode stream is an internal ABI that changed in FreeBSD 15.
 //
@@ -331,9 +333,19 @@ func divertSocket() (int, error) {
 }
 
 func bindAuto(fd int) (uint16, error) {
-	// Not a port that rules a closed handle left still divert to: the
-	// handle would get their packets.
-	return bindFree(fdSock(fd), os.Getpid()%divertPorts, bsdLeft.holds)
+	// Not a port that rules still divert to (a closed handle's left ones,
+	// a dead process's stale ones): the handle would get their packets.
+	return bindFree(fdSock(fd), os.Getpid()%divertPorts, busyPorts(listedRules(), &bsdLeft))
+}
+
+// listedRules returns the rules installed ("ipfw -S list"), or nil when
+// they cannot be read (ipfw missing or not loaded: then no rule diverts).
+func listedRules() []ipfw.Listed {
+	list, err := runIPFW("-S", "list")
+	if err != nil {
+		return nil
+	}
+	return ipfw.ParseList(list)
 }
 
 // fdSock is a divert socket's descriptor as a portSock.
@@ -1174,12 +1186,13 @@ func (b *bsdBackend) detach() error {
 		return nil
 	}
 	var (
-		p   portSock
-		err error
+		p    portSock
+		err  error
+		busy = busyPorts(listedRules(), &bsdLeft)
 	)
 	cerr := b.rc.Control(func(fd uintptr) {
 		size, serr := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF)
-		p, err = detachPort(fdSock(fd), b.port, os.Getpid()%divertPorts, b.flags&FlagSniff != 0, func() (portSock, error) {
+		p, err = detachPort(fdSock(fd), b.port, os.Getpid()%divertPorts, b.flags&FlagSniff != 0, busy, func() (portSock, error) {
 			nfd, err := divertSocket()
 			if err == nil && serr == nil {
 				_ = setBuffers(nfd, size) // as large as the handle's, if allowed

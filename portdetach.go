@@ -9,6 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+
+	"github.com/netdivert/divert/internal/ipfw"
 )
 
 // Auto-chosen divert ports: [divertPortMin, divertPortMin+divertPorts).
@@ -50,9 +52,30 @@ func bindFree(s portSock, start int, avoid func(port uint16) bool) (uint16, erro
 	return 0, fmt.Errorf("divert: no free divert port in [%d, %d)", divertPortMin, divertPortMin+divertPorts)
 }
 
+// busyPorts reports the divert ports that a socket of a new handle must
+// not be bound to (bindFree's avoid), for rules already divert to them:
+// those that rules of a closed handle of the process left divert to
+// (left), and those that rules of ours in the ruleset (listed, "ipfw -S
+// list"; nil when it cannot be read) divert to, above all a dead
+// process's stale rules, which only the next install deletes, and which
+// until then would feed the handle their packets as its own. A live
+// handle's port is taken anyway (EADDRINUSE).
+func busyPorts(listed []ipfw.Listed, left *leftSets) func(port uint16) bool {
+	ports := make(map[uint16]struct{})
+	for _, r := range listed {
+		if r.Owned {
+			ports[r.Port] = struct{}{}
+		}
+	}
+	return func(p uint16) bool {
+		_, ok := ports[p]
+		return ok || left.holds(p)
+	}
+}
+
 // detachPort stops an administrator's rule (OpenPort) from queueing new
-// packets to s, bound to the rule's port: s moves to a free port (one that
-// no rule a closed handle of the process left diverts to), keeping
+// packets to s, bound to the rule's port: s moves to a free port (not one
+// that busy reports), keeping
 // the packets queued on it, so that Recv can drain them. A packet the rule
 // takes after that finds no socket on its port and would be dropped
 // (divert_packet: "noport"), so a fresh socket, the passer, is bound to
@@ -67,10 +90,10 @@ func bindFree(s portSock, start int, avoid func(port uint16) bool) (uint16, erro
 // the two binds is dropped. A bind of s that fails with EINVAL (FreeBSD
 // 13) leaves s where it was and returns errRebind. When the passer cannot
 // be opened or bound, s goes back to the port and the error is returned.
-func detachPort(s portSock, port uint16, start int, sniff bool, open func() (portSock, error)) (portSock, error) {
-	// Not the rule's port, nor one that rules a closed handle left divert
-	// to (bsdLeft): Recv would drain their packets as the handle's.
-	avoid := func(p uint16) bool { return p == port || bsdLeft.holds(p) }
+func detachPort(s portSock, port uint16, start int, sniff bool, busy func(port uint16) bool, open func() (portSock, error)) (portSock, error) {
+	// Not the rule's port, nor one that other rules divert to (busy:
+	// busyPorts): Recv would drain their packets as the handle's.
+	avoid := func(p uint16) bool { return p == port || busy(p) }
 	if _, err := bindFree(s, start, avoid); err != nil {
 		if errors.Is(err, syscall.EINVAL) {
 			return nil, fmt.Errorf("%w: %w", errRebind, err)

@@ -4,8 +4,11 @@ package divert
 
 import (
 	"errors"
+	"strconv"
 	"syscall"
 	"testing"
+
+	"github.com/netdivert/divert/internal/ipfw"
 )
 
 // fakeDivert models the divert ports of a FreeBSD kernel: one socket per
@@ -76,7 +79,7 @@ func TestDetachPort(t *testing.T) {
 	k := newFakeDivert()
 	h := k.bound(t, port)
 	other := k.bound(t, divertPortMin+7) // the first candidate is taken
-	p, err := detachPort(h, port, 7, false, k.open)
+	p, err := detachPort(h, port, 7, false, busyPorts(nil, &bsdLeft), k.open)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +103,7 @@ func TestDetachPortSniff(t *testing.T) {
 	const port = 8668
 	k := newFakeDivert()
 	h := k.bound(t, port)
-	p, err := detachPort(h, port, 0, true, k.open)
+	p, err := detachPort(h, port, 0, true, busyPorts(nil, &bsdLeft), k.open)
 	if err != nil || p != nil {
 		t.Fatalf("detachPort = %v, %v; want no passer, no error", p, err)
 	}
@@ -119,7 +122,7 @@ func TestDetachPortBefore14(t *testing.T) {
 	k := newFakeDivert()
 	h := k.bound(t, port)
 	k.before14 = true
-	p, err := detachPort(h, port, 0, false, k.open)
+	p, err := detachPort(h, port, 0, false, busyPorts(nil, &bsdLeft), k.open)
 	if !errors.Is(err, errRebind) || p != nil {
 		t.Fatalf("detachPort = %v, %v; want errRebind", p, err)
 	}
@@ -139,7 +142,7 @@ func TestDetachPortPasserBindFails(t *testing.T) {
 		s.(*fakeSock).fail = syscall.ENOBUFS
 		return s, nil
 	}
-	p, err := detachPort(h, port, 0, false, open)
+	p, err := detachPort(h, port, 0, false, busyPorts(nil, &bsdLeft), open)
 	if !errors.Is(err, syscall.ENOBUFS) || p != nil {
 		t.Fatalf("detachPort = %v, %v; want ENOBUFS", p, err)
 	}
@@ -160,7 +163,7 @@ func TestDetachPortOpenFails(t *testing.T) {
 	k := newFakeDivert()
 	h := k.bound(t, port)
 	open := func() (portSock, error) { return nil, syscall.EMFILE }
-	p, err := detachPort(h, port, 0, false, open)
+	p, err := detachPort(h, port, 0, false, busyPorts(nil, &bsdLeft), open)
 	if !errors.Is(err, syscall.EMFILE) || p != nil {
 		t.Fatalf("detachPort = %v, %v; want EMFILE", p, err)
 	}
@@ -207,11 +210,39 @@ func TestDetachPortAvoidsLeftRules(t *testing.T) {
 	})
 	k := newFakeDivert()
 	h := k.bound(t, port)
-	p, err := detachPort(h, port, 7, false, k.open)
+	p, err := detachPort(h, port, 7, false, busyPorts(nil, &bsdLeft), k.open)
 	if err != nil || p == nil {
 		t.Fatalf("detachPort = %v, %v", p, err)
 	}
 	if h.port != left+1 || k.owner[h.port] != h {
 		t.Fatalf("handle's socket on port %d, want %d (past the left rules' port %d)", h.port, left+1, left)
+	}
+}
+
+// TestBusyPortsStaleRules: a new handle's socket is not bound, at Open or
+// when an OpenPort handle's Shutdown moves it, to a port that rules of
+// ours in the ruleset divert to: a dead process's stale rules would feed
+// it their packets until the next install deletes them. Nor to a port of
+// the process's left rules; other programs' rules name no port of ours.
+func TestBusyPortsStaleRules(t *testing.T) {
+	stale := uint16(divertPortMin + 5)
+	var left leftSets
+	left.add(leftSet{set: 4, number: 31000, port: stale + 1})
+	listed := ipfw.ParseList("31000 set 3 divert " + strconv.Itoa(int(stale)) + " ip from any to any in // netdivert pid=99 port=" + strconv.Itoa(int(stale)) + " prio=0 start=12\n" +
+		"00100 set 0 allow ip from any to any\n")
+	busy := busyPorts(listed, &left)
+	for p, want := range map[uint16]bool{stale: true, stale + 1: true, stale + 2: false, 0: false} {
+		if busy(p) != want {
+			t.Errorf("busy(%d) = %v, want %v", p, !want, want)
+		}
+	}
+	k := newFakeDivert()
+	if p, err := bindFree(&fakeSock{k: k}, 5, busy); err != nil || p != stale+2 {
+		t.Fatalf("bindFree = %d, %v; want %d, past the stale and the left rules' ports", p, err, stale+2)
+	}
+	const port = 8668
+	h := k.bound(t, port)
+	if p, err := detachPort(h, port, 5, false, busy, k.open); err != nil || p == nil || h.port != stale+3 {
+		t.Fatalf("detachPort = %v, %v: handle's socket on %d, want %d", p, err, h.port, stale+3)
 	}
 }
