@@ -20,7 +20,9 @@ package divert
 // rules at once), and every rule carries the comment "netdivert pid=PID
 // port=PORT prio=PRIORITY start=START", START being when the process
 // started (microseconds of uptime). Sets holding only such rules of
-// processes that no longer run are deleted at the next Open: a process
+// processes that no longer run are deleted at the next Open (in a set that
+// also holds another program's rule, such rules are, by number, unless one
+// of that program's has their number: ipfw.PlanSets): a process
 // that has the PID but another start is another process (ownerAlive), and
 // a rule of the opening process's own PID without a start (an earlier
 // release's tag) is its own only when its set and port are among the
@@ -441,6 +443,11 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 	b.rule = ipfw.PlanNumber(listed, cfg.priority, processAlive)
 	for _, s := range plan.Stale {
 		if _, err := runIPFW("-q", "delete", "set", strconv.Itoa(int(s))); err != nil {
+			return err
+		}
+	}
+	for _, r := range plan.StaleRules {
+		if _, err := runIPFW("-q", "set", strconv.Itoa(int(r.Set)), "delete", strconv.FormatUint(uint64(r.Number), 10)); err != nil {
 			return err
 		}
 	}

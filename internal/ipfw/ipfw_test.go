@@ -888,3 +888,38 @@ func TestPlanRemoval(t *testing.T) {
 		}
 	}
 }
+
+// TestPlanSetsStaleRulesBesideOthers: a dead process's rules in a set that
+// also holds another program's rule, or a live handle's, are deleted by
+// number (the set is not), unless another program's rule of that set has
+// their number; a set of dead rules only is deleted whole, and sets out of
+// range are never touched.
+func TestPlanSetsStaleRulesBesideOthers(t *testing.T) {
+	rules := ParseList(`00500 set 3 allow ip from any to any // an administrator's
+31000 set 3 divert 40000 ip from any to any in // netdivert pid=42 port=40000 prio=0
+31000 set 3 divert 40000 ip from any to any out not recv * // netdivert pid=42 port=40000 prio=0
+31000 set 4 allow ip from any to any // an administrator's, with the dead rule's number
+31000 set 4 divert 40001 ip from any to any in // netdivert pid=42 port=40001 prio=0
+31005 set 4 divert 40001 ip from any to any in // netdivert pid=42 port=40001 prio=-5
+31001 set 5 divert 40002 ip from any to any in // netdivert pid=77 port=40002 prio=0
+31000 set 5 divert 40003 ip from any to any in // netdivert pid=42 port=40003 prio=0
+31000 set 6 divert 40004 ip from any to any in // netdivert pid=42 port=40004 prio=0
+31002 set 7 divert 40005 ip from any to any in // netdivert pid=77 port=40005 prio=0
+31000 set 0 divert 40006 ip from any to any in // netdivert pid=42 port=40006 prio=0
+00600 set 0 allow ip from any to any
+`)
+	alive := func(r Listed) bool { return r.PID == 77 }
+	plan := PlanSets(rules, 0, 1, alive)
+	want := []SetNumber{{3, 31000}, {4, 31005}, {5, 31000}}
+	if len(plan.StaleRules) != len(want) {
+		t.Fatalf("StaleRules = %v, want %v", plan.StaleRules, want)
+	}
+	for i := range want {
+		if plan.StaleRules[i] != want[i] {
+			t.Errorf("StaleRules = %v, want %v", plan.StaleRules, want)
+		}
+	}
+	if len(plan.Stale) != 1 || plan.Stale[0] != 6 || plan.Free != 1 {
+		t.Errorf("plan = %+v; want set 6 stale, set 1 free", plan)
+	}
+}

@@ -247,6 +247,16 @@ func ParseSetShow(out string) (disabled uint32, err error) {
 type SetPlan struct {
 	Free  int     // a set to use, -1 if none is free
 	Stale []uint8 // sets holding only rules of dead processes: delete them
+	// StaleRules are, in sets that also hold another program's rule or a
+	// live handle's, the numbers whose every rule in the set is a dead
+	// process's: delete them ("ipfw set S delete N").
+	StaleRules []SetNumber
+}
+
+// SetNumber is the rules of one number in one set.
+type SetNumber struct {
+	Set    uint8
+	Number uint32
 }
 
 // PlanSets picks a free set in [first, MaxSet] and finds stale ones. A set
@@ -254,17 +264,31 @@ type SetPlan struct {
 // only our rules and none of them is a live handle's (alive, given one of
 // them, judges by its tag's PID and Start, its set and its port: a live
 // process of that PID that started at another time is another process).
-// Sets holding a rule that is not ours are never touched.
+// A set that also holds a rule that is not ours, or a live handle's, is
+// never deleted, but our dead processes' rules in it are, by number, when
+// no other rule of the set has their number (ipfw deletes by set and
+// number only): they would otherwise stay, diverting to a port no socket
+// has, after the process that could not delete them (a Close that ipfw
+// failed) has exited. Rules of a number shared with another program's stay.
 func PlanSets(rules []Listed, disabled uint32, first uint8, alive func(r Listed) bool) SetPlan {
 	var used, foreign, live uint32
+	dead := make(map[SetNumber]bool) // whether every rule of that set and number is a dead process's
 	for _, r := range rules {
 		used |= 1 << r.Set
+		isDead := false
 		switch {
 		case !r.Owned:
 			foreign |= 1 << r.Set
 		case alive(r):
 			live |= 1 << r.Set
+		default:
+			isDead = true
 		}
+		k := SetNumber{r.Set, r.Number}
+		if d, seen := dead[k]; seen {
+			isDead = isDead && d
+		}
+		dead[k] = isDead
 	}
 	plan := SetPlan{Free: -1}
 	for s := first; s <= MaxSet; s++ {
@@ -276,6 +300,14 @@ func PlanSets(rules []Listed, disabled uint32, first uint8, alive func(r Listed)
 			}
 		case foreign&bit == 0 && live&bit == 0:
 			plan.Stale = append(plan.Stale, s)
+		}
+	}
+	for _, r := range rules {
+		k := SetNumber{r.Set, r.Number}
+		bit := uint32(1) << r.Set
+		if r.Set >= first && r.Set <= MaxSet && (foreign|live)&bit != 0 && dead[k] {
+			plan.StaleRules = append(plan.StaleRules, k)
+			delete(dead, k) // once
 		}
 	}
 	if plan.Free < 0 {
