@@ -721,7 +721,8 @@ func (h *Handle) RecvBatch(ms []Message) (int, error) {
 // and Recv skips the answer: the verdicts of unchanged packets go out in
 // batches, often after their Send returned, and a batch is answered only
 // when none of its packets was still queued. Telling Send's caller would
-// cost a round trip to the kernel for every packet.
+// cost a round trip to the kernel for every packet; Stats.RefusedVerdicts
+// counts these answers once a receive call has read them.
 func (h *Handle) Send(b []byte, a *Address) (int, error) {
 	if err := h.checkSend(); err != nil {
 		return 0, err

@@ -1397,7 +1397,9 @@ func (b *linuxBackend) stats() (Stats, error) {
 	s.Overflows = b.gaps
 	b.vmu.Unlock()
 	if b.conn != nil {
-		s.Overflows += b.conn.Stats().ENOBUFS
+		cs := b.conn.Stats()
+		s.Overflows += cs.ENOBUFS
+		s.RefusedVerdicts = cs.VerdictErrors
 	}
 	b.procMu.Lock()
 	b.readKernelLocked() // the last values stay when the queue is gone

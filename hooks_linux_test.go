@@ -347,4 +347,10 @@ func TestLinuxSendOfKernelDropped(t *testing.T) {
 	if err != nil || len(got) != 1 || string(got[0]) != "marker" {
 		t.Fatalf("the receiver got %q (%v), want the marker first and alone", got, err)
 	}
+	// The kernel's ENOENT to the verdict came in before the marker was
+	// queued, so the Recv that took the marker read it; the marker's own
+	// verdict found its packet.
+	if s, err := h.Stats(); err != nil || s.RefusedVerdicts != 1 {
+		t.Fatalf("Stats: RefusedVerdicts %d (%v), want 1", s.RefusedVerdicts, err)
+	}
 }

@@ -68,6 +68,15 @@ type Stats struct {
 	// user_dropped in /proc/net/netfilter/nfnetlink_queue; 0 where the OS
 	// does not tell).
 	KernelUserDropped uint64
+	// RefusedVerdicts counts the verdicts the kernel refused after Send,
+	// SendBatch or Drop had returned (Linux: the packet was no longer
+	// queued, as when another program removed a netfilter hook and the
+	// kernel dropped every queued packet, and answered ENOENT). On Linux a
+	// verdict is a message the kernel answers only on failure, and the
+	// answer is read by the next receive call, so the count lags behind the
+	// Send, and a batch verdict that covered several packets counts once.
+	// 0 on Windows and FreeBSD, where Send reports such a failure itself.
+	RefusedVerdicts uint64
 }
 
 // statser is implemented by backends that keep Stats.

@@ -171,18 +171,19 @@ type Conn struct {
 
 	fake *Fake // replaces the syscalls (SetFake)
 
-	closed    atomic.Bool
-	nbReads   atomic.Uint64 // non-blocking reads; blocking ones are waits
-	emptyRds  atomic.Uint64
-	coldWaits atomic.Uint64
-	intrs     atomic.Uint64
-	hotWaits  atomic.Uint64
-	yields    atomic.Uint64
-	sends     atomic.Uint64 // completed Sends; also the receive side's hint generation (drained)
-	enobufs   atomic.Uint64
-	truncs    atomic.Uint64
-	kernErrs  atomic.Uint64
-	lastErrno atomic.Uint32
+	closed      atomic.Bool
+	nbReads     atomic.Uint64 // non-blocking reads; blocking ones are waits
+	emptyRds    atomic.Uint64
+	coldWaits   atomic.Uint64
+	intrs       atomic.Uint64
+	hotWaits    atomic.Uint64
+	yields      atomic.Uint64
+	sends       atomic.Uint64 // completed Sends; also the receive side's hint generation (drained)
+	enobufs     atomic.Uint64
+	truncs      atomic.Uint64
+	kernErrs    atomic.Uint64
+	verdictErrs atomic.Uint64
+	lastErrno   atomic.Uint32
 }
 
 // fill sets the defaults of the zero fields.
@@ -799,6 +800,9 @@ func (c *Conn) Next(p *Packet, block bool) error {
 			case KindError:
 				c.kernErrs.Add(1)
 				c.lastErrno.Store(uint32(ke.Errno))
+				if ke.Type == msgVerdict || ke.Type == msgVerdictBatch {
+					c.verdictErrs.Add(1)
+				}
 			}
 		}
 		if err := c.fill(block); err != nil {
@@ -973,26 +977,31 @@ type Stats struct {
 	Sends        uint64        // send syscalls (one per Send)
 	ENOBUFS      uint64        // receive overflows reported to the socket
 	Truncated    uint64        // datagrams larger than a receive slot (skipped)
-	KernelErrors uint64        // error answers to verdicts (e.g. ENOENT)
+	KernelErrors uint64        // error answers to the messages Send sent (e.g. ENOENT to a verdict)
 	LastErrno    syscall.Errno // the last such error
+	// VerdictErrors is the part of KernelErrors that answered verdicts:
+	// the kernel no longer held the packet (ENOENT: its hook or queue
+	// went away after the packet was read), or refused the verdict.
+	VerdictErrors uint64
 }
 
 // Stats returns the counters.
 func (c *Conn) Stats() Stats {
 	cold, hot := c.coldWaits.Load(), c.hotWaits.Load()
 	return Stats{
-		Reads:        c.nbReads.Load() + cold + hot,
-		EmptyReads:   c.emptyRds.Load(),
-		Waits:        cold + hot,
-		HotWaits:     hot,
-		Yields:       c.yields.Load(),
-		Shared:       c.shared.Load(),
-		Interrupted:  c.intrs.Load(),
-		Sends:        c.sends.Load(),
-		ENOBUFS:      c.enobufs.Load(),
-		Truncated:    c.truncs.Load(),
-		KernelErrors: c.kernErrs.Load(),
-		LastErrno:    syscall.Errno(c.lastErrno.Load()),
+		Reads:         c.nbReads.Load() + cold + hot,
+		EmptyReads:    c.emptyRds.Load(),
+		Waits:         cold + hot,
+		HotWaits:      hot,
+		Yields:        c.yields.Load(),
+		Shared:        c.shared.Load(),
+		Interrupted:   c.intrs.Load(),
+		Sends:         c.sends.Load(),
+		ENOBUFS:       c.enobufs.Load(),
+		Truncated:     c.truncs.Load(),
+		KernelErrors:  c.kernErrs.Load(),
+		LastErrno:     syscall.Errno(c.lastErrno.Load()),
+		VerdictErrors: c.verdictErrs.Load(),
 	}
 }
 

@@ -166,8 +166,19 @@ func TestConnQueueAndVerdicts(t *testing.T) {
 	if err := c.Next(&Packet{}, false); !errors.Is(err, ErrNoData) {
 		t.Fatalf("after stale verdict: %v", err)
 	}
-	if s := c.Stats(); s.KernelErrors != 1 || s.LastErrno.Error() != "no such file or directory" {
+	if s := c.Stats(); s.KernelErrors != 1 || s.VerdictErrors != 1 || s.LastErrno.Error() != "no such file or directory" {
 		t.Fatalf("stats %+v", s)
+	}
+	// A configuration message the kernel refuses (a queue this socket does
+	// not own: ENODEV) is a kernel error but not a verdict's.
+	if err := c.Send(appendConfig(nil, c.seq.Add(1), c.Queue()+1, &c.cfg, false)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Next(&Packet{}, false); !errors.Is(err, ErrNoData) {
+		t.Fatalf("after refused configuration: %v", err)
+	}
+	if s := c.Stats(); s.KernelErrors != 2 || s.VerdictErrors != 1 {
+		t.Fatalf("stats %+v: want the refused configuration counted as a kernel error only", s)
 	}
 }
 
