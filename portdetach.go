@@ -55,16 +55,21 @@ func bindFree(s portSock, start int, avoid func(port uint16) bool) (uint16, erro
 // busyPorts reports the divert ports that a socket of a new handle must
 // not be bound to (bindFree's avoid), for rules already divert to them:
 // those that rules of a closed handle of the process left divert to
-// (left), and those that rules of ours in the ruleset (listed, "ipfw -S
-// list"; nil when it cannot be read) divert to, above all a dead
+// (left), and those that rules in the ruleset (listed, "ipfw -S list";
+// nil when it cannot be read) divert or tee to: above all a dead
 // process's stale rules, which only the next install deletes, and which
-// until then would feed the handle their packets as its own. A live
+// until then would feed the handle their packets as its own, and an
+// administrator's rules for a divert daemon that is not running (natd,
+// say), whose packets the handle would take for its own too. A live
 // handle's port is taken anyway (EADDRINUSE).
 func busyPorts(listed []ipfw.Listed, left *leftSets) func(port uint16) bool {
 	ports := make(map[uint16]struct{})
 	for _, r := range listed {
 		if r.Owned {
 			ports[r.Port] = struct{}{}
+		}
+		if r.Divert != 0 {
+			ports[r.Divert] = struct{}{}
 		}
 	}
 	return func(p uint16) bool {

@@ -229,9 +229,11 @@ func TestBusyPortsStaleRules(t *testing.T) {
 	var left leftSets
 	left.add(leftSet{set: 4, number: 31000, port: stale + 1})
 	listed := ipfw.ParseList("31000 set 3 divert " + strconv.Itoa(int(stale)) + " ip from any to any in // netdivert pid=99 port=" + strconv.Itoa(int(stale)) + " prio=0 start=12\n" +
-		"00100 set 0 allow ip from any to any\n")
+		"00100 set 0 allow ip from any to any\n" +
+		// an administrator's rule for a daemon that is not running
+		"00200 set 0 divert " + strconv.Itoa(int(stale+3)) + " ip from any to any via em0\n")
 	busy := busyPorts(listed, &left)
-	for p, want := range map[uint16]bool{stale: true, stale + 1: true, stale + 2: false, 0: false} {
+	for p, want := range map[uint16]bool{stale: true, stale + 1: true, stale + 2: false, stale + 3: true, 0: false} {
 		if busy(p) != want {
 			t.Errorf("busy(%d) = %v, want %v", p, !want, want)
 		}
@@ -242,7 +244,7 @@ func TestBusyPortsStaleRules(t *testing.T) {
 	}
 	const port = 8668
 	h := k.bound(t, port)
-	if p, err := detachPort(h, port, 5, false, busy, k.open); err != nil || p == nil || h.port != stale+3 {
-		t.Fatalf("detachPort = %v, %v: handle's socket on %d, want %d", p, err, h.port, stale+3)
+	if p, err := detachPort(h, port, 5, false, busy, k.open); err != nil || p == nil || h.port != stale+4 {
+		t.Fatalf("detachPort = %v, %v: handle's socket on %d, want %d, past the administrator's rule's port", p, err, h.port, stale+4)
 	}
 }

@@ -596,6 +596,30 @@ func TestCIDRs(t *testing.T) {
 	}
 }
 
+// TestParseListDivert: the port of a rule's divert or tee action is read
+// whoever wrote the rule, past the modifiers ipfw lists with the action,
+// and only from the action: not from the body or the comment.
+func TestParseListDivert(t *testing.T) {
+	out := `08000 set 0 divert 8668 ip from any to any via em0
+08001 set 0 prob 0.500000 tee 8669 udp from any to any dst-port 53
+08002 set 0 divert 8670 log ip from any to any in
+08003 set 0 divert tablearg ip from table(1) to any
+08004 set 0 allow ip from any to any // divert 8671
+08005 set 0 skipto 9000 tcp from any to any dst-port 8672
+08006 set 2 count log ip from any to any
+`
+	want := []uint16{8668, 8669, 8670, 0, 0, 0, 0}
+	got := ParseList(out)
+	if len(got) != len(want) {
+		t.Fatalf("got %d rules: %+v", len(got), got)
+	}
+	for i, r := range got {
+		if r.Divert != want[i] || r.Owned {
+			t.Errorf("rule %d: %+v, want Divert %d, not ours", r.Number, r, want[i])
+		}
+	}
+}
+
 func TestParseList(t *testing.T) {
 	out := `00100 set 0 allow ip from any to any via lo0
 31000 set 5 divert 40000 ip from any to any in // netdivert pid=42 port=40000
@@ -612,13 +636,13 @@ garbage
 	got := ParseList(out)
 	want := []Listed{
 		{Number: 100, Set: 0},
-		{Number: 31000, Set: 5, Owned: true, PID: 42, Port: 40000},
-		{Number: 31000, Set: 5, Owned: true, PID: 42, Port: 40000},
-		{Number: 1000, Set: 6, Owned: true, PID: 77, Port: 40001, Prio: 30000}, // from the number
-		{Number: 31001, Set: 9, Owned: true, PID: 77, Port: 40002},
+		{Number: 31000, Set: 5, Owned: true, PID: 42, Port: 40000, Divert: 40000},
+		{Number: 31000, Set: 5, Owned: true, PID: 42, Port: 40000, Divert: 40000},
+		{Number: 1000, Set: 6, Owned: true, PID: 77, Port: 40001, Prio: 30000, Divert: 40001}, // from the number
+		{Number: 31001, Set: 9, Owned: true, PID: 77, Port: 40002, Divert: 40002},
 		{Number: 2000, Set: 7},
 		{Number: 2001, Set: 7}, // a priority out of range: not ours
-		{Number: 31002, Set: 10, Owned: true, PID: 42, Port: 40004}, // in a disabled set
+		{Number: 31002, Set: 10, Owned: true, PID: 42, Port: 40004, Divert: 40004}, // in a disabled set
 		{Number: 100000, Set: 8},
 		{Number: 65535, Set: 31},
 	}
@@ -825,10 +849,10 @@ func TestTagStart(t *testing.T) {
 		"31007 set 5 divert 40002 ip from any to any in // netdivert pid=42 port=40002 prio=0 start=0\n" +
 		"31008 set 6 divert 40003 ip from any to any in // netdivert pid=42 port=40003 prio=0 begin=7\n")
 	want := []Listed{
-		{Number: 31005, Set: 3, Owned: true, PID: 42, Start: 123456789, Port: 40000, Prio: -5},
-		{Number: 31006, Set: 4, Owned: true, PID: 42, Port: 40001},
-		{Number: 31007, Set: 5}, // start=0 is never written: not ours
-		{Number: 31008, Set: 6},
+		{Number: 31005, Set: 3, Owned: true, PID: 42, Start: 123456789, Port: 40000, Prio: -5, Divert: 40000},
+		{Number: 31006, Set: 4, Owned: true, PID: 42, Port: 40001, Divert: 40001},
+		{Number: 31007, Set: 5, Divert: 40002}, // start=0 is never written: not ours
+		{Number: 31008, Set: 6, Divert: 40003},
 	}
 	if len(got) != len(want) {
 		t.Fatalf("got %+v", got)

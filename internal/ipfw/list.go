@@ -33,6 +33,10 @@ type Listed struct {
 	Start  int64 // the process's start, from the tag; 0 if the tag has none
 	Port   uint16
 	Prio   int16 // the handle's priority, from the tag (or, in a tag without one, from Number)
+	// Divert is the port of the rule's divert or tee action, whoever wrote
+	// the rule; 0 for another action, or a port taken from a table
+	// ("divert tablearg").
+	Divert uint16
 }
 
 // ParseList parses the output of "ipfw -S list" (lines such as
@@ -58,7 +62,7 @@ func ParseList(out string) []Listed {
 		if err != nil || s > 31 {
 			continue
 		}
-		r := Listed{Number: uint32(n), Set: uint8(s)}
+		r := Listed{Number: uint32(n), Set: uint8(s), Divert: divertPort(f[3:])}
 		if i := strings.Index(line, "// "); i >= 0 {
 			r.PID, r.Start, r.Port, r.Prio, r.Owned = parseTag(strings.TrimSpace(line[i+3:]))
 			if r.Owned && r.Prio == noPrio {
@@ -68,6 +72,26 @@ func ParseList(out string) []Listed {
 		rules = append(rules, r)
 	}
 	return rules
+}
+
+// divertPort returns the port of a divert or tee action among the fields
+// of a listed rule after its set: the action and its modifiers ("prob",
+// "log", "tag" and the like) come before the body, which starts with the
+// protocol and "from", and the comment comes last (ipfw2.c
+// show_static_rule).
+func divertPort(f []string) uint16 {
+	for i, w := range f {
+		if w == "from" || w == "//" {
+			break
+		}
+		if (w == "divert" || w == "tee") && i+1 < len(f) {
+			if p, err := strconv.ParseUint(f[i+1], 10, 16); err == nil {
+				return uint16(p)
+			}
+			return 0
+		}
+	}
+	return 0
 }
 
 // disabledPrefix starts a rule of a disabled set in "ipfw -S list" output
