@@ -616,6 +616,9 @@ func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 	var err, terr error
 	k := 0
 	for k < len(ms) && len(ms[k].Buf) > 0 { // an empty Buf ends the batch (RecvBatch)
+		if k > 0 && b.conn.Drained() {
+			break // the usual end of a batch, told without a call to next
+		}
 		var n int
 		n, err = b.next(ms[k].Buf, &ms[k].Addr, k == 0)
 		if err != nil {

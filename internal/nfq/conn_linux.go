@@ -762,6 +762,19 @@ func (c *Conn) Buffered() bool {
 	return c.cur < c.count
 }
 
+// Drained reports whether a non-blocking Next would return ErrNoData
+// without a syscall: nothing is buffered, the last read found the socket
+// empty, and no Send since may have drawn an answer (see fill). Like that
+// Next, it uses the hint up, so the next non-blocking Next reads the
+// socket; when it returns false, that Next does what it would have done.
+func (c *Conn) Drained() bool {
+	if c.cur < c.count || !c.drained {
+		return false
+	}
+	c.drained = false
+	return c.drainedGen == c.sends.Load()
+}
+
 // Next decodes the next queued packet into p; p.Payload aliases the
 // receive buffer until the next call. When nothing is buffered it reads a
 // batch of datagrams: waiting for one if block is set (honouring the read

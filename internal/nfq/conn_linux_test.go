@@ -355,6 +355,75 @@ func TestConnDrainedHint(t *testing.T) {
 	}
 }
 
+// TestConnDrained: Drained tells, without a syscall, what a non-blocking
+// Next would find: the hint of a read that left slots free, spent by the
+// call (the next Next reads the socket), and void once a Send may have
+// drawn an answer; never while datagrams are buffered.
+func TestConnDrained(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l, c, dst := queued(t, "nfqdr", Config{Queue: 320, Auto: true, Slots: 3}, 9996)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var p Packet
+	reads := func() uint64 { return c.Stats().Reads }
+	next := func(block bool) {
+		t.Helper()
+		if err := c.Next(&p, block); err != nil {
+			t.Fatalf("Next(%v): %v", block, err)
+		}
+	}
+
+	if err := l.A.NS.SendUDP(dst, []byte("x"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitQueued(t, l.B.NS, c, 1)
+	if c.Drained() {
+		t.Fatal("Drained before any read")
+	}
+	next(true)
+	r := reads()
+	if !c.Drained() {
+		t.Fatal("after a read of 1 datagram into 3 slots: not Drained")
+	}
+	if c.Drained() {
+		t.Fatal("Drained twice: the hint is used once")
+	}
+	if err := c.Next(&p, false); !errors.Is(err, ErrNoData) || reads() != r+1 {
+		t.Fatalf("Next after the spent hint: %v, %d reads, want ErrNoData after a real read (%d)", err, reads(), r+1)
+	}
+
+	// Two packets read into three slots: not while one is buffered (and
+	// that answer keeps the hint), then once.
+	if err := l.A.NS.SendUDP(dst, []byte("y"), 2, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitQueued(t, l.B.NS, c, 3)
+	next(true)
+	if c.Drained() {
+		t.Fatal("Drained with a datagram buffered")
+	}
+	next(false)
+	if !c.Drained() {
+		t.Fatal("not Drained after the buffered datagram of a read that left a slot free")
+	}
+	last := p.ID
+
+	// A Send after a read that left slots free voids the hint.
+	if err := l.A.NS.SendUDP(dst, []byte("z"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitQueued(t, l.B.NS, c, 4)
+	next(true)
+	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), last, Accept)); err != nil {
+		t.Fatal(err)
+	}
+	if c.Drained() {
+		t.Fatal("Drained after a Send that may have drawn an answer")
+	}
+	if err := c.Send(AppendVerdictBatch(nil, c.Queue(), p.ID, Accept)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestConnBlockingReadTakesQueued checks the blocking read (see readInto):
 // it takes every datagram queued when it returns, up to the slots, and one
 // that brought fewer than its slots found the socket empty, so the batch
