@@ -34,42 +34,199 @@ type Ruleset struct {
 	conn *tableConn // nil once closed
 }
 
-// tableConn is the lasting socket that owns a table: google/nftables'
-// Conn, and the netlink socket under it, which flush drains.
+// tableConn is the lasting socket that owns a table, and google/nftables'
+// Conn, which builds the batches sent on it.
+//
+// The Conn does not own the socket: it is built on exchange (through
+// google/nftables' only seam for a netlink transport, WithTestDial), so
+// that its Flush sends on the socket and reads the answers without ever
+// waiting. Conn.Flush reads one answer for each message of the batch,
+// but the kernel answers some batches with a single error: when one of
+// its messages fails with ENOMEM, or memory for an answer cannot be had
+// (nfnetlink_rcv_batch drops the answers it has and acks the batch's
+// header with ENOMEM alone), or nf_tables is missing (EOPNOTSUPP); and a
+// malformed batch with none. Read as from a socket of its own, an answer
+// the kernel never sends would be waited for forever (with registry.mu
+// held when the batch parks a table). The kernel handles a batch, answers
+// included, within the sendmsg that carries it, so an answer not queued
+// when Flush reads it never comes: exchange reports it missing
+// (errNoAnswer) instead.
 type tableConn struct {
 	*nftables.Conn
-	sock *netlink.Conn
+	sock *netlink.Conn // owns the table; nil once closed
 	// dirty: draining failed, so answers to an earlier batch may be
 	// unread; flush sends no batch on the socket again.
 	dirty bool
+	// The last batch's: how many messages it had, the error sending it,
+	// and how many answers Flush found missing.
+	sent    int
+	sendErr error
+	missing int
 }
 
-// flush sends the batch queued on c and reads the kernel's answers, as
-// Conn.Flush does, and leaves no answer unread when that fails.
+// errNoAnswer is what Flush reads where the kernel sent no answer.
+var errNoAnswer = errors.New("nftrules: the kernel sent no answer for a message of the batch")
+
+// newTableConn makes the tableConn of the lasting socket sock.
+func newTableConn(sock *netlink.Conn) (*tableConn, error) {
+	c := &tableConn{sock: sock}
+	conn, err := nftables.New(nftables.WithTestDial(c.exchange))
+	if err != nil {
+		return nil, err
+	}
+	c.Conn = conn
+	return c, nil
+}
+
+// exchange is the transport of c's Conn: a request (a batch, from Flush)
+// is sent on the lasting socket; an empty one (Flush reading an answer)
+// reads the next datagram queued there, without waiting.
+func (c *tableConn) exchange(req []netlink.Message) ([]netlink.Message, error) {
+	if c.sock == nil {
+		return nil, errors.New("nftrules: the table's socket is closed")
+	}
+	if len(req) > 0 {
+		for i := range req {
+			req[i].Header.PID = 0 // the socket's own, as the kernel answers it
+			if t := req[i].Header.Type; t != unix.NFNL_MSG_BATCH_BEGIN && t != unix.NFNL_MSG_BATCH_END {
+				c.sent++
+			}
+		}
+		if _, err := c.sock.SendMessages(req); err != nil {
+			c.sendErr = err
+			return nil, err
+		}
+		return nil, nil
+	}
+	msgs, err := c.receiveQueued()
+	if errors.Is(err, unix.EAGAIN) {
+		c.missing++
+		return nil, errNoAnswer
+	}
+	return msgs, err
+}
+
+// receiveQueued reads the next datagram queued on c's socket, whole, and
+// fails with EAGAIN when there is none.
+func (c *tableConn) receiveQueued() ([]netlink.Message, error) {
+	raw, err := c.sock.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var b []byte
+	var rerr error
+	cerr := raw.Control(func(fd uintptr) {
+		for {
+			// The length of the next datagram (MSG_TRUNC), then the datagram.
+			n, _, err := unix.Recvfrom(int(fd), nil, unix.MSG_PEEK|unix.MSG_TRUNC|unix.MSG_DONTWAIT)
+			if err == nil {
+				b = make([]byte, n)
+				n, _, err = unix.Recvfrom(int(fd), b, unix.MSG_DONTWAIT)
+				b = b[:min(n, len(b))]
+			}
+			if err != unix.EINTR {
+				rerr = err
+				return
+			}
+		}
+	})
+	if cerr != nil {
+		return nil, cerr
+	}
+	if rerr != nil {
+		return nil, os.NewSyscallError("recvfrom", rerr)
+	}
+	var msgs []netlink.Message
+	for len(b) >= unix.NLMSG_HDRLEN {
+		l := int(binary.NativeEndian.Uint32(b))
+		al := (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1)
+		if l < unix.NLMSG_HDRLEN || l > len(b) {
+			return nil, errors.New("nftrules: a malformed answer from the kernel")
+		}
+		var m netlink.Message
+		if err := m.UnmarshalBinary(b[:min(al, len(b))]); err != nil {
+			return nil, err
+		}
+		msgs = append(msgs, m)
+		b = b[min(al, len(b)):]
+	}
+	return msgs, nil
+}
+
+// CloseLasting closes the socket, deleting the table it owns.
+func (c *tableConn) CloseLasting() error {
+	s := c.sock
+	if s == nil {
+		return nil
+	}
+	c.sock = nil
+	return s.Close()
+}
+
+// flush sends the batch queued on c and reads the kernel's answers with
+// Conn.Flush, and leaves no answer unread when that fails.
 //
-// google/nftables' Flush reads one answer for each message of the batch,
-// in order, but returns at the first EPERM or ENOBUFS without reading the
-// rest (an EPERM for one message does not stop the kernel from answering
-// the batch's later ones; ENOBUFS says some answers were lost, while
-// others may still be queued). Left on the lasting socket, those answers
-// would be read by the next batch's Flush, a parked table's next Install
-// or Close among them, as answers to its own messages: a batch the kernel
-// refused could pass for applied. The kernel handles a batch, answers
-// included, within the sendmsg that carries it, so once Flush returns
-// every answer there is has been queued, and flush discards them all.
+// Conn.Flush returns at the first EPERM or ENOBUFS without reading the
+// answers to the batch's later messages (an EPERM for one message does
+// not stop the kernel from answering the batch's later ones; ENOBUFS says
+// some answers were lost, while others may still be queued). Left on the
+// lasting socket, those answers would be read by the next batch's Flush,
+// a parked table's next Install or Close among them, as answers to its
+// own messages: a batch the kernel refused could pass for applied. Every
+// answer there is has been queued once Flush returns (see tableConn), and
+// flush discards them all.
 func (c *tableConn) flush() error {
 	if c.dirty {
 		return errors.New("nftrules: the table's socket may hold answers to an earlier batch")
 	}
+	if c.sock == nil {
+		return errors.New("nftrules: the table's socket is closed")
+	}
+	c.sent, c.sendErr, c.missing = 0, nil, 0
 	err := c.Flush()
 	if err == nil {
 		return nil
+	}
+	switch {
+	case c.sendErr != nil:
+		err = fmt.Errorf("send the batch: %w", c.sendErr)
+	case c.missing > 0:
+		err = c.unanswered(err)
 	}
 	if derr := c.drain(); derr != nil {
 		c.dirty = true
 		return fmt.Errorf("%w (and draining its answers: %w)", err, derr)
 	}
 	return err
+}
+
+// unanswered rewrites err, Conn.Flush's for a batch some of whose
+// answers were missing, as the errors the kernel answered (without the
+// errNoAnswer each missing answer adds) and how many were missing.
+func (c *tableConn) unanswered(err error) error {
+	var kept []error
+	var walk func(error)
+	walk = func(e error) {
+		if j, ok := e.(interface{ Unwrap() []error }); ok { // errors.Join, nested
+			for _, e := range j.Unwrap() {
+				walk(e)
+			}
+			return
+		}
+		if !errors.Is(e, errNoAnswer) {
+			kept = append(kept, e)
+		}
+	}
+	if u := errors.Unwrap(err); u != nil {
+		if _, ok := u.(interface{ Unwrap() []error }); ok {
+			err = u // Flush's "conn.Receive: %w" of the joined errors
+		}
+	}
+	walk(err)
+	if len(kept) == 0 {
+		kept = append(kept, errNoAnswer)
+	}
+	return fmt.Errorf("%w (%d of the batch's %d messages unanswered)", errors.Join(kept...), c.missing, c.sent)
 }
 
 // maxDrain bounds the datagrams drain discards: far more than the answers
@@ -257,33 +414,27 @@ func (r *Ruleset) leave(conn *tableConn) error {
 	return closeConns(append(conns, leaveLocked(r.ns)...))
 }
 
-// openOwned opens a lasting nftables connection and creates the table name
-// of the given family on it with NFT_TABLE_F_OWNER.
+// openOwned opens a lasting nftables netlink socket and creates the table
+// name of the given family on it with NFT_TABLE_F_OWNER.
 //
 // google/nftables v0.3.0 always sends table flags 0, so the table is created
-// with one raw NEWTABLE batch on the captured lasting socket; chains and
-// rules then travel over the same socket with the library's API. AddTable
+// with one raw NEWTABLE batch on the socket; chains and rules then travel
+// over the same socket with the library's API (see tableConn). AddTable
 // must never be called for this table (it would ask to clear OWNER).
 func openOwned(name string, family nftables.TableFamily) (*tableConn, error) {
-	var sock *netlink.Conn
-	conn, err := nftables.New(nftables.AsLasting(), nftables.WithSockOptions(func(c *netlink.Conn) error {
-		sock = c
-		growBuffers(c)
-		return nil
-	}))
+	// As nftables.New(AsLasting()) would: a socket in the calling thread's
+	// network namespace.
+	sock, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{})
 	if err != nil {
 		return nil, mapErr("open an nftables netlink socket", err)
 	}
-	if sock == nil {
-		conn.CloseLasting()
-		return nil, errors.New("nftrules: no netlink socket captured")
-	}
+	growBuffers(sock)
 	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
 		{Type: unix.NFTA_TABLE_NAME, Data: append([]byte(name), 0)},
 		{Type: unix.NFTA_TABLE_FLAGS, Data: binary.BigEndian.AppendUint32(nil, nftTableFOwner)},
 	})
 	if err != nil {
-		conn.CloseLasting()
+		sock.Close()
 		return nil, err
 	}
 	batchHdr := []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, unix.NFNL_SUBSYS_NFTABLES}
@@ -298,15 +449,22 @@ func openOwned(name string, family nftables.TableFamily) (*tableConn, error) {
 		},
 		{Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_MSG_BATCH_END), Flags: netlink.Request}, Data: batchHdr},
 	}
+	// One message, one answer: its ack, or the error the kernel answers
+	// the whole batch with.
 	if _, err := sock.SendMessages(msgs); err != nil {
-		conn.CloseLasting()
+		sock.Close()
 		return nil, mapErr("create table "+name, err)
 	}
 	if _, err := sock.Receive(); err != nil {
-		conn.CloseLasting()
+		sock.Close()
 		return nil, mapErr("create table "+name, err)
 	}
-	return &tableConn{Conn: conn, sock: sock}, nil
+	c, err := newTableConn(sock)
+	if err != nil {
+		sock.Close()
+		return nil, err
+	}
+	return c, nil
 }
 
 // batchBuf is the send and receive buffer of the rule socket. The rules go
@@ -726,7 +884,7 @@ func HasNativeQueue() bool {
 	t := &nftables.Table{Name: name, Family: nftables.TableFamilyINet}
 	c := conn.AddChain(&nftables.Chain{Name: "probe", Table: t})
 	conn.AddRule(&nftables.Rule{Table: t, Chain: c, Exprs: []expr.Any{&expr.Queue{Num: 0, Total: 1, Flag: expr.QueueFlagBypass}}})
-	err = conn.Flush()
+	err = conn.flush()
 	switch {
 	case err == nil:
 		probe.done, probe.native = true, true

@@ -426,6 +426,69 @@ func TestFailedBatchLeavesNoAnswer(t *testing.T) {
 	requireGone(t, ns, "after the last Close")
 }
 
+// TestBatchAnsweredOnce: the kernel answers a batch one of whose messages
+// fails with ENOMEM with that error alone, not one answer a message
+// (nfnetlink_rcv_batch). An Install through such a batch fails with
+// ENOMEM instead of waiting forever for the answers to the batch's other
+// messages, and the parked table it took over is parked again, its socket
+// clean, for the next Install.
+func TestBatchAnsweredOnce(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfao")
+	a := install(t, ns, shareCfg(t, 0, 81))
+	b := install(t, ns, shareCfg(t, 7, 82))
+	name := b.Table()
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var setErr error
+	testBatch = func(c *nftables.Conn, tb *nftables.Table) {
+		// A hash set of 2^31 elements: its buckets alone take more than
+		// INT_MAX bytes, which nf_tables_newset refuses with ENOMEM
+		// before allocating anything.
+		setErr = c.AddSet(&nftables.Set{Table: tb, Name: "huge", KeyType: nftables.TypeIP6Addr, Size: 1 << 31}, nil)
+		for i := range 3 {
+			c.AddChain(&nftables.Chain{Name: fmt.Sprintf("late_%d", i), Table: tb})
+		}
+	}
+	var err error
+	ns.Do(func() error { _, err = Install(shareCfg(t, 7, 83)); return nil })
+	testBatch = nil
+	if setErr != nil {
+		t.Fatal(setErr)
+	}
+	if !errors.Is(err, unix.ENOMEM) {
+		t.Fatalf("Install through a batch with a set too large: %v, want ENOMEM", err)
+	}
+	if strings.Contains(err.Error(), errNoAnswer.Error()) || !strings.Contains(err.Error(), "unanswered") {
+		t.Errorf("Install's error %q: want the kernel's answer and the count of the unanswered messages", err)
+	}
+	if parked := parkedNames(t, ns); len(parked) != 1 || parked[0] != name {
+		t.Fatalf("parked %v, want %s, the table the failed Install took over", parked, name)
+	}
+	requireParkedEmpty(t, ns, name, 7)
+	key := nsKeyOf(t, ns)
+	registry.mu.Lock()
+	queued, qerr := answerQueued(registry.ns[key].parked[0].conn)
+	registry.mu.Unlock()
+	if queued || qerr != nil {
+		t.Errorf("the parked table's socket holds an unread answer (%v), want none", qerr)
+	}
+	d := install(t, ns, shareCfg(t, 7, 84))
+	if d.Table() != name {
+		t.Fatalf("Install after the failure made %s, want %s taken over", d.Table(), name)
+	}
+	if out := nftList(t, ns, "chain", "inet", name, "input"); !strings.Contains(out, "jump input_0") {
+		t.Fatalf("the table installed after the failure has no rules:\n%s", out)
+	}
+	for _, r := range []*Ruleset{d, a} {
+		if err := r.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	requireGone(t, ns, "after the last Close")
+}
+
 // answerQueued reports whether a datagram waits on c's socket, leaving it
 // there.
 func answerQueued(c *tableConn) (bool, error) {
