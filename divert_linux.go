@@ -67,6 +67,8 @@ const (
 
 // pendEntry is a packet a receive call took: to hold for the program, or
 // to accept (a sniffed copy, or, passed, one the program does not see).
+// pendAdd writes every field, one by one: a field added here must be
+// written there too, or an entry would keep a stale value.
 type pendEntry struct {
 	id   uint32
 	kind uint8

@@ -28,6 +28,9 @@ type Tracker struct {
 	live   int
 }
 
+// trackEntry is one packet of the ring. AddHeld writes every field, one by
+// one: a field added here must be written there too, or a reused slot
+// would keep a stale value.
 type trackEntry struct {
 	id   uint32
 	done bool
