@@ -204,22 +204,24 @@ func TestSendChangedTooBig(t *testing.T) {
 // the same from build to build, so a change in ns/pkt is a change in the
 // user-space path. Batches of 1 are the idle case, of 3 about what the
 // bench's flood gives.
-func BenchmarkLinuxUserPath(b *testing.B) {
-	benchKernelPair(b, func(b *testing.B, kp *kernelPair, k int) func() {
-		ms := make([]Message, 64)
-		for i := range ms {
-			ms[i].Buf = make([]byte, MTUMax)
+func BenchmarkLinuxUserPath(b *testing.B) { benchKernelPair(b, userPathBatch) }
+
+// userPathBatch returns the op of the batch loop on h: RecvBatch of the k
+// packets queued, SendBatch of them.
+func userPathBatch(b *testing.B, h *Handle, k int) func() {
+	ms := make([]Message, 64)
+	for i := range ms {
+		ms[i].Buf = make([]byte, MTUMax)
+	}
+	return func() {
+		n, err := h.RecvBatch(ms)
+		if err != nil || n != k {
+			b.Fatalf("RecvBatch: %d, %v; want %d", n, err, k)
 		}
-		return func() {
-			n, err := kp.h.RecvBatch(ms)
-			if err != nil || n != k {
-				b.Fatalf("RecvBatch: %d, %v; want %d", n, err, k)
-			}
-			if sent, err := kp.h.SendBatch(ms[:n]); sent != n || err != nil {
-				b.Fatalf("SendBatch: %d, %v", sent, err)
-			}
+		if sent, err := h.SendBatch(ms[:n]); sent != n || err != nil {
+			b.Fatalf("SendBatch: %d, %v", sent, err)
 		}
-	})
+	}
 }
 
 // BenchmarkLinuxConnPath is BenchmarkLinuxUserPath's floor: the same
@@ -228,27 +230,29 @@ func BenchmarkLinuxUserPath(b *testing.B) {
 // decoded in place, one batch verdict, no Handle. The difference between
 // the two is what the Handle adds per batch (the copies, the Addresses,
 // the verdict tracking and the change detection).
-func BenchmarkLinuxConnPath(b *testing.B) {
-	benchKernelPair(b, func(b *testing.B, kp *kernelPair, k int) func() {
-		c := kp.h.b.(*linuxBackend).conn
-		var p nfq.Packet
-		msg := make([]byte, 0, 64)
-		return func() {
-			got := 0
-			for err := c.Next(&p, true); err == nil; err = c.Next(&p, false) {
-				if got++; !c.Buffered() {
-					break
-				}
-			}
-			if got != k {
-				b.Fatalf("read %d packets, want %d", got, k)
-			}
-			msg = nfq.AppendVerdictBatch(msg[:0], c.Queue(), p.ID, nfq.Accept)
-			if err := c.Send(msg); err != nil {
-				b.Fatal(err)
+func BenchmarkLinuxConnPath(b *testing.B) { benchKernelPair(b, connPathBatch) }
+
+// connPathBatch returns the op of the queue socket layer's loop on h's
+// Conn: the k packets queued decoded in place, one batch verdict.
+func connPathBatch(b *testing.B, h *Handle, k int) func() {
+	c := h.b.(*linuxBackend).conn
+	var p nfq.Packet
+	msg := make([]byte, 0, 64)
+	return func() {
+		got := 0
+		for err := c.Next(&p, true); err == nil; err = c.Next(&p, false) {
+			if got++; !c.Buffered() {
+				break
 			}
 		}
-	})
+		if got != k {
+			b.Fatalf("read %d packets, want %d", got, k)
+		}
+		msg = nfq.AppendVerdictBatch(msg[:0], c.Queue(), p.ID, nfq.Accept)
+		if err := c.Send(msg); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
 
 // benchKernelPair runs, for batches of 1, 3 and 8, the loop of the two
@@ -256,11 +260,11 @@ func BenchmarkLinuxConnPath(b *testing.B) {
 // kernelPair and calls the function newBatch made, which receives and
 // answers them; the verdicts are read 32 ops at a time, well within the
 // socket's buffer.
-func benchKernelPair(b *testing.B, newBatch func(b *testing.B, kp *kernelPair, k int) func()) {
+func benchKernelPair(b *testing.B, newBatch func(b *testing.B, h *Handle, k int) func()) {
 	for _, k := range []int{1, 3, 8} {
 		b.Run(fmt.Sprintf("batch=%d", k), func(b *testing.B) {
 			kp := newKernelPair(b, k, udp64(b))
-			batch := newBatch(b, kp, k)
+			batch := newBatch(b, kp.h, k)
 			pending := 0
 			b.ReportAllocs()
 			for b.Loop() {
@@ -378,58 +382,27 @@ func newMemPair(tb testing.TB, k int, pkt []byte) *memPair {
 // BenchmarkLinuxUserPathMem is BenchmarkLinuxUserPath without the
 // socketpair: the queue socket is an in-memory fake (memPair), so the
 // figure is the user-space path alone, per packet, without the syscalls.
-func BenchmarkLinuxUserPathMem(b *testing.B) {
-	for _, k := range []int{1, 3, 8} {
-		b.Run(fmt.Sprintf("batch=%d", k), func(b *testing.B) {
-			mp := newMemPair(b, k, udp64(b))
-			ms := make([]Message, 64)
-			for i := range ms {
-				ms[i].Buf = make([]byte, MTUMax)
-			}
-			b.ReportAllocs()
-			for b.Loop() {
-				mp.queued = k
-				n, err := mp.h.RecvBatch(ms)
-				if err != nil || n != k {
-					b.Fatalf("RecvBatch: %d, %v; want %d", n, err, k)
-				}
-				if sent, err := mp.h.SendBatch(ms[:n]); sent != n || err != nil {
-					b.Fatalf("SendBatch: %d, %v", sent, err)
-				}
-			}
-			if mp.verdicts != b.N {
-				b.Fatalf("%d verdict messages for %d batches", mp.verdicts, b.N)
-			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*k), "ns/pkt")
-		})
-	}
-}
+func BenchmarkLinuxUserPathMem(b *testing.B) { benchMemPair(b, userPathBatch) }
 
 // BenchmarkLinuxConnPathMem is BenchmarkLinuxConnPath on the in-memory
 // fake: the queue socket layer's user-space path alone.
-func BenchmarkLinuxConnPathMem(b *testing.B) {
+func BenchmarkLinuxConnPathMem(b *testing.B) { benchMemPair(b, connPathBatch) }
+
+// benchMemPair is benchKernelPair on a memPair: each op hands the batch's
+// k packets to the fake and runs the op newBatch made; every batch must
+// draw one verdict message.
+func benchMemPair(b *testing.B, newBatch func(b *testing.B, h *Handle, k int) func()) {
 	for _, k := range []int{1, 3, 8} {
 		b.Run(fmt.Sprintf("batch=%d", k), func(b *testing.B) {
 			mp := newMemPair(b, k, udp64(b))
-			c := mp.h.b.(*linuxBackend).conn
-			var p nfq.Packet
-			msg := make([]byte, 0, 64)
+			batch := newBatch(b, mp.h, k)
 			b.ReportAllocs()
 			for b.Loop() {
 				mp.queued = k
-				got := 0
-				for err := c.Next(&p, true); err == nil; err = c.Next(&p, false) {
-					if got++; !c.Buffered() {
-						break
-					}
-				}
-				if got != k {
-					b.Fatalf("read %d packets, want %d", got, k)
-				}
-				msg = nfq.AppendVerdictBatch(msg[:0], c.Queue(), p.ID, nfq.Accept)
-				if err := c.Send(msg); err != nil {
-					b.Fatal(err)
-				}
+				batch()
+			}
+			if mp.verdicts != b.N {
+				b.Fatalf("%d verdict messages for %d batches", mp.verdicts, b.N)
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*k), "ns/pkt")
 		})

@@ -105,14 +105,8 @@ func TestParkAndReuse(t *testing.T) {
 	if d.Table() != name {
 		t.Fatalf("Install with the parked table's family, hooks and priority made %s, want %s taken over", d.Table(), name)
 	}
-	if out := nftList(t, ns, "chain", "inet", name, "input"); !strings.Contains(out, "jump input_0") {
-		t.Fatalf("the reused table has no rules:\n%s", out)
-	}
-	for _, r := range []*Ruleset{d, c, a} {
-		if err := r.Close(); err != nil {
-			t.Fatal(err)
-		}
-	}
+	requireRules(t, ns, name, "the reused table")
+	closeAll(t, d, c, a)
 	requireGone(t, ns, "after the last Close")
 }
 
@@ -219,6 +213,25 @@ func requireGone(t *testing.T, ns *netnstest.NS, when string) {
 	}
 	if registered(t, ns) {
 		t.Fatalf("the registry keeps the namespace %s", when)
+	}
+}
+
+// requireRules fails the test unless table's input chain jumps to its
+// rules; what says which table it is.
+func requireRules(t *testing.T, ns *netnstest.NS, table, what string) {
+	t.Helper()
+	if out := nftList(t, ns, "chain", "inet", table, "input"); !strings.Contains(out, "jump input_0") {
+		t.Fatalf("%s has no rules:\n%s", what, out)
+	}
+}
+
+// closeAll closes rs in order, failing the test on the first error.
+func closeAll(t *testing.T, rs ...*Ruleset) {
+	t.Helper()
+	for _, r := range rs {
+		if err := r.Close(); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 
@@ -334,14 +347,8 @@ func TestFailedBatchKeepsParked(t *testing.T) {
 			if c.kept && d.Table() != name || !c.kept && d.Table() == name {
 				t.Fatalf("Install after the failure made %s (the failed Install's table kept: %v)", d.Table(), c.kept)
 			}
-			if out := nftList(t, ns, "chain", "inet", d.Table(), "input"); !strings.Contains(out, "jump input_0") {
-				t.Fatalf("the table installed after the failure has no rules:\n%s", out)
-			}
-			for _, r := range []*Ruleset{d, a} {
-				if err := r.Close(); err != nil {
-					t.Fatal(err)
-				}
-			}
+			requireRules(t, ns, d.Table(), "the table installed after the failure")
+			closeAll(t, d, a)
 			requireGone(t, ns, "after the last Close")
 		})
 	}
@@ -414,14 +421,8 @@ func TestFailedBatchLeavesNoAnswer(t *testing.T) {
 	if d.Table() != name {
 		t.Fatalf("Install after the failures made %s, want %s taken over", d.Table(), name)
 	}
-	if out := nftList(t, ns, "chain", "inet", name, "input"); !strings.Contains(out, "jump input_0") {
-		t.Fatalf("the table installed after the failures has no rules:\n%s", out)
-	}
-	for _, r := range []*Ruleset{d, a} {
-		if err := r.Close(); err != nil {
-			t.Fatal(err)
-		}
-	}
+	requireRules(t, ns, name, "the table installed after the failures")
+	closeAll(t, d, a)
 	foreign.CloseLasting()
 	requireGone(t, ns, "after the last Close")
 }
@@ -478,14 +479,8 @@ func TestBatchAnsweredOnce(t *testing.T) {
 	if d.Table() != name {
 		t.Fatalf("Install after the failure made %s, want %s taken over", d.Table(), name)
 	}
-	if out := nftList(t, ns, "chain", "inet", name, "input"); !strings.Contains(out, "jump input_0") {
-		t.Fatalf("the table installed after the failure has no rules:\n%s", out)
-	}
-	for _, r := range []*Ruleset{d, a} {
-		if err := r.Close(); err != nil {
-			t.Fatal(err)
-		}
-	}
+	requireRules(t, ns, name, "the table installed after the failure")
+	closeAll(t, d, a)
 	requireGone(t, ns, "after the last Close")
 }
 
