@@ -624,11 +624,8 @@ func (c *Conn) expired() bool {
 // since the read, so a caller that polls again, or that sent something
 // drawing an answer, does read the socket.
 func (c *Conn) fill(block bool) error {
-	if !block && c.drained {
-		c.drained = false
-		if c.drainedGen == c.sends.Load() {
-			return ErrNoData
-		}
+	if !block && c.Drained() {
+		return ErrNoData
 	}
 	if c.cur < c.count {
 		// request: keep what is buffered, read into the free slots.
