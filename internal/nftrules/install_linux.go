@@ -37,6 +37,15 @@ type Ruleset struct {
 // tableConn is the lasting socket that owns a table, and google/nftables'
 // Conn, which builds the batches sent on it.
 //
+// The Conn is a field, not embedded, and tableConn wraps only the methods
+// that queue messages (AddChain, AddRule, DelChain, FlushTable): a batch
+// is sent with flush, never with the Conn's own Flush, which would skip
+// what flush does after a failed batch (drain the answers it left unread,
+// report the ones missing); and none of the Conn's other methods, which
+// send on their own (the List and Get ones) or must not be used for an
+// owned table (AddTable: it would ask to clear the owner flag), can be
+// called on a tableConn.
+//
 // The Conn does not own the socket: it is built on exchange (through
 // google/nftables' only seam for a netlink transport, WithTestDial), so
 // that its Flush sends on the socket and reads the answers without ever
@@ -52,8 +61,8 @@ type Ruleset struct {
 // when Flush reads it never comes: exchange reports it missing
 // (errNoAnswer) instead.
 type tableConn struct {
-	*nftables.Conn
-	sock *netlink.Conn // owns the table; nil once closed
+	nft  *nftables.Conn // builds the batches; only flush sends them
+	sock *netlink.Conn  // owns the table; nil once closed
 	// dirty: draining failed, so answers to an earlier batch may be
 	// unread; flush sends no batch on the socket again.
 	dirty bool
@@ -74,9 +83,22 @@ func newTableConn(sock *netlink.Conn) (*tableConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	c.Conn = conn
+	c.nft = conn
 	return c, nil
 }
+
+// AddChain queues the creation of a chain in c's batch.
+func (c *tableConn) AddChain(ch *nftables.Chain) *nftables.Chain { return c.nft.AddChain(ch) }
+
+// AddRule queues the addition of a rule in c's batch.
+func (c *tableConn) AddRule(r *nftables.Rule) *nftables.Rule { return c.nft.AddRule(r) }
+
+// DelChain queues the deletion of a chain in c's batch.
+func (c *tableConn) DelChain(ch *nftables.Chain) { c.nft.DelChain(ch) }
+
+// FlushTable queues, in c's batch, the deletion of every rule of a table
+// (nft's "flush table"; it sends nothing: flush does).
+func (c *tableConn) FlushTable(t *nftables.Table) { c.nft.FlushTable(t) }
 
 // exchange is the transport of c's Conn: a request (a batch, from Flush)
 // is sent on the lasting socket; an empty one (Flush reading an answer)
@@ -183,7 +205,7 @@ func (c *tableConn) flush() error {
 		return errors.New("nftrules: the table's socket is closed")
 	}
 	c.sent, c.sendErr, c.missing = 0, nil, 0
-	err := c.Flush()
+	err := c.nft.Flush()
 	if err == nil {
 		return nil
 	}
@@ -651,7 +673,7 @@ func (r *Ruleset) program(cfg *Config, reused bool) (bool, error) {
 		}
 	}
 	if testBatch != nil {
-		testBatch(r.conn.Conn, t)
+		testBatch(r.conn.nft, t)
 	}
 	if err := r.conn.flush(); err != nil {
 		return false, mapErr("add chains and rules to "+r.table, err)
@@ -667,9 +689,17 @@ func (r *Ruleset) program(cfg *Config, reused bool) (bool, error) {
 // returned after the batch was applied (an answer that could not be
 // read).
 var (
-	testBatch    func(c *nftables.Conn, t *nftables.Table)
+	testBatch    func(b batchBuilder, t *nftables.Table)
 	testFlushErr error
 )
+
+// batchBuilder is what testBatch adds to the batch with: the methods of
+// google/nftables' Conn that only queue messages, no Flush.
+type batchBuilder interface {
+	AddChain(*nftables.Chain) *nftables.Chain
+	AddRule(*nftables.Rule) *nftables.Rule
+	AddSet(*nftables.Set, []nftables.SetElement) error
+}
 
 // selectSkips returns the rules that accept, before a selected packet is
 // queued, the packets cfg.Fragments and cfg.Dest exclude. Fragments that

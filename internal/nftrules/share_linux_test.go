@@ -278,13 +278,13 @@ func requireParkedEmpty(t *testing.T, ns *netnstest.NS, name string, prio int) {
 // leaves nothing.
 func TestFailedBatchKeepsParked(t *testing.T) {
 	netnstest.RequireRoot(t)
-	refuse := func(c *nftables.Conn, tb *nftables.Table) {
+	refuse := func(c batchBuilder, tb *nftables.Table) {
 		// A jump to a chain the table does not have: the kernel refuses
 		// the whole batch (ENOENT).
 		ch := &nftables.Chain{Name: "input", Table: tb}
 		c.AddRule(&nftables.Rule{Table: tb, Chain: ch, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "missing"}}})
 	}
-	unsent := func(c *nftables.Conn, tb *nftables.Table) {
+	unsent := func(c batchBuilder, tb *nftables.Table) {
 		// An expression the library cannot serialize: it keeps the error
 		// on c and sends no batch again.
 		ch := &nftables.Chain{Name: "input", Table: tb}
@@ -294,7 +294,7 @@ func TestFailedBatchKeepsParked(t *testing.T) {
 		name    string
 		reused  bool
 		applied bool
-		batch   func(*nftables.Conn, *nftables.Table)
+		batch   func(batchBuilder, *nftables.Table)
 		kept    bool // the failed Install's table stays, parked
 	}{
 		{"reused/refused", true, false, refuse, true},
@@ -378,7 +378,7 @@ func TestFailedBatchLeavesNoAnswer(t *testing.T) {
 	}
 	defer foreign.CloseLasting()
 	foreignT := &nftables.Table{Name: "divert_test_foreign", Family: nftables.TableFamilyINet}
-	testBatch = func(c *nftables.Conn, tb *nftables.Table) {
+	testBatch = func(c batchBuilder, tb *nftables.Table) {
 		c.AddChain(&nftables.Chain{Name: "theirs", Table: foreignT})
 		// The kernel answers these too, though it refuses the batch.
 		for i := range 3 {
@@ -403,7 +403,7 @@ func TestFailedBatchLeavesNoAnswer(t *testing.T) {
 		t.Errorf("the parked table's socket holds an unread answer (%v), want none", qerr)
 	}
 	// A batch the kernel refuses (ENOENT for its last message) must fail.
-	testBatch = func(c *nftables.Conn, tb *nftables.Table) {
+	testBatch = func(c batchBuilder, tb *nftables.Table) {
 		ch := &nftables.Chain{Name: "input", Table: tb}
 		c.AddRule(&nftables.Rule{Table: tb, Chain: ch, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "missing"}}})
 	}
@@ -443,7 +443,7 @@ func TestBatchAnsweredOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	var setErr error
-	testBatch = func(c *nftables.Conn, tb *nftables.Table) {
+	testBatch = func(c batchBuilder, tb *nftables.Table) {
 		// A hash set of 2^31 elements: its buckets alone take more than
 		// INT_MAX bytes, which nf_tables_newset refuses with ENOMEM
 		// before allocating anything.
