@@ -453,12 +453,14 @@ func rulesConfig(cfg *openConfig, queue, count uint16) (rc nftrules.Config, reas
 
 // mapSetupError wraps a setup error so that errors.Is finds
 // ErrNotSupported for a kernel without NFQUEUE or nf_tables, and
-// os.ErrPermission (already in the chain) for missing privileges.
+// os.ErrPermission (already in the chain) for missing privileges, or for
+// a table another netlink socket owns, which no privilege lets the
+// handle change (the error says so; no hint about privileges is added).
 func mapSetupError(what string, err error) error {
 	if errors.Is(err, nfq.ErrUnsupported) || errors.Is(err, nftrules.ErrUnsupported) {
 		return fmt.Errorf("divert: %s: %w: %w", what, ErrNotSupported, err)
 	}
-	if errors.Is(err, os.ErrPermission) {
+	if errors.Is(err, os.ErrPermission) && !errors.Is(err, nftrules.ErrTableOwned) {
 		return fmt.Errorf("divert: %s (needs root or CAP_NET_ADMIN and CAP_NET_RAW): %w", what, err)
 	}
 	return fmt.Errorf("divert: %s: %w", what, err)

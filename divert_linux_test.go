@@ -1388,6 +1388,21 @@ func TestLinuxOpenPort(t *testing.T) {
 	}
 }
 
+// TestSetupErrorOwnedTable: an Install refused because another netlink
+// socket owns the table keeps os.ErrPermission in Open's error, without
+// the hint that privileges are missing (the caller has them); a refusal
+// for missing privileges keeps the hint.
+func TestSetupErrorOwnedTable(t *testing.T) {
+	owned := mapSetupError("install nftables rules", fmt.Errorf("nftrules: create table t: %w: %w", nftrules.ErrTableOwned, syscall.EPERM))
+	if !errors.Is(owned, os.ErrPermission) || !errors.Is(owned, nftrules.ErrTableOwned) || strings.Contains(owned.Error(), "needs root") {
+		t.Errorf("owned table: %q", owned)
+	}
+	noCap := mapSetupError("install nftables rules", fmt.Errorf("nftrules: create table t: %w", syscall.EPERM))
+	if !errors.Is(noCap, os.ErrPermission) || !strings.Contains(noCap.Error(), "needs root or CAP_NET_ADMIN") {
+		t.Errorf("no privileges: %q", noCap)
+	}
+}
+
 // TestOpenFailureReportsCleanup: when Open fails after it joined the
 // namespace's registry, an error leaving it (which deletes the tables
 // parked there when it is the last user) comes with Open's error, as

@@ -290,7 +290,9 @@ var tableSeq atomic.Uint32
 // base chains that a Close parked in that namespace (see share_linux.go)
 // is taken over instead of a new one, so that no hook is registered.
 //
-// Errors wrap os.ErrPermission when the caller lacks CAP_NET_ADMIN, and
+// Errors wrap os.ErrPermission when the caller lacks CAP_NET_ADMIN, or
+// when the table's name is that of a table another netlink socket owns
+// (say, a process with the same PID in another PID namespace), and
 // ErrUnsupported when the kernel lacks nf_tables, table ownership or NFQUEUE.
 func Install(cfg Config) (*Ruleset, error) {
 	if err := cfg.validate(); err != nil {
@@ -474,12 +476,14 @@ func openOwned(name string, family nftables.TableFamily) (*tableConn, error) {
 	// One message, one answer: its ack, or the error the kernel answers
 	// the whole batch with.
 	if _, err := sock.SendMessages(msgs); err != nil {
+		err = mapTableErr("create table "+name, name, sock, err)
 		sock.Close()
-		return nil, mapErr("create table "+name, err)
+		return nil, err
 	}
 	if _, err := sock.Receive(); err != nil {
+		err = mapTableErr("create table "+name, name, sock, err)
 		sock.Close()
-		return nil, mapErr("create table "+name, err)
+		return nil, err
 	}
 	c, err := newTableConn(sock)
 	if err != nil {
@@ -676,10 +680,10 @@ func (r *Ruleset) program(cfg *Config, reused bool) (bool, error) {
 		testBatch(r.conn.nft, t)
 	}
 	if err := r.conn.flush(); err != nil {
-		return false, mapErr("add chains and rules to "+r.table, err)
+		return false, mapTableErr("add chains and rules to "+r.table, r.table, r.conn.sock, err)
 	}
 	if testFlushErr != nil {
-		return false, mapErr("add chains and rules to "+r.table, testFlushErr)
+		return false, mapTableErr("add chains and rules to "+r.table, r.table, r.conn.sock, testFlushErr)
 	}
 	return exact, nil
 }
@@ -884,7 +888,7 @@ func (r *Ruleset) park(c *tableConn) error {
 		c.DelChain(&nftables.Chain{Name: name, Table: t})
 	}
 	if err := c.flush(); err != nil {
-		return mapErr("empty table "+r.table, err)
+		return mapTableErr("empty table "+r.table, r.table, c.sock, err)
 	}
 	return nil
 }
@@ -924,9 +928,80 @@ func HasNativeQueue() bool {
 	return probe.native
 }
 
-// ErrPermission is os.ErrPermission; errors for a missing CAP_NET_ADMIN
-// wrap it.
+// ErrPermission is os.ErrPermission; errors for a missing CAP_NET_ADMIN,
+// and for a table another netlink socket owns, wrap it.
 var ErrPermission = os.ErrPermission
+
+// ErrTableOwned is wrapped, with os.ErrPermission, by the errors of a
+// request the kernel refused because a table it names is owned by another
+// netlink socket, though the caller has CAP_NET_ADMIN.
+var ErrTableOwned = errors.New("table owned by another netlink socket")
+
+// mapTableErr is mapErr for op on table over its socket sock (nil when
+// there is none).
+//
+// nf_tables answers EPERM for two reasons. nfnetlink refuses a batch from
+// a sender without CAP_NET_ADMIN over the socket's network namespace
+// (netlink_net_capable in nfnetlink_rcv). And nf_tables_api.c's
+// nft_table_lookup (and nft_table_lookup_byhandle) refuse, whatever the
+// sender's capabilities, a message that names a table created with
+// NFT_TABLE_F_OWNER by another socket (table->nlpid is the owner's port
+// id): a table of another process, or of another socket of this one; a
+// NEWTABLE for such a name gets EPERM, not EEXIST. A process of another
+// PID namespace sharing the network namespace (another container of a
+// pod) can have the same PID, and so make the same table names. When the
+// caller has CAP_NET_ADMIN there (netAdminOver), the error says that the
+// table is another socket's, not that a capability is missing.
+func mapTableErr(op, table string, sock *netlink.Conn, err error) error {
+	if errors.Is(err, os.ErrPermission) && sock != nil && netAdminOver(sock) {
+		return fmt.Errorf("nftrules: %s: %w: %s belongs to another process, or to another socket of this one, and nf_tables lets only a table's owner change it, whatever the caller's capabilities (this process has CAP_NET_ADMIN in the network namespace): %w", op, ErrTableOwned, table, err)
+	}
+	return mapErr(op, err)
+}
+
+// netAdminOver reports whether the caller has CAP_NET_ADMIN over the
+// network namespace of sock, which nfnetlink requires of a batch's sender
+// (ns_capable(net->user_ns, CAP_NET_ADMIN)). The kernel is asked: the
+// SIOCGSKNS ioctl, which opens the socket's namespace, requires just that
+// (net/socket.c) and fails with EPERM without it; a process that has the
+// capability in a user namespace of its own but not over the network
+// namespace's (unshare --user --map-root-user) is refused there. Where the
+// ioctl cannot tell (a kernel without network namespaces or before 4.9),
+// the effective capability set decides, as internal/nfq's hasNetAdmin.
+func netAdminOver(sock *netlink.Conn) bool {
+	raw, err := sock.SyscallConn()
+	if err != nil {
+		return effectiveNetAdmin()
+	}
+	var ierr error
+	if err := raw.Control(func(fd uintptr) {
+		var nsfd int
+		nsfd, ierr = unix.IoctlRetInt(int(fd), unix.SIOCGSKNS)
+		if ierr == nil {
+			unix.Close(nsfd)
+		}
+	}); err != nil {
+		return effectiveNetAdmin()
+	}
+	switch {
+	case ierr == nil:
+		return true
+	case errors.Is(ierr, unix.EPERM):
+		return false
+	}
+	return effectiveNetAdmin()
+}
+
+// effectiveNetAdmin reports whether the calling thread's effective
+// capability set holds CAP_NET_ADMIN (internal/nfq's hasNetAdmin).
+func effectiveNetAdmin() bool {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return os.Geteuid() == 0
+	}
+	return data[0].Effective&(1<<unix.CAP_NET_ADMIN) != 0
+}
 
 func mapErr(op string, err error) error {
 	switch {

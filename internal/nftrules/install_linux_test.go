@@ -16,7 +16,9 @@ import (
 	"time"
 
 	nfqueue "github.com/florianl/go-nfqueue/v2"
+	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/netdivert/divert/filter"
 	"github.com/netdivert/divert/internal/netnstest"
@@ -370,6 +372,12 @@ func TestMain(m *testing.M) {
 		_, err := Install(Config{Hooks: []Hook{HookInput}, IPv4: true, Action: ActionDrop})
 		fmt.Printf("perm=%v err=%v\n", errors.Is(err, os.ErrPermission), err)
 		os.Exit(0)
+	case "userns":
+		// Run in a user namespace of its own: every capability there,
+		// none over the network namespace, which the parent's owns.
+		_, err := Install(Config{Hooks: []Hook{HookInput}, IPv4: true, Action: ActionDrop})
+		fmt.Printf("perm=%v netadmin=%v err=%v\n", errors.Is(err, os.ErrPermission), effectiveNetAdmin(), err)
+		os.Exit(0)
 	}
 	os.Exit(3)
 }
@@ -431,6 +439,81 @@ func TestNoPermission(t *testing.T) {
 	if !strings.Contains(s, "perm=true") || !strings.Contains(s, "CAP_NET_ADMIN") {
 		t.Fatalf("child said: %s", s)
 	}
+}
+
+// TestNoPermissionUserNS: a process with CAP_NET_ADMIN in a user
+// namespace of its own, but not over the network namespace (owned by the
+// initial user namespace), is refused for the missing capability, and the
+// error says so, not that a table is another socket's.
+func TestNoPermissionUserNS(t *testing.T) {
+	netnstest.RequireRoot(t)
+	if _, err := exec.LookPath("unshare"); err != nil {
+		t.Skip("no unshare(1)")
+	}
+	ns := netnstest.NewT(t, "nftu")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, "unshare", "--user", "--map-root-user", os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"=userns")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v: %s", err, out)
+	}
+	s := string(out)
+	t.Logf("child: %s", s)
+	if strings.Contains(s, "netadmin=false") {
+		t.Skipf("the child has no CAP_NET_ADMIN in its user namespace: %s", s)
+	}
+	if !strings.Contains(s, "perm=true") || !strings.Contains(s, "CAP_NET_ADMIN in this network namespace is needed") || strings.Contains(s, ErrTableOwned.Error()) {
+		t.Fatalf("child said: %s", s)
+	}
+}
+
+// TestOwnedByAnother: the kernel answers EPERM, not EEXIST, to a NEWTABLE
+// for the name of a table another socket owns, also to a caller with
+// CAP_NET_ADMIN (a process of the same PID in another PID namespace makes
+// the same names). Install's error wraps os.ErrPermission and says that
+// the table is another socket's, naming it, rather than that a capability
+// is missing; and Install leaves nothing behind.
+func TestOwnedByAnother(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfow")
+	// The name Install's next table gets (a drop rule set asks for no
+	// probe, which would take a number first).
+	name := fmt.Sprintf("divert_%d_%d", os.Getpid(), tableSeq.Load()+1)
+	var foreign *tableConn
+	if err := ns.Do(func() (err error) {
+		foreign, err = openOwned(name, nftables.TableFamilyINet)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer foreign.CloseLasting()
+	var err error
+	ns.Do(func() error {
+		r, ierr := Install(Config{Hooks: []Hook{HookInput}, IPv4: true, IPv6: true, Action: ActionDrop})
+		if ierr == nil {
+			r.Close()
+		}
+		err = ierr
+		return nil
+	})
+	if err == nil {
+		t.Fatalf("Install made a table named as %s, which another socket owns", name)
+	}
+	if !errors.Is(err, os.ErrPermission) || !errors.Is(err, unix.EPERM) {
+		t.Fatalf("Install: %v, want EPERM", err)
+	}
+	msg := err.Error()
+	t.Logf("Install: %s", msg)
+	if !errors.Is(err, ErrTableOwned) || !strings.Contains(msg, name+" belongs to another process") || strings.Contains(msg, "is needed") {
+		t.Errorf("Install's error %q: want it to say that %s is another socket's, not that a capability is missing", msg, name)
+	}
+	if got := tables(t, ns); len(got) != 1 || got[0] != name {
+		t.Errorf("tables %v, want only the other socket's %s", got, name)
+	}
+	foreign.CloseLasting()
+	requireGone(t, ns, "after the other socket closed")
 }
 
 // TestNativeProbe: the probe answers consistently and leaves no table.
