@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -448,7 +449,7 @@ func (r *Ruleset) leave(conn *tableConn) error {
 func openOwned(name string, family nftables.TableFamily) (*tableConn, error) {
 	// As nftables.New(AsLasting()) would: a socket in the calling thread's
 	// network namespace.
-	sock, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{})
+	sock, err := dialNetfilter()
 	if err != nil {
 		return nil, mapErr("open an nftables netlink socket", err)
 	}
@@ -480,10 +481,24 @@ func openOwned(name string, family nftables.TableFamily) (*tableConn, error) {
 		sock.Close()
 		return nil, err
 	}
+	// The kernel answers within the sendmsg; the deadline only keeps Open
+	// from waiting forever should no answer ever come.
+	if err := sock.SetReadDeadline(time.Now().Add(ackTimeout)); err != nil {
+		sock.Close()
+		return nil, fmt.Errorf("nftrules: create table %s: set a deadline for the answer: %w", name, err)
+	}
 	if _, err := sock.Receive(); err != nil {
-		err = mapTableErr("create table "+name, name, sock, err)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = fmt.Errorf("nftrules: create table %s: the kernel sent no answer within %v: %w", name, ackTimeout, err)
+		} else {
+			err = mapTableErr("create table "+name, name, sock, err)
+		}
 		sock.Close()
 		return nil, err
+	}
+	if err := sock.SetReadDeadline(time.Time{}); err != nil {
+		sock.Close()
+		return nil, fmt.Errorf("nftrules: create table %s: clear the answer's deadline: %w", name, err)
 	}
 	c, err := newTableConn(sock)
 	if err != nil {
@@ -492,6 +507,19 @@ func openOwned(name string, family nftables.TableFamily) (*tableConn, error) {
 	}
 	return c, nil
 }
+
+// dialNetfilter opens a netlink socket of nfnetlink in the calling
+// thread's network namespace (a variable for tests: one that never
+// answers).
+var dialNetfilter = func() (*netlink.Conn, error) {
+	return netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{})
+}
+
+// ackTimeout bounds openOwned's wait for the answer to its NEWTABLE (a
+// variable for tests). The kernel queues it before the sendmsg returns;
+// the bound only turns an answer that never comes into an error instead
+// of an Open that waits forever.
+var ackTimeout = 5 * time.Second
 
 // batchBuf is the send and receive buffer of the rule socket. The rules go
 // in one batch, one sendmsg bounded by the send buffer, and the kernel

@@ -567,3 +567,51 @@ func TestInstallManyRules(t *testing.T) {
 		}
 	}
 }
+
+// TestCreateTableAnswerBounded: openOwned waits for the answer to its
+// NEWTABLE no longer than ackTimeout. The socket here is a netlink socket
+// whose kernel side never answers the batch: NETLINK_FIB_LOOKUP's
+// (nl_fib_input, net/ipv4/fib_frontend.c) drops a datagram whose first
+// message is shorter than struct fib_result_nl, as the batch's
+// NFNL_MSG_BATCH_BEGIN is. openOwned fails with an error wrapping
+// os.ErrDeadlineExceeded, and closes the socket.
+func TestCreateTableAnswerBounded(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfdl")
+	defer func(d func() (*netlink.Conn, error), to time.Duration) { dialNetfilter, ackTimeout = d, to }(dialNetfilter, ackTimeout)
+	var silent *netlink.Conn
+	dialNetfilter = func() (*netlink.Conn, error) {
+		c, err := netlink.Dial(unix.NETLINK_FIB_LOOKUP, nil)
+		silent = c
+		return c, err
+	}
+	ackTimeout = 100 * time.Millisecond
+	done := make(chan error, 1)
+	go func() {
+		done <- ns.Do(func() error {
+			c, err := openOwned("divert_test_silent", nftables.TableFamilyINet)
+			if err == nil {
+				c.CloseLasting()
+				return errors.New("openOwned succeeded on a socket that never answers")
+			}
+			return err
+		})
+	}()
+	var err error
+	select {
+	case err = <-done:
+	case <-time.After(20 * time.Second): // a guard against a hang, far past ackTimeout
+		t.Fatal("openOwned still waits for an answer that never comes")
+	}
+	if !errors.Is(err, os.ErrDeadlineExceeded) || !strings.Contains(err.Error(), "divert_test_silent") || !strings.Contains(err.Error(), "no answer") {
+		t.Fatalf("openOwned: %v, want an error about the missing answer wrapping os.ErrDeadlineExceeded", err)
+	}
+	t.Logf("openOwned: %v", err)
+	raw, rerr := silent.SyscallConn()
+	if rerr == nil {
+		rerr = raw.Control(func(uintptr) {})
+	}
+	if rerr == nil {
+		t.Error("openOwned left the socket open")
+	}
+}
