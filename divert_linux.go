@@ -486,7 +486,7 @@ func (b *linuxBackend) release() error {
 		errs = append(errs, b.rules.Close())
 	}
 	if b.conn != nil {
-		errs = append(errs, b.conn.Close())
+		errs = append(errs, closeQueue(b.conn))
 	}
 	if b.inj != nil {
 		errs = append(errs, b.inj.Close())

@@ -74,6 +74,15 @@ func (g *queueGroup) leave() error {
 	return errors.Join(errs...)
 }
 
+// Test seams of OpenQueues: how a queue is opened and closed (release
+// closes a handle's queue with closeQueue too, for Open as well), and how
+// its rules and installFrag's (Open's too) are installed.
+var (
+	openQueue    = nfq.Open
+	closeQueue   = (*nfq.Conn).Close
+	installRules = nftrules.Install
+)
+
 // openBackends opens n backends for OpenQueues.
 func openBackends(cfg *openConfig, n int) ([]backend, error) {
 	if n == 1 || cfg.flags&(FlagSendOnly|FlagDrop) != 0 {
@@ -124,7 +133,7 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 		for _, b := range bs {
 			b.group = g
 		}
-		if g.rules, err = nftrules.Install(rc); err != nil {
+		if g.rules, err = installRules(rc); err != nil {
 			return fail(mapSetupError("install nftables rules", err))
 		}
 		userSide := !g.rules.Exact()
@@ -160,22 +169,33 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 }
 
 // bindQueues binds n consecutive free queue numbers, the first at or above
-// nc.Queue, each on its own socket.
+// nc.Queue, each on its own socket. When it fails, the error says what
+// failed closing the queues it had bound, if anything did (each is closed
+// all the same). Such errors on the way to a success (closing a run of
+// queues cut short by a busy one, to try further up) are not reported:
+// their sockets are closed, and nothing is left to undo.
 func bindQueues(nc nfq.Config, n int) ([]*nfq.Conn, error) {
 	conns := make([]*nfq.Conn, 0, n)
+	var cleanup []error
 	closeAll := func() {
 		for _, c := range conns {
-			c.Close()
+			if err := closeQueue(c); err != nil {
+				cleanup = append(cleanup, fmt.Errorf("close queue %d: %w", c.Queue(), err))
+			}
 		}
 		conns = conns[:0]
+	}
+	failed := func(err error) ([]*nfq.Conn, error) {
+		closeAll()
+		return nil, withCleanup(err, errors.Join(cleanup...))
 	}
 	next := int(nc.Queue)
 	for next+n-1 <= 0xFFFF {
 		first := nc
 		first.Queue, first.Auto = uint16(next), true
-		c, err := nfq.Open(first)
+		c, err := openQueue(first)
 		if err != nil {
-			return nil, err
+			return failed(err)
 		}
 		conns = append(conns, c)
 		base := int(c.Queue())
@@ -186,15 +206,14 @@ func bindQueues(nc nfq.Config, n int) ([]*nfq.Conn, error) {
 		for q := base + 1; q < base+n; q++ {
 			qc := nc
 			qc.Queue, qc.Auto = uint16(q), false
-			c, err := nfq.Open(qc)
+			c, err := openQueue(qc)
 			if errors.Is(err, nfq.ErrQueueBusy) {
 				closeAll()
 				next, busy = q+1, true
 				break
 			}
 			if err != nil {
-				closeAll()
-				return nil, err
+				return failed(err)
 			}
 			conns = append(conns, c)
 		}
@@ -202,8 +221,7 @@ func bindQueues(nc nfq.Config, n int) ([]*nfq.Conn, error) {
 			return conns, nil
 		}
 	}
-	closeAll()
-	return nil, fmt.Errorf("nfq: %w: no %d consecutive free queue numbers from %d up", nfq.ErrQueueBusy, n, nc.Queue)
+	return failed(fmt.Errorf("nfq: %w: no %d consecutive free queue numbers from %d up", nfq.ErrQueueBusy, n, nc.Queue))
 }
 
 // fragRulesConfig is the configuration of the table openFrag installs for
@@ -232,7 +250,7 @@ func installFrag(rc nftrules.Config, layer Layer) (*nftrules.Ruleset, error) {
 	if !ok {
 		return nil, nil
 	}
-	return nftrules.Install(c)
+	return installRules(c)
 }
 
 // newFragState is the reassembly state of a handle without its chains

@@ -1,0 +1,220 @@
+package divert
+
+import (
+	"errors"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/netdivert/divert/internal/netnstest"
+	"github.com/netdivert/divert/internal/nfq"
+	"github.com/netdivert/divert/internal/nftrules"
+)
+
+// queueSeams replaces OpenQueues' seams for one test: every queue opened
+// and closed, and every namespace membership ended, is counted; the
+// queues opened with a number in failOpen fail to open (errOpen), the
+// first queue opened fails to close (errClose, after it is closed), and
+// the Installs numbered in failInstall (from 1) fail (errInstall).
+type queueSeams struct {
+	opened, closed map[*nfq.Conn]int
+	opens, leaves  int
+	installs       int
+	first          *nfq.Conn
+}
+
+var (
+	errOpen    = errors.New("the queue could not be opened")
+	errClose   = errors.New("the queue could not be closed")
+	errInstall = errors.New("the rules could not be installed")
+)
+
+func setQueueSeams(t *testing.T, failOpen int, failInstall ...int) *queueSeams {
+	t.Helper()
+	s := &queueSeams{opened: map[*nfq.Conn]int{}, closed: map[*nfq.Conn]int{}}
+	oo, oc, oi, ol := openQueue, closeQueue, installRules, leaveNamespace
+	t.Cleanup(func() { openQueue, closeQueue, installRules, leaveNamespace = oo, oc, oi, ol })
+	openQueue = func(c nfq.Config) (*nfq.Conn, error) {
+		s.opens++
+		if s.opens == failOpen {
+			return nil, errOpen
+		}
+		q, err := oo(c)
+		if err == nil {
+			s.opened[q]++
+			if s.first == nil {
+				s.first = q
+			}
+		}
+		return q, err
+	}
+	closeQueue = func(q *nfq.Conn) error {
+		s.closed[q]++
+		err := oc(q)
+		if q == s.first {
+			return errors.Join(err, errClose)
+		}
+		return err
+	}
+	installRules = func(c nftrules.Config) (*nftrules.Ruleset, error) {
+		s.installs++
+		if slices.Contains(failInstall, s.installs) {
+			return nil, errInstall
+		}
+		return oi(c)
+	}
+	leaveNamespace = func(m *nftrules.Member) error {
+		s.leaves++
+		return ol(m)
+	}
+	return s
+}
+
+// requireAllClosed fails t unless every queue opened was closed once, n
+// memberships ended, and ns has no queue bound and no table.
+func (s *queueSeams) requireAllClosed(t *testing.T, ns *netnstest.NS, n int) {
+	t.Helper()
+	if len(s.opened) == 0 {
+		t.Fatal("no queue was opened: the test drives nothing")
+	}
+	for q := range s.opened {
+		if s.closed[q] != 1 {
+			t.Errorf("queue %d closed %d times, want once", q.Queue(), s.closed[q])
+		}
+	}
+	if s.leaves != n {
+		t.Errorf("%d memberships of the namespace ended, want %d", s.leaves, n)
+	}
+	if qs := boundQueues(t, ns); len(qs) != 0 {
+		t.Errorf("queues still bound in the namespace: %v", qs)
+	}
+	if tabs := nftTables(t, ns); len(tabs) != 0 {
+		t.Errorf("tables left in the namespace: %v", tabs)
+	}
+}
+
+// boundQueues returns the NFQUEUE queue numbers bound in ns.
+func boundQueues(t *testing.T, ns *netnstest.NS) []int {
+	t.Helper()
+	var s string
+	if err := ns.Do(func() error {
+		b, err := os.ReadFile("/proc/thread-self/net/netfilter/nfnetlink_queue")
+		if errors.Is(err, os.ErrNotExist) {
+			return nil // nfnetlink_queue not loaded: nothing bound
+		}
+		s = string(b)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for _, line := range strings.Split(s, "\n") {
+		if f := strings.Fields(line); len(f) > 0 {
+			if q, err := strconv.Atoi(f[0]); err == nil {
+				out = append(out, q)
+			}
+		}
+	}
+	return out
+}
+
+// openFDs counts the process's open file descriptors.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// openQueuesFails runs OpenQueues in ns, which must fail, and returns its
+// error; no descriptor it opened may stay open.
+func openQueuesFails(t *testing.T, ns *netnstest.NS, filt string, layer Layer, flags Flag, n int) error {
+	t.Helper()
+	before := openFDs(t)
+	var err error
+	ns.Do(func() error {
+		var hs []*Handle
+		if hs, err = OpenQueues(filt, layer, 0, flags, n); err == nil {
+			for _, h := range hs {
+				h.Close()
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		t.Fatal("OpenQueues succeeded through a failing step")
+	}
+	if after := openFDs(t); after != before {
+		t.Errorf("%d descriptors open before the failed OpenQueues, %d after", before, after)
+	}
+	return err
+}
+
+// TestQueuesBindFailureCleanup: when a later queue of OpenQueues fails to
+// open, the ones bound before it are closed, and an error closing one
+// comes with OpenQueues' error, next to the cause, as does an error
+// ending a membership of the namespace; nothing stays open or bound.
+func TestQueuesBindFailureCleanup(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "dqbf")
+	const n = 3
+	s := setQueueSeams(t, n) // the last queue fails
+	ol := leaveNamespace
+	errLeave := errors.New("the parked tables could not be deleted")
+	leaveNamespace = func(m *nftrules.Member) error { return errors.Join(ol(m), errLeave) }
+	err := openQueuesFails(t, ns, "udp.DstPort == 7300", LayerNetwork, 0, n)
+	t.Logf("OpenQueues: %v", err)
+	for _, want := range []error{errOpen, errClose, errLeave} {
+		if !errors.Is(err, want) {
+			t.Errorf("OpenQueues' error %q: errors.Is finds no %q", err, want)
+		}
+	}
+	if !strings.HasPrefix(err.Error(), "divert: ") {
+		t.Errorf("OpenQueues' error %q: want the divert: prefix", err)
+	}
+	if len(s.opened) != n-1 {
+		t.Errorf("%d queues opened, want %d before the failing one", len(s.opened), n-1)
+	}
+	s.requireAllClosed(t, ns, n)
+}
+
+// TestQueuesSetupFailureCleanup: when OpenQueues fails after binding its
+// queues (installing the rules fails; or, for LayerNetworkForward's
+// reassembly, installing the fragments' table after the rules), every
+// handle is released: an error closing a queue comes with OpenQueues'
+// error, next to the cause, and nothing stays open, bound or installed
+// (the rules installed go with the last handle released).
+func TestQueuesSetupFailureCleanup(t *testing.T) {
+	netnstest.RequireRoot(t)
+	for _, c := range []struct {
+		name        string
+		layer       Layer
+		flags       Flag
+		failInstall int
+	}{
+		{"rules", LayerNetwork, 0, 1},
+		{"fragments", LayerNetworkForward, FlagReassemble, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ns := netnstest.NewT(t, "dqsf")
+			const n = 2
+			s := setQueueSeams(t, 0, c.failInstall)
+			err := openQueuesFails(t, ns, "udp.DstPort == 7301", c.layer, c.flags, n)
+			t.Logf("OpenQueues: %v", err)
+			if !errors.Is(err, errInstall) || !errors.Is(err, errClose) {
+				t.Errorf("OpenQueues' error %q: want both %q and %q in it", err, errInstall, errClose)
+			}
+			if s.installs != c.failInstall {
+				t.Errorf("%d Installs, want %d", s.installs, c.failInstall)
+			}
+			if len(s.opened) != n {
+				t.Errorf("%d queues opened, want %d", len(s.opened), n)
+			}
+			s.requireAllClosed(t, ns, n)
+		})
+	}
+}
