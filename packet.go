@@ -15,7 +15,9 @@ import (
 // is built when it is returned).
 
 // Packet is a parsed view of one IP packet: every slice aliases the buffer
-// given to ParsePacket. Headers that are absent are nil.
+// given to ParsePacket. Headers that are absent are nil. The setters
+// (SetSrcAddr, SetDstAddr, SetSrcPort, SetDstPort, SetTTL) write a field
+// through the views and update the checksums that cover it.
 type Packet struct {
 	// IPv4 is the IPv4 header with its options (IHL*4 bytes); nil for IPv6.
 	IPv4 []byte

@@ -1,0 +1,300 @@
+package divert
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"os"
+
+	"github.com/netdivert/divert/internal/packet"
+)
+
+// This file holds the setters of Packet: each rewrites one field in place
+// and updates the checksums that cover it incrementally (RFC 1624 eqn. 3,
+// HC' = ~(~HC + ~m + m')), without reading the rest of the packet and
+// without allocating. Every check is done before the first byte is written:
+// on error the packet is unchanged.
+
+// SetSrcAddr sets the IP source address to a, in place, and updates the
+// checksums that cover it: the IPv4 header checksum, and the TCP, UDP or
+// ICMPv6 checksum, whose pseudo-header holds the addresses (the ICMP
+// checksum of IPv4 does not). An IPv4 packet takes an IPv4 address, an IPv6
+// packet an IPv6 one (an IPv4-mapped IPv6 address is IPv6: Unmap it for an
+// IPv4 packet; a zone is ignored); another address is an error wrapping
+// os.ErrInvalid.
+//
+// The update is exact: a checksum that was the one CalcChecksums computes
+// is again, byte for byte; any other right one stays right, and a wrong
+// one stays wrong by as much. A UDP checksum of 0 (no checksum: RFC 768 for IPv4, RFC 6935
+// tunnels for IPv6) stays 0, and a UDP checksum that becomes 0 is written
+// as 0xFFFF. Unlike CalcChecksums it works without the rest of the
+// datagram: in a first fragment, which carries the transport header and
+// the checksum of the whole datagram, and in a truncated buffer that holds
+// the transport header. A non-first fragment has no transport header: only
+// its IPv4 header checksum is updated; the datagram's transport checksum is
+// in its first fragment, which needs the same change. A truncated buffer
+// that ends inside the TCP, UDP or ICMPv6 header (ParsePacket then finds
+// none) or in the IPv6 extension headers before it is an error wrapping
+// ErrTruncated: that checksum covers the addresses.
+//
+// Checksum offload: the update assumes each checksum field holds a
+// finished checksum. A received packet whose Address has a checksum bit
+// clear (IPChecksum, TCPChecksum, UDPChecksum) may hold an unfinished one
+// there instead, such as the pseudo-header sum that the stack or the
+// network card completes later (Linux hands over the packets the host
+// sends so); the incremental update does not keep such a partial sum
+// right. For such a packet call CalcChecksums(b, &addr, 0) after the
+// setters: it recomputes every checksum from scratch, whatever the fields
+// held, and sets the Address bits of those it computed (it cannot compute
+// the transport checksum of a first fragment or of a truncated buffer). On
+// Linux and Windows, Send itself computes the checksums whose bits are
+// clear for a changed packet, but a fragment's transport checksum; on
+// FreeBSD it does not (see Send).
+func (p *Packet) SetSrcAddr(a netip.Addr) error { return p.setAddr(a, false) }
+
+// SetDstAddr sets the IP destination address to a, in place, and updates
+// the checksums that cover it, as SetSrcAddr does. For IPv6 it is the
+// header's destination (see DstAddr): when a Routing header names another
+// final destination, the one the transport pseudo-header holds (see
+// CalcChecksums), the transport checksum is left as it is.
+func (p *Packet) SetDstAddr(a netip.Addr) error { return p.setAddr(a, true) }
+
+// SetSrcPort sets the TCP or UDP source port, in place, and updates the
+// TCP or UDP checksum (see SetSrcAddr: a UDP checksum of 0 stays 0, and
+// checksum offload). A packet without a TCP or UDP header (another
+// protocol, a non-first fragment) is an error wrapping os.ErrInvalid; a
+// truncated buffer that ends inside the header (or, in IPv6, in the
+// extension headers before it), one wrapping ErrTruncated.
+func (p *Packet) SetSrcPort(port uint16) error { return p.setPort(port, 0) }
+
+// SetDstPort sets the TCP or UDP destination port, in place, and updates
+// the TCP or UDP checksum, as SetSrcPort does.
+func (p *Packet) SetDstPort(port uint16) error { return p.setPort(port, 2) }
+
+// SetTTL sets the IPv4 TTL or the IPv6 hop limit, in place, and updates the
+// IPv4 header checksum (see SetSrcAddr). Any value is taken, 0 too (to
+// decrement it for forwarding, see DecrementTTL). A Packet without an IP
+// header is an error wrapping os.ErrInvalid.
+func (p *Packet) SetTTL(ttl uint8) error {
+	switch {
+	case len(p.IPv4) >= packet.IPv4HdrLen:
+		h := p.IPv4
+		old := binary.BigEndian.Uint16(h[8:])
+		h[8] = ttl
+		updateSum(h[10:12], wordDiff(old, binary.BigEndian.Uint16(h[8:])))
+	case len(p.IPv6) >= packet.IPv6HdrLen:
+		p.IPv6[7] = ttl
+	default:
+		return fmt.Errorf("divert: set TTL: no IPv4 or IPv6 header: %w", os.ErrInvalid)
+	}
+	return nil
+}
+
+// setAddr is SetSrcAddr (dst false) and SetDstAddr (dst true).
+func (p *Packet) setAddr(a netip.Addr, dst bool) error {
+	var field, ipSum []byte // the address in the header; the IPv4 header checksum
+	var a16 [16]byte
+	var newAddr []byte
+	v6 := false
+	switch {
+	case len(p.IPv4) >= packet.IPv4HdrLen:
+		if !a.Is4() {
+			return p.familyError(a)
+		}
+		a4 := a.As4()
+		newAddr = a16[:copy(a16[:], a4[:])]
+		field, ipSum = p.IPv4[12:16], p.IPv4[10:12]
+		if dst {
+			field = p.IPv4[16:20]
+		}
+	case len(p.IPv6) >= packet.IPv6HdrLen:
+		if !a.Is6() {
+			return p.familyError(a)
+		}
+		a16 = a.As16()
+		newAddr, v6 = a16[:], true
+		field = p.IPv6[8:24]
+		if dst {
+			field = p.IPv6[24:40]
+		}
+	default:
+		return fmt.Errorf("divert: set address: no IPv4 or IPv6 header: %w", os.ErrInvalid)
+	}
+	sum, udp, err := p.pseudoSum()
+	if err != nil {
+		return err
+	}
+	if dst && v6 && routedDst(p.IPv6, p.Ext) {
+		sum = nil // the pseudo-header holds the routing header's address
+	}
+	var d uint32
+	for i := 0; i < len(field); i += 2 {
+		d += wordDiff(binary.BigEndian.Uint16(field[i:]), binary.BigEndian.Uint16(newAddr[i:]))
+	}
+	copy(field, newAddr)
+	if ipSum != nil {
+		updateSum(ipSum, d)
+	}
+	if sum != nil {
+		updateTransportSum(sum, udp, d)
+	}
+	return nil
+}
+
+// familyError is setAddr's error for an address p cannot hold.
+func (p *Packet) familyError(a netip.Addr) error {
+	v := "IPv4"
+	if p.IPv4 == nil {
+		v = "IPv6"
+	}
+	if !a.IsValid() {
+		return fmt.Errorf("divert: set address: invalid address for an %s packet: %w", v, os.ErrInvalid)
+	}
+	return fmt.Errorf("divert: set address: %v is not an %s address: %w", a, v, os.ErrInvalid)
+}
+
+// pseudoSum returns the checksum field of p's transport header when its
+// checksum covers the pseudo-header (TCP, UDP, ICMPv6), or nil (no such
+// header, ICMP, a non-first fragment, another protocol); udp tells a UDP
+// one. It is an error when the buffer ends before that field.
+func (p *Packet) pseudoSum() (sum []byte, udp bool, err error) {
+	switch {
+	case p.TCP != nil:
+		if len(p.TCP) >= 18 {
+			return p.TCP[16:18], false, nil
+		}
+	case p.UDP != nil:
+		if len(p.UDP) >= 8 {
+			return p.UDP[6:8], true, nil
+		}
+	case p.ICMPv6 != nil:
+		if len(p.ICMPv6) >= 4 {
+			return p.ICMPv6[2:4], false, nil
+		}
+	case p.ICMP != nil:
+		return nil, false, nil
+	default:
+		if !p.cutTransport(true) {
+			return nil, false, nil
+		}
+	}
+	return nil, false, fmt.Errorf("%w: the buffer ends before the %s checksum, which covers the addresses", ErrTruncated, protoName(p.Protocol))
+}
+
+// cutTransport reports whether p has no transport header because the
+// buffer ends before it, for a protocol that may be TCP or UDP or, with
+// icmp6, ICMPv6: the protocol, or an IPv6 extension header that was not
+// whole.
+func (p *Packet) cutTransport(icmp6 bool) bool {
+	if !p.Truncated || p.FragOff != 0 {
+		return false
+	}
+	switch p.Protocol {
+	case packet.ProtoTCP, packet.ProtoUDP:
+		return true
+	case packet.ProtoICMPv6:
+		return icmp6 && p.IPv4 == nil
+	case packet.ProtoHopOpts, packet.ProtoRouting, packet.ProtoFragment,
+		packet.ProtoAH, packet.ProtoDstOpts, packet.ProtoMobility:
+		return p.IPv4 == nil
+	}
+	return false
+}
+
+// protoName names the transport protocol proto for an error.
+func protoName(proto uint8) string {
+	switch proto {
+	case packet.ProtoTCP:
+		return "TCP"
+	case packet.ProtoUDP:
+		return "UDP"
+	case packet.ProtoICMPv6:
+		return "ICMPv6"
+	}
+	return "transport"
+}
+
+// setPort is SetSrcPort (off 0) and SetDstPort (off 2).
+func (p *Packet) setPort(port uint16, off int) error {
+	var h, sum []byte
+	udp := false
+	switch {
+	case p.TCP != nil && len(p.TCP) >= 18:
+		h, sum = p.TCP, p.TCP[16:18]
+	case p.UDP != nil && len(p.UDP) >= 8:
+		h, sum, udp = p.UDP, p.UDP[6:8], true
+	case p.TCP != nil || p.UDP != nil || p.cutTransport(false):
+		return fmt.Errorf("%w: the buffer ends before the %s header's checksum", ErrTruncated, protoName(p.Protocol))
+	case p.FragOff != 0:
+		return fmt.Errorf("divert: set port: a non-first fragment has no TCP or UDP header: %w", os.ErrInvalid)
+	default:
+		return fmt.Errorf("divert: set port: no TCP or UDP header (protocol %d): %w", p.Protocol, os.ErrInvalid)
+	}
+	old := binary.BigEndian.Uint16(h[off:])
+	binary.BigEndian.PutUint16(h[off:], port)
+	updateTransportSum(sum, udp, wordDiff(old, port))
+	return nil
+}
+
+// routedDst reports whether the IPv6 transport pseudo-header's destination
+// is not the header's own but an address of a Routing header (see
+// packet.PseudoDst): the first Routing header of ext, the extension headers
+// ParsePacket walked after ip6, has Segments Left not 0 and is of type 0,
+// 2 or 4 with at least one address.
+func routedDst(ip6, ext []byte) bool {
+	nh := ip6[6]
+	for len(ext) >= 2 {
+		hl := int(ext[1])
+		switch nh {
+		case packet.ProtoFragment:
+			hl = 8
+		case packet.ProtoAH:
+			hl = (hl + 2) * 4
+		case packet.ProtoHopOpts, packet.ProtoDstOpts, packet.ProtoRouting, packet.ProtoMobility:
+			hl = (hl + 1) * 8
+		default:
+			return false
+		}
+		if len(ext) < hl {
+			return false
+		}
+		if nh == packet.ProtoRouting {
+			return ext[3] != 0 && ext[1] >= 2 && (ext[2] == 0 || ext[2] == 2 || ext[2] == 4)
+		}
+		nh = ext[0]
+		ext = ext[hl:]
+	}
+	return false
+}
+
+// wordDiff returns ~m + m' for one 16-bit word changing from old to new,
+// the part of RFC 1624 eqn. 3 a change adds to a sum.
+func wordDiff(old, new uint16) uint32 { return uint32(^old) + uint32(new) }
+
+// updateSum updates checksum field f by d, a sum of wordDiff results (at
+// most 2^16 of them): HC' = ~(~HC + d).
+func updateSum(f []byte, d uint32) {
+	binary.BigEndian.PutUint16(f, ^addSum(^binary.BigEndian.Uint16(f), d))
+}
+
+// addSum returns the one's complement sum of s and d, folded to 16 bits.
+func addSum(s uint16, d uint32) uint16 {
+	t := uint64(s) + uint64(d)
+	t = t&0xFFFF + t>>16
+	t = t&0xFFFF + t>>16
+	t = t&0xFFFF + t>>16
+	return uint16(t)
+}
+
+// updateTransportSum updates the TCP, UDP or ICMPv6 checksum field f by d.
+// A UDP checksum of 0 means none and stays 0; a UDP checksum that becomes 0
+// is written 0xFFFF, as a sender writes it (RFC 768).
+func updateTransportSum(f []byte, udp bool, d uint32) {
+	if udp && f[0] == 0 && f[1] == 0 {
+		return
+	}
+	updateSum(f, d)
+	if udp && f[0] == 0 && f[1] == 0 {
+		f[0], f[1] = 0xFF, 0xFF
+	}
+}
