@@ -733,11 +733,15 @@ func BenchmarkPacketSetDstAddr(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	var addrs [256]netip.Addr
+	for i := range addrs {
+		addrs[i] = netip.AddrFrom4([4]byte{192, 0, 2, byte(i)})
+	}
 	b.ReportAllocs()
-	a := [4]byte{192, 0, 2, 0}
+	i := 0
 	for b.Loop() {
-		a[3]++
-		if err := p.SetDstAddr(netip.AddrFrom4(a)); err != nil {
+		i++
+		if err := p.SetDstAddr(addrs[i&255]); err != nil {
 			b.Fatal(err)
 		}
 	}
