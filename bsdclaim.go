@@ -132,25 +132,30 @@ func (c *setClaim) removeAtClose(del func(set int) error, attempts int, pause fu
 
 // addRules claims set for the handle's rules, records it and port in live
 // until they are deleted or left (ownsRules), and adds them, n of them,
-// with add. When one fails, the socket they divert to is about to close
-// with the failed Open: the rules added before are deleted as at Close
-// (removeAtClose, with del, attempts and pause), and those that cannot be
-// are left to the process's later Opens and Closes (left), as a closed
-// handle's are, and no new handle binds their port. The error is add's,
-// and tells the deletion's too when the rules stay.
-func (c *setClaim) addRules(set, n int, add func(i int) error, del func(set int) error, attempts int, pause func(try int), live *liveSets, left *leftSets, number, port uint16) error {
+// with add. When one fails, it returns add's error and how many were added
+// before, and the set stays claimed: the caller deletes them (undoAdd).
+func (c *setClaim) addRules(set, n int, add func(i int) error, live *liveSets, port uint16) (int, error) {
 	c.claimFor(set, port, live) // before the rules: none is ever the process's unrecorded
 	for i := range n {
-		err := add(i)
-		if err == nil {
-			continue
+		if err := add(i); err != nil {
+			return i, err
 		}
-		if derr := c.removeAtClose(del, attempts, pause, left, number, port); derr != nil {
-			return fmt.Errorf("%w (and the %d rules added before it are left installed, what they divert dropped, until a later Open or Close of the process deletes them: %w)", err, i, inner{derr})
-		}
-		return err
 	}
-	return nil
+	return n, nil
+}
+
+// undoAdd deletes the rules, added of them, that an Open added before ipfw
+// refused one with err (addRules): their socket is about to close with
+// the failed Open. They are deleted as at Close (removeAtClose, with del,
+// attempts and pause), and those that cannot be are left to the process's
+// later Opens and Closes (left), as a closed handle's are, and no new
+// handle binds their port. The error is err, and tells the deletion's
+// too when the rules stay.
+func (c *setClaim) undoAdd(err error, added int, del func(set int) error, attempts int, pause func(try int), left *leftSets, number, port uint16) error {
+	if derr := c.removeAtClose(del, attempts, pause, left, number, port); derr != nil {
+		return fmt.Errorf("%w (and the %d rules added before it are left installed, what they divert dropped, until a later Open or Close of the process deletes them: %w)", err, added, inner{derr})
+	}
+	return err
 }
 
 // bsdLive holds the sets that the process's open handles have rules in

@@ -219,8 +219,8 @@ func TestLeftErrorMessage(t *testing.T) {
 	}
 }
 
-// TestAddRulesFails: when ipfw refuses a rule partway, the rules added
-// before are deleted; when they cannot be, they are recorded as a closed
+// TestAddRulesFails: when ipfw refuses a rule partway, the set stays
+// claimed, and undoAdd deletes the rules added before; when they cannot be, they are recorded as a closed
 // handle's left rules (their socket closes with the failed Open), so that
 // later Opens and Closes delete them and no new handle binds their port,
 // and the error tells both failures.
@@ -242,15 +242,19 @@ func TestAddRulesFails(t *testing.T) {
 	var c setClaim
 	c.init()
 	added, dels := 0, 0
-	err := c.addRules(8, 4, addUntil(2, &added), func(set int) error {
+	n, err := c.addRules(8, 4, addUntil(2, &added), nil, 40100)
+	if err != refused || n != 2 || added != 2 {
+		t.Fatalf("addRules = %d, %v; want 2, add's error", n, err)
+	}
+	err = c.undoAdd(err, n, func(set int) error {
 		dels++
 		if set != 8 {
 			t.Errorf("deleting set %d, want 8", set)
 		}
 		return nil
-	}, closeAttempts, func(int) {}, nil, &left, 31000, 40100)
-	if err != refused || added != 2 || dels != 1 || !left.empty() {
-		t.Fatalf("addRules = %v, %d added, %d deletions, left %v; want add's error, 2, 1, none", err, added, dels, left.sets)
+	}, closeAttempts, func(int) {}, &left, 31000, 40100)
+	if err != refused || dels != 1 || !left.empty() {
+		t.Fatalf("undoAdd = %v, %d deletions, left %v; want add's error, 1, none", err, dels, left.sets)
 	}
 	if err := c.remove(func(int) error { t.Fatal("the claim outlived a deletion"); return nil }); err != nil {
 		t.Fatal(err)
@@ -258,9 +262,13 @@ func TestAddRulesFails(t *testing.T) {
 
 	// Not deleted: left, the claim handed over, both errors.
 	added, dels = 0, 0
-	err = c.addRules(9, 4, addUntil(3, &added), func(int) error { dels++; return stuck }, closeAttempts, func(int) {}, nil, &left, 31001, 40101)
+	n, err = c.addRules(9, 4, addUntil(3, &added), nil, 40101)
+	if n != 3 {
+		t.Fatalf("addRules added %d, want 3", n)
+	}
+	err = c.undoAdd(err, n, func(int) error { dels++; return stuck }, closeAttempts, func(int) {}, &left, 31001, 40101)
 	if !errors.Is(err, refused) || !errors.Is(err, stuck) || dels != closeAttempts {
-		t.Fatalf("addRules = %v, %d deletions; want both errors, %d deletions", err, dels, closeAttempts)
+		t.Fatalf("undoAdd = %v, %d deletions; want both errors, %d deletions", err, dels, closeAttempts)
 	}
 	if msg := err.Error(); strings.Count(msg, "divert:") > 1 {
 		t.Errorf("message %q says \"divert:\" twice", msg)
@@ -274,8 +282,8 @@ func TestAddRulesFails(t *testing.T) {
 
 	// Every rule added: claimed, nothing left.
 	added = 0
-	if err := c.addRules(10, 3, addUntil(-1, &added), func(int) error { t.Fatal("deleting added rules"); return nil }, closeAttempts, func(int) {}, nil, &left, 31002, 40102); err != nil || added != 3 {
-		t.Fatalf("addRules = %v, %d added", err, added)
+	if n, err := c.addRules(10, 3, addUntil(-1, &added), nil, 40102); err != nil || n != 3 || added != 3 {
+		t.Fatalf("addRules = %d, %v, %d added", n, err, added)
 	}
 	got := -1
 	if err := c.remove(func(set int) error { got = set; return nil }); err != nil || got != 10 {

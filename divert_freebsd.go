@@ -174,8 +174,18 @@ const (
 	afDivert     = 44 // PF_DIVERT, FreeBSD 14+ (x/sys lacks it)
 	ipfwPath     = "/sbin/ipfw"
 	ipfwLockPath = "/var/run/netdivert-ipfw.lock"
-	firstSet     = 1 // sets firstSet..30 are used one per handle
 )
+
+// bsdIPFW runs ipfw and takes the lock (ipfwSys).
+var bsdIPFW = &ipfwSys{
+	run:   runIPFW,
+	lock:  lockIPFW,
+	pause: closePause,
+	alive: processAlive,
+	pid:   os.Getpid(),
+	live:  &bsdLive,
+	left:  &bsdLeft,
+}
 
 // sysAddr is the sockaddr a packet was received with.
 type sysAddr struct {
@@ -337,17 +347,7 @@ func divertSocket() (int, error) {
 func bindAuto(fd int) (uint16, error) {
 	// Not a port that rules still divert to (a closed handle's left ones,
 	// a dead process's stale ones): the handle would get their packets.
-	return bindFree(fdSock(fd), os.Getpid()%divertPorts, busyPorts(listedRules(), &bsdLeft))
-}
-
-// listedRules returns the rules installed ("ipfw -S list"), or nil when
-// they cannot be read (ipfw missing or not loaded: then no rule diverts).
-func listedRules() []ipfw.Listed {
-	list, err := runIPFW("-S", "list")
-	if err != nil {
-		return nil
-	}
-	return ipfw.ParseList(list)
+	return bsdIPFW.bindAuto(fdSock(fd), os.Getpid()%divertPorts)
 }
 
 // fdSock is a divert socket's descriptor as a portSock.
@@ -417,147 +417,65 @@ func (b *bsdBackend) install(cfg *openConfig) error {
 	case cfg.flags&FlagDrop != 0:
 		action = ipfw.Deny
 	}
-	unlock, err := lockIPFW()
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	// Rules that closed handles of the process could not delete: again.
-	bsdLeft.retry(func(l leftSet) error { return deleteRules(l.set, l.number, l.port) })
-	list, err := runIPFW("-S", "list")
-	if err != nil {
-		return err
-	}
-	show, err := runIPFW("set", "show")
-	if err != nil {
-		return err
-	}
-	disabled, err := ipfw.ParseSetShow(show)
-	if err != nil {
-		return err
-	}
-	listed := ipfw.ParseList(list)
-	plan := ipfw.PlanSets(listed, disabled, firstSet, processAlive)
-	// After every live handle of higher or equal priority, before every
-	// one of lower priority (see ipfw.PlanNumber).
-	b.rule = ipfw.PlanNumber(listed, cfg.priority, processAlive)
-	for _, s := range plan.Stale {
-		if _, err := runIPFW("-q", "delete", "set", strconv.Itoa(int(s))); err != nil {
-			return err
+	lowered := cfg.filter.Lower()
+	var res ipfw.Result
+	number, err := bsdIPFW.install(&b.sets, cfg.priority, b.port, func(number uint16, set uint8) ([]ipfw.Rule, error) {
+		lcfg := ipfw.Config{
+			Number:  number,
+			Set:     set,
+			Port:    b.port,
+			Action:  action,
+			Forward: cfg.layer == LayerNetworkForward,
+			IfName:  ifName,
+			Tag:     ipfw.Tag(os.Getpid(), ownStart(), b.port, cfg.priority),
 		}
-	}
-	for _, r := range plan.StaleRules {
-		if _, err := runIPFW("-q", "set", strconv.Itoa(int(r.Set)), "delete", strconv.FormatUint(uint64(r.Number), 10)); err != nil {
-			return err
+		var err error
+		res, err = ipfw.Lower(lowered, lcfg)
+		if err == nil && action == ipfw.Deny && !res.Exact {
+			// Deny rules wider than the filter would drop packets it does
+			// not match: divert instead, and drop in user space
+			// (startDropper).
+			lcfg.Action = ipfw.Divert
+			res, err = ipfw.Lower(lowered, lcfg)
+			b.dropper = make(chan struct{})
 		}
-	}
-	if plan.Free < 0 {
-		return fmt.Errorf("divert: no free ipfw set in [%d, %d] for the handle's rules", firstSet, ipfw.MaxSet)
-	}
-	lcfg := ipfw.Config{
-		Number:  b.rule,
-		Set:     uint8(plan.Free),
-		Port:    b.port,
-		Action:  action,
-		Forward: cfg.layer == LayerNetworkForward,
-		IfName:  ifName,
-		Tag:     ipfw.Tag(os.Getpid(), ownStart(), b.port, cfg.priority),
-	}
-	res, err := ipfw.Lower(cfg.filter.Lower(), lcfg)
-	if err == nil && action == ipfw.Deny && !res.Exact {
-		// Deny rules wider than the filter would drop packets it does not
-		// match: divert instead, and drop in user space (startDropper).
-		lcfg.Action = ipfw.Divert
-		res, err = ipfw.Lower(cfg.filter.Lower(), lcfg)
-		b.dropper = make(chan struct{})
-	}
+		if err != nil {
+			return nil, fmt.Errorf("divert: %w", err)
+		}
+		return res.Rules, nil
+	})
+	b.rule = number
 	if err != nil {
-		return fmt.Errorf("divert: %w", err)
+		return err
 	}
 	if !res.Exact {
 		b.filt = cfg.filter
 	}
 	b.ownNamed = cfg.layer == LayerNetwork
 	if len(res.Rules) == 0 {
-		// The filter matches nothing: no rules, and no set claimed (an
-		// empty set would be handed to the next handle, and this one's
-		// Close would delete that handle's rules).
+		// The filter matches nothing: no rules, and no set claimed.
 		b.dropper = nil
-		return nil
 	}
-	// The ipfw lock is held: deleteSet, not lockedDeleteSet.
-	return b.sets.addRules(plan.Free, len(res.Rules), func(i int) error {
-		_, err := runIPFW(append([]string{"-q"}, res.Rules[i]...)...)
-		return err
-	}, b.deleteSet, closeAttempts, closePause, &bsdLive, &bsdLeft, b.rule, b.port)
+	return nil
 }
 
 // removeRules deletes the handle's rules, once: a Shutdown and a Close at
 // once delete them one after the other, and the second waits for the
 // first (setClaim).
 func (b *bsdBackend) removeRules() error {
-	return b.sets.remove(b.lockedDeleteSet)
+	return bsdIPFW.remove(&b.sets, b.rule, b.port)
 }
 
 // removeRulesAtClose deletes the handle's rules at Close, trying again
 // when ipfw fails; rules it cannot delete are left to the process's later
-// Opens and Closes (setClaim.removeAtClose).
+// Opens and Closes (ipfwSys.removeAtClose).
 func (b *bsdBackend) removeRulesAtClose() error {
-	if !bsdLeft.empty() {
-		// Other handles' rules left before: maybe ipfw lets them go now.
-		if unlock, err := lockIPFW(); err == nil {
-			bsdLeft.retry(func(l leftSet) error { return deleteRules(l.set, l.number, l.port) })
-			unlock()
-		}
-	}
-	err := b.sets.removeAtClose(b.lockedDeleteSet, closeAttempts, closePause, &bsdLeft, b.rule, b.port)
-	if err != nil {
-		return leftError(b.rule, err)
-	}
-	return nil
+	return bsdIPFW.removeAtClose(&b.sets, b.rule, b.port)
 }
 
 // closePause is the pause before the try-th new attempt at deleting
 // rules (removeAtClose).
 func closePause(try int) { time.Sleep(time.Duration(try) * 20 * time.Millisecond) }
-
-func (b *bsdBackend) lockedDeleteSet(set int) error {
-	unlock, err := lockIPFW()
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	return b.deleteSet(set)
-}
-
-// deleteSet deletes the handle's rules from set; the ipfw lock is held.
-func (b *bsdBackend) deleteSet(set int) error {
-	return deleteRules(set, b.rule, b.port)
-}
-
-// deleteRules deletes the rules numbered number that this process's handle
-// on divert port port installed in set, and only those (ipfw.PlanRemoval);
-// the ipfw lock is held.
-func deleteRules(set int, number, port uint16) error {
-	// Only what is still ours: after "ipfw flush" the set may be another
-	// handle's (PlanSets hands out empty sets).
-	list, err := runIPFW("-S", "list")
-	if err != nil {
-		return err
-	}
-	switch ipfw.PlanRemoval(ipfw.ParseList(list), uint8(set), number, os.Getpid(), port) {
-	case ipfw.RemoveSet:
-		_, err = runIPFW("-q", "delete", "set", strconv.Itoa(set))
-	case ipfw.RemoveNumber:
-		// Someone added rules to the set, with other numbers: delete the
-		// handle's (they all have its number) and leave theirs (ipfw(8):
-		// "ipfw set N delete").
-		_, err = runIPFW("-q", "set", strconv.Itoa(set), "delete", strconv.Itoa(int(number)))
-	case ipfw.RemoveShared:
-		err = sharedError(set, number)
-	}
-	return err
-}
 
 func lockIPFW() (func(), error) {
 	f, err := os.OpenFile(ipfwLockPath, os.O_RDWR|os.O_CREATE, 0o600)
@@ -584,7 +502,12 @@ func runIPFW(args ...string) (string, error) {
 		if strings.Contains(msg, "Protocol not available") {
 			return "", fmt.Errorf("%w: ipfw is not loaded (kldload ipfw): %s", ErrNotSupported, msg)
 		}
-		return "", fmt.Errorf("divert: ipfw %s: %s: %w", strings.Join(args, " "), msg, err)
+		status := -1
+		var exit *exec.ExitError
+		if errors.As(err, &exit) {
+			status = exit.ExitCode()
+		}
+		return "", &ipfwError{args: args, out: msg, status: status, err: err}
 	}
 	return string(out), nil
 }
@@ -1195,18 +1118,23 @@ func (b *bsdBackend) detach() error {
 	var (
 		p    portSock
 		err  error
-		busy = busyPorts(listedRules(), &bsdLeft)
+		cerr error
 	)
-	cerr := b.rc.Control(func(fd uintptr) {
-		size, serr := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF)
-		p, err = detachPort(fdSock(fd), b.port, os.Getpid()%divertPorts, b.flags&FlagSniff != 0, busy, func() (portSock, error) {
-			nfd, err := divertSocket()
-			if err == nil && serr == nil {
-				_ = setBuffers(nfd, size) // as large as the handle's, if allowed
-			}
-			return fdSock(nfd), err
+	if lerr := bsdIPFW.choosePort(func(busy func(uint16) bool) error {
+		cerr = b.rc.Control(func(fd uintptr) {
+			size, serr := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF)
+			p, err = detachPort(fdSock(fd), b.port, os.Getpid()%divertPorts, b.flags&FlagSniff != 0, busy, func() (portSock, error) {
+				nfd, err := divertSocket()
+				if err == nil && serr == nil {
+					_ = setBuffers(nfd, size) // as large as the handle's, if allowed
+				}
+				return fdSock(nfd), err
+			})
 		})
-	})
+		return nil
+	}); lerr != nil {
+		return lerr
+	}
 	if cerr != nil {
 		return b.mapErr("shutdown", cerr)
 	}

@@ -1,0 +1,194 @@
+//go:build freebsd || linux
+
+package divert
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/netdivert/divert/internal/ipfw"
+)
+
+// fakeIPFW models /sbin/ipfw and its kernel ruleset for ipfwSys, as
+// FreeBSD 14's ipfw2.c ipfw_delete and delete_range behave: "delete set
+// S" succeeds whatever the set holds; "set S delete N" deletes the set's
+// rules numbered N and, when there are none, exits with EX_UNAVAILABLE
+// after "ipfw: rule N not found" (nothing printed with -q). It also
+// models the flock: the seams check what runs with it held.
+type fakeIPFW struct {
+	t     *testing.T
+	rules []fakeRule
+	held  bool
+	locks int
+	log   []string // commands run, "+lock", "-lock" and "pause"
+	// before, when set, runs before a command, and may change the rules
+	// (another process) or fail it (a non-nil error is returned as is).
+	before func(args []string) error
+	// needLock: a command that changes the ruleset, or lists it, run
+	// without the lock fails the test.
+	needLock bool
+}
+
+type fakeRule struct {
+	number uint32
+	set    uint8
+	body   string // after "set S": action, body, "// tag"
+}
+
+func newFakeIPFW(t *testing.T, listing string) *fakeIPFW {
+	f := &fakeIPFW{t: t, needLock: true}
+	for _, line := range strings.Split(listing, "\n") {
+		fs := strings.Fields(line)
+		if len(fs) < 4 || fs[1] != "set" {
+			continue
+		}
+		n, _ := strconv.ParseUint(fs[0], 10, 32)
+		s, _ := strconv.ParseUint(fs[2], 10, 8)
+		f.rules = append(f.rules, fakeRule{uint32(n), uint8(s), strings.Join(fs[3:], " ")})
+	}
+	return f
+}
+
+func (f *fakeIPFW) sys(pid int, alive func(ipfw.Listed) bool) *ipfwSys {
+	if alive == nil {
+		alive = func(r ipfw.Listed) bool { return r.PID == pid }
+	}
+	return &ipfwSys{
+		run:  f.run,
+		lock: f.lock,
+		pause: func(int) {
+			f.log = append(f.log, "pause")
+			if f.held {
+				f.t.Error("a pause between deletion attempts with the ipfw lock held")
+			}
+		},
+		alive: alive,
+		pid:   pid,
+		live:  new(liveSets),
+		left:  new(leftSets),
+	}
+}
+
+func (f *fakeIPFW) lock() (func(), error) {
+	if f.held {
+		f.t.Fatal("the ipfw lock taken twice (flock would deadlock)")
+	}
+	f.held = true
+	f.locks++
+	f.log = append(f.log, "+lock")
+	return func() {
+		if !f.held {
+			f.t.Error("unlocking a lock not held")
+		}
+		f.held = false
+		f.log = append(f.log, "-lock")
+	}, nil
+}
+
+// exitErr is a failed run as runIPFW reports it.
+func exitErr(args []string, status int, out string) error {
+	return &ipfwError{args: args, out: out, status: status, err: fmt.Errorf("exit status %d", status)}
+}
+
+func (f *fakeIPFW) listing() string {
+	var b strings.Builder
+	for _, r := range f.rules {
+		fmt.Fprintf(&b, "%05d set %d %s\n", r.number, r.set, r.body)
+	}
+	return b.String()
+}
+
+func (f *fakeIPFW) run(args ...string) (string, error) {
+	f.log = append(f.log, strings.Join(args, " "))
+	if f.needLock && !f.held {
+		f.t.Errorf("ipfw %s run without the lock", strings.Join(args, " "))
+	}
+	if f.before != nil {
+		if err := f.before(args); err != nil {
+			return "", err
+		}
+	}
+	a := args
+	quiet := false
+	if len(a) > 0 && a[0] == "-q" {
+		quiet, a = true, a[1:]
+	}
+	switch {
+	case slices.Equal(a, []string{"-S", "list"}):
+		return f.listing(), nil
+	case slices.Equal(a, []string{"set", "show"}):
+		return "enable 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31", nil
+	case len(a) == 3 && a[0] == "delete" && a[1] == "set":
+		s, _ := strconv.Atoi(a[2])
+		f.rules = slices.DeleteFunc(f.rules, func(r fakeRule) bool { return int(r.set) == s })
+		return "", nil
+	case len(a) == 4 && a[0] == "set" && a[2] == "delete":
+		s, _ := strconv.Atoi(a[1])
+		n, _ := strconv.ParseUint(a[3], 10, 32)
+		before := len(f.rules)
+		f.rules = slices.DeleteFunc(f.rules, func(r fakeRule) bool { return int(r.set) == s && r.number == uint32(n) })
+		if len(f.rules) == before {
+			out := ""
+			if !quiet {
+				out = "ipfw: rule " + a[3] + " not found"
+			}
+			return "", exitErr(args, exUnavailable, out)
+		}
+		return "", nil
+	case len(a) > 4 && a[0] == "add" && a[2] == "set":
+		n, _ := strconv.ParseUint(a[1], 10, 32)
+		s, _ := strconv.ParseUint(a[3], 10, 8)
+		f.rules = append(f.rules, fakeRule{uint32(n), uint8(s), strings.Join(a[4:], " ")})
+		return "", nil
+	}
+	f.t.Fatalf("fake ipfw: unexpected command %q", args)
+	return "", nil
+}
+
+// TestCloseDeletesOnlyOwn: handles that share a rule number (the numbers
+// were packed, PlanNumber) are in sets of their own, and deletion is by
+// set: one handle's Close deletes its rules and no other's, whether its
+// set holds only its rules ("delete set") or also an administrator's rule
+// with another number ("set S delete N"); a rule of another program with
+// the handle's number in its set keeps the handle's rules (ipfw cannot
+// delete them without it).
+func TestCloseDeletesOnlyOwn(t *testing.T) {
+	const listing = `31000 set 1 divert 40001 ip from any to any in // netdivert pid=7 port=40001 prio=0
+31000 set 2 divert 40002 ip from any to any in // netdivert pid=7 port=40002 prio=0
+31000 set 3 divert 40003 ip from any to any in // netdivert pid=8 port=40003 prio=0
+00500 set 2 allow ip from any to any // an administrator's
+31000 set 4 divert 40004 ip from any to any in // netdivert pid=7 port=40004 prio=0
+31000 set 4 count ip from any to any // an administrator's, with the number
+`
+	f := newFakeIPFW(t, listing)
+	s := f.sys(7, nil)
+	for _, c := range []struct {
+		set  int
+		port uint16
+		gone string
+		err  error
+	}{
+		{1, 40001, "port=40001", nil},
+		{2, 40002, "port=40002", nil},
+		{4, 40004, "", errRulesShared},
+	} {
+		var claim setClaim
+		claim.init()
+		claim.claim(c.set)
+		before := f.listing()
+		err := s.removeAtClose(&claim, 31000, c.port)
+		if !errors.Is(err, c.err) || (c.err == nil) != (err == nil) {
+			t.Fatalf("set %d: removeAtClose = %v, want %v", c.set, err, c.err)
+		}
+		after := f.listing()
+		for _, line := range strings.Split(before, "\n") {
+			if want := c.gone == "" || !strings.Contains(line, c.gone); want != strings.Contains(after, line) {
+				t.Errorf("set %d: %q kept %v, want %v", c.set, line, !want, want)
+			}
+		}
+	}
+}
