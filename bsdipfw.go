@@ -7,6 +7,7 @@ package divert
 // Linux too.
 
 import (
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -50,17 +51,39 @@ func (e *ipfwError) Unwrap() error { return e.err }
 // deletion fails or finds nothing to delete (ipfw2.c ipfw_delete).
 const exUnavailable = 69
 
-// deleteSet deletes every rule of set ("ipfw delete set S"). The lock is
-// held.
+// ruleGone reports whether err is ipfw's answer to "ipfw set S delete N"
+// when set S holds no rule numbered number: ipfw2.c ipfw_delete asks the
+// kernel to delete the range (IP_FW_XDEL), which succeeds and reports how
+// many rules it deleted (delete_range, in new_set); for none, and a rule
+// number rather than a whole set, ipfw exits with EX_UNAVAILABLE after
+// warnx("rule %u not found"), which prints "ipfw: rule N not found" (the
+// program's name, from argv[0]). A failed IP_FW_XDEL exits with
+// EX_UNAVAILABLE too, but prints "ipfw: rule N: setsockopt(IP_FW_XDEL):"
+// and the errno's text; with -q ipfw prints neither, so the deletions run
+// without it.
+func ruleGone(err error, number uint32) bool {
+	var e *ipfwError
+	return errors.As(err, &e) && e.status == exUnavailable && e.out == "ipfw: rule "+strconv.FormatUint(uint64(number), 10)+" not found"
+}
+
+// deleteSet deletes every rule of set ("ipfw delete set S"). A set that
+// holds none is no error: ipfw reports an empty range only for rule
+// numbers (ruleGone). The lock is held.
 func (s *ipfwSys) deleteSet(set int) error {
-	_, err := s.run("-q", "delete", "set", strconv.Itoa(set))
+	_, err := s.run("delete", "set", strconv.Itoa(set))
 	return err
 }
 
 // deleteNumber deletes the rules of set numbered number ("ipfw set S
-// delete N"). The lock is held.
+// delete N"). When there are none, someone deleted them since they were
+// listed, and gone is what the deletion wants: not an error (ruleGone).
+// Every other failure is. The lock is held; only what does not take it
+// (an administrator's ipfw, another program) can have deleted them.
 func (s *ipfwSys) deleteNumber(set int, number uint32) error {
-	_, err := s.run("-q", "set", strconv.Itoa(set), "delete", strconv.FormatUint(uint64(number), 10))
+	_, err := s.run("set", strconv.Itoa(set), "delete", strconv.FormatUint(uint64(number), 10))
+	if err != nil && ruleGone(err, number) {
+		return nil
+	}
 	return err
 }
 
@@ -160,7 +183,8 @@ func (s *ipfwSys) removeAtClose(c *setClaim, number, port uint16) error {
 }
 
 // deleteStale deletes what plan found stale (ipfw.PlanSets): sets, and
-// rules by number. The lock is held.
+// rules by number. A set or rule already gone is no error (deleteSet,
+// deleteNumber). The lock is held.
 func (s *ipfwSys) deleteStale(plan ipfw.SetPlan) error {
 	for _, set := range plan.Stale {
 		if err := s.deleteSet(int(set)); err != nil {

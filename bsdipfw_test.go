@@ -5,6 +5,7 @@ package divert
 import (
 	"errors"
 	"fmt"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -147,6 +148,109 @@ func (f *fakeIPFW) run(args ...string) (string, error) {
 	}
 	f.t.Fatalf("fake ipfw: unexpected command %q", args)
 	return "", nil
+}
+
+// fakeRules returns rules for install's build: two divert rules to port,
+// tagged as process pid's.
+func fakeRules(pid int, port uint16) func(number uint16, set uint8) ([]ipfw.Rule, error) {
+	return func(number uint16, set uint8) ([]ipfw.Rule, error) {
+		tag := ipfw.Tag(pid, 0, port, 0)
+		var rules []ipfw.Rule
+		for _, dir := range []string{"in", "out"} {
+			rules = append(rules, ipfw.Rule{"add", strconv.Itoa(int(number)), "set", strconv.Itoa(int(set)),
+				"divert", strconv.Itoa(int(port)), "ip", "from", "any", "to", "any", dir, "//", tag})
+		}
+		return rules, nil
+	}
+}
+
+// TestRuleGone: only ipfw's own report that "set S delete N" found no
+// rule N (EX_UNAVAILABLE and "ipfw: rule N not found") counts as the rules
+// being gone; a failed IP_FW_XDEL (same status, another message), the
+// message for another number, another status, a silent failure (-q) and
+// an error that is not ipfw's exit do not.
+func TestRuleGone(t *testing.T) {
+	args := []string{"set", "3", "delete", "31000"}
+	for _, c := range []struct {
+		err  error
+		want bool
+	}{
+		{exitErr(args, 69, "ipfw: rule 31000 not found"), true},
+		{fmt.Errorf("wrapped: %w", exitErr(args, 69, "ipfw: rule 31000 not found")), true},
+		{exitErr(args, 69, "ipfw: rule 31000: setsockopt(IP_FW_XDEL): Operation not permitted"), false},
+		{exitErr(args, 69, "ipfw: rule 31001 not found"), false},
+		{exitErr(args, 69, "ipfw: no rules rules in 31000-31001 range"), false},
+		{exitErr(args, 69, ""), false}, // -q: ipfw says nothing, whatever failed
+		{exitErr(args, 1, "ipfw: rule 31000 not found"), false},
+		{exitErr(args, 64, "ipfw: rule 31000 not found extra"), false},
+		{errors.New("ipfw: rule 31000 not found"), false},
+		{&exec.Error{Name: "/sbin/ipfw", Err: exec.ErrNotFound}, false},
+		{nil, false},
+	} {
+		if got := ruleGone(c.err, 31000); got != c.want {
+			t.Errorf("ruleGone(%v) = %v, want %v", c.err, got, c.want)
+		}
+	}
+}
+
+// TestInstallStaleGoneMeanwhile: Open deletes a dead process's stale rules
+// (by number, in a set that also holds an administrator's rule) and a
+// stale set; when something else deleted them since the listing, ipfw
+// reports the number not found, which is what the deletion wanted: Open
+// goes on and installs its rules. Any other failure of the deletion fails
+// Open.
+func TestInstallStaleGoneMeanwhile(t *testing.T) {
+	const listing = `00500 set 3 allow ip from any to any // an administrator's
+31000 set 3 divert 40000 ip from any to any in // netdivert pid=42 port=40000 prio=0
+31000 set 4 divert 40001 ip from any to any in // netdivert pid=42 port=40001 prio=0
+`
+	gone := func(f *fakeIPFW) func([]string) error {
+		return func(args []string) error {
+			if len(args) > 0 && (args[len(args)-1] == "31000" || slices.Equal(args, []string{"delete", "set", "4"})) {
+				// Another process deleted the dead rules first.
+				f.rules = slices.DeleteFunc(f.rules, func(r fakeRule) bool { return r.number == 31000 })
+			}
+			return nil
+		}
+	}
+	f := newFakeIPFW(t, listing)
+	f.before = gone(f)
+	s := f.sys(7, nil)
+	var c setClaim
+	c.init()
+	number, err := s.install(&c, 0, 40500, fakeRules(7, 40500))
+	if err != nil {
+		t.Fatalf("install with the stale rules gone meanwhile: %v", err)
+	}
+	if number != 31000 || !slices.Contains(f.log, "set 3 delete 31000") || !slices.Contains(f.log, "delete set 4") {
+		t.Fatalf("number %d, commands %q", number, f.log)
+	}
+	if got := f.listing(); strings.Count(got, "port=40500") != 2 || strings.Contains(got, "pid=42") {
+		t.Fatalf("ruleset after install:\n%s", got)
+	}
+
+	// Other failures of the deletion fail Open, before any rule is added.
+	for _, fail := range []error{
+		exitErr([]string{"set", "3", "delete", "31000"}, 69, "ipfw: rule 31000: setsockopt(IP_FW_XDEL): Operation not permitted"),
+		exitErr([]string{"set", "3", "delete", "31000"}, 69, ""),
+		exitErr([]string{"set", "3", "delete", "31000"}, 71, "ipfw: socket: Protocol not supported"),
+	} {
+		f := newFakeIPFW(t, listing)
+		f.before = func(args []string) error {
+			if args[len(args)-1] == "31000" {
+				return fail
+			}
+			return nil
+		}
+		var c setClaim
+		c.init()
+		if _, err := f.sys(7, nil).install(&c, 0, 40500, fakeRules(7, 40500)); !errors.Is(err, fail) {
+			t.Errorf("install with the deletion failing with %v: %v", fail, err)
+		}
+		if strings.Contains(f.listing(), "port=40500") {
+			t.Errorf("rules added after the deletion failed with %v", fail)
+		}
+	}
 }
 
 // TestCloseDeletesOnlyOwn: handles that share a rule number (the numbers

@@ -29,7 +29,9 @@ package divert
 // process's rules (ruleAlive). No new handle's socket is bound to a port
 // that such rules divert to (busyPorts): until they are deleted it would
 // receive their packets. Rule changes are serialised between processes with flock on
-// /var/run/netdivert-ipfw.lock. The IP_FW3 socket option would avoid the
+// /var/run/netdivert-ipfw.lock; a deletion that finds its rules gone (ipfw's
+// "rule N not found": something that does not take the lock deleted them
+// since they were listed) has done its work (ipfwSys.deleteNumber). The IP_FW3 socket option would avoid the
 // exec but its opcode stream is an internal ABI that changed in FreeBSD 15.
 //
 // The rules over-approximate the filter; unless they are exact, Recv
