@@ -21,7 +21,9 @@ const firstSet = 1
 
 // ipfwSys is how the backend changes the ruleset: every change, and every
 // listing a change is planned from, happens while lock is held, the flock
-// that serialises them between the processes using this library.
+// that serialises them between the processes using this library. pause,
+// between two attempts at a deletion, never runs with the lock held: the
+// lock would stall every other process's Open and Close.
 type ipfwSys struct {
 	run   func(args ...string) (string, error) // runs ipfw (runIPFW); a failure it ran is an *ipfwError
 	lock  func() (unlock func(), err error)    // takes the lock (lockIPFW)
@@ -204,19 +206,18 @@ func (s *ipfwSys) deleteStale(plan ipfw.SetPlan) error {
 // stale sets and rules, picks a free set and the rule number
 // (ipfw.PlanSets, ipfw.PlanNumber), and adds the rules build returns for
 // them (none: nothing is added, and no set claimed), claiming the set
-// with c. It returns the number. When ipfw refuses a rule, the rules
-// added before it are deleted as at Close (setClaim.undoAdd).
+// with c. It returns the number. When ipfw refuses a rule, the lock is
+// released before the rules added before it are deleted as at Close
+// (setClaim.undoAdd), whose tries pause between them.
 func (s *ipfwSys) install(c *setClaim, prio int16, port uint16, build func(number uint16, set uint8) ([]ipfw.Rule, error)) (uint16, error) {
 	unlock, err := s.lock()
 	if err != nil {
 		return ipfw.RuleNumber(prio), err
 	}
-	defer unlock()
 	number, added, err := s.installLocked(c, prio, port, build)
+	unlock()
 	if err != nil && added >= 0 {
-		// The lock is held: deleteRules, not lockedDelete.
-		del := func(set int) error { return s.deleteRules(set, number, port) }
-		return number, c.undoAdd(err, added, del, closeAttempts, s.pause, s.left, number, port)
+		return number, c.undoAdd(err, added, s.lockedDelete(number, port), closeAttempts, s.pause, s.left, number, port)
 	}
 	return number, err
 }

@@ -253,6 +253,73 @@ func TestInstallStaleGoneMeanwhile(t *testing.T) {
 	}
 }
 
+// TestInstallNoPauseUnderLock: when ipfw refuses a rule partway and the
+// rules added before cannot be deleted at once, Open tries again after
+// pauses, as Close does, and never pauses while it holds the ipfw lock,
+// which every other process's Open and Close would wait for.
+func TestInstallNoPauseUnderLock(t *testing.T) {
+	f := newFakeIPFW(t, "")
+	adds, dels := 0, 0
+	refused := exitErr([]string{"add"}, 65, "ipfw: bad rule")
+	stuck := exitErr([]string{"delete", "set", "1"}, 69, "ipfw: rule 0: setsockopt(IP_FW_XDEL): Resource temporarily unavailable")
+	f.before = func(args []string) error {
+		switch {
+		case len(args) > 1 && args[1] == "add":
+			if adds++; adds == 2 {
+				return refused
+			}
+		case args[0] == "delete":
+			if dels++; dels < 3 {
+				return stuck
+			}
+		}
+		return nil
+	}
+	s := f.sys(7, nil)
+	var c setClaim
+	c.init()
+	_, err := s.install(&c, 0, 40500, fakeRules(7, 40500))
+	if !errors.Is(err, refused) || errors.Is(err, stuck) {
+		t.Fatalf("install = %v; want add's error alone (the rules deleted at the third try)", err)
+	}
+	if dels != 3 || strings.Count(strings.Join(f.log, "\n"), "pause") != 2 {
+		t.Fatalf("%d deletions; commands %q", dels, f.log)
+	}
+	if f.listing() != "" || !s.left.empty() {
+		t.Fatalf("left installed:\n%s, left %v", f.listing(), s.left.sets)
+	}
+	if f.held {
+		t.Fatal("the lock still held")
+	}
+}
+
+// TestRemoveAtCloseNoPauseUnderLock: Close's retries pause without the
+// lock too.
+func TestRemoveAtCloseNoPauseUnderLock(t *testing.T) {
+	f := newFakeIPFW(t, "")
+	s := f.sys(7, nil)
+	var c setClaim
+	c.init()
+	if _, err := s.install(&c, 0, 40500, fakeRules(7, 40500)); err != nil {
+		t.Fatal(err)
+	}
+	dels := 0
+	f.before = func(args []string) error {
+		if args[0] == "delete" {
+			if dels++; dels < closeAttempts {
+				return exitErr(args, 69, "ipfw: rule 0: setsockopt(IP_FW_XDEL): Resource temporarily unavailable")
+			}
+		}
+		return nil
+	}
+	if err := s.removeAtClose(&c, 31000, 40500); err != nil || f.listing() != "" {
+		t.Fatalf("removeAtClose = %v, left:\n%s", err, f.listing())
+	}
+	if !slices.Contains(f.log, "pause") {
+		t.Fatalf("no pause between tries: %q", f.log)
+	}
+}
+
 // TestCloseDeletesOnlyOwn: handles that share a rule number (the numbers
 // were packed, PlanNumber) are in sets of their own, and deletion is by
 // set: one handle's Close deletes its rules and no other's, whether its

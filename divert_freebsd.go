@@ -476,7 +476,7 @@ func (b *bsdBackend) removeRulesAtClose() error {
 }
 
 // closePause is the pause before the try-th new attempt at deleting
-// rules (removeAtClose).
+// rules (removeAtClose); the ipfw lock is not held.
 func closePause(try int) { time.Sleep(time.Duration(try) * 20 * time.Millisecond) }
 
 func lockIPFW() (func(), error) {
