@@ -20,10 +20,10 @@ import (
 const firstSet = 1
 
 // ipfwSys is how the backend changes the ruleset: every change, and every
-// listing a change is planned from, happens while lock is held, the flock
-// that serialises them between the processes using this library. pause,
-// between two attempts at a deletion, never runs with the lock held: the
-// lock would stall every other process's Open and Close.
+// listing a change or a divert port is chosen from, happens while lock is
+// held, the flock that serialises them between the processes using this
+// library. pause, between two attempts at a deletion, never runs with the
+// lock held: the lock would stall every other process's Open and Close.
 type ipfwSys struct {
 	run   func(args ...string) (string, error) // runs ipfw (runIPFW); a failure it ran is an *ipfwError
 	lock  func() (unlock func(), err error)    // takes the lock (lockIPFW)
@@ -100,8 +100,21 @@ func (s *ipfwSys) listed() []ipfw.Listed {
 }
 
 // choosePort runs f, which binds a divert socket to a port busy does not
-// report (bindFree), busy being busyPorts of a listing of the rules.
+// report (bindFree), with the lock held, busy being busyPorts of a listing
+// taken under the same hold. The bind is exclusive only against sockets:
+// rules outlive theirs (a process killed, a Close that ipfw failed), so a
+// port no socket has may still be diverted to. Every process of this
+// library adds rules under the lock, for its own bound port only: with
+// the listing and the bind under one hold, rules that divert to the port
+// were either listed, and the port avoided, or are added after the bind,
+// by no one but the socket's handle. (An administrator's ipfw does not
+// take the lock.)
 func (s *ipfwSys) choosePort(f func(busy func(port uint16) bool) error) error {
+	unlock, err := s.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	return f(busyPorts(s.listed(), s.left))
 }
 

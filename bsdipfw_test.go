@@ -320,6 +320,53 @@ func TestRemoveAtCloseNoPauseUnderLock(t *testing.T) {
 	}
 }
 
+// TestBindAutoUnderLock: the listing that busy ports come from and the
+// bind happen under one hold of the ipfw lock, so that no process of the
+// library adds rules diverting to the port in between: a port rules
+// divert to (here, a killed process's, whose socket is gone) is never
+// bound.
+func TestBindAutoUnderLock(t *testing.T) {
+	f := newFakeIPFW(t, "31000 set 2 divert 40007 ip from any to any in // netdivert pid=42 port=40007 prio=0\n")
+	k := newFakeDivert()
+	var held []bool
+	sock := &lockCheckSock{fakeSock: fakeSock{k: k}, bound: func(port uint16) {
+		held = append(held, f.held)
+		if !f.held {
+			// Unserialised, another process of the library could have
+			// bound the port since the listing, added its rules and been
+			// killed (its socket gone, its rules not): as if so.
+			f.rules = append(f.rules, fakeRule{31000, 5, fmt.Sprintf("divert %d ip from any to any in // netdivert pid=43 port=%d prio=0", port, port)})
+		}
+	}}
+	s := f.sys(7, nil)
+	port, err := s.bindAuto(sock, 7)
+	if err != nil || port != 40008 {
+		t.Fatalf("bindAuto = %d, %v; want 40008, past the rules' port", port, err)
+	}
+	for _, r := range ipfw.ParseList(f.listing()) {
+		if r.Divert == port {
+			t.Errorf("bound port %d, which a rule diverts to: %+v", port, r)
+		}
+	}
+	if len(held) == 0 || slices.Contains(held, false) || f.locks != 1 {
+		t.Fatalf("binds with the lock held: %v; %d lock holds (want 1); log %q", held, f.locks, f.log)
+	}
+	if i := slices.Index(f.log, "-S list"); i < 0 || slices.Index(f.log, "-lock") < i {
+		t.Fatalf("log %q: the listing is not under the lock", f.log)
+	}
+}
+
+// lockCheckSock is a fakeSock that reports each bind.
+type lockCheckSock struct {
+	fakeSock
+	bound func(port uint16)
+}
+
+func (s *lockCheckSock) bind(port uint16) error {
+	s.bound(port)
+	return s.fakeSock.bind(port)
+}
+
 // TestCloseDeletesOnlyOwn: handles that share a rule number (the numbers
 // were packed, PlanNumber) are in sets of their own, and deletion is by
 // set: one handle's Close deletes its rules and no other's, whether its

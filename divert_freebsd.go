@@ -28,7 +28,9 @@ package divert
 // release's tag) is its own only when its set and port are among the
 // process's rules (ruleAlive). No new handle's socket is bound to a port
 // that such rules divert to (busyPorts): until they are deleted it would
-// receive their packets. Rule changes are serialised between processes with flock on
+// receive their packets. The port is chosen from a listing taken under the
+// ipfw lock (below) and bound before the lock is released
+// (ipfwSys.choosePort). Rule changes are serialised between processes with flock on
 // /var/run/netdivert-ipfw.lock; a deletion that finds its rules gone (ipfw's
 // "rule N not found": something that does not take the lock deleted them
 // since they were listed) has done its work (ipfwSys.deleteNumber). The IP_FW3 socket option would avoid the
@@ -349,6 +351,7 @@ func divertSocket() (int, error) {
 func bindAuto(fd int) (uint16, error) {
 	// Not a port that rules still divert to (a closed handle's left ones,
 	// a dead process's stale ones): the handle would get their packets.
+	// Chosen under the ipfw lock (ipfwSys.choosePort).
 	return bsdIPFW.bindAuto(fdSock(fd), os.Getpid()%divertPorts)
 }
 
@@ -1122,6 +1125,7 @@ func (b *bsdBackend) detach() error {
 		err  error
 		cerr error
 	)
+	// The free port is chosen under the ipfw lock (ipfwSys.choosePort).
 	if lerr := bsdIPFW.choosePort(func(busy func(uint16) bool) error {
 		cerr = b.rc.Control(func(fd uintptr) {
 			size, serr := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF)
