@@ -284,17 +284,55 @@ func (c *tableConn) drain() error {
 	return derr
 }
 
+// tableSeq numbers the tables the process names (see openFresh).
 var tableSeq atomic.Uint32
+
+// maxNameTries bounds the names openFresh tries for one table (a variable
+// for tests).
+var maxNameTries = 64
+
+// openFresh creates, as openOwned does, an owned table of the family with
+// a name the process has not used before, prefix_<pid>_<n>, and returns
+// the name.
+//
+// The name may still be taken: a process of another PID namespace that
+// shares the network namespace (another container of a pod, both PID 1)
+// makes the same names, and nf_tables refuses a NEWTABLE naming a table
+// another socket owns with EPERM, whatever the caller's capabilities
+// (see mapTableErr). Such a refusal (ErrTableOwned) makes openFresh try
+// the next name, maxNameTries names at most; when every one is refused,
+// the error names the last and wraps ErrTableOwned and os.ErrPermission.
+// Any other error ends the tries.
+func openFresh(prefix string, family nftables.TableFamily) (string, *tableConn, error) {
+	for try := 1; ; try++ {
+		name := fmt.Sprintf("%s_%d_%d", prefix, os.Getpid(), tableSeq.Add(1))
+		c, err := openOwned(name, family)
+		switch {
+		case err == nil:
+			return name, c, nil
+		case !errors.Is(err, ErrTableOwned):
+			return "", nil, err
+		case try >= maxNameTries:
+			return "", nil, fmt.Errorf("nftrules: %d table names tried, each another netlink socket's; the last, %s: %w", try, name, err)
+		}
+	}
+}
 
 // Install creates an owned table with the rules cfg describes, in the
 // network namespace of the calling thread. A table of the same family and
 // base chains that a Close parked in that namespace (see share_linux.go)
 // is taken over instead of a new one, so that no hook is registered.
 //
+// The new table is named divert_<pid>_<n>. A process with the same PID
+// in another PID namespace sharing the network namespace makes the same
+// names; when one is a table another netlink socket owns, which
+// nf_tables refuses to create again, Install retries with the next name
+// (see openFresh), as the probe for the native queue expression does.
+//
 // Errors wrap os.ErrPermission when the caller lacks CAP_NET_ADMIN, or
-// when the table's name is that of a table another netlink socket owns
-// (say, a process with the same PID in another PID namespace), and
-// ErrUnsupported when the kernel lacks nf_tables, table ownership or NFQUEUE.
+// when every name tried was that of a table another netlink socket owns
+// (then also ErrTableOwned), and ErrUnsupported when the kernel lacks
+// nf_tables, table ownership or NFQUEUE.
 func Install(cfg Config) (*Ruleset, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -302,7 +340,15 @@ func Install(cfg Config) (*Ruleset, error) {
 	// The namespace is told, and the table's socket opened, on one thread.
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	native := (cfg.Action == ActionQueue || cfg.UnclearQueue) && HasNativeQueue()
+	var native bool
+	if cfg.Action == ActionQueue || cfg.UnclearQueue {
+		var err error
+		if native, err = nativeQueue(); errors.Is(err, ErrTableOwned) {
+			// Not an answer: the xt target, chosen instead, may be
+			// missing where the native expression is not.
+			return nil, fmt.Errorf("nftrules: probe for the native queue expression: %w", err)
+		}
+	}
 	family := cfg.family()
 	r := &Ruleset{family: family, native: native, bases: cfg.bases()}
 	r.ns, r.shared = join()
@@ -313,13 +359,12 @@ func Install(cfg Config) (*Ruleset, error) {
 		}
 	}
 	if r.conn == nil {
-		r.table = fmt.Sprintf("divert_%d_%d", os.Getpid(), tableSeq.Add(1))
-		conn, err := openOwned(r.table, family)
+		name, conn, err := openFresh("divert", family)
 		if err != nil {
 			r.leave(nil)
 			return nil, err
 		}
-		r.conn = conn
+		r.table, r.conn = name, conn
 	}
 	exact, err := r.program(&cfg, reused)
 	if err != nil {
@@ -932,15 +977,25 @@ var probe struct {
 // non-base chain of a scratch owned table, which never sees a packet and
 // vanishes with its socket. A definite answer is cached.
 func HasNativeQueue() bool {
+	native, _ := nativeQueue()
+	return native
+}
+
+// nativeQueue is HasNativeQueue, with the error that kept the probe from
+// an answer (native is then false, and nothing is cached). The probe's
+// table is named divert_probe_<pid>_<n>, tried as openFresh does, so
+// that a name another socket owns (ErrTableOwned: say, a process of the
+// same PID in another PID namespace probing as well) is not taken for
+// the lack of the expression.
+func nativeQueue() (native bool, err error) {
 	probe.mu.Lock()
 	defer probe.mu.Unlock()
 	if probe.done {
-		return probe.native
+		return probe.native, nil
 	}
-	name := fmt.Sprintf("divert_probe_%d_%d", os.Getpid(), tableSeq.Add(1))
-	conn, err := openOwned(name, nftables.TableFamilyINet)
+	name, conn, err := openFresh("divert_probe", nftables.TableFamilyINet)
 	if err != nil {
-		return false
+		return false, err
 	}
 	defer conn.CloseLasting()
 	t := &nftables.Table{Name: name, Family: nftables.TableFamilyINet}
@@ -952,8 +1007,10 @@ func HasNativeQueue() bool {
 		probe.done, probe.native = true, true
 	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.EOPNOTSUPP):
 		probe.done, probe.native = true, false
+	default:
+		return false, fmt.Errorf("nftrules: probe table %s: %w", name, err)
 	}
-	return probe.native
+	return probe.native, nil
 }
 
 // ErrPermission is os.ErrPermission; errors for a missing CAP_NET_ADMIN,
@@ -977,9 +1034,10 @@ var ErrTableOwned = errors.New("table owned by another netlink socket")
 // id): a table of another process, or of another socket of this one; a
 // NEWTABLE for such a name gets EPERM, not EEXIST. A process of another
 // PID namespace sharing the network namespace (another container of a
-// pod) can have the same PID, and so make the same table names. When the
-// caller has CAP_NET_ADMIN there (netAdminOver), the error says that the
-// table is another socket's, not that a capability is missing.
+// pod) can have the same PID, and so make the same table names (for a
+// new table's name, openFresh then tries the next). When the caller has
+// CAP_NET_ADMIN there (netAdminOver), the error says that the table is
+// another socket's, not that a capability is missing.
 func mapTableErr(op, table string, sock *netlink.Conn, err error) error {
 	if errors.Is(err, os.ErrPermission) && sock != nil && netAdminOver(sock) {
 		return fmt.Errorf("nftrules: %s: %w: %s belongs to another process, or to another socket of this one, and nf_tables lets only a table's owner change it, whatever the caller's capabilities (this process has CAP_NET_ADMIN in the network namespace): %w", op, ErrTableOwned, table, err)

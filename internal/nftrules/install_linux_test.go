@@ -469,26 +469,139 @@ func TestNoPermissionUserNS(t *testing.T) {
 	}
 }
 
+// ownNames creates, in ns, an owned table of each name on a socket of its
+// own (another socket than any of Install's), with a chain in it, and
+// returns what `nft list table inet <name>` prints for each. The sockets
+// close when the test ends, or with closeOwned.
+func ownNames(t *testing.T, ns *netnstest.NS, names []string) (listings []string, closeOwned func()) {
+	t.Helper()
+	var conns []*tableConn
+	closeOwned = func() {
+		for _, c := range conns {
+			c.CloseLasting()
+		}
+		conns = nil
+	}
+	t.Cleanup(closeOwned)
+	for _, name := range names {
+		if err := ns.Do(func() error {
+			c, err := openOwned(name, nftables.TableFamilyINet)
+			if err != nil {
+				return err
+			}
+			conns = append(conns, c)
+			c.AddChain(&nftables.Chain{Name: "theirs", Table: &nftables.Table{Name: name, Family: nftables.TableFamilyINet}})
+			return c.flush()
+		}); err != nil {
+			t.Fatal(err)
+		}
+		listings = append(listings, nftList(t, ns, "table", "inet", name))
+	}
+	return listings, closeOwned
+}
+
+// nextNames returns the n names that openFresh gives a table of prefix
+// next, in order.
+func nextNames(prefix string, n int) []string {
+	seq := tableSeq.Load()
+	var names []string
+	for i := range n {
+		names = append(names, fmt.Sprintf("%s_%d_%d", prefix, os.Getpid(), seq+1+uint32(i)))
+	}
+	return names
+}
+
+// requireUntouched fails the test unless the tables of names are listed
+// as they were (listings, from ownNames).
+func requireUntouched(t *testing.T, ns *netnstest.NS, names, listings []string, when string) {
+	t.Helper()
+	for i, name := range names {
+		if got := nftList(t, ns, "table", "inet", name); got != listings[i] {
+			t.Errorf("%s, %s is now\n%s\nwas\n%s", when, name, got, listings[i])
+		}
+	}
+}
+
+// countDials counts the sockets openOwned opens until the test ends, and
+// refuses to open more than limit (a guard against a loop of tries
+// without end, which would otherwise make the test hang).
+func countDials(t *testing.T, limit int64) *atomic.Int64 {
+	var n atomic.Int64
+	dial := dialNetfilter
+	t.Cleanup(func() { dialNetfilter = dial })
+	dialNetfilter = func() (*netlink.Conn, error) {
+		if n.Add(1) > limit {
+			return nil, fmt.Errorf("test guard: more than %d sockets opened", limit)
+		}
+		return dial()
+	}
+	return &n
+}
+
 // TestOwnedByAnother: the kernel answers EPERM, not EEXIST, to a NEWTABLE
 // for the name of a table another socket owns, also to a caller with
-// CAP_NET_ADMIN (a process of the same PID in another PID namespace makes
-// the same names). Install's error wraps os.ErrPermission and says that
-// the table is another socket's, naming it, rather than that a capability
-// is missing; and Install leaves nothing behind.
+// CAP_NET_ADMIN (a process of the same PID in another PID namespace,
+// sharing the network namespace, makes the same names). Install then
+// tries the next name: when another socket owns the name Install would
+// use next, or the next several, Install makes its table under the first
+// free one, leaves the other socket's tables as they were, and its Close
+// removes only its own.
 func TestOwnedByAnother(t *testing.T) {
 	netnstest.RequireRoot(t)
-	ns := netnstest.NewT(t, "nfow")
-	// The name Install's next table gets (a drop rule set asks for no
-	// probe, which would take a number first).
-	name := fmt.Sprintf("divert_%d_%d", os.Getpid(), tableSeq.Load()+1)
-	var foreign *tableConn
-	if err := ns.Do(func() (err error) {
-		foreign, err = openOwned(name, nftables.TableFamilyINet)
-		return err
-	}); err != nil {
-		t.Fatal(err)
+	for _, owned := range []int{1, 5} {
+		t.Run(fmt.Sprint(owned), func(t *testing.T) {
+			ns := netnstest.NewT(t, "nfow")
+			// A drop rule set asks for no probe, which would take a
+			// number first.
+			names := nextNames("divert", owned+1)
+			want := names[owned]
+			names = names[:owned]
+			listings, closeOwned := ownNames(t, ns, names)
+			dials := countDials(t, int64(owned)+8)
+			var r *Ruleset
+			if err := ns.Do(func() (err error) {
+				r, err = Install(Config{Hooks: []Hook{HookInput}, IPv4: true, IPv6: true, Action: ActionDrop})
+				return err
+			}); err != nil {
+				t.Fatalf("Install with %v another socket's: %v", names, err)
+			}
+			if r.Table() != want {
+				t.Errorf("Install's table %s, want %s, the first name no other socket owns", r.Table(), want)
+			}
+			if n := dials.Load(); n != int64(owned)+1 {
+				t.Errorf("Install opened %d sockets, want %d", n, owned+1)
+			}
+			if got, w := tables(t, ns), append(slices.Clone(names), want); !slices.Equal(got, w) {
+				t.Errorf("tables %v, want %v", got, w)
+			}
+			requireRules(t, ns, r.Table(), "Install's table")
+			requireUntouched(t, ns, names, listings, "after Install")
+			if err := r.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if got := tables(t, ns); !slices.Equal(got, names) {
+				t.Errorf("tables after Close %v, want the other socket's %v", got, names)
+			}
+			requireUntouched(t, ns, names, listings, "after Close")
+			closeOwned()
+			requireGone(t, ns, "after the other socket closed")
+		})
 	}
-	defer foreign.CloseLasting()
+}
+
+// TestOwnedNamesExhausted: when another socket owns every name Install
+// tries (maxNameTries of them), Install fails after that many, with an
+// error that wraps ErrTableOwned and os.ErrPermission, names the last
+// name tried and says that the table is another socket's rather than
+// that a capability is missing; and it leaves nothing behind.
+func TestOwnedNamesExhausted(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfox")
+	defer func(n int) { maxNameTries = n }(maxNameTries)
+	maxNameTries = 2
+	names := nextNames("divert", maxNameTries)
+	listings, closeOwned := ownNames(t, ns, names)
+	dials := countDials(t, 10)
 	var err error
 	ns.Do(func() error {
 		r, ierr := Install(Config{Hooks: []Hook{HookInput}, IPv4: true, IPv6: true, Action: ActionDrop})
@@ -499,20 +612,114 @@ func TestOwnedByAnother(t *testing.T) {
 		return nil
 	})
 	if err == nil {
-		t.Fatalf("Install made a table named as %s, which another socket owns", name)
-	}
-	if !errors.Is(err, os.ErrPermission) || !errors.Is(err, unix.EPERM) {
-		t.Fatalf("Install: %v, want EPERM", err)
+		t.Fatalf("Install made a table though another socket owns %v, every name it may try", names)
 	}
 	msg := err.Error()
 	t.Logf("Install: %s", msg)
-	if !errors.Is(err, ErrTableOwned) || !strings.Contains(msg, name+" belongs to another process") || strings.Contains(msg, "is needed") {
-		t.Errorf("Install's error %q: want it to say that %s is another socket's, not that a capability is missing", msg, name)
+	if n := dials.Load(); n != int64(maxNameTries) {
+		t.Errorf("Install opened %d sockets, want %d, one a name", n, maxNameTries)
 	}
-	if got := tables(t, ns); len(got) != 1 || got[0] != name {
-		t.Errorf("tables %v, want only the other socket's %s", got, name)
+	if !errors.Is(err, os.ErrPermission) || !errors.Is(err, unix.EPERM) || !errors.Is(err, ErrTableOwned) {
+		t.Fatalf("Install: %v, want EPERM for a table another socket owns", err)
 	}
-	foreign.CloseLasting()
+	last := names[len(names)-1]
+	if !strings.Contains(msg, "2 table names tried") || !strings.Contains(msg, last+" belongs to another process") || strings.Contains(msg, "is needed") {
+		t.Errorf("Install's error %q: want it to say that every name tried, the last %s, is another socket's, not that a capability is missing", msg, last)
+	}
+	if got := tables(t, ns); !slices.Equal(got, names) {
+		t.Errorf("tables %v, want only the other socket's %v", got, names)
+	}
+	requireUntouched(t, ns, names, listings, "after Install")
+	closeOwned()
+	requireGone(t, ns, "after the other socket closed")
+}
+
+// resetProbe forgets the probe's answer until the test ends.
+func resetProbe(t *testing.T) {
+	probe.mu.Lock()
+	done, native := probe.done, probe.native
+	probe.done, probe.native = false, false
+	probe.mu.Unlock()
+	t.Cleanup(func() {
+		probe.mu.Lock()
+		probe.done, probe.native = done, native
+		probe.mu.Unlock()
+	})
+}
+
+// TestNativeProbeOwned: a probe whose table name another socket owns
+// tries the next name, and answers as a probe that met no such table: the
+// refusal is not taken for the lack of the expression.
+func TestNativeProbeOwned(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfpo")
+	resetProbe(t)
+	var want bool
+	if err := ns.Do(func() (err error) { want, err = nativeQueue(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	probe.mu.Lock()
+	probe.done = false
+	probe.mu.Unlock()
+	names := nextNames("divert_probe", 1)
+	listings, closeOwned := ownNames(t, ns, names)
+	countDials(t, 10)
+	var got bool
+	if err := ns.Do(func() (err error) { got, err = nativeQueue(); return err }); err != nil {
+		t.Fatalf("probe with %s another socket's: %v", names[0], err)
+	}
+	probe.mu.Lock()
+	done := probe.done
+	probe.mu.Unlock()
+	if got != want || !done {
+		t.Errorf("probe with %s another socket's: %v (decided: %v), want %v, decided", names[0], got, done, want)
+	}
+	if got := tables(t, ns); !slices.Equal(got, names) {
+		t.Errorf("tables %v, want only the other socket's %v", got, names)
+	}
+	requireUntouched(t, ns, names, listings, "after the probe")
+	closeOwned()
+	requireGone(t, ns, "after the other socket closed")
+}
+
+// TestNativeProbeOwnedExhausted: when another socket owns every name the
+// probe tries, the probe has no answer, caches none, and Install of a
+// queue rule set fails with the probe's error (wrapping ErrTableOwned)
+// rather than take the native queue expression for missing and fall back
+// on the xt target.
+func TestNativeProbeOwnedExhausted(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfpx")
+	resetProbe(t)
+	defer func(n int) { maxNameTries = n }(maxNameTries)
+	maxNameTries = 2
+	names := nextNames("divert_probe", maxNameTries)
+	listings, closeOwned := ownNames(t, ns, names)
+	countDials(t, 10)
+	var err error
+	ns.Do(func() error {
+		r, ierr := Install(Config{Hooks: []Hook{HookInput}, IPv4: true, Action: ActionQueue, QueueNum: 7, QueueCount: 1, Bypass: true})
+		if ierr == nil {
+			r.Close()
+		}
+		err = ierr
+		return nil
+	})
+	t.Logf("Install: %v", err)
+	if err == nil || !errors.Is(err, ErrTableOwned) || !errors.Is(err, os.ErrPermission) || !strings.Contains(err.Error(), "native queue") || !strings.Contains(err.Error(), names[1]) {
+		t.Fatalf("Install: %v, want the probe's error for %s, another socket's", err, names[1])
+	}
+	probe.mu.Lock()
+	done := probe.done
+	probe.mu.Unlock()
+	if done {
+		t.Error("the probe cached an answer it did not have")
+	}
+	if got := tables(t, ns); !slices.Equal(got, names) {
+		t.Errorf("tables %v, want only the other socket's %v", got, names)
+	}
+	requireUntouched(t, ns, names, listings, "after Install")
+	closeOwned()
 	requireGone(t, ns, "after the other socket closed")
 }
 
