@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -2263,5 +2264,94 @@ func TestLinuxAnswerWithReversedAddress(t *testing.T) {
 				t.Fatalf("stats %+v, want 1 received, 1 sent and injected (the answer), 1 dropped", st)
 			}
 		})
+	}
+}
+
+// TestLinuxOpenTableNameOwned: Open succeeds when another process owns
+// tables of the names its rules would get next, as a process of the same
+// PID in another PID namespace sharing the network namespace (another
+// container of a pod) may: the handle's table gets another name and
+// diverts, the other process's tables stay, and Close removes only the
+// handle's. The other process is nft -i, whose owned tables live as long
+// as its session.
+func TestLinuxOpenTableNameOwned(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dtn", 0)
+	ns := l.B.NS
+	listTables := func() []string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		out, err := ns.Run(ctx, "nft", "list", "tables")
+		if err != nil {
+			t.Fatalf("nft list tables: %v: %s", err, out)
+		}
+		var names []string
+		for _, line := range strings.Split(string(out), "\n") {
+			if f := strings.Fields(line); len(f) == 3 {
+				names = append(names, f[2])
+			}
+		}
+		return names
+	}
+	// The number of the last table the process made: that of a handle's.
+	h := openIn(t, ns, "icmp", LayerNetwork, 0, 0)
+	first := listTables()
+	h.Close()
+	var seq int
+	prefix := fmt.Sprintf("divert_%d_", os.Getpid())
+	if len(first) != 1 || !strings.HasPrefix(first[0], prefix) {
+		t.Fatalf("tables %v, want one %s<n>", first, prefix)
+	}
+	if _, err := fmt.Sscanf(first[0][len(prefix):], "%d", &seq); err != nil {
+		t.Fatalf("table %s: %v", first[0], err)
+	}
+	var owned []string
+	var cmds strings.Builder
+	for i := 1; i <= 3; i++ {
+		owned = append(owned, fmt.Sprintf("%s%d", prefix, seq+i))
+		fmt.Fprintf(&cmds, "add table inet %s { flags owner; }\n", owned[i-1])
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	nft := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, "nft", "-i")
+	var stderr bytes.Buffer
+	nft.Stderr = &stderr
+	stdin, err := nft.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nft.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); nft.Process.Kill(); nft.Wait() })
+	if _, err := io.WriteString(stdin, cmds.String()); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); len(listTables()) != len(owned); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("nft -i made tables %v, want %v: %s", listTables(), owned, stderr.String())
+		}
+	}
+	h = openIn(t, ns, "icmp", LayerNetwork, 0, 0)
+	got := listTables()
+	if len(got) != len(owned)+1 || !slices.Equal(got[:len(owned)], owned) || slices.Contains(owned, got[len(owned)]) || !strings.HasPrefix(got[len(owned)], prefix) {
+		t.Fatalf("tables %v, want nft's %v and the handle's, another %s<n>", got, owned, prefix)
+	}
+	if n, _ := l.A.NS.Ping(l.B.V4, 1, 500*time.Millisecond); n != 0 {
+		t.Fatal("ping passed while a handle holds icmp, unread")
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := listTables(); !slices.Equal(got, owned) {
+		t.Fatalf("tables after Close %v, want nft's %v", got, owned)
+	}
+	stdin.Close()
+	if err := nft.Wait(); err != nil {
+		t.Fatalf("nft -i: %v: %s", err, stderr.String())
+	}
+	if got := listTables(); len(got) != 0 {
+		t.Fatalf("tables after nft -i ended: %v", got)
 	}
 }
