@@ -299,10 +299,12 @@ var maxNameTries = 64
 // shares the network namespace (another container of a pod, both PID 1)
 // makes the same names, and nf_tables refuses a NEWTABLE naming a table
 // another socket owns with EPERM, whatever the caller's capabilities
-// (see mapTableErr). Such a refusal (ErrTableOwned) makes openFresh try
-// the next name, maxNameTries names at most; when every one is refused,
-// the error names the last and wraps ErrTableOwned and os.ErrPermission.
-// Any other error ends the tries.
+// (see mapTableErr). A table of the name that nobody owns (one an
+// administrator made with nft) is refused too, with EEXIST. Either refusal
+// makes openFresh try the next name, maxNameTries names at most; when
+// every one is refused, the error names the last and wraps the last
+// refusal (ErrTableOwned and os.ErrPermission, or EEXIST). Any other error
+// ends the tries.
 func openFresh(prefix string, family nftables.TableFamily) (string, *tableConn, error) {
 	for try := 1; ; try++ {
 		name := fmt.Sprintf("%s_%d_%d", prefix, os.Getpid(), tableSeq.Add(1))
@@ -310,10 +312,10 @@ func openFresh(prefix string, family nftables.TableFamily) (string, *tableConn, 
 		switch {
 		case err == nil:
 			return name, c, nil
-		case !errors.Is(err, ErrTableOwned):
+		case !errors.Is(err, ErrTableOwned) && !errors.Is(err, unix.EEXIST):
 			return "", nil, err
 		case try >= maxNameTries:
-			return "", nil, fmt.Errorf("nftrules: %d table names tried, each another netlink socket's; the last, %s: %w", try, name, err)
+			return "", nil, fmt.Errorf("nftrules: %d table names tried, each taken; the last: %w", try, err)
 		}
 	}
 }
@@ -325,9 +327,10 @@ func openFresh(prefix string, family nftables.TableFamily) (string, *tableConn, 
 //
 // The new table is named divert_<pid>_<n>. A process with the same PID
 // in another PID namespace sharing the network namespace makes the same
-// names; when one is a table another netlink socket owns, which
-// nf_tables refuses to create again, Install retries with the next name
-// (see openFresh), as the probe for the native queue expression does.
+// names; when one is taken (a table another netlink socket owns, or one
+// an administrator made), which nf_tables refuses to create again,
+// Install retries with the next name (see openFresh), as the probe for
+// the native queue expression does.
 //
 // Errors wrap os.ErrPermission when the caller lacks CAP_NET_ADMIN, or
 // when every name tried was that of a table another netlink socket owns
@@ -1040,7 +1043,7 @@ var ErrTableOwned = errors.New("table owned by another netlink socket")
 // another socket's, not that a capability is missing.
 func mapTableErr(op, table string, sock *netlink.Conn, err error) error {
 	if errors.Is(err, os.ErrPermission) && sock != nil && netAdminOver(sock) {
-		return fmt.Errorf("nftrules: %s: %w: %s belongs to another process, or to another socket of this one, and nf_tables lets only a table's owner change it, whatever the caller's capabilities (this process has CAP_NET_ADMIN in the network namespace): %w", op, ErrTableOwned, table, err)
+		return fmt.Errorf("nftrules: %s: %w: %s belongs to another process or socket, and only its owner may change it, capabilities or not: %w", op, ErrTableOwned, table, err)
 	}
 	return mapErr(op, err)
 }

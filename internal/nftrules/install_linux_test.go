@@ -589,6 +589,40 @@ func TestOwnedByAnother(t *testing.T) {
 	}
 }
 
+// TestExistingNameUnowned: a table of the name Install would use next
+// that nobody owns (an administrator's, made with nft) makes Install take
+// the name after it, as one another socket owns does, and leaves that
+// table alone.
+func TestExistingNameUnowned(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfun")
+	names := nextNames("divert", 2)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if out, err := ns.Run(ctx, "nft", "add", "table", "inet", names[0]); err != nil {
+		t.Fatalf("nft add table: %v: %s", err, out)
+	}
+	before := nftList(t, ns, "table", "inet", names[0])
+	var r *Ruleset
+	if err := ns.Do(func() (err error) {
+		r, err = Install(Config{Hooks: []Hook{HookInput}, IPv4: true, IPv6: true, Action: ActionDrop})
+		return err
+	}); err != nil {
+		t.Fatalf("Install with a table %s nobody owns: %v", names[0], err)
+	}
+	defer r.Close()
+	if r.Table() != names[1] {
+		t.Errorf("Install's table %s, want %s", r.Table(), names[1])
+	}
+	requireRules(t, ns, r.Table(), "Install's table")
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := nftList(t, ns, "table", "inet", names[0]); got != before {
+		t.Errorf("the unowned table is now\n%s\nwas\n%s", got, before)
+	}
+}
+
 // TestOwnedNamesExhausted: when another socket owns every name Install
 // tries (maxNameTries of them), Install fails after that many, with an
 // error that wraps ErrTableOwned and os.ErrPermission, names the last
