@@ -2278,22 +2278,7 @@ func TestLinuxOpenTableNameOwned(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dtn", 0)
 	ns := l.B.NS
-	listTables := func() []string {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		out, err := ns.Run(ctx, "nft", "list", "tables")
-		if err != nil {
-			t.Fatalf("nft list tables: %v: %s", err, out)
-		}
-		var names []string
-		for _, line := range strings.Split(string(out), "\n") {
-			if f := strings.Fields(line); len(f) == 3 {
-				names = append(names, f[2])
-			}
-		}
-		return names
-	}
+	listTables := func() []string { return nftTables(t, ns) }
 	// The number of the last table the process made: that of a handle's.
 	h := openIn(t, ns, "icmp", LayerNetwork, 0, 0)
 	first := listTables()
