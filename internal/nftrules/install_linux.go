@@ -1040,9 +1040,11 @@ var ErrTableOwned = errors.New("table owned by another netlink socket")
 // pod) can have the same PID, and so make the same table names (for a
 // new table's name, openFresh then tries the next). When the caller has
 // CAP_NET_ADMIN there (netAdminOver), the error says that the table is
-// another socket's, not that a capability is missing.
+// another socket's, not that a capability is missing. Only EPERM: an
+// EACCES (a security module refusing the message) also wraps
+// os.ErrPermission but never means a table is owned.
 func mapTableErr(op, table string, sock *netlink.Conn, err error) error {
-	if errors.Is(err, os.ErrPermission) && sock != nil && netAdminOver(sock) {
+	if errors.Is(err, unix.EPERM) && sock != nil && netAdminOver(sock) {
 		return fmt.Errorf("nftrules: %s: %w: %s belongs to another process or socket, and only its owner may change it, capabilities or not: %w", op, ErrTableOwned, table, err)
 	}
 	return mapErr(op, err)

@@ -856,3 +856,38 @@ func TestCreateTableAnswerBounded(t *testing.T) {
 		t.Error("openOwned left the socket open")
 	}
 }
+
+// TestTableErrOnlyEPERM: only EPERM can mean a table another socket owns
+// (nft_table_lookup answers nothing else for it); an EACCES, such as a
+// Linux security module's refusal of the netlink message, wraps
+// os.ErrPermission too but is not reported as ErrTableOwned, even to a
+// caller with CAP_NET_ADMIN.
+func TestTableErrOnlyEPERM(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "nfep")
+	var sock *netlink.Conn
+	if err := ns.Do(func() (err error) {
+		sock, err = netlink.Dial(unix.NETLINK_NETFILTER, nil)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer sock.Close()
+	if !netAdminOver(sock) {
+		t.Skip("no CAP_NET_ADMIN over this network namespace")
+	}
+	for _, c := range []struct {
+		err   error
+		owned bool
+	}{
+		{unix.EPERM, true},
+		{fmt.Errorf("netlink receive: %w", unix.EPERM), true},
+		{unix.EACCES, false},
+		{fmt.Errorf("netlink send: %w", unix.EACCES), false},
+	} {
+		got := mapTableErr("create table t", "t", sock, c.err)
+		if !errors.Is(got, os.ErrPermission) || errors.Is(got, ErrTableOwned) != c.owned {
+			t.Errorf("mapTableErr(%v) = %q: want os.ErrPermission, ErrTableOwned %v", c.err, got, c.owned)
+		}
+	}
+}
