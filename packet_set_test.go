@@ -378,6 +378,11 @@ func TestPacketSettersTable(t *testing.T) {
 		{name: "v6 icmpv6 cut in header", b: v6icmp[:43], whole: v6icmp, oracle: cut, portErr: os.ErrInvalid, addrErr: ErrTruncated},
 		{name: "v6 cut in extension header", b: v6udpRouted(0, 1)[:60], whole: v6udpRouted(0, 1), oracle: cut, portErr: ErrTruncated, addrErr: ErrTruncated},
 		{name: "v4 icmp cut in header", b: v4icmp[:24], whole: v4icmp, oracle: cut, portErr: os.ErrInvalid},
+		// A non-first fragment cut short still has no transport header: not
+		// ErrTruncated (the addresses' change is in the first fragment's
+		// checksum), only its IPv4 header checksum is updated.
+		{name: "v4 second fragment cut", b: v4frag(1)(v4udp)[:24], whole: v4frag(1)(v4udp), oracle: cut, portErr: os.ErrInvalid},
+		{name: "v6 second fragment cut", b: v6frag(1)(v6tcp)[:50], whole: v6frag(1)(v6tcp), oracle: cut, portErr: os.ErrInvalid},
 	}
 	r := rand.New(rand.NewPCG(41, 42))
 	for _, tc := range rows {
