@@ -259,7 +259,8 @@ func routedDst(ip6, ext []byte) bool {
 			return false
 		}
 		if nh == packet.ProtoRouting {
-			return ext[3] != 0 && ext[1] >= 2 && (ext[2] == 0 || ext[2] == 2 || ext[2] == 4)
+			_, routed := packet.RoutingFinal(ext[:hl])
+			return routed
 		}
 		nh = ext[0]
 		ext = ext[hl:]

@@ -211,22 +211,33 @@ func TransportChecksumValid(b []byte, p *Info) bool {
 // uses the IPv6 destination; both agree except for a packet still on its
 // source route. p must describe b and be IPv6; the result aliases b.
 func PseudoDst(b []byte, p *Info) []byte {
-	dst := b[24:40]
-	r := p.RoutingHdrOff
-	if r < 0 || b[r+3] == 0 {
-		return dst
+	if r := p.RoutingHdrOff; r >= 0 {
+		if a, ok := RoutingFinal(b[r:]); ok {
+			return a
+		}
 	}
-	n := int(b[r+1]) / 2 // 16-byte addresses after the first 8 bytes
-	switch b[r+2] {
+	return b[24:40]
+}
+
+// RoutingFinal returns the final destination a Routing header rh names
+// (see PseudoDst) and true, or false when the pseudo-header takes the IPv6
+// header's destination instead: Segments Left is 0, the type is not 0, 2
+// or 4, or the header holds no address. rh starts at the Routing header
+// and holds it whole; the result aliases rh.
+func RoutingFinal(rh []byte) ([]byte, bool) {
+	if rh[3] == 0 {
+		return nil, false
+	}
+	n := int(rh[1]) / 2 // 16-byte addresses after the first 8 bytes
+	if n < 1 {
+		return nil, false
+	}
+	switch rh[2] {
 	case 0, 2:
-		if n >= 1 {
-			a := r + 8 + (n-1)*16
-			return b[a : a+16]
-		}
+		a := 8 + (n-1)*16
+		return rh[a : a+16], true
 	case 4:
-		if n >= 1 {
-			return b[r+8 : r+24]
-		}
+		return rh[8:24], true
 	}
-	return dst
+	return nil, false
 }
