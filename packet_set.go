@@ -17,39 +17,27 @@ import (
 
 // SetSrcAddr sets the IP source address to a, in place, and updates the
 // checksums that cover it: the IPv4 header checksum, and the TCP, UDP or
-// ICMPv6 checksum, whose pseudo-header holds the addresses (the ICMP
-// checksum of IPv4 does not). An IPv4 packet takes an IPv4 address, an IPv6
-// packet an IPv6 one (an IPv4-mapped IPv6 address is IPv6: Unmap it for an
-// IPv4 packet; a zone is ignored); another address is an error wrapping
-// os.ErrInvalid.
+// ICMPv6 checksum through the pseudo-header (ICMP's does not cover it;
+// UDP-Lite, DCCP and other protocols are left as they are). a must be of
+// the packet's family (an IPv4-mapped address is IPv6: Unmap it for an
+// IPv4 packet); else the error wraps os.ErrInvalid. On any error the
+// packet is unchanged.
 //
-// The update is exact: a checksum that was the one CalcChecksums computes
-// is again, byte for byte; any other right one stays right, and a wrong
-// one stays wrong by as much. A UDP checksum of 0 (no checksum: RFC 768 for IPv4, RFC 6935
-// tunnels for IPv6) stays 0, and a UDP checksum that becomes 0 is written
-// as 0xFFFF. Unlike CalcChecksums it works without the rest of the
-// datagram: in a first fragment, which carries the transport header and
-// the checksum of the whole datagram, and in a truncated buffer that holds
-// the transport header. A non-first fragment has no transport header: only
-// its IPv4 header checksum is updated; the datagram's transport checksum is
-// in its first fragment, which needs the same change. A truncated buffer
-// that ends inside the TCP, UDP or ICMPv6 header (ParsePacket then finds
-// none) or in the IPv6 extension headers before it is an error wrapping
-// ErrTruncated: that checksum covers the addresses.
+// A checksum CalcChecksums would compute stays the one it computes, byte
+// for byte; a wrong one stays wrong by as much. A UDP checksum of 0 (none)
+// stays 0, and one that becomes 0 is written 0xFFFF. The update works
+// where CalcChecksums cannot, in a first fragment or a truncated buffer
+// that holds the transport header; a buffer that ends before the
+// transport checksum is an error wrapping ErrTruncated. A non-first
+// fragment has no transport header: only its IPv4 header checksum is
+// updated, and the datagram's first fragment needs the same change.
 //
-// Checksum offload: the update assumes each checksum field holds a
-// finished checksum. A received packet whose Address has a checksum bit
-// clear (IPChecksum, TCPChecksum, UDPChecksum) may hold an unfinished one
-// there instead, such as the pseudo-header sum that the stack or the
-// network card completes later (Linux hands over the packets the host
-// sends so); the incremental update does not keep such a partial sum
-// right. For such a packet call CalcChecksums(b, &addr, 0) after the
-// setters: it recomputes every checksum from scratch, whatever the fields
-// held, and sets the Address bits of those it computed (it cannot compute
-// the transport checksum of a first fragment or of a truncated buffer). On
-// Linux and Windows, Send itself computes the checksums whose bits are
-// clear for a changed packet, but a fragment's transport checksum; on
-// FreeBSD it does not (see Send).
+// The update assumes finished checksums. When the received Address has a
+// checksum bit clear (the field may hold a partial sum that the stack or
+// the network card completes later), call CalcChecksums(b, &addr, 0) after
+// the setters, which recomputes every checksum. On Linux and Windows Send
+// itself does so for a changed packet (except a fragment's transport
+// checksum); on FreeBSD it does not.
 func (p *Packet) SetSrcAddr(a netip.Addr) error { return p.setAddr(a, false) }
 
 // SetDstAddr sets the IP destination address to a, in place, and updates
@@ -72,9 +60,9 @@ func (p *Packet) SetSrcPort(port uint16) error { return p.setPort(port, 0) }
 func (p *Packet) SetDstPort(port uint16) error { return p.setPort(port, 2) }
 
 // SetTTL sets the IPv4 TTL or the IPv6 hop limit, in place, and updates the
-// IPv4 header checksum (see SetSrcAddr). Any value is taken, 0 too (to
-// decrement it for forwarding, see DecrementTTL). A Packet without an IP
-// header is an error wrapping os.ErrInvalid.
+// IPv4 header checksum (see SetSrcAddr). Any value is taken, 0 included;
+// DecrementTTL is the forwarding step. A Packet without an IP header is an
+// error wrapping os.ErrInvalid.
 func (p *Packet) SetTTL(ttl uint8) error {
 	switch {
 	case len(p.IPv4) >= packet.IPv4HdrLen:
