@@ -12,6 +12,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netdivert/divert/internal/netcap"
 )
 
 // ErrUnsupported is wrapped by errors that say the kernel has no NFQUEUE
@@ -298,15 +300,14 @@ func socketError(what string, err error) error {
 	return fmt.Errorf("nfq: %s: %w", what, err)
 }
 
-// hasNetAdmin reports whether the effective capability set holds
-// CAP_NET_ADMIN.
-func hasNetAdmin() bool {
-	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-	var data [2]unix.CapUserData
-	if err := unix.Capget(&hdr, &data[0]); err != nil {
-		return os.Geteuid() == 0
+// netAdmin reports whether the caller has CAP_NET_ADMIN over the network
+// namespace of c's socket.
+func (c *Conn) netAdmin() bool {
+	if !c.sfd.acquire() {
+		return netcap.Effective()
 	}
-	return data[0].Effective&(1<<unix.CAP_NET_ADMIN) != 0
+	defer c.sfd.release()
+	return netcap.Over(c.sfd.fd)
 }
 
 func (c *Conn) bind(queue uint16, auto bool) error {
@@ -316,7 +317,11 @@ func (c *Conn) bind(queue uint16, auto bool) error {
 			c.queue = uint16(q)
 			return nil
 		}
-		busy := errors.Is(err, unix.EBUSY) || (errors.Is(err, unix.EPERM) && hasNetAdmin())
+		// EPERM is the answer both for a queue another socket holds and
+		// for a sender without CAP_NET_ADMIN over the namespace, which a
+		// process with every capability in a user namespace of its own
+		// may lack (see netcap.Over).
+		busy := errors.Is(err, unix.EBUSY) || (errors.Is(err, unix.EPERM) && c.netAdmin())
 		switch {
 		case busy && auto:
 			continue
@@ -326,7 +331,7 @@ func (c *Conn) bind(queue uint16, auto bool) error {
 			// privilege.
 			return fmt.Errorf("nfq: bind queue %d: %w (%v)", q, ErrQueueBusy, err)
 		case errors.Is(err, unix.EPERM):
-			return fmt.Errorf("nfq: bind queue %d: %w (NFQUEUE needs CAP_NET_ADMIN)", q, err)
+			return fmt.Errorf("nfq: bind queue %d: %w (NFQUEUE needs CAP_NET_ADMIN over this network namespace, not only in a user namespace of its own)", q, err)
 		case errors.Is(err, unix.EINVAL), errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.ENOENT):
 			return fmt.Errorf("nfq: bind queue %d: %w (nfnetlink_queue missing: %w)", q, ErrUnsupported, err)
 		}

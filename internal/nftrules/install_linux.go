@@ -16,6 +16,8 @@ import (
 	"github.com/google/nftables/xt"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/netdivert/divert/internal/netcap"
 )
 
 // Ruleset is an installed table. Its rules live as long as the Ruleset's
@@ -1052,46 +1054,17 @@ func mapTableErr(op, table string, sock *netlink.Conn, err error) error {
 
 // netAdminOver reports whether the caller has CAP_NET_ADMIN over the
 // network namespace of sock, which nfnetlink requires of a batch's sender
-// (ns_capable(net->user_ns, CAP_NET_ADMIN)). The kernel is asked: the
-// SIOCGSKNS ioctl, which opens the socket's namespace, requires just that
-// (net/socket.c) and fails with EPERM without it; a process that has the
-// capability in a user namespace of its own but not over the network
-// namespace's (unshare --user --map-root-user) is refused there. Where the
-// ioctl cannot tell (a kernel without network namespaces or before 4.9),
-// the effective capability set decides, as internal/nfq's hasNetAdmin.
+// (see netcap.Over).
 func netAdminOver(sock *netlink.Conn) bool {
 	raw, err := sock.SyscallConn()
 	if err != nil {
-		return effectiveNetAdmin()
+		return netcap.Effective()
 	}
-	var ierr error
-	if err := raw.Control(func(fd uintptr) {
-		var nsfd int
-		nsfd, ierr = unix.IoctlRetInt(int(fd), unix.SIOCGSKNS)
-		if ierr == nil {
-			unix.Close(nsfd)
-		}
-	}); err != nil {
-		return effectiveNetAdmin()
+	over := false
+	if err := raw.Control(func(fd uintptr) { over = netcap.Over(int(fd)) }); err != nil {
+		return netcap.Effective()
 	}
-	switch {
-	case ierr == nil:
-		return true
-	case errors.Is(ierr, unix.EPERM):
-		return false
-	}
-	return effectiveNetAdmin()
-}
-
-// effectiveNetAdmin reports whether the calling thread's effective
-// capability set holds CAP_NET_ADMIN (internal/nfq's hasNetAdmin).
-func effectiveNetAdmin() bool {
-	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-	var data [2]unix.CapUserData
-	if err := unix.Capget(&hdr, &data[0]); err != nil {
-		return os.Geteuid() == 0
-	}
-	return data[0].Effective&(1<<unix.CAP_NET_ADMIN) != 0
+	return over
 }
 
 func mapErr(op string, err error) error {

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netdivert/divert/filter"
+	"github.com/netdivert/divert/internal/netcap"
 	"github.com/netdivert/divert/internal/netnstest"
 )
 
@@ -376,7 +377,7 @@ func TestMain(m *testing.M) {
 		// Run in a user namespace of its own: every capability there,
 		// none over the network namespace, which the parent's owns.
 		_, err := Install(Config{Hooks: []Hook{HookInput}, IPv4: true, Action: ActionDrop})
-		fmt.Printf("perm=%v netadmin=%v err=%v\n", errors.Is(err, os.ErrPermission), effectiveNetAdmin(), err)
+		fmt.Printf("perm=%v netadmin=%v err=%v\n", errors.Is(err, os.ErrPermission), netcap.Effective(), err)
 		os.Exit(0)
 	}
 	os.Exit(3)
