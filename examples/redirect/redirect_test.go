@@ -155,6 +155,16 @@ func TestRedirect(t *testing.T) {
 			if err != nil {
 				t.Fatalf("redirect: %v\n%s", err, errOut)
 			}
+			// No checksum error in either namespace (checked first: when
+			// the exchange failed, this says whether a checksum was why).
+			for _, ns := range []*netnstest.NS{cli.NS, srv.NS} {
+				after := csumErrors(t, ns)
+				for k, v := range after {
+					if v != before[ns][k] {
+						t.Errorf("%s: %s went from %d to %d", ns.Name, k, before[ns][k], v)
+					}
+				}
+			}
 			if len(problems) > 0 {
 				t.Fatalf("%s\nredirect's output:\n%s", strings.Join(problems, "\n"), errOut)
 			}
@@ -183,15 +193,6 @@ func TestRedirect(t *testing.T) {
 			for _, m := range seen {
 				if m.local.Port() != to || (m.remote.Addr() != cli.V4 && m.remote.Addr() != cli.V6) {
 					t.Errorf("server got %q from %s on port %d; want from the client on %d", m.msg, m.remote, m.local.Port(), to)
-				}
-			}
-			// No checksum error in either namespace.
-			for _, ns := range []*netnstest.NS{cli.NS, srv.NS} {
-				after := csumErrors(t, ns)
-				for k, v := range after {
-					if v != before[ns][k] {
-						t.Errorf("%s: %s went from %d to %d", ns.Name, k, before[ns][k], v)
-					}
 				}
 			}
 			// Without the redirection, port From is closed: nothing
