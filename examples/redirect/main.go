@@ -36,6 +36,17 @@ const prog = "redirect"
 // batchLen is the number of messages per RecvBatch.
 const batchLen = 64
 
+// defaultPriority is -priority's default. On Linux a handle of priority P
+// has its input and output chains at nft priority -P: above 200 its output
+// chain runs before conntrack's (-200), so conntrack sees the replies
+// already rewritten to port -from, as it saw the requests (it takes them at
+// prerouting, before the input chain rewrites them), and they fit the
+// connection. At a priority of 200 or less conntrack sees replies from port
+// -to that fit no connection, invalid, and a firewall that drops invalid
+// packets (ct state invalid drop, ufw) drops them. Elsewhere a priority
+// says only which handle sees a packet first.
+const defaultPriority = 201
+
 // config is the command line.
 type config struct {
 	redirect
@@ -58,7 +69,7 @@ func parseFlags(args []string) (*config, error) {
 	fs.IntVar(&c.from, "from", 0, "the local port clients use (required; -demo: 8080)")
 	fs.IntVar(&c.to, "to", 0, "the local port the server listens on (required; -demo: 9090)")
 	fs.StringVar(&c.filter, "filter", "", "WinDivert filter narrowing the redirection further; it must match the replies too (e.g. \"ip.SrcAddr == C or ip.DstAddr == C\")")
-	fs.IntVar(&prio, "priority", 0, "handle priority, -30000..30000 (higher sees packets first)")
+	fs.IntVar(&prio, "priority", defaultPriority, "handle priority, -30000..30000 (higher sees packets first; Linux: above 200 the replies are rewritten before conntrack sees them)")
 	fs.Uint64Var(&c.count, "count", 0, "stop after this many packets (0 = no limit)")
 	fs.DurationVar(&c.duration, "duration", 0, "stop after this long (0 = until Ctrl-C)")
 	fs.BoolVar(&c.quiet, "quiet", false, "do not print each packet (a status line instead)")

@@ -254,3 +254,61 @@ func TestNoPrivileges(t *testing.T) {
 		t.Fatalf("no plain privilege message:\n%s", errOut)
 	}
 }
+
+// TestRedirectConntrack: on a host whose firewall drops the packets
+// conntrack finds invalid, the rewrite must happen where conntrack sees
+// port From both ways. Conntrack takes the client's SYN at prerouting, to
+// port From, before the handle's input chain rewrites it; at output it runs
+// at priority -200, so a handle of the default priority, 201, rewrites the
+// server's replies before it and they fit the connection. (With -priority
+// 0, conntrack sees a SYN-ACK from port To that fits no connection,
+// invalid, and such a firewall drops it: this test then fails.)
+func TestRedirectConntrack(t *testing.T) {
+	netnstest.RequireRoot(t)
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Fatalf("nft is needed for the firewall (.ci/run installs nftables): %v", err)
+	}
+	bin := extest.Build(t)
+	const from, to, messages = 8080, 9090, 3
+	l := netnstest.Pair(t, "dvrdct", 0)
+	cli, srv := &l.A, &l.B
+	const ruleset = `table inet fw {
+	chain in { type filter hook input priority 0; ct state invalid counter drop; }
+	chain out { type filter hook output priority 0; ct state invalid counter drop; }
+}
+`
+	cmd := exec.CommandContext(t.Context(), "ip", "netns", "exec", srv.NS.Name, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(ruleset)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v\n%s", err, out)
+	}
+	server, err := startServer(srv.NS, "tcp", to)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Close() })
+	p := extest.Start(t, srv.NS, 30*time.Second, bin, "-from", strconv.Itoa(from), "-to", strconv.Itoa(to), "-json")
+	ready(t, p)
+	var problems []string
+	for _, dst := range []netip.Addr{srv.V4, srv.V6} {
+		if got, err := exchange(cli.NS, "tcp", netip.AddrPortFrom(dst, from), messages, 2*time.Second); err != nil || got != messages {
+			problems = append(problems, fmt.Sprintf("client to %v port %d: %d/%d replies: %v", dst, from, got, messages, err))
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // the end of a TCP close
+	p.Interrupt()
+	_, errOut, err := p.Wait()
+	if err != nil {
+		problems = append(problems, fmt.Sprintf("redirect: %v", err))
+	}
+	out, err := srv.NS.Run(t.Context(), "nft", "list", "ruleset")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Count(string(out), "counter packets 0 bytes 0 drop") != 2 {
+		problems = append(problems, "the firewall dropped packets conntrack found invalid:\n"+string(out))
+	}
+	if len(problems) > 0 {
+		t.Fatalf("%s\nredirect's output:\n%s", strings.Join(problems, "\n"), errOut)
+	}
+}
