@@ -266,9 +266,9 @@ func TestRelayPipe(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The pipe's filter takes what the handle's would and one malformed
-	// packet more, which a real handle's filter would not pass: rewrite
-	// must still send it back unchanged.
+	// The pipe's filter takes what the handle's would and the packets of
+	// protocol 200 too, which a real handle's filter would not pass: the
+	// loop must still send such a packet back unchanged.
 	h, pipe, err := divert.NewPipe(c.redirect.filter("")+" or ip.Protocol == 200", divert.LayerNetwork, 0)
 	if err != nil {
 		t.Fatal(err)
