@@ -197,6 +197,29 @@ func TestNoPrivileges(t *testing.T) {
 	}
 }
 
+// TestRootlessContainer: root of a user namespace of its own (a rootless
+// container) has every capability there but none over the network
+// namespace, which the host's user namespace owns. The kernel refuses it
+// NFQUEUE with EPERM, as it refuses anyone a queue number another socket
+// holds. A sniffing interceptor, which opens no injection socket (that
+// would fail first, wanting CAP_NET_RAW), binds its queue before anything
+// else: it must say that privileges are missing, for an automatic queue
+// and a given one alike, not that every queue is busy.
+func TestRootlessContainer(t *testing.T) {
+	netnstest.RequireRoot(t)
+	bin := binary(t)
+	ns := netnstest.NewT(t, "dvuser")
+	for _, args := range [][]string{{"-sniff", "-filter", "icmp"}, {"-sniff", "-port", "100"}} {
+		_, errOut, err := extest.Run(t, ns, 20*time.Second, "unshare", append([]string{"--user", "--map-root-user", bin}, args...)...)
+		if err == nil {
+			t.Fatalf("%v: ran in a user namespace without CAP_NET_ADMIN over the network namespace", args)
+		}
+		if !strings.Contains(errOut, exutil.PrivilegeHint) || !strings.Contains(errOut, "NFQUEUE needs CAP_NET_ADMIN") || strings.Contains(errOut, "in use") {
+			t.Errorf("%v: want the privilege message for NFQUEUE, not a busy queue:\n%s", args, errOut)
+		}
+	}
+}
+
 func TestFlags(t *testing.T) {
 	for _, bad := range [][]string{{"-sniff", "-drop"}, {"-priority", "30001"}, {"-layer", "flow"}, {"-port", "70000"}, {"x"},
 		{"-demo", "-count", "3"}, {"-demo", "-sniff"}, {"-demo", "-port", "5"}} {
