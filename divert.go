@@ -457,10 +457,8 @@ type Handle struct {
 // filter is WinDivert's filter language (see package filter); priority is in
 // [PriorityLowest, PriorityHighest], higher first. A filter error is a
 // *FilterError with the position of the fault. Missing privileges give an
-// error wrapping os.ErrPermission (on Linux, so, rarely, do nftables
-// tables that other processes' sockets own under each of the 64 names Open
-// tries in turn, as a process of the same PID in another PID namespace
-// sharing the network namespace makes the same names: the message says
+// error wrapping os.ErrPermission (on Linux also, rarely, nftables tables
+// that other processes own under every name Open tries; the message says
 // so); a layer or flag the OS cannot do gives an error wrapping
 // ErrNotSupported. A failed Open undoes what it set up; on
 // Linux an error in undoing it is wrapped in Open's error too, as Close
