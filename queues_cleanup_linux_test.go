@@ -148,7 +148,10 @@ func openQueuesFails(t *testing.T, ns *netnstest.NS, filt string, layer Layer, f
 	if err == nil {
 		t.Fatal("OpenQueues succeeded through a failing step")
 	}
-	if after := openFDs(t); after != before {
+	// More after is a leak. Fewer is not, and happened in CI (11 before,
+	// 10 after): the rest of the process, a finalizer of a file dropped
+	// unclosed or an earlier test's cleanup, may close one meanwhile.
+	if after := openFDs(t); after > before {
 		t.Errorf("%d descriptors open before the failed OpenQueues, %d after", before, after)
 	}
 	return err
