@@ -1,11 +1,9 @@
 package nfq
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -43,19 +41,8 @@ func TestMain(m *testing.M) {
 // up to 65535 before it failed with ErrQueueBusy.
 func TestBindNoPermissionUserNS(t *testing.T) {
 	netnstest.RequireRoot(t)
-	if _, err := exec.LookPath("unshare"); err != nil {
-		t.Fatalf("unshare(1) is needed: %v", err)
-	}
 	ns := netnstest.NewT(t, "nqus")
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, "unshare", "--user", "--map-root-user", os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"=userns")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("child: %v: %s", err, out)
-	}
-	s := string(out)
+	s := netnstest.UserNSChild(t, ns, childEnv+"=userns")
 	t.Logf("child:\n%s", s)
 	for _, auto := range []string{"auto=true", "auto=false"} {
 		line := ""
