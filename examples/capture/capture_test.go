@@ -27,11 +27,7 @@ func TestCaptureTshark(t *testing.T) {
 	l := netnstest.Pair(t, "dvcap", 0)
 	file := filepath.Join(t.TempDir(), "ping.pcapng")
 	p := extest.Start(t, l.B.NS, 20*time.Second, bin, "-filter", "icmp or icmpv6.Type == 128 or icmpv6.Type == 129", "-o", file, "-count", "8", "-quiet")
-	if !extest.WaitFor(10*time.Second, func() bool { _, e := p.Output(); return strings.Contains(e, "Ctrl-C stops") }) {
-		p.Interrupt()
-		_, e, err := p.Wait()
-		t.Fatalf("not ready: %v\n%s", err, e)
-	}
+	p.WaitReady(t)
 	if got, err := l.A.NS.Ping(l.B.V4, 2, time.Second); got != 2 {
 		t.Fatalf("%d/2 pings answered while capturing: %v", got, err)
 	}

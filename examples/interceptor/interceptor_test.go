@@ -3,7 +3,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"os/exec"
 	"strings"
@@ -18,25 +17,6 @@ import (
 func binary(t *testing.T) string { return extest.Build(t) }
 
 func TestMain(m *testing.M) { extest.Main(m) }
-
-// ready waits for the example's "Ctrl-C stops" line on stderr.
-func ready(t *testing.T, p *extest.Proc) {
-	t.Helper()
-	if !extest.WaitFor(10*time.Second, func() bool { _, e := p.Output(); return strings.Contains(e, "Ctrl-C stops") }) {
-		p.Interrupt()
-		out, errOut, err := p.Wait()
-		t.Fatalf("not ready: %v\nstdout:\n%s\nstderr:\n%s", err, out, errOut)
-	}
-}
-
-func decode(t *testing.T, stdout string) Summary {
-	t.Helper()
-	var s Summary
-	if err := json.Unmarshal([]byte(stdout), &s); err != nil {
-		t.Fatalf("summary is not JSON: %v\n%s", err, stdout)
-	}
-	return s
-}
 
 func TestDemo(t *testing.T) {
 	netnstest.RequireRoot(t)
@@ -60,7 +40,7 @@ func TestDemo(t *testing.T) {
 	if err != nil {
 		t.Fatalf("demo -json: %v\n%s", err, out)
 	}
-	s := decode(t, string(out))
+	s := extest.DecodeJSON[Summary](t, string(out))
 	if s.Demo == nil || !s.Demo.OK || s.Seen != 24 || s.Reinjected != 24 {
 		t.Fatalf("demo summary: %+v demo %+v", s, s.Demo)
 	}
@@ -81,7 +61,7 @@ func TestInterceptPing(t *testing.T) {
 	bin := binary(t)
 	l := netnstest.Pair(t, "dvint", 0)
 	p := extest.Start(t, l.B.NS, 20*time.Second, bin, "-filter", "icmp", "-count", "6", "-json")
-	ready(t, p)
+	p.WaitReady(t)
 	got, err := l.A.NS.Ping(l.B.V4, 3, time.Second)
 	if err != nil || got != 3 {
 		p.Interrupt()
@@ -92,7 +72,7 @@ func TestInterceptPing(t *testing.T) {
 	if err != nil {
 		t.Fatalf("interceptor: %v\n%s", err, errOut)
 	}
-	s := decode(t, out)
+	s := extest.DecodeJSON[Summary](t, out)
 	icmp := s.Protocols["ICMP"]
 	if s.Seen != 6 || s.Reinjected != 6 || icmp == nil || icmp.In != 3 || icmp.Out != 3 {
 		t.Fatalf("summary %+v icmp %+v", s, icmp)
@@ -116,7 +96,7 @@ func TestDropAndCtrlC(t *testing.T) {
 	bin := binary(t)
 	l := netnstest.Pair(t, "dvdrop", 0)
 	p := extest.Start(t, l.B.NS, 20*time.Second, bin, "-filter", "icmp and inbound", "-drop", "-json")
-	ready(t, p)
+	p.WaitReady(t)
 	if got, _ := l.A.NS.Ping(l.B.V4, 2, 500*time.Millisecond); got != 0 {
 		t.Fatalf("%d pings answered through -drop", got)
 	}
@@ -127,7 +107,7 @@ func TestDropAndCtrlC(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Ctrl-C did not end it cleanly: %v\n%s", err, errOut)
 	}
-	s := decode(t, out)
+	s := extest.DecodeJSON[Summary](t, out)
 	if s.Dropped != 2 || s.Seen != 2 {
 		t.Fatalf("summary %+v", s)
 	}
@@ -142,7 +122,7 @@ func TestSniff(t *testing.T) {
 	bin := binary(t)
 	l := netnstest.Pair(t, "dvsniff", 0)
 	p := extest.Start(t, l.B.NS, 20*time.Second, bin, "-filter", "icmp", "-sniff", "-count", "4", "-json")
-	ready(t, p)
+	p.WaitReady(t)
 	if got, err := l.A.NS.Ping(l.B.V4, 2, time.Second); got != 2 {
 		p.Interrupt()
 		out, errOut, perr := p.Wait()
@@ -152,7 +132,7 @@ func TestSniff(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%v\n%s", err, errOut)
 	}
-	if s := decode(t, out); s.Sniffed != 4 || s.Reinjected != 0 || !strings.Contains(errOut, " sniffed\n") {
+	if s := extest.DecodeJSON[Summary](t, out); s.Sniffed != 4 || s.Reinjected != 0 || !strings.Contains(errOut, " sniffed\n") {
 		t.Fatalf("summary %+v\n%s", s, errOut)
 	}
 }
@@ -170,7 +150,7 @@ func TestPort(t *testing.T) {
 		t.Fatalf("%v\n%s", err, out)
 	}
 	p := extest.Start(t, l.B.NS, 20*time.Second, bin, "-port", "1234", "-count", "2", "-json")
-	ready(t, p)
+	p.WaitReady(t)
 	if got, err := l.A.NS.Ping(l.B.V4, 2, time.Second); got != 2 {
 		t.Fatalf("%d/2 pings answered through the queue: %v", got, err)
 	}
@@ -178,7 +158,7 @@ func TestPort(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%v\n%s", err, errOut)
 	}
-	if s := decode(t, out); s.Seen != 2 || s.Reinjected != 2 || s.Protocols["ICMP"] == nil || s.Protocols["ICMP"].In != 2 {
+	if s := extest.DecodeJSON[Summary](t, out); s.Seen != 2 || s.Reinjected != 2 || s.Protocols["ICMP"] == nil || s.Protocols["ICMP"].In != 2 {
 		t.Fatalf("summary %+v", s)
 	}
 }

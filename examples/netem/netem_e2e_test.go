@@ -6,7 +6,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/netip"
-	"strings"
 	"testing"
 	"time"
 
@@ -20,11 +19,7 @@ func TestMain(m *testing.M) { extest.Main(m) }
 func startNetem(t *testing.T, bin string, l *netnstest.Link, args ...string) *extest.Proc {
 	t.Helper()
 	p := extest.Start(t, l.B.NS, 30*time.Second, bin, append([]string{"-json", "-quiet", "-seed", "1"}, args...)...)
-	if !extest.WaitFor(10*time.Second, func() bool { _, e := p.Output(); return strings.Contains(e, "Ctrl-C stops") }) {
-		p.Interrupt()
-		_, e, err := p.Wait()
-		t.Fatalf("not ready: %v\n%s", err, e)
-	}
+	p.WaitReady(t)
 	return p
 }
 

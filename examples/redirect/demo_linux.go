@@ -35,15 +35,7 @@ func runDemo(ctx context.Context, c *config, out io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("demo: make namespaces: %w", err)
 	}
-	linkClosed := false
-	closeLink := func() error {
-		if linkClosed {
-			return nil
-		}
-		linkClosed = true
-		return link.Close()
-	}
-	defer closeLink() // on the early returns
+	defer link.Close() // on the early returns; closing twice is harmless
 	cli, srv := &link.A, &link.B
 
 	res := &DemoResult{
@@ -114,7 +106,7 @@ func runDemo(ctx context.Context, c *config, out io.Writer) error {
 		problems = append(problems, "interrupted")
 	}
 	// Before the verdict, which says the namespaces are gone.
-	if err := closeLink(); err != nil {
+	if err := link.Close(); err != nil {
 		problems = append(problems, fmt.Sprintf("remove namespaces: %v", err))
 	}
 

@@ -3,7 +3,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os/exec"
@@ -18,25 +17,6 @@ import (
 )
 
 func TestMain(m *testing.M) { extest.Main(m) }
-
-// ready waits for the example's "Ctrl-C stops" line on stderr.
-func ready(t *testing.T, p *extest.Proc) {
-	t.Helper()
-	if !extest.WaitFor(10*time.Second, func() bool { _, e := p.Output(); return strings.Contains(e, "Ctrl-C stops") }) {
-		p.Interrupt()
-		out, errOut, err := p.Wait()
-		t.Fatalf("not ready: %v\nstdout:\n%s\nstderr:\n%s", err, out, errOut)
-	}
-}
-
-func decode(t *testing.T, stdout string) Summary {
-	t.Helper()
-	var s Summary
-	if err := json.Unmarshal([]byte(stdout), &s); err != nil {
-		t.Fatalf("summary is not JSON: %v\n%s", err, stdout)
-	}
-	return s
-}
 
 // offloadOff turns checksum offload off on both ends of l (ethtool -K dev
 // tx off rx off, inside the namespaces): senders then compute every TCP and
@@ -139,7 +119,7 @@ func TestRedirect(t *testing.T) {
 			}
 			t.Cleanup(func() { server.Close() })
 			p := extest.Start(t, srv.NS, 30*time.Second, bin, "-proto", proto, "-from", strconv.Itoa(from), "-to", strconv.Itoa(to), "-json")
-			ready(t, p)
+			p.WaitReady(t)
 			var problems []string
 			for _, dst := range []netip.Addr{srv.V4, srv.V6} {
 				got, err := exchange(cli.NS, proto, netip.AddrPortFrom(dst, from), messages, 2*time.Second)
@@ -168,7 +148,7 @@ func TestRedirect(t *testing.T) {
 			if len(problems) > 0 {
 				t.Fatalf("%s\nredirect's output:\n%s", strings.Join(problems, "\n"), errOut)
 			}
-			s := decode(t, out)
+			s := extest.DecodeJSON[Summary](t, out)
 			t.Logf("%s: %d packets: %d inbound, %d outbound rewritten; checksums %d incremental, %d recomputed", proto, s.Packets, s.Inbound, s.Outbound, s.Incremental, s.Recomputed)
 			if s.Inbound < messages*2 || s.Outbound < messages*2 || s.Malformed+s.Unexpected+s.Unfinished+s.SendFailed != 0 {
 				t.Errorf("summary %+v", s)
@@ -224,7 +204,7 @@ func TestDemo(t *testing.T) {
 		if err != nil {
 			t.Fatalf("demo %s -json: %v\n%s", proto, err, out)
 		}
-		s := decode(t, string(out))
+		s := extest.DecodeJSON[Summary](t, string(out))
 		if s.Demo == nil || !s.Demo.OK || s.Demo.Replies != 6 || s.Demo.Served != 6 || s.Inbound == 0 || s.Outbound == 0 {
 			t.Fatalf("demo %s summary: %+v demo %+v", proto, s, s.Demo)
 		}
@@ -288,7 +268,7 @@ func TestRedirectConntrack(t *testing.T) {
 	}
 	t.Cleanup(func() { server.Close() })
 	p := extest.Start(t, srv.NS, 30*time.Second, bin, "-from", strconv.Itoa(from), "-to", strconv.Itoa(to), "-json")
-	ready(t, p)
+	p.WaitReady(t)
 	var problems []string
 	for _, dst := range []netip.Addr{srv.V4, srv.V6} {
 		if got, err := exchange(cli.NS, "tcp", netip.AddrPortFrom(dst, from), messages, 2*time.Second); err != nil || got != messages {

@@ -107,7 +107,7 @@ func v6(net, n, host uint8) netip.Addr {
 	return netip.AddrFrom16([16]byte{0: 0xfd, 3: net, 5: n, 15: host})
 }
 
-// Close removes both namespaces.
+// Close removes both namespaces. A second Close does nothing (NS.Close).
 func (l *Link) Close() error {
 	err1 := l.A.NS.Close()
 	err2 := l.B.NS.Close()

@@ -6,10 +6,12 @@ package extest
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -111,6 +113,29 @@ func (p *Proc) Wait() (stdout, stderr string, err error) {
 
 // Output returns what the process wrote so far.
 func (p *Proc) Output() (stdout, stderr string) { return p.stdout.String(), p.stderr.String() }
+
+// WaitReady waits up to 10 s for the example's "Ctrl-C stops" line on
+// stderr, which it prints once its handle is open; when it does not come,
+// it interrupts the example and fails t with what it printed.
+func (p *Proc) WaitReady(t testing.TB) {
+	t.Helper()
+	if !WaitFor(10*time.Second, func() bool { _, e := p.Output(); return strings.Contains(e, "Ctrl-C stops") }) {
+		p.Interrupt()
+		out, errOut, err := p.Wait()
+		t.Fatalf("not ready: %v\nstdout:\n%s\nstderr:\n%s", err, out, errOut)
+	}
+}
+
+// DecodeJSON decodes an example's -json summary from stdout, failing t
+// when it is not one.
+func DecodeJSON[T any](t testing.TB, stdout string) T {
+	t.Helper()
+	var v T
+	if err := json.Unmarshal([]byte(stdout), &v); err != nil {
+		t.Fatalf("summary is not JSON: %v\n%s", err, stdout)
+	}
+	return v
+}
 
 // WaitFor polls until cond holds or limit passes, and reports whether it held.
 func WaitFor(limit time.Duration, cond func() bool) bool {
