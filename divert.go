@@ -484,7 +484,12 @@ const MaxQueues = 64
 // grows with cores when the consumer is the bottleneck. WinDivert and divert(4) serve
 // concurrent readers from one queue: there the n handles share it, with its
 // read deadline and Shutdown state. The rules stay until the last of the n
-// handles is closed.
+// handles is closed. A failed OpenQueues undoes what it set up, as Open
+// does; on Linux its error holds, after the cause, one "(and cleaning up:
+// ...)" group with every error of undoing it, each found by errors.Is. On
+// its way to a success it may bind queues and give them up (a run of free
+// queue numbers cut short by a busy one); closing those leaves nothing
+// behind, and a successful OpenQueues has no error to report it in.
 func OpenQueues(filterText string, layer Layer, priority int16, flags Flag, n int) ([]*Handle, error) {
 	if n < 1 || n > MaxQueues {
 		return nil, fmt.Errorf("divert: queue count %d out of range [1, %d]: %w", n, MaxQueues, os.ErrInvalid)

@@ -2,6 +2,7 @@ package divert
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"slices"
 	"strconv"
@@ -179,10 +180,109 @@ func TestQueuesBindFailureCleanup(t *testing.T) {
 	if !strings.HasPrefix(err.Error(), "divert: ") {
 		t.Errorf("OpenQueues' error %q: want the divert: prefix", err)
 	}
+	requireOneCleanupGroup(t, err)
 	if len(s.opened) != n-1 {
 		t.Errorf("%d queues opened, want %d before the failing one", len(s.opened), n-1)
 	}
 	s.requireAllClosed(t, ns, n)
+}
+
+// requireOneCleanupGroup fails t unless err's message has exactly one
+// "(and cleaning up: ...)" group.
+func requireOneCleanupGroup(t *testing.T, err error) {
+	t.Helper()
+	if c := strings.Count(err.Error(), "(and cleaning up: "); c != 1 {
+		t.Errorf("OpenQueues' error %q: %d cleanup groups, want one holding every cleanup error", err, c)
+	}
+}
+
+// busyOnce makes the open numbered busyAt (from 1, counting every call)
+// fail with nfq.ErrQueueBusy before it reaches the seams of s, as a queue
+// another program holds does.
+func busyOnce(t *testing.T, busyAt int) {
+	t.Helper()
+	inner := openQueue
+	calls := 0
+	openQueue = func(c nfq.Config) (*nfq.Conn, error) {
+		calls++
+		if calls == busyAt {
+			return nil, fmt.Errorf("nfq: bind queue %d: %w", c.Queue, nfq.ErrQueueBusy)
+		}
+		return inner(c)
+	}
+}
+
+// TestQueuesBindBusyCleanup: OpenQueues (n = 2) binds a first queue, finds
+// the next busy, gives the first up (its close fails: errClose) and binds
+// two further up. If a later open fails, errClose is among the cleanup
+// errors of OpenQueues' error, in its one cleanup group with the others;
+// if none fails, OpenQueues succeeds (the close error, which left nothing
+// behind, is not reported: there is no error to hold it) and its handles
+// hold the two queues bound after the busy one.
+func TestQueuesBindBusyCleanup(t *testing.T) {
+	netnstest.RequireRoot(t)
+	const n = 2
+	t.Run("then-failure", func(t *testing.T) {
+		ns := netnstest.NewT(t, "dqbb")
+		// Opens reaching s: the first queue, then (after the busy
+		// one) the two further up, the second of which fails.
+		s := setQueueSeams(t, 3)
+		busyOnce(t, 2)
+		ol := leaveNamespace
+		errLeave := errors.New("the parked tables could not be deleted")
+		leaveNamespace = func(m *nftrules.Member) error { return errors.Join(ol(m), errLeave) }
+		err := openQueuesFails(t, ns, "udp.DstPort == 7302", LayerNetwork, 0, n)
+		t.Logf("OpenQueues: %v", err)
+		for _, want := range []error{errOpen, errClose, errLeave} {
+			if !errors.Is(err, want) {
+				t.Errorf("OpenQueues' error %q: errors.Is finds no %q", err, want)
+			}
+		}
+		requireOneCleanupGroup(t, err)
+		if len(s.opened) != 2 {
+			t.Errorf("%d queues opened, want 2 (one given up, one before the failing one)", len(s.opened))
+		}
+		s.requireAllClosed(t, ns, n)
+	})
+	t.Run("then-success", func(t *testing.T) {
+		ns := netnstest.NewT(t, "dqbs")
+		s := setQueueSeams(t, 0)
+		busyOnce(t, 2)
+		var hs []*Handle
+		var err error
+		var bound []int
+		ns.Do(func() error {
+			hs, err = OpenQueues("udp.DstPort == 7303", LayerNetwork, 0, 0, n)
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("OpenQueues with a busy queue on its way and a failed close of the queue it gave up: %v", err)
+		}
+		bound = boundQueues(t, ns)
+		for _, h := range hs {
+			if err := h.Close(); err != nil {
+				t.Errorf("Close: %v", err)
+			}
+		}
+		if len(s.opened) != 3 {
+			t.Fatalf("%d queues opened, want 3 (one given up, two kept)", len(s.opened))
+		}
+		if s.closed[s.first] != 1 {
+			t.Errorf("the queue given up closed %d times, want once", s.closed[s.first])
+		}
+		first := int(s.first.Queue())
+		slices.Sort(bound)
+		if !slices.Equal(bound, []int{first + 2, first + 3}) {
+			t.Errorf("queues bound while the handles were open: %v, want [%d %d] (after the busy %d)", bound, first+2, first+3, first+1)
+		}
+		// Close closes its queue without the seam: the namespace tells.
+		if qs := boundQueues(t, ns); len(qs) != 0 {
+			t.Errorf("queues still bound after Close: %v", qs)
+		}
+		if tabs := nftTables(t, ns); len(tabs) != 0 {
+			t.Errorf("tables left after Close: %v", tabs)
+		}
+	})
 }
 
 // TestQueuesSetupFailureCleanup: when OpenQueues fails after binding its
@@ -211,6 +311,7 @@ func TestQueuesSetupFailureCleanup(t *testing.T) {
 			if !errors.Is(err, errInstall) || !errors.Is(err, errClose) {
 				t.Errorf("OpenQueues' error %q: want both %q and %q in it", err, errInstall, errClose)
 			}
+			requireOneCleanupGroup(t, err)
 			if s.installs != c.failInstall {
 				t.Errorf("%d Installs, want %d", s.installs, c.failInstall)
 			}

@@ -101,14 +101,19 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 	for i := range members {
 		members[i] = nftrules.Join()
 	}
-	conns, err := bindQueues(queueConfig(cfg), n)
+	conns, closeErrs, err := bindQueues(queueConfig(cfg), n)
 	if err != nil {
-		var cleanup []error
+		// One cleanup group: the queues' and the memberships' errors.
+		cleanup := []error{closeErrs}
 		for _, m := range members {
 			cleanup = append(cleanup, leaveNamespace(m))
 		}
 		return nil, withCleanup(mapSetupError(fmt.Sprintf("bind %d consecutive NFQUEUE queues", n), err), errors.Join(cleanup...))
 	}
+	// On success, closeErrs (closing queues given up on the way, see
+	// bindQueues) is dropped: an OpenQueues that returns its handles has
+	// no error to carry it, and nothing is left to undo. nfq's Close fails
+	// only for a Conn already closed, which bindQueues never does.
 	bs := make([]*linuxBackend, n)
 	for i := range bs {
 		bs[i] = newLinuxBackend(cfg)
@@ -169,13 +174,15 @@ func openBackends(cfg *openConfig, n int) ([]backend, error) {
 }
 
 // bindQueues binds n consecutive free queue numbers, the first at or above
-// nc.Queue, each on its own socket. When it fails, the error says what
-// failed closing the queues it had bound, if anything did (each is closed
-// all the same). Such errors on the way to a success (closing a run of
-// queues cut short by a busy one, to try further up) are not reported:
-// their sockets are closed, and nothing is left to undo.
-func bindQueues(nc nfq.Config, n int) ([]*nfq.Conn, error) {
-	conns := make([]*nfq.Conn, 0, n)
+// nc.Queue, each on its own socket. On its way it may bind a run of queues
+// cut short by a busy one, close them and try further up; closeErrs joins
+// the errors of closing every queue it closed (each is closed all the
+// same: its socket is released, and the kernel unbinds the queue with it).
+// When it fails (err), it has closed every queue it had bound; the caller
+// reports closeErrs with err, as the errors of cleaning up. When it
+// succeeds, closeErrs is still returned, for the caller to drop or report.
+func bindQueues(nc nfq.Config, n int) (conns []*nfq.Conn, closeErrs, err error) {
+	conns = make([]*nfq.Conn, 0, n)
 	var cleanup []error
 	closeAll := func() {
 		for _, c := range conns {
@@ -185,9 +192,9 @@ func bindQueues(nc nfq.Config, n int) ([]*nfq.Conn, error) {
 		}
 		conns = conns[:0]
 	}
-	failed := func(err error) ([]*nfq.Conn, error) {
+	failed := func(err error) ([]*nfq.Conn, error, error) {
 		closeAll()
-		return nil, withCleanup(err, errors.Join(cleanup...))
+		return nil, errors.Join(cleanup...), err
 	}
 	next := int(nc.Queue)
 	for next+n-1 <= 0xFFFF {
@@ -218,7 +225,7 @@ func bindQueues(nc nfq.Config, n int) ([]*nfq.Conn, error) {
 			conns = append(conns, c)
 		}
 		if !busy {
-			return conns, nil
+			return conns, errors.Join(cleanup...), nil
 		}
 	}
 	return failed(fmt.Errorf("nfq: %w: no %d consecutive free queue numbers from %d up", nfq.ErrQueueBusy, n, nc.Queue))
