@@ -118,6 +118,25 @@ func (s *ipfwSys) choosePort(f func(busy func(port uint16) bool) error) error {
 	return f(busyPorts(s.listed(), s.left))
 }
 
+// choosePortNoRules is choosePort for a handle that installed no rules
+// and adds none: an OpenPort handle's Shutdown, which moves its socket to
+// a free port (detach). Its Open took no lock, and its Shutdown does not
+// need it: a program that dropped its privileges after OpenPort, or runs
+// where /var/run/netdivert-ipfw.lock cannot be opened (a read-only
+// /var/run, capability mode), can still shut the handle down. The lock
+// is taken when it can be; when it cannot, f runs all the same, busy
+// coming from a listing taken without it (none when ipfw cannot be run
+// either), and choosePort's race is open: a process of this library
+// could bind the port, add its rules and lose its socket between that
+// listing and the bind, and the moved socket would then receive those
+// rules' packets, which Recv drains as the handle's until Close.
+func (s *ipfwSys) choosePortNoRules(f func(busy func(port uint16) bool) error) error {
+	if unlock, err := s.lock(); err == nil {
+		defer unlock()
+	}
+	return f(busyPorts(s.listed(), s.left))
+}
+
 // bindAuto binds sock to a divert port of the auto range that no rule
 // diverts to, trying them from start on (choosePort, bindFree).
 func (s *ipfwSys) bindAuto(sock portSock, start int) (uint16, error) {

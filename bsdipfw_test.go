@@ -5,6 +5,7 @@ package divert
 import (
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"slices"
 	"strconv"
@@ -353,6 +354,66 @@ func TestBindAutoUnderLock(t *testing.T) {
 	}
 	if i := slices.Index(f.log, "-S list"); i < 0 || slices.Index(f.log, "-lock") < i {
 		t.Fatalf("log %q: the listing is not under the lock", f.log)
+	}
+}
+
+// TestShutdownPortLock: Shutdown of an OpenPort handle, which installed
+// no rules (detach: detachPort with the port chosen by
+// choosePortNoRules), does not need the ipfw lock that Open does. When the
+// lock can be taken, the listing and the bind happen under it, as for
+// Open's port; when it cannot (its file cannot be opened: a program that
+// dropped its privileges), the handle's socket still moves, to a port past
+// one the ruleset diverts to (a listing taken without the lock), and its
+// passer takes the rule's port. An Open's port (bindAuto) still needs the
+// lock.
+func TestShutdownPortLock(t *testing.T) {
+	const rulePort = 8668
+	const listing = "31000 set 2 divert 40007 ip from any to any in // netdivert pid=42 port=40007 prio=0\n" +
+		"02000 set 0 divert 8668 ip from any to any in\n"
+	errLock := fmt.Errorf("divert: ipfw lock: open /var/run/netdivert-ipfw.lock: %w", os.ErrPermission)
+	for _, c := range []struct {
+		name   string
+		lockOK bool
+	}{{"lock", true}, {"no-lock", false}} {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFakeIPFW(t, listing)
+			s := f.sys(7, nil)
+			if !c.lockOK {
+				f.needLock = false
+				s.lock = func() (func(), error) { f.log = append(f.log, "lock failed"); return nil, errLock }
+			}
+			k := newFakeDivert()
+			h := &lockCheckSock{fakeSock: fakeSock{k: k}}
+			if err := h.fakeSock.bind(rulePort); err != nil {
+				t.Fatal(err)
+			}
+			var held []bool
+			h.bound = func(uint16) { held = append(held, f.held) }
+			var p portSock
+			var derr error
+			err := s.choosePortNoRules(func(busy func(uint16) bool) error {
+				p, derr = detachPort(h, rulePort, 7, false, busy, k.open)
+				return nil
+			})
+			if err != nil || derr != nil || p == nil {
+				t.Fatalf("Shutdown's move: %v, %v, passer %v; log %q", err, derr, p, f.log)
+			}
+			if h.port != 40008 || k.owner[rulePort] != p {
+				t.Errorf("handle's socket on port %d (want 40008, past the rules' 40007), passer on the rule's port: %v", h.port, k.owner[rulePort] == p)
+			}
+			if i := slices.Index(f.log, "-S list"); i < 0 {
+				t.Errorf("log %q: no listing", f.log)
+			}
+			if c.lockOK && (f.locks != 1 || slices.Contains(held, false) || len(held) == 0) {
+				t.Errorf("binds with the lock held: %v; %d lock holds (want 1); log %q", held, f.locks, f.log)
+			}
+			if !c.lockOK {
+				// Open's port needs the lock all the same.
+				if _, err := s.bindAuto(&fakeSock{k: k}, 7); !errors.Is(err, errLock) {
+					t.Errorf("bindAuto without the lock: %v, want the lock's error", err)
+				}
+			}
+		})
 	}
 }
 

@@ -30,7 +30,9 @@ package divert
 // that such rules divert to (busyPorts): until they are deleted it would
 // receive their packets. The port is chosen from a listing taken under the
 // ipfw lock (below) and bound before the lock is released
-// (ipfwSys.choosePort). Rule changes are serialised between processes with flock on
+// (ipfwSys.choosePort); an OpenPort handle, which installs no rules, needs
+// the lock neither to open nor to shut down, and its Shutdown takes it
+// only when it can (ipfwSys.choosePortNoRules). Rule changes are serialised between processes with flock on
 // /var/run/netdivert-ipfw.lock; a deletion that finds its rules gone (ipfw's
 // "rule N not found": something that does not take the lock deleted them
 // since they were listed) has done its work (ipfwSys.deleteNumber). The IP_FW3 socket option would avoid the
@@ -1125,8 +1127,10 @@ func (b *bsdBackend) detach() error {
 		err  error
 		cerr error
 	)
-	// The free port is chosen under the ipfw lock (ipfwSys.choosePort).
-	if lerr := bsdIPFW.choosePort(func(busy func(uint16) bool) error {
+	// The free port is chosen under the ipfw lock when it can be taken; a
+	// handle that installed no rules does not need it
+	// (ipfwSys.choosePortNoRules).
+	if lerr := bsdIPFW.choosePortNoRules(func(busy func(uint16) bool) error {
 		cerr = b.rc.Control(func(fd uintptr) {
 			size, serr := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF)
 			p, err = detachPort(fdSock(fd), b.port, os.Getpid()%divertPorts, b.flags&FlagSniff != 0, busy, func() (portSock, error) {
