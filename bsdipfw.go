@@ -108,7 +108,11 @@ func (s *ipfwSys) listed() []ipfw.Listed {
 // the listing and the bind under one hold, rules that divert to the port
 // were either listed, and the port avoided, or are added after the bind,
 // by no one but the socket's handle. (An administrator's ipfw does not
-// take the lock.)
+// take the lock: a rule it adds after the listing that diverts to the
+// port goes unseen. Nothing re-checks the ruleset after the handle's
+// rules are added: that would catch such a rule only in those few
+// milliseconds, not one added while the handle is open, which nothing in
+// ipfw prevents; README's FreeBSD notes say so.)
 func (s *ipfwSys) choosePort(f func(busy func(port uint16) bool) error) error {
 	unlock, err := s.lock()
 	if err != nil {
