@@ -163,7 +163,9 @@ func (p *Packet) TTL() uint8 {
 	return 0
 }
 
-// SrcPort returns the TCP or UDP source port, or 0.
+// SrcPort returns the TCP or UDP source port, or 0. A TCP header that a
+// truncated buffer cuts after its checksum, which ParsePacket does not
+// report, is read too, as SetSrcPort writes it.
 func (p *Packet) SrcPort() uint16 {
 	switch {
 	case p.TCP != nil:
@@ -171,16 +173,22 @@ func (p *Packet) SrcPort() uint16 {
 	case p.UDP != nil:
 		return binary.BigEndian.Uint16(p.UDP)
 	}
+	if h := p.cutTCP(); h != nil {
+		return binary.BigEndian.Uint16(h)
+	}
 	return 0
 }
 
-// DstPort returns the TCP or UDP destination port, or 0.
+// DstPort returns the TCP or UDP destination port, or 0 (see SrcPort).
 func (p *Packet) DstPort() uint16 {
 	switch {
 	case p.TCP != nil:
 		return binary.BigEndian.Uint16(p.TCP[2:])
 	case p.UDP != nil:
 		return binary.BigEndian.Uint16(p.UDP[2:])
+	}
+	if h := p.cutTCP(); h != nil {
+		return binary.BigEndian.Uint16(h[2:])
 	}
 	return 0
 }

@@ -27,10 +27,15 @@ import (
 // for byte; a wrong one stays wrong by as much. A UDP checksum of 0 (none)
 // stays 0, and one that becomes 0 is written 0xFFFF. The update works
 // where CalcChecksums cannot, in a first fragment or a truncated buffer
-// that holds the transport header; a buffer that ends before the
-// transport checksum is an error wrapping ErrTruncated. A non-first
-// fragment has no transport header: only its IPv4 header checksum is
-// updated, and the datagram's first fragment needs the same change.
+// that holds the transport checksum, even when it ends inside the
+// transport header: a TCP header cut after its checksum (18 or 19 of its
+// 20 bytes) or an ICMPv6 one (4 to 7 of 8), which ParsePacket does not
+// report (WinDivert's rules want the whole header: Packet.TCP and
+// Packet.ICMPv6 are nil, and the bytes are Payload's first). A buffer that
+// ends before the transport checksum is an error wrapping ErrTruncated. A
+// non-first fragment has no transport header: only its IPv4 header
+// checksum is updated, and the datagram's first fragment needs the same
+// change.
 //
 // The update assumes finished checksums. When the received Address has a
 // checksum bit clear (the field may hold a partial sum that the stack or
@@ -49,10 +54,13 @@ func (p *Packet) SetDstAddr(a netip.Addr) error { return p.setAddr(a, true) }
 
 // SetSrcPort sets the TCP or UDP source port, in place, and updates the
 // TCP or UDP checksum (see SetSrcAddr: a UDP checksum of 0 stays 0, and
-// checksum offload). A packet without a TCP or UDP header (another
-// protocol, a non-first fragment) is an error wrapping os.ErrInvalid; a
-// truncated buffer that ends inside the header (or, in IPv6, in the
-// extension headers before it), one wrapping ErrTruncated.
+// checksum offload). A TCP header that a truncated buffer cuts after its
+// checksum (18 or 19 bytes, which ParsePacket does not report: see
+// SetSrcAddr) is updated too, and SrcPort and DstPort read it. A packet
+// without a TCP or UDP header (another protocol, a non-first fragment, a
+// TCP data offset below 5) is an error wrapping os.ErrInvalid; a truncated
+// buffer that ends before the checksum (or, in IPv6, in the extension
+// headers before the header), one wrapping ErrTruncated.
 func (p *Packet) SetSrcPort(port uint16) error { return p.setPort(port, 0) }
 
 // SetDstPort sets the TCP or UDP destination port, in place, and updates
@@ -144,7 +152,8 @@ func (p *Packet) familyError(a netip.Addr) error {
 // pseudoSum returns the checksum field of p's transport header when its
 // checksum covers the pseudo-header (TCP, UDP, ICMPv6), or nil (no such
 // header, ICMP, a non-first fragment, another protocol); udp tells a UDP
-// one. It is an error when the buffer ends before that field.
+// one. The header may be cut short (cutHeader). It is an error when the
+// buffer ends before that field.
 func (p *Packet) pseudoSum() (sum []byte, udp bool, err error) {
 	switch {
 	case p.TCP != nil:
@@ -162,29 +171,63 @@ func (p *Packet) pseudoSum() (sum []byte, udp bool, err error) {
 	case p.ICMP != nil:
 		return nil, false, nil
 	default:
-		if !p.cutTransport(true) {
+		h, ok := p.cutHeader()
+		switch {
+		case ok && p.Protocol == packet.ProtoTCP && len(h) >= 18:
+			return h[16:18], false, nil
+		case ok && p.Protocol == packet.ProtoICMPv6 && len(h) >= 4:
+			return h[2:4], false, nil
+		case !ok && !p.cutExt():
 			return nil, false, nil
 		}
 	}
 	return nil, false, fmt.Errorf("%w: the buffer ends before the %s checksum, which covers the addresses", ErrTruncated, protoName(p.Protocol))
 }
 
-// cutTransport reports whether p has no transport header because the
-// buffer ends before it, for a protocol that may be TCP or UDP or, with
-// icmp6, ICMPv6: the protocol, or an IPv6 extension header that was not
-// whole.
-func (p *Packet) cutTransport(icmp6 bool) bool {
-	if !p.Truncated || p.FragOff != 0 {
+// cutHeader returns the bytes of p's transport header, Payload's first,
+// when ParsePacket found none because the buffer ends before the header's
+// fixed part does (20 bytes for TCP, 8 for UDP and ICMPv6); ok is false
+// otherwise (the header whole, a non-first fragment, another protocol). A
+// TCP header whose data offset is below 5 is not one (ParsePacket does not
+// take it in a whole buffer either): ok is false.
+func (p *Packet) cutHeader() (h []byte, ok bool) {
+	if !p.Truncated || p.FragOff != 0 || p.TCP != nil || p.UDP != nil || p.ICMP != nil || p.ICMPv6 != nil {
+		return nil, false
+	}
+	h = p.Payload
+	switch p.Protocol {
+	case packet.ProtoTCP:
+		ok = len(h) < packet.TCPHdrLen && (len(h) <= 12 || h[12]>>4 >= 5)
+	case packet.ProtoUDP:
+		ok = len(h) < packet.UDPHdrLen
+	case packet.ProtoICMPv6:
+		ok = p.IPv4 == nil && len(h) < packet.ICMPHdrLen
+	}
+	if !ok {
+		return nil, false
+	}
+	return h, true
+}
+
+// cutTCP returns the TCP header that a truncated buffer cuts after its
+// checksum (cutHeader, 18 or 19 bytes), or nil.
+func (p *Packet) cutTCP() []byte {
+	if h, ok := p.cutHeader(); ok && p.Protocol == packet.ProtoTCP && len(h) >= 18 {
+		return h
+	}
+	return nil
+}
+
+// cutExt reports whether p is an IPv6 packet whose buffer ends inside an
+// extension header (ParsePacket stopped at it: its protocol is p's).
+func (p *Packet) cutExt() bool {
+	if !p.Truncated || p.FragOff != 0 || p.IPv4 != nil {
 		return false
 	}
 	switch p.Protocol {
-	case packet.ProtoTCP, packet.ProtoUDP:
-		return true
-	case packet.ProtoICMPv6:
-		return icmp6 && p.IPv4 == nil
 	case packet.ProtoHopOpts, packet.ProtoRouting, packet.ProtoFragment,
 		packet.ProtoAH, packet.ProtoDstOpts, packet.ProtoMobility:
-		return p.IPv4 == nil
+		return true
 	}
 	return false
 }
@@ -206,12 +249,15 @@ func protoName(proto uint8) string {
 func (p *Packet) setPort(port uint16, off int) error {
 	var h, sum []byte
 	udp := false
+	cut, isCut := p.cutHeader()
 	switch {
 	case p.TCP != nil && len(p.TCP) >= 18:
 		h, sum = p.TCP, p.TCP[16:18]
 	case p.UDP != nil && len(p.UDP) >= 8:
 		h, sum, udp = p.UDP, p.UDP[6:8], true
-	case p.TCP != nil || p.UDP != nil || p.cutTransport(false):
+	case isCut && p.Protocol == packet.ProtoTCP && len(cut) >= 18:
+		h, sum = cut, cut[16:18] // cut after its checksum
+	case p.TCP != nil || p.UDP != nil || isCut && p.Protocol != packet.ProtoICMPv6 || p.cutExt():
 		return fmt.Errorf("%w: the buffer ends before the %s header's checksum", ErrTruncated, protoName(p.Protocol))
 	case p.FragOff != 0:
 		return fmt.Errorf("divert: set port: a non-first fragment has no TCP or UDP header: %w", os.ErrInvalid)

@@ -174,13 +174,38 @@ func inField(p *Packet, b []byte, kind string, j int) bool {
 	case "dstAddr":
 		return in(p.IPv4, 16, 20) || in(p.IPv6, 24, 40)
 	case "srcPort":
-		return in(p.TCP, 0, 2) || in(p.UDP, 0, 2)
+		return in(p.TCP, 0, 2) || in(p.UDP, 0, 2) || in(cutTCPHeader(p), 0, 2)
 	case "dstPort":
-		return in(p.TCP, 2, 4) || in(p.UDP, 2, 4)
+		return in(p.TCP, 2, 4) || in(p.UDP, 2, 4) || in(cutTCPHeader(p), 2, 4)
 	case "ttl":
 		return in(p.IPv4, 8, 9) || in(p.IPv6, 7, 8)
 	}
 	return false
+}
+
+// cutTCPHeader returns the TCP header a truncated buffer cuts after its
+// checksum (18 or 19 bytes, with a data offset of 5 or more), which
+// ParsePacket does not report (it is Payload's start), or nil.
+func cutTCPHeader(p *Packet) []byte {
+	h := p.Payload
+	if p.Truncated && p.FragOff == 0 && p.Protocol == 6 && p.TCP == nil && len(h) >= 18 && len(h) < 20 && h[12]>>4 >= 5 {
+		return h
+	}
+	return nil
+}
+
+// cutChecksumOffset is checksumOffsets' transport offset for a header
+// ParsePacket did not report that holds its checksum: a TCP header cut
+// after it (cutTCPHeader), an IPv6 packet's ICMPv6 header cut after it (4
+// to 7 bytes); else -1.
+func cutChecksumOffset(b []byte, p *Packet) int {
+	if h := cutTCPHeader(p); h != nil {
+		return offsetIn(b, h) + 16
+	}
+	if h := p.Payload; p.Truncated && p.FragOff == 0 && p.IPv6 != nil && p.Protocol == 58 && p.ICMPv6 == nil && len(h) >= 4 && len(h) < 8 {
+		return offsetIn(b, h) + 2
+	}
+	return -1
 }
 
 // Hand-built packets.
@@ -321,6 +346,8 @@ func TestPacketSettersTable(t *testing.T) {
 	v6udp := summed(t, ip6(17, nil, udpSeg(9)), 0)
 	v4icmp := summed(t, ip4(1, 0, icmpMsg(8, 5)), 0)
 	v6icmp := summed(t, ip6(58, nil, icmpMsg(128, 7)), 0)
+	v4tcpOff4 := summed(t, ip4(6, 0, func() []byte { s := tcpSeg(0, 4); s[12] = 4 << 4; return s }()), 0)
+	v6ahtcp := summed(t, ip6(51, []byte{6, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9}, tcpSeg(4, 1)), 0)
 	v4frag := func(i int) func([]byte) []byte {
 		return func(w []byte) []byte {
 			f1, f2 := frag4(t, w, 16)
@@ -353,12 +380,12 @@ func TestPacketSettersTable(t *testing.T) {
 		{name: "v4 udp one byte", b: summed(t, ip4(17, 4, udpSeg(1)), 0)},
 		{name: "v4 icmp", b: v4icmp, portErr: os.ErrInvalid},
 		{name: "v4 gre", b: summed(t, ip4(47, 0, payload(13)), 0), portErr: os.ErrInvalid},
-		{name: "v4 tcp data offset 4", b: summed(t, ip4(6, 0, func() []byte { s := tcpSeg(0, 4); s[12] = 4 << 4; return s }()), 0), portErr: os.ErrInvalid},
+		{name: "v4 tcp data offset 4", b: v4tcpOff4, portErr: os.ErrInvalid},
 		{name: "v6 tcp", b: v6tcp},
 		{name: "v6 udp odd", b: v6udp},
 		{name: "v6 icmpv6", b: v6icmp, portErr: os.ErrInvalid},
 		{name: "v6 hop-by-hop dstopts icmpv6", b: summed(t, ip6(0, append(ext6(60, 0, 1, 4), ext6(58, 1, 1, 12)...), icmpMsg(129, 3)), 0), portErr: os.ErrInvalid},
-		{name: "v6 ah tcp", b: summed(t, ip6(51, []byte{6, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9}, tcpSeg(4, 1)), 0)},
+		{name: "v6 ah tcp", b: v6ahtcp},
 		{name: "v6 routing type 0 on its way", b: v6udpRouted(0, 1)},
 		{name: "v6 routing type 2 on its way", b: v6udpRouted(2, 1)},
 		{name: "v6 routing type 4 on its way", b: v6udpRouted(4, 2)},
@@ -372,7 +399,18 @@ func TestPacketSettersTable(t *testing.T) {
 		{name: "v4 tcp cut in payload", b: v4tcp[:len(v4tcp)-5], whole: v4tcp, oracle: cut},
 		{name: "v6 udp cut in payload", b: v6udp[:len(v6udp)-1], whole: v6udp, oracle: cut},
 		{name: "v4 tcp cut before checksum", b: v4tcp[:28+16], whole: v4tcp, oracle: cut, portErr: ErrTruncated, addrErr: ErrTruncated},
-		{name: "v4 tcp cut after checksum", b: v4tcp[:28+18], whole: v4tcp, oracle: cut, portErr: ErrTruncated, addrErr: ErrTruncated},
+		{name: "v4 tcp cut at 17", b: v4tcp[:28+17], whole: v4tcp, oracle: cut, portErr: ErrTruncated, addrErr: ErrTruncated},
+		// ParsePacket reports no TCP header under 20 bytes, but one cut
+		// after its checksum (18, 19 bytes) holds the ports and the
+		// checksum: the setters update it.
+		{name: "v4 tcp cut after checksum", b: v4tcp[:28+18], whole: v4tcp, oracle: cut},
+		{name: "v4 tcp cut at 19", b: v4tcp[:28+19], whole: v4tcp, oracle: cut},
+		{name: "v6 tcp cut after checksum", b: v6tcp[:40+18], whole: v6tcp, oracle: cut},
+		{name: "v6 ah tcp cut at 19", b: v6ahtcp[:52+19], whole: v6ahtcp, oracle: cut},
+		{name: "v4 tcp data offset 4 cut at 18", b: v4tcpOff4[:20+18], whole: v4tcpOff4, oracle: cut, portErr: os.ErrInvalid},
+		{name: "v4 tcp data offset 4 cut at 21", b: v4tcpOff4[:20+21], whole: v4tcpOff4, oracle: cut, portErr: os.ErrInvalid},
+		{name: "v6 icmpv6 cut after checksum", b: v6icmp[:44], whole: v6icmp, oracle: cut, portErr: os.ErrInvalid},
+		{name: "v6 icmpv6 cut at 7", b: v6icmp[:47], whole: v6icmp, oracle: cut, portErr: os.ErrInvalid},
 		{name: "v4 udp cut in header", b: v4udp[:27], whole: v4udp, oracle: cut, portErr: ErrTruncated, addrErr: ErrTruncated},
 		{name: "v6 udp cut in header", b: v6udp[:47], whole: v6udp, oracle: cut, portErr: ErrTruncated, addrErr: ErrTruncated},
 		{name: "v6 icmpv6 cut in header", b: v6icmp[:43], whole: v6icmp, oracle: cut, portErr: os.ErrInvalid, addrErr: ErrTruncated},
@@ -604,7 +642,10 @@ func TestPacketSettersBadViews(t *testing.T) {
 		{IPv6: make([]byte, 40), ICMPv6: make([]byte, 3)},
 		{IPv6: make([]byte, 40), Ext: []byte{43, 0}, Protocol: 43, Truncated: true},
 		{IPv6: make([]byte, 40), Ext: make([]byte, 3)},
-		{IPv6: routed, Ext: []byte{17, 2, 0, 1, 0, 0, 0, 0}}, // a routing header cut short
+		{IPv6: routed, Ext: []byte{17, 2, 0, 1, 0, 0, 0, 0}},                              // a routing header cut short
+		{IPv4: make([]byte, 20), Protocol: 6, Truncated: true, Payload: make([]byte, 13)}, // TCP cut before its checksum, data offset 0
+		{IPv4: make([]byte, 20), Protocol: 6, Truncated: true, Payload: []byte{12: 5 << 4, 17: 0}},
+		{IPv6: make([]byte, 40), Protocol: 58, Truncated: true, Payload: make([]byte, 4)},
 	} {
 		for _, a := range []netip.Addr{a4, a6, {}} {
 			_ = p.SetSrcAddr(a)
@@ -658,6 +699,10 @@ func FuzzPacketSetters(f *testing.F) {
 		}
 	}
 	f.Add(mustHex(f, "4500001c12342000400100000a0000010808080808003cd20d560001"), uint8(0), []byte{10, 0, 0, 9}, uint16(0))
+	// A TCP header cut after its checksum (18 of 20 bytes; the packet is
+	// 40 bytes long), which ParsePacket does not report.
+	f.Add(mustHex(f, "45000028000100004006f6cbc0000201c00002020401005000000001000000005010ffff1234"), uint8(3), []byte(nil), uint16(8080))
+	f.Add(mustHex(f, "45000028000100004006f6cbc0000201c00002020401005000000001000000005010ffff1234"), uint8(0), []byte{10, 0, 0, 9}, uint16(0))
 	// UDP checksum 0 (and header checksum 0).
 	f.Add(mustHex(f, "4500003920900000491100000a00000108080404e0450035002522a7170801000001000000000000076578616d706c6503636f6d0000010001"), uint8(3), []byte(nil), uint16(5353))
 	f.Fuzz(func(t *testing.T, b []byte, which uint8, addr []byte, v uint16) {
@@ -700,6 +745,9 @@ func FuzzPacketSetters(f *testing.F) {
 			t.Fatalf("%s: the getter reads another value", op.name)
 		}
 		ipOff, tOff := checksumOffsets(b, &p)
+		if tOff < 0 {
+			tOff = cutChecksumOffset(b, &p)
+		}
 		for j := range b {
 			if b[j] != orig[j] && !(ipOff >= 0 && j >= ipOff && j < ipOff+2) && !(tOff >= 0 && j >= tOff && j < tOff+2) && !inField(&p, b, op.kind, j) {
 				t.Fatalf("%s changed byte %d", op.name, j)
