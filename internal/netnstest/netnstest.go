@@ -109,46 +109,45 @@ func (n *NS) Do(fn func() error) error {
 	}
 	defer unix.Close(target)
 
-	type result struct {
-		err      error
-		restored bool
-	}
-	done := make(chan result, 1)
+	done := make(chan error, 1)
 	// A fresh goroutine keeps the caller's own thread state untouched even
-	// when restoring fails.
-	go func() {
-		runtime.LockOSThread()
-		orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- result{err: fmt.Errorf("netnstest: open own namespace: %w", err), restored: true}
-			return
-		}
-		defer unix.Close(orig)
-		if err := unix.Setns(target, unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			done <- result{err: fmt.Errorf("netnstest: enter %s: %w", n.Name, err), restored: true}
-			return
-		}
-		var ferr error
-		func() {
-			defer func() {
-				if r := recover(); r != nil {
-					ferr = fmt.Errorf("netnstest: panic in %s: %v", n.Name, r)
-				}
-			}()
-			ferr = fn()
-		}()
-		if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
-			// Stay locked: the goroutine exits and the runtime kills the thread.
-			done <- result{err: errors.Join(ferr, fmt.Errorf("netnstest: leave %s: %w", n.Name, err))}
-			return
-		}
+	// when restoring fails. The result is sent once enterRun has returned,
+	// its descriptors closed: a caller counting its open descriptors after
+	// Do must not see this one's (CI did: one more after than before).
+	go func() { done <- n.enterRun(target, fn) }()
+	return <-done
+}
+
+// enterRun runs fn on the calling goroutine's thread, locked to it, in the
+// namespace target, then puts the thread back in its own. When that fails
+// the thread stays locked: the goroutine's exit makes the runtime end it.
+func (n *NS) enterRun(target int, fn func() error) error {
+	runtime.LockOSThread()
+	orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
 		runtime.UnlockOSThread()
-		done <- result{err: ferr, restored: true}
+		return fmt.Errorf("netnstest: open own namespace: %w", err)
+	}
+	defer unix.Close(orig)
+	if err := unix.Setns(target, unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("netnstest: enter %s: %w", n.Name, err)
+	}
+	var ferr error
+	func() {
+		defer func() {
+			if r := recover(); r != nil {
+				ferr = fmt.Errorf("netnstest: panic in %s: %v", n.Name, r)
+			}
+		}()
+		ferr = fn()
 	}()
-	r := <-done
-	return r.err
+	if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
+		// Stay locked: the goroutine exits and the runtime kills the thread.
+		return errors.Join(ferr, fmt.Errorf("netnstest: leave %s: %w", n.Name, err))
+	}
+	runtime.UnlockOSThread()
+	return ferr
 }
 
 // Run runs argv inside the namespace (`ip netns exec NAME argv...`) and
