@@ -728,39 +728,53 @@ func TestConnHotReaderYields(t *testing.T) {
 // to yieldEvery (Stats.Shared).
 func TestConnHotReaderAloneYieldsRarely(t *testing.T) {
 	netnstest.RequireRoot(t)
-	l, c, dst := queued(t, "nfqa", Config{Queue: 550, Auto: true}, 9993)
-
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
-	var got, first, last atomic.Int64 // datagrams, and the reader's clock at the first and last
-	done := acceptEach(c, func() {
-		got.Add(1)
-		first.CompareAndSwap(0, c.ReadTime())
-		last.Store(c.ReadTime())
+	var c *Conn
+	var done <-chan struct{}
+	timingAttempts(t, func() string {
+		var l *netnstest.Link
+		var dst netip.AddrPort
+		l, c, dst = queued(t, "nfqa", Config{Queue: 550, Auto: true}, 9993)
+		var got, first, last atomic.Int64 // datagrams, and the reader's clock at the first and last
+		done = acceptEach(c, func() {
+			got.Add(1)
+			first.CompareAndSwap(0, c.ReadTime())
+			last.Store(c.ReadTime())
+		})
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		s0 := c.Stats()
+		if err := <-startSender(ctx, t, l, dst, 2000, 300*time.Microsecond); err != nil {
+			t.Fatalf("sender: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+		s1, elapsed := c.Stats(), time.Duration(last.Load()-first.Load())
+		hot, yields := s1.HotWaits-s0.HotWaits, s1.Yields-s0.Yields
+		// At most one yield a millisecond of the reader's clock between its
+		// first and last datagram (and one before the first), whatever the
+		// load; yielding before every wait, as at yieldEvery, would be about
+		// one a hot wait.
+		bound := uint64(elapsed/time.Millisecond) + 2
+		t.Logf("%d datagrams, %d hot waits, %d yields in %v (at most %d)", got.Load(), hot, yields, elapsed, bound)
+		if s1.Shared {
+			t.Fatal("Stats.Shared set, but only the reader sent")
+		}
+		// A failed attempt ends its reader and closes its Conn, which gives
+		// back the only hot slot (GOMAXPROCS 1) for the next one.
+		stop := func(msg string) string {
+			c.SetReadDeadline(time.Unix(1, 0))
+			<-done
+			c.Close()
+			return msg
+		}
+		if got.Load() < 1800 || hot < bound*3/2 {
+			return stop(fmt.Sprintf("%d of 2000 datagrams, %d hot waits in %v: too few waits to tell one yield a wait from one a millisecond, the attempt proves nothing", got.Load(), hot, elapsed))
+		}
+		if yields == 0 || yields > bound {
+			return stop(fmt.Sprintf("%d yields for %d hot waits in %v: a reader alone should yield at most once a millisecond", yields, hot, elapsed))
+		}
+		return ""
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	s0 := c.Stats()
-	if err := <-startSender(ctx, t, l, dst, 2000, 300*time.Microsecond); err != nil {
-		t.Fatalf("sender: %v", err)
-	}
-	time.Sleep(20 * time.Millisecond)
-	s1, elapsed := c.Stats(), time.Duration(last.Load()-first.Load())
-	hot, yields := s1.HotWaits-s0.HotWaits, s1.Yields-s0.Yields
-	// At most one yield a millisecond of the reader's clock between its
-	// first and last datagram (and one before the first), whatever the
-	// load; yielding before every wait, as at yieldEvery, would be about
-	// one a hot wait.
-	bound := uint64(elapsed/time.Millisecond) + 2
-	t.Logf("%d datagrams, %d hot waits, %d yields in %v (at most %d)", got.Load(), hot, yields, elapsed, bound)
-	if got.Load() < 1800 || hot < bound*3/2 {
-		t.Fatalf("%d of 2000 datagrams, %d hot waits in %v: too few waits to tell one yield a wait from one a millisecond, the test proves nothing", got.Load(), hot, elapsed)
-	}
-	if s1.Shared {
-		t.Fatal("Stats.Shared set, but only the reader sent")
-	}
-	if yields == 0 || yields > bound {
-		t.Fatalf("%d yields for %d hot waits in %v: a reader alone should yield at most once a millisecond", yields, hot, elapsed)
-	}
 
 	// A Send from another goroutine while the reader waits: the reader
 	// now shares its packets, and yields at most every yieldEvery.
@@ -848,9 +862,13 @@ func TestConnHotReaderHandsOff(t *testing.T) {
 }
 
 func testHandOff(t *testing.T, procs int) {
-	l, c, dst := queued(t, "nfqh", Config{Queue: 600, Auto: true}, 9994)
-
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(procs))
+	timingAttempts(t, func() string { return handOffAttempt(t) })
+}
+
+// handOffAttempt is one run of testHandOff: "" when the property held.
+func handOffAttempt(t *testing.T) string {
+	l, c, dst := queued(t, "nfqh", Config{Queue: 600, Auto: true}, 9994)
 	type job struct {
 		id  uint32
 		seq int64 // the reader's count of packets when it handed this one off
@@ -899,15 +917,38 @@ func testHandOff(t *testing.T, procs int) {
 	c.SetReadDeadline(time.Unix(1, 0))
 	<-readerDone
 	<-workerDone
+	c.Close() // gives back its hot slot for the next attempt
 	if len(lat) < 900 || hot < 300 {
-		t.Fatalf("%d datagrams handed off, %d hot waits: the reader was not kept hot, the test proves nothing", len(lat), hot)
+		return fmt.Sprintf("%d datagrams handed off, %d hot waits: the reader was not kept hot, the attempt proves nothing", len(lat), hot)
 	}
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	t.Logf("%d hand-offs, %d hot waits, %d handled only after the next read; hand-off latency p50 %v, p90 %v, max %v",
 		len(lat), hot, late, lat[len(lat)/2], lat[len(lat)*9/10], lat[len(lat)-1])
 	if late > len(lat)/4 {
-		t.Fatalf("%d of %d packets handed to the worker were handled only after the reader took the next one: the hot wait kept the worker from the P", late, len(lat))
+		return fmt.Sprintf("%d of %d packets handed to the worker were handled only after the reader took the next one: the hot wait kept the worker from the P", late, len(lat))
 	}
+	return ""
+}
+
+// timingAttempts runs attempt until it returns "", at most three times.
+// It is for a property of timing that the OS's scheduler decides along
+// with the code: other processes' load can break it in one run (CI saw
+// a hot reader's hand-off late for 41% of its packets, and too few hot
+// waits to judge the yields, while other packages' tests ran), but a
+// reader that is wrong breaks it in every run. attempt fails the test
+// itself (t.Fatal) for what does not depend on timing.
+func timingAttempts(t *testing.T, attempt func() string) {
+	t.Helper()
+	var msgs []string
+	for i := 1; i <= 3; i++ {
+		msg := attempt()
+		if msg == "" {
+			return
+		}
+		t.Logf("attempt %d: %s", i, msg)
+		msgs = append(msgs, msg)
+	}
+	t.Fatalf("three attempts failed: %q", msgs)
 }
 
 // TestHotSlots: hot waits leave at least one P free; with one P a single
