@@ -354,24 +354,32 @@ func Install(cfg Config) (*Ruleset, error) {
 			return nil, fmt.Errorf("nftrules: probe for the native queue expression: %w", err)
 		}
 	}
-	family := cfg.family()
-	r := &Ruleset{family: family, native: native, bases: cfg.bases()}
+	r := &Ruleset{family: cfg.family(), native: native, bases: cfg.bases()}
+	return r.install(func(reused bool) (bool, error) { return r.program(&cfg, reused) })
+}
+
+// install takes over a parked table of r's family and base chains, or
+// creates a new one, and programs it with prog, which adds the base
+// chains unless reused and reports whether the rules are exact. It is
+// called with the OS thread locked. A failed prog gives the table up (see
+// abandon).
+func (r *Ruleset) install(prog func(reused bool) (bool, error)) (*Ruleset, error) {
 	r.ns, r.shared = join()
 	var reused bool
 	if r.shared {
-		if p := takeParked(r.ns, family, r.bases); p != nil {
+		if p := takeParked(r.ns, r.family, r.bases); p != nil {
 			r.table, r.conn, reused = p.table, p.conn, true
 		}
 	}
 	if r.conn == nil {
-		name, conn, err := openFresh("divert", family)
+		name, conn, err := openFresh("divert", r.family)
 		if err != nil {
 			r.leave(nil)
 			return nil, err
 		}
 		r.table, r.conn = name, conn
 	}
-	exact, err := r.program(&cfg, reused)
+	exact, err := prog(reused)
 	if err != nil {
 		r.abandon()
 		return nil, err
@@ -650,7 +658,6 @@ func (r *Ruleset) program(cfg *Config, reused bool) (bool, error) {
 			fam = isV6
 		}
 	}
-	accept := nftables.ChainPolicyAccept
 	for _, h := range cfg.Hooks {
 		// With QueueFragments, the fragments go to a chain that queues
 		// them past the filter (its skips: Dest's and the marks).
@@ -675,17 +682,7 @@ func (r *Ruleset) program(cfg *Config, reused bool) (bool, error) {
 		if l.inexact {
 			exact = false
 		}
-		base := &nftables.Chain{Name: h.String(), Table: t}
-		if !reused {
-			base = r.conn.AddChain(&nftables.Chain{
-				Name:     h.String(),
-				Table:    t,
-				Type:     nftables.ChainTypeFilter,
-				Hooknum:  hookNum(h),
-				Priority: nftables.ChainPriorityRef(nftables.ChainPriority(ChainPriority(h, cfg.Priority))),
-				Policy:   &accept,
-			})
-		}
+		base := r.baseChain(t, h, cfg.Priority, reused)
 		if !cfg.IPv4 && !cfg.IPv6 {
 			continue
 		}
@@ -764,6 +761,24 @@ func (r *Ruleset) program(cfg *Config, reused bool) (bool, error) {
 		return false, mapTableErr("add chains and rules to "+r.table, r.table, r.conn.sock, testFlushErr)
 	}
 	return exact, nil
+}
+
+// baseChain returns the base chain of table t at hook h for a handle of
+// WinDivert priority p, adding it to the batch unless reused (a parked
+// table has it already). Its policy is accept.
+func (r *Ruleset) baseChain(t *nftables.Table, h Hook, p int16, reused bool) *nftables.Chain {
+	if reused {
+		return &nftables.Chain{Name: h.String(), Table: t}
+	}
+	accept := nftables.ChainPolicyAccept
+	return r.conn.AddChain(&nftables.Chain{
+		Name:     h.String(),
+		Table:    t,
+		Type:     nftables.ChainTypeFilter,
+		Hooknum:  hookNum(h),
+		Priority: nftables.ChainPriorityRef(nftables.ChainPriority(ChainPriority(h, p))),
+		Policy:   &accept,
+	})
 }
 
 // Test seams of program: testBatch adds to the batch before it is sent
