@@ -10,7 +10,8 @@
 // Backends:
 //
 //   - Linux: NFQUEUE, with nftables rules compiled from the filter in a table
-//     owned by the handle (the rules vanish with the process).
+//     owned by the handle (the rules vanish with the process); LayerFlow
+//     from conntrack's events.
 //   - FreeBSD: native divert(4) sockets, with ipfw rules.
 //   - Windows: WinDivert through github.com/imgk/divert-go.
 //
@@ -79,7 +80,8 @@ const (
 	LayerNetwork Layer = 0
 	// LayerNetworkForward intercepts packets routed through the host.
 	LayerNetworkForward Layer = 1
-	// LayerFlow reports flow established/deleted events (Windows only).
+	// LayerFlow reports flow established/deleted events (Windows; Linux,
+	// from conntrack's events: see the README's Linux notes).
 	LayerFlow Layer = 2
 	// LayerSocket reports socket operations (Windows only).
 	LayerSocket Layer = 3

@@ -52,7 +52,8 @@ import (
 //
 // OpenQueues: see queues_linux.go.
 //
-// Not supported: the flow, socket and reflect layers.
+// LayerFlow: conntrack's events, see flow_linux.go. Not supported: the
+// socket and reflect layers.
 
 const (
 	linuxVersionMajor = 1
@@ -194,6 +195,9 @@ func openBackend(cfg *openConfig) (backend, error) {
 	if err := checkLayer(cfg.layer); err != nil {
 		return nil, err
 	}
+	if cfg.layer == LayerFlow {
+		return openFlow(cfg) // conntrack's events: see flow_linux.go
+	}
 	b := newLinuxBackend(cfg)
 	if err := b.open(cfg); err != nil {
 		return nil, withCleanup(err, b.release())
@@ -208,10 +212,10 @@ func layerSupport(l Layer) error { return checkLayer(l) }
 
 func checkLayer(l Layer) error {
 	switch l {
-	case LayerNetwork, LayerNetworkForward:
+	case LayerNetwork, LayerNetworkForward, LayerFlow:
 		return nil
 	}
-	return fmt.Errorf("divert: layer %v: %w: NFQUEUE sees packets only; flow, socket and reflect events have no Linux counterpart", l, ErrNotSupported)
+	return fmt.Errorf("divert: layer %v: %w: NFQUEUE sees packets only, conntrack flows (LayerFlow); socket and reflect events have no Linux counterpart", l, ErrNotSupported)
 }
 
 // newLinuxBackend makes a backend with no sockets yet.

@@ -1262,7 +1262,7 @@ func TestLinuxConcurrentRecvSend(t *testing.T) {
 }
 
 func TestLinuxNotSupported(t *testing.T) {
-	for _, layer := range []Layer{LayerFlow, LayerSocket, LayerReflect} {
+	for _, layer := range []Layer{LayerSocket, LayerReflect} { // LayerFlow: flow_linux_test.go
 		// With the flags the layer needs elsewhere, and without them: the
 		// layer is refused first, so a porter does not add flags in vain.
 		for _, flags := range []Flag{FlagSniff | FlagRecvOnly, 0} {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"net/netip"
 	"os"
 	"time"
 
@@ -33,6 +34,27 @@ func ExampleOpen() {
 		if _, err := h.Send(buf[:n], &addr); err != nil {
 			log.Fatal(err)
 		}
+	}
+}
+
+// Watch the host's TCP connections come and go at the flow layer
+// (Windows: WinDivert's; Linux: conntrack's events). An event carries no
+// packet: Recv takes no buffer.
+func ExampleOpen_flow() {
+	h, err := divert.Open("tcp and not loopback", divert.LayerFlow, 0, divert.FlagSniff|divert.FlagRecvOnly)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer h.Close()
+	var addr divert.Address
+	for i := 0; i < 10; i++ {
+		if _, err := h.Recv(nil, &addr); err != nil {
+			log.Fatal(err)
+		}
+		f := &addr.Flow
+		fmt.Printf("%v %v:%d -> %v:%d outbound=%v\n", addr.Event,
+			netip.AddrFrom16(f.LocalAddr).Unmap(), f.LocalPort,
+			netip.AddrFrom16(f.RemoteAddr).Unmap(), f.RemotePort, addr.Outbound)
 	}
 }
 

@@ -85,7 +85,9 @@ var (
 
 // openBackends opens n backends for OpenQueues.
 func openBackends(cfg *openConfig, n int) ([]backend, error) {
-	if n == 1 || cfg.flags&(FlagSendOnly|FlagDrop) != 0 {
+	if n == 1 || cfg.flags&(FlagSendOnly|FlagDrop) != 0 || cfg.layer == LayerFlow {
+		// LayerFlow: one event socket, shared, as WinDivert shares its
+		// queue.
 		b, err := openBackend(cfg)
 		if err != nil {
 			return nil, err

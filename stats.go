@@ -41,14 +41,16 @@ type Stats struct {
 	// and only the copy is lost. On Windows, where WinDivert expires
 	// packets without telling: with FlagReassemble, the incomplete
 	// datagrams whose fragments waited ParamQueueTime; otherwise 0. 0 on
-	// FreeBSD (divert(4) has no queue time).
+	// FreeBSD (divert(4) has no queue time). Linux LayerFlow: events
+	// that waited ParamQueueTime unread, dropped.
 	Expired uint64
 	// Passed is the number of packets the OS queued for the handle but
 	// that were accepted without the program seeing them: packets the
 	// kernel (or ipfw) rules over-approximate and the user-space filter
 	// rejected, and on Linux loopback packets seen on the input hook
 	// (WinDivert shows loopback outbound only). 0 on Windows, where
-	// WinDivert evaluates the filter itself.
+	// WinDivert evaluates the filter itself. Linux LayerFlow: the
+	// events the filter rejected.
 	Passed uint64
 	// Overflows counts the packets lost to a full receive buffer (Linux:
 	// the packets missing from the queue's id sequence among those read,
@@ -56,7 +58,11 @@ type Stats struct {
 	// went on uncopied with FlagSniff or FlagFailOpen). For a Pipe: packets
 	// dropped because the queue was full. FreeBSD: packets the filter did
 	// not match that could not be written back (the kernel had no buffer
-	// for them). 0 on Windows, which does not tell.
+	// for them). 0 on Windows, which does not tell. Linux LayerFlow: the
+	// events lost to a full queue (ParamQueueLength), the times the event
+	// socket's buffer overflowed (ENOBUFS: one or more events lost each
+	// time), and the deletions of established flows the handle forgot,
+	// remembering too many, that will not be reported.
 	Overflows uint64
 	// KernelQueueDropped is the kernel's count of packets dropped because
 	// the queue was full (Linux: queue_dropped in

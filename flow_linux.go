@@ -1,0 +1,718 @@
+package divert
+
+import (
+	"container/list"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mdlayher/netlink"
+	"github.com/ti-mo/conntrack"
+	"golang.org/x/sys/unix"
+
+	"github.com/netdivert/divert/filter"
+	"github.com/netdivert/divert/internal/netcap"
+	"github.com/netdivert/divert/internal/nftrules"
+)
+
+// LayerFlow on Linux: conntrack's events.
+//
+// A flow handle joins conntrack's NEW, UPDATE and DESTROY event groups on
+// a netlink socket of the caller's network namespace, then installs an
+// owned nftables table (nftrules.InstallFlowTrack) whose rules make
+// conntrack run there for the handle's life and label each connection
+// the host begins (output hook; lo as well: loopback) or another host
+// begins toward it (input hook). Forwarded connections cross neither hook
+// and carry no label, so they are never reported, nor are connections
+// conntrack tracked before the table existed (no label either), as
+// WinDivert reports only flows established after Open.
+//
+// A reader goroutine decodes the events (github.com/ti-mo/conntrack's
+// Event.Unmarshal: the ecosystem's decoder of ctnetlink messages, on a
+// netlink socket of our own, whose receive errors — ENOBUFS above all —
+// and deadlines the handle must see; conntrack's Listen hides both behind
+// worker goroutines that stop at the first error), turns them into
+// Addresses (flowTracker), judges them with the handle's filter and queues
+// those that match, at most ParamQueueLength; Recv takes them from that
+// queue.
+//
+// Established: for TCP, the update that moves the connection to
+// ESTABLISHED (the handshake completed, when WinDivert's
+// ALE_FLOW_ESTABLISHED fires; a refused or unanswered connect is never
+// reported); for every other protocol the NEW event (the first packet).
+// Deleted: conntrack's DESTROY, which comes when conntrack forgets the
+// connection, after its timeout (TCP's TIME_WAIT, 120 s by default; UDP's
+// 30 s or 120 s once replied both ways; ICMP's 30 s). A DESTROY event
+// carries no labels: the tracker keeps each reported flow, by conntrack
+// id, until it, and gives the deletion the same FlowData as the
+// establishment.
+
+const (
+	// flowTrackMax bounds the flows a handle remembers between their
+	// NEW and DESTROY events. Past it the oldest is forgotten: its
+	// DESTROY is then not reported (counted in Stats.Overflows if its
+	// establishment was delivered).
+	flowTrackMax = 1 << 16
+	// loopServerBit marks the EndpointID of the server's view of a
+	// loopback flow (the client's is the conntrack id).
+	loopServerBit = 1 << 32
+)
+
+// TCP states of conntrack (enum tcp_conntrack).
+const (
+	tcpSynSent  = 1
+	tcpEstab    = 3
+	tcpTimeWait = 7
+)
+
+// ctKind is a conntrack event's type.
+type ctKind uint8
+
+const (
+	ctNew ctKind = iota + 1
+	ctUpdate
+	ctDestroy
+)
+
+// ctTuple is one direction of a connection.
+type ctTuple struct {
+	src, dst     netip.Addr
+	sport, dport uint16
+}
+
+// ctEvent is what the tracker needs of a conntrack event.
+type ctEvent struct {
+	kind        ctKind
+	id          uint32
+	proto       uint8
+	orig, reply ctTuple
+	icmp        bool  // ICMP or ICMPv6: icmpType and icmpCode hold the first packet's
+	icmpType    uint8 // of the original direction
+	icmpCode    uint8
+	labels      byte // byte nftrules.LabelByte of the labels (NEW events)
+	tcpState    int  // -1: no TCP protoinfo in the event
+}
+
+// ctEventOf converts a decoded conntrack event. ok is false for events
+// that are not about a connection (expectations) or lack its tuple.
+func ctEventOf(ev *conntrack.Event) (e ctEvent, ok bool) {
+	switch ev.Type {
+	case conntrack.EventNew:
+		e.kind = ctNew
+	case conntrack.EventUpdate:
+		e.kind = ctUpdate
+	case conntrack.EventDestroy:
+		e.kind = ctDestroy
+	default:
+		return e, false
+	}
+	f := ev.Flow
+	if f == nil || !f.TupleOrig.IP.SourceAddress.IsValid() || !f.TupleOrig.IP.DestinationAddress.IsValid() {
+		return e, false
+	}
+	e.id = f.ID
+	o, r := &f.TupleOrig, &f.TupleReply
+	e.proto = o.Proto.Protocol
+	e.orig = ctTuple{o.IP.SourceAddress, o.IP.DestinationAddress, o.Proto.SourcePort, o.Proto.DestinationPort}
+	e.reply = ctTuple{r.IP.SourceAddress, r.IP.DestinationAddress, r.Proto.SourcePort, r.Proto.DestinationPort}
+	if !e.reply.src.IsValid() || !e.reply.dst.IsValid() {
+		// Not expected (the kernel sends both tuples); the original
+		// reversed is the reply without NAT.
+		e.reply = ctTuple{e.orig.dst, e.orig.src, e.orig.dport, e.orig.sport}
+	}
+	if o.Proto.ICMPv4 || o.Proto.ICMPv6 {
+		e.icmp = true
+		e.icmpType, e.icmpCode = o.Proto.ICMPType, o.Proto.ICMPCode
+		e.orig.sport, e.orig.dport, e.reply.sport, e.reply.dport = 0, 0, 0, 0
+	}
+	if len(f.Labels) > nftrules.LabelByte {
+		e.labels = f.Labels[nftrules.LabelByte]
+	}
+	e.tcpState = -1
+	if f.ProtoInfo.TCP != nil {
+		e.tcpState = int(f.ProtoInfo.TCP.State)
+	}
+	return e, true
+}
+
+// flowEntry is a flow the tracker reports: one view, or two for loopback
+// (the client's, outbound, then the server's, inbound).
+type flowEntry struct {
+	id          uint32
+	orig        ctTuple
+	proto       uint8
+	views       [2]Address
+	nviews      int
+	established bool
+	lost        [2]bool // the view's establishment was lost to a full queue
+	elem        *list.Element
+}
+
+// flowTracker turns conntrack events into flow events. It is used by one
+// goroutine at a time.
+type flowTracker struct {
+	max   int
+	flows map[uint32]*flowEntry
+	order list.List // of *flowEntry, oldest first
+	// deliver hands an event on; false means it was lost (a full
+	// queue). Filtered out is not lost.
+	deliver func(a *Address) bool
+	// lost counts the deletions that will not be reported because the
+	// tracker forgot an established flow (flowTrackMax).
+	lost func()
+}
+
+func newFlowTracker(max int, deliver func(*Address) bool, lost func()) *flowTracker {
+	return &flowTracker{max: max, flows: make(map[uint32]*flowEntry), deliver: deliver, lost: lost}
+}
+
+// handle processes one event read at now (Address.Timestamp).
+func (t *flowTracker) handle(e *ctEvent, now int64) {
+	switch e.kind {
+	case ctNew:
+		if e.labels&(nftrules.LabelOut|nftrules.LabelIn) == 0 {
+			return // forwarded, or tracked before the handle's table
+		}
+		if e.proto == unix.IPPROTO_TCP && e.tcpState != tcpSynSent && e.tcpState != -1 {
+			// Picked up in mid-stream (conntrack's loose tracking of a
+			// connection older than the table): not a new flow.
+			return
+		}
+		if old := t.flows[e.id]; old != nil {
+			t.remove(old)
+		}
+		fe := &flowEntry{id: e.id, orig: e.orig, proto: e.proto}
+		fe.nviews = flowViews(e, &fe.views)
+		if len(t.flows) >= t.max {
+			oldest := t.order.Front().Value.(*flowEntry)
+			if oldest.established {
+				for i := range oldest.nviews {
+					if !oldest.lost[i] {
+						t.lost()
+					}
+				}
+			}
+			t.remove(oldest)
+		}
+		fe.elem = t.order.PushBack(fe)
+		t.flows[e.id] = fe
+		if e.proto != unix.IPPROTO_TCP {
+			t.establish(fe, now)
+		}
+	case ctUpdate:
+		fe := t.flows[e.id]
+		if fe == nil || fe.established || fe.proto != unix.IPPROTO_TCP || !fe.same(e) {
+			return
+		}
+		if e.tcpState >= tcpEstab && e.tcpState <= tcpTimeWait {
+			t.establish(fe, now)
+		}
+	case ctDestroy:
+		fe := t.flows[e.id]
+		if fe == nil || !fe.same(e) {
+			return
+		}
+		t.remove(fe)
+		if !fe.established {
+			return // a TCP connect that never completed
+		}
+		for i := range fe.nviews {
+			if fe.lost[i] {
+				continue
+			}
+			a := fe.views[i]
+			a.Event = EventFlowDeleted
+			a.Timestamp = now
+			t.deliver(&a)
+		}
+	}
+}
+
+func (t *flowTracker) establish(fe *flowEntry, now int64) {
+	fe.established = true
+	for i := range fe.nviews {
+		a := fe.views[i]
+		a.Event = EventFlowEstablished
+		a.Timestamp = now
+		fe.lost[i] = !t.deliver(&a)
+	}
+}
+
+func (t *flowTracker) remove(fe *flowEntry) {
+	t.order.Remove(fe.elem)
+	delete(t.flows, fe.id)
+}
+
+// same reports whether e is about fe's connection: conntrack ids are a
+// hash, so a new connection may, rarely, get the id of one the tracker
+// still remembers.
+func (fe *flowEntry) same(e *ctEvent) bool {
+	return fe.proto == e.proto && fe.orig == e.orig
+}
+
+// flowViews fills vs with the Addresses (but Event and Timestamp) of the
+// flow of a NEW event, and returns how many: two for a loopback flow, the
+// client's (outbound) and the server's (inbound), as WinDivert reports
+// each of the connection's endpoints; else one.
+func flowViews(e *ctEvent, vs *[2]Address) int {
+	out := e.labels&nftrules.LabelOut != 0
+	loop := out && e.labels&nftrules.LabelLoop != 0
+	v6 := e.orig.src.Is6() && !e.orig.src.Is4In6()
+	base := Address{Layer: LayerFlow, Sniffed: true, IPv6: v6, Loopback: loop}
+	base.Flow.Protocol = e.proto
+	// The client's view: the original direction as it left the socket
+	// (before any source NAT). The server's: the reply direction (after
+	// any destination NAT, as the accepting socket sees it).
+	client := func(a *Address) {
+		a.Outbound = true
+		a.Flow.LocalAddr, a.Flow.RemoteAddr = e.orig.src.As16(), e.orig.dst.As16()
+		a.Flow.LocalPort, a.Flow.RemotePort = e.orig.sport, e.orig.dport
+	}
+	server := func(a *Address) {
+		a.Outbound = false
+		a.Flow.LocalAddr, a.Flow.RemoteAddr = e.reply.src.As16(), e.reply.dst.As16()
+		a.Flow.LocalPort, a.Flow.RemotePort = e.reply.sport, e.reply.dport
+	}
+	vs[0] = base
+	vs[0].Flow.EndpointID = uint64(e.id)
+	if out {
+		client(&vs[0])
+	} else {
+		server(&vs[0])
+	}
+	n := 1
+	if loop {
+		vs[1] = base
+		vs[1].Flow.EndpointID = uint64(e.id) | loopServerBit
+		server(&vs[1])
+		n = 2
+	}
+	if e.icmp {
+		// WFP's convention at its flow layer: the local port holds the
+		// ICMP type, the remote port the code (of the flow's first
+		// packet).
+		for i := range n {
+			vs[i].Flow.LocalPort, vs[i].Flow.RemotePort = uint16(e.icmpType), uint16(e.icmpCode)
+		}
+	}
+	return n
+}
+
+// --- the handle ------------------------------------------------------------
+
+// flowItem is a queued event.
+type flowItem struct {
+	a Address
+	t int64 // monoNow when queued
+}
+
+type flowBackend struct {
+	filt  *filter.Filter
+	rules *nftrules.Ruleset
+	conn  *netlink.Conn
+	tr    *flowTracker  // the reader's
+	done  chan struct{} // closed when the reader ends
+	// started: the reader runs (set by a successful Open, before Close
+	// can be called)
+	started bool
+
+	stopOnce sync.Once // closes conn (Shutdown or Close)
+	stopErr  error
+
+	queueTime atomic.Int64 // ns
+
+	mu       sync.Mutex
+	q        []flowItem // ring of cap len(q)
+	head, n  int
+	qlen     int           // ParamQueueLength
+	changed  chan struct{} // closed and replaced when the state below changes
+	deadline time.Time
+	shut     bool
+	closed   bool
+	stopping bool  // conn is being closed: the reader's error is expected
+	rerr     error // the reader's error, returned once the queue is drained
+
+	received, overflows, expired, passed atomic.Uint64
+}
+
+// ctGroups are conntrack's event groups a flow handle joins.
+var ctGroups = []uint32{unix.NFNLGRP_CONNTRACK_NEW, unix.NFNLGRP_CONNTRACK_UPDATE, unix.NFNLGRP_CONNTRACK_DESTROY}
+
+// ctEventsSysctl says whether conntrack reports events in the network
+// namespace of the thread that opens it: 0 no, 1 yes, 2 (since Linux 6.0,
+// the default) when someone listens.
+const ctEventsSysctl = "/proc/sys/net/netfilter/nf_conntrack_events"
+
+// openFlow opens a LayerFlow handle in the calling thread's network
+// namespace.
+func openFlow(cfg *openConfig) (_ backend, err error) {
+	if cfg.flags&FlagReassemble != 0 {
+		// As on Windows: there is no packet to reassemble. The other
+		// flags a flow handle may have change nothing (FlagPassThrough:
+		// nothing is held; FlagFailOpen: a full queue loses events, and
+		// no packet waits).
+		return nil, fmt.Errorf("divert: FlagReassemble at layer %v, which carries no packets: %w", LayerFlow, ErrNotSupported)
+	}
+	b := &flowBackend{
+		filt:    cfg.filter,
+		qlen:    int(cfg.params[ParamQueueLength]),
+		changed: make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	b.queueTime.Store(int64(cfg.params[ParamQueueTime]) * int64(time.Millisecond))
+	b.tr = newFlowTracker(flowTrackMax, b.deliver, func() { b.overflows.Add(1) })
+	defer func() {
+		if err != nil {
+			err = withCleanup(err, b.release())
+		}
+	}()
+	// Listen first: no event of a connection the table labels is missed.
+	if b.conn, err = netlink.Dial(unix.NETLINK_NETFILTER, nil); err != nil {
+		return nil, flowSetupError(nil, "open a netfilter netlink socket", err)
+	}
+	for _, g := range ctGroups {
+		if err := b.conn.JoinGroup(g); err != nil {
+			return nil, flowSetupError(b.conn, "join conntrack's event groups", err)
+		}
+	}
+	_ = setRecvBuf(b.conn, int(cfg.params[ParamQueueSize])) // the default buffer serves too
+	if b.rules, err = nftrules.InstallFlowTrack(); err != nil {
+		return nil, mapSetupError("install the nftables table that runs conntrack", err)
+	}
+	// The table loaded conntrack (and its sysctls) if it was not.
+	v, err := os.ReadFile(ctEventsSysctl)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil, fmt.Errorf("divert: layer %v: %w: the kernel has no conntrack events (%s missing: CONFIG_NF_CONNTRACK_EVENTS)", LayerFlow, ErrNotSupported, ctEventsSysctl)
+	case err != nil:
+		return nil, fmt.Errorf("divert: layer %v: read %s: %w", LayerFlow, ctEventsSysctl, err)
+	case strings.TrimSpace(string(v)) == "0":
+		return nil, fmt.Errorf("divert: layer %v: %w: conntrack events are disabled in this network namespace (sysctl net.netfilter.nf_conntrack_events = 0; set it to 1 or 2)", LayerFlow, ErrNotSupported)
+	}
+	b.started = true
+	go b.read()
+	return b, nil
+}
+
+// flowSetupError maps an error of the event socket: EPERM (joining
+// conntrack's groups needs CAP_NET_ADMIN over the namespace) wraps
+// os.ErrPermission, a kernel without nfnetlink or ctnetlink
+// ErrNotSupported.
+func flowSetupError(c *netlink.Conn, what string, err error) error {
+	switch {
+	case errors.Is(err, os.ErrPermission) && c != nil && netAdmin(c):
+		return fmt.Errorf("divert: %s: refused although the process has CAP_NET_ADMIN in the network namespace (a security module?): %w", what, err)
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("divert: %s: CAP_NET_ADMIN in this network namespace is needed to receive conntrack events (run as root or grant the capability): %w", what, err)
+	case errors.Is(err, unix.EPROTONOSUPPORT), errors.Is(err, unix.EAFNOSUPPORT), errors.Is(err, unix.ENOENT), errors.Is(err, unix.EOPNOTSUPP):
+		return fmt.Errorf("divert: %s: %w: the kernel has no nfnetlink conntrack (nf_conntrack_netlink): %w", what, ErrNotSupported, err)
+	}
+	return fmt.Errorf("divert: %s: %w", what, err)
+}
+
+// setRecvBuf sets the socket's receive buffer to n bytes, past
+// net.core.rmem_max with CAP_NET_ADMIN (which joining the groups needed).
+func setRecvBuf(c *netlink.Conn, n int) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = raw.Control(func(fd uintptr) {
+		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n); serr != nil {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, n)
+		}
+	})
+	return errors.Join(err, serr)
+}
+
+// netAdmin reports whether the event socket's holder may administer its
+// namespace (for errors).
+func netAdmin(c *netlink.Conn) bool {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return netcap.Effective()
+	}
+	over := false
+	if raw.Control(func(fd uintptr) { over = netcap.Over(int(fd)) }) != nil {
+		return netcap.Effective()
+	}
+	return over
+}
+
+// read is the reader goroutine: events from the socket to the queue.
+func (b *flowBackend) read() {
+	defer close(b.done)
+	for {
+		ms, err := b.conn.Receive()
+		if err != nil {
+			if errors.Is(err, unix.ENOBUFS) {
+				// The socket's buffer overflowed: at least one event
+				// is lost.
+				b.overflows.Add(1)
+				continue
+			}
+			b.mu.Lock()
+			if !b.stopping {
+				b.rerr = fmt.Errorf("divert: receive conntrack events: %w", err)
+				b.wakeLocked()
+			}
+			b.mu.Unlock()
+			return
+		}
+		now := monoNow()
+		for _, m := range ms {
+			var ev conntrack.Event
+			if ev.Unmarshal(m) != nil {
+				continue // not a conntrack event we can read
+			}
+			if e, ok := ctEventOf(&ev); ok {
+				b.tr.handle(&e, now)
+			}
+		}
+	}
+}
+
+// deliver judges a with the filter and queues it. It returns false when
+// the queue is full (the event is lost and counted).
+func (b *flowBackend) deliver(a *Address) bool {
+	if b.filt != nil {
+		m := a.Meta()
+		if !b.filt.Match(nil, &m) {
+			b.passed.Add(1)
+			return true
+		}
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.shut || b.closed {
+		return true // no new events after ShutdownRecv, unseen, as WinDivert
+	}
+	if b.n >= b.qlen {
+		b.overflows.Add(1)
+		return false
+	}
+	if b.n == len(b.q) {
+		b.grow()
+	}
+	b.q[(b.head+b.n)%len(b.q)] = flowItem{a: *a, t: monoNow()}
+	b.n++
+	b.wakeLocked()
+	return true
+}
+
+func (b *flowBackend) grow() {
+	c := max(2*len(b.q), 64)
+	q := make([]flowItem, c)
+	for i := range b.n {
+		q[i] = b.q[(b.head+i)%len(b.q)]
+	}
+	b.q, b.head = q, 0
+}
+
+// wakeLocked wakes every waiting receive call.
+func (b *flowBackend) wakeLocked() {
+	close(b.changed)
+	b.changed = make(chan struct{})
+}
+
+// popLocked takes the oldest queued event that has not waited
+// ParamQueueTime; the older ones are dropped (Stats.Expired).
+func (b *flowBackend) popLocked(a *Address) bool {
+	qt := b.queueTime.Load()
+	now := monoNow()
+	for b.n > 0 {
+		it := &b.q[b.head]
+		b.head = (b.head + 1) % len(b.q)
+		b.n--
+		if now-it.t > qt {
+			b.expired.Add(1)
+			continue
+		}
+		*a = it.a
+		return true
+	}
+	return false
+}
+
+// next waits for one event (block) or takes one if queued.
+func (b *flowBackend) next(a *Address, block bool) error {
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for {
+		switch {
+		case b.closed:
+			return errClosed
+		case !b.shut && !b.deadline.IsZero() && !time.Now().Before(b.deadline):
+			return errDeadline
+		}
+		if b.popLocked(a) {
+			b.received.Add(1)
+			return nil
+		}
+		switch {
+		case b.shut:
+			return ErrShutdown
+		case b.rerr != nil:
+			return b.rerr
+		case !block:
+			return errWouldBlock
+		}
+		ch := b.changed
+		var tc <-chan time.Time
+		if !b.deadline.IsZero() {
+			d := time.Until(b.deadline)
+			if timer == nil {
+				timer = time.NewTimer(d)
+			} else {
+				timer.Reset(d)
+			}
+			tc = timer.C
+		}
+		b.mu.Unlock()
+		select {
+		case <-ch:
+		case <-tc:
+		}
+		b.mu.Lock()
+	}
+}
+
+// errWouldBlock ends a batch at the first event not yet queued.
+var errWouldBlock = errors.New("divert: no event queued")
+
+// recv returns no bytes: a flow event carries none (WinDivert's Recv
+// at LayerFlow takes a NULL buffer).
+func (b *flowBackend) recv(_ []byte, a *Address) (int, error) {
+	return 0, b.next(a, true)
+}
+
+func (b *flowBackend) recvBatch(ms []Message) (int, error) {
+	for i := range ms {
+		if err := b.next(&ms[i].Addr, i == 0); err != nil {
+			if i > 0 {
+				return i, nil
+			}
+			return 0, err
+		}
+		ms[i].N = 0
+	}
+	return len(ms), nil
+}
+
+// Handle refuses Send and SendBatch (FlagRecvOnly) and Drop finds nothing
+// held; these are never reached with a packet.
+func (b *flowBackend) send([]byte, *Address) (int, error) {
+	return 0, fmt.Errorf("divert: layer %v carries no packet to send: %w", LayerFlow, os.ErrInvalid)
+}
+
+func (b *flowBackend) sendBatch([]Message) (int, error) {
+	return 0, fmt.Errorf("divert: layer %v carries no packet to send: %w", LayerFlow, os.ErrInvalid)
+}
+
+// drop is a no-op, as for a FlagSniff copy: the event holds nothing.
+func (b *flowBackend) drop(*Address) error { return nil }
+
+// stop closes the event socket once, which ends the reader.
+func (b *flowBackend) stop() error {
+	b.stopOnce.Do(func() {
+		b.mu.Lock()
+		b.stopping = true
+		b.mu.Unlock()
+		b.stopErr = b.conn.Close()
+		<-b.done
+	})
+	return b.stopErr
+}
+
+func (b *flowBackend) shutdown(how ShutdownHow) error {
+	if how&ShutdownRecv == 0 {
+		return nil
+	}
+	b.mu.Lock()
+	b.shut = true
+	b.wakeLocked()
+	b.mu.Unlock()
+	// No new events: stop reading them (the table stays until Close, so
+	// that conntrack keeps running as it did).
+	if err := b.stop(); err != nil {
+		return fmt.Errorf("divert: shutdown: %w", err)
+	}
+	return nil
+}
+
+func (b *flowBackend) close() error {
+	b.mu.Lock()
+	b.closed = true
+	b.wakeLocked()
+	b.mu.Unlock()
+	if err := b.release(); err != nil {
+		return fmt.Errorf("divert: close: %w", err)
+	}
+	return nil
+}
+
+// release closes the socket and removes the table (Close, or a failed
+// Open).
+func (b *flowBackend) release() error {
+	var errs []error
+	if b.conn != nil {
+		if b.started {
+			errs = append(errs, b.stop())
+		} else {
+			errs = append(errs, b.conn.Close())
+		}
+	}
+	if b.rules != nil {
+		errs = append(errs, b.rules.Close())
+	}
+	return errors.Join(errs...)
+}
+
+func (b *flowBackend) setParam(p Param, v uint64) error {
+	switch p {
+	case ParamQueueLength:
+		b.mu.Lock()
+		b.qlen = int(v)
+		b.mu.Unlock()
+	case ParamQueueTime:
+		b.queueTime.Store(int64(v) * int64(time.Millisecond))
+	case ParamQueueSize:
+		if err := setRecvBuf(b.conn, int(v)); err != nil {
+			return closedAs(err, "divert: set queue size: %w")
+		}
+	}
+	return nil
+}
+
+func (b *flowBackend) setReadDeadline(t time.Time) error {
+	b.mu.Lock()
+	b.deadline = t
+	b.wakeLocked()
+	b.mu.Unlock()
+	return nil
+}
+
+func (b *flowBackend) version() (major, minor uint64) {
+	return linuxVersionMajor, linuxVersionMinor
+}
+
+func (b *flowBackend) stats() (Stats, error) {
+	return Stats{
+		Received:  b.received.Load(),
+		Overflows: b.overflows.Load(),
+		Expired:   b.expired.Load(),
+		Passed:    b.passed.Load(),
+	}, nil
+}

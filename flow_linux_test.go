@@ -1,0 +1,877 @@
+package divert
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ti-mo/conntrack"
+	"golang.org/x/sys/unix"
+
+	"github.com/netdivert/divert/filter"
+	"github.com/netdivert/divert/internal/netnstest"
+	"github.com/netdivert/divert/internal/nftrules"
+)
+
+// --- the pure mapping: conntrack events to Addresses -----------------------
+
+// trackerLog is a flowTracker whose deliveries are recorded; full makes
+// deliver report a full queue.
+type trackerLog struct {
+	t    *flowTracker
+	got  []Address
+	full bool
+	lost int
+}
+
+func newTrackerLog(max int) *trackerLog {
+	l := &trackerLog{}
+	l.t = newFlowTracker(max, func(a *Address) bool {
+		if l.full {
+			return false
+		}
+		l.got = append(l.got, *a)
+		return true
+	}, func() { l.lost++ })
+	return l
+}
+
+func (l *trackerLog) take() []Address {
+	g := l.got
+	l.got = nil
+	return g
+}
+
+func tup(src, dst string, sport, dport uint16) ctTuple {
+	return ctTuple{netip.MustParseAddr(src), netip.MustParseAddr(dst), sport, dport}
+}
+
+func rev(t ctTuple) ctTuple { return ctTuple{t.dst, t.src, t.dport, t.sport} }
+
+func ev(kind ctKind, id uint32, proto uint8, orig ctTuple, labels byte, state int) *ctEvent {
+	return &ctEvent{kind: kind, id: id, proto: proto, orig: orig, reply: rev(orig), labels: labels, tcpState: state}
+}
+
+func a16(s string) [16]byte { return netip.MustParseAddr(s).As16() }
+
+func TestFlowTrackerTCPOutbound(t *testing.T) {
+	l := newTrackerLog(16)
+	o := tup("10.0.0.1", "10.0.0.2", 40000, 80)
+	l.t.handle(ev(ctNew, 7, unix.IPPROTO_TCP, o, nftrules.LabelOut, tcpSynSent), 1)
+	l.t.handle(ev(ctUpdate, 7, unix.IPPROTO_TCP, o, 0, 2), 2)
+	if g := l.take(); len(g) != 0 {
+		t.Fatalf("before the handshake completed: %+v", g)
+	}
+	l.t.handle(ev(ctUpdate, 7, unix.IPPROTO_TCP, o, 0, tcpEstab), 3)
+	l.t.handle(ev(ctUpdate, 7, unix.IPPROTO_TCP, o, 0, 4), 4) // FIN_WAIT: no second event
+	g := l.take()
+	want := Address{Layer: LayerFlow, Event: EventFlowEstablished, Sniffed: true, Outbound: true, Timestamp: 3,
+		Flow: FlowData{EndpointID: 7, LocalAddr: a16("::ffff:10.0.0.1"), RemoteAddr: a16("::ffff:10.0.0.2"), LocalPort: 40000, RemotePort: 80, Protocol: 6}}
+	if len(g) != 1 || g[0] != want {
+		t.Fatalf("established: got %+v\nwant %+v", g, want)
+	}
+	l.t.handle(ev(ctDestroy, 7, unix.IPPROTO_TCP, o, 0, -1), 9)
+	g = l.take()
+	want.Event, want.Timestamp = EventFlowDeleted, 9
+	if len(g) != 1 || g[0] != want {
+		t.Fatalf("deleted: got %+v\nwant %+v", g, want)
+	}
+	if len(l.t.flows) != 0 || l.t.order.Len() != 0 {
+		t.Fatalf("tracker keeps %d flows after DESTROY", len(l.t.flows))
+	}
+}
+
+// TestFlowTrackerIgnored: what is not a new flow with a local endpoint is
+// never reported, its DESTROY neither.
+func TestFlowTrackerIgnored(t *testing.T) {
+	o := tup("10.0.0.1", "10.0.0.2", 40000, 80)
+	for _, tc := range []struct {
+		name   string
+		events []*ctEvent
+	}{
+		{"refused connect", []*ctEvent{ev(ctNew, 1, 6, o, nftrules.LabelOut, tcpSynSent), ev(ctUpdate, 1, 6, o, 0, 8), ev(ctDestroy, 1, 6, o, 0, -1)}},
+		{"mid-stream pickup", []*ctEvent{ev(ctNew, 1, 6, o, nftrules.LabelOut, tcpEstab), ev(ctUpdate, 1, 6, o, 0, tcpEstab), ev(ctDestroy, 1, 6, o, 0, -1)}},
+		{"forwarded", []*ctEvent{ev(ctNew, 1, 17, o, 0, -1), ev(ctDestroy, 1, 17, o, 0, -1)}},
+		{"only the loopback bit", []*ctEvent{ev(ctNew, 1, 17, o, nftrules.LabelLoop, -1)}},
+		{"unknown id", []*ctEvent{ev(ctUpdate, 1, 6, o, 0, tcpEstab), ev(ctDestroy, 1, 6, o, 0, -1)}},
+	} {
+		l := newTrackerLog(16)
+		for _, e := range tc.events {
+			l.t.handle(e, 1)
+		}
+		if g := l.take(); len(g) != 0 {
+			t.Errorf("%s: reported %+v", tc.name, g)
+		}
+		if len(l.t.flows) != 0 {
+			t.Errorf("%s: %d flows remembered", tc.name, len(l.t.flows))
+		}
+	}
+}
+
+func TestFlowTrackerUDPInboundV6(t *testing.T) {
+	l := newTrackerLog(16)
+	o := tup("fd00::2", "fd00::1", 5000, 53)
+	e := ev(ctNew, 9, unix.IPPROTO_UDP, o, nftrules.LabelIn, -1)
+	// Destination NAT to a local port: the local end is the reply's source.
+	e.reply = tup("fd00::1", "fd00::2", 5353, 5000)
+	l.t.handle(e, 1)
+	g := l.take()
+	want := Address{Layer: LayerFlow, Event: EventFlowEstablished, Sniffed: true, IPv6: true, Timestamp: 1,
+		Flow: FlowData{EndpointID: 9, LocalAddr: a16("fd00::1"), RemoteAddr: a16("fd00::2"), LocalPort: 5353, RemotePort: 5000, Protocol: 17}}
+	if len(g) != 1 || g[0] != want {
+		t.Fatalf("got %+v\nwant %+v", g, want)
+	}
+	// Another connection that got the same id: not this flow's end.
+	l.t.handle(ev(ctDestroy, 9, unix.IPPROTO_UDP, tup("fd00::3", "fd00::1", 5000, 53), 0, -1), 2)
+	if g := l.take(); len(g) != 0 {
+		t.Fatalf("DESTROY of another tuple reported: %+v", g)
+	}
+	l.t.handle(ev(ctDestroy, 9, unix.IPPROTO_UDP, o, 0, -1), 3)
+	g = l.take()
+	want.Event, want.Timestamp = EventFlowDeleted, 3
+	if len(g) != 1 || g[0] != want {
+		t.Fatalf("got %+v\nwant %+v", g, want)
+	}
+}
+
+func TestFlowTrackerLoopback(t *testing.T) {
+	l := newTrackerLog(16)
+	o := tup("127.0.0.1", "127.0.0.1", 41000, 7000)
+	l.t.handle(ev(ctNew, 5, 6, o, nftrules.LabelOut|nftrules.LabelLoop, tcpSynSent), 1)
+	l.t.handle(ev(ctUpdate, 5, 6, o, 0, tcpEstab), 2)
+	l.t.handle(ev(ctDestroy, 5, 6, o, 0, -1), 3)
+	g := l.take()
+	if len(g) != 4 {
+		t.Fatalf("want 2 ESTABLISHED and 2 DELETED, got %+v", g)
+	}
+	cli := FlowData{EndpointID: 5, LocalAddr: a16("::ffff:127.0.0.1"), RemoteAddr: a16("::ffff:127.0.0.1"), LocalPort: 41000, RemotePort: 7000, Protocol: 6}
+	srv := FlowData{EndpointID: 5 | 1<<32, LocalAddr: cli.RemoteAddr, RemoteAddr: cli.LocalAddr, LocalPort: 7000, RemotePort: 41000, Protocol: 6}
+	for i, w := range []struct {
+		ev  Event
+		out bool
+		f   FlowData
+	}{{EventFlowEstablished, true, cli}, {EventFlowEstablished, false, srv}, {EventFlowDeleted, true, cli}, {EventFlowDeleted, false, srv}} {
+		if g[i].Event != w.ev || g[i].Outbound != w.out || !g[i].Loopback || g[i].Flow != w.f {
+			t.Errorf("event %d: got %+v, want %v outbound=%v %+v", i, g[i], w.ev, w.out, w.f)
+		}
+	}
+}
+
+func TestFlowTrackerICMP(t *testing.T) {
+	l := newTrackerLog(16)
+	e := ev(ctNew, 3, unix.IPPROTO_ICMPV6, tup("fd00::1", "fd00::2", 0, 0), nftrules.LabelOut, -1)
+	e.icmp, e.icmpType, e.icmpCode = true, 128, 0
+	l.t.handle(e, 1)
+	g := l.take()
+	if len(g) != 1 || g[0].Flow.LocalPort != 128 || g[0].Flow.RemotePort != 0 || !g[0].IPv6 || g[0].Flow.Protocol != 58 || !g[0].Outbound {
+		t.Fatalf("got %+v", g)
+	}
+}
+
+// TestFlowTrackerBounded: the tracker remembers at most max flows; a
+// forgotten established flow's deletion is counted lost, and its DESTROY
+// reports nothing.
+func TestFlowTrackerBounded(t *testing.T) {
+	l := newTrackerLog(4)
+	for i := range 6 {
+		l.t.handle(ev(ctNew, uint32(100+i), 17, tup("10.0.0.1", "10.0.0.2", uint16(1000+i), 53), nftrules.LabelOut, -1), 1)
+	}
+	if len(l.t.flows) != 4 || l.t.order.Len() != 4 || l.lost != 2 {
+		t.Fatalf("%d flows, %d in order, %d lost; want 4, 4, 2", len(l.t.flows), l.t.order.Len(), l.lost)
+	}
+	l.take()
+	l.t.handle(ev(ctDestroy, 100, 17, tup("10.0.0.1", "10.0.0.2", 1000, 53), 0, -1), 2)
+	if g := l.take(); len(g) != 0 {
+		t.Fatalf("forgotten flow's DESTROY reported: %+v", g)
+	}
+	l.t.handle(ev(ctDestroy, 105, 17, tup("10.0.0.1", "10.0.0.2", 1005, 53), 0, -1), 2)
+	if g := l.take(); len(g) != 1 || g[0].Event != EventFlowDeleted || g[0].Flow.LocalPort != 1005 {
+		t.Fatalf("remembered flow's DESTROY: %+v", g)
+	}
+}
+
+// TestFlowTrackerLostEstablished: an establishment lost to a full queue
+// takes its deletion with it, so that the program never sees a deletion
+// without its establishment.
+func TestFlowTrackerLostEstablished(t *testing.T) {
+	l := newTrackerLog(16)
+	o := tup("10.0.0.1", "10.0.0.2", 1000, 53)
+	l.full = true
+	l.t.handle(ev(ctNew, 1, 17, o, nftrules.LabelOut, -1), 1)
+	l.full = false
+	l.t.handle(ev(ctDestroy, 1, 17, o, 0, -1), 2)
+	if g := l.take(); len(g) != 0 {
+		t.Fatalf("deletion of a lost establishment reported: %+v", g)
+	}
+}
+
+func TestCtEventOf(t *testing.T) {
+	labels := make([]byte, 16)
+	labels[nftrules.LabelByte] = nftrules.LabelIn
+	f := conntrack.NewFlow(6, 0, netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("10.0.0.1"), 5000, 22, 0, 0)
+	f.ID, f.Labels = 42, labels
+	f.ProtoInfo.TCP = &conntrack.ProtoInfoTCP{State: tcpSynSent}
+	e, ok := ctEventOf(&conntrack.Event{Type: conntrack.EventNew, Flow: &f})
+	want := ctEvent{kind: ctNew, id: 42, proto: 6, orig: tup("10.0.0.2", "10.0.0.1", 5000, 22), reply: tup("10.0.0.1", "10.0.0.2", 22, 5000), labels: nftrules.LabelIn, tcpState: tcpSynSent}
+	if !ok || e != want {
+		t.Fatalf("got %+v %v\nwant %+v", e, ok, want)
+	}
+	g := conntrack.NewFlow(1, 0, netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2"), 0, 0, 0, 0)
+	g.TupleOrig.Proto.ICMPv4, g.TupleOrig.Proto.ICMPType, g.TupleOrig.Proto.ICMPCode, g.TupleOrig.Proto.ICMPID = true, 8, 0, 77
+	e, ok = ctEventOf(&conntrack.Event{Type: conntrack.EventDestroy, Flow: &g})
+	if !ok || e.kind != ctDestroy || !e.icmp || e.icmpType != 8 || e.tcpState != -1 || e.labels != 0 {
+		t.Fatalf("icmp: %+v %v", e, ok)
+	}
+	if _, ok := ctEventOf(&conntrack.Event{Type: conntrack.EventExpNew}); ok {
+		t.Fatal("an expectation event converted")
+	}
+	if _, ok := ctEventOf(&conntrack.Event{Type: conntrack.EventNew, Flow: &conntrack.Flow{}}); ok {
+		t.Fatal("an event without a tuple converted")
+	}
+}
+
+// --- the queue, without a kernel --------------------------------------------
+
+// bareFlow is a flow backend with no socket and no table: deliver feeds
+// it.
+func bareFlow(t *testing.T, filt string, qlen int) (*Handle, *flowBackend) {
+	t.Helper()
+	f, err := filter.Compile(filt, filter.LayerFlow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &flowBackend{filt: f, qlen: qlen, changed: make(chan struct{}), done: make(chan struct{})}
+	b.queueTime.Store(int64(QueueTimeDefault) * int64(time.Millisecond))
+	h := &Handle{b: b, layer: LayerFlow, flags: FlagSniff | FlagRecvOnly, params: [3]uint64{uint64(qlen), QueueTimeDefault, QueueSizeDefault}}
+	return h, b
+}
+
+func flowAddr(port uint16, out bool) *Address {
+	return &Address{Layer: LayerFlow, Event: EventFlowEstablished, Sniffed: true, Outbound: out,
+		Flow: FlowData{LocalAddr: a16("::ffff:10.0.0.1"), RemoteAddr: a16("::ffff:10.0.0.2"), LocalPort: 1000, RemotePort: port, Protocol: 6}}
+}
+
+func TestFlowQueue(t *testing.T) {
+	h, b := bareFlow(t, "tcp and remotePort == 80", 32)
+	for i := range 40 {
+		b.deliver(flowAddr(80, true))
+		if i%2 == 0 {
+			b.deliver(flowAddr(81, true)) // filtered out: Passed
+		}
+	}
+	st, _ := h.Stats()
+	if st.Overflows != 8 || st.Passed != 20 {
+		t.Fatalf("stats %+v: want 8 overflows, 20 passed", st)
+	}
+	ms := make([]Message, 40)
+	n, err := h.RecvBatch(ms)
+	if n != 32 || err != nil {
+		t.Fatalf("RecvBatch: %d, %v", n, err)
+	}
+	for _, m := range ms[:n] {
+		if m.N != 0 || m.Addr.Flow.RemotePort != 80 {
+			t.Fatalf("message %+v", m)
+		}
+	}
+	// The deadline: an error wrapping os.ErrDeadlineExceeded, when it
+	// passes while Recv waits, and at once when it has passed.
+	h.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	var a Address
+	if _, err := h.Recv(nil, &a); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Recv past its deadline: %v", err)
+	}
+	b.deliver(flowAddr(80, true))
+	if _, err := h.Recv(nil, &a); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Recv with an event queued past the deadline: %v", err)
+	}
+	h.SetReadDeadline(time.Time{})
+	if _, err := h.Recv(nil, &a); err != nil {
+		t.Fatal(err)
+	}
+	// Expiry: events older than ParamQueueTime are dropped.
+	b.deliver(flowAddr(80, true))
+	b.queueTime.Store(0)
+	time.Sleep(time.Millisecond)
+	h.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	if _, err := h.Recv(nil, &a); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Recv of an expired event: %v", err)
+	}
+	if st, _ := h.Stats(); st.Expired != 1 || st.Received != 33 {
+		t.Fatalf("stats %+v: want 1 expired, 33 received", st)
+	}
+}
+
+func TestFlowQueueWake(t *testing.T) {
+	h, b := bareFlow(t, "true", 32)
+	got := make(chan error, 1)
+	go func() {
+		var a Address
+		_, err := h.Recv(nil, &a)
+		got <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	b.deliver(flowAddr(80, true))
+	if err := <-got; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// --- end to end, in network namespaces ---------------------------------------
+
+// flushConntrack deletes every conntrack entry of ns, as conntrack -F
+// does: each gets its DESTROY event now. (Waiting out short timeouts is
+// no way to a bounded test: the kernel's garbage collector, shared by
+// every namespace, finds expired entries up to a minute late when other
+// namespaces keep long-lived ones.)
+func flushConntrack(t *testing.T, ns *netnstest.NS) {
+	t.Helper()
+	if err := ns.Do(func() error {
+		c, err := conntrack.Dial(nil)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return c.Flush()
+	}); err != nil {
+		t.Fatalf("flush conntrack in %s: %v", ns.Name, err)
+	}
+}
+
+// flowEvents receives from h until done reports true of what came, or
+// the wait ends (then it fails t).
+func flowEvents(t *testing.T, h *Handle, wait time.Duration, done func([]Address) bool) []Address {
+	t.Helper()
+	end := time.Now().Add(wait)
+	var got []Address
+	ms := make([]Message, 16)
+	for !done(got) {
+		if time.Now().After(end) {
+			t.Fatalf("after %v, %d events:\n%s", wait, len(got), fmtFlows(got))
+		}
+		h.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		n, err := h.RecvBatch(ms)
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatal(err)
+		}
+		for _, m := range ms[:n] {
+			if m.N != 0 {
+				t.Fatalf("a flow event with %d bytes", m.N)
+			}
+			got = append(got, m.Addr)
+		}
+	}
+	return got
+}
+
+func fmtFlow(a *Address) string {
+	f := &a.Flow
+	dir := "in"
+	if a.Outbound {
+		dir = "out"
+	}
+	return fmt.Sprintf("%v %s loop=%v v6=%v proto=%d %v:%d -> %v:%d id=%#x", a.Event, dir, a.Loopback, a.IPv6, f.Protocol,
+		netip.AddrFrom16(f.LocalAddr).Unmap(), f.LocalPort, netip.AddrFrom16(f.RemoteAddr).Unmap(), f.RemotePort, f.EndpointID)
+}
+
+func fmtFlows(as []Address) string {
+	var sb strings.Builder
+	for i := range as {
+		sb.WriteString(fmtFlow(&as[i]) + "\n")
+	}
+	return sb.String()
+}
+
+// flowWant is an expected event.
+type flowWant struct {
+	ev         Event
+	out, loop  bool
+	proto      uint8
+	local, rem netip.Addr
+	lport      uint16 // 0: any
+	rport      uint16 // 0: any
+}
+
+func (w flowWant) match(a *Address) bool {
+	f := &a.Flow
+	return a.Layer == LayerFlow && a.Event == w.ev && a.Outbound == w.out && a.Loopback == w.loop && a.Sniffed &&
+		f.Protocol == w.proto && a.IPv6 == (w.local.Is6() && !w.local.Is4In6()) &&
+		f.LocalAddr == w.local.As16() && f.RemoteAddr == w.rem.As16() &&
+		(w.lport == 0 || f.LocalPort == w.lport) && (w.rport == 0 || f.RemotePort == w.rport) &&
+		a.Timestamp > 0 && f.EndpointID != 0 && f.ProcessID == 0
+}
+
+// findFlows returns, for each want, the index of a matching event (-1:
+// none).
+func findFlows(got []Address, wants []flowWant) []int {
+	idx := make([]int, len(wants))
+	for i, w := range wants {
+		idx[i] = -1
+		for j := range got {
+			if w.match(&got[j]) {
+				idx[i] = j
+				break
+			}
+		}
+	}
+	return idx
+}
+
+func allFound(got []Address, wants []flowWant) bool {
+	for _, i := range findFlows(got, wants) {
+		if i < 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// tcpConnect connects from ns to dst, writes a byte and closes; the
+// listener ln (in the peer namespace) accepts it and closes too.
+func tcpConnect(t *testing.T, ns *netnstest.NS, dst netip.AddrPort) netip.AddrPort {
+	t.Helper()
+	var local netip.AddrPort
+	err := ns.Do(func() error {
+		c, err := net.DialTimeout("tcp", dst.String(), 2*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		local = c.LocalAddr().(*net.TCPAddr).AddrPort()
+		_, err = c.Write([]byte("x"))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+}
+
+// tcpListen listens in ns on addr and accepts (reading until EOF, then
+// closing) until the test ends.
+func tcpListen(t *testing.T, ns *netnstest.NS, addr netip.AddrPort) {
+	t.Helper()
+	var ln net.Listener
+	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp", addr.String()); return err }); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
+	}()
+}
+
+func openFlowIn(t *testing.T, ns *netnstest.NS, filt string) *Handle {
+	t.Helper()
+	return openIn(t, ns, filt, LayerFlow, 0, FlagSniff|FlagRecvOnly)
+}
+
+// noDivertTables fails t if a table of the library is left in ns.
+func noDivertTables(t *testing.T, ns *netnstest.NS) {
+	t.Helper()
+	for _, name := range nftTables(t, ns) {
+		if strings.HasPrefix(name, "divert_") {
+			t.Fatalf("table %s left in %s", name, ns.Name)
+		}
+	}
+}
+
+// TestFlowEndToEnd: TCP out and in, UDP, ICMP echo, IPv4 and IPv6, and
+// loopback, each established and deleted, with the same FlowData both
+// times; then Close leaves no table.
+func TestFlowEndToEnd(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "flw", 0)
+	h := openFlowIn(t, l.A.NS, "true")
+	if tabs := nftTables(t, l.A.NS); len(tabs) != 1 || !strings.HasPrefix(tabs[0], "divert_") {
+		t.Fatalf("tables in %s: %v", l.A.NS.Name, tabs)
+	}
+
+	tcpListen(t, l.B.NS, netip.AddrPortFrom(l.B.V4, 7001))
+	tcpListen(t, l.B.NS, netip.AddrPortFrom(l.B.V6, 7001))
+	tcpListen(t, l.A.NS, netip.AddrPortFrom(l.A.V4, 7002))
+	lo := netip.MustParseAddr("127.0.0.1")
+	tcpListen(t, l.A.NS, netip.AddrPortFrom(lo, 7003))
+	tcpListen(t, l.A.NS, netip.AddrPortFrom(netip.IPv6Loopback(), 7003))
+
+	out4 := tcpConnect(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7001))
+	out6 := tcpConnect(t, l.A.NS, netip.AddrPortFrom(l.B.V6, 7001))
+	in4 := tcpConnect(t, l.B.NS, netip.AddrPortFrom(l.A.V4, 7002))
+	lo4 := tcpConnect(t, l.A.NS, netip.AddrPortFrom(lo, 7003))
+	lo6 := tcpConnect(t, l.A.NS, netip.AddrPortFrom(netip.IPv6Loopback(), 7003))
+	_, sink := udpSink(t, l, 7004)
+	_ = sink
+	if err := l.A.NS.SendUDP(netip.AddrPortFrom(l.B.V4, 7004), []byte("u"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := l.A.NS.Ping(l.B.V4, 1, 2*time.Second); n != 1 {
+		t.Fatal("ping v4 unanswered")
+	}
+	if n, _ := l.A.NS.Ping(l.B.V6, 1, 2*time.Second); n != 1 {
+		t.Fatal("ping v6 unanswered")
+	}
+	// A refused connect: no flow.
+	if err := l.A.NS.Do(func() error {
+		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(l.B.V4, 7999).String(), 2*time.Second)
+		if err == nil {
+			c.Close()
+			return errors.New("connected to a closed port")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	v4 := func(a netip.Addr) netip.Addr { return netip.AddrFrom16(a.As16()) }
+	var wants []flowWant
+	for _, ev := range []Event{EventFlowEstablished, EventFlowDeleted} {
+		wants = append(wants,
+			flowWant{ev, true, false, 6, v4(l.A.V4), v4(l.B.V4), out4.Port(), 7001},
+			flowWant{ev, true, false, 6, l.A.V6, l.B.V6, out6.Port(), 7001},
+			flowWant{ev, false, false, 6, v4(l.A.V4), v4(l.B.V4), 7002, in4.Port()},
+			flowWant{ev, true, true, 6, v4(lo), v4(lo), lo4.Port(), 7003},
+			flowWant{ev, false, true, 6, v4(lo), v4(lo), 7003, lo4.Port()},
+			flowWant{ev, true, true, 6, netip.IPv6Loopback(), netip.IPv6Loopback(), lo6.Port(), 7003},
+			flowWant{ev, false, true, 6, netip.IPv6Loopback(), netip.IPv6Loopback(), 7003, lo6.Port()},
+			flowWant{ev, true, false, 17, v4(l.A.V4), v4(l.B.V4), 0, 7004},
+			flowWant{ev, true, false, 1, v4(l.A.V4), v4(l.B.V4), 8, 0},
+			flowWant{ev, true, false, 58, l.A.V6, l.B.V6, 128, 0},
+		)
+	}
+	half := len(wants) / 2
+	got := flowEvents(t, h, 10*time.Second, func(g []Address) bool { return allFound(g, wants[:half]) })
+	flushConntrack(t, l.A.NS)
+	got = append(got, flowEvents(t, h, 10*time.Second, func(g []Address) bool { return allFound(slices.Concat(got, g), wants) })...)
+	t.Logf("events:\n%s", fmtFlows(got))
+	idx := findFlows(got, wants)
+	for i := range half {
+		e, d := got[idx[i]], got[idx[half+i]]
+		if e.Flow != d.Flow || e.Timestamp > d.Timestamp {
+			t.Errorf("established %s and deleted %s differ", fmtFlow(&e), fmtFlow(&d))
+		}
+	}
+	// Every event is one of these: none for the refused connect, none twice.
+	ids := map[[2]uint64]int{}
+	for i := range got {
+		ids[[2]uint64{got[i].Flow.EndpointID, uint64(got[i].Event)}]++
+		if got[i].Flow.RemotePort == 7999 {
+			t.Errorf("refused connect reported: %s", fmtFlow(&got[i]))
+		}
+	}
+	for k, n := range ids {
+		if n != 1 {
+			t.Errorf("endpoint %#x event %d reported %d times", k[0], k[1], n)
+		}
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	noDivertTables(t, l.A.NS)
+}
+
+// TestFlowForwardedNotReported: a router's handle reports its own flows,
+// not those it forwards.
+func TestFlowForwardedNotReported(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "flf", 0)
+	h := openFlowIn(t, r.Router(), "true")
+	tcpListen(t, r.RightHost(), netip.AddrPortFrom(r.Right.B.V4, 7010))
+	tcpConnect(t, r.LeftHost(), netip.AddrPortFrom(r.Right.B.V4, 7010))
+	if n, _ := r.LeftHost().Ping(r.Right.B.V6, 1, 2*time.Second); n != 1 {
+		t.Fatal("forwarded ping unanswered")
+	}
+	// The router's own flow, last: once it is seen, the forwarded ones,
+	// established before, would have been too.
+	if n, _ := r.Router().Ping(r.Left.A.V4, 1, 2*time.Second); n != 1 {
+		t.Fatal("router's ping unanswered")
+	}
+	own := flowWant{EventFlowEstablished, true, false, 1, netip.AddrFrom16(r.Left.B.V4.As16()), netip.AddrFrom16(r.Left.A.V4.As16()), 8, 0}
+	got := flowEvents(t, h, 10*time.Second, func(g []Address) bool { return allFound(g, []flowWant{own}) })
+	if len(got) != 1 {
+		t.Fatalf("forwarded flows reported:\n%s", fmtFlows(got))
+	}
+}
+
+// TestFlowFilter: the handle's filter narrows the events in user space.
+func TestFlowFilter(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "flt", 0)
+	hPort := openFlowIn(t, l.A.NS, "tcp and remotePort == 7021 and event == ESTABLISHED")
+	hOut := openFlowIn(t, l.A.NS, "outbound and not loopback")
+	tcpListen(t, l.B.NS, netip.AddrPortFrom(l.B.V4, 7020))
+	tcpListen(t, l.B.NS, netip.AddrPortFrom(l.B.V4, 7021))
+	tcpListen(t, l.A.NS, netip.AddrPortFrom(l.A.V4, 7022))
+	tcpListen(t, l.A.NS, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 7023))
+	tcpConnect(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7020))
+	p21 := tcpConnect(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7021))
+	tcpConnect(t, l.B.NS, netip.AddrPortFrom(l.A.V4, 7022))
+	tcpConnect(t, l.A.NS, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 7023))
+	// Last: an outbound flow both filters take, the marker that every
+	// earlier one has been judged.
+	tcpConnect(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7021))
+	a4, b4 := netip.AddrFrom16(l.A.V4.As16()), netip.AddrFrom16(l.B.V4.As16())
+	got := flowEvents(t, hPort, 10*time.Second, func(g []Address) bool { return len(g) >= 2 })
+	for i := range got {
+		if got[i].Flow.RemotePort != 7021 || got[i].Event != EventFlowEstablished {
+			t.Errorf("port filter passed %s", fmtFlow(&got[i]))
+		}
+	}
+	if !(flowWant{EventFlowEstablished, true, false, 6, a4, b4, p21.Port(), 7021}).match(&got[0]) {
+		t.Errorf("first event %s", fmtFlow(&got[0]))
+	}
+	got = flowEvents(t, hOut, 10*time.Second, func(g []Address) bool {
+		n := 0
+		for i := range g {
+			if g[i].Flow.RemotePort == 7021 {
+				n++
+			}
+		}
+		return n >= 2
+	})
+	ports := map[uint16]bool{}
+	for i := range got {
+		if !got[i].Outbound || got[i].Loopback {
+			t.Errorf("outbound filter passed %s", fmtFlow(&got[i]))
+		}
+		ports[got[i].Flow.RemotePort] = true
+	}
+	if !ports[7020] || ports[7023] || len(ports) != 2 {
+		t.Errorf("outbound filter: remote ports %v", ports)
+	}
+	st, _ := hOut.Stats()
+	if st.Passed < 3 || st.Received != uint64(len(got)) {
+		t.Errorf("stats %+v after %d events", st, len(got))
+	}
+}
+
+// TestFlowHandleStates: deadline, Shutdown (drain, then ErrShutdown),
+// Send refused, Close during Recv.
+func TestFlowHandleStates(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "fls", 0)
+	h := openFlowIn(t, l.A.NS, "udp")
+	var a Address
+	if _, err := h.Send([]byte{0x45}, &a); !errors.Is(err, os.ErrInvalid) {
+		t.Errorf("Send: %v", err)
+	}
+	h.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	start := time.Now()
+	if _, err := h.Recv(nil, &a); !errors.Is(err, os.ErrDeadlineExceeded) || time.Since(start) > 5*time.Second {
+		t.Fatalf("Recv with a deadline: %v after %v", err, time.Since(start))
+	}
+	h.SetReadDeadline(time.Time{})
+	_, _ = udpSink(t, l, 7030)
+	for i := range 3 {
+		c, err := l.A.NS.DialUDP(netip.AddrPortFrom(l.B.V4, uint16(7030)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte{byte(i)})
+		c.Close()
+	}
+	// Wait until the three are queued, then shut down: they drain.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b := h.b.(*flowBackend)
+		b.mu.Lock()
+		n := b.n
+		b.mu.Unlock()
+		if n == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d events queued, want 3", n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := h.Shutdown(ShutdownRecv); err != nil {
+		t.Fatal(err)
+	}
+	h.SetReadDeadline(time.Now().Add(-time.Second)) // drained whatever the deadline
+	for i := range 3 {
+		if _, err := h.Recv(nil, &a); err != nil || a.Event != EventFlowEstablished {
+			t.Fatalf("drain %d: %v %+v", i, err, a)
+		}
+	}
+	if _, err := h.Recv(nil, &a); !errors.Is(err, ErrShutdown) {
+		t.Fatalf("after the drain: %v", err)
+	}
+
+	// Close while Recv waits.
+	h2 := openFlowIn(t, l.A.NS, "true")
+	errc := make(chan error, 2)
+	for range 2 {
+		go func() {
+			var a Address
+			_, err := h2.Recv(nil, &a)
+			errc <- err
+		}()
+	}
+	time.Sleep(50 * time.Millisecond)
+	if err := h2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		select {
+		case err := <-errc:
+			if !errors.Is(err, net.ErrClosed) {
+				t.Fatalf("Recv during Close: %v", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("Recv still blocked after Close")
+		}
+	}
+	if _, err := h2.Recv(nil, &a); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Recv after Close: %v", err)
+	}
+	h.Close()
+	noDivertTables(t, l.A.NS)
+}
+
+// TestFlowOverflow: events the program does not read fill the queue
+// (ParamQueueLength) and the rest are counted, not kept.
+func TestFlowOverflow(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "flo", 0)
+	h := openFlowIn(t, l.A.NS, "udp and outbound")
+	if err := h.SetParam(ParamQueueLength, QueueLengthMin); err != nil {
+		t.Fatal(err)
+	}
+	const flows = 2 * QueueLengthMin
+	for i := range flows {
+		c, err := l.A.NS.DialUDP(netip.AddrPortFrom(l.B.V4, uint16(7100+i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte{1})
+		c.Close()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, _ := h.Stats()
+		if st.Overflows >= flows-QueueLengthMin {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stats %+v: want %d overflows", st, flows-QueueLengthMin)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	ms := make([]Message, BatchMax)
+	h.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	n, err := h.RecvBatch(ms)
+	if n != QueueLengthMin || err != nil {
+		t.Fatalf("RecvBatch: %d %v, want %d", n, err, QueueLengthMin)
+	}
+}
+
+// TestFlowEventsDisabled: with conntrack's events off in the namespace,
+// Open fails (ErrNotSupported) instead of returning a handle that never
+// reports, and leaves no table.
+func TestFlowEventsDisabled(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "fld")
+	if err := ns.Sysctl("net.netfilter.nf_conntrack_events", "0"); err != nil {
+		t.Fatal(err)
+	}
+	err := ns.Do(func() error {
+		h, err := Open("true", LayerFlow, 0, FlagSniff|FlagRecvOnly)
+		if err == nil {
+			h.Close()
+		}
+		return err
+	})
+	if !errors.Is(err, ErrNotSupported) || !strings.Contains(err.Error(), "nf_conntrack_events") {
+		t.Fatalf("Open: %v", err)
+	}
+	noDivertTables(t, ns)
+}
+
+// TestFlowNoPermission: a process without CAP_NET_ADMIN over the
+// namespace (root of a user namespace of its own) is refused with an error
+// wrapping os.ErrPermission that says what is missing.
+func TestFlowNoPermission(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "flp")
+	s := netnstest.UserNSChild(t, ns, flowChildEnv+"=userns")
+	t.Logf("child: %s", s)
+	if !strings.Contains(s, "perm=true") || !strings.Contains(s, "CAP_NET_ADMIN") {
+		t.Fatalf("child said: %s", s)
+	}
+}
+
+// TestFlowOpenArgs: what Open refuses at LayerFlow before it sets
+// anything up, and OpenQueues' handles, which share one event queue.
+func TestFlowOpenArgs(t *testing.T) {
+	for _, f := range []Flag{0, FlagSniff, FlagRecvOnly} {
+		if _, err := Open("true", LayerFlow, 0, f); !errors.Is(err, os.ErrInvalid) {
+			t.Errorf("flags %#x: %v, want os.ErrInvalid (FlagSniff|FlagRecvOnly needed)", uint64(f), err)
+		}
+	}
+	if _, err := Open("true", LayerFlow, 0, FlagSniff|FlagRecvOnly|FlagReassemble); !errors.Is(err, ErrNotSupported) {
+		t.Errorf("FlagReassemble: %v, want ErrNotSupported", err)
+	}
+	var fe *FilterError
+	if _, err := Open("tcp.DstPort == 80", LayerFlow, 0, FlagSniff|FlagRecvOnly); !errors.As(err, &fe) {
+		t.Errorf("a network-layer field: %v, want a FilterError", err)
+	}
+}
+
+func TestFlowOpenQueues(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "flq", 0)
+	var hs []*Handle
+	if err := l.A.NS.Do(func() (err error) {
+		hs, err = OpenQueues("udp", LayerFlow, 0, FlagSniff|FlagRecvOnly, 2)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if tabs := nftTables(t, l.A.NS); len(tabs) != 1 {
+		t.Errorf("tables for two handles: %v", tabs)
+	}
+	_, _ = udpSink(t, l, 7040)
+	if err := l.A.NS.SendUDP(netip.AddrPortFrom(l.B.V4, 7040), []byte("u"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := flowEvents(t, hs[1], 5*time.Second, func(g []Address) bool { return len(g) > 0 })
+	if got[0].Flow.RemotePort != 7040 {
+		t.Errorf("event %s", fmtFlow(&got[0]))
+	}
+	for _, h := range hs {
+		if err := h.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	noDivertTables(t, l.A.NS)
+}
+
+const flowChildEnv = "DIVERT_FLOW_TEST_CHILD"
+
+// TestMain lets the test binary act as TestFlowNoPermission's child.
+func TestMain(m *testing.M) {
+	if os.Getenv(flowChildEnv) == "userns" {
+		_, err := Open("true", LayerFlow, 0, FlagSniff|FlagRecvOnly)
+		fmt.Printf("perm=%v err=%v\n", errors.Is(err, os.ErrPermission), err)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
