@@ -41,6 +41,9 @@ import (
 // those that match, at most ParamQueueLength; Recv takes them from that
 // queue.
 //
+// The process of a TCP or UDP flow is looked up when it is established
+// (flowpid_linux.go), before the filter judges the event.
+//
 // Established: for TCP, the update that moves the connection to
 // ESTABLISHED (the handshake completed, when WinDivert's
 // ALE_FLOW_ESTABLISHED fires; a refused or unanswered connect is never
@@ -165,6 +168,10 @@ type flowTracker struct {
 	// lost counts the deletions that will not be reported because the
 	// tracker forgot an established flow (flowTrackMax).
 	lost func()
+	// owner, when not nil, returns the process of an established view
+	// (0: unknown), whose Timestamp says when its event was read; the
+	// deletion keeps it.
+	owner func(a *Address) uint32
 }
 
 func newFlowTracker(max int, deliver func(*Address) bool, lost func()) *flowTracker {
@@ -236,6 +243,10 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 func (t *flowTracker) establish(fe *flowEntry, now int64) {
 	fe.established = true
 	for i := range fe.nviews {
+		fe.views[i].Timestamp = now
+		if t.owner != nil {
+			fe.views[i].Flow.ProcessID = t.owner(&fe.views[i])
+		}
 		a := fe.views[i]
 		a.Event = EventFlowEstablished
 		a.Timestamp = now
@@ -316,6 +327,7 @@ type flowBackend struct {
 	rules *nftrules.Ruleset
 	conn  *netlink.Conn
 	tr    *flowTracker  // the reader's
+	owner *sockOwner    // the reader's; nil without sock_diag
 	done  chan struct{} // closed when the reader ends
 	// started: the reader runs (set by a successful Open, before Close
 	// can be called)
@@ -381,6 +393,11 @@ func openFlow(cfg *openConfig) (_ backend, err error) {
 		}
 	}
 	_ = setRecvBuf(b.conn, int(cfg.params[ParamQueueSize])) // the default buffer serves too
+	// The processes of the flows: best effort (see flowpid_linux.go).
+	if o, err := newSockOwner(); err == nil {
+		b.owner = o
+		b.tr.owner = o.process
+	}
 	if b.rules, err = nftrules.InstallFlowTrack(); err != nil {
 		return nil, mapSetupError("install the nftables table that runs conntrack", err)
 	}
@@ -673,6 +690,9 @@ func (b *flowBackend) release() error {
 		} else {
 			errs = append(errs, b.conn.Close())
 		}
+	}
+	if b.owner != nil {
+		errs = append(errs, b.owner.close()) // the reader, its user, has stopped
 	}
 	if b.rules != nil {
 		errs = append(errs, b.rules.Close())

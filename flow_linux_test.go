@@ -1,6 +1,7 @@
 package divert
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -213,6 +214,54 @@ func TestFlowTrackerLostEstablished(t *testing.T) {
 	}
 }
 
+// TestFlowTrackerOwner: the process found at the establishment, asked
+// once per view when the event is read, is the deletion's too.
+func TestFlowTrackerOwner(t *testing.T) {
+	l := newTrackerLog(16)
+	asked := 0
+	l.t.owner = func(a *Address) uint32 {
+		asked++
+		if a.Timestamp != 5 {
+			t.Errorf("owner asked with Timestamp %d, want the read time 5", a.Timestamp)
+		}
+		return 1000 + uint32(a.Flow.LocalPort)
+	}
+	o := tup("127.0.0.1", "127.0.0.1", 41000, 7000)
+	l.t.handle(ev(ctNew, 5, 6, o, nftrules.LabelOut|nftrules.LabelLoop, tcpSynSent), 4)
+	l.t.handle(ev(ctUpdate, 5, 6, o, 0, tcpEstab), 5)
+	l.t.handle(ev(ctDestroy, 5, 6, o, 0, -1), 6)
+	g := l.take()
+	if asked != 2 || len(g) != 4 {
+		t.Fatalf("owner asked %d times, %d events", asked, len(g))
+	}
+	for i, want := range []uint32{42000, 8000, 42000, 8000} {
+		if g[i].Flow.ProcessID != want {
+			t.Errorf("event %d (%v): pid %d, want %d", i, g[i].Event, g[i].Flow.ProcessID, want)
+		}
+	}
+}
+
+// TestDiagReq: the sock_diag request is a struct inet_diag_req_v2 (56
+// bytes) with the ports big-endian and IPv4 addresses in the first 4
+// bytes of their 16; the answer's inode is at offset 68.
+func TestDiagReq(t *testing.T) {
+	b := appendDiagReq(nil, unix.AF_INET, unix.IPPROTO_TCP, netip.MustParseAddr("::ffff:10.0.0.1"), 0x1234, netip.IPv6Unspecified(), 0)
+	if len(b) != 56 || b[0] != unix.AF_INET || b[1] != unix.IPPROTO_TCP || b[8] != 0x12 || b[9] != 0x34 ||
+		string(b[12:16]) != "\x0a\x00\x00\x01" || string(b[16:28]) != string(make([]byte, 12)) || string(b[28:44]) != string(make([]byte, 16)) ||
+		string(b[48:56]) != "\xff\xff\xff\xff\xff\xff\xff\xff" {
+		t.Fatalf("request % x", b)
+	}
+	b = appendDiagReq(nil, unix.AF_INET6, unix.IPPROTO_UDP, netip.MustParseAddr("fd00::1"), 1, netip.MustParseAddr("fd00::2"), 2)
+	if len(b) != 56 || b[12] != 0xfd || b[27] != 1 || b[43] != 2 {
+		t.Fatalf("request % x", b)
+	}
+	msg := make([]byte, 72)
+	binary.NativeEndian.PutUint32(msg[68:], 777)
+	if diagInode(msg) != 777 || diagInode(msg[:71]) != 0 {
+		t.Fatalf("inode %d", diagInode(msg))
+	}
+}
+
 func TestCtEventOf(t *testing.T) {
 	labels := make([]byte, 16)
 	labels[nftrules.LabelByte] = nftrules.LabelIn
@@ -377,8 +426,8 @@ func fmtFlow(a *Address) string {
 	if a.Outbound {
 		dir = "out"
 	}
-	return fmt.Sprintf("%v %s loop=%v v6=%v proto=%d %v:%d -> %v:%d id=%#x", a.Event, dir, a.Loopback, a.IPv6, f.Protocol,
-		netip.AddrFrom16(f.LocalAddr).Unmap(), f.LocalPort, netip.AddrFrom16(f.RemoteAddr).Unmap(), f.RemotePort, f.EndpointID)
+	return fmt.Sprintf("%v %s loop=%v v6=%v proto=%d %v:%d -> %v:%d id=%#x pid=%d", a.Event, dir, a.Loopback, a.IPv6, f.Protocol,
+		netip.AddrFrom16(f.LocalAddr).Unmap(), f.LocalPort, netip.AddrFrom16(f.RemoteAddr).Unmap(), f.RemotePort, f.EndpointID, f.ProcessID)
 }
 
 func fmtFlows(as []Address) string {
@@ -405,7 +454,16 @@ func (w flowWant) match(a *Address) bool {
 		f.Protocol == w.proto && a.IPv6 == (w.local.Is6() && !w.local.Is4In6()) &&
 		f.LocalAddr == w.local.As16() && f.RemoteAddr == w.rem.As16() &&
 		(w.lport == 0 || f.LocalPort == w.lport) && (w.rport == 0 || f.RemotePort == w.rport) &&
-		a.Timestamp > 0 && f.EndpointID != 0 && f.ProcessID == 0
+		a.Timestamp > 0 && f.EndpointID != 0 && f.ProcessID == w.pid()
+}
+
+// pid is the process a flow of the test reports: the test's own for TCP
+// and UDP (its sockets), none for ICMP (not looked up).
+func (w flowWant) pid() uint32 {
+	if w.proto == 6 || w.proto == 17 {
+		return uint32(os.Getpid())
+	}
+	return 0
 }
 
 // findFlows returns, for each want, the index of a matching event (-1:
@@ -433,25 +491,39 @@ func allFound(got []Address, wants []flowWant) bool {
 	return true
 }
 
-// tcpConnect connects from ns to dst, writes a byte and closes; the
-// listener ln (in the peer namespace) accepts it and closes too.
+// tcpConnect connects from ns to dst and writes a byte; the connection
+// stays open until the test ends, so that the flow's socket, and with it
+// its process, can be found when its establishment is read.
 func tcpConnect(t *testing.T, ns *netnstest.NS, dst netip.AddrPort) netip.AddrPort {
 	t.Helper()
-	var local netip.AddrPort
-	err := ns.Do(func() error {
-		c, err := net.DialTimeout("tcp", dst.String(), 2*time.Second)
-		if err != nil {
+	var c net.Conn
+	err := ns.Do(func() (err error) {
+		if c, err = net.DialTimeout("tcp", dst.String(), 2*time.Second); err != nil {
 			return err
 		}
-		defer c.Close()
-		local = c.LocalAddr().(*net.TCPAddr).AddrPort()
 		_, err = c.Write([]byte("x"))
 		return err
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { c.Close() })
+	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
 	return netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+}
+
+// udpSend sends one datagram from ns to dst on a socket that stays open
+// until the test ends.
+func udpSend(t *testing.T, ns *netnstest.NS, dst netip.AddrPort) {
+	t.Helper()
+	c, err := ns.DialUDP(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := c.Write([]byte("u")); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // tcpListen listens in ns on addr and accepts (reading until EOF, then
@@ -519,9 +591,7 @@ func TestFlowEndToEnd(t *testing.T) {
 	lo6 := tcpConnect(t, l.A.NS, netip.AddrPortFrom(netip.IPv6Loopback(), 7003))
 	_, sink := udpSink(t, l, 7004)
 	_ = sink
-	if err := l.A.NS.SendUDP(netip.AddrPortFrom(l.B.V4, 7004), []byte("u"), 1, 0); err != nil {
-		t.Fatal(err)
-	}
+	udpSend(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7004))
 	if n, _ := l.A.NS.Ping(l.B.V4, 1, 2*time.Second); n != 1 {
 		t.Fatal("ping v4 unanswered")
 	}
@@ -587,6 +657,24 @@ func TestFlowEndToEnd(t *testing.T) {
 	noDivertTables(t, l.A.NS)
 }
 
+// TestFlowProcessListener: a connection not yet accepted has no
+// process of its own: the listening socket's is reported.
+func TestFlowProcessListener(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "flpl", 0)
+	h := openFlowIn(t, l.A.NS, "tcp and inbound")
+	var ln net.Listener
+	if err := l.A.NS.Do(func() (err error) { ln, err = net.Listen("tcp", netip.AddrPortFrom(l.A.V4, 7050).String()); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close() // never accepts
+	tcpConnect(t, l.B.NS, netip.AddrPortFrom(l.A.V4, 7050))
+	got := flowEvents(t, h, 5*time.Second, func(g []Address) bool { return len(g) > 0 })
+	if got[0].Flow.LocalPort != 7050 || got[0].Flow.ProcessID != uint32(os.Getpid()) {
+		t.Fatalf("event %s, want pid %d", fmtFlow(&got[0]), os.Getpid())
+	}
+}
+
 // TestFlowForwardedNotReported: a router's handle reports its own flows,
 // not those it forwards.
 func TestFlowForwardedNotReported(t *testing.T) {
@@ -615,7 +703,7 @@ func TestFlowFilter(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "flt", 0)
 	hPort := openFlowIn(t, l.A.NS, "tcp and remotePort == 7021 and event == ESTABLISHED")
-	hOut := openFlowIn(t, l.A.NS, "outbound and not loopback")
+	hOut := openFlowIn(t, l.A.NS, fmt.Sprintf("outbound and not loopback and processId == %d", os.Getpid()))
 	tcpListen(t, l.B.NS, netip.AddrPortFrom(l.B.V4, 7020))
 	tcpListen(t, l.B.NS, netip.AddrPortFrom(l.B.V4, 7021))
 	tcpListen(t, l.A.NS, netip.AddrPortFrom(l.A.V4, 7022))

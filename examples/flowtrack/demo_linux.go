@@ -116,10 +116,24 @@ func runDemo(ctx context.Context, c *config, out io.Writer) error {
 			problems = append(problems, err.Error())
 		}
 	}
-	step(dialTCP(host.NS, netip.AddrPortFrom(peer.V4, demoPortOut)))
-	step(dialTCP(peer.NS, netip.AddrPortFrom(host.V4, demoPortIn)))
-	step(dialTCP(host.NS, netip.AddrPortFrom(lo, demoPortLoop)))
-	step(host.NS.SendUDP(netip.AddrPortFrom(peer.V4, demoPortUDP), []byte("flowtrack demo"), 1, 0))
+	// The connections and the UDP socket stay open until the flows are
+	// reported, so that their process can be found (see the README).
+	var conns []io.Closer
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	talk := func(c io.Closer, err error) {
+		if c != nil {
+			conns = append(conns, c)
+		}
+		step(err)
+	}
+	talk(dialTCP(host.NS, netip.AddrPortFrom(peer.V4, demoPortOut)))
+	talk(dialTCP(peer.NS, netip.AddrPortFrom(host.V4, demoPortIn)))
+	talk(dialTCP(host.NS, netip.AddrPortFrom(lo, demoPortLoop)))
+	talk(sendUDP(host.NS, netip.AddrPortFrom(peer.V4, demoPortUDP)))
 	for _, dst := range []netip.Addr{peer.V4, peer.V6} {
 		if n, err := host.NS.Ping(dst, 1, time.Second); n != 1 {
 			problems = append(problems, fmt.Sprintf("ping %s: no reply (%v)", dst, err))
@@ -153,6 +167,10 @@ func runDemo(ctx context.Context, c *config, out io.Writer) error {
 		}
 	}
 	wait(divert.EventFlowEstablished)
+	for _, c := range conns {
+		c.Close()
+	}
+	conns = nil
 	if !c.json {
 		fmt.Fprintf(out, "\ndeleting the host's conntrack entries (as conntrack -F does) rather than waiting out their timeouts\n\n")
 	}
@@ -234,17 +252,26 @@ func serveTCP(ns *netnstest.NS, ap netip.AddrPort) (stop func(), err error) {
 	return func() { ln.Close(); wg.Wait() }, nil
 }
 
-// dialTCP connects from ns to ap, sends a line and closes.
-func dialTCP(ns *netnstest.NS, ap netip.AddrPort) error {
-	return ns.Do(func() error {
-		c, err := net.DialTimeout("tcp", ap.String(), demoWait)
-		if err != nil {
+// dialTCP connects from ns to ap and sends a line.
+func dialTCP(ns *netnstest.NS, ap netip.AddrPort) (c net.Conn, err error) {
+	err = ns.Do(func() error {
+		if c, err = net.DialTimeout("tcp", ap.String(), demoWait); err != nil {
 			return fmt.Errorf("demo: connect to %s: %w", ap, err)
 		}
-		defer c.Close()
 		_, err = c.Write([]byte("flowtrack demo\n"))
 		return err
 	})
+	return c, err
+}
+
+// sendUDP sends a datagram from ns to ap.
+func sendUDP(ns *netnstest.NS, ap netip.AddrPort) (*net.UDPConn, error) {
+	c, err := ns.DialUDP(ap)
+	if err != nil {
+		return nil, err
+	}
+	_, err = c.Write([]byte("flowtrack demo\n"))
+	return c, err
 }
 
 // flushConntrack deletes every conntrack entry of the calling thread's

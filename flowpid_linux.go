@@ -1,0 +1,181 @@
+package divert
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// The process of a flow (LayerFlow on Linux). Conntrack knows none, so
+// for a TCP or UDP flow the handle asks the kernel for the local socket of
+// the flow's tuple (sock_diag: SOCK_DIAG_BY_FAMILY with the exact tuple,
+// as ss does), takes its inode, and finds the process holding a descriptor
+// of it in /proc/<pid>/fd. It does so once, when the flow is established;
+// the deletion carries the same ProcessID.
+//
+// A socket the last scan of /proc did not see makes the next lookup read
+// /proc again, unless that scan began after the event was read (then no
+// process held the socket): one scan for each event of a new socket, or
+// for a batch of them read together. That costs the reader time with many
+// processes and many new flows a second; events it then cannot read in
+// time are lost to the socket's buffer, and counted (Stats.Overflows).
+//
+// It is best effort: 0 when the socket is gone already (a connection
+// closed before its establishment was read), when no process holds it
+// (an accepted connection not yet accept()ed: the listening socket's
+// process is taken then), or when /proc cannot be read. When several
+// processes hold the socket (inherited across fork), the lowest PID is
+// taken. PIDs are those of the /proc the process sees (its PID
+// namespace's when /proc was mounted there).
+
+// sockOwner finds flows' processes. The reader goroutine uses it.
+type sockOwner struct {
+	diag    *netlink.Conn     // NETLINK_SOCK_DIAG in the handle's namespace
+	pids    map[uint64]uint32 // socket inode → PID, as of the last scan
+	scanned int64             // when the last scan began (monoNow)
+	req     []byte
+}
+
+func newSockOwner() (*sockOwner, error) {
+	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, nil)
+	if err != nil {
+		return nil, err
+	}
+	return &sockOwner{diag: c, pids: make(map[uint64]uint32), req: make([]byte, 0, 72)}, nil
+}
+
+func (o *sockOwner) close() error { return o.diag.Close() }
+
+// process returns the PID of the process that owns a's local socket, 0
+// when none is found. Only TCP and UDP are looked up.
+func (o *sockOwner) process(a *Address) uint32 {
+	f := &a.Flow
+	if f.Protocol != unix.IPPROTO_TCP && f.Protocol != unix.IPPROTO_UDP {
+		return 0
+	}
+	local, remote := netip.AddrFrom16(f.LocalAddr), netip.AddrFrom16(f.RemoteAddr)
+	ino := o.inode(f.Protocol, local, f.LocalPort, remote, f.RemotePort)
+	if ino == 0 && f.Protocol == unix.IPPROTO_TCP && !a.Outbound {
+		// Not accepted yet: the connection's socket has no inode.
+		// The listening socket's process is the one that accepts.
+		ino = o.inode(f.Protocol, local, f.LocalPort, netip.IPv6Unspecified(), 0)
+	}
+	if ino == 0 {
+		return 0
+	}
+	if pid, ok := o.pids[ino]; ok {
+		return pid
+	}
+	if o.scanned >= a.Timestamp {
+		// The last scan came after the event was read, when the
+		// socket existed already: no process holds it.
+		return 0
+	}
+	o.scan()
+	return o.pids[ino]
+}
+
+// inode asks sock_diag for the socket of the tuple and returns its inode
+// (0: none). A zero remote asks for the listening socket.
+func (o *sockOwner) inode(proto uint8, local netip.Addr, lport uint16, remote netip.Addr, rport uint16) uint64 {
+	family := byte(unix.AF_INET6)
+	if local.Is4In6() {
+		family = unix.AF_INET
+	}
+	if proto == unix.IPPROTO_UDP {
+		// udp_diag's lookup reads the request's source as the remote
+		// end ("src and dst are swapped for historical reasons").
+		local, lport, remote, rport = remote, rport, local, lport
+	}
+	o.req = appendDiagReq(o.req[:0], family, proto, local, lport, remote, rport)
+	ms, err := o.diag.Execute(netlink.Message{
+		Header: netlink.Header{Type: sockDiagByFamily, Flags: netlink.Request},
+		Data:   o.req,
+	})
+	if err != nil || len(ms) == 0 {
+		return 0
+	}
+	return diagInode(ms[0].Data)
+}
+
+// sockDiagByFamily is SOCK_DIAG_BY_FAMILY.
+const sockDiagByFamily = 20
+
+// appendDiagReq appends a struct inet_diag_req_v2 asking for the socket
+// of the tuple (any state, no cookie to check): src is the socket's own
+// end for TCP (see inode for UDP); an unspecified address is all zeros.
+func appendDiagReq(b []byte, family, proto uint8, local netip.Addr, lport uint16, remote netip.Addr, rport uint16) []byte {
+	b = append(b, family, proto, 0, 0)
+	b = binary.NativeEndian.AppendUint32(b, 0xFFFFFFFF) // idiag_states: all
+	// struct inet_diag_sockid
+	b = binary.BigEndian.AppendUint16(b, lport)
+	b = binary.BigEndian.AppendUint16(b, rport)
+	for _, ip := range []netip.Addr{local, remote} {
+		var raw [16]byte
+		switch {
+		case ip.IsUnspecified():
+		case family == unix.AF_INET:
+			v4 := ip.Unmap().As4()
+			copy(raw[:], v4[:])
+		default:
+			raw = ip.As16()
+		}
+		b = append(b, raw[:]...)
+	}
+	b = binary.NativeEndian.AppendUint32(b, 0)          // idiag_if
+	b = binary.NativeEndian.AppendUint32(b, 0xFFFFFFFF) // idiag_cookie: INET_DIAG_NOCOOKIE
+	return binary.NativeEndian.AppendUint32(b, 0xFFFFFFFF)
+}
+
+// diagInode reads idiag_inode from a struct inet_diag_msg.
+func diagInode(b []byte) uint64 {
+	const off = 4 + 48 + 4*4 // family..retrans, id, expires, rqueue, wqueue, uid
+	if len(b) < off+4 {
+		return 0
+	}
+	return uint64(binary.NativeEndian.Uint32(b[off:]))
+}
+
+// scan reads every process's descriptors and maps the socket inodes to
+// the lowest PID holding each.
+func (o *sockOwner) scan() {
+	o.scanned = monoNow()
+	clear(o.pids)
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return
+	}
+	pids := make([]uint32, 0, len(procs))
+	for _, p := range procs {
+		if pid, err := strconv.ParseUint(p.Name(), 10, 32); err == nil {
+			pids = append(pids, uint32(pid))
+		}
+	}
+	slices.Sort(pids)
+	for _, pid := range pids {
+		dir := "/proc/" + strconv.FormatUint(uint64(pid), 10) + "/fd/"
+		fds, err := os.ReadDir(dir)
+		if err != nil {
+			continue // gone, or not ours to read
+		}
+		for _, fd := range fds {
+			l, err := os.Readlink(dir + fd.Name())
+			if err != nil || !strings.HasPrefix(l, "socket:[") || !strings.HasSuffix(l, "]") {
+				continue
+			}
+			ino, err := strconv.ParseUint(l[len("socket:["):len(l)-1], 10, 64)
+			if err != nil {
+				continue
+			}
+			if _, ok := o.pids[ino]; !ok {
+				o.pids[ino] = pid
+			}
+		}
+	}
+}
