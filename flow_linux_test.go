@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mdlayher/netlink"
 	"github.com/ti-mo/conntrack"
 	"golang.org/x/sys/unix"
 
@@ -962,4 +963,28 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
+}
+
+// FuzzCtEvent: whatever a netfilter netlink message holds, decoding it
+// (ti-mo/conntrack's Event.Unmarshal, then ctEventOf) and tracking it
+// neither panics nor reports a flow without a local label.
+func FuzzCtEvent(f *testing.F) {
+	f.Add(uint16(0x0100), uint16(0x0600), []byte{2, 0, 0, 0})
+	f.Add(uint16(0x0102), uint16(0), []byte{10, 0, 0, 0, 0x14, 0, 0x01, 0x80, 0x0c, 0, 0x01, 0x80, 8, 0, 1, 0, 10, 0, 0, 1})
+	f.Fuzz(func(t *testing.T, typ, flags uint16, data []byte) {
+		m := netlink.Message{Header: netlink.Header{Type: netlink.HeaderType(typ), Flags: netlink.HeaderFlags(flags)}, Data: data}
+		var ev conntrack.Event
+		if ev.Unmarshal(m) != nil {
+			return
+		}
+		e, ok := ctEventOf(&ev)
+		if !ok {
+			return
+		}
+		l := newTrackerLog(4)
+		l.t.handle(&e, 1)
+		if e.labels&(nftrules.LabelOut|nftrules.LabelIn) == 0 && len(l.got) != 0 {
+			t.Fatalf("unlabelled event reported: %+v", l.got)
+		}
+	})
 }
