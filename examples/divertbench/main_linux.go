@@ -76,7 +76,9 @@ func main() {
 	}
 	cfg.Log = os.Stderr
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	// SIGPIPE too: a reader of its output that goes away stops the run,
+	// which then removes its namespaces (see exutil.SignalContext).
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM, syscall.SIGPIPE)
 	defer stop()
 	s, err := Run(ctx, cfg)
 	if s != nil {

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bufio"
 	"fmt"
 	"os/exec"
 	"strings"
@@ -52,6 +53,53 @@ func TestDemo(t *testing.T) {
 	for _, name := range []string{strings.Fields(s.Demo.Sender)[0], strings.Fields(s.Demo.Receiver)[0]} {
 		if strings.Contains(string(ns), name) {
 			t.Errorf("namespace %s left behind", name)
+		}
+	}
+}
+
+// TestDemoBrokenPipe: the demo whose reader goes away (`-demo | head -3`)
+// stops and removes its namespaces; the runtime used to end it at its next
+// write, leaving them.
+func TestDemoBrokenPipe(t *testing.T) {
+	netnstest.RequireRoot(t)
+	cmd := exec.Command(binary(t), "-demo")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// The first three lines name the two namespaces; then the reader goes.
+	var names []string
+	sc := bufio.NewScanner(out)
+	for i := 0; i < 3 && sc.Scan(); i++ {
+		if f := strings.Fields(sc.Text()); len(f) >= 2 && (f[0] == "sender" || f[0] == "receiver") {
+			names = append(names, f[1])
+		}
+	}
+	out.Close()
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err = <-done:
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		<-done
+		t.Fatal("the demo did not end within 30 s of losing its reader")
+	}
+	t.Logf("demo after its reader went: %v", err)
+	if len(names) != 2 {
+		t.Fatalf("namespaces named in the first lines: %q", names)
+	}
+	list, lerr := exec.Command("ip", "netns", "list").Output()
+	if lerr != nil {
+		t.Fatal(lerr)
+	}
+	for _, n := range names {
+		if strings.Contains(string(list), n) {
+			exec.Command("ip", "netns", "del", n).Run()
+			t.Errorf("namespace %s left behind by the demo that lost its reader", n)
 		}
 	}
 }

@@ -42,9 +42,14 @@ func Fatal(prog string, err error) {
 	os.Exit(1)
 }
 
-// SignalContext returns a context cancelled on Ctrl-C (SIGINT) or SIGTERM.
+// SignalContext returns a context cancelled on Ctrl-C (SIGINT), SIGTERM or
+// SIGPIPE. SIGPIPE comes when the reader of the program's output goes
+// away (`interceptor -demo | head`): without it the runtime would end the
+// program at its next write to standard output, before it removed its
+// rules and namespaces; with it that write fails (and is ignored) and the
+// program stops as on Ctrl-C, cleaning up.
 func SignalContext() (context.Context, context.CancelFunc) {
-	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGPIPE)
 }
 
 // StopOnDone stops h's receive loop when ctx is done: it shuts the handle
