@@ -484,8 +484,11 @@ const MaxQueues = 64
 // every packet between two hosts, both ways, goes to one handle, so the
 // load spreads when many address pairs are diverted, and throughput then
 // grows with cores when the consumer is the bottleneck. WinDivert and divert(4) serve
-// concurrent readers from one queue: there the n handles share it, with its
-// read deadline and Shutdown state. The rules stay until the last of the n
+// concurrent readers from one queue: there (and at LayerFlow on Linux, one
+// event socket) the n handles share it, with its read deadline and Shutdown
+// state, and closing one of them does not end a Recv blocked on it: that
+// returns with the next packet or event, or when the last handle is closed;
+// Shutdown ends them all. The rules stay until the last of the n
 // handles is closed. A failed OpenQueues undoes what it set up, as Open
 // does; on Linux its error holds, after the cause, one "(and cleaning up:
 // ...)" group with every error of undoing it, each found by errors.Is. On
