@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -96,7 +98,11 @@ func pump(t testing.TB, h *Handle, reinject bool, edit func([]byte, *Address) []
 	var once sync.Once
 	return func() []seen {
 		once.Do(func() {
-			h.Close()
+			// Close's own work (stop queueing, release what is held,
+			// remove the rules) must succeed, or packets may be lost.
+			if err := h.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+				t.Errorf("Close: %v", err)
+			}
 			<-done
 		})
 		mu.Lock()
@@ -1701,12 +1707,35 @@ func TestLinuxPermission(t *testing.T) {
 	}
 }
 
+// TestLinuxCloseUnderLoad: Close in the middle of a flow loses no packet:
+// what the handle held, what waited in its socket and what came after are
+// all delivered. A packet lost outside the handle's queue (the sink's
+// buffer, a veth end, the kernel's backlog: pathDrops) under a loaded CI
+// machine makes the attempt inconclusive; it is run again, three times at
+// most. A loss with no such drop fails at once.
 func TestLinuxCloseUnderLoad(t *testing.T) {
 	netnstest.RequireRoot(t)
+	for attempt := 1; ; attempt++ {
+		msg := closeUnderLoad(t)
+		if msg == "" {
+			return
+		}
+		if attempt == 3 {
+			t.Fatalf("three attempts lost packets outside the handle's queue; the last: %s", msg)
+		}
+		t.Logf("attempt %d inconclusive: %s", attempt, msg)
+	}
+}
+
+// closeUnderLoad is one attempt of TestLinuxCloseUnderLoad: "" when no
+// packet was lost, the reason to try again when one was lost outside the
+// handle's queue.
+func closeUnderLoad(t *testing.T) string {
 	l := netnstest.Pair(t, "dcu", 0)
 	ap, sink := udpSink(t, l, 6300)
 	sink.SetReadBuffer(4 << 20)
 	h := openIn(t, l.B.NS, "udp.DstPort == 6300", LayerNetwork, 0, 0)
+	drops0 := pathDrops(t, l)
 	stop := pump(t, h, true, nil)
 	const total = 2000
 	sent := make(chan error, 1)
@@ -1727,15 +1756,78 @@ func TestLinuxCloseUnderLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n := len(got) + len(rest); n != total {
-		t.Fatalf("sink got %d of %d (the handle saw %d before Close)", n, total, seen)
-	}
 	if seen >= total {
 		t.Fatalf("the handle saw all %d packets: Close came too late to test anything", seen)
 	}
 	if lines := queueLines(t, l.B.NS); len(lines) != 0 {
 		t.Fatalf("queues left after Close: %v", lines)
 	}
+	if n := len(got) + len(rest); n != total {
+		st, _ := h.Stats()
+		drops := pathDrops(t, l) - drops0
+		msg := fmt.Sprintf("sink got %d of %d (the handle saw %d before Close); handle %+v; dropped outside the queue: %d", n, total, seen, st, drops)
+		if drops == 0 || st.Expired != 0 || st.Dropped != 0 {
+			t.Fatal(msg)
+		}
+		return msg
+	}
+	return ""
+}
+
+// pathDrops counts the packets dropped so far on the way of l's traffic
+// outside a handle's queue: UDP receive errors in l.B's namespace, drops
+// on either veth end, and the kernel's backlog drops (softnet_stat, all
+// namespaces: another test's traffic may add to them).
+func pathDrops(t testing.TB, l *netnstest.Link) uint64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var n uint64
+	snmp, err := l.B.NS.Run(ctx, "cat", "/proc/net/snmp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var udp [][]string
+	for _, line := range strings.Split(string(snmp), "\n") {
+		if f := strings.Fields(line); len(f) > 0 && f[0] == "Udp:" {
+			udp = append(udp, f)
+		}
+	}
+	if len(udp) != 2 || len(udp[0]) != len(udp[1]) {
+		t.Fatalf("no Udp counters in /proc/net/snmp:\n%s", snmp)
+	}
+	for i, name := range udp[0] {
+		if name == "InErrors" || name == "RcvbufErrors" {
+			v, _ := strconv.ParseUint(udp[1][i], 10, 64)
+			n += v
+		}
+	}
+	for _, e := range []netnstest.End{l.A, l.B} {
+		out, err := e.NS.Run(ctx, "ip", "-s", "-j", "link", "show", "dev", e.If)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var links []struct {
+			Stats64 struct {
+				RX, TX struct{ Dropped uint64 }
+			}
+		}
+		if err := json.Unmarshal(out, &links); err != nil || len(links) != 1 {
+			t.Fatalf("ip -s -j link show dev %s: %v: %s", e.If, err, out)
+		}
+		n += links[0].Stats64.RX.Dropped + links[0].Stats64.TX.Dropped
+	}
+	softnet, err := os.ReadFile("/proc/net/softnet_stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(softnet), "\n") {
+		if f := strings.Fields(line); len(f) > 1 {
+			v, _ := strconv.ParseUint(f[1], 16, 64)
+			n += v
+		}
+	}
+	return n
 }
 
 // TestLinuxShutdownVsSetReadDeadline: a Shutdown wakes a blocked Recv
