@@ -146,9 +146,7 @@ func ctEventOf(ev *conntrack.Event) (e ctEvent, ok bool) {
 // flowEntry is a flow the tracker reports: one view, or two for loopback
 // (the client's, outbound, then the server's, inbound).
 type flowEntry struct {
-	id          uint32
-	orig        ctTuple
-	proto       uint8
+	key         flowKey
 	views       [2]Address
 	nviews      int
 	established bool
@@ -156,11 +154,20 @@ type flowEntry struct {
 	elem        *list.Element
 }
 
+// flowKey names a connection: its conntrack id, a 32-bit hash that two
+// live connections may share (a busy host's tens of thousands of them
+// meet such a pair every few minutes), with what the hash is of.
+type flowKey struct {
+	id    uint32
+	proto uint8
+	orig  ctTuple
+}
+
 // flowTracker turns conntrack events into flow events. It is used by one
 // goroutine at a time.
 type flowTracker struct {
 	max   int
-	flows map[uint32]*flowEntry
+	flows map[flowKey]*flowEntry
 	order list.List // of *flowEntry, oldest first
 	// deliver hands an event on; false means it was lost (a full
 	// queue). Filtered out is not lost.
@@ -175,7 +182,7 @@ type flowTracker struct {
 }
 
 func newFlowTracker(max int, deliver func(*Address) bool, lost func()) *flowTracker {
-	return &flowTracker{max: max, flows: make(map[uint32]*flowEntry), deliver: deliver, lost: lost}
+	return &flowTracker{max: max, flows: make(map[flowKey]*flowEntry), deliver: deliver, lost: lost}
 }
 
 // handle processes one event read at now (Address.Timestamp).
@@ -190,10 +197,11 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 			// connection older than the table): not a new flow.
 			return
 		}
-		if old := t.flows[e.id]; old != nil {
-			t.remove(old)
+		k := flowKey{e.id, e.proto, e.orig}
+		if old := t.flows[k]; old != nil {
+			t.remove(old) // its DESTROY was lost (ENOBUFS, counted)
 		}
-		fe := &flowEntry{id: e.id, orig: e.orig, proto: e.proto}
+		fe := &flowEntry{key: k}
 		fe.nviews = flowViews(e, &fe.views)
 		if len(t.flows) >= t.max {
 			oldest := t.order.Front().Value.(*flowEntry)
@@ -207,21 +215,21 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 			t.remove(oldest)
 		}
 		fe.elem = t.order.PushBack(fe)
-		t.flows[e.id] = fe
+		t.flows[k] = fe
 		if e.proto != unix.IPPROTO_TCP {
 			t.establish(fe, now)
 		}
 	case ctUpdate:
-		fe := t.flows[e.id]
-		if fe == nil || fe.established || fe.proto != unix.IPPROTO_TCP || !fe.same(e) {
+		fe := t.flows[flowKey{e.id, e.proto, e.orig}]
+		if fe == nil || fe.established || e.proto != unix.IPPROTO_TCP {
 			return
 		}
 		if e.tcpState >= tcpEstab && e.tcpState <= tcpTimeWait {
 			t.establish(fe, now)
 		}
 	case ctDestroy:
-		fe := t.flows[e.id]
-		if fe == nil || !fe.same(e) {
+		fe := t.flows[flowKey{e.id, e.proto, e.orig}]
+		if fe == nil {
 			return
 		}
 		t.remove(fe)
@@ -256,14 +264,7 @@ func (t *flowTracker) establish(fe *flowEntry, now int64) {
 
 func (t *flowTracker) remove(fe *flowEntry) {
 	t.order.Remove(fe.elem)
-	delete(t.flows, fe.id)
-}
-
-// same reports whether e is about fe's connection: conntrack ids are a
-// hash, so a new connection may, rarely, get the id of one the tracker
-// still remembers.
-func (fe *flowEntry) same(e *ctEvent) bool {
-	return fe.proto == e.proto && fe.orig == e.orig
+	delete(t.flows, fe.key)
 }
 
 // flowViews fills vs with the Addresses (but Event and Timestamp) of the

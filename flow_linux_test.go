@@ -200,6 +200,30 @@ func TestFlowTrackerBounded(t *testing.T) {
 	}
 }
 
+// TestFlowTrackerIDCollision: conntrack ids are a 32-bit hash, so two
+// live connections may share one; each keeps its own establishment and
+// deletion.
+func TestFlowTrackerIDCollision(t *testing.T) {
+	l := newTrackerLog(16)
+	a, b := tup("10.0.0.1", "10.0.0.2", 1000, 53), tup("10.0.0.1", "10.0.0.3", 2000, 53)
+	l.t.handle(ev(ctNew, 7, 17, a, nftrules.LabelOut, -1), 1)
+	l.t.handle(ev(ctNew, 7, 17, b, nftrules.LabelOut, -1), 2)
+	l.t.handle(ev(ctDestroy, 7, 17, a, 0, -1), 3)
+	l.t.handle(ev(ctDestroy, 7, 17, b, 0, -1), 4)
+	g := l.take()
+	var ports []string
+	for _, x := range g {
+		ports = append(ports, fmt.Sprintf("%v:%d", x.Event, x.Flow.LocalPort))
+	}
+	want := []string{"ESTABLISHED:1000", "ESTABLISHED:2000", "DELETED:1000", "DELETED:2000"}
+	if !slices.Equal(ports, want) {
+		t.Fatalf("events %v, want %v", ports, want)
+	}
+	if len(l.t.flows) != 0 || l.t.order.Len() != 0 || l.lost != 0 {
+		t.Fatalf("%d flows, %d in order, %d lost after both deletions", len(l.t.flows), l.t.order.Len(), l.lost)
+	}
+}
+
 // TestFlowTrackerLostEstablished: an establishment lost to a full queue
 // takes its deletion with it, so that the program never sees a deletion
 // without its establishment.
