@@ -266,6 +266,40 @@ func TestFlowTrackerOwner(t *testing.T) {
 	}
 }
 
+// TestSockOwnerScanBudget: sockets the last scan of /proc did not see
+// make the next lookup scan again, but a stream of them (an event a scan,
+// each costing ms with a few hundred processes) does not keep the reader
+// scanning: past the burst, scans take a quarter of its time. A lookup
+// once the budget is paid back scans.
+func TestSockOwnerScanBudget(t *testing.T) {
+	scans := 0
+	o := &sockOwner{pids: make(map[uint64]uint32), burst: int64(50 * time.Millisecond)}
+	o.scanFn = func() {
+		scans++
+		time.Sleep(5 * time.Millisecond)
+		o.pids[uint64(1000+scans)] = 7 // found: the socket of the first miss
+	}
+	for i := range 100 {
+		// Each event read after the last scan began, of a socket it
+		// did not see.
+		o.pidOf(uint64(1+i), monoNow())
+	}
+	// 50 ms of burst: some 14 scans (each adds 3/4 of its 5 ms or more
+	// to the debt), more if the test is held up between them; 100
+	// without a budget.
+	if scans > 60 {
+		t.Fatalf("%d scans for 100 events read back to back", scans)
+	}
+	if o.pidOf(1001, monoNow()) != 7 {
+		t.Fatal("a socket the last scan saw is not found")
+	}
+	time.Sleep(time.Duration((o.debt-o.burst)*scanShare) + 2*time.Millisecond)
+	n := scans
+	if o.pidOf(5000, monoNow()); scans != n+1 {
+		t.Fatalf("a lookup once the budget is paid back: %d scans, want 1", scans-n)
+	}
+}
+
 // TestDiagReq: the sock_diag request is a struct inet_diag_req_v2 (56
 // bytes) with the ports big-endian and IPv4 addresses in the first 4
 // bytes of their 16; the answer's inode is at offset 68.

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
@@ -22,14 +23,19 @@ import (
 // A socket the last scan of /proc did not see makes the next lookup read
 // /proc again, unless that scan began after the event was read (then no
 // process held the socket): one scan for each event of a new socket, or
-// for a batch of them read together. That costs the reader time with many
-// processes and many new flows a second; events it then cannot read in
-// time are lost to the socket's buffer, and counted (Stats.Overflows).
+// for a batch of them read together. A scan costs tens of µs a process
+// (30 ms with 700 processes), and a host that opens sockets faster than
+// that (a resolver's new UDP socket a query, a client's a connect, a
+// server's an accept) would keep the reader scanning, its events lost to
+// the socket's buffer: so past half a second of them, scans take at most a
+// quarter of the reader's time (scanShare), and a socket new while that
+// budget is spent gets 0.
 //
 // It is best effort: 0 when the socket is gone already (a connection
 // closed before its establishment was read), when no process holds it
 // (an accepted connection not yet accept()ed: the listening socket's
-// process is taken then), or when /proc cannot be read. When several
+// process is taken then), when it is new while the scans' budget is spent
+// (above), or when /proc cannot be read. When several
 // processes hold the socket (inherited across fork), the lowest PID is
 // taken. PIDs are those of the /proc the process sees (its PID
 // namespace's when /proc was mounted there).
@@ -39,15 +45,29 @@ type sockOwner struct {
 	diag    *netlink.Conn     // NETLINK_SOCK_DIAG in the handle's namespace
 	pids    map[uint64]uint32 // socket inode → PID, as of the last scan
 	scanned int64             // when the last scan began (monoNow)
-	req     []byte
+	// The scans' budget: debt is the time spent scanning not yet paid
+	// back (at 1/scanShare of the time that passes, since paid); no scan
+	// begins while it exceeds burst.
+	debt, paid, burst int64
+	req               []byte
+	scanFn            func() // a test's, instead of scan
 }
+
+// scanShare bounds the reader's time in scans of /proc: past a burst
+// (scanBurst of scanning), they take at most 1/scanShare of its time, when
+// new sockets come faster than it can scan for each. A flow whose socket
+// is new while the budget is spent gets ProcessID 0.
+const (
+	scanShare = 4
+	scanBurst = int64(500 * time.Millisecond)
+)
 
 func newSockOwner() (*sockOwner, error) {
 	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, nil)
 	if err != nil {
 		return nil, err
 	}
-	return &sockOwner{diag: c, pids: make(map[uint64]uint32), req: make([]byte, 0, 72)}, nil
+	return &sockOwner{diag: c, pids: make(map[uint64]uint32), burst: scanBurst, req: make([]byte, 0, 72)}, nil
 }
 
 func (o *sockOwner) close() error { return o.diag.Close() }
@@ -69,15 +89,36 @@ func (o *sockOwner) process(a *Address) uint32 {
 	if ino == 0 {
 		return 0
 	}
+	return o.pidOf(ino, a.Timestamp)
+}
+
+// pidOf returns the process holding the socket of inode ino, of an event
+// read at read (monoNow), scanning /proc when the last scan did not see
+// the socket and the budget allows (scanShare).
+func (o *sockOwner) pidOf(ino uint64, read int64) uint32 {
 	if pid, ok := o.pids[ino]; ok {
 		return pid
 	}
-	if o.scanned >= a.Timestamp {
+	if o.scanned >= read {
 		// The last scan came after the event was read, when the
 		// socket existed already: no process holds it.
 		return 0
 	}
-	o.scan()
+	now := monoNow()
+	if o.paid != 0 {
+		o.debt = max(0, o.debt-(now-o.paid)/scanShare)
+	}
+	o.paid = now
+	if o.debt > o.burst {
+		return 0 // scanned too much of late
+	}
+	o.scanned = now
+	if o.scanFn != nil {
+		o.scanFn()
+	} else {
+		o.scan()
+	}
+	o.debt += monoNow() - now
 	return o.pids[ino]
 }
 
@@ -145,7 +186,6 @@ func diagInode(b []byte) uint64 {
 // scan reads every process's descriptors and maps the socket inodes to
 // the lowest PID holding each.
 func (o *sockOwner) scan() {
-	o.scanned = monoNow()
 	clear(o.pids)
 	procs, err := os.ReadDir("/proc")
 	if err != nil {
