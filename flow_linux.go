@@ -57,8 +57,10 @@ import (
 
 const (
 	// flowTrackMax bounds the flows a handle remembers between their
-	// NEW and DESTROY events. Past it the oldest is forgotten: its
-	// DESTROY is then not reported (counted in Stats.Overflows if its
+	// NEW and DESTROY events. Past it the oldest TCP connection not yet
+	// established is forgotten (should it complete its handshake, it is
+	// not reported), or when there is none the oldest flow: its DESTROY
+	// is then not reported (counted in Stats.Overflows if its
 	// establishment was delivered).
 	flowTrackMax = 1 << 16
 	// loopServerBit marks the EndpointID of the server's view of a
@@ -152,6 +154,7 @@ type flowEntry struct {
 	established bool
 	lost        [2]bool // the view's establishment was lost to a full queue
 	elem        *list.Element
+	in          *list.List // the tracker's list that holds elem
 }
 
 // flowKey names a connection: its conntrack id, a 32-bit hash that two
@@ -168,7 +171,11 @@ type flowKey struct {
 type flowTracker struct {
 	max   int
 	flows map[flowKey]*flowEntry
-	order list.List // of *flowEntry, oldest first
+	order list.List // of the established *flowEntry, oldest first
+	// pending holds the TCP connections not yet established, oldest
+	// first: at the bound they go first (a SYN flood's would else push
+	// out the flows whose deletions are owed).
+	pending list.List
 	// deliver hands an event on; false means it was lost (a full
 	// queue). Filtered out is not lost.
 	deliver func(a *Address) bool
@@ -204,19 +211,25 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 		fe := &flowEntry{key: k}
 		fe.nviews = flowViews(e, &fe.views)
 		if len(t.flows) >= t.max {
-			oldest := t.order.Front().Value.(*flowEntry)
-			if oldest.established {
+			if p := t.pending.Front(); p != nil {
+				t.remove(p.Value.(*flowEntry)) // nothing reported yet
+			} else {
+				oldest := t.order.Front().Value.(*flowEntry)
 				for i := range oldest.nviews {
 					if !oldest.lost[i] {
 						t.lost()
 					}
 				}
+				t.remove(oldest)
 			}
-			t.remove(oldest)
 		}
-		fe.elem = t.order.PushBack(fe)
 		t.flows[k] = fe
-		if e.proto != unix.IPPROTO_TCP {
+		if e.proto == unix.IPPROTO_TCP {
+			fe.in = &t.pending
+			fe.elem = t.pending.PushBack(fe)
+		} else {
+			fe.in = &t.order
+			fe.elem = t.order.PushBack(fe)
 			t.establish(fe, now)
 		}
 	case ctUpdate:
@@ -225,6 +238,9 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 			return
 		}
 		if e.tcpState >= tcpEstab && e.tcpState <= tcpTimeWait {
+			t.pending.Remove(fe.elem)
+			fe.in = &t.order
+			fe.elem = t.order.PushBack(fe)
 			t.establish(fe, now)
 		}
 	case ctDestroy:
@@ -263,7 +279,7 @@ func (t *flowTracker) establish(fe *flowEntry, now int64) {
 }
 
 func (t *flowTracker) remove(fe *flowEntry) {
-	t.order.Remove(fe.elem)
+	fe.in.Remove(fe.elem)
 	delete(t.flows, fe.key)
 }
 

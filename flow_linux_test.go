@@ -200,6 +200,37 @@ func TestFlowTrackerBounded(t *testing.T) {
 	}
 }
 
+// TestFlowTrackerBoundedPending: at the bound, TCP connections not yet
+// established (a SYN flood's) are forgotten before the flows whose
+// deletions the program is owed.
+func TestFlowTrackerBoundedPending(t *testing.T) {
+	l := newTrackerLog(4)
+	u1, u2 := tup("10.0.0.1", "10.0.0.2", 1000, 53), tup("10.0.0.1", "10.0.0.2", 1001, 53)
+	l.t.handle(ev(ctNew, 1, 17, u1, nftrules.LabelOut, -1), 1)
+	l.t.handle(ev(ctNew, 2, 17, u2, nftrules.LabelOut, -1), 1)
+	for i := range 4 {
+		l.t.handle(ev(ctNew, uint32(10+i), 6, tup("10.0.0.9", "10.0.0.1", uint16(4000+i), 80), nftrules.LabelIn, tcpSynSent), 2)
+	}
+	// The last attempt completes its handshake.
+	last := tup("10.0.0.9", "10.0.0.1", 4003, 80)
+	l.t.handle(ev(ctUpdate, 13, 6, last, 0, tcpEstab), 3)
+	// It is no longer an attempt to forget first.
+	for i := range 2 {
+		l.t.handle(ev(ctNew, uint32(20+i), 6, tup("10.0.0.9", "10.0.0.1", uint16(5000+i), 80), nftrules.LabelIn, tcpSynSent), 3)
+	}
+	l.t.handle(ev(ctDestroy, 1, 17, u1, 0, -1), 4)
+	l.t.handle(ev(ctDestroy, 2, 17, u2, 0, -1), 4)
+	l.t.handle(ev(ctDestroy, 13, 6, last, 0, -1), 4)
+	var evs []string
+	for _, x := range l.take() {
+		evs = append(evs, fmt.Sprintf("%v:%d", x.Event, x.Flow.LocalPort))
+	}
+	want := []string{"ESTABLISHED:1000", "ESTABLISHED:1001", "ESTABLISHED:80", "DELETED:1000", "DELETED:1001", "DELETED:80"}
+	if !slices.Equal(evs, want) || l.lost != 0 {
+		t.Fatalf("events %v, %d lost; want %v, none lost", evs, l.lost, want)
+	}
+}
+
 // TestFlowTrackerIDCollision: conntrack ids are a 32-bit hash, so two
 // live connections may share one; each keeps its own establishment and
 // deletion.
