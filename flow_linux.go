@@ -179,16 +179,16 @@ type flowTracker struct {
 	// deliver hands an event on; false means it was lost (a full
 	// queue). Filtered out is not lost.
 	deliver func(a *Address) bool
-	// lost counts the deletions that will not be reported because the
+	// lost counts a deletion that will not be reported because the
 	// tracker forgot an established flow (flowTrackMax).
-	lost func()
+	lost func(deleted *Address)
 	// owner, when not nil, returns the process of an established view
 	// (0: unknown), whose Timestamp says when its event was read; the
 	// deletion keeps it.
 	owner func(a *Address) uint32
 }
 
-func newFlowTracker(max int, deliver func(*Address) bool, lost func()) *flowTracker {
+func newFlowTracker(max int, deliver func(*Address) bool, lost func(*Address)) *flowTracker {
 	return &flowTracker{max: max, flows: make(map[flowKey]*flowEntry), deliver: deliver, lost: lost}
 }
 
@@ -217,7 +217,9 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 				oldest := t.order.Front().Value.(*flowEntry)
 				for i := range oldest.nviews {
 					if !oldest.lost[i] {
-						t.lost()
+						a := oldest.views[i]
+						a.Event = EventFlowDeleted
+						t.lost(&a)
 					}
 				}
 				t.remove(oldest)
@@ -394,7 +396,7 @@ func openFlow(cfg *openConfig) (_ backend, err error) {
 		done:    make(chan struct{}),
 	}
 	b.queueTime.Store(int64(cfg.params[ParamQueueTime]) * int64(time.Millisecond))
-	b.tr = newFlowTracker(flowTrackMax, b.deliver, func() { b.overflows.Add(1) })
+	b.tr = newFlowTracker(flowTrackMax, b.deliver, b.forgot)
 	defer func() {
 		if err != nil {
 			err = withCleanup(err, b.release())
@@ -510,6 +512,18 @@ func (b *flowBackend) read() {
 			}
 		}
 	}
+}
+
+// forgot counts a deletion the tracker will not report (it forgot the
+// flow), unless the filter would have rejected it.
+func (b *flowBackend) forgot(a *Address) {
+	if b.filt != nil {
+		m := a.Meta()
+		if !b.filt.Match(nil, &m) {
+			return
+		}
+	}
+	b.overflows.Add(1)
 }
 
 // deliver judges a with the filter and queues it. It returns false when

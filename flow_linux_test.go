@@ -42,7 +42,7 @@ func newTrackerLog(max int) *trackerLog {
 		}
 		l.got = append(l.got, *a)
 		return true
-	}, func() { l.lost++ })
+	}, func(*Address) { l.lost++ })
 	return l
 }
 
@@ -445,6 +445,22 @@ func TestFlowQueue(t *testing.T) {
 	}
 	if st, _ := h.Stats(); st.Expired != 1 || st.Received != 33 {
 		t.Fatalf("stats %+v: want 1 expired, 33 received", st)
+	}
+}
+
+// TestFlowForgottenFiltered: a flow the tracker forgets at its bound
+// counts as an overflow only when its deletion would have passed the
+// filter.
+func TestFlowForgottenFiltered(t *testing.T) {
+	h, b := bareFlow(t, "udp and remotePort == 53", 32)
+	b.tr = newFlowTracker(2, b.deliver, b.forgot)
+	for i, port := range []uint16{80, 53, 53, 80} {
+		b.tr.handle(ev(ctNew, uint32(1+i), 17, tup("10.0.0.1", "10.0.0.2", uint16(1000+i), port), nftrules.LabelOut, -1), 1)
+	}
+	// Forgotten: the first (port 80, filtered out) and the second
+	// (port 53, its deletion owed).
+	if st, _ := h.Stats(); st.Overflows != 1 || st.Passed != 2 {
+		t.Fatalf("stats %+v: want 1 overflow, 2 passed", st)
 	}
 }
 
