@@ -1023,6 +1023,9 @@ func TestFlowOpenArgs(t *testing.T) {
 	if _, err := Open("true", LayerFlow, 0, FlagSniff|FlagRecvOnly|FlagReassemble); !errors.Is(err, ErrNotSupported) {
 		t.Errorf("FlagReassemble: %v, want ErrNotSupported", err)
 	}
+	if _, err := Open("true", LayerFlow, 0, FlagSniff|FlagRecvOnly|FlagFragments); !errors.Is(err, os.ErrInvalid) {
+		t.Errorf("FlagFragments: %v, want os.ErrInvalid", err)
+	}
 	var fe *FilterError
 	if _, err := Open("tcp.DstPort == 80", LayerFlow, 0, FlagSniff|FlagRecvOnly); !errors.As(err, &fe) {
 		t.Errorf("a network-layer field: %v, want a FilterError", err)
