@@ -740,6 +740,12 @@ func (b *flowBackend) setParam(p Param, v uint64) error {
 	case ParamQueueTime:
 		b.queueTime.Store(int64(v) * int64(time.Millisecond))
 	case ParamQueueSize:
+		// Under mu: stop, which closes the socket, waits.
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if b.stopping {
+			return nil // shut down: no socket left to size
+		}
 		if err := setRecvBuf(b.conn, int(v)); err != nil {
 			return closedAs(err, "divert: set queue size: %w")
 		}

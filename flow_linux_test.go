@@ -908,6 +908,11 @@ func TestFlowHandleStates(t *testing.T) {
 	if _, err := h.Recv(nil, &a); !errors.Is(err, ErrShutdown) {
 		t.Fatalf("after the drain: %v", err)
 	}
+	// Shut down, not closed: params are still set (the event socket is
+	// gone: its buffer has nothing left to hold).
+	if err := h.SetParam(ParamQueueSize, QueueSizeDefault/2); err != nil {
+		t.Errorf("SetParam after Shutdown: %v", err)
+	}
 
 	// Close while Recv waits.
 	h2 := openFlowIn(t, l.A.NS, "true")
