@@ -678,6 +678,9 @@ func (b *flowBackend) stop() error {
 		b.mu.Lock()
 		b.stopping = true
 		b.mu.Unlock()
+		if b.owner != nil {
+			b.owner.quit.Store(true) // a scan under way need not finish
+		}
 		b.stopErr = b.conn.Close()
 		<-b.done
 	})

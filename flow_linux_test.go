@@ -331,6 +331,30 @@ func TestSockOwnerScanBudget(t *testing.T) {
 	}
 }
 
+// TestSockOwnerScanStops: a scan of /proc ends when the handle stops,
+// so that Close and Shutdown do not wait for a long one.
+func TestSockOwnerScanStops(t *testing.T) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		t.Fatal(err)
+	}
+	o := &sockOwner{pids: make(map[uint64]uint32)}
+	o.scan()
+	if o.pids[st.Ino] != uint32(os.Getpid()) {
+		t.Fatalf("the test's socket %d: pid %d", st.Ino, o.pids[st.Ino])
+	}
+	o.quit.Store(true)
+	o.scan()
+	if len(o.pids) != 0 {
+		t.Fatalf("a stopped scan found %d sockets", len(o.pids))
+	}
+}
+
 // TestDiagReq: the sock_diag request is a struct inet_diag_req_v2 (56
 // bytes) with the ports big-endian and IPv4 addresses in the first 4
 // bytes of their 16; the answer's inode is at offset 68.

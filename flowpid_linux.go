@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/mdlayher/netlink"
@@ -50,7 +51,8 @@ type sockOwner struct {
 	// begins while it exceeds burst.
 	debt, paid, burst int64
 	req               []byte
-	scanFn            func() // a test's, instead of scan
+	scanFn            func()      // a test's, instead of scan
+	quit              atomic.Bool // the handle stops: a scan ends
 }
 
 // scanShare bounds the reader's time in scans of /proc: past a burst
@@ -184,7 +186,7 @@ func diagInode(b []byte) uint64 {
 }
 
 // scan reads every process's descriptors and maps the socket inodes to
-// the lowest PID holding each.
+// the lowest PID holding each. It ends early once quit is set.
 func (o *sockOwner) scan() {
 	clear(o.pids)
 	procs, err := os.ReadDir("/proc")
@@ -199,6 +201,9 @@ func (o *sockOwner) scan() {
 	}
 	slices.Sort(pids)
 	for _, pid := range pids {
+		if o.quit.Load() {
+			return
+		}
 		dir := "/proc/" + strconv.FormatUint(uint64(pid), 10) + "/fd/"
 		fds, err := os.ReadDir(dir)
 		if err != nil {
