@@ -155,6 +155,9 @@ type flowEntry struct {
 	lost        [2]bool // the view's establishment was lost to a full queue
 	elem        *list.Element
 	in          *list.List // the tracker's list that holds elem
+	// gone: the view's establishment expired unread (ParamQueueTime),
+	// set by the receiving side: its deletion is not reported either.
+	gone [2]atomic.Bool
 }
 
 // flowKey names a connection: its conntrack id, a 32-bit hash that two
@@ -176,9 +179,11 @@ type flowTracker struct {
 	// first: at the bound they go first (a SYN flood's would else push
 	// out the flows whose deletions are owed).
 	pending list.List
-	// deliver hands an event on; false means it was lost (a full
-	// queue). Filtered out is not lost.
-	deliver func(a *Address) bool
+	// deliver hands an event on, with its view's gone flag (which the
+	// queue sets when an establishment expires, and checks before it
+	// returns a deletion); false means it was lost (a full queue).
+	// Filtered out is not lost.
+	deliver func(a *Address, gone *atomic.Bool) bool
 	// lost counts a deletion that will not be reported because the
 	// tracker forgot an established flow (flowTrackMax).
 	lost func(deleted *Address)
@@ -188,7 +193,7 @@ type flowTracker struct {
 	owner func(a *Address) uint32
 }
 
-func newFlowTracker(max int, deliver func(*Address) bool, lost func(*Address)) *flowTracker {
+func newFlowTracker(max int, deliver func(*Address, *atomic.Bool) bool, lost func(*Address)) *flowTracker {
 	return &flowTracker{max: max, flows: make(map[flowKey]*flowEntry), deliver: deliver, lost: lost}
 }
 
@@ -216,7 +221,7 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 			} else {
 				oldest := t.order.Front().Value.(*flowEntry)
 				for i := range oldest.nviews {
-					if !oldest.lost[i] {
+					if !oldest.lost[i] && !oldest.gone[i].Load() {
 						a := oldest.views[i]
 						a.Event = EventFlowDeleted
 						t.lost(&a)
@@ -255,13 +260,13 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 			return // a TCP connect that never completed
 		}
 		for i := range fe.nviews {
-			if fe.lost[i] {
+			if fe.lost[i] || fe.gone[i].Load() {
 				continue
 			}
 			a := fe.views[i]
 			a.Event = EventFlowDeleted
 			a.Timestamp = now
-			t.deliver(&a)
+			t.deliver(&a, &fe.gone[i])
 		}
 	}
 }
@@ -276,7 +281,7 @@ func (t *flowTracker) establish(fe *flowEntry, now int64) {
 		a := fe.views[i]
 		a.Event = EventFlowEstablished
 		a.Timestamp = now
-		fe.lost[i] = !t.deliver(&a)
+		fe.lost[i] = !t.deliver(&a, &fe.gone[i])
 	}
 }
 
@@ -337,8 +342,9 @@ func flowViews(e *ctEvent, vs *[2]Address) int {
 
 // flowItem is a queued event.
 type flowItem struct {
-	a Address
-	t int64 // monoNow when queued
+	a    Address
+	t    int64        // monoNow when queued
+	gone *atomic.Bool // its view's (flowEntry.gone), or nil
 }
 
 type flowBackend struct {
@@ -526,9 +532,10 @@ func (b *flowBackend) forgot(a *Address) {
 	b.overflows.Add(1)
 }
 
-// deliver judges a with the filter and queues it. It returns false when
-// the queue is full (the event is lost and counted).
-func (b *flowBackend) deliver(a *Address) bool {
+// deliver judges a with the filter and queues it, with its view's gone
+// flag (nil: none). It returns false when the queue is full (the event is
+// lost and counted).
+func (b *flowBackend) deliver(a *Address, gone *atomic.Bool) bool {
 	if b.filt != nil {
 		m := a.Meta()
 		if !b.filt.Match(nil, &m) {
@@ -548,7 +555,7 @@ func (b *flowBackend) deliver(a *Address) bool {
 	if b.n == len(b.q) {
 		b.grow()
 	}
-	b.q[(b.head+b.n)%len(b.q)] = flowItem{a: *a, t: monoNow()}
+	b.q[(b.head+b.n)%len(b.q)] = flowItem{a: *a, t: monoNow(), gone: gone}
 	b.n++
 	b.wakeLocked()
 	return true
@@ -570,16 +577,25 @@ func (b *flowBackend) wakeLocked() {
 }
 
 // popLocked takes the oldest queued event that has not waited
-// ParamQueueTime; the older ones are dropped (Stats.Expired).
+// ParamQueueTime; the older ones are dropped (Stats.Expired). An
+// establishment so dropped takes its deletion with it (unseen, as one
+// lost to a full queue does).
 func (b *flowBackend) popLocked(a *Address) bool {
 	qt := b.queueTime.Load()
 	now := monoNow()
 	for b.n > 0 {
-		it := &b.q[b.head]
+		it := b.q[b.head]
+		b.q[b.head] = flowItem{}
 		b.head = (b.head + 1) % len(b.q)
 		b.n--
+		if it.gone != nil && it.a.Event == EventFlowDeleted && it.gone.Load() {
+			continue
+		}
 		if now-it.t > qt {
 			b.expired.Add(1)
+			if it.gone != nil && it.a.Event == EventFlowEstablished {
+				it.gone.Store(true)
+			}
 			continue
 		}
 		*a = it.a

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -36,7 +37,7 @@ type trackerLog struct {
 
 func newTrackerLog(max int) *trackerLog {
 	l := &trackerLog{}
-	l.t = newFlowTracker(max, func(a *Address) bool {
+	l.t = newFlowTracker(max, func(a *Address, _ *atomic.Bool) bool {
 		if l.full {
 			return false
 		}
@@ -425,9 +426,9 @@ func flowAddr(port uint16, out bool) *Address {
 func TestFlowQueue(t *testing.T) {
 	h, b := bareFlow(t, "tcp and remotePort == 80", 32)
 	for i := range 40 {
-		b.deliver(flowAddr(80, true))
+		b.deliver(flowAddr(80, true), nil)
 		if i%2 == 0 {
-			b.deliver(flowAddr(81, true)) // filtered out: Passed
+			b.deliver(flowAddr(81, true), nil) // filtered out: Passed
 		}
 	}
 	st, _ := h.Stats()
@@ -451,7 +452,7 @@ func TestFlowQueue(t *testing.T) {
 	if _, err := h.Recv(nil, &a); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("Recv past its deadline: %v", err)
 	}
-	b.deliver(flowAddr(80, true))
+	b.deliver(flowAddr(80, true), nil)
 	if _, err := h.Recv(nil, &a); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("Recv with an event queued past the deadline: %v", err)
 	}
@@ -460,7 +461,7 @@ func TestFlowQueue(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Expiry: events older than ParamQueueTime are dropped.
-	b.deliver(flowAddr(80, true))
+	b.deliver(flowAddr(80, true), nil)
 	b.queueTime.Store(0)
 	time.Sleep(time.Millisecond)
 	h.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
@@ -488,6 +489,47 @@ func TestFlowForgottenFiltered(t *testing.T) {
 	}
 }
 
+// TestFlowExpiredTakesDeletion: an establishment that waited
+// ParamQueueTime unread is dropped, and takes its deletion with it,
+// whether that is queued behind it already or comes later: the program
+// never sees a deletion without its establishment.
+func TestFlowExpiredTakesDeletion(t *testing.T) {
+	h, b := bareFlow(t, "true", 32)
+	b.tr = newFlowTracker(16, b.deliver, b.forgot)
+	age := func() { // the oldest queued event waited 10 s
+		b.mu.Lock()
+		b.q[b.head].t -= int64(10 * time.Second)
+		b.mu.Unlock()
+	}
+	recv := func() (*Address, error) {
+		var a Address
+		h.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		_, err := h.Recv(nil, &a)
+		return &a, err
+	}
+	u1, u2 := tup("10.0.0.1", "10.0.0.2", 1000, 53), tup("10.0.0.1", "10.0.0.2", 1001, 53)
+	// The deletion queued behind its expired establishment.
+	b.tr.handle(ev(ctNew, 1, 17, u1, nftrules.LabelOut, -1), 1)
+	age()
+	b.tr.handle(ev(ctDestroy, 1, 17, u1, 0, -1), 2)
+	if a, err := recv(); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("after an expired establishment: %v %s", err, fmtFlow(a))
+	}
+	// The deletion read after its establishment expired.
+	b.tr.handle(ev(ctNew, 2, 17, u2, nftrules.LabelOut, -1), 3)
+	age()
+	if a, err := recv(); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("an expired establishment: %v %s", err, fmtFlow(a))
+	}
+	b.tr.handle(ev(ctDestroy, 2, 17, u2, 0, -1), 4)
+	if a, err := recv(); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("after an expired establishment: %v %s", err, fmtFlow(a))
+	}
+	if st, _ := h.Stats(); st.Expired != 2 || st.Received != 0 {
+		t.Fatalf("stats %+v: want 2 expired", st)
+	}
+}
+
 func TestFlowQueueWake(t *testing.T) {
 	h, b := bareFlow(t, "true", 32)
 	got := make(chan error, 1)
@@ -497,7 +539,7 @@ func TestFlowQueueWake(t *testing.T) {
 		got <- err
 	}()
 	time.Sleep(20 * time.Millisecond)
-	b.deliver(flowAddr(80, true))
+	b.deliver(flowAddr(80, true), nil)
 	if err := <-got; err != nil {
 		t.Fatal(err)
 	}
