@@ -152,7 +152,7 @@ type flowEntry struct {
 	views       [2]Address
 	nviews      int
 	established bool
-	lost        [2]bool // the view's establishment was lost to a full queue
+	lost        [2]bool // the view's establishment was not delivered: lost to a full queue, or no socket took its datagram (owner)
 	elem        *list.Element
 	in          *list.List // the tracker's list that holds elem
 	// gone: the view's establishment expired unread (ParamQueueTime),
@@ -189,8 +189,11 @@ type flowTracker struct {
 	lost func(deleted *Address)
 	// owner, when not nil, returns the process of an established view
 	// (0: unknown), whose Timestamp says when its event was read; the
-	// deletion keeps it.
-	owner func(a *Address) uint32
+	// deletion keeps it. noSocket reports an inbound UDP view whose local
+	// socket the kernel says does not exist: a datagram to a port nobody
+	// listens on (a port scan's), which WinDivert's flow layer, needing a
+	// socket to accept the flow, does not report either.
+	owner func(a *Address) (pid uint32, noSocket bool)
 }
 
 func newFlowTracker(max int, deliver func(*Address, *atomic.Bool) bool, lost func(*Address)) *flowTracker {
@@ -276,7 +279,12 @@ func (t *flowTracker) establish(fe *flowEntry, now int64) {
 	for i := range fe.nviews {
 		fe.views[i].Timestamp = now
 		if t.owner != nil {
-			fe.views[i].Flow.ProcessID = t.owner(&fe.views[i])
+			pid, noSocket := t.owner(&fe.views[i])
+			if noSocket {
+				fe.lost[i] = true // not a flow: no deletion either, nothing counted
+				continue
+			}
+			fe.views[i].Flow.ProcessID = pid
 		}
 		a := fe.views[i]
 		a.Event = EventFlowEstablished

@@ -276,12 +276,12 @@ func TestFlowTrackerLostEstablished(t *testing.T) {
 func TestFlowTrackerOwner(t *testing.T) {
 	l := newTrackerLog(16)
 	asked := 0
-	l.t.owner = func(a *Address) uint32 {
+	l.t.owner = func(a *Address) (uint32, bool) {
 		asked++
 		if a.Timestamp != 5 {
 			t.Errorf("owner asked with Timestamp %d, want the read time 5", a.Timestamp)
 		}
-		return 1000 + uint32(a.Flow.LocalPort)
+		return 1000 + uint32(a.Flow.LocalPort), false
 	}
 	o := tup("127.0.0.1", "127.0.0.1", 41000, 7000)
 	l.t.handle(ev(ctNew, 5, 6, o, nftrules.LabelOut|nftrules.LabelLoop, tcpSynSent), 4)
@@ -295,6 +295,37 @@ func TestFlowTrackerOwner(t *testing.T) {
 		if g[i].Flow.ProcessID != want {
 			t.Errorf("event %d (%v): pid %d, want %d", i, g[i].Event, g[i].Flow.ProcessID, want)
 		}
+	}
+}
+
+// TestFlowTrackerNoSocket: a UDP datagram that no socket took (the owner
+// says the kernel has none for the view: a port nobody listens on, as a
+// port scan's) is no flow, as at WinDivert's flow layer: neither its
+// establishment nor its deletion is reported, and nothing is counted
+// lost. The client's view of a loopback flow still is; the owner is not
+// asked about TCP differently.
+func TestFlowTrackerNoSocket(t *testing.T) {
+	l := newTrackerLog(16)
+	l.t.owner = func(a *Address) (uint32, bool) {
+		return 0, a.Flow.Protocol == 17 && !a.Outbound
+	}
+	in := tup("10.0.0.2", "10.0.0.1", 40000, 7001) // to the host, inbound
+	l.t.handle(ev(ctNew, 1, 17, in, nftrules.LabelIn, -1), 1)
+	l.t.handle(ev(ctDestroy, 1, 17, in, 0, -1), 2)
+	loop := tup("127.0.0.1", "127.0.0.1", 40001, 7002)
+	l.t.handle(ev(ctNew, 2, 17, loop, nftrules.LabelOut|nftrules.LabelLoop, -1), 3)
+	l.t.handle(ev(ctDestroy, 2, 17, loop, 0, -1), 4)
+	g := l.take()
+	if len(g) != 2 {
+		t.Fatalf("%d events, want the loopback client's establishment and deletion: %+v", len(g), g)
+	}
+	for i, want := range []Event{EventFlowEstablished, EventFlowDeleted} {
+		if g[i].Event != want || !g[i].Outbound || g[i].Flow.LocalPort != 40001 {
+			t.Errorf("event %d: %v outbound %v local port %d, want %v of the client's view", i, g[i].Event, g[i].Outbound, g[i].Flow.LocalPort, want)
+		}
+	}
+	if l.lost != 0 {
+		t.Errorf("%d counted lost, want 0", l.lost)
 	}
 }
 
@@ -764,6 +795,15 @@ func TestFlowEndToEnd(t *testing.T) {
 	_, sink := udpSink(t, l, 7004)
 	_ = sink
 	udpSend(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7004))
+	// Inbound UDP: to a port with a socket, a flow; to one without (as a
+	// port scan's), none, as at WinDivert's flow layer.
+	udpIn, err := l.A.NS.ListenUDP(netip.AddrPortFrom(l.A.V4, 7005).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer udpIn.Close()
+	udpSend(t, l.B.NS, netip.AddrPortFrom(l.A.V4, 7998))
+	udpSend(t, l.B.NS, netip.AddrPortFrom(l.A.V4, 7005))
 	if n, _ := l.A.NS.Ping(l.B.V4, 1, 2*time.Second); n != 1 {
 		t.Fatal("ping v4 unanswered")
 	}
@@ -794,6 +834,7 @@ func TestFlowEndToEnd(t *testing.T) {
 			flowWant{ev, true, true, 6, netip.IPv6Loopback(), netip.IPv6Loopback(), lo6.Port(), 7003},
 			flowWant{ev, false, true, 6, netip.IPv6Loopback(), netip.IPv6Loopback(), 7003, lo6.Port()},
 			flowWant{ev, true, false, 17, v4(l.A.V4), v4(l.B.V4), 0, 7004},
+			flowWant{ev, false, false, 17, v4(l.A.V4), v4(l.B.V4), 7005, 0},
 			flowWant{ev, true, false, 1, v4(l.A.V4), v4(l.B.V4), 8, 0},
 			flowWant{ev, true, false, 58, l.A.V6, l.B.V6, 128, 0},
 		)
@@ -816,6 +857,9 @@ func TestFlowEndToEnd(t *testing.T) {
 		ids[[2]uint64{got[i].Flow.EndpointID, uint64(got[i].Event)}]++
 		if got[i].Flow.RemotePort == 7999 {
 			t.Errorf("refused connect reported: %s", fmtFlow(&got[i]))
+		}
+		if got[i].Flow.LocalPort == 7998 {
+			t.Errorf("UDP to a port without a socket reported: %s", fmtFlow(&got[i]))
 		}
 	}
 	for k, n := range ids {

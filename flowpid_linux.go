@@ -2,6 +2,7 @@ package divert
 
 import (
 	"encoding/binary"
+	"errors"
 	"net/netip"
 	"os"
 	"slices"
@@ -40,6 +41,11 @@ import (
 // processes hold the socket (inherited across fork), the lowest PID is
 // taken. PIDs are those of the /proc the process sees (its PID
 // namespace's when /proc was mounted there).
+//
+// The same lookup tells the tracker when an inbound UDP datagram had no
+// socket to go to (the kernel answers ENOENT for its tuple): a port
+// nobody listens on, as a port scan's. That is no flow, at WinDivert's
+// flow layer either, and it is not reported.
 
 // sockOwner finds flows' processes. The reader goroutine uses it.
 type sockOwner struct {
@@ -75,23 +81,25 @@ func newSockOwner() (*sockOwner, error) {
 func (o *sockOwner) close() error { return o.diag.Close() }
 
 // process returns the PID of the process that owns a's local socket, 0
-// when none is found. Only TCP and UDP are looked up.
-func (o *sockOwner) process(a *Address) uint32 {
+// when none is found. Only TCP and UDP are looked up. noSocket is set for
+// an inbound UDP view when the kernel answers that no socket has the
+// flow's tuple (ENOENT): its datagram was for a port nobody listens on.
+func (o *sockOwner) process(a *Address) (pid uint32, noSocket bool) {
 	f := &a.Flow
 	if f.Protocol != unix.IPPROTO_TCP && f.Protocol != unix.IPPROTO_UDP {
-		return 0
+		return 0, false
 	}
 	local, remote := netip.AddrFrom16(f.LocalAddr), netip.AddrFrom16(f.RemoteAddr)
-	ino := o.inode(f.Protocol, local, f.LocalPort, remote, f.RemotePort)
+	ino, none := o.inode(f.Protocol, local, f.LocalPort, remote, f.RemotePort)
 	if ino == 0 && f.Protocol == unix.IPPROTO_TCP && !a.Outbound {
 		// Not accepted yet: the connection's socket has no inode.
 		// The listening socket's process is the one that accepts.
-		ino = o.inode(f.Protocol, local, f.LocalPort, netip.IPv6Unspecified(), 0)
+		ino, _ = o.inode(f.Protocol, local, f.LocalPort, netip.IPv6Unspecified(), 0)
 	}
 	if ino == 0 {
-		return 0
+		return 0, none && f.Protocol == unix.IPPROTO_UDP && !a.Outbound
 	}
-	return o.pidOf(ino, a.Timestamp)
+	return o.pidOf(ino, a.Timestamp), false
 }
 
 // pidOf returns the process holding the socket of inode ino, of an event
@@ -125,8 +133,10 @@ func (o *sockOwner) pidOf(ino uint64, read int64) uint32 {
 }
 
 // inode asks sock_diag for the socket of the tuple and returns its inode
-// (0: none). A zero remote asks for the listening socket.
-func (o *sockOwner) inode(proto uint8, local netip.Addr, lport uint16, remote netip.Addr, rport uint16) uint64 {
+// (0: none found). none is set when the kernel answered that there is no
+// such socket (ENOENT), not for another failure. A zero remote asks for
+// the listening socket.
+func (o *sockOwner) inode(proto uint8, local netip.Addr, lport uint16, remote netip.Addr, rport uint16) (ino uint64, none bool) {
 	family := byte(unix.AF_INET6)
 	if local.Is4In6() {
 		family = unix.AF_INET
@@ -142,9 +152,9 @@ func (o *sockOwner) inode(proto uint8, local netip.Addr, lport uint16, remote ne
 		Data:   o.req,
 	})
 	if err != nil || len(ms) == 0 {
-		return 0
+		return 0, errors.Is(err, unix.ENOENT)
 	}
-	return diagInode(ms[0].Data)
+	return diagInode(ms[0].Data), false
 }
 
 // sockDiagByFamily is SOCK_DIAG_BY_FAMILY.
