@@ -680,9 +680,16 @@ func acceptEach(c *Conn, seen func()) <-chan struct{} {
 // forces a preemption (10 ms and more; measured with the yield removed).
 func TestConnHotReaderYields(t *testing.T) {
 	netnstest.RequireRoot(t)
-	l, c, dst := queued(t, "nfqy", Config{Queue: 500, Auto: true}, 9995)
-
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	timingAttempts(t, func() string { return hotYieldsAttempt(t) })
+}
+
+// hotYieldsAttempt is one run of TestConnHotReaderYields: "" when the
+// property held. (A full test run under two busy loops once saw a p90 of
+// 5.6 ms: the OS, not the reader, kept the goroutine waiting.)
+func hotYieldsAttempt(t *testing.T) string {
+	l, c, dst := queued(t, "nfqy", Config{Queue: 500, Auto: true}, 9995)
+	defer c.Close() // gives back its hot slot for the next attempt
 	var got atomic.Int64
 	done := acceptEach(c, func() { got.Add(1) })
 	// The traffic comes from another process (this test binary as
@@ -713,11 +720,12 @@ func TestConnHotReaderYields(t *testing.T) {
 	p90, max := late[len(late)*9/10], late[len(late)-1]
 	t.Logf("%d datagrams, %d hot waits during the sleeps; sleep lateness p50 %v, p90 %v, max %v", got.Load(), hot, late[len(late)/2], p90, max)
 	if n := got.Load(); n < 4500 || hot < 300 {
-		t.Fatalf("%d of 5000 datagrams, %d hot waits during the sleeps: the reader was not kept busy, the test proves nothing", n, hot)
+		return fmt.Sprintf("%d of 5000 datagrams, %d hot waits during the sleeps: the reader was not kept busy, the attempt proves nothing", n, hot)
 	}
 	if p90 > 5*time.Millisecond || max > 100*time.Millisecond {
-		t.Fatalf("a goroutine sharing the P with a hot reader woke up to %v late (p90), %v at worst", p90, max)
+		return fmt.Sprintf("a goroutine sharing the P with a hot reader woke up to %v late (p90), %v at worst", p90, max)
 	}
+	return ""
 }
 
 // TestConnHotReaderAloneYieldsRarely checks that a reader alone on the
