@@ -2,6 +2,7 @@ package divert
 
 import (
 	"container/list"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -174,6 +175,10 @@ type flowKey struct {
 type flowTracker struct {
 	max   int
 	flows map[flowKey]*flowEntry
+	// ids counts the flows remembered under each conntrack id: an UPDATE
+	// or DESTROY of an id not here concerns no flow of the handle, and
+	// the reader skips it without decoding it (ctSkip).
+	ids   map[uint32]int
 	order list.List // of the established *flowEntry, oldest first
 	// pending holds the TCP connections not yet established, oldest
 	// first: at the bound they go first (a SYN flood's would else push
@@ -197,7 +202,7 @@ type flowTracker struct {
 }
 
 func newFlowTracker(max int, deliver func(*Address, *atomic.Bool) bool, lost func(*Address)) *flowTracker {
-	return &flowTracker{max: max, flows: make(map[flowKey]*flowEntry), deliver: deliver, lost: lost}
+	return &flowTracker{max: max, flows: make(map[flowKey]*flowEntry), ids: make(map[uint32]int), deliver: deliver, lost: lost}
 }
 
 // handle processes one event read at now (Address.Timestamp).
@@ -234,6 +239,7 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 			}
 		}
 		t.flows[k] = fe
+		t.ids[k.id]++
 		if e.proto == unix.IPPROTO_TCP {
 			fe.in = &t.pending
 			fe.elem = t.pending.PushBack(fe)
@@ -296,6 +302,66 @@ func (t *flowTracker) establish(fe *flowEntry, now int64) {
 func (t *flowTracker) remove(fe *flowEntry) {
 	fe.in.Remove(fe.elem)
 	delete(t.flows, fe.key)
+	if t.ids[fe.key.id]--; t.ids[fe.key.id] <= 0 {
+		delete(t.ids, fe.key.id)
+	}
+}
+
+// tracked reports whether a flow of conntrack id id is remembered.
+func (t *flowTracker) tracked(id uint32) bool { return t.ids[id] > 0 }
+
+// ctSkip reports whether the conntrack event m concerns no flow of the
+// handle, told from its header and two top-level attributes without
+// decoding it (github.com/ti-mo/conntrack's decoder allocates some 30
+// times for an event; a router's forwarded connections send many): a NEW
+// event without the handle's labels (LabelOut or LabelIn: forwarded, or
+// older than the table), an UPDATE or DESTROY of an id no remembered flow
+// has. It answers false whenever it cannot tell, and never true for an
+// event the tracker would act on: like the decoder, it takes the last
+// CTA_ID and CTA_LABELS of the message.
+func ctSkip(m netlink.Message, tracked func(id uint32) bool) bool {
+	const (
+		subsysCT    = unix.NFNL_SUBSYS_CTNETLINK
+		msgNew      = 0 // IPCTNL_MSG_CT_NEW: NEW (with NLM_F_CREATE or NLM_F_EXCL) or UPDATE
+		msgDelete   = 2 // IPCTNL_MSG_CT_DELETE: DESTROY
+		attrID      = 12
+		attrLabels  = 22
+		attrTypeMsk = 0x3fff
+	)
+	typ := uint16(m.Header.Type)
+	if typ>>8 != subsysCT || len(m.Data) < 4 {
+		return false
+	}
+	isNew := false
+	switch typ & 0xff {
+	case msgNew:
+		isNew = m.Header.Flags&(netlink.Create|netlink.Excl) != 0
+	case msgDelete:
+	default:
+		return false
+	}
+	var id uint32
+	var labels []byte
+	for b := m.Data[4:]; len(b) >= 4; {
+		l := int(binary.NativeEndian.Uint16(b))
+		if l < 4 || l > len(b) {
+			return false // malformed: the decoder decides
+		}
+		switch binary.NativeEndian.Uint16(b[2:]) & attrTypeMsk {
+		case attrID:
+			if l != 8 {
+				return false
+			}
+			id = binary.BigEndian.Uint32(b[4:8])
+		case attrLabels:
+			labels = b[4:l]
+		}
+		b = b[min(len(b), (l+3)&^3):]
+	}
+	if isNew {
+		return len(labels) <= nftrules.LabelByte || labels[nftrules.LabelByte]&(nftrules.LabelOut|nftrules.LabelIn) == 0
+	}
+	return !tracked(id)
 }
 
 // flowViews fills vs with the Addresses (but Event and Timestamp) of the
@@ -517,6 +583,9 @@ func (b *flowBackend) read() {
 		}
 		now := monoNow()
 		for _, m := range ms {
+			if ctSkip(m, b.tr.tracked) {
+				continue // no flow of ours: not worth decoding
+			}
 			var ev conntrack.Event
 			if ev.Unmarshal(m) != nil {
 				continue // not a conntrack event we can read

@@ -1194,20 +1194,85 @@ func TestMain(m *testing.M) {
 func FuzzCtEvent(f *testing.F) {
 	f.Add(uint16(0x0100), uint16(0x0600), []byte{2, 0, 0, 0})
 	f.Add(uint16(0x0102), uint16(0), []byte{10, 0, 0, 0, 0x14, 0, 0x01, 0x80, 0x0c, 0, 0x01, 0x80, 8, 0, 1, 0, 10, 0, 0, 1})
+	// Kernel-shaped events about the flows the target remembers (ids 5
+	// and 6) and others.
+	src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+	for _, m := range []netlink.Message{
+		ctMessage(f, false, 9, src, dst, 7, 8, nftrules.LabelOut),
+		ctMessage(f, false, 9, src, dst, 7, 8, 0),
+		ctMessage(f, true, 5, src, dst, 1, 2, 0),
+		ctMessage(f, true, 6, src, dst, 3, 4, 0),
+		ctMessage(f, true, 9, src, dst, 7, 8, 0),
+	} {
+		f.Add(uint16(m.Header.Type), uint16(m.Header.Flags), m.Data)
+	}
 	f.Fuzz(func(t *testing.T, typ, flags uint16, data []byte) {
 		m := netlink.Message{Header: netlink.Header{Type: netlink.HeaderType(typ), Flags: netlink.HeaderFlags(flags)}, Data: data}
-		var ev conntrack.Event
-		if ev.Unmarshal(m) != nil {
+		var cev conntrack.Event
+		if cev.Unmarshal(m) != nil {
 			return
 		}
-		e, ok := ctEventOf(&ev)
+		e, ok := ctEventOf(&cev)
 		if !ok {
 			return
 		}
 		l := newTrackerLog(4)
+		// Remembered before: an established UDP flow (id 5) and a TCP
+		// connect not yet established (id 6), so that an UPDATE or
+		// DESTROY of theirs is acted on.
+		l.t.handle(ev(ctNew, 5, 17, tup("10.0.0.1", "10.0.0.2", 1, 2), nftrules.LabelOut, -1), 0)
+		l.t.handle(ev(ctNew, 6, 6, tup("10.0.0.1", "10.0.0.2", 3, 4), nftrules.LabelOut, tcpSynSent), 0)
+		l.take()
+		skip := ctSkip(m, l.t.tracked)
+		before := len(l.t.flows)
 		l.t.handle(&e, 1)
-		if e.labels&(nftrules.LabelOut|nftrules.LabelIn) == 0 && len(l.got) != 0 {
-			t.Fatalf("unlabelled event reported: %+v", l.got)
+		if e.kind == ctNew && e.labels&(nftrules.LabelOut|nftrules.LabelIn) == 0 && len(l.got) != 0 {
+			t.Fatalf("unlabelled NEW event reported: %+v", l.got)
+		}
+		// ctSkip never skips an event the tracker acts on.
+		if skip && (len(l.got) != 0 || len(l.t.flows) != before) {
+			t.Fatalf("ctSkip skipped an event the tracker acted on (%+v): %d events, flows %d -> %d", e, len(l.got), before, len(l.t.flows))
 		}
 	})
+}
+
+// TestCtSkip: the reader's pre-check skips a NEW event without the
+// handle's labels and an UPDATE or DESTROY of an id it does not remember,
+// and nothing else: messages it cannot read go to the decoder.
+func TestCtSkip(t *testing.T) {
+	src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+	tracked := func(id uint32) bool { return id == 7 }
+	upd := ctMessage(t, false, 7, src, dst, 1, 2, 0)
+	upd.Header.Flags = 0
+	updOther := ctMessage(t, false, 8, src, dst, 1, 2, 0)
+	updOther.Header.Flags = 0
+	short := ctMessage(t, true, 8, src, dst, 1, 2, 0)
+	short.Data = short.Data[:len(short.Data)-3] // an attribute cut short
+	other := ctMessage(t, true, 8, src, dst, 1, 2, 0)
+	other.Header.Type = 0x101 // IPCTNL_MSG_CT_GET: not an event
+	for _, c := range []struct {
+		name string
+		m    netlink.Message
+		skip bool
+	}{
+		{"new-out", ctMessage(t, false, 8, src, dst, 1, 2, nftrules.LabelOut), false},
+		{"new-in", ctMessage(t, false, 8, src, dst, 1, 2, nftrules.LabelIn), false},
+		{"new-loop-only", ctMessage(t, false, 8, src, dst, 1, 2, nftrules.LabelLoop), true},
+		{"new-forwarded", ctMessage(t, false, 8, src, dst, 1, 2, 0), true},
+		{"update-tracked", upd, false},
+		{"update-other", updOther, true},
+		{"destroy-tracked", ctMessage(t, true, 7, src, dst, 1, 2, 0), false},
+		{"destroy-other", ctMessage(t, true, 8, src, dst, 1, 2, 0), true},
+		{"malformed", short, false},
+		{"not-an-event", other, false},
+	} {
+		if got := ctSkip(c.m, tracked); got != c.skip {
+			t.Errorf("%s: ctSkip %v, want %v", c.name, got, c.skip)
+		}
+		// Whatever ctSkip says, the message decodes as the kernel's would.
+		var e conntrack.Event
+		if err := e.Unmarshal(c.m); err != nil && c.name != "malformed" && c.name != "not-an-event" {
+			t.Errorf("%s: does not decode: %v", c.name, err)
+		}
+	}
 }
