@@ -733,8 +733,8 @@ func udpSend(t *testing.T, ns *netnstest.NS, dst netip.AddrPort) {
 // closing) until the test ends.
 func tcpListen(t *testing.T, ns *netnstest.NS, addr netip.AddrPort) {
 	t.Helper()
-	var ln net.Listener
-	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp", addr.String()); return err }); err != nil {
+	ln, err := ns.ListenTCP(addr.String())
+	if err != nil {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
@@ -879,8 +879,8 @@ func TestFlowProcessListener(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "flpl", 0)
 	h := openFlowIn(t, l.A.NS, "tcp and inbound")
-	var ln net.Listener
-	if err := l.A.NS.Do(func() (err error) { ln, err = net.Listen("tcp", netip.AddrPortFrom(l.A.V4, 7050).String()); return err }); err != nil {
+	ln, err := l.A.NS.ListenTCP(netip.AddrPortFrom(l.A.V4, 7050).String())
+	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close() // never accepts

@@ -231,9 +231,9 @@ func runDemo(ctx context.Context, c *config, out io.Writer) error {
 // serveTCP accepts connections on ap in ns, reads each to its end and
 // closes it, until stop.
 func serveTCP(ns *netnstest.NS, ap netip.AddrPort) (stop func(), err error) {
-	var ln net.Listener
-	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp", ap.String()); return err }); err != nil {
-		return nil, fmt.Errorf("demo: listen on %s: %w", ap, err)
+	ln, err := ns.ListenTCP(ap.String())
+	if err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
 	}
 	var wg sync.WaitGroup
 	wg.Add(1)

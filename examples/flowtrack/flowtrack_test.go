@@ -41,15 +41,7 @@ func TestDemo(t *testing.T) {
 	if s.Demo == nil || !s.Demo.OK || s.Established != 7 || s.Deleted != 7 || s.Overflows != 0 {
 		t.Fatalf("demo summary: %+v demo %+v", s, s.Demo)
 	}
-	ns, err := exec.Command("ip", "netns", "list").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range []string{strings.Fields(s.Demo.Host)[0], strings.Fields(s.Demo.Peer)[0]} {
-		if strings.Contains(string(ns), name) {
-			t.Errorf("namespace %s left behind", name)
-		}
-	}
+	extest.NoNamespaces(t, strings.Fields(s.Demo.Host)[0], strings.Fields(s.Demo.Peer)[0])
 }
 
 // TestFilterCount: -filter narrows the events, -count ends the program.
@@ -59,16 +51,13 @@ func TestFilterCount(t *testing.T) {
 	l := netnstest.Pair(t, "dvft", 0)
 	p := extest.Start(t, l.A.NS, 20*time.Second, bin, "-filter", "tcp and remotePort == 8102", "-count", "1", "-json")
 	p.WaitReady(t)
-	var ln net.Listener
-	if err := l.B.NS.Do(func() (err error) { ln, err = net.Listen("tcp", ":0"); return err }); err != nil {
+	ln, err := l.B.NS.ListenTCP(":0")
+	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	var ln2 net.Listener
-	if err := l.B.NS.Do(func() (err error) {
-		ln2, err = net.Listen("tcp", netip.AddrPortFrom(l.B.V4, 8102).String())
-		return err
-	}); err != nil {
+	ln2, err := l.B.NS.ListenTCP(netip.AddrPortFrom(l.B.V4, 8102).String())
+	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln2.Close()

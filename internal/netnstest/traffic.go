@@ -48,6 +48,16 @@ func (n *NS) ListenUDP(addr string) (*net.UDPConn, error) {
 	return c, nil
 }
 
+// ListenTCP opens a TCP listener inside the namespace bound to addr, e.g.
+// "10.201.1.2:9000" or "[fd00:c9:1::2]:0".
+func (n *NS) ListenTCP(addr string) (net.Listener, error) {
+	var ln net.Listener
+	if err := n.Do(func() (err error) { ln, err = net.Listen("tcp", addr); return err }); err != nil {
+		return nil, fmt.Errorf("netnstest: listen tcp %s in %s: %w", addr, n.Name, err)
+	}
+	return ln, nil
+}
+
 // DialUDP opens a UDP socket inside the namespace connected to raddr.
 func (n *NS) DialUDP(raddr netip.AddrPort) (*net.UDPConn, error) {
 	var c *net.UDPConn
