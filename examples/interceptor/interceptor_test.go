@@ -46,15 +46,7 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("demo summary: %+v demo %+v", s, s.Demo)
 	}
 	// Nothing left behind: the demo's own namespaces are gone.
-	ns, err := exec.Command("ip", "netns", "list").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range []string{strings.Fields(s.Demo.Sender)[0], strings.Fields(s.Demo.Receiver)[0]} {
-		if strings.Contains(string(ns), name) {
-			t.Errorf("namespace %s left behind", name)
-		}
-	}
+	extest.NoNamespaces(t, strings.Fields(s.Demo.Sender)[0], strings.Fields(s.Demo.Receiver)[0])
 }
 
 // TestDemoBrokenPipe: the demo whose reader goes away (`-demo | head -3`)
@@ -92,16 +84,7 @@ func TestDemoBrokenPipe(t *testing.T) {
 	if len(names) != 2 {
 		t.Fatalf("namespaces named in the first lines: %q", names)
 	}
-	list, lerr := exec.Command("ip", "netns", "list").Output()
-	if lerr != nil {
-		t.Fatal(lerr)
-	}
-	for _, n := range names {
-		if strings.Contains(string(list), n) {
-			exec.Command("ip", "netns", "del", n).Run()
-			t.Errorf("namespace %s left behind by the demo that lost its reader", n)
-		}
-	}
+	extest.NoNamespaces(t, names...)
 }
 
 func TestInterceptPing(t *testing.T) {

@@ -209,15 +209,7 @@ func TestDemo(t *testing.T) {
 			t.Fatalf("demo %s summary: %+v demo %+v", proto, s, s.Demo)
 		}
 		// Nothing left behind: the demo's own namespaces are gone.
-		ns, err := exec.Command("ip", "netns", "list").Output()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, name := range []string{strings.Fields(s.Demo.Client)[0], strings.Fields(s.Demo.Server)[0]} {
-			if strings.Contains(string(ns), name) {
-				t.Errorf("namespace %s left behind", name)
-			}
-		}
+		extest.NoNamespaces(t, strings.Fields(s.Demo.Client)[0], strings.Fields(s.Demo.Server)[0])
 	}
 }
 

@@ -156,3 +156,25 @@ func Run(t testing.TB, ns *netnstest.NS, limit time.Duration, bin string, args .
 	t.Helper()
 	return Start(t, ns, limit, bin, args...).Wait()
 }
+
+// NoNamespaces fails t for each of the named network namespaces that
+// still exists (a demo that should have removed its own), and removes it.
+func NoNamespaces(t testing.TB, names ...string) {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "list").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) > 0 {
+			have[f[0]] = true
+		}
+	}
+	for _, n := range names {
+		if have[n] {
+			exec.Command("ip", "netns", "del", n).Run()
+			t.Errorf("namespace %s left behind", n)
+		}
+	}
+}
