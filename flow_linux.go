@@ -321,12 +321,11 @@ func (t *flowTracker) tracked(id uint32) bool { return t.ids[id] > 0 }
 // CTA_ID and CTA_LABELS of the message.
 func ctSkip(m netlink.Message, tracked func(id uint32) bool) bool {
 	const (
-		subsysCT    = unix.NFNL_SUBSYS_CTNETLINK
-		msgNew      = 0 // IPCTNL_MSG_CT_NEW: NEW (with NLM_F_CREATE or NLM_F_EXCL) or UPDATE
-		msgDelete   = 2 // IPCTNL_MSG_CT_DELETE: DESTROY
-		attrID      = 12
-		attrLabels  = 22
-		attrTypeMsk = 0x3fff
+		subsysCT   = unix.NFNL_SUBSYS_CTNETLINK
+		msgNew     = 0 // IPCTNL_MSG_CT_NEW: NEW (with NLM_F_CREATE or NLM_F_EXCL) or UPDATE
+		msgDelete  = 2 // IPCTNL_MSG_CT_DELETE: DESTROY
+		attrID     = 12
+		attrLabels = 22
 	)
 	typ := uint16(m.Header.Type)
 	if typ>>8 != subsysCT || len(m.Data) < 4 {
@@ -347,7 +346,9 @@ func ctSkip(m netlink.Message, tracked func(id uint32) bool) bool {
 		if l < 4 || l > len(b) {
 			return false // malformed: the decoder decides
 		}
-		switch binary.NativeEndian.Uint16(b[2:]) & attrTypeMsk {
+		// The decoder tells attributes by the low byte of the type
+		// (ti-mo/conntrack's attributeType is a uint8): so does this.
+		switch uint8(binary.NativeEndian.Uint16(b[2:])) {
 		case attrID:
 			if l != 8 {
 				return false

@@ -1194,6 +1194,10 @@ func TestMain(m *testing.M) {
 func FuzzCtEvent(f *testing.F) {
 	f.Add(uint16(0x0100), uint16(0x0600), []byte{2, 0, 0, 0})
 	f.Add(uint16(0x0102), uint16(0), []byte{10, 0, 0, 0, 0x14, 0, 0x01, 0x80, 0x0c, 0, 0x01, 0x80, 8, 0, 1, 0, 10, 0, 0, 1})
+	// A DESTROY whose CTA_ID has high type bits (0x300c) the decoder
+	// drops (its attribute types are a byte): found by the fuzzer when
+	// ctSkip masked only the two flag bits.
+	f.Add(uint16(258), uint16(0), []byte("00004\x00\x01\x80\x14\x00\x010\b\x00\x010\n\x00\x00\x01\b\x00\x020\n\x00\x00\x02\x1c\x00\x020\x05\x00\x010\x11000\x06\x00\x020\x00\x0100\x06\x00\x030\x00\x0200\b\x00\f0\x00\x00\x00\x05"))
 	// Kernel-shaped events about the flows the target remembers (ids 5
 	// and 6) and others.
 	src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
