@@ -157,7 +157,7 @@ func common(ts []Term) Term {
 		bit := presenceBit(f)
 		if zero&bit != 0 && have0&bit == 0 {
 			out.Conds = append(out.Conds, Cond{Field: f, Op: OpEq})
-			have1, have0 = out.facts()
+			_, have0 = out.facts()
 		}
 	}
 	return out

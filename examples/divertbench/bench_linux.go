@@ -140,14 +140,14 @@ type Suite struct {
 }
 
 type bench struct {
-	cfg                 Config
-	exe                 string
-	link                *netnstest.Link
-	tx, rx              *netnstest.NS
-	dst                 netip.Addr
-	genCPU, otherCPU    string
-	logw                io.Writer
-	profileN, runSerial int
+	cfg              Config
+	exe              string
+	link             *netnstest.Link
+	tx, rx           *netnstest.NS
+	dst              netip.Addr
+	genCPU, otherCPU string
+	logw             io.Writer
+	profileN         int
 }
 
 func (b *bench) logf(format string, a ...any) {

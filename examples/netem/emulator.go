@@ -85,7 +85,6 @@ type emulator struct {
 	wake    chan struct{}
 	meter   exutil.Meter
 	start   time.Time
-	tbuf    []byte // scratch for tampering checksums
 }
 
 func newEmulator(c *config, h *divert.Handle) *emulator {

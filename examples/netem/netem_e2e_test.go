@@ -179,7 +179,7 @@ func TestNetem(t *testing.T) {
 		got, err := netnstest.RecvUDP(u, 20, 6*time.Second)
 		took := time.Since(start)
 		if len(got) != 20 || took < 1500*time.Millisecond {
-			t.Fatalf("%d datagrams in %v, want 20 in at least 1.5s", len(got), took)
+			t.Fatalf("%d datagrams in %v (%v), want 20 in at least 1.5s", len(got), took, err)
 		}
 		if s := stop(t, p); s.RateLimited < 15 || s.Sent != 20 {
 			t.Fatalf("summary %+v", s)

@@ -61,12 +61,11 @@ var (
 // iif lo, where counters before (priority -70000) and after (priority
 // +70000) the rules under test tell whether the rules dropped them.
 type bed struct {
-	hook        Hook // where the probe chains count (prerouting for newBed)
-	ns          *netnstest.NS
-	fd4, fd6    int
-	probe       *nftables.Table
-	pre, post   *nftables.Chain
-	preR, postR *nftables.Rule
+	hook      Hook // where the probe chains count (prerouting for newBed)
+	ns        *netnstest.NS
+	fd4, fd6  int
+	probe     *nftables.Table
+	pre, post *nftables.Chain
 }
 
 func newBed(t *testing.T) *bed { return newBedAt(t, HookPrerouting) }

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -42,8 +41,8 @@ func Build(t testing.TB) string {
 	bin := filepath.Join(dir, "example")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
-	out, err := exec.CommandContext(ctx, gobin, "build", "-o", bin, ".").CombinedOutput()
+	// go test puts its own GOROOT/bin first in the test's PATH.
+	out, err := exec.CommandContext(ctx, "go", "build", "-o", bin, ".").CombinedOutput()
 	if err != nil {
 		os.RemoveAll(dir)
 		t.Fatalf("go build: %v\n%s", err, out)
