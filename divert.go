@@ -156,7 +156,8 @@ const (
 	// kernel module.
 	FlagNoInstall Flag = 0x10
 	// FlagFragments hands over IP fragments as they are on the wire instead
-	// of reassembled datagrams (inbound, network layer).
+	// of reassembled datagrams (inbound, network layer). FreeBSD refuses it
+	// (ErrNotSupported): ipfw's divert rules always reassemble.
 	FlagFragments Flag = 0x20
 
 	// FlagPassThrough lets matching packets pass instead of being dropped
@@ -177,7 +178,9 @@ const (
 	// Address's clear bits ask for (see Send).
 	FlagReassemble Flag = 1 << 33
 	// FlagFailOpen lets packets pass when the handle's queue overflows,
-	// instead of dropping them.
+	// instead of dropping them (Linux: the queue's fail-open flag). Windows
+	// and FreeBSD refuse it (ErrNotSupported): WinDivert drops the oldest
+	// queued packet, and divert(4) has no fail-open.
 	FlagFailOpen Flag = 1 << 34
 
 	flagsWinDivert = FlagSniff | FlagDrop | FlagRecvOnly | FlagSendOnly | FlagNoInstall | FlagFragments

@@ -27,7 +27,12 @@ import (
 // is a queued packet left unread that long; Close puts still-queued packets
 // back on the path. As on Linux, Send and Drop clear the Address they are
 // given: sending it again injects a new packet, and a copy of it taken
-// before names a packet that is gone (an error).
+// before names a packet that is gone (an error). FlagFragments,
+// FlagReassemble, FlagPassThrough, FlagFailOpen and FlagNoInstall are
+// accepted and change nothing (fragments are handed over as delivered, and
+// a full queue drops the oldest, as WinDivert's). After
+// Shutdown(ShutdownRecv) Recv returns ErrShutdown once the queue is empty
+// at every layer, LayerReflect included.
 type Pipe struct {
 	f      *filter.Filter
 	layer  Layer
