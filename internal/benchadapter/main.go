@@ -7,9 +7,9 @@
 // Contract with run.sh: flags -q N, -qlen L, -rcvbuf B, -t DURATION; bind
 // queue N in copy-packet mode; no fail-open, no bypass; exit within 3 s of
 // SIGTERM/SIGINT (and after -t at the latest), then print
-// "daemon_verdicts=<packets reinjected>" on stdout; the batch and conn
-// loops add "daemon_batches=<batches that brought packets>", as cnfq's
-// batch mode prints its batches.
+// "daemon_verdicts=<packets reinjected>" on stdout; every loop but single
+// adds "daemon_batches=<batches that brought packets>", as cnfq's batch
+// mode prints its batches.
 //
 // Extra flags: -batch (messages per RecvBatch, 1..divert.BatchMax), -loop
 // single (Recv→Send instead of the batch loop), -loop conn (the floor under
