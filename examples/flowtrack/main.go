@@ -10,7 +10,10 @@
 //	sudo flowtrack -demo                    # Linux: a self-contained demonstration in namespaces
 //
 // On Linux a deletion comes when conntrack forgets the flow: TCP's
-// TIME_WAIT (120 s) after the close, 30 s after a UDP flow's last packet.
+// TIME_WAIT (120 s) after the close, 30 s after a UDP flow's last packet
+// (120 s once it saw packets both ways and one more 2 s after its first),
+// and up to a minute later, when the kernel's garbage collector finds the
+// entry expired.
 package main
 
 import (
