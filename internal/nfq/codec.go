@@ -133,6 +133,7 @@ type KernelError struct {
 	Type  uint16        // netlink type of the message it answers
 }
 
+// Error names the message the kernel answered and the errno it answered with.
 func (e *KernelError) Error() string {
 	return fmt.Sprintf("nfq: kernel answered message type %#x seq %d: %v", e.Type, e.Seq, e.Errno)
 }

@@ -50,8 +50,12 @@ func Code(err error) uint32 {
 // FakeErrno is the error type of Fake.
 type FakeErrno uint32
 
+// Error returns "windivert: error" and the code in decimal.
 func (e FakeErrno) Error() string { return "windivert: error " + itoa(uint32(e)) }
-func (e FakeErrno) Code() uint32  { return uint32(e) }
+
+// Code returns the Windows error code e stands for.
+func (e FakeErrno) Code() uint32 { return uint32(e) }
+
 func itoa(v uint32) string {
 	var b [10]byte
 	i := len(b)
