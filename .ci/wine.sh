@@ -25,7 +25,7 @@ if [ "$per_bin" -lt 30 ]; then per_bin=30; fi
 # that need no WinDivert driver (the Windows backend's tests run over the
 # fake handle of internal/windivert).
 pkgs=(./filter ./internal/packet ./internal/reassembly ./internal/windivert ./internal/bsdaddr ./internal/ipfw)
-root_run='^(TestFlag|TestOpen|TestParam|TestDefaults|TestClosedHandle|TestRecvSendOnly|TestSendLengths|TestShutdown|TestErrShutdown|TestCalcChecksums|TestKernelPackets|TestParsePacket|TestNextPacket|TestDecrementTTL|TestHashPacket|TestPacketHelpers|TestSendable|TestShared|TestPipe|TestRecvEmptyBuffer|TestSendBatchTooLarge|TestStats|TestEvalFilter|TestInvalidArguments|TestParseNfqueue|TestWin|Example|Fuzz)'
+root_run='^(TestFlag|TestOpen|TestParam|TestDefaults|TestClosedHandle|TestRecvSendOnly|TestSendLengths|TestShutdown|TestErrShutdown|TestCalcChecksums|TestKernelPackets|TestParsePacket|TestNextPacket|TestDecrementTTL|TestHashPacket|TestPacketHelpers|TestPacketSetters|TestSendable|TestShared|TestPipe|TestRecvEmptyBuffer|TestSendBatchTooLarge|TestStats|TestEvalFilter|TestInvalidArguments|TestParseNfqueue|TestWin|Example|Fuzz)'
 
 apt_install() {
 	export DEBIAN_FRONTEND=noninteractive
