@@ -171,11 +171,13 @@ const (
 	FlagPassThrough Flag = 1 << 32
 	// FlagReassemble hands over whole datagrams: fragments are reassembled
 	// before Recv sees them (the divert-socket "always defragment" option;
-	// on FreeBSD a FlagSniff handle's copies come as they are). Send
-	// refragments a datagram that arrived in fragments to the size of the
-	// largest of them, or smaller if its route's MTU is; on Linux and
-	// Windows one the program changed first gets the checksums its
-	// Address's clear bits ask for (see Send).
+	// on FreeBSD a FlagSniff handle's copies come as they are). On Linux
+	// and Windows Send refragments a datagram that arrived in fragments to
+	// the size of the largest of them (on Linux smaller if its route's MTU
+	// is), and one the program changed first gets the checksums its
+	// Address's clear bits ask for (see Send); on FreeBSD, where ipfw
+	// reassembled it, the kernel fragments it when it sends it out, to the
+	// interface's MTU.
 	FlagReassemble Flag = 1 << 33
 	// FlagFailOpen lets packets pass when the handle's queue overflows,
 	// instead of dropping them (Linux: the queue's fail-open flag). Windows
@@ -315,9 +317,11 @@ var (
 	// (WinDivert's ERROR_NO_DATA). errors.Is(ErrShutdown, io.EOF) holds.
 	ErrShutdown error = shutdownError{}
 	// ErrDontFragment is wrapped by the error Send returns when a
-	// reassembled IPv4 datagram (FlagReassemble) is larger than the size it
-	// must be refragmented to (see FlagReassemble) and has DF set. Nothing
-	// is sent.
+	// reassembled IPv4 datagram (FlagReassemble; Linux and Windows) is
+	// larger than the size it must be refragmented to (see FlagReassemble)
+	// and has DF set, and on Linux when a new outbound IPv4 packet larger
+	// than its route's MTU has DF set (that error wraps syscall.EMSGSIZE
+	// too: see Send). Nothing is sent.
 	ErrDontFragment = reassembly.ErrDontFragment
 	// ErrFragment is wrapped by the error CalcChecksums returns for a
 	// first fragment: its transport checksum covers the whole datagram,
