@@ -491,8 +491,9 @@ const MaxQueues = 64
 // every packet between two hosts, both ways, goes to one handle, so the
 // load spreads when many address pairs are diverted, and throughput then
 // grows with cores when the consumer is the bottleneck. WinDivert and divert(4) serve
-// concurrent readers from one queue: there (and at LayerFlow on Linux, one
-// event socket) the n handles share it, with its read deadline and Shutdown
+// concurrent readers from one queue: there (and on Linux at LayerFlow, one
+// event socket, and for FlagDrop and FlagSendOnly handles, which no program
+// reads, one backend) the n handles share it, with its read deadline and Shutdown
 // state, and closing one of them does not end a Recv blocked on it: that
 // returns with the next packet or event, or when the last handle is closed;
 // Shutdown ends them all. The rules stay until the last of the n
