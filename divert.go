@@ -785,8 +785,10 @@ func (h *Handle) SendBatch(ms []Message) (int, error) {
 }
 
 // Drop releases a received packet at once, dropping it. Not sending a packet
-// drops it too, but only when ParamQueueTime runs out (Linux) — Drop says so
-// now. On backends where the packet already left the kernel it is a no-op.
+// drops it too, but only when ParamQueueTime runs out (Linux, NewPipe) —
+// Drop says so now. On backends where the packet already left the kernel
+// (Windows, FreeBSD) it only counts the packet in Stats.Dropped, and its
+// Address no longer names a held packet.
 func (h *Handle) Drop(a *Address) error {
 	if h.closed.Load() {
 		return errClosed
