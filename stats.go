@@ -23,8 +23,9 @@ type Stats struct {
 	// taken from Recv on this handle, or already sent or dropped, or a
 	// FlagSniff copy's, whose original went on, or one whose Outbound was
 	// reversed (an answer to the received packet). (On Windows and FreeBSD a
-	// copy of a received Address also counts as received: each copy sent
-	// is a reinjection.)
+	// copy of a received Address taken before its Send or Drop names the
+	// received packet too: each such copy sent counts as a reinjection, not
+	// in Injected.)
 	Injected uint64
 	// Dropped is the number of Drop calls that dropped a packet the handle
 	// held (Drop of a FlagSniff copy or of a new packet drops nothing and
