@@ -434,7 +434,6 @@ type flowBackend struct {
 	started bool
 
 	stopOnce sync.Once // closes conn (Shutdown or Close)
-	stopErr  error
 
 	queueTime atomic.Int64 // ns
 
@@ -766,8 +765,11 @@ func (b *flowBackend) sendBatch([]Message) (int, error) {
 // drop is a no-op, as for a FlagSniff copy: the event holds nothing.
 func (b *flowBackend) drop(*Address) error { return nil }
 
-// stop closes the event socket once, which ends the reader.
+// stop closes the event socket once, which ends the reader. Only the call
+// that closed it returns the error of the close: a later one (Close after
+// Shutdown) has nothing left to close, and returns nil.
 func (b *flowBackend) stop() error {
+	var err error
 	b.stopOnce.Do(func() {
 		b.mu.Lock()
 		b.stopping = true
@@ -775,10 +777,10 @@ func (b *flowBackend) stop() error {
 		if b.owner != nil {
 			b.owner.quit.Store(true) // a scan under way need not finish
 		}
-		b.stopErr = b.conn.Close()
+		err = b.conn.Close()
 		<-b.done
 	})
-	return b.stopErr
+	return err
 }
 
 func (b *flowBackend) shutdown(how ShutdownHow) error {

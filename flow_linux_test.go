@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"net"
 	"net/netip"
 	"os"
@@ -1278,5 +1279,44 @@ func TestCtSkip(t *testing.T) {
 		if err := e.Unmarshal(c.m); err != nil && c.name != "malformed" && c.name != "not-an-event" {
 			t.Errorf("%s: does not decode: %v", c.name, err)
 		}
+	}
+}
+
+// failingSocket is a netlink socket whose Receive waits until Close, and
+// whose Close fails.
+type failingSocket struct {
+	netlink.Socket // not called
+	closed         chan struct{}
+	once           sync.Once
+}
+
+var errTestClose = errors.New("test: close failed")
+
+func (s *failingSocket) Close() error {
+	s.once.Do(func() { close(s.closed) })
+	return errTestClose
+}
+
+func (s *failingSocket) ReceiveIter() iter.Seq2[netlink.Message, error] {
+	return func(yield func(netlink.Message, error) bool) {
+		<-s.closed
+		yield(netlink.Message{}, net.ErrClosed)
+	}
+}
+
+// TestFlowCloseAfterShutdown: Shutdown closes the event socket and
+// returns its error; Close, with no socket left to close, does not
+// return it again.
+func TestFlowCloseAfterShutdown(t *testing.T) {
+	h, b := bareFlow(t, "true", 32)
+	b.conn = netlink.NewConn(&failingSocket{closed: make(chan struct{})}, 0)
+	b.tr = newFlowTracker(16, b.deliver, b.forgot)
+	b.started = true
+	go b.read()
+	if err := h.Shutdown(ShutdownRecv); !errors.Is(err, errTestClose) {
+		t.Fatalf("Shutdown: %v, want the close's error", err)
+	}
+	if err := h.Close(); err != nil {
+		t.Fatalf("Close after Shutdown: %v, want nil", err)
 	}
 }
