@@ -62,7 +62,9 @@ const (
 	// established is forgotten (should it complete its handshake, it is
 	// not reported), or when there is none the oldest flow: its DESTROY
 	// is then not reported (counted in Stats.Overflows if its
-	// establishment was delivered).
+	// establishment was delivered, unless the event socket overflowed
+	// since the flow was added: that overflow, counted already, may have
+	// taken its DESTROY).
 	flowTrackMax = 1 << 16
 	// loopServerBit marks the EndpointID of the server's view of a
 	// loopback flow (the client's is the conntrack id).
@@ -156,6 +158,7 @@ type flowEntry struct {
 	lost        [2]bool // the view's establishment was not delivered: lost to a full queue, or no socket took its datagram (owner)
 	elem        *list.Element
 	in          *list.List // the tracker's list that holds elem
+	since       uint64     // flowTracker.overflows when the flow was added
 	// gone: the view's establishment expired unread (ParamQueueTime),
 	// set by the receiving side: its deletion is not reported either.
 	gone [2]atomic.Bool
@@ -192,6 +195,11 @@ type flowTracker struct {
 	// lost counts a deletion that will not be reported because the
 	// tracker forgot an established flow (flowTrackMax).
 	lost func(deleted *Address)
+	// overflows counts the event socket's overflows (ENOBUFS), each
+	// counted in Stats.Overflows already: a flow added before one may
+	// have lost its DESTROY to it, and is not counted again when
+	// forgotten.
+	overflows uint64
 	// owner, when not nil, returns the process of an established view
 	// (0: unknown), whose Timestamp says when its event was read; the
 	// deletion keeps it. noSocket reports an inbound UDP view whose local
@@ -221,15 +229,18 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 		if old := t.flows[k]; old != nil {
 			t.remove(old) // its DESTROY was lost (ENOBUFS, counted)
 		}
-		fe := &flowEntry{key: k}
+		fe := &flowEntry{key: k, since: t.overflows}
 		fe.nviews = flowViews(e, &fe.views)
 		if len(t.flows) >= t.max {
 			if p := t.pending.Front(); p != nil {
 				t.remove(p.Value.(*flowEntry)) // nothing reported yet
 			} else {
 				oldest := t.order.Front().Value.(*flowEntry)
+				// An overflow since it was added may have taken its
+				// DESTROY: counted once, then.
+				counted := t.overflows > oldest.since
 				for i := range oldest.nviews {
-					if !oldest.lost[i] && !oldest.gone[i].Load() {
+					if !counted && !oldest.lost[i] && !oldest.gone[i].Load() {
 						a := oldest.views[i]
 						a.Event = EventFlowDeleted
 						t.lost(&a)
@@ -298,6 +309,11 @@ func (t *flowTracker) establish(fe *flowEntry, now int64) {
 		fe.lost[i] = !t.deliver(&a, &fe.gone[i])
 	}
 }
+
+// overflowed tells the tracker that the event socket overflowed (ENOBUFS,
+// counted in Stats.Overflows): events were lost, a DESTROY among them
+// maybe.
+func (t *flowTracker) overflowed() { t.overflows++ }
 
 func (t *flowTracker) remove(fe *flowEntry) {
 	fe.in.Remove(fe.elem)
@@ -570,7 +586,7 @@ func (b *flowBackend) read() {
 			if errors.Is(err, unix.ENOBUFS) {
 				// The socket's buffer overflowed: at least one event
 				// is lost.
-				b.overflows.Add(1)
+				b.overflowed()
 				continue
 			}
 			b.mu.Lock()
@@ -595,6 +611,12 @@ func (b *flowBackend) read() {
 			}
 		}
 	}
+}
+
+// overflowed counts an overflow of the event socket (ENOBUFS).
+func (b *flowBackend) overflowed() {
+	b.overflows.Add(1)
+	b.tr.overflowed()
 }
 
 // forgot counts a deletion the tracker will not report (it forgot the

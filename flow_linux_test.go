@@ -1320,3 +1320,25 @@ func TestFlowCloseAfterShutdown(t *testing.T) {
 		t.Fatalf("Close after Shutdown: %v, want nil", err)
 	}
 }
+
+// TestFlowOverflowCountedOnce: a flow the tracker forgets at its bound
+// after the event socket overflowed (ENOBUFS, counted) may have lost its
+// DESTROY to that overflow: it is not counted a second time. A flow added
+// after the overflow still is.
+func TestFlowOverflowCountedOnce(t *testing.T) {
+	h, b := bareFlow(t, "true", 32)
+	b.tr = newFlowTracker(1, b.deliver, b.forgot)
+	udp := func(id uint32) *ctEvent {
+		return ev(ctNew, id, 17, tup("10.0.0.1", "10.0.0.2", uint16(1000+id), 53), nftrules.LabelOut, -1)
+	}
+	b.tr.handle(udp(1), 1)
+	b.overflowed()         // the reader's ENOBUFS
+	b.tr.handle(udp(2), 2) // forgets flow 1, whose DESTROY the overflow may have taken
+	if st, _ := h.Stats(); st.Overflows != 1 {
+		t.Fatalf("stats %+v: want 1 overflow (the ENOBUFS), not 2", st)
+	}
+	b.tr.handle(udp(3), 3) // forgets flow 2, added after the overflow
+	if st, _ := h.Stats(); st.Overflows != 2 {
+		t.Fatalf("stats %+v: want 2 overflows (the ENOBUFS, then flow 2 forgotten)", st)
+	}
+}
