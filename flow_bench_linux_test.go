@@ -2,6 +2,7 @@ package divert
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"sync/atomic"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	"github.com/ti-mo/conntrack"
 	"golang.org/x/sys/unix"
 
+	"github.com/netdivert/divert/internal/netnstest"
 	"github.com/netdivert/divert/internal/nftrules"
 )
 
@@ -114,4 +116,60 @@ func BenchmarkFlowEvent(b *testing.B) {
 		}
 		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/event")
 	})
+}
+
+// BenchmarkFlowResync is what a dump after an overflow costs the reader
+// (resync: the kernel filling the dump, the receives, the pre-check) in a
+// namespace whose conntrack table holds 10000 connections that are not
+// the handle's (a router's forwarded ones), and 100 that are, reported
+// by the first dump and found alive by the next ones.
+func BenchmarkFlowResync(b *testing.B) {
+	netnstest.RequireRoot(b)
+	ns := netnstest.NewT(b, "flrb")
+	const others, ours = 10000, 100
+	var fb *flowBackend
+	if err := ns.Do(func() error {
+		// A table that runs conntrack (and labels) in the namespace.
+		rules, err := nftrules.InstallFlowTrack()
+		if err != nil {
+			return err
+		}
+		b.Cleanup(func() { rules.Close() })
+		c, err := conntrack.Dial(nil)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+		for i := range others + ours {
+			f := conntrack.NewFlow(unix.IPPROTO_UDP, 0, src, dst, uint16(1024+i/1000), uint16(1+i%1000), 600, 0)
+			if i >= others {
+				f.Labels, f.LabelsMask = make([]byte, 16), make([]byte, 16)
+				f.Labels[nftrules.LabelByte], f.LabelsMask[nftrules.LabelByte] = nftrules.LabelOut, nftrules.LabelOut
+			}
+			if err := c.Create(f); err != nil {
+				return fmt.Errorf("create connection %d: %w", i, err)
+			}
+		}
+		dump, err := netlink.Dial(unix.NETLINK_NETFILTER, nil)
+		if err != nil {
+			return err
+		}
+		b.Cleanup(func() { dump.Close() })
+		fb = &flowBackend{dump: dump}
+		return nil
+	}); err != nil {
+		b.Fatal(err)
+	}
+	var delivered int
+	fb.tr = newFlowTracker(flowTrackMax, func(*Address, *atomic.Bool) bool { delivered++; return true }, func(*Address) {})
+	for b.Loop() {
+		if err := fb.resync(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if delivered != ours || len(fb.tr.flows) != ours {
+		b.Fatalf("%d established, %d remembered; want %d", delivered, len(fb.tr.flows), ours)
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*(others+ours)), "ns/connection")
 }

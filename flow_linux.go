@@ -55,6 +55,11 @@ import (
 // carries no labels: the tracker keeps each reported flow, by conntrack
 // id, until it, and gives the deletion the same FlowData as the
 // establishment.
+//
+// Events the socket's buffer cannot take are lost (ENOBUFS): the reader
+// then dumps conntrack's table on a second socket and reconciles the
+// tracker with it (flowTracker.dumped, flowBackend.resync), as conntrackd
+// resynchronises.
 
 const (
 	// flowTrackMax bounds the flows a handle remembers between their
@@ -63,8 +68,8 @@ const (
 	// not reported), or when there is none the oldest flow: its DESTROY
 	// is then not reported (counted in Stats.Overflows if its
 	// establishment was delivered, unless the event socket overflowed
-	// since the flow was added: that overflow, counted already, may have
-	// taken its DESTROY).
+	// since the flow was added and no dump found it alive since: that
+	// overflow, counted already, may have taken its DESTROY).
 	flowTrackMax = 1 << 16
 	// loopServerBit marks the EndpointID of the server's view of a
 	// loopback flow (the client's is the conntrack id).
@@ -74,9 +79,15 @@ const (
 // TCP states of conntrack (enum tcp_conntrack).
 const (
 	tcpSynSent  = 1
+	tcpSynRecv  = 2
 	tcpEstab    = 3
 	tcpTimeWait = 7
+	tcpSynSent2 = 9
 )
+
+// tcpFlagBeLiberal is IP_CT_TCP_FLAG_BE_LIBERAL, which conntrack sets in
+// both directions' flags of a TCP connection it picks up in mid-stream.
+const tcpFlagBeLiberal = 0x08
 
 // ctKind is a conntrack event's type.
 type ctKind uint8
@@ -102,8 +113,12 @@ type ctEvent struct {
 	icmp        bool  // ICMP or ICMPv6: icmpType and icmpCode hold the first packet's
 	icmpType    uint8 // of the original direction
 	icmpCode    uint8
-	labels      byte // byte nftrules.LabelByte of the labels (NEW events)
+	labels      byte // byte nftrules.LabelByte of the labels (NEW events, dumps)
 	tcpState    int  // -1: no TCP protoinfo in the event
+	// pickedUp: TCP whose original direction conntrack tracks with
+	// liberal window checks, as it does a connection picked up in
+	// mid-stream (tcp_new)
+	pickedUp bool
 }
 
 // ctEventOf converts a decoded conntrack event. ok is false for events
@@ -144,6 +159,9 @@ func ctEventOf(ev *conntrack.Event) (e ctEvent, ok bool) {
 	e.tcpState = -1
 	if f.ProtoInfo.TCP != nil {
 		e.tcpState = int(f.ProtoInfo.TCP.State)
+		// CTA_PROTOINFO_TCP_FLAGS_ORIGINAL is struct nf_ct_tcp_flags
+		// {flags, mask}, which the decoder reads as a big-endian uint16.
+		e.pickedUp = (f.ProtoInfo.TCP.OriginalFlags>>8)&tcpFlagBeLiberal != 0
 	}
 	return e, true
 }
@@ -159,6 +177,10 @@ type flowEntry struct {
 	elem        *list.Element
 	in          *list.List // the tracker's list that holds elem
 	since       uint64     // flowTracker.overflows when the flow was added
+	seen        uint64     // flowTracker.sync of the last dump that had the flow
+	// resynced: added by a dump after an overflow; its NEW event, should
+	// it be read later, is not a new flow
+	resynced bool
 	// gone: the view's establishment expired unread (ParamQueueTime),
 	// set by the receiving side: its deletion is not reported either.
 	gone [2]atomic.Bool
@@ -198,8 +220,11 @@ type flowTracker struct {
 	// overflows counts the event socket's overflows (ENOBUFS), each
 	// counted in Stats.Overflows already: a flow added before one may
 	// have lost its DESTROY to it, and is not counted again when
-	// forgotten.
+	// forgotten, unless a dump (resync) since found it alive.
 	overflows uint64
+	// sync numbers the dumps (resync); synced is overflows when the last
+	// complete one began (syncFrom: when the current one did).
+	sync, synced, syncFrom uint64
 	// owner, when not nil, returns the process of an established view
 	// (0: unknown), whose Timestamp says when its event was read; the
 	// deletion keeps it. noSocket reports an inbound UDP view whose local
@@ -225,40 +250,16 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 			// connection older than the table): not a new flow.
 			return
 		}
-		k := flowKey{e.id, e.proto, e.orig}
-		if old := t.flows[k]; old != nil {
+		if old := t.flows[flowKey{e.id, e.proto, e.orig}]; old != nil {
+			if old.resynced {
+				// The dump after an overflow found the flow: this is
+				// its NEW, read late.
+				old.resynced = false
+				return
+			}
 			t.remove(old) // its DESTROY was lost (ENOBUFS, counted)
 		}
-		fe := &flowEntry{key: k, since: t.overflows}
-		fe.nviews = flowViews(e, &fe.views)
-		if len(t.flows) >= t.max {
-			if p := t.pending.Front(); p != nil {
-				t.remove(p.Value.(*flowEntry)) // nothing reported yet
-			} else {
-				oldest := t.order.Front().Value.(*flowEntry)
-				// An overflow since it was added may have taken its
-				// DESTROY: counted once, then.
-				counted := t.overflows > oldest.since
-				for i := range oldest.nviews {
-					if !counted && !oldest.lost[i] && !oldest.gone[i].Load() {
-						a := oldest.views[i]
-						a.Event = EventFlowDeleted
-						t.lost(&a)
-					}
-				}
-				t.remove(oldest)
-			}
-		}
-		t.flows[k] = fe
-		t.ids[k.id]++
-		if e.proto == unix.IPPROTO_TCP {
-			fe.in = &t.pending
-			fe.elem = t.pending.PushBack(fe)
-		} else {
-			fe.in = &t.order
-			fe.elem = t.order.PushBack(fe)
-			t.establish(fe, now)
-		}
+		t.add(e, now, e.proto != unix.IPPROTO_TCP)
 	case ctUpdate:
 		fe := t.flows[flowKey{e.id, e.proto, e.orig}]
 		if fe == nil || fe.established || e.proto != unix.IPPROTO_TCP {
@@ -275,20 +276,121 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 		if fe == nil {
 			return
 		}
-		t.remove(fe)
-		if !fe.established {
-			return // a TCP connect that never completed
-		}
-		for i := range fe.nviews {
-			if fe.lost[i] || fe.gone[i].Load() {
-				continue
+		t.deleted(fe, now)
+	}
+}
+
+// add remembers the flow of e, established (reported) or pending (a TCP
+// connection whose handshake has not completed), and returns it.
+func (t *flowTracker) add(e *ctEvent, now int64, established bool) *flowEntry {
+	k := flowKey{e.id, e.proto, e.orig}
+	fe := &flowEntry{key: k, since: t.overflows}
+	fe.nviews = flowViews(e, &fe.views)
+	if len(t.flows) >= t.max {
+		if p := t.pending.Front(); p != nil {
+			t.remove(p.Value.(*flowEntry)) // nothing reported yet
+		} else {
+			oldest := t.order.Front().Value.(*flowEntry)
+			// An overflow since it was added, which no dump followed,
+			// may have taken its DESTROY: counted once, then.
+			counted := t.overflows > max(oldest.since, t.synced)
+			for i := range oldest.nviews {
+				if !counted && !oldest.lost[i] && !oldest.gone[i].Load() {
+					a := oldest.views[i]
+					a.Event = EventFlowDeleted
+					t.lost(&a)
+				}
 			}
-			a := fe.views[i]
-			a.Event = EventFlowDeleted
-			a.Timestamp = now
-			t.deliver(&a, &fe.gone[i])
+			t.remove(oldest)
 		}
 	}
+	t.flows[k] = fe
+	t.ids[k.id]++
+	if established {
+		fe.in = &t.order
+		fe.elem = t.order.PushBack(fe)
+		t.establish(fe, now)
+	} else {
+		fe.in = &t.pending
+		fe.elem = t.pending.PushBack(fe)
+	}
+	return fe
+}
+
+// deleted forgets fe and reports its deletion, if its establishment was.
+func (t *flowTracker) deleted(fe *flowEntry, now int64) {
+	t.remove(fe)
+	if !fe.established {
+		return // a TCP connect that never completed
+	}
+	for i := range fe.nviews {
+		if fe.lost[i] || fe.gone[i].Load() {
+			continue
+		}
+		a := fe.views[i]
+		a.Event = EventFlowDeleted
+		a.Timestamp = now
+		t.deliver(&a, &fe.gone[i])
+	}
+}
+
+// After an overflow of the event socket (ENOBUFS) the reader dumps
+// conntrack's table, as conntrackd resynchronises, and hands the tracker
+// each labelled connection of the dump (beginSync, dumped, endSync):
+//   - a flow the tracker has pending (its UPDATE to ESTABLISHED lost) that
+//     the dump shows established is established now;
+//   - a labelled flow the tracker does not know (its NEW lost) is added,
+//     and established when it is (the labels prove it began after the
+//     table was installed; a TCP connection conntrack picked up in
+//     mid-stream, an older one, is left out as its NEW event would be);
+//   - a flow the tracker has that the dump does not (its DESTROY lost, or
+//     not read yet) is deleted.
+
+// beginSync starts a dump.
+func (t *flowTracker) beginSync() {
+	t.sync++
+	t.syncFrom = t.overflows
+}
+
+// dumped takes one connection of the dump.
+func (t *flowTracker) dumped(e *ctEvent, now int64) {
+	if fe := t.flows[flowKey{e.id, e.proto, e.orig}]; fe != nil {
+		fe.seen = t.sync
+		if !fe.established && e.proto == unix.IPPROTO_TCP && e.tcpState >= tcpEstab && e.tcpState <= tcpTimeWait {
+			t.pending.Remove(fe.elem)
+			fe.in = &t.order
+			fe.elem = t.order.PushBack(fe)
+			t.establish(fe, now)
+		}
+		return
+	}
+	if e.labels&(nftrules.LabelOut|nftrules.LabelIn) == 0 {
+		return
+	}
+	established := true
+	if e.proto == unix.IPPROTO_TCP {
+		switch {
+		case e.tcpState == -1 || e.pickedUp:
+			return
+		case e.tcpState >= tcpEstab && e.tcpState <= tcpTimeWait:
+		case e.tcpState == tcpSynSent || e.tcpState == tcpSynRecv || e.tcpState == tcpSynSent2:
+			established = false
+		default:
+			return // CLOSE: refused, or reset; never known established
+		}
+	}
+	fe := t.add(e, now, established)
+	fe.seen, fe.resynced = t.sync, true
+}
+
+// endSync ends a complete dump: what it did not have is deleted.
+func (t *flowTracker) endSync(now int64) {
+	for _, fe := range t.flows {
+		if fe.seen != t.sync {
+			t.deleted(fe, now)
+		}
+	}
+	t.synced = t.syncFrom
 }
 
 func (t *flowTracker) establish(fe *flowEntry, now int64) {
@@ -336,38 +438,64 @@ func (t *flowTracker) tracked(id uint32) bool { return t.ids[id] > 0 }
 // event the tracker would act on: like the decoder, it takes the last
 // CTA_ID and CTA_LABELS of the message.
 func ctSkip(m netlink.Message, tracked func(id uint32) bool) bool {
-	const (
-		subsysCT   = unix.NFNL_SUBSYS_CTNETLINK
-		msgNew     = 0 // IPCTNL_MSG_CT_NEW: NEW (with NLM_F_CREATE or NLM_F_EXCL) or UPDATE
-		msgDelete  = 2 // IPCTNL_MSG_CT_DELETE: DESTROY
-		attrID     = 12
-		attrLabels = 22
-	)
-	typ := uint16(m.Header.Type)
-	if typ>>8 != subsysCT || len(m.Data) < 4 {
-		return false
-	}
 	isNew := false
-	switch typ & 0xff {
-	case msgNew:
+	switch ctMsgType(m) {
+	case ctMsgNew:
 		isNew = m.Header.Flags&(netlink.Create|netlink.Excl) != 0
-	case msgDelete:
+	case ctMsgDelete:
 	default:
 		return false
 	}
-	var id uint32
-	var labels []byte
-	for b := m.Data[4:]; len(b) >= 4; {
+	id, labels, ok := ctScan(m.Data)
+	if !ok {
+		return false // malformed: the decoder decides
+	}
+	if isNew {
+		return !ctLabelled(labels)
+	}
+	return !tracked(id)
+}
+
+// ctnetlink's message types (enum cntl_msg_types), without the subsystem.
+const (
+	ctMsgNew    = 0 // IPCTNL_MSG_CT_NEW: NEW (with NLM_F_CREATE or NLM_F_EXCL) or UPDATE; a dump's entries
+	ctMsgGet    = 1 // IPCTNL_MSG_CT_GET: with NLM_F_DUMP, the dump request
+	ctMsgDelete = 2 // IPCTNL_MSG_CT_DELETE: DESTROY
+)
+
+// ctMsgType returns the ctnetlink message type of m, or -1 when m is not
+// a ctnetlink message with a netfilter header.
+func ctMsgType(m netlink.Message) int {
+	typ := uint16(m.Header.Type)
+	if typ>>8 != unix.NFNL_SUBSYS_CTNETLINK || len(m.Data) < 4 {
+		return -1
+	}
+	return int(typ & 0xff)
+}
+
+// ctScan returns the last CTA_ID and CTA_LABELS among the top-level
+// attributes of a ctnetlink message's data (after its netfilter header),
+// as the decoder takes them; ok is false when the attributes are
+// malformed.
+func ctScan(data []byte) (id uint32, labels []byte, ok bool) {
+	const (
+		attrID     = 12
+		attrLabels = 22
+	)
+	if len(data) < 4 {
+		return 0, nil, false
+	}
+	for b := data[4:]; len(b) >= 4; {
 		l := int(binary.NativeEndian.Uint16(b))
 		if l < 4 || l > len(b) {
-			return false // malformed: the decoder decides
+			return 0, nil, false
 		}
 		// The decoder tells attributes by the low byte of the type
 		// (ti-mo/conntrack's attributeType is a uint8): so does this.
 		switch uint8(binary.NativeEndian.Uint16(b[2:])) {
 		case attrID:
 			if l != 8 {
-				return false
+				return 0, nil, false
 			}
 			id = binary.BigEndian.Uint32(b[4:8])
 		case attrLabels:
@@ -375,10 +503,14 @@ func ctSkip(m netlink.Message, tracked func(id uint32) bool) bool {
 		}
 		b = b[min(len(b), (l+3)&^3):]
 	}
-	if isNew {
-		return len(labels) <= nftrules.LabelByte || labels[nftrules.LabelByte]&(nftrules.LabelOut|nftrules.LabelIn) == 0
-	}
-	return !tracked(id)
+	return id, labels, true
+}
+
+// ctLabelled reports whether conntrack labels (CTA_LABELS) carry the
+// handle's LabelOut or LabelIn: a connection with a local endpoint that
+// began after the table was installed.
+func ctLabelled(labels []byte) bool {
+	return len(labels) > nftrules.LabelByte && labels[nftrules.LabelByte]&(nftrules.LabelOut|nftrules.LabelIn) != 0
 }
 
 // flowViews fills vs with the Addresses (but Event and Timestamp) of the
@@ -441,10 +573,14 @@ type flowItem struct {
 type flowBackend struct {
 	filt  *filter.Filter
 	rules *nftrules.Ruleset
-	conn  *netlink.Conn
-	tr    *flowTracker  // the reader's
-	owner *sockOwner    // the reader's; nil without sock_diag
-	done  chan struct{} // closed when the reader ends
+	conn  *netlink.Conn // conntrack's events
+	// dump: a second socket, to dump conntrack's table after an overflow
+	// of conn (resync)
+	dump     *netlink.Conn
+	recvHook func()        // flowRecvHook
+	tr       *flowTracker  // the reader's
+	owner    *sockOwner    // the reader's; nil without sock_diag
+	done     chan struct{} // closed when the reader ends
 	// started: the reader runs (set by a successful Open, before Close
 	// can be called)
 	started bool
@@ -502,6 +638,11 @@ func openFlow(cfg *openConfig) (_ backend, err error) {
 	if b.conn, err = netlink.Dial(unix.NETLINK_NETFILTER, nil); err != nil {
 		return nil, flowSetupError(nil, "open a netfilter netlink socket", err)
 	}
+	// Opened here, in the caller's network namespace, as the event socket.
+	if b.dump, err = netlink.Dial(unix.NETLINK_NETFILTER, nil); err != nil {
+		return nil, flowSetupError(nil, "open a netfilter netlink socket", err)
+	}
+	b.recvHook = flowRecvHook
 	for _, g := range ctGroups {
 		if err := b.conn.JoinGroup(g); err != nil {
 			return nil, flowSetupError(b.conn, "join conntrack's event groups", err)
@@ -577,16 +718,51 @@ func netAdmin(c *netlink.Conn) bool {
 	return over
 }
 
+// resyncDrain is how long, after an overflow, the reader goes on reading
+// the events the socket still holds (older than the dump) before it dumps
+// conntrack's table.
+const resyncDrain = 2 * time.Millisecond
+
+// flowRecvHook, when not nil, is called by the reader of a handle opened
+// while it was set before each receive (tests: to hold the reader).
+var flowRecvHook func()
+
 // read is the reader goroutine: events from the socket to the queue.
 func (b *flowBackend) read() {
 	defer close(b.done)
+	var (
+		due  bool          // an overflow awaits its dump
+		last time.Duration // how long the last dump took
+	)
 	for {
+		if b.recvHook != nil {
+			b.recvHook()
+		}
 		ms, err := b.conn.Receive()
 		if err != nil {
-			if errors.Is(err, unix.ENOBUFS) {
+			switch {
+			case errors.Is(err, unix.ENOBUFS):
 				// The socket's buffer overflowed: at least one event
 				// is lost.
 				b.overflowed()
+				if !due && b.dump != nil {
+					// Read what the buffer still holds for a moment,
+					// then dump; no sooner after the last dump than it
+					// took, so that dumps take at most half the
+					// reader's time.
+					due = true
+					_ = b.conn.SetReadDeadline(time.Now().Add(max(resyncDrain, last)))
+				}
+				continue
+			case due && errors.Is(err, os.ErrDeadlineExceeded):
+				due = false
+				_ = b.conn.SetReadDeadline(time.Time{})
+				start := time.Now()
+				// A failed dump (Close, above all) deletes nothing:
+				// the overflow is counted, and the next receive says
+				// whether the socket is still open.
+				_ = b.resync()
+				last = time.Since(start)
 				continue
 			}
 			b.mu.Lock()
@@ -611,6 +787,46 @@ func (b *flowBackend) read() {
 			}
 		}
 	}
+}
+
+// resync dumps conntrack's table (IPCTNL_MSG_CT_GET with NLM_F_DUMP, on
+// the second socket) into the tracker, after an overflow of the event
+// socket: see flowTracker.dumped. The kernel cannot filter a dump by
+// labels; the connections without the handle's are skipped undecoded.
+// The dump is read as the kernel fills it (a page or so a receive), never
+// held whole; Close ends it. An incomplete dump deletes nothing.
+func (b *flowBackend) resync() error {
+	req := netlink.Message{
+		Header: netlink.Header{
+			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | ctMsgGet),
+			Flags: netlink.Request | netlink.Dump,
+		},
+		Data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0}, // both families
+	}
+	if _, err := b.dump.Send(req); err != nil {
+		return err
+	}
+	b.tr.beginSync()
+	for m, err := range b.dump.ReceiveIter() {
+		if err != nil {
+			return err
+		}
+		if ctMsgType(m) != ctMsgNew {
+			continue
+		}
+		if _, labels, ok := ctScan(m.Data); ok && !ctLabelled(labels) {
+			continue // not the handle's: not worth decoding
+		}
+		var ev conntrack.Event
+		if ev.Unmarshal(m) != nil {
+			continue
+		}
+		if e, ok := ctEventOf(&ev); ok {
+			b.tr.dumped(&e, monoNow())
+		}
+	}
+	b.tr.endSync(monoNow())
+	return nil
 }
 
 // overflowed counts an overflow of the event socket (ENOBUFS).
@@ -787,9 +1003,10 @@ func (b *flowBackend) sendBatch([]Message) (int, error) {
 // drop is a no-op, as for a FlagSniff copy: the event holds nothing.
 func (b *flowBackend) drop(*Address) error { return nil }
 
-// stop closes the event socket once, which ends the reader. Only the call
-// that closed it returns the error of the close: a later one (Close after
-// Shutdown) has nothing left to close, and returns nil.
+// stop closes the event socket and the dump socket once, which ends the
+// reader (and a dump under way). Only the call that closed them returns
+// the errors of the closes: a later one (Close after Shutdown) has nothing
+// left to close, and returns nil.
 func (b *flowBackend) stop() error {
 	var err error
 	b.stopOnce.Do(func() {
@@ -799,7 +1016,10 @@ func (b *flowBackend) stop() error {
 		if b.owner != nil {
 			b.owner.quit.Store(true) // a scan under way need not finish
 		}
-		err = b.conn.Close()
+		if b.dump != nil {
+			err = b.dump.Close() // ends a dump under way
+		}
+		err = errors.Join(b.conn.Close(), err)
 		<-b.done
 	})
 	return err
@@ -842,6 +1062,9 @@ func (b *flowBackend) release() error {
 		} else {
 			errs = append(errs, b.conn.Close())
 		}
+	}
+	if b.dump != nil && !b.started {
+		errs = append(errs, b.dump.Close())
 	}
 	if b.owner != nil {
 		errs = append(errs, b.owner.close()) // the reader, its user, has stopped

@@ -1342,3 +1342,293 @@ func TestFlowOverflowCountedOnce(t *testing.T) {
 		t.Fatalf("stats %+v: want 2 overflows (the ENOBUFS, then flow 2 forgotten)", st)
 	}
 }
+
+// TestFlowResyncAfterOverflow: events lost to a real overflow of the
+// event socket (ENOBUFS: a minimal receive buffer, the reader held, a
+// burst of flows) are made up for by a dump of conntrack's table: a UDP
+// flow and a TCP connection whose events were all lost are still
+// reported established, then deleted; a flow whose DESTROY was lost is
+// reported deleted; none is reported twice. A TCP connection older than
+// the handle, which conntrack picked up in mid-stream and labelled, is
+// not reported from the dump either.
+func TestFlowResyncAfterOverflow(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "flr", 0)
+	// Before conntrack runs in the namespace (the handle's table starts
+	// it): a connection it will pick up in mid-stream.
+	tcpListen(t, l.B.NS, netip.AddrPortFrom(l.B.V4, 7063))
+	var old net.Conn
+	if err := l.A.NS.Do(func() (err error) {
+		old, err = net.DialTimeout("tcp", netip.AddrPortFrom(l.B.V4, 7063).String(), 2*time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	var hold sync.Mutex
+	flowRecvHook = func() { hold.Lock(); hold.Unlock() }
+	h := openFlowIn(t, l.A.NS, "not loopback")
+	flowRecvHook = nil
+	b := h.b.(*flowBackend)
+	if _, err := old.Write([]byte("p")); err != nil { // picked up, labelled
+		t.Fatal(err)
+	}
+	_, _ = udpSink(t, l, 7060)
+	tcpListen(t, l.B.NS, netip.AddrPortFrom(l.B.V4, 7061))
+	a4, b4 := netip.AddrFrom16(l.A.V4.As16()), netip.AddrFrom16(l.B.V4.As16())
+
+	// D: established and read; its DESTROY will be lost.
+	udpSend(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7060))
+	dEst := flowWant{EventFlowEstablished, true, false, 17, a4, b4, 0, 7060}
+	got := flowEvents(t, h, 5*time.Second, func(g []Address) bool { return allFound(g, []flowWant{dEst}) })
+
+	// The smallest buffer the kernel gives (SOCK_MIN_RCVBUF), and the
+	// reader held at its next receive.
+	if err := setRecvBuf(b.conn, 0); err != nil {
+		t.Fatal(err)
+	}
+	hold.Lock()
+	held := true
+	defer func() {
+		if held {
+			hold.Unlock()
+		}
+	}()
+	// A burst of flows fills the buffer: the events past it are lost.
+	var burst *net.UDPConn
+	if err := l.A.NS.Do(func() (err error) {
+		burst, err = net.ListenUDP("udp4", nil)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer burst.Close()
+	const flows = 200
+	for i := range flows {
+		if _, err := burst.WriteToUDPAddrPort([]byte("b"), netip.AddrPortFrom(l.B.V4, uint16(7200+i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Every entry deleted (D's DESTROY lost), then a UDP flow and a TCP
+	// connection whose events are lost; the old connection is picked up
+	// again.
+	flushConntrack(t, l.A.NS)
+	if _, err := old.Write([]byte("p")); err != nil { // picked up again
+		t.Fatal(err)
+	}
+	udpSend(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7062))
+	tc := tcpConnect(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7061))
+	hold.Unlock()
+	held = false
+
+	wants := []flowWant{
+		{EventFlowDeleted, true, false, 17, a4, b4, 0, 7060},
+		{EventFlowEstablished, true, false, 17, a4, b4, 0, 7062},
+		{EventFlowEstablished, true, false, 6, a4, b4, tc.Port(), 7061},
+	}
+	got = append(got, flowEvents(t, h, 10*time.Second, func(g []Address) bool { return allFound(g, wants) })...)
+	if st, _ := h.Stats(); st.Overflows == 0 {
+		t.Fatalf("stats %+v: no overflow; the test provoked none", st)
+	}
+	// Their DESTROY events are read as usual.
+	flushConntrack(t, l.A.NS)
+	wants = append(wants,
+		flowWant{EventFlowDeleted, true, false, 17, a4, b4, 0, 7062},
+		flowWant{EventFlowDeleted, true, false, 6, a4, b4, tc.Port(), 7061})
+	got = append(got, flowEvents(t, h, 10*time.Second, func(g []Address) bool { return allFound(slices.Concat(got, g), wants) })...)
+	idx := findFlows(got, wants)
+	for i, j := range []int{1, 2} {
+		if e, d := got[idx[j]], got[idx[3+i]]; e.Flow != d.Flow {
+			t.Errorf("established %s and deleted %s differ", fmtFlow(&e), fmtFlow(&d))
+		}
+	}
+	ids := map[[2]uint64]int{}
+	for i := range got {
+		ids[[2]uint64{got[i].Flow.EndpointID, uint64(got[i].Event)}]++
+	}
+	for k, n := range ids {
+		if n != 1 {
+			t.Errorf("endpoint %#x event %d reported %d times", k[0], k[1], n)
+		}
+	}
+	for i := range got {
+		if got[i].Flow.RemotePort == 7063 {
+			t.Errorf("a connection older than the handle reported: %s", fmtFlow(&got[i]))
+		}
+	}
+	st, _ := h.Stats()
+	t.Logf("%d events, stats %+v", len(got), st)
+}
+
+// TestFlowTrackerResync: after an overflow, a dump of conntrack's table
+// makes up for lost events: a pending TCP connection the dump shows
+// established is established; labelled flows never seen are added (TCP
+// established, or pending until its UPDATE; not a connection picked up in
+// mid-stream, nor a closed one); flows the dump lacks are deleted. A NEW
+// event read after the dump does not report a flow again; an UPDATE or
+// DESTROY acts as usual.
+func TestFlowTrackerResync(t *testing.T) {
+	l := newTrackerLog(16)
+	tcpEv := func(kind ctKind, id uint32, port uint16, labels byte, state int) *ctEvent {
+		return ev(kind, id, 6, tup("10.0.0.1", "10.0.0.2", port, 80), labels, state)
+	}
+	udp := func(kind ctKind, id uint32, port uint16, labels byte) *ctEvent {
+		return ev(kind, id, 17, tup("10.0.0.1", "10.0.0.2", port, 53), labels, -1)
+	}
+	out := nftrules.LabelOut
+	// Known before the overflow: a pending TCP connect (1), an
+	// established UDP flow (2) whose DESTROY is lost, one (3) alive.
+	l.t.handle(tcpEv(ctNew, 1, 1001, out, tcpSynSent), 1)
+	l.t.handle(udp(ctNew, 2, 1002, out), 1)
+	l.t.handle(udp(ctNew, 3, 1003, out), 1)
+	l.take()
+	l.t.overflowed()
+	l.t.beginSync()
+	for _, e := range []*ctEvent{
+		tcpEv(ctUpdate, 1, 1001, out, tcpEstab),    // its UPDATE lost
+		udp(ctUpdate, 3, 1003, out),                // alive
+		udp(ctUpdate, 4, 1004, out),                // its NEW lost
+		tcpEv(ctUpdate, 5, 1005, out, 4),           // FIN_WAIT: established, all lost
+		tcpEv(ctUpdate, 6, 1006, out, tcpSynRecv),  // handshake under way
+		tcpEv(ctUpdate, 7, 1007, out, 8),           // CLOSE: refused or reset
+		udp(ctUpdate, 8, 1008, 0),                  // not the handle's
+		udp(ctUpdate, 9, 1009, nftrules.LabelLoop), // only the loopback bit
+	} {
+		l.t.dumped(e, 2)
+	}
+	picked := tcpEv(ctUpdate, 10, 1010, out, tcpEstab)
+	picked.pickedUp = true
+	l.t.dumped(picked, 2)
+	l.t.endSync(2)
+	var evs []string
+	for _, x := range l.take() {
+		evs = append(evs, fmt.Sprintf("%v:%d@%d", x.Event, x.Flow.LocalPort, x.Timestamp))
+	}
+	want := []string{"ESTABLISHED:1001@2", "ESTABLISHED:1004@2", "ESTABLISHED:1005@2", "DELETED:1002@2"}
+	if !slices.Equal(evs, want) {
+		t.Fatalf("after the dump: %v, want %v", evs, want)
+	}
+	// Events read after the dump: the NEW of flow 4 (read late), the
+	// UPDATE that establishes 6, the DESTROY of 2 (already deleted),
+	// of 4 and of 5.
+	l.t.handle(udp(ctNew, 4, 1004, out), 3)
+	l.t.handle(tcpEv(ctNew, 6, 1006, out, tcpSynSent), 3)
+	l.t.handle(tcpEv(ctUpdate, 6, 1006, out, tcpEstab), 3)
+	l.t.handle(udp(ctDestroy, 2, 1002, 0), 4)
+	l.t.handle(udp(ctDestroy, 4, 1004, 0), 4)
+	l.t.handle(tcpEv(ctDestroy, 5, 1005, 0, -1), 4)
+	evs = nil
+	for _, x := range l.take() {
+		evs = append(evs, fmt.Sprintf("%v:%d@%d", x.Event, x.Flow.LocalPort, x.Timestamp))
+	}
+	want = []string{"ESTABLISHED:1006@3", "DELETED:1004@4", "DELETED:1005@4"}
+	if !slices.Equal(evs, want) {
+		t.Fatalf("after the dump, events: %v, want %v", evs, want)
+	}
+	if l.lost != 0 {
+		t.Errorf("%d counted lost", l.lost)
+	}
+}
+
+// TestFlowOverflowResynced: once a complete dump followed an overflow,
+// the flows it found were alive: one forgotten at the bound later is
+// counted lost again.
+func TestFlowOverflowResynced(t *testing.T) {
+	h, b := bareFlow(t, "true", 32)
+	b.tr = newFlowTracker(1, b.deliver, b.forgot)
+	udp := func(id uint32) *ctEvent {
+		return ev(ctNew, id, 17, tup("10.0.0.1", "10.0.0.2", uint16(1000+id), 53), nftrules.LabelOut, -1)
+	}
+	b.tr.handle(udp(1), 1)
+	b.overflowed()
+	b.tr.beginSync()
+	b.tr.dumped(udp(1), 2)
+	b.tr.endSync(2)
+	b.tr.handle(udp(2), 3) // forgets flow 1, alive at the dump
+	if st, _ := h.Stats(); st.Overflows != 2 {
+		t.Fatalf("stats %+v: want 2 overflows (the ENOBUFS, then flow 1 forgotten)", st)
+	}
+}
+
+// TestCtEventPickedUp: a TCP connection conntrack picked up in mid-stream
+// has IP_CT_TCP_FLAG_BE_LIBERAL in its original direction's flags
+// (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, struct nf_ct_tcp_flags {flags, mask}
+// as the kernel dumps it: the mask 0); one that began with a SYN has not.
+func TestCtEventPickedUp(t *testing.T) {
+	for _, c := range []struct {
+		flags  byte
+		picked bool
+	}{{0x0a, true}, {0x08, true}, {0x03, false}, {0, false}} {
+		m := ctMessage(t, false, 9, netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2"), 1, 2, nftrules.LabelOut)
+		m.Header.Flags = netlink.Multi // as a dump's entry
+		ae := netlink.NewAttributeEncoder()
+		ae.Nested(4, func(ae *netlink.AttributeEncoder) error { // CTA_PROTOINFO
+			ae.Nested(1, func(ae *netlink.AttributeEncoder) error { // CTA_PROTOINFO_TCP
+				ae.Uint8(1, tcpEstab)           // CTA_PROTOINFO_TCP_STATE
+				ae.Bytes(4, []byte{c.flags, 0}) // CTA_PROTOINFO_TCP_FLAGS_ORIGINAL
+				ae.Bytes(5, []byte{c.flags, 0}) // CTA_PROTOINFO_TCP_FLAGS_REPLY
+				return nil
+			})
+			return nil
+		})
+		pi, err := ae.Encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.Data = append(m.Data, pi...)
+		var cev conntrack.Event
+		if err := cev.Unmarshal(m); err != nil {
+			t.Fatal(err)
+		}
+		e, ok := ctEventOf(&cev)
+		if !ok || e.kind != ctUpdate || e.tcpState != tcpEstab || e.pickedUp != c.picked || e.labels != nftrules.LabelOut {
+			t.Errorf("flags %#x: %+v %v, want picked up %v", c.flags, e, ok, c.picked)
+		}
+	}
+}
+
+// TestFlowCloseEndsDump: Close (Shutdown too) closes the dump socket, so
+// that a dump under way (a receive on it) ends at once and the reader
+// with it.
+func TestFlowCloseEndsDump(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "flcd")
+	for _, shut := range []bool{false, true} {
+		var h *Handle
+		if err := ns.Do(func() (err error) {
+			h, err = Open("true", LayerFlow, 0, FlagSniff|FlagRecvOnly)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		b := h.b.(*flowBackend)
+		ended := make(chan error, 1)
+		go func() {
+			for _, err := range b.dump.ReceiveIter() { // as resync waits for the kernel
+				if err != nil {
+					ended <- err
+					return
+				}
+			}
+			ended <- nil
+		}()
+		time.Sleep(20 * time.Millisecond) // let it wait (it ends either way)
+		if shut {
+			if err := h.Shutdown(ShutdownRecv); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := h.Close(); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-ended:
+			if err == nil {
+				t.Errorf("shutdown %v: the dump's receive ended without an error", shut)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("shutdown %v: the dump's receive still waits after Close", shut)
+		}
+	}
+	noDivertTables(t, ns)
+}

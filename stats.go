@@ -62,10 +62,11 @@ type Stats struct {
 	// for them). 0 on Windows, which does not tell. Linux LayerFlow: the
 	// events lost to a full queue (ParamQueueLength), the times the event
 	// socket's buffer overflowed (ENOBUFS: one or more events lost each
-	// time), and the deletions of established flows the handle forgot,
-	// remembering too many, that will not be reported (not when an
-	// overflow since the flow was added, counted already, may have lost
-	// its deletion: one loss is counted once).
+	// time, which a dump of conntrack's table then makes up for), and the
+	// deletions of established flows the handle forgot, remembering too
+	// many, that will not be reported (not when an overflow since the
+	// flow was added, counted already and not yet made up for, may have
+	// lost its deletion: one loss is counted once).
 	Overflows uint64
 	// KernelQueueDropped is the kernel's count of packets dropped because
 	// the queue was full (Linux: queue_dropped in
