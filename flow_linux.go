@@ -436,7 +436,8 @@ func (t *flowTracker) tracked(id uint32) bool { return t.ids[id] > 0 }
 // older than the table), an UPDATE or DESTROY of an id no remembered flow
 // has. It answers false whenever it cannot tell, and never true for an
 // event the tracker would act on: like the decoder, it takes the last
-// CTA_ID and CTA_LABELS of the message.
+// CTA_ID and CTA_LABELS of the message. (The event socket's filter,
+// ctFilter, drops most such NEW events in the kernel already.)
 func ctSkip(m netlink.Message, tracked func(id uint32) bool) bool {
 	isNew := false
 	switch ctMsgType(m) {
@@ -643,6 +644,11 @@ func openFlow(cfg *openConfig) (_ backend, err error) {
 		return nil, flowSetupError(nil, "open a netfilter netlink socket", err)
 	}
 	b.recvHook = flowRecvHook
+	// The kernel drops other connections' NEW events (flowbpf_linux.go).
+	// Best effort: the reader skips them too.
+	if raw, err := ctFilterOnce(); err == nil {
+		_ = b.conn.SetBPF(raw)
+	}
 	for _, g := range ctGroups {
 		if err := b.conn.JoinGroup(g); err != nil {
 			return nil, flowSetupError(b.conn, "join conntrack's event groups", err)
