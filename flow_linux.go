@@ -636,11 +636,11 @@ func openFlow(cfg *openConfig) (_ backend, err error) {
 		}
 	}()
 	// Listen first: no event of a connection the table labels is missed.
-	if b.conn, err = netlink.Dial(unix.NETLINK_NETFILTER, nil); err != nil {
+	if b.conn, err = netlink.Dial(unix.NETLINK_NETFILTER, ctConfig); err != nil {
 		return nil, flowSetupError(nil, "open a netfilter netlink socket", err)
 	}
 	// Opened here, in the caller's network namespace, as the event socket.
-	if b.dump, err = netlink.Dial(unix.NETLINK_NETFILTER, nil); err != nil {
+	if b.dump, err = netlink.Dial(unix.NETLINK_NETFILTER, ctConfig); err != nil {
 		return nil, flowSetupError(nil, "open a netfilter netlink socket", err)
 	}
 	b.recvHook = flowRecvHook
@@ -723,6 +723,13 @@ func netAdmin(c *netlink.Conn) bool {
 	}
 	return over
 }
+
+// ctConfig has the conntrack sockets read each datagram into a buffer
+// larger than any the kernel sends them (an event takes less than a page;
+// the kernel makes a dump's datagrams at most 32 KiB): mdlayher/netlink then
+// reads a datagram with one recvmsg, where by default it first peeks at
+// its size with another.
+var ctConfig = &netlink.Config{MessageBufferSize: 64 << 10}
 
 // resyncDrain is how long, after an overflow, the reader goes on reading
 // the events the socket still holds (older than the dump) before it dumps
