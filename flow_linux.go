@@ -65,11 +65,13 @@ const (
 	// flowTrackMax bounds the flows a handle remembers between their
 	// NEW and DESTROY events. Past it the oldest TCP connection not yet
 	// established is forgotten (should it complete its handshake, it is
-	// not reported), or when there is none the oldest flow: its DESTROY
-	// is then not reported (counted in Stats.Overflows if its
-	// establishment was delivered, unless the event socket overflowed
-	// since the flow was added and no dump found it alive since: that
-	// overflow, counted already, may have taken its DESTROY).
+	// not reported, unless a dump after an overflow finds it), or when
+	// there is none the oldest flow: its DESTROY is then not reported
+	// (counted in Stats.Overflows if its establishment was delivered,
+	// unless the event socket overflowed since the flow was added and no
+	// dump found it alive since: that overflow, counted already, may have
+	// taken its DESTROY), nor its establishment again by a dump that
+	// finds it alive (flowTracker.forgotten).
 	flowTrackMax = 1 << 16
 	// loopServerBit marks the EndpointID of the server's view of a
 	// loopback flow (the client's is the conntrack id).
@@ -225,6 +227,13 @@ type flowTracker struct {
 	// sync numbers the dumps (resync); synced is overflows when the last
 	// complete one began (syncFrom: when the current one did).
 	sync, synced, syncFrom uint64
+	// forgotten holds the keys of the established flows forgotten at the
+	// bound (their establishment reported, their deletion counted lost),
+	// oldest first in forgotOrder, at most max of them: a dump after an
+	// overflow that finds one alive does not report it established
+	// again. A complete dump drops those it no longer has.
+	forgotten   map[flowKey]*list.Element // of *forgotFlow, in forgotOrder
+	forgotOrder list.List
 	// owner, when not nil, returns the process of an established view
 	// (0: unknown), whose Timestamp says when its event was read; the
 	// deletion keeps it. noSocket reports an inbound UDP view whose local
@@ -234,8 +243,15 @@ type flowTracker struct {
 	owner func(a *Address) (pid uint32, noSocket bool)
 }
 
+// forgotFlow is an entry of flowTracker.forgotten.
+type forgotFlow struct {
+	key  flowKey
+	seen uint64 // flowTracker.sync of the last dump that had the flow
+}
+
 func newFlowTracker(max int, deliver func(*Address, *atomic.Bool) bool, lost func(*Address)) *flowTracker {
-	return &flowTracker{max: max, flows: make(map[flowKey]*flowEntry), ids: make(map[uint32]int), deliver: deliver, lost: lost}
+	return &flowTracker{max: max, flows: make(map[flowKey]*flowEntry), ids: make(map[uint32]int),
+		forgotten: make(map[flowKey]*list.Element), deliver: deliver, lost: lost}
 }
 
 // handle processes one event read at now (Address.Timestamp).
@@ -258,6 +274,9 @@ func (t *flowTracker) handle(e *ctEvent, now int64) {
 				return
 			}
 			t.remove(old) // its DESTROY was lost (ENOBUFS, counted)
+		}
+		if f := t.forgotten[flowKey{e.id, e.proto, e.orig}]; f != nil {
+			t.unforget(f) // a new flow of a key forgotten: the old flow ended
 		}
 		t.add(e, now, e.proto != unix.IPPROTO_TCP)
 	case ctUpdate:
@@ -302,6 +321,7 @@ func (t *flowTracker) add(e *ctEvent, now int64, established bool) *flowEntry {
 				}
 			}
 			t.remove(oldest)
+			t.forget(oldest.key)
 		}
 	}
 	t.flows[k] = fe
@@ -364,6 +384,10 @@ func (t *flowTracker) dumped(e *ctEvent, now int64) {
 		}
 		return
 	}
+	if f := t.forgotten[flowKey{e.id, e.proto, e.orig}]; f != nil {
+		f.Value.(*forgotFlow).seen = t.sync // reported already, and alive
+		return
+	}
 	if e.labels&(nftrules.LabelOut|nftrules.LabelIn) == 0 {
 		return
 	}
@@ -390,7 +414,29 @@ func (t *flowTracker) endSync(now int64) {
 			t.deleted(fe, now)
 		}
 	}
+	for _, f := range t.forgotten {
+		if f.Value.(*forgotFlow).seen != t.sync {
+			t.unforget(f) // ended: its key may come again, a new flow
+		}
+	}
 	t.synced = t.syncFrom
+}
+
+// forget remembers the key of an established flow forgotten at the
+// bound, forgetting the oldest such key past max.
+func (t *flowTracker) forget(k flowKey) {
+	if f := t.forgotten[k]; f != nil {
+		t.unforget(f)
+	}
+	if len(t.forgotten) >= t.max {
+		t.unforget(t.forgotOrder.Front())
+	}
+	t.forgotten[k] = t.forgotOrder.PushBack(&forgotFlow{key: k, seen: t.sync})
+}
+
+func (t *flowTracker) unforget(f *list.Element) {
+	delete(t.forgotten, f.Value.(*forgotFlow).key)
+	t.forgotOrder.Remove(f)
 }
 
 func (t *flowTracker) establish(fe *flowEntry, now int64) {

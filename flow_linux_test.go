@@ -1651,3 +1651,46 @@ func TestFlowCloseEndsDump(t *testing.T) {
 	}
 	noDivertTables(t, ns)
 }
+
+// TestFlowTrackerResyncForgotten: a flow the tracker forgot at its bound
+// after reporting its establishment is not reported established again
+// when a dump after an overflow finds it alive (nor deleted: its deletion
+// was counted lost); once a complete dump no longer has it, a flow of the
+// same key is a new one.
+func TestFlowTrackerResyncForgotten(t *testing.T) {
+	l := newTrackerLog(1)
+	udp := func(kind ctKind, id uint32) *ctEvent {
+		return ev(kind, id, 17, tup("10.0.0.1", "10.0.0.2", uint16(1000+id), 53), nftrules.LabelOut, -1)
+	}
+	l.t.handle(udp(ctNew, 1), 1)
+	l.t.handle(udp(ctNew, 2), 1) // forgets flow 1
+	if l.lost != 1 {
+		t.Fatalf("%d counted lost, want 1", l.lost)
+	}
+	l.take()
+	l.t.overflowed()
+	l.t.beginSync()
+	l.t.dumped(udp(ctUpdate, 1), 2) // alive, forgotten
+	l.t.dumped(udp(ctUpdate, 2), 2)
+	l.t.endSync(2)
+	if g := l.take(); len(g) != 0 {
+		t.Fatalf("after the dump: %s, want nothing (flow 1 was reported, flow 2 is known)", fmtFlows(g))
+	}
+	// Flow 1 ends; a dump no longer has it; a flow of its key later is new.
+	l.t.overflowed()
+	l.t.beginSync()
+	l.t.dumped(udp(ctUpdate, 2), 3)
+	l.t.endSync(3)
+	if len(l.t.forgotten) != 0 {
+		t.Fatalf("%d forgotten flows remembered after a dump without them", len(l.t.forgotten))
+	}
+	l.t.handle(udp(ctDestroy, 2), 4)
+	l.t.handle(udp(ctNew, 1), 5)
+	var evs []string
+	for _, x := range l.take() {
+		evs = append(evs, fmt.Sprintf("%v:%d@%d", x.Event, x.Flow.LocalPort, x.Timestamp))
+	}
+	if want := []string{"DELETED:1002@4", "ESTABLISHED:1001@5"}; !slices.Equal(evs, want) {
+		t.Fatalf("events %v, want %v", evs, want)
+	}
+}
