@@ -311,8 +311,15 @@ func (t *flowTracker) add(e *ctEvent, now int64, established bool) *flowEntry {
 		} else {
 			oldest := t.order.Front().Value.(*flowEntry)
 			// An overflow since it was added, which no dump followed,
-			// may have taken its DESTROY: counted once, then.
-			counted := t.overflows > max(oldest.since, t.synced)
+			// may have taken its DESTROY: counted once, then. A dump
+			// that had it (the last complete one, or the one under way,
+			// which may be what adds a flow now) found it alive after
+			// the overflows before the dump began.
+			alive := t.synced
+			if oldest.seen == t.sync {
+				alive = max(alive, t.syncFrom)
+			}
+			counted := t.overflows > max(oldest.since, alive)
 			for i := range oldest.nviews {
 				if !counted && !oldest.lost[i] && !oldest.gone[i].Load() {
 					a := oldest.views[i]
