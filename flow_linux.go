@@ -880,7 +880,7 @@ func (b *flowBackend) resync() error {
 		if ctMsgType(m) != ctMsgNew {
 			continue
 		}
-		if _, labels, ok := ctScan(m.Data); ok && !ctLabelled(labels) {
+		if id, labels, ok := ctScan(m.Data); ok && !ctLabelled(labels) && !b.tr.tracked(id) {
 			continue // not the handle's: not worth decoding
 		}
 		var ev conntrack.Event

@@ -1722,3 +1722,65 @@ func TestFlowOverflowSeenInDump(t *testing.T) {
 		t.Fatalf("%d counted lost, want 0 (flow 1 not found alive since the overflow)", l.lost)
 	}
 }
+
+// dumpSocket is a netlink socket that answers a dump request with the
+// datagrams given, then fails.
+type dumpSocket struct {
+	netlink.Socket // not called
+	datagrams      [][]netlink.Message
+}
+
+func (s *dumpSocket) Send(netlink.Message) error { return nil }
+
+func (s *dumpSocket) ReceiveIter() iter.Seq2[netlink.Message, error] {
+	return func(yield func(netlink.Message, error) bool) {
+		if len(s.datagrams) == 0 {
+			yield(netlink.Message{}, net.ErrClosed)
+			return
+		}
+		d := s.datagrams[0]
+		s.datagrams = s.datagrams[1:]
+		for _, m := range d {
+			if !yield(m, nil) {
+				return
+			}
+		}
+	}
+}
+
+// dumpEntry is m as a dump's entry.
+func dumpEntry(m netlink.Message) netlink.Message {
+	m.Header.Flags = netlink.Multi
+	return m
+}
+
+var dumpDone = netlink.Message{Header: netlink.Header{Type: netlink.Done, Flags: netlink.Multi}, Data: make([]byte, 4)}
+
+// TestFlowResyncKnownUnlabelled: a flow the handle reported whose labels
+// the dump does not show (cleared since, as conntrack -U can) is alive
+// all the same: the dump does not delete it. An unknown connection
+// without labels is still not the handle's.
+func TestFlowResyncKnownUnlabelled(t *testing.T) {
+	_, b := bareFlow(t, "true", 32)
+	b.tr = newFlowTracker(16, b.deliver, b.forgot)
+	src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+	b.tr.handle(ev(ctNew, 5, 17, tup("10.0.0.1", "10.0.0.2", 1000, 53), nftrules.LabelOut, -1), 1)
+	b.dump = netlink.NewConn(&dumpSocket{datagrams: [][]netlink.Message{{
+		dumpEntry(ctMessage(t, false, 5, src, dst, 1000, 53, 0)),
+		dumpEntry(ctMessage(t, false, 6, src, dst, 1001, 53, 0)),
+		dumpDone,
+	}}}, 0)
+	b.overflowed()
+	if err := b.resync(); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	b.mu.Lock()
+	for a := (Address{}); b.popLocked(&a); {
+		got = append(got, fmt.Sprintf("%v:%d", a.Event, a.Flow.LocalPort))
+	}
+	b.mu.Unlock()
+	if want := []string{"ESTABLISHED:1000"}; !slices.Equal(got, want) || len(b.tr.flows) != 1 {
+		t.Fatalf("events %v, %d flows remembered; want %v, 1", got, len(b.tr.flows), want)
+	}
+}
