@@ -862,6 +862,11 @@ func (b *flowBackend) read() {
 // The dump is read as the kernel fills it (a page or so a receive), never
 // held whole; Close ends it. An incomplete dump deletes nothing.
 func (b *flowBackend) resync() error {
+	// What a dump broken off before holds would else be read as this
+	// one's answer (a tail of an older table, which lacks live flows).
+	if err := drainDump(b.dump); err != nil {
+		return err
+	}
 	req := netlink.Message{
 		Header: netlink.Header{
 			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | ctMsgGet),
@@ -893,6 +898,48 @@ func (b *flowBackend) resync() error {
 	}
 	b.tr.endSync(monoNow())
 	return nil
+}
+
+// dumpDrainMax bounds the datagrams drainDump discards: a dump of a
+// table of millions of connections.
+const dumpDrainMax = 1 << 20
+
+// errDumpUndrained: drainDump discarded dumpDrainMax datagrams and the
+// dump socket still held more.
+var errDumpUndrained = errors.New("divert: the conntrack dump socket does not empty")
+
+// drainDump discards what the dump socket holds: the rest of a dump that
+// a failed resync broke off (an error of the socket, ENOBUFS when the
+// kernel could not allocate a datagram, ends the receive, not the dump:
+// the kernel goes on filling it as the socket is read, and answers a new
+// request with EBUSY until it ends), and such errors. Each receive makes
+// the kernel queue the next datagram of a dump under way; the socket is
+// empty, the dump ended, when a receive would wait.
+func drainDump(c *netlink.Conn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var (
+		buf  [64]byte // the datagrams are discarded (MSG_TRUNC)
+		rerr error
+	)
+	err = raw.Read(func(fd uintptr) bool {
+		for range dumpDrainMax {
+			_, _, err := unix.Recvfrom(int(fd), buf[:], unix.MSG_DONTWAIT)
+			switch err {
+			case nil, unix.EINTR, unix.ENOBUFS:
+			case unix.EAGAIN:
+				return true
+			default:
+				rerr = err
+				return true
+			}
+		}
+		rerr = errDumpUndrained
+		return true
+	})
+	return errors.Join(err, rerr)
 }
 
 // overflowed counts an overflow of the event socket (ENOBUFS).

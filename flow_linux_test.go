@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1724,13 +1725,26 @@ func TestFlowOverflowSeenInDump(t *testing.T) {
 }
 
 // dumpSocket is a netlink socket that answers a dump request with the
-// datagrams given, then fails.
+// datagrams given, then fails. Its file (for drainDump) is an empty UDP
+// socket's, on loopback.
 type dumpSocket struct {
 	netlink.Socket // not called
 	datagrams      [][]netlink.Message
+	empty          *net.UDPConn
+}
+
+func newDumpSocket(t *testing.T, datagrams ...[]netlink.Message) *dumpSocket {
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &dumpSocket{datagrams: datagrams, empty: c}
 }
 
 func (s *dumpSocket) Send(netlink.Message) error { return nil }
+
+func (s *dumpSocket) SyscallConn() (syscall.RawConn, error) { return s.empty.SyscallConn() }
 
 func (s *dumpSocket) ReceiveIter() iter.Seq2[netlink.Message, error] {
 	return func(yield func(netlink.Message, error) bool) {
@@ -1765,11 +1779,11 @@ func TestFlowResyncKnownUnlabelled(t *testing.T) {
 	b.tr = newFlowTracker(16, b.deliver, b.forgot)
 	src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
 	b.tr.handle(ev(ctNew, 5, 17, tup("10.0.0.1", "10.0.0.2", 1000, 53), nftrules.LabelOut, -1), 1)
-	b.dump = netlink.NewConn(&dumpSocket{datagrams: [][]netlink.Message{{
+	b.dump = netlink.NewConn(newDumpSocket(t, []netlink.Message{
 		dumpEntry(ctMessage(t, false, 5, src, dst, 1000, 53, 0)),
 		dumpEntry(ctMessage(t, false, 6, src, dst, 1001, 53, 0)),
 		dumpDone,
-	}}}, 0)
+	}), 0)
 	b.overflowed()
 	if err := b.resync(); err != nil {
 		t.Fatal(err)
@@ -1782,5 +1796,87 @@ func TestFlowResyncKnownUnlabelled(t *testing.T) {
 	b.mu.Unlock()
 	if want := []string{"ESTABLISHED:1000"}; !slices.Equal(got, want) || len(b.tr.flows) != 1 {
 		t.Fatalf("events %v, %d flows remembered; want %v, 1", got, len(b.tr.flows), want)
+	}
+}
+
+// TestFlowResyncAfterBrokenDump: a dump broken off after its first
+// datagram (as when a receive on the dump socket fails: the kernel's dump
+// goes on) is not taken for the next one's answer, which would lack the
+// connections of that datagram and delete their live flows.
+func TestFlowResyncAfterBrokenDump(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewT(t, "flbd")
+	const flows = 200 // several datagrams
+	var fb *flowBackend
+	if err := ns.Do(func() error {
+		rules, err := nftrules.InstallFlowTrack() // conntrack, and labels
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { rules.Close() })
+		c, err := conntrack.Dial(nil)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+		for i := range flows {
+			f := conntrack.NewFlow(unix.IPPROTO_UDP, 0, src, dst, uint16(1024+i), 53, 600, 0)
+			f.Labels, f.LabelsMask = make([]byte, 16), make([]byte, 16)
+			f.Labels[nftrules.LabelByte], f.LabelsMask[nftrules.LabelByte] = nftrules.LabelOut, nftrules.LabelOut
+			if err := c.Create(f); err != nil {
+				return fmt.Errorf("create connection %d: %w", i, err)
+			}
+		}
+		dump, err := netlink.Dial(unix.NETLINK_NETFILTER, ctConfig)
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { dump.Close() })
+		fb = &flowBackend{dump: dump}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var established, deleted int
+	fb.tr = newFlowTracker(flowTrackMax, func(a *Address, _ *atomic.Bool) bool {
+		if a.Event == EventFlowDeleted {
+			deleted++
+		} else {
+			established++
+		}
+		return true
+	}, func(*Address) {})
+	if err := fb.resync(); err != nil {
+		t.Fatal(err)
+	}
+	if established != flows {
+		t.Fatalf("first dump: %d established, want %d", established, flows)
+	}
+	// A dump request whose answer is read up to its first datagram only.
+	if _, err := fb.dump.Send(netlink.Message{
+		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | ctMsgGet), Flags: netlink.Request | netlink.Dump},
+		Data:   []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := fb.dump.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	var rerr error
+	if err := raw.Read(func(fd uintptr) bool {
+		var b [64 << 10]byte
+		n, _, rerr = unix.Recvfrom(int(fd), b[:], unix.MSG_DONTWAIT)
+		return rerr != unix.EAGAIN
+	}); err != nil || rerr != nil {
+		t.Fatal(err, rerr)
+	}
+	if err := fb.resync(); err != nil {
+		t.Fatal(err)
+	}
+	if deleted != 0 || len(fb.tr.flows) != flows {
+		t.Fatalf("after a dump broken off after %d bytes: %d deleted, %d remembered; want 0, %d", n, deleted, len(fb.tr.flows), flows)
 	}
 }
