@@ -151,7 +151,7 @@ func BenchmarkFlowResync(b *testing.B) {
 				return fmt.Errorf("create connection %d: %w", i, err)
 			}
 		}
-		dump, err := netlink.Dial(unix.NETLINK_NETFILTER, nil)
+		dump, err := netlink.Dial(unix.NETLINK_NETFILTER, ctConfig) // as the handle's
 		if err != nil {
 			return err
 		}

@@ -859,8 +859,8 @@ func (b *flowBackend) read() {
 // the second socket) into the tracker, after an overflow of the event
 // socket: see flowTracker.dumped. The kernel cannot filter a dump by
 // labels; the connections without the handle's are skipped undecoded.
-// The dump is read as the kernel fills it (a page or so a receive), never
-// held whole; Close ends it. An incomplete dump deletes nothing.
+// The dump is read as the kernel fills it (up to 32 KiB a receive, for a
+// buffer as large: ctConfig), never held whole; Close ends it. An incomplete dump deletes nothing.
 func (b *flowBackend) resync() error {
 	// What a dump broken off before holds would else be read as this
 	// one's answer (a tail of an older table, which lacks live flows).
