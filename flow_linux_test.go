@@ -1348,16 +1348,13 @@ func TestFlowCloseAfterShutdown(t *testing.T) {
 func TestFlowOverflowCountedOnce(t *testing.T) {
 	h, b := bareFlow(t, "true", 32)
 	b.tr = newFlowTracker(1, b.deliver, b.forgot)
-	udp := func(id uint32) *ctEvent {
-		return ev(ctNew, id, 17, tup("10.0.0.1", "10.0.0.2", uint16(1000+id), 53), nftrules.LabelOut, -1)
-	}
-	b.tr.handle(udp(1), 1)
-	b.overflowed()         // the reader's ENOBUFS
-	b.tr.handle(udp(2), 2) // forgets flow 1, whose DESTROY the overflow may have taken
+	b.tr.handle(outUDP(1), 1)
+	b.overflowed()            // the reader's ENOBUFS
+	b.tr.handle(outUDP(2), 2) // forgets flow 1, whose DESTROY the overflow may have taken
 	if st, _ := h.Stats(); st.Overflows != 1 {
 		t.Fatalf("stats %+v: want 1 overflow (the ENOBUFS), not 2", st)
 	}
-	b.tr.handle(udp(3), 3) // forgets flow 2, added after the overflow
+	b.tr.handle(outUDP(3), 3) // forgets flow 2, added after the overflow
 	if st, _ := h.Stats(); st.Overflows != 2 {
 		t.Fatalf("stats %+v: want 2 overflows (the ENOBUFS, then flow 2 forgotten)", st)
 	}
@@ -1556,15 +1553,12 @@ func TestFlowTrackerResync(t *testing.T) {
 func TestFlowOverflowResynced(t *testing.T) {
 	h, b := bareFlow(t, "true", 32)
 	b.tr = newFlowTracker(1, b.deliver, b.forgot)
-	udp := func(id uint32) *ctEvent {
-		return ev(ctNew, id, 17, tup("10.0.0.1", "10.0.0.2", uint16(1000+id), 53), nftrules.LabelOut, -1)
-	}
-	b.tr.handle(udp(1), 1)
+	b.tr.handle(outUDP(1), 1)
 	b.overflowed()
 	b.tr.beginSync()
-	b.tr.dumped(udp(1), 2)
+	b.tr.dumped(outUDP(1), 2)
 	b.tr.endSync(2)
-	b.tr.handle(udp(2), 3) // forgets flow 1, alive at the dump
+	b.tr.handle(outUDP(2), 3) // forgets flow 1, alive at the dump
 	if st, _ := h.Stats(); st.Overflows != 2 {
 		t.Fatalf("stats %+v: want 2 overflows (the ENOBUFS, then flow 1 forgotten)", st)
 	}
@@ -1879,4 +1873,10 @@ func TestFlowResyncAfterBrokenDump(t *testing.T) {
 	if deleted != 0 || len(fb.tr.flows) != flows {
 		t.Fatalf("after a dump broken off after %d bytes: %d deleted, %d remembered; want 0, %d", n, deleted, len(fb.tr.flows), flows)
 	}
+}
+
+// outUDP is the NEW event of an outbound UDP flow of the handle, conntrack
+// id id, from port 1000+id to port 53.
+func outUDP(id uint32) *ctEvent {
+	return ev(ctNew, id, 17, tup("10.0.0.1", "10.0.0.2", uint16(1000+id), 53), nftrules.LabelOut, -1)
 }
