@@ -2,7 +2,6 @@ package divert
 
 import (
 	"encoding/binary"
-	"fmt"
 	"net/netip"
 	"sync/atomic"
 	"testing"
@@ -125,42 +124,10 @@ func BenchmarkFlowEvent(b *testing.B) {
 // by the first dump and found alive by the next ones.
 func BenchmarkFlowResync(b *testing.B) {
 	netnstest.RequireRoot(b)
-	ns := netnstest.NewT(b, "flrb")
 	const others, ours = 10000, 100
-	var fb *flowBackend
-	if err := ns.Do(func() error {
-		// A table that runs conntrack (and labels) in the namespace.
-		rules, err := nftrules.InstallFlowTrack()
-		if err != nil {
-			return err
-		}
-		b.Cleanup(func() { rules.Close() })
-		c, err := conntrack.Dial(nil)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
-		for i := range others + ours {
-			f := conntrack.NewFlow(unix.IPPROTO_UDP, 0, src, dst, uint16(1024+i/1000), uint16(1+i%1000), 600, 0)
-			if i >= others {
-				f.Labels, f.LabelsMask = make([]byte, 16), make([]byte, 16)
-				f.Labels[nftrules.LabelByte], f.LabelsMask[nftrules.LabelByte] = nftrules.LabelOut, nftrules.LabelOut
-			}
-			if err := c.Create(f); err != nil {
-				return fmt.Errorf("create connection %d: %w", i, err)
-			}
-		}
-		dump, err := netlink.Dial(unix.NETLINK_NETFILTER, ctConfig) // as the handle's
-		if err != nil {
-			return err
-		}
-		b.Cleanup(func() { dump.Close() })
-		fb = &flowBackend{dump: dump}
-		return nil
-	}); err != nil {
-		b.Fatal(err)
-	}
+	fb := dumpBackend(b, "flrb", others+ours, func(i int) (uint16, uint16, bool) {
+		return uint16(1024 + i/1000), uint16(1 + i%1000), i >= others
+	})
 	var delivered int
 	fb.tr = newFlowTracker(flowTrackMax, func(*Address, *atomic.Bool) bool { delivered++; return true }, func(*Address) {})
 	for b.Loop() {

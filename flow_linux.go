@@ -867,14 +867,7 @@ func (b *flowBackend) resync() error {
 	if err := drainDump(b.dump); err != nil {
 		return err
 	}
-	req := netlink.Message{
-		Header: netlink.Header{
-			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | ctMsgGet),
-			Flags: netlink.Request | netlink.Dump,
-		},
-		Data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0}, // both families
-	}
-	if _, err := b.dump.Send(req); err != nil {
+	if _, err := b.dump.Send(ctDumpRequest()); err != nil {
 		return err
 	}
 	b.tr.beginSync()
@@ -940,6 +933,18 @@ func drainDump(c *netlink.Conn) error {
 		return true
 	})
 	return errors.Join(err, rerr)
+}
+
+// ctDumpRequest is the request for a dump of conntrack's table, both
+// families (IPCTNL_MSG_CT_GET with NLM_F_DUMP).
+func ctDumpRequest() netlink.Message {
+	return netlink.Message{
+		Header: netlink.Header{
+			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | ctMsgGet),
+			Flags: netlink.Request | netlink.Dump,
+		},
+		Data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0},
+	}
 }
 
 // overflowed counts an overflow of the event socket (ENOBUFS).

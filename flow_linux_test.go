@@ -904,16 +904,8 @@ func TestFlowForwardedNotReported(t *testing.T) {
 	if n, _ := r.LeftHost().Ping(r.Right.B.V6, 1, 2*time.Second); n != 1 {
 		t.Fatal("forwarded ping unanswered")
 	}
-	// The router's own flow, last: once it is seen, the forwarded ones,
-	// established before, would have been too.
-	if n, _ := r.Router().Ping(r.Left.A.V4, 1, 2*time.Second); n != 1 {
-		t.Fatal("router's ping unanswered")
-	}
-	own := flowWant{EventFlowEstablished, true, false, 1, netip.AddrFrom16(r.Left.B.V4.As16()), netip.AddrFrom16(r.Left.A.V4.As16()), 8, 0}
-	got := flowEvents(t, h, 10*time.Second, func(g []Address) bool { return allFound(g, []flowWant{own}) })
-	if len(got) != 1 {
-		t.Fatalf("forwarded flows reported:\n%s", fmtFlows(got))
-	}
+	// The router's own flow, last.
+	routerPingOnly(t, r, h)
 }
 
 // TestFlowFilter: the handle's filter narrows the events in user space.
@@ -1799,39 +1791,8 @@ func TestFlowResyncKnownUnlabelled(t *testing.T) {
 // connections of that datagram and delete their live flows.
 func TestFlowResyncAfterBrokenDump(t *testing.T) {
 	netnstest.RequireRoot(t)
-	ns := netnstest.NewT(t, "flbd")
 	const flows = 200 // several datagrams
-	var fb *flowBackend
-	if err := ns.Do(func() error {
-		rules, err := nftrules.InstallFlowTrack() // conntrack, and labels
-		if err != nil {
-			return err
-		}
-		t.Cleanup(func() { rules.Close() })
-		c, err := conntrack.Dial(nil)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
-		for i := range flows {
-			f := conntrack.NewFlow(unix.IPPROTO_UDP, 0, src, dst, uint16(1024+i), 53, 600, 0)
-			f.Labels, f.LabelsMask = make([]byte, 16), make([]byte, 16)
-			f.Labels[nftrules.LabelByte], f.LabelsMask[nftrules.LabelByte] = nftrules.LabelOut, nftrules.LabelOut
-			if err := c.Create(f); err != nil {
-				return fmt.Errorf("create connection %d: %w", i, err)
-			}
-		}
-		dump, err := netlink.Dial(unix.NETLINK_NETFILTER, ctConfig)
-		if err != nil {
-			return err
-		}
-		t.Cleanup(func() { dump.Close() })
-		fb = &flowBackend{dump: dump}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	fb := dumpBackend(t, "flbd", flows, func(i int) (uint16, uint16, bool) { return uint16(1024 + i), 53, true })
 	var established, deleted int
 	fb.tr = newFlowTracker(flowTrackMax, func(a *Address, _ *atomic.Bool) bool {
 		if a.Event == EventFlowDeleted {
@@ -1848,10 +1809,7 @@ func TestFlowResyncAfterBrokenDump(t *testing.T) {
 		t.Fatalf("first dump: %d established, want %d", established, flows)
 	}
 	// A dump request whose answer is read up to its first datagram only.
-	if _, err := fb.dump.Send(netlink.Message{
-		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | ctMsgGet), Flags: netlink.Request | netlink.Dump},
-		Data:   []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0},
-	}); err != nil {
+	if _, err := fb.dump.Send(ctDumpRequest()); err != nil {
 		t.Fatal(err)
 	}
 	raw, err := fb.dump.SyscallConn()
@@ -1879,4 +1837,65 @@ func TestFlowResyncAfterBrokenDump(t *testing.T) {
 // id id, from port 1000+id to port 53.
 func outUDP(id uint32) *ctEvent {
 	return ev(ctNew, id, 17, tup("10.0.0.1", "10.0.0.2", uint16(1000+id), 53), nftrules.LabelOut, -1)
+}
+
+// dumpBackend makes a namespace whose conntrack table holds n UDP
+// connections from 10.0.0.1 to 10.0.0.2, the ports and labels of the i-th
+// (the handle's LabelOut when labelled) given by conn, a flow table
+// running there, and a flowBackend with only a dump socket (as the
+// handle's: ctConfig) in it, for resync; its tracker is the caller's.
+func dumpBackend(tb testing.TB, name string, n int, conn func(i int) (sport, dport uint16, labelled bool)) *flowBackend {
+	tb.Helper()
+	ns := netnstest.NewT(tb, name)
+	var fb *flowBackend
+	if err := ns.Do(func() error {
+		rules, err := nftrules.InstallFlowTrack() // conntrack, and labels
+		if err != nil {
+			return err
+		}
+		tb.Cleanup(func() { rules.Close() })
+		c, err := conntrack.Dial(nil)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+		for i := range n {
+			sport, dport, labelled := conn(i)
+			f := conntrack.NewFlow(unix.IPPROTO_UDP, 0, src, dst, sport, dport, 600, 0)
+			if labelled {
+				f.Labels, f.LabelsMask = make([]byte, 16), make([]byte, 16)
+				f.Labels[nftrules.LabelByte], f.LabelsMask[nftrules.LabelByte] = nftrules.LabelOut, nftrules.LabelOut
+			}
+			if err := c.Create(f); err != nil {
+				return fmt.Errorf("create connection %d: %w", i, err)
+			}
+		}
+		dump, err := netlink.Dial(unix.NETLINK_NETFILTER, ctConfig)
+		if err != nil {
+			return err
+		}
+		tb.Cleanup(func() { dump.Close() })
+		fb = &flowBackend{dump: dump}
+		return nil
+	}); err != nil {
+		tb.Fatal(err)
+	}
+	return fb
+}
+
+// routerPingOnly pings from r's router, after the forwarded traffic a
+// test made, and fails t unless h, the router's flow handle, reports that
+// ping's flow and nothing else: the forwarded flows, established before,
+// would have come first.
+func routerPingOnly(t *testing.T, r *netnstest.Routed, h *Handle) {
+	t.Helper()
+	if n, _ := r.Router().Ping(r.Left.A.V4, 1, 2*time.Second); n != 1 {
+		t.Fatal("router's ping unanswered")
+	}
+	own := flowWant{EventFlowEstablished, true, false, 1, netip.AddrFrom16(r.Left.B.V4.As16()), netip.AddrFrom16(r.Left.A.V4.As16()), 8, 0}
+	got := flowEvents(t, h, 10*time.Second, func(g []Address) bool { return allFound(g, []flowWant{own}) })
+	if len(got) != 1 {
+		t.Fatalf("forwarded flows reported:\n%s", fmtFlows(got))
+	}
 }
