@@ -18,6 +18,7 @@ import (
 
 	"github.com/netdivert/divert/filter"
 	"github.com/netdivert/divert/internal/netcap"
+	"github.com/netdivert/divert/internal/nfq"
 	"github.com/netdivert/divert/internal/nftrules"
 )
 
@@ -755,11 +756,7 @@ func setRecvBuf(c *netlink.Conn, n int) error {
 		return err
 	}
 	var serr error
-	err = raw.Control(func(fd uintptr) {
-		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n); serr != nil {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, n)
-		}
-	})
+	err = raw.Control(func(fd uintptr) { serr = nfq.SetRcvBuf(int(fd), n) })
 	return errors.Join(err, serr)
 }
 

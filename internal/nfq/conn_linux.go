@@ -937,15 +937,23 @@ func (c *Conn) SetReadBuffer(n int) error {
 	if !c.sfd.acquire() {
 		return c.ioError(os.ErrClosed)
 	}
-	err := unix.SetsockoptInt(c.sfd.fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
-	if err != nil {
-		err = unix.SetsockoptInt(c.sfd.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, n)
-	}
+	err := SetRcvBuf(c.sfd.fd, n)
 	c.sfd.release()
 	if err != nil {
 		return fmt.Errorf("nfq: set receive buffer: %w", err)
 	}
 	return nil
+}
+
+// SetRcvBuf sets socket fd's receive buffer to n bytes: SO_RCVBUFFORCE,
+// which passes net.core.rmem_max with CAP_NET_ADMIN, else SO_RCVBUF, which
+// the kernel caps at it.
+func SetRcvBuf(fd, n int) error {
+	err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
+	if err != nil {
+		err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, n)
+	}
+	return err
 }
 
 // SetReadDeadline sets the deadline of blocking Next calls; a zero t means
