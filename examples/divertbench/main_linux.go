@@ -37,6 +37,11 @@ func main() {
 	if role := os.Getenv(envRole); role != "" {
 		os.Exit(childMain(role))
 	}
+	// Named, not os.Args[0]: under go run that is a temporary path.
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "Usage of divertbench:\n")
+		flag.PrintDefaults()
+	}
 	cfg := DefaultConfig()
 	modes := flag.String("modes", strings.Join(cfg.Modes, ","), "UDP modes to run, comma-separated: none, recv, batch, narrow")
 	flag.BoolVar(&cfg.TCP, "tcp", cfg.TCP, "also run bulk TCP (iperf3): no rule, a divert-everything batch loop, the narrow filter")
