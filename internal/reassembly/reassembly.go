@@ -20,6 +20,10 @@
 //     fragments, last fragments that disagree on the datagram's length, data
 //     beyond the end, and datagrams that would exceed 65535 bytes (IPv4 total
 //     length, IPv6 payload length) are refused.
+//   - ECN codepoints are combined as RFC 3168 §5.3 asks and Linux does
+//     (ip_frag_ecn_table): the reassembled datagram is marked CE when any
+//     fragment was and the others were ECN-capable, and fragments that mix
+//     Not-ECT with ECT or CE drop the datagram (ErrECN).
 //   - Each datagram has a timeout counted from its first fragment (by default
 //     30 s for IPv4, Linux's ipfrag_time, and 60 s for IPv6 as RFC 8200 says),
 //     and memory is bounded by Config.MaxBytes and Config.MaxDatagrams with
@@ -45,10 +49,10 @@
 // identification); IPv6 (source, destination, identification) per RFC 8200.
 // The IPv4 header of the reassembled datagram is the first fragment's (options
 // included) with the total length fixed, MF and the offset cleared (DF and the
-// reserved bit kept as the first fragment had them) and the checksum
-// recomputed. The IPv6 datagram is the first fragment's per-fragment headers
-// with the Fragment header removed, the next-header chain and the payload
-// length fixed.
+// reserved bit kept as the first fragment had them), CE set when the ECN
+// rules above say so, and the checksum recomputed. The IPv6 datagram is the
+// first fragment's per-fragment headers with the Fragment header removed, the
+// next-header chain and the payload length fixed, and CE set the same way.
 package reassembly
 
 import (
@@ -90,6 +94,9 @@ var (
 	ErrTooManyFragments = errors.New("reassembly: too many fragments")
 	// ErrMemory reports a datagram that alone does not fit in Config.MaxBytes.
 	ErrMemory = errors.New("reassembly: datagram exceeds the memory bound")
+	// ErrECN reports fragments that mix the Not-ECT codepoint with ECT or
+	// CE ones, a datagram RFC 3168 §5.3 says to drop (as Linux does).
+	ErrECN = errors.New("reassembly: fragments mix ECN-capable and not ECN-capable codepoints")
 	// ErrDiscarded reports a fragment of a datagram that was discarded
 	// because one of its fragments was refused; it is refused until that
 	// datagram's timeout.
@@ -214,6 +221,7 @@ type Stats struct {
 	RejectedTooBig       uint64
 	RejectedTooMany      uint64
 	RejectedMemory       uint64
+	RejectedECN          uint64
 	RejectedDiscarded    uint64
 }
 
@@ -255,9 +263,10 @@ type entry struct {
 	hdrLen   int  // first fragment's header length (0 until it arrives)
 	prevNH   int  // IPv6: offset in the header of the next-header byte to fix
 	nh       uint8
-	total    int // data length once the last fragment arrived, else -1
-	have     int // data bytes held
-	extent   int // highest data end held
+	ecn      uint8 // the ecnBit of every fragment held, ORed
+	total    int   // data length once the last fragment arrived, else -1
+	have     int   // data bytes held
+	extent   int   // highest data end held
 	nfrags   int
 	maxFrag  int
 	ranges   []span
@@ -398,6 +407,8 @@ func (r *Reassembler) countReject(err error) {
 		r.st.RejectedTooMany++
 	case ErrMemory:
 		r.st.RejectedMemory++
+	case ErrECN:
+		r.st.RejectedECN++
 	case ErrDiscarded:
 		r.st.RejectedDiscarded++
 	}
@@ -413,7 +424,31 @@ type frag struct {
 	plen   int    // whole packet length (for MaxFragLen)
 	prevNH int    // IPv6: offset in hdr of the next-header byte that said 44
 	nh     uint8  // IPv6: the Fragment header's next header
+	ecn    uint8  // ecnBit of its ECN codepoint
 	id     uint32
+}
+
+// The ECN codepoints seen in a datagram's fragments, one bit each, as
+// Linux's IPFRAG_ECN_* flags: bit 1<<codepoint.
+const (
+	ecnNotECT = 1 << 0
+	ecnCE     = 1 << 3
+	ecnECT    = 1<<1 | 1<<2 // ECT(1), ECT(0)
+)
+
+// ecnCombine applies RFC 3168 §5.3 to the ORed bits of a datagram's
+// fragments: it returns the codepoint to OR into the reassembled header
+// (3, CE, when a fragment had CE and the others ECT; else 0), and ok false
+// when Not-ECT is mixed with ECT or CE, a datagram to drop. Linux's
+// ip_frag_ecn_table says the same.
+func ecnCombine(bits uint8) (or uint8, ok bool) {
+	switch {
+	case bits&ecnNotECT != 0 && bits&^ecnNotECT != 0:
+		return 0, false
+	case bits&ecnCE != 0 && bits&ecnECT != 0:
+		return 3, true
+	}
+	return 0, true
 }
 
 const (
@@ -445,6 +480,7 @@ func (r *Reassembler) add4(dst, pkt []byte, now time.Time, info *Info) ([]byte, 
 		off:  int(fo&0x1FFF) * 8,
 		more: fo&0x2000 != 0,
 		plen: tl,
+		ecn:  1 << (pkt[1] & 3),
 		id:   uint32(binary.BigEndian.Uint16(pkt[4:6])),
 	}
 	f.key.id = f.id
@@ -506,6 +542,7 @@ func (r *Reassembler) add6(dst, pkt []byte, now time.Time, info *Info) ([]byte, 
 		plen:   end,
 		prevNH: prev,
 		nh:     pkt[off],
+		ecn:    1 << (pkt[1] >> 4 & 3),
 		id:     binary.BigEndian.Uint32(pkt[off+4 : off+8]),
 	}
 	if f.off == 0 && !f.more {
@@ -604,11 +641,14 @@ func (r *Reassembler) add(dst []byte, f *frag, perr error, now time.Time, info *
 		return r.refuse(idx, true, ErrTooBig)
 	}
 	out := e.buf[e.area-e.hdrLen : e.area+e.total]
+	ecn, _ := ecnCombine(e.ecn) // place refused a mix already
 	if e.v6 {
 		binary.BigEndian.PutUint16(out[4:6], uint16(n-40))
 		out[e.prevNH] = e.nh
+		out[1] |= ecn << 4
 	} else {
 		binary.BigEndian.PutUint16(out[2:4], uint16(n))
+		out[1] |= ecn
 		out[6] &= 0xC0 // keep RF and DF, clear MF and the offset
 		out[7] = 0
 		out[10], out[11] = 0, 0
@@ -677,7 +717,7 @@ func (r *Reassembler) create(f *frag, now time.Time) int32 {
 	e.class = -1
 	e.buf = nil
 	e.dead = false
-	e.hdrLen, e.prevNH, e.nh = 0, 0, 0
+	e.hdrLen, e.prevNH, e.nh, e.ecn = 0, 0, 0, 0
 	e.total, e.have, e.extent, e.nfrags, e.maxFrag = -1, 0, 0, 0, 0
 	e.ranges = e.ranges[:0]
 	timeout := r.timeout4
@@ -914,6 +954,10 @@ func (r *Reassembler) place(idx int32, e *entry, f *frag) error {
 			}
 			return nil
 		}
+	}
+	e.ecn |= f.ecn
+	if _, ok := ecnCombine(e.ecn); !ok {
+		return ErrECN
 	}
 	r.st.Fragments++
 	if last {

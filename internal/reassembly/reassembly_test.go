@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -738,4 +739,87 @@ func TestOnEvict(t *testing.T) {
 			t.Fatalf("%d reported, stats %+v", n, s)
 		}
 	})
+}
+
+// TestECNCombination: the ECN codepoints of a datagram's fragments combine
+// as RFC 3168 §5.3 and Linux's ip_frag_ecn_table say, whichever fragment
+// carries which: CE on any fragment of an ECN-capable datagram marks the
+// whole datagram CE (the header checksum recomputed), ECT(0) with ECT(1)
+// keeps the first fragment's codepoint, and Not-ECT mixed with ECT or CE
+// drops the datagram (ErrECN) and its later fragments.
+func TestECNCombination(t *testing.T) {
+	const notECT, ect1, ect0, ce = 0, 1, 2, 3
+	cases := []struct {
+		name   string
+		first  uint8 // the first fragment's codepoint
+		others uint8 // the other two fragments'
+		last   uint8 // the last fragment's
+		want   uint8 // the datagram's, or 0xff for ErrECN
+	}{
+		{"all not-ECT", notECT, notECT, notECT, notECT},
+		{"all ECT(0)", ect0, ect0, ect0, ect0},
+		{"all CE", ce, ce, ce, ce},
+		{"CE on the last", ect0, ect0, ce, ce},
+		{"CE in the middle", ect1, ce, ect1, ce},
+		{"ECT(0) and ECT(1)", ect1, ect0, ect0, ect1},
+		{"not-ECT first, ECT after", notECT, ect0, ect0, 0xff},
+		{"not-ECT last", ect0, ect0, notECT, 0xff},
+		{"not-ECT with CE", ce, notECT, notECT, 0xff},
+	}
+	for _, v6 := range []bool{false, true} {
+		for _, c := range cases {
+			rng := rand.New(rand.NewPCG(41, 42))
+			var d dgram
+			if v6 {
+				d = makeV6(rng, protoUDP, 3000, true, false, false)
+			} else {
+				d = makeV4(rng, protoUDP, 3000, true)
+			}
+			setECN := func(p []byte, cp uint8) {
+				if v6 {
+					p[1] = p[1]&^0x30 | cp<<4
+					return
+				}
+				p[1] = p[1]&^3 | cp
+				setSum4(p[:d.hl])
+			}
+			setECN(d.b, c.first)
+			fs := split(d, []int{1000, 2000})
+			setECN(fs[1], c.others)
+			setECN(fs[2], c.last)
+			r := New(Config{})
+			var got []byte
+			var done bool
+			var err error
+			// The last fragment first, so the first one's header is not
+			// simply the last one seen.
+			for _, i := range []int{2, 0, 1} {
+				if got, done, err = r.Add(nil, fs[i], t0); err != nil {
+					break
+				}
+			}
+			name := fmt.Sprintf("v6=%v %s", v6, c.name)
+			if c.want == 0xff {
+				if !errors.Is(err, ErrECN) || done {
+					t.Errorf("%s: done=%v err=%v, want ErrECN", name, done, err)
+				}
+				if s := r.Stats(); s.RejectedECN != 1 || s.Pending != 0 || s.HeldBytes != 0 {
+					t.Errorf("%s: stats %+v", name, s)
+				}
+				if _, _, err := r.Add(nil, fs[1], t0); !errors.Is(err, ErrDiscarded) {
+					t.Errorf("%s: a later fragment: %v, want ErrDiscarded", name, err)
+				}
+				continue
+			}
+			if err != nil || !done {
+				t.Errorf("%s: done=%v err=%v", name, done, err)
+				continue
+			}
+			want := append([]byte(nil), d.b...)
+			setECN(want, c.want)
+			if !bytes.Equal(got, want) {
+				t.Errorf("%s: datagram header %x, want %x", name, got[:d.hl], want[:d.hl])
+			}
+		}
+	}
 }
