@@ -14,8 +14,8 @@ import (
 // without copying.
 //
 // IPv4: a datagram larger than mtu with DF set gives ErrDontFragment (one
-// reassembled from fragments that carried DF keeps it; clear it first if
-// refragmenting is meant). Options whose copied flag is set go
+// reassembled from fragments whose largest carried DF has it: FragmentDF
+// refragments it as Linux does). Options whose copied flag is set go
 // into every fragment (NOPs too, padded with end-of-options), the others into
 // the first only, as BSD's ip_optcopy; the identification is the datagram's
 // own and id is ignored. A datagram that is itself a fragment is split
@@ -40,14 +40,28 @@ func Fragment(dst []byte, frags [][]byte, pkt []byte, mtu int, id uint32) ([][]b
 	}
 	switch pkt[0] >> 4 {
 	case 4:
-		return fragment4(dst, frags, pkt, mtu)
+		return fragment4(dst, frags, pkt, mtu, false)
 	case 6:
 		return fragment6(dst, frags, pkt, mtu, id)
 	}
 	return frags, ErrMalformed
 }
 
-func fragment4(dst []byte, frags [][]byte, pkt []byte, mtu int) ([][]byte, error) {
+// FragmentDF is Fragment for a datagram that came as fragments with DF set
+// (Info.DF): an IPv4 datagram with DF set is fragmented too, and every
+// fragment keeps DF, as Linux refragments a datagram it reassembled from DF
+// fragments when it forwards it (IPSKB_FRAG_PMTU). Pass the Info's
+// MaxFragLen, or less only when a router would: Linux refuses to cut such
+// a datagram smaller than its largest fragment, and so should the caller
+// (use Fragment, which gives ErrDontFragment). Otherwise it is Fragment.
+func FragmentDF(dst []byte, frags [][]byte, pkt []byte, mtu int, id uint32) ([][]byte, error) {
+	if len(pkt) > 0 && pkt[0]>>4 == 4 {
+		return fragment4(dst, frags[:0], pkt, mtu, true)
+	}
+	return Fragment(dst, frags, pkt, mtu, id)
+}
+
+func fragment4(dst []byte, frags [][]byte, pkt []byte, mtu int, keepDF bool) ([][]byte, error) {
 	if len(pkt) < 20 {
 		return frags, ErrMalformed
 	}
@@ -61,7 +75,7 @@ func fragment4(dst []byte, frags [][]byte, pkt []byte, mtu int) ([][]byte, error
 		return append(frags, pkt), nil
 	}
 	fo := binary.BigEndian.Uint16(pkt[6:8])
-	if fo&0x4000 != 0 {
+	if fo&0x4000 != 0 && !keepDF {
 		return frags, ErrDontFragment
 	}
 	base := int(fo&0x1FFF) * 8
@@ -131,7 +145,7 @@ func fragment4(dst []byte, frags [][]byte, pkt []byte, mtu int) ([][]byte, error
 		copy(out, h)
 		copy(out[len(h):], data[off:off+p])
 		binary.BigEndian.PutUint16(out[2:4], uint16(len(out)))
-		flags := uint16(fo/8) | uint16(pkt[6]&0x80)<<8 // keep the reserved bit
+		flags := uint16(fo/8) | uint16(pkt[6]&0xC0)<<8 // keep the reserved bit, and DF (only keepDF lets it here)
 		if off+p < len(data) || lastMF {
 			flags |= 0x2000
 		}

@@ -244,3 +244,107 @@ func TestAgainstIP4Defrag(t *testing.T) {
 		}
 	}
 }
+
+// TestDFFragments: a datagram whose largest fragment carried DF is
+// reassembled with DF set and Info.DF, as Linux's ip_frag_reasm marks it;
+// one whose DF fragment is not the largest gets DF cleared, whatever the
+// first fragment had. FragmentDF cuts a DF datagram to the size it came in,
+// DF on every fragment, as Linux refragments such a datagram it forwards;
+// Fragment still refuses it.
+func TestDFFragments(t *testing.T) {
+	rng := rand.New(rand.NewPCG(43, 44))
+	d := makeV4(rng, protoUDP, 3000, true)
+	withDF := func(p []byte, df bool) []byte {
+		p = bytes.Clone(p)
+		p[6] &^= 0x40
+		if df {
+			p[6] |= 0x40
+		}
+		setSum4(p[:d.hl])
+		return p
+	}
+	fs := split(d, []int{1456, 2912}) // two full fragments and a short last one
+	cases := []struct {
+		name string
+		df   [3]bool
+		want bool
+	}{
+		{"all DF", [3]bool{true, true, true}, true},
+		{"the largest DF, the last not", [3]bool{false, true, false}, true},
+		{"only the first DF", [3]bool{true, false, false}, true},
+		{"only the short last DF", [3]bool{false, false, true}, false},
+		{"none", [3]bool{}, false},
+	}
+	for _, c := range cases {
+		r := New(Config{})
+		var got []byte
+		var info Info
+		var err error
+		for i, f := range fs {
+			if got, _, err = r.AddInfo(nil, withDF(f, c.df[i]), t0, &info); err != nil {
+				t.Fatalf("%s: %v", c.name, err)
+			}
+		}
+		want := withDF(d.b, c.want)
+		if !bytes.Equal(got, want) || info.DF != c.want || info.MaxFragLen != len(fs[0]) {
+			t.Errorf("%s: header %x, info %+v; want DF %v, header %x", c.name, got[:d.hl], info, c.want, want[:d.hl])
+		}
+	}
+	// A first fragment with DF smaller than the others: DF cleared.
+	fs2 := split(d, []int{1000, 2456})
+	r := New(Config{})
+	var got []byte
+	var info Info
+	for i, f := range fs2 {
+		var err error
+		if got, _, err = r.AddInfo(nil, withDF(f, i == 0), t0, &info); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got[6]&0x40 != 0 || info.DF {
+		t.Errorf("a small first fragment's DF kept: %x %+v", got[6], info)
+	}
+
+	dfd := withDF(d.b, true)
+	if _, err := Fragment(nil, nil, dfd, len(fs[0]), 0); !errors.Is(err, ErrDontFragment) {
+		t.Fatalf("Fragment of a DF datagram: %v, want ErrDontFragment", err)
+	}
+	out, err := FragmentDF(nil, nil, dfd, len(fs[0]), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 3 {
+		t.Fatalf("FragmentDF: %d fragments, want 3", len(out))
+	}
+	for i, f := range out {
+		if f[6]&0x40 == 0 {
+			t.Errorf("fragment %d lost DF", i)
+		}
+		if i == 0 && !bytes.Equal(f, withDF(fs[0], true)) {
+			t.Errorf("first fragment %x, want %x", f[:d.hl], fs[0][:d.hl])
+		}
+	}
+	checkFragments(t, d, out, len(fs[0]), d.id)
+	// They reassemble to the DF datagram.
+	r = New(Config{})
+	for _, f := range out {
+		if got, _, err = r.AddInfo(nil, f, t0, &info); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(got, dfd) || !info.DF {
+		t.Errorf("FragmentDF's fragments reassemble to %x, info %+v", got[:d.hl], info)
+	}
+	// IPv6 has no DF: FragmentDF is Fragment.
+	d6 := makeV6(rng, protoUDP, 3000, false, false, false)
+	a, err1 := Fragment(nil, nil, d6.b, 1280, 7)
+	b, err2 := FragmentDF(nil, nil, d6.b, 1280, 7)
+	if err1 != nil || err2 != nil || len(a) != len(b) {
+		t.Fatalf("IPv6: %v %v", err1, err2)
+	}
+	for i := range a {
+		if !bytes.Equal(a[i], b[i]) {
+			t.Errorf("IPv6 fragment %d differs", i)
+		}
+	}
+}

@@ -48,9 +48,12 @@
 // Keying follows the RFCs: IPv4 (source, destination, protocol,
 // identification); IPv6 (source, destination, identification) per RFC 8200.
 // The IPv4 header of the reassembled datagram is the first fragment's (options
-// included) with the total length fixed, MF and the offset cleared (DF and the
-// reserved bit kept as the first fragment had them), CE set when the ECN
-// rules above say so, and the checksum recomputed. The IPv6 datagram is the
+// included) with the total length fixed, MF and the offset cleared, the
+// reserved bit kept as the first fragment had it, DF set when the largest
+// fragment had it and clear otherwise (as Linux's ip_frag_reasm decides, so
+// that a datagram that came as DF fragments is refragmented with DF: see
+// Info.DF and FragmentDF), CE set when the ECN rules above say so, and the
+// checksum recomputed. The IPv6 datagram is the
 // first fragment's per-fragment headers with the Fragment header removed, the
 // next-header chain and the payload length fixed, and CE set the same way.
 package reassembly
@@ -239,6 +242,12 @@ type Info struct {
 	// MaxFragLen is the length of the largest fragment received (whole IP
 	// packet), the size the sender fragmented to.
 	MaxFragLen int
+	// DF is set for an IPv4 datagram whose largest fragment had DF set
+	// (the datagram has DF set then): Linux forwards such a datagram it
+	// reassembled as fragments of at most MaxFragLen bytes, each with DF,
+	// and refuses (ICMP fragmentation needed) to cut it smaller. FragmentDF
+	// does the former.
+	DF bool
 }
 
 // span is a range [lo, hi) of fragment data held.
@@ -269,6 +278,7 @@ type entry struct {
 	extent   int   // highest data end held
 	nfrags   int
 	maxFrag  int
+	maxDF    int // IPv4: length of the largest fragment with DF set
 	ranges   []span
 	deadline time.Time
 	seq      uint64
@@ -425,6 +435,7 @@ type frag struct {
 	prevNH int    // IPv6: offset in hdr of the next-header byte that said 44
 	nh     uint8  // IPv6: the Fragment header's next header
 	ecn    uint8  // ecnBit of its ECN codepoint
+	df     bool   // IPv4: DF set
 	id     uint32
 }
 
@@ -481,6 +492,7 @@ func (r *Reassembler) add4(dst, pkt []byte, now time.Time, info *Info) ([]byte, 
 		more: fo&0x2000 != 0,
 		plen: tl,
 		ecn:  1 << (pkt[1] & 3),
+		df:   fo&0x4000 != 0,
 		id:   uint32(binary.BigEndian.Uint16(pkt[4:6])),
 	}
 	f.key.id = f.id
@@ -649,7 +661,12 @@ func (r *Reassembler) add(dst []byte, f *frag, perr error, now time.Time, info *
 	} else {
 		binary.BigEndian.PutUint16(out[2:4], uint16(n))
 		out[1] |= ecn
-		out[6] &= 0xC0 // keep RF and DF, clear MF and the offset
+		// Keep RF; DF when the largest fragment had it (Linux's
+		// max_df_size == max_size); clear MF and the offset.
+		out[6] &= 0x80
+		if e.maxDF == e.maxFrag {
+			out[6] |= 0x40
+		}
 		out[7] = 0
 		out[10], out[11] = 0, 0
 		binary.BigEndian.PutUint16(out[10:12], ^packet.Checksum(out[:e.hdrLen], 0))
@@ -668,6 +685,7 @@ func (r *Reassembler) add(dst []byte, f *frag, perr error, now time.Time, info *
 		info.ID = e.key.id
 		info.Fragments = e.nfrags
 		info.MaxFragLen = e.maxFrag
+		info.DF = !e.v6 && e.maxDF == e.maxFrag
 	}
 	r.st.Completed++
 	r.release(idx)
@@ -718,7 +736,7 @@ func (r *Reassembler) create(f *frag, now time.Time) int32 {
 	e.buf = nil
 	e.dead = false
 	e.hdrLen, e.prevNH, e.nh, e.ecn = 0, 0, 0, 0
-	e.total, e.have, e.extent, e.nfrags, e.maxFrag = -1, 0, 0, 0, 0
+	e.total, e.have, e.extent, e.nfrags, e.maxFrag, e.maxDF = -1, 0, 0, 0, 0, -1
 	e.ranges = e.ranges[:0]
 	timeout := r.timeout4
 	li := 0
@@ -966,6 +984,9 @@ func (r *Reassembler) place(idx int32, e *entry, f *frag) error {
 	e.extent = ext
 	e.nfrags++
 	e.maxFrag = max(e.maxFrag, f.plen)
+	if f.df {
+		e.maxDF = max(e.maxDF, f.plen)
+	}
 	return nil
 }
 
