@@ -96,6 +96,7 @@ type sysAddr struct {
 	dgram   bool
 	fragID  uint32 // identification to refragment with
 	fragMTU uint32 // size of its largest fragment
+	fragDF  bool   // IPv4: its largest fragment had DF (reassembly.Info.DF)
 	dsum    uint64 // maphash (dgramSeed) of the datagram as handed over
 }
 

@@ -32,8 +32,11 @@ package divert
 // refragments it at that size with its identification and injects the
 // fragments in one batch, with the checksums its Address's clear bits ask
 // for computed first when the program changed it (the driver computes no
-// fragment's TCP or UDP checksum); an IPv4 datagram with DF set is then an
-// error that says so, and nothing is sent. A copy of its Address with
+// fragment's TCP or UDP checksum); an IPv4 datagram with DF set is then cut
+// with DF on every fragment when its largest fragment had DF (as Linux's
+// reassembly marks a datagram DF, and refragments it when it forwards it),
+// and is otherwise (the program set DF) an error that says so, and nothing
+// is sent. A copy of its Address with
 // Outbound reversed describes an answer, a new packet: that goes whole.
 // Held fragments are lost on Close (they were out of the stack already).
 // FlagReassemble needs a network layer.
@@ -76,6 +79,7 @@ type sysAddr struct {
 	reassembled bool
 	id          uint32 // IPv4 identification, or the IPv6 Fragment header's
 	fragLen     uint32 // the largest fragment it came in (whole IP packet)
+	fragDF      bool   // IPv4: that largest fragment had DF (reassembly.Info.DF)
 	dsum        uint64 // maphash (dgramSeed) of the datagram as handed over
 }
 

@@ -1442,6 +1442,43 @@ func TestWinReassembleDontFragment(t *testing.T) {
 	}
 }
 
+// A datagram that came as fragments with DF set is handed over with DF (as
+// Linux's reassembly marks it) and sent back unchanged it goes out as the
+// fragments it came in, DF on each, byte for byte, as Linux forwards it.
+func TestWinReassembleDFFragments(t *testing.T) {
+	h, f := winOpen(t, "true", LayerNetwork, 0, FlagReassemble)
+	d := winUDP4(3000, 0x3434, 1)
+	fr := winFrag4(d, 1000)
+	for _, p := range fr {
+		p[6] |= 0x40
+		fixIPv4HeaderChecksum(p)
+		f.Push(windivert.Item{Data: p, Addr: windivert.Addr{Outbound: true}})
+	}
+	buf := make([]byte, MTUMax)
+	var a Address
+	n, err := h.Recv(buf, &a)
+	want := bytes.Clone(d)
+	want[6] |= 0x40
+	if err := CalcChecksums(want, nil, 0); err != nil { // the header's; the UDP one is unchanged
+		t.Fatal(err)
+	}
+	if err != nil || !bytes.Equal(buf[:n], want) {
+		t.Fatalf("Recv = %d, %v; datagram header %x, want %x", n, err, buf[:20], want[:20])
+	}
+	if _, err := h.Send(buf[:n], &a); err != nil {
+		t.Fatalf("Send: %v", err)
+	}
+	s := f.Sent()
+	if len(s) != len(fr) {
+		t.Fatalf("sent %d packets, want %d", len(s), len(fr))
+	}
+	for i := range s {
+		if !bytes.Equal(s[i].Data, fr[i]) {
+			t.Errorf("fragment %d: header %x, want %x", i, s[i].Data[:20], fr[i][:20])
+		}
+	}
+}
+
 // Held fragments follow ParamQueueTime: older than it, their datagram is
 // dropped; a later SetParam applies to what is held.
 func TestWinReassembleTimeout(t *testing.T) {

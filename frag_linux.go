@@ -79,8 +79,12 @@ import (
 //     when there is no route), as the forward hook gives it for whole
 //     packets and WinDivert reports it. Send emits it again, changed or not,
 //     from the router as marked raw packets, fragmented to the size its
-//     largest fragment had (and smaller when the route's MTU says so); an
-//     IPv4 datagram with DF set that does not fit gives an error wrapping
+//     largest fragment had (and smaller when the route's MTU says so). An
+//     IPv4 datagram has DF set when its largest fragment had (as Linux's
+//     reassembly marks it); sent back so, it is cut to that size with DF on
+//     every fragment, as Linux forwards it. One with DF set that does not
+//     fit otherwise (the program set DF, or the route's MTU is smaller than
+//     its largest fragment) gives an error wrapping
 //     reassembly.ErrDontFragment. The re-emitted packets leave through the
 //     router's output path, by their route, whatever the Address's IfIdx
 //     says, but for an IPv6 datagram to a link-scoped destination
@@ -356,6 +360,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 			dgram:   true,
 			fragID:  fs.info.ID,
 			fragMTU: uint32(fs.info.MaxFragLen),
+			fragDF:  fs.info.DF,
 			dsum:    maphash.Bytes(dgramSeed, buf[:n]),
 		},
 	}
@@ -465,7 +470,7 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		// the link of its first fe80::/64 route.
 		zone = 0
 	}
-	if err := b.sendFragments(pkt, int(a.sys.fragMTU), a.sys.fragID, zone, false); err != nil {
+	if err := b.sendFragments(pkt, int(a.sys.fragMTU), a.sys.fragID, zone, false, a.sys.fragDF); err != nil {
 		return 0, err
 	}
 	a.sys = sysAddr{}
@@ -554,7 +559,7 @@ func (b *linuxBackend) sendTooBig(pkt []byte, ifIdx uint32, err error) error {
 	if pkt[0]>>4 == 6 {
 		id = rand.Uint32N(1<<32-1) + 1
 	}
-	if err := b.sendFragments(pkt, rm, id, ifIdx, true); err != nil {
+	if err := b.sendFragments(pkt, rm, id, ifIdx, true, false); err != nil {
 		switch {
 		case errors.Is(err, reassembly.ErrDontFragment):
 			return fmt.Errorf("divert: send: the %d-byte packet exceeds the %d-byte MTU of its route and has DF set, so it is not fragmented (a router would drop it and answer ICMP fragmentation needed, MTU %d): %w (%w)", len(pkt), rm, rm, reassembly.ErrDontFragment, unix.EMSGSIZE)
@@ -576,15 +581,23 @@ func (b *linuxBackend) sendTooBig(pkt []byte, ifIdx uint32, err error) error {
 // id is the identification of IPv6 fragments (IPv4 ones keep pkt's, or get
 // a random one when it is 0). When the first fragment is refused as too big
 // (EMSGSIZE) and asked is false, it asks the route's MTU and, if smaller,
-// fragments again to it. Called with b.fsend.mu held.
-func (b *linuxBackend) sendFragments(pkt []byte, mtu int, id uint32, ifIdx uint32, asked bool) error {
+// fragments again to it. keepDF is set for a datagram that came as
+// fragments whose largest had DF (reassembly.Info.DF): as Linux forwards
+// such a datagram, an IPv4 one with DF set is cut to mtu (the size it came
+// in) with DF on every fragment, and refused (ErrDontFragment) when its
+// route's MTU is smaller. Called with b.fsend.mu held.
+func (b *linuxBackend) sendFragments(pkt []byte, mtu int, id uint32, ifIdx uint32, asked, keepDF bool) error {
 	fs := &b.fsend
 	if fs.fbuf == nil {
 		fs.fbuf = make([]byte, 0, 2*MTUMax)
 		fs.flist = make([][]byte, 0, 64)
 	}
 	for {
-		frags, err := reassembly.Fragment(fs.fbuf[:0], fs.flist, pkt, mtu, id)
+		cut := reassembly.Fragment
+		if keepDF {
+			cut = reassembly.FragmentDF
+		}
+		frags, err := cut(fs.fbuf[:0], fs.flist, pkt, mtu, id)
 		if err != nil {
 			if errors.Is(err, reassembly.ErrDontFragment) {
 				return fmt.Errorf("divert: send: the %d-byte datagram exceeds the %d-byte MTU and has DF set, so it cannot be refragmented: %w", len(pkt), mtu, err)
@@ -617,5 +630,6 @@ func (b *linuxBackend) sendFragments(pkt []byte, mtu int, id uint32, ifIdx uint3
 			return fmt.Errorf("divert: %w", err)
 		}
 		mtu = rm
+		keepDF = false // smaller than it came in: a router refuses a DF datagram
 	}
 }

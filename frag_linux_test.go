@@ -1318,3 +1318,96 @@ func sendFrags(t *testing.T, h *Handle, d []byte, id uint32, a Address) {
 		}
 	}
 }
+
+// TestFragForwardDFFragments: a forwarded IPv4 datagram that comes as
+// fragments with DF set (legal, and what Linux itself forwards when it
+// reassembled such fragments) passes a FlagReassemble forward handle that
+// sends it back unchanged, as Linux forwards it: refragmented to the size it
+// came in, DF on every fragment. The fragments reaching the host behind the
+// router are those the sender sent, byte for byte but for the TTL and the
+// header checksum (and DF with conntrack in the router, whose own
+// refragmenting drops it, with or without the handle); the handle saw one
+// datagram with DF set.
+func TestFragForwardDFFragments(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "ddf", 1500)
+	for _, ct := range []bool{false, true} {
+		t.Run(caseName(false, ct), func(t *testing.T) {
+			if ct {
+				withConntrack(t, r.Router())
+			}
+			dst := netip.AddrPortFrom(r.Right.B.V4, 7107)
+			src := netip.AddrPortFrom(r.Left.A.V4, 5007)
+			sink, err := r.RightHost().ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			wire := openIn(t, r.RightHost(), "inbound && ip.SrcAddr == "+src.Addr().String(), LayerNetwork, 0, FlagFragments)
+			wp := startFragPump(t, wire, nil)
+			h := openIn(t, r.Router(), "udp.DstPort == 7107", LayerNetworkForward, 0, FlagReassemble)
+			p := startFragPump(t, h, nil)
+
+			payload := fragPayload("df")
+			d := udpPacket(t, src, dst, payload)
+			binary.BigEndian.PutUint16(d[4:], 0x5151)
+			frags, err := reassembly.Fragment(nil, nil, d, 1500, 0)
+			if err != nil || len(frags) != 3 {
+				t.Fatalf("fragment: %d fragments, %v", len(frags), err)
+			}
+			ls := openIn(t, r.LeftHost(), "false", LayerNetwork, 0, FlagSendOnly)
+			var sent [][]byte
+			for _, f := range frags {
+				f = bytes.Clone(f)
+				f[6] |= 0x40 // DF
+				CalcChecksums(f, nil, 0)
+				sent = append(sent, f)
+				if _, err := ls.Send(f, &Address{Outbound: true, IPChecksum: true, UDPChecksum: true}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			recvd, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, errs := p.stop()
+			onWire, _ := wp.stop()
+			for _, err := range errs {
+				if err != nil {
+					t.Errorf("Send: %v", err)
+				}
+			}
+			if len(got) != 1 || len(got[0].pkt) != len(d) || got[0].pkt[6]&0x40 == 0 {
+				t.Fatalf("handle saw %d datagrams, want one of %d bytes with DF set", len(got), len(d))
+			}
+			if len(recvd) != 1 || !bytes.Equal(recvd[0], payload) {
+				t.Fatalf("sink got %d datagrams, want the one intact", len(recvd))
+			}
+			var wf [][]byte
+			for _, s := range onWire {
+				if isFragment(s.pkt) {
+					wf = append(wf, s.pkt)
+				}
+			}
+			if len(wf) != len(sent) {
+				t.Fatalf("%d fragments reached the host behind the router, want %d", len(wf), len(sent))
+			}
+			for i, f := range wf {
+				a, b := bytes.Clone(f), bytes.Clone(sent[i])
+				for _, x := range [][]byte{a, b} {
+					x[8], x[10], x[11] = 0, 0, 0 // TTL, header checksum
+					if ct {
+						// Conntrack in the router defragments the raw
+						// sends at output and the kernel refragments them
+						// through its fast path, which drops DF: what it
+						// does to these fragments without the handle too.
+						x[6] &^= 0x40
+					}
+				}
+				if !bytes.Equal(a, b) {
+					t.Errorf("fragment %d on the wire: header %x, sent %x", i, f[:20], sent[i][:20])
+				}
+			}
+		})
+	}
+}

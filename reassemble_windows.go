@@ -158,7 +158,7 @@ func (b *winBackend) recvBatchReassembled(ms []Message) (int, error) {
 			}
 			if in := &b.reasm.info; in.Fragmented {
 				m.Addr.sys = sysAddr{reassembled: true, out: m.Addr.Outbound, id: in.ID,
-					fragLen: uint32(in.MaxFragLen), dsum: maphash.Bytes(dgramSeed, d)}
+					fragLen: uint32(in.MaxFragLen), fragDF: in.DF, dsum: maphash.Bytes(dgramSeed, d)}
 				if d[0]>>4 == 4 {
 					m.Addr.IPChecksum = true // the reassembler recomputed it
 				}
@@ -250,7 +250,11 @@ func (b *winBackend) refragment(p []byte, a *Address) ([][]byte, error) {
 		p = r.cbuf
 		_ = CalcChecksums(p, nil, unfinished(a))
 	}
-	frags, err := reassembly.Fragment(r.fbuf[:0], r.frags[:0], p, int(s.fragLen), s.id)
+	cut := reassembly.Fragment
+	if s.fragDF {
+		cut = reassembly.FragmentDF // it came as DF fragments of that size
+	}
+	frags, err := cut(r.fbuf[:0], r.frags[:0], p, int(s.fragLen), s.id)
 	if cap(frags) > cap(r.frags) {
 		r.frags = frags[:0] // keep what Fragment grew
 	}
