@@ -77,7 +77,11 @@ import (
 //     carry (they are taken before routing), is the interface the routing
 //     table forwards it through, asked over rtnetlink once per datagram (0
 //     when there is no route), as the forward hook gives it for whole
-//     packets and WinDivert reports it. Send emits it again, changed or not,
+//     packets and WinDivert reports it. Its TTL (hop limit) is decremented,
+//     as the kernel's forwarding does before the forward hook; a datagram
+//     whose TTL would reach 0 is not handed over: its fragments go back to
+//     the kernel, which drops them and answers ICMP time exceeded, as it
+//     does for a whole packet. Send emits it again, changed or not,
 //     from the router as marked raw packets, fragmented to the size its
 //     largest fragment had (and smaller when the route's MTU says so). An
 //     IPv4 datagram has DF set when its largest fragment had (as Linux's
@@ -271,10 +275,20 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 	}
 	// Capped at len(buf): the caller owns only that much of its array.
 	dgram, done, rerr := fs.reasm.AddInfo(buf[:0:len(buf)], p.Payload, time.Unix(0, now), &fs.info)
+	expired := false
 	if done && rerr == nil && fs.route != nil && !outbound && fs.info.Fragmented && !fs.info.Atomic {
 		// Asked before vmu is taken: a netlink round trip must not hold up
 		// the handle's verdicts.
 		ifIdx = fs.forwardIf(dgram, ifIdx, p.Mark)
+		// The fragments were taken at prerouting, before the kernel's
+		// forwarding decrements the TTL (hop limit) and the forward hook
+		// sees the packet: the datagram is handed over decremented, as the
+		// forward hook shows whole packets, and Send's raw sends, which do
+		// not decrement, then leave with the TTL the kernel would give.
+		// One whose TTL would reach 0 the kernel drops before the forward
+		// hook, answering ICMP time exceeded: its fragments go back to the
+		// kernel, which does so.
+		expired = !DecrementTTL(dgram)
 	}
 	b.vmu.Lock()
 	defer b.vmu.Unlock()
@@ -311,6 +325,10 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		return 0, true, false, nil
 	case fs.info.Atomic || !fs.info.Fragmented:
 		return 0, false, false, nil
+	case expired:
+		b.acc = append(b.acc, p.ID)
+		b.finishPending(k, nfq.Accept)
+		return 0, true, false, nil
 	}
 	ipv6 := k.v6
 	if b.userSide && b.filt != nil {

@@ -1411,3 +1411,100 @@ func TestFragForwardDFFragments(t *testing.T) {
 		})
 	}
 }
+
+// TestFragForwardTTL: a datagram a FlagReassemble forward handle
+// reassembled is handed over with its TTL (hop limit) decremented, as the
+// forward hook shows a whole packet, and leaves the router so, as the
+// kernel forwards it; one that arrives with TTL 1 is not handed over and
+// the kernel answers ICMP time exceeded, as for a whole packet.
+func TestFragForwardTTL(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dtl", 1500)
+	for _, c := range fragCases() {
+		t.Run(caseName(c.v6, c.ct), func(t *testing.T) {
+			if c.ct {
+				withConntrack(t, r.Router())
+			}
+			srcA, dstA := r.Left.A.V4, r.Right.B.V4
+			ttlOff, wireFilt, icmpFilt := 8, "inbound && ip.SrcAddr == ", "inbound && icmp.Type == 11"
+			if c.v6 {
+				srcA, dstA = r.Left.A.V6, r.Right.B.V6
+				ttlOff, wireFilt, icmpFilt = 7, "inbound && ipv6.SrcAddr == ", "inbound && icmpv6.Type == 3"
+			}
+			dst := netip.AddrPortFrom(dstA, 7108)
+			sink, err := r.RightHost().ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			wire := openIn(t, r.RightHost(), wireFilt+srcA.String(), LayerNetwork, 0, FlagFragments)
+			wp := startFragPump(t, wire, nil)
+			icmp := openIn(t, r.LeftHost(), icmpFilt, LayerNetwork, 0, FlagSniff)
+			ip := startFragPump(t, icmp, nil)
+			h := openIn(t, r.Router(), "udp.DstPort == 7108", LayerNetworkForward, 0, FlagReassemble)
+			p := startFragPump(t, h, nil)
+
+			if err := r.LeftHost().SendUDP(dst, []byte("whole"), 1, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.LeftHost().SendUDP(dst, fragPayload("ttl"), 1, 0); err != nil {
+				t.Fatal(err)
+			}
+			recvd, err := netnstest.RecvUDP(sink, 2, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// A datagram with TTL 1, as raw fragments from the left host.
+			d := udpPacket(t, netip.AddrPortFrom(srcA, 5008), dst, fragPayload("one"))
+			d[ttlOff] = 1
+			if !c.v6 {
+				binary.BigEndian.PutUint16(d[4:], 0x5252)
+				CalcChecksums(d, nil, 0)
+			}
+			ls := openIn(t, r.LeftHost(), "false", LayerNetwork, 0, FlagSendOnly)
+			sendFrags(t, ls, d, 0x52525252, Address{Outbound: true, IPChecksum: true, UDPChecksum: true})
+			late, err := netnstest.RecvUDP(sink, 1, 500*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, errs := p.stop()
+			onWire, _ := wp.stop()
+			icmps, _ := ip.stop()
+			for _, err := range errs {
+				if err != nil {
+					t.Errorf("Send: %v", err)
+				}
+			}
+			if len(recvd) != 2 || len(late) != 0 {
+				t.Fatalf("sink got %d datagrams then %d, want 2 then none", len(recvd), len(late))
+			}
+			if len(got) != 2 {
+				t.Fatalf("handle saw %d datagrams, want 2 (the TTL 1 one not)", len(got))
+			}
+			// The sender's TTL is the kernel's default, 64.
+			for _, s := range got {
+				if s.pkt[ttlOff] != 63 {
+					t.Errorf("handle saw a %d-byte datagram with TTL %d, want 63 (decremented, as the forward hook shows it)", len(s.pkt), s.pkt[ttlOff])
+				}
+			}
+			var frags int
+			for _, s := range onWire {
+				if !isFragment(s.pkt) {
+					continue
+				}
+				frags++
+				if s.pkt[ttlOff] != 63 {
+					t.Errorf("fragment on the wire with TTL %d, want 63", s.pkt[ttlOff])
+				}
+			}
+			if frags < 2 {
+				t.Errorf("%d fragments reached the host behind the router", frags)
+			}
+			// One per fragment for IPv6 without conntrack: the kernel
+			// answers each fragment it cannot forward.
+			if len(icmps) == 0 {
+				t.Errorf("the sender got no ICMP time exceeded")
+			}
+		})
+	}
+}
