@@ -111,7 +111,8 @@ import (
 // is dropped alone, as the kernel drops it before its fragment queue;
 // overlapping or otherwise refused fragments are dropped at once, with the
 // fragments held for the same datagram (the kernel's reassembly would
-// refuse them too).
+// refuse them too); an exact duplicate of a fragment held is not held
+// too: it is dropped at once (let go on with FlagSniff).
 
 // fragKey identifies a datagram the way internal/reassembly keys it.
 type fragKey struct {
@@ -307,6 +308,18 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, p.ID, nfq.Drop, nil)
 		if !errors.Is(rerr, reassembly.ErrMalformed) {
 			b.finishPending(k, nfq.Drop)
+		}
+		return 0, true, false, nil
+	case !done && fs.info.Duplicate:
+		// Its data is held already: it is not held in the queue too (the
+		// kernel frees a duplicate at once), so that repeating a fragment
+		// cannot fill the queue. A sniffing handle lets it go on, as
+		// without the handle; another drops it, since accepted it could
+		// join the fragments Send emits for the datagram at the receiver.
+		if b.flags&FlagSniff != 0 {
+			b.acc = append(b.acc, p.ID)
+		} else {
+			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, p.ID, nfq.Drop, nil)
 		}
 		return 0, true, false, nil
 	case !done:

@@ -1508,3 +1508,48 @@ func TestFragForwardTTL(t *testing.T) {
 		})
 	}
 }
+
+// TestFragDuplicateNotHeld: an exact duplicate of a held fragment is not
+// held in the queue too (the kernel frees a duplicate at once): repeating a
+// fragment cannot fill the queue. It is dropped at once, or accepted at
+// once by a sniffing handle; the datagram still completes.
+func TestFragDuplicateNotHeld(t *testing.T) {
+	for _, sniff := range []bool{false, true} {
+		var flags Flag
+		if sniff {
+			flags = FlagSniff
+		}
+		b := newLinuxBackend(&openConfig{layer: LayerNetworkForward, flags: flags})
+		b.frag = &fragState{reasm: reassembly.New(reassembly.Config{Timeout: time.Minute}), pending: map[fragKey]*pendingDgram{}}
+		now := time.Now().UnixNano()
+		buf := make([]byte, MTUMax)
+		var a Address
+		for i := range 100 {
+			if _, handled, delivered, err := b.reassemble(&nfq.Packet{ID: uint32(i + 1), Hook: nfq.HookPrerouting, Payload: fragV4(0, 16, true)}, buf, &a, now); !handled || delivered || err != nil {
+				t.Fatalf("sniff %v, copy %d: handled %v, delivered %v, %v", sniff, i+1, handled, delivered, err)
+			}
+		}
+		if n := b.track.Len(); n != 1 {
+			t.Errorf("sniff %v: %d fragments held, want 1", sniff, n)
+		}
+		want := []byte(nil)
+		var acc []uint32
+		for id := uint32(2); id <= 100; id++ {
+			if sniff {
+				acc = append(acc, id)
+			} else {
+				want = nfq.AppendVerdict(want, b.queue, id, nfq.Drop, nil)
+			}
+		}
+		if !bytes.Equal(b.vbuf, want) || !slices.Equal(b.acc, acc) {
+			t.Errorf("sniff %v: verdicts %d bytes, accepted %v; want the 99 copies dropped (accepted with FlagSniff) at once", sniff, len(b.vbuf), b.acc)
+		}
+		b.vbuf, b.acc = b.vbuf[:0], b.acc[:0]
+		if _, _, delivered, err := b.reassemble(&nfq.Packet{ID: 101, Hook: nfq.HookPrerouting, Payload: fragV4(16, 8, false)}, buf, &a, now); !delivered || err != nil {
+			t.Fatalf("sniff %v: the last fragment: delivered %v, %v", sniff, delivered, err)
+		}
+		if n := b.track.Len(); n != 0 {
+			t.Errorf("sniff %v: %d fragments held after completion", sniff, n)
+		}
+	}
+}

@@ -248,6 +248,12 @@ type Info struct {
 	// and refuses (ICMP fragmentation needed) to cut it smaller. FragmentDF
 	// does the former.
 	DF bool
+	// Duplicate is set, with done false and no error, for a fragment that
+	// brought nothing new: an exact duplicate of one held (or, with
+	// OverlapFirstWins, one whose data is all held already). A caller that
+	// holds the fragments elsewhere (a queue) can let go of this one at
+	// once, as a kernel frees a duplicate at once.
+	Duplicate bool
 }
 
 // span is a range [lo, hi) of fragment data held.
@@ -316,6 +322,7 @@ type Reassembler struct {
 	// The completing fragment's data, copied by add into dst only.
 	tail    []byte
 	tailOff int
+	dup     bool // place found the fragment a duplicate
 }
 
 // SetTimeout sets how long a datagram may take to complete, for both
@@ -628,7 +635,7 @@ func (r *Reassembler) add(dst []byte, f *frag, perr error, now time.Time, info *
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.expireLocked(now)
-	r.tail = nil
+	r.tail, r.dup = nil, false
 	idx, ok := r.index[f.key] // expired datagrams are gone already
 	if ok && r.slab[idx].dead {
 		r.countReject(ErrDiscarded)
@@ -645,6 +652,9 @@ func (r *Reassembler) add(dst []byte, f *frag, perr error, now time.Time, info *
 		return r.refuse(idx, true, err)
 	}
 	if e.total < 0 || e.have != e.total {
+		if info != nil {
+			info.Duplicate = r.dup
+		}
 		return nil, false, nil
 	}
 	// Complete.
@@ -935,6 +945,7 @@ func (r *Reassembler) place(idx int32, e *entry, f *frag) error {
 		e.have += hi - lo
 	case int(e.ranges[i].lo) == lo && int(e.ranges[i].hi) == hi && bytes.Equal(data[lo:hi], f.data):
 		r.st.Duplicates++
+		r.dup = true
 		if last {
 			e.total = hi
 		}
@@ -967,6 +978,7 @@ func (r *Reassembler) place(idx int32, e *entry, f *frag) error {
 		}
 		if !added {
 			r.st.Duplicates++
+			r.dup = true
 			if last {
 				e.total = hi
 			}

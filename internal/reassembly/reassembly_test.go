@@ -823,3 +823,29 @@ func TestECNCombination(t *testing.T) {
 		}
 	}
 }
+
+// TestInfoDuplicate: Info.Duplicate says that a fragment brought nothing
+// new (an exact duplicate; with OverlapFirstWins one whose data is all
+// held), and only that.
+func TestInfoDuplicate(t *testing.T) {
+	rng := rand.New(rand.NewPCG(45, 46))
+	d := makeV4(rng, protoUDP, 400, false)
+	for _, policy := range []OverlapPolicy{OverlapDrop, OverlapFirstWins} {
+		r := New(Config{IPv4Overlap: policy})
+		var info Info
+		step := func(p []byte, wantDup bool) {
+			t.Helper()
+			if _, done, err := r.AddInfo(nil, p, t0, &info); err != nil || done || info.Duplicate != wantDup {
+				t.Fatalf("%v: done %v, %v, Duplicate %v; want %v", policy, done, err, info.Duplicate, wantDup)
+			}
+		}
+		step(piece(d, 0, 64, true), false)
+		step(piece(d, 0, 64, true), true)
+		step(piece(d, 128, 192, true), false)
+		if policy == OverlapFirstWins {
+			step(piece(d, 8, 56, true), true) // covered
+			step(piece(d, 56, 136, true), false)
+		}
+		step(piece(d, 128, 192, true), true)
+	}
+}
