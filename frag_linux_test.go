@@ -1324,8 +1324,8 @@ func sendFrags(t *testing.T, h *Handle, d []byte, id uint32, a Address) {
 // reassembled such fragments) passes a FlagReassemble forward handle that
 // sends it back unchanged, as Linux forwards it: refragmented to the size it
 // came in, DF on every fragment. The fragments reaching the host behind the
-// router are those the sender sent, byte for byte but for the TTL and the
-// header checksum (and DF with conntrack in the router, whose own
+// router are those the sender sent, byte for byte but for the TTL, one
+// less, and the header checksum (and DF with conntrack in the router, whose own
 // refragmenting drops it, with or without the handle); the handle saw one
 // datagram with DF set.
 func TestFragForwardDFFragments(t *testing.T) {
@@ -1393,9 +1393,13 @@ func TestFragForwardDFFragments(t *testing.T) {
 				t.Fatalf("%d fragments reached the host behind the router, want %d", len(wf), len(sent))
 			}
 			for i, f := range wf {
+				if netnstest.Checksum(f[:20]) != 0 {
+					t.Errorf("fragment %d on the wire: bad header checksum", i)
+				}
 				a, b := bytes.Clone(f), bytes.Clone(sent[i])
+				b[8]-- // the router's hop
 				for _, x := range [][]byte{a, b} {
-					x[8], x[10], x[11] = 0, 0, 0 // TTL, header checksum
+					x[10], x[11] = 0, 0 // header checksum
 					if ct {
 						// Conntrack in the router defragments the raw
 						// sends at output and the kernel refragments them
