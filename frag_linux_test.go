@@ -1557,3 +1557,85 @@ func TestFragDuplicateNotHeld(t *testing.T) {
 		}
 	}
 }
+
+// TestFragSendMatchesKernel: the fragments Send cuts for a new packet
+// larger than the route's MTU are the kernel's own, byte for byte, for the
+// same datagram: a UDP socket's 3028-byte datagram is captured as the
+// kernel fragmented it (FlagFragments on the receiver), reassembled, sent
+// again through Send (IPv4 with the same identification; IPv6 with its
+// own random one, masked here) and captured again.
+func TestFragSendMatchesKernel(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dbk", 1500)
+	for _, v6 := range []bool{false, true} {
+		t.Run(caseName(v6, false), func(t *testing.T) {
+			dst := netip.AddrPortFrom(l.B.V4, 7109)
+			filt := "inbound && ip.SrcAddr == " + l.A.V4.String()
+			if v6 {
+				dst = netip.AddrPortFrom(l.B.V6, 7109)
+				filt = "inbound && ipv6.SrcAddr == " + l.A.V6.String()
+			}
+			sink, err := l.B.NS.ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			capture := func(send func()) [][]byte {
+				t.Helper()
+				h := openIn(t, l.B.NS, filt, LayerNetwork, 0, FlagFragments)
+				p := startFragPump(t, h, nil)
+				send()
+				if got, err := netnstest.RecvUDP(sink, 1, 3*time.Second); err != nil || len(got) != 1 {
+					t.Fatalf("sink got %d datagrams, %v", len(got), err)
+				}
+				got, _ := p.stop()
+				var fs [][]byte
+				for _, s := range got {
+					if isFragment(s.pkt) {
+						fs = append(fs, s.pkt)
+					}
+				}
+				return fs
+			}
+			kernel := capture(func() {
+				if err := l.A.NS.SendUDP(dst, fragPayload("kernel"), 1, 0); err != nil {
+					t.Fatal(err)
+				}
+			})
+			if len(kernel) != 3 {
+				t.Fatalf("the kernel sent %d fragments, want 3", len(kernel))
+			}
+			r := reassembly.New(reassembly.Config{})
+			var d []byte
+			for _, f := range kernel {
+				var err error
+				if d, _, err = r.Add(nil, f, time.Now()); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if d == nil {
+				t.Fatal("the kernel's fragments do not reassemble")
+			}
+			h := openIn(t, l.A.NS, "false", LayerNetwork, 0, FlagSendOnly)
+			ours := capture(func() {
+				if _, err := h.Send(d, &Address{Outbound: true, IPv6: v6, IPChecksum: true, UDPChecksum: true}); err != nil {
+					t.Fatal(err)
+				}
+			})
+			if len(ours) != len(kernel) {
+				t.Fatalf("Send cut %d fragments, the kernel %d", len(ours), len(kernel))
+			}
+			for i := range ours {
+				a, b := bytes.Clone(ours[i]), bytes.Clone(kernel[i])
+				if v6 {
+					clear(a[44:48]) // the Fragment header's identification
+					clear(b[44:48])
+				}
+				if !bytes.Equal(a, b) {
+					n := min(len(a), len(b), 48)
+					t.Errorf("fragment %d: %d bytes, header %x; the kernel's %d bytes, %x", i, len(a), a[:n], len(b), b[:n])
+				}
+			}
+		})
+	}
+}
