@@ -1416,6 +1416,53 @@ func TestFragForwardDFFragments(t *testing.T) {
 	}
 }
 
+// TestFragForwardDFSmallerMTU: a datagram that came as DF fragments whose
+// route's MTU is smaller than its largest fragment is not cut smaller
+// (Linux refuses it with ICMP fragmentation needed): Send says so with
+// ErrDontFragment, and nothing reaches the host behind the router.
+func TestFragForwardDFSmallerMTU(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dds", 1500)
+	ipIn(t, r.Router(), "link", "set", r.Right.A.If, "mtu", "1280")
+	dst := netip.AddrPortFrom(r.Right.B.V4, 7110)
+	src := netip.AddrPortFrom(r.Left.A.V4, 5010)
+	sink, err := r.RightHost().ListenUDP(dst.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, r.Router(), "udp.DstPort == 7110", LayerNetworkForward, 0, FlagReassemble)
+	p := startFragPump(t, h, nil)
+	d := udpPacket(t, src, dst, fragPayload("small"))
+	binary.BigEndian.PutUint16(d[4:], 0x5353)
+	frags, err := reassembly.Fragment(nil, nil, d, 1500, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls := openIn(t, r.LeftHost(), "false", LayerNetwork, 0, FlagSendOnly)
+	for _, f := range frags {
+		f[6] |= 0x40 // DF
+		CalcChecksums(f, nil, 0)
+		if _, err := ls.Send(f, &Address{Outbound: true, IPChecksum: true, UDPChecksum: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	late, err := netnstest.RecvUDP(sink, 1, 500*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, errs := p.stop()
+	if len(got) != 1 || len(errs) != 1 {
+		t.Fatalf("handle saw %d datagrams, want 1", len(got))
+	}
+	if !errors.Is(errs[0], reassembly.ErrDontFragment) {
+		t.Errorf("Send: %v, want ErrDontFragment", errs[0])
+	}
+	if len(late) != 0 {
+		t.Errorf("the DF datagram was cut below the size it came in and arrived")
+	}
+}
+
 // TestFragForwardTTL: a datagram a FlagReassemble forward handle
 // reassembled is handed over with its TTL (hop limit) decremented, as the
 // forward hook shows a whole packet, and leaves the router so, as the
