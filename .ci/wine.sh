@@ -42,6 +42,9 @@ echo "wine: $("$WINE" --version)"
 
 tmp=$(mktemp -d)
 export WINEPREFIX="$tmp/prefix" WINEDEBUG=-all WINEARCH=win64 DISPLAY=
+# Wine makes its server directory (/tmp/wine-XXXXXX) under TMPDIR: inside
+# $tmp it goes with the prefix.
+export TMPDIR="$tmp"
 # No Mono/Gecko installer prompts during wineboot: tests are console programs.
 export WINEDLLOVERRIDES="mscoree,mshtml="
 cleanup() {
