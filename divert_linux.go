@@ -26,7 +26,8 @@ import (
 // program are tracked until Send, Drop, their ParamQueueTime (then DROP) or
 // Close (then ACCEPT, as WinDivert reinjects on close). Packets the program
 // never sees (a user-space filter miss, a FlagSniff copy, loopback on the
-// input hook) are accepted at once. Verdicts are collected and sent many per
+// input hook, a packet injected at its priority or above that an
+// OpenPort rule queued) are accepted at once. Verdicts are collected and sent many per
 // sendmsg — as one NFQNL_MSG_VERDICT_BATCH for every ACCEPT that precedes
 // the oldest packet still held — before the receiver would block. Packets
 // nobody reads are released by the reaper once they have waited
@@ -117,6 +118,13 @@ type linuxBackend struct {
 	inj   *inject.Injector  // nil with FlagRecvOnly
 	frag  *fragState        // user-space reassembly (see frag_linux.go); nil without
 	queue uint16
+	// ownMark is nftrules.Mark of the handle's priority: a queued packet
+	// whose mark lies in [nftrules.MarkMagic, ownMark] was injected by a
+	// handle of this priority or a higher one, this one included, and is
+	// accepted unseen. The library's own rules skip such packets in the
+	// kernel already; an administrator's rule (OpenPort) does not, and
+	// would hand the handle its own injections again.
+	ownMark uint32
 	// member counts a handle with a queue as a user of its network
 	// namespace from open to close: while it is, no Ruleset of the
 	// process closed there unregisters a hook, which would make the
@@ -222,12 +230,13 @@ func checkLayer(l Layer) error {
 // newLinuxBackend makes a backend with no sockets yet.
 func newLinuxBackend(cfg *openConfig) *linuxBackend {
 	b := &linuxBackend{
-		serial: handleSerial.Add(1),
-		layer:  cfg.layer,
-		flags:  cfg.flags,
-		filt:   cfg.filter,
-		acc:    make([]uint32, 0, accInitCap),
-		vbuf:   make([]byte, 0, 16<<10),
+		serial:  handleSerial.Add(1),
+		layer:   cfg.layer,
+		flags:   cfg.flags,
+		filt:    cfg.filter,
+		ownMark: nftrules.Mark(cfg.priority),
+		acc:     make([]uint32, 0, accInitCap),
+		vbuf:    make([]byte, 0, 16<<10),
 		// The ring grows with the packets held (up to the queue length):
 		// a loop that holds a batch at a time keeps it small and cached.
 		track: nfq.NewTracker(trackInitCap),
@@ -755,6 +764,13 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 				return 0, errClosed
 			}
 			return 0, fmt.Errorf("divert: recv: %w", err)
+		}
+		if p.Mark >= nftrules.MarkMagic && p.Mark <= b.ownMark {
+			// Injected by this handle or one of equal or higher
+			// priority: queued by a rule that does not skip the
+			// marks (OpenPort's).
+			b.pendAdd(p.ID, pendPass, 0, nil)
+			continue
 		}
 		// When the batch left the kernel: one clock read per read syscall.
 		now := b.conn.ReadTime()
