@@ -559,12 +559,12 @@ func prepare(filterText string, layer Layer, priority int16, flags Flag, osLayer
 // queues is received (on Linux except inbound loopback packets, which are
 // accepted unseen and counted in Stats.Passed, as WinDivert shows loopback
 // traffic outbound only). On Linux the handle's priority is 0, and the new
-// packets it sends carry the socket mark 0xD1007530: when the rule queues
+// packets it sends carry the socket mark 0xD1103530: when the rule queues
 // them again (or any packet with a mark from 0xD1000000 to it, which
 // handles of priority 0 or higher sent), the handle accepts them unseen,
 // counted in Stats.Passed, so that it never receives its own injections;
 // a rule that leaves those marks alone (nft: "meta mark !=
-// 0xd1000000-0xd1007530") spares them the trip through user space. The
+// 0xd1000000-0xd1103530") spares them the trip through user space. The
 // rule decides what is taken, where and how, so the
 // flags about that (FlagDrop, FlagPassThrough, FlagFragments,
 // FlagReassemble) are refused with ErrNotSupported. With FlagSniff the

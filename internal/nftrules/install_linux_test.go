@@ -232,8 +232,29 @@ func TestChainPriority(t *testing.T) {
 	if ChainPriority(HookPrerouting, PriorityLowest) >= -400 || ChainPriority(HookPostrouting, PriorityHighest) <= 100 {
 		t.Error("prerouting must stay below -400 and postrouting above 100")
 	}
-	if Mark(0) != 0xD1007530 || Mark(-30000) != MarkMagic || Mark(30000) != MarkMagic|60000 {
+	if Mark(0) != 0xD1103530 || Mark(-30000) != MarkMagic || Mark(30000) != 0xD1302A60 {
 		t.Errorf("Mark: %#x %#x %#x", Mark(0), Mark(-30000), Mark(30000))
+	}
+}
+
+// TestMarkBits: the marks grow with the priority (markSkip's range
+// compare needs it), all keep MarkMagic's top byte, and none sets a bit
+// other tools give a meaning to (markFree: kube-proxy's masquerade and
+// drop bits, Calico's and Tailscale's).
+func TestMarkBits(t *testing.T) {
+	prev := Mark(PriorityLowest)
+	if prev != MarkMagic {
+		t.Fatalf("Mark(%d) = %#x, want MarkMagic", PriorityLowest, prev)
+	}
+	for p := PriorityLowest; p <= PriorityHighest; p++ {
+		m := Mark(int16(p))
+		if m>>24 != MarkMagic>>24 || m&markFree != 0 {
+			t.Fatalf("Mark(%d) = %#x: top byte not MarkMagic's, or a bit of %#x set", p, m, markFree)
+		}
+		if p > PriorityLowest && m <= prev {
+			t.Fatalf("Mark(%d) = %#x, not above Mark(%d) = %#x", p, m, p-1, prev)
+		}
+		prev = m
 	}
 }
 

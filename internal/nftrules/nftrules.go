@@ -29,7 +29,11 @@
 // # Marks
 //
 // Packets the library injects carry the socket mark Mark(Q) of the injecting
-// handle: MarkMagic | (Q + 30000). Every chain of a handle of priority P
+// handle: MarkMagic with Q + 30000 (0..60000) spread over bits 0-13 and
+// 20-21, so that it grows with Q and leaves bits 14-19 clear, which other
+// tools give a meaning to (kube-proxy's defaults: 0x4000 masquerades a
+// packet, 0x8000 drops it; Calico's and Tailscale's bits from 0x10000 up).
+// Every chain of a handle of priority P
 // first accepts (skips) packets whose mark lies in [MarkMagic, Mark(P)], i.e.
 // packets injected by a handle of priority Q <= P; only handles of lower
 // priority than the injector see them, as in WinDivert ("a handle ignores
@@ -93,13 +97,22 @@ const (
 )
 
 // MarkMagic is the top byte of every mark the library puts on packets it
-// injects; the low 16 bits hold the injecting handle's priority + 30000.
+// injects; the injecting handle's priority + 30000 is in bits 0-13 (its
+// low 14 bits) and 20-21 (its top 2). It is also Mark(PriorityLowest).
 const MarkMagic uint32 = 0xD1 << 24
 
+// markFree are the mark bits Mark leaves clear: kube-proxy's masquerade
+// (0x4000) and drop (0x8000) bits, and the ones Calico (0x10000 accept,
+// 0x20000 pass, scratch bits above) and Tailscale (0xff0000 mask: 0x40000,
+// 0x80000) use.
+const markFree uint32 = 0x000FC000
+
 // Mark is the socket mark of packets injected by a handle of the given
-// priority (clamped to -30000..30000).
+// priority (clamped to -30000..30000). It grows with the priority, so that
+// the marks of priorities up to P are the range [MarkMagic, Mark(P)].
 func Mark(priority int16) uint32 {
-	return MarkMagic | uint32(int32(clampPriority(priority))+30000)
+	v := uint32(int32(clampPriority(priority)) + 30000) // 0..60000 < 1<<16
+	return MarkMagic | (v>>14)<<20 | v&(1<<14-1)
 }
 
 func clampPriority(p int16) int16 {
