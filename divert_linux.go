@@ -1067,6 +1067,7 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 		return 0, err
 	}
 	n := len(pkt) // the IP length, as WinDivertSend counts
+	b.flushBeforeRaw()
 	out := pkt
 	if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) {
 		// Checksum-offloaded, as WinDivert reads the clear bits: finish
@@ -1096,6 +1097,22 @@ func (b *linuxBackend) inject(pkt []byte, a *Address) (int, error) {
 		return 0, injectError(err)
 	}
 	return n, nil
+}
+
+// flushBeforeRaw sends the verdicts collected so far (see verdictLocked:
+// a Send or SendBatch may leave a reinjected packet's verdict for later)
+// before a packet goes out through the raw sockets, so that packets leave
+// in the order the program sent them, as WinDivertSend's do. A verdict
+// that fails to go is not this send's error (flush ignores it too).
+func (b *linuxBackend) flushBeforeRaw() {
+	if b.conn == nil {
+		return
+	}
+	b.vmu.Lock()
+	if len(b.vbuf) > 0 || len(b.acc) > 0 {
+		_ = b.flushLocked()
+	}
+	b.vmu.Unlock()
 }
 
 // injectError wraps an error of the injector; an inbound packet that is

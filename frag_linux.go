@@ -466,6 +466,7 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 		return 0, err
 	}
 	n := len(pkt) // the IP length, as WinDivertSend counts
+	b.flushBeforeRaw()
 	fs := &b.fsend
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
