@@ -177,7 +177,9 @@ const (
 	// is), and one the program changed first gets the checksums its
 	// Address's clear bits ask for (see Send); on FreeBSD, where ipfw
 	// reassembled it, the kernel fragments it when it sends it out, to the
-	// interface's MTU.
+	// interface's MTU. On Linux at LayerNetworkForward such a datagram
+	// leaves through the router's output path, not its forward hook, whose
+	// rules (a firewall's forward drop rules) never see it.
 	FlagReassemble Flag = 1 << 33
 	// FlagFailOpen lets packets pass when the handle's queue overflows,
 	// instead of dropping them (Linux: the queue's fail-open flag). Windows

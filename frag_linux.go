@@ -94,7 +94,10 @@ import (
 //     says, but for an IPv6 datagram to a link-scoped destination
 //     (fe80::/10), which Linux forwards only back onto the link it came
 //     in on (its IfIdx, from the route lookup): it leaves through IfIdx.
-//     Lower-priority forward handles do not see them.
+//     Lower-priority forward handles do not see them, and neither do the
+//     forward hook's other rules: a firewall's forward drop rules, which
+//     judge the whole packets a handle reinjects, never see such a
+//     datagram (it passes the output hook's rules instead).
 //   - FlagDrop: the kernel rules drop what they select, fragments included
 //     as each hook sees them; nothing is reassembled.
 //
