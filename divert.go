@@ -157,7 +157,10 @@ const (
 	FlagNoInstall Flag = 0x10
 	// FlagFragments hands over IP fragments as they are on the wire instead
 	// of reassembled datagrams (inbound, network layer). FreeBSD refuses it
-	// (ErrNotSupported): ipfw's divert rules always reassemble.
+	// (ErrNotSupported): ipfw's divert rules always reassemble. On Linux
+	// such a handle takes inbound packets at prerouting, before conntrack
+	// reassembles them there, and so before every handle without the flag
+	// (they take them at input), whatever the priorities.
 	FlagFragments Flag = 0x20
 
 	// FlagPassThrough lets matching packets pass instead of being dropped
