@@ -49,7 +49,9 @@ type Stats struct {
 	// that were accepted without the program seeing them: packets the
 	// kernel (or ipfw) rules over-approximate and the user-space filter
 	// rejected, and on Linux loopback packets seen on the input hook
-	// (WinDivert shows loopback outbound only). 0 on Windows, where
+	// (WinDivert shows loopback outbound only) and the packets an
+	// administrator's rule (OpenPort) queued that the handle, or one of
+	// its priority or higher, injected. 0 on Windows, where
 	// WinDivert evaluates the filter itself. Linux LayerFlow: the
 	// events the filter rejected.
 	Passed uint64
