@@ -84,4 +84,8 @@ func TestLinuxOpenPortOwnInjection(t *testing.T) {
 			}
 		})
 	}
+	// Each injection came back once, and was accepted unseen.
+	if s, err := h.Stats(); err != nil || s.Passed != 2 || s.Received != 2 || s.Injected != 2 {
+		t.Fatalf("Stats %+v, %v: want 2 passed (the injections), 2 received, 2 injected", s, err)
+	}
 }
