@@ -1167,6 +1167,58 @@ func TestLinuxDeadlineShutdownClose(t *testing.T) {
 	}
 }
 
+// TestLinuxDeadlineFarFuture: a read deadline too far ahead for the
+// clock (year 9999: time.Until saturates) is one that never comes, as with
+// Go's deadlines: a Recv under it, before and after it is moved there
+// while the Recv waits, gets the packet, not os.ErrDeadlineExceeded.
+func TestLinuxDeadlineFarFuture(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dfar", 0)
+	ap, sink := udpSink(t, l, 6401)
+	h := openIn(t, l.B.NS, "udp.DstPort == 6401", LayerNetwork, 0, 0)
+	far := time.Date(9999, 12, 31, 0, 0, 0, 0, time.UTC)
+	buf := make([]byte, MTUMax)
+	var a Address
+	if err := h.SetReadDeadline(far); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.A.NS.SendUDP(ap, []byte("one"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := h.Recv(buf, &a); err != nil || n != 31 {
+		t.Fatalf("Recv under a deadline in year 9999: %d bytes, %v", n, err)
+	}
+	if _, err := h.Send(buf[:31], &a); err != nil {
+		t.Fatal(err)
+	}
+	// Moved while a Recv waits: from a near deadline to the far one.
+	h.SetReadDeadline(time.Now().Add(time.Minute))
+	errc := make(chan error, 1)
+	go func() { _, err := h.Recv(buf, &a); errc <- err }()
+	time.Sleep(50 * time.Millisecond)
+	if err := h.SetReadDeadline(far); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if err := l.A.NS.SendUDP(ap, []byte("two"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Fatalf("waiting Recv whose deadline moved to year 9999: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no packet within 5 s")
+	}
+	if _, err := h.Send(buf[:31], &a); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := netnstest.RecvUDP(sink, 2, 2*time.Second); err != nil || len(got) != 2 {
+		t.Fatalf("sink got %d of 2 datagrams (%v)", len(got), err)
+	}
+}
+
 func TestLinuxConcurrentRecvSend(t *testing.T) {
 	netnstest.RequireRoot(t)
 	l := netnstest.Pair(t, "dcc", 0)

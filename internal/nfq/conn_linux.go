@@ -3,6 +3,7 @@ package nfq
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"runtime"
 	"sync"
@@ -967,7 +968,14 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 	d := time.Duration(0)
 	if !t.IsZero() {
 		d = time.Until(t)
-		dl = max(mono()+int64(d), 1)
+		dl = mono() + int64(d)
+		if d > 0 && dl < 0 {
+			// Too far ahead for the clock (time.Until saturates at
+			// about 292 years, and mono() is added to it): no deadline
+			// the process can reach, as Go's poller takes it.
+			dl = math.MaxInt64
+		}
+		dl = max(dl, 1)
 	}
 	c.dmu.Lock()
 	c.deadline.Store(dl)

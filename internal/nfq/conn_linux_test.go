@@ -1080,3 +1080,52 @@ func TestReadOneLikeMany(t *testing.T) {
 		}
 	}
 }
+
+// TestDeadlineFarFuture: a read deadline too far ahead for the monotonic
+// clock (time.Until saturates, and adding the clock overflowed) is no
+// deadline the process can reach, as with Go's own deadlines: it must not
+// come out as one already passed. One in the far past has passed, and a
+// blocking Next fails at once; a datagram queued after the far deadline
+// was set is read.
+func TestDeadlineFarFuture(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[1])
+	c, err := Wrap(fds[0], Config{Queue: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, far := range []time.Time{
+		time.Unix(1<<62, 0),
+		time.Now().Add(time.Duration(1<<63 - 1)),
+		time.Date(9999, 12, 31, 0, 0, 0, 0, time.UTC),
+	} {
+		if err := c.SetReadDeadline(far); err != nil {
+			t.Fatal(err)
+		}
+		if c.Expired() {
+			t.Errorf("deadline %v: expired at once", far)
+		}
+	}
+	// The other end plays the kernel: a blocking Next reads its packet.
+	msg := AppendPacket(nil, &Packet{ID: 7, Queue: 1, Payload: []byte{0x45, 0, 0, 20}})
+	if _, err := unix.Write(fds[1], msg); err != nil {
+		t.Fatal(err)
+	}
+	var p Packet
+	if err := c.Next(&p, true); err != nil || p.ID != 7 {
+		t.Errorf("blocking Next under a far deadline: %v (id %d), want the queued packet", err, p.ID)
+	}
+	if err := c.SetReadDeadline(time.Unix(-1<<62, 0)); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Expired() {
+		t.Error("deadline in the far past: not expired")
+	}
+	if err := c.Next(&Packet{}, true); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("blocking Next past a far-past deadline: %v", err)
+	}
+}
