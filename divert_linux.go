@@ -82,7 +82,6 @@ const (
 	pendHold uint8 = iota
 	pendAccept
 	pendPass
-	pendSeen // only note the id: the packet has its verdict already
 )
 
 // sysAddr is the Linux backend's reference to a queued packet.
@@ -171,6 +170,10 @@ type linuxBackend struct {
 	seenAny bool
 	gaps    uint64 // packets missing from the id sequence (see noteID)
 	passed  uint64 // Stats.Passed
+	// FlagSniff: through which id the reaper's batch accepted the
+	// originals (sniffAll says it did; see acceptSniffed and sniffed).
+	sniffThrough uint32
+	sniffAll     bool
 
 	st linuxStats
 
@@ -184,12 +187,9 @@ type linuxBackend struct {
 	// recvCalls as the reaper last saw it, and when it saw it change
 	lastCalls uint64
 	lastCallT int64
-	// FlagSniff: the kernel's last id at the previous tick, and through
-	// which id the reaper accepted (sniffAll says it did)
-	sniffSeq     uint32
-	sniffSeen    bool
-	sniffThrough atomic.Uint32
-	sniffAll     atomic.Bool
+	// FlagSniff: the kernel's last id at the previous tick
+	sniffSeq  uint32
+	sniffSeen bool
 
 	stop chan struct{}
 	done chan struct{}
@@ -718,11 +718,9 @@ func (b *linuxBackend) applyPendingLocked() {
 			b.noteID(e.id)
 		case pendPass:
 			b.passed++
-			b.acceptLocked(e.id)
-		case pendSeen:
-			b.noteID(e.id)
+			b.acceptOnceLocked(e.id)
 		default:
-			b.acceptLocked(e.id)
+			b.acceptOnceLocked(e.id)
 		}
 	}
 	b.npend = 0
@@ -833,11 +831,7 @@ func (b *linuxBackend) next(buf []byte, a *Address, block bool) (int, error) {
 		a.IfIdx = ifIdx
 		if b.flags&FlagSniff != 0 {
 			a.Sniffed = true
-			if !b.sniffAll.Load() || int32(p.ID-b.sniffThrough.Load()) > 0 {
-				b.pendAdd(p.ID, pendAccept, 0, nil)
-			} else {
-				b.pendAdd(p.ID, pendSeen, 0, nil) // the reaper accepted it
-			}
+			b.pendAdd(p.ID, pendAccept, 0, nil) // unless the reaper's batch did (acceptOnceLocked)
 		} else {
 			a.sys.owner = b.serial
 			a.sys.id = p.ID
@@ -895,6 +889,26 @@ func (b *linuxBackend) acceptLocked(id uint32) {
 	if len(b.acc) >= accInitCap {
 		b.flushLocked()
 	}
+}
+
+// acceptOnceLocked accepts a packet read from the queue unless a sniffing
+// handle's reaper accepted it already (then it only notes the id): the
+// kernel refuses a second verdict (ENOENT), which Stats.RefusedVerdicts
+// would count as a packet lost. Decided here, under vmu, where the reaper
+// moves sniffThrough, not when the packet is read: a batch sent between
+// the two would be missed. Called with vmu held.
+func (b *linuxBackend) acceptOnceLocked(id uint32) {
+	if b.sniffed(id) {
+		b.noteID(id)
+		return
+	}
+	b.acceptLocked(id)
+}
+
+// sniffed reports whether the reaper's batch accepted packet id (FlagSniff,
+// see acceptSniffed). Called with vmu held.
+func (b *linuxBackend) sniffed(id uint32) bool {
+	return b.sniffAll && int32(id-b.sniffThrough) <= 0
 }
 
 // flush sends the collected verdicts.
@@ -1217,22 +1231,7 @@ func (b *linuxBackend) reaper() {
 		now := monoNow()
 		qt := b.queueTime.Load()
 		b.vmu.Lock()
-		var expired uint64
-		for {
-			id, at, ok := b.track.Oldest()
-			if !ok || now-at < qt {
-				break
-			}
-			b.track.PopOldest()
-			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, nfq.Drop, nil)
-			expired++
-		}
-		if expired > 0 {
-			b.st.expired.Add(expired)
-		}
-		if b.frag != nil {
-			b.expirePending(now, qt)
-		}
+		b.expireLocked(now, qt)
 		b.flushLocked()
 		b.vmu.Unlock()
 		ks, ok := b.kernelStats() // once a tick, for both
@@ -1243,6 +1242,28 @@ func (b *linuxBackend) reaper() {
 			b.acceptSniffed(ks)
 		}
 		b.drainUnread(now, qt, ks.idSeq)
+	}
+}
+
+// expireLocked drops the held packets that have waited qt by now (and
+// forgets the datagrams whose fragments they were). Called with vmu held;
+// the caller flushes.
+func (b *linuxBackend) expireLocked(now, qt int64) {
+	var expired uint64
+	for {
+		id, at, ok := b.track.Oldest()
+		if !ok || now-at < qt {
+			break
+		}
+		b.track.PopOldest()
+		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, nfq.Drop, nil)
+		expired++
+	}
+	if expired > 0 {
+		b.st.expired.Add(expired)
+	}
+	if b.frag != nil {
+		b.expirePending(now, qt)
 	}
 }
 
@@ -1293,19 +1314,33 @@ func (b *linuxBackend) parkReaper() bool {
 // drainUnread drops the ones left unread for ParamQueueTime. A sniffing
 // handle holds nothing (sniffed fragments go on too), so the batch cannot
 // release a held packet.
+//
+// Each packet gets one verdict: the ACCEPTs the receive side collected go
+// first, and the batch is sent only when a packet up to the previous
+// tick's id has not been read (the reader's own ACCEPTs cover the
+// others); packets read but not yet handed to the verdict side, and those
+// read later, are not accepted again (acceptOnceLocked). The batch can
+// still find none of its packets queued, when the kernel could not put
+// their ids in the socket (Stats.Overflows): its refusal is not a packet
+// lost and is not counted (nfq.AppendVerdictBatchQuiet).
 func (b *linuxBackend) acceptSniffed(ks kernelQueueStats) {
 	seq, total := ks.idSeq, ks.total
 	prev, seen := b.sniffSeq, b.sniffSeen
 	b.sniffSeq, b.sniffSeen = seq, true
-	if !seen || total == 0 || (b.sniffAll.Load() && int32(prev-b.sniffThrough.Load()) <= 0) {
-		return // nothing queued, or nothing queued since the last batch
+	if !seen || total == 0 {
+		return // nothing queued
 	}
 	b.vmu.Lock()
-	b.vbuf = nfq.AppendVerdictBatch(b.vbuf, b.queue, prev, nfq.Accept)
+	defer b.vmu.Unlock()
+	if b.sniffed(prev) || int32(prev-b.lastID) <= 0 {
+		// Accepted already, by the last batch or by the reader (lastID
+		// starts at 0: the kernel numbers a new queue's packets from 1).
+		return
+	}
 	b.flushLocked()
-	b.vmu.Unlock()
-	b.sniffThrough.Store(prev)
-	b.sniffAll.Store(true)
+	b.vbuf = nfq.AppendVerdictBatchQuiet(b.vbuf, b.queue, prev, nfq.Accept)
+	b.flushLocked()
+	b.sniffThrough, b.sniffAll = prev, true
 }
 
 // drainUnread releases the packets left unread in the socket for at least
@@ -1357,7 +1392,7 @@ func (b *linuxBackend) drainUnread(now, qt int64, seq uint32) {
 		b.noteID(p.ID)
 		expired++
 		if b.flags&FlagSniff != 0 {
-			if !b.sniffAll.Load() || int32(p.ID-b.sniffThrough.Load()) > 0 {
+			if !b.sniffed(p.ID) {
 				b.acc = append(b.acc, p.ID) // else acceptSniffed did
 			}
 		} else {

@@ -301,6 +301,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 	}
 	fs.evicted = fs.evicted[:0]
 	b.noteID(p.ID)
+	sniff := b.flags&FlagSniff != 0
 	switch {
 	case rerr != nil:
 		// Refused: the kernel would drop it. A packet refused as malformed
@@ -308,22 +309,23 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		// before its fragment queue) leaves the datagram's fragments held;
 		// any other refusal discarded the datagram in the reassembler, so
 		// its fragments go too.
-		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, p.ID, nfq.Drop, nil)
+		b.verdictOnceLocked(p.ID, nfq.Drop)
 		if !errors.Is(rerr, reassembly.ErrMalformed) {
 			b.finishPending(k, nfq.Drop)
 		}
 		return 0, true, false, nil
+	case !done && sniff:
+		// A copy: the fragment goes on now (the reassembler has its
+		// bytes), as a sniffing handle holds nothing (see acceptSniffed);
+		// a duplicate too, as without the handle.
+		b.verdictOnceLocked(p.ID, nfq.Accept)
+		return 0, true, false, nil
 	case !done && fs.info.Duplicate:
 		// Its data is held already: it is not held in the queue too (the
 		// kernel frees a duplicate at once), so that repeating a fragment
-		// cannot fill the queue. A sniffing handle lets it go on, as
-		// without the handle; another drops it, since accepted it could
-		// join the fragments Send emits for the datagram at the receiver.
-		if b.flags&FlagSniff != 0 {
-			b.acc = append(b.acc, p.ID)
-		} else {
-			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, p.ID, nfq.Drop, nil)
-		}
+		// cannot fill the queue. Accepted, it could join the fragments
+		// Send emits for the datagram at the receiver: it is dropped.
+		b.verdictOnceLocked(p.ID, nfq.Drop)
 		return 0, true, false, nil
 	case !done:
 		pd := fs.pending[k]
@@ -342,7 +344,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 	case fs.info.Atomic || !fs.info.Fragmented:
 		return 0, false, false, nil
 	case expired:
-		b.acc = append(b.acc, p.ID)
+		b.verdictOnceLocked(p.ID, nfq.Accept)
 		b.finishPending(k, nfq.Accept)
 		return 0, true, false, nil
 	}
@@ -357,16 +359,15 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 			Timestamp: now,
 		}
 		if !b.filt.Match(dgram, &b.meta) {
-			b.acc = append(b.acc, p.ID)
+			b.verdictOnceLocked(p.ID, nfq.Accept)
 			b.finishPending(k, nfq.Accept)
 			return 0, true, false, nil
 		}
 	}
-	sniff := b.flags&FlagSniff != 0
 	if sniff {
-		// A copy: the fragments continue.
-		b.acc = append(b.acc, p.ID)
-		b.finishPending(k, nfq.Accept)
+		// A copy: the fragments continue (the others went on as they
+		// came).
+		b.verdictOnceLocked(p.ID, nfq.Accept)
 	} else {
 		// Handed to the program: the fragments leave the kernel.
 		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, p.ID, nfq.Drop, nil)
@@ -405,6 +406,19 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		err = ErrTruncated
 	}
 	return n, true, true, err
+}
+
+// verdictOnceLocked gives packet id, read and noted, verdict v, unless a
+// sniffing handle's reaper accepted it already (see acceptOnceLocked).
+// Called with vmu held.
+func (b *linuxBackend) verdictOnceLocked(id uint32, v nfq.Verdict) {
+	switch {
+	case b.sniffed(id):
+	case v == nfq.Accept:
+		b.acc = append(b.acc, id)
+	default:
+		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, v, nil)
+	}
 }
 
 // evict is the reassembler's OnEvict: a datagram it dropped to stay

@@ -228,3 +228,58 @@ func TestStatsLinuxNoQueue(t *testing.T) {
 		t.Fatalf("%+v", s)
 	}
 }
+
+// TestStatsLinuxSniffNoRefusedVerdicts: a sniffing handle's two ways of
+// accepting an original, its reader's (the copy read) and the reaper's
+// batch every tick (the originals nobody read within a tick), must not
+// both accept one packet: the kernel refuses the second verdict (ENOENT)
+// and Stats.RefusedVerdicts, which reports packets the kernel lost while
+// the handle held them, would count it. A reader that takes a moment over
+// each copy, under steady traffic, meets the reaper's ticks often.
+func TestStatsLinuxSniffNoRefusedVerdicts(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dsv", 0)
+	ap, sink := udpSink(t, l, 6450)
+	h := openIn(t, l.B.NS, "udp.DstPort == 6450", LayerNetwork, 0, FlagSniff|FlagRecvOnly)
+	const n = 300
+	done := make(chan int, 1)
+	go func() {
+		buf := make([]byte, MTUMax)
+		var a Address
+		k := 0
+		defer func() { done <- k }()
+		for {
+			if _, err := h.Recv(buf, &a); err != nil {
+				if !errors.Is(err, ErrShutdown) && !errors.Is(err, net.ErrClosed) {
+					t.Errorf("Recv: %v", err)
+				}
+				return
+			}
+			k++
+			time.Sleep(2 * time.Millisecond) // the program's work on the copy
+		}
+	}()
+	sunk := make(chan int, 1)
+	go func() { // read as they come: n datagrams overflow the sink's buffer
+		got, err := netnstest.RecvUDP(sink, n, 5*time.Second)
+		if err != nil {
+			t.Error(err)
+		}
+		sunk <- len(got)
+	}()
+	if err := l.A.NS.SendUDP(ap, []byte("sniffed"), n, 3*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if got := <-sunk; got != n {
+		t.Fatalf("sink got %d of %d originals", got, n)
+	}
+	time.Sleep(100 * time.Millisecond) // the last verdicts' answers, if any, reach the socket
+	if err := h.Shutdown(ShutdownRecv); err != nil {
+		t.Fatal(err)
+	}
+	k := <-done // the reader read every answer waiting in the socket
+	s := statsOf(t, h)
+	if k != n || s.Received != n || s.RefusedVerdicts != 0 || s.Overflows != 0 || s.Expired != 0 {
+		t.Fatalf("read %d of %d copies; %+v: want every copy received and no verdict refused", k, n, s)
+	}
+}

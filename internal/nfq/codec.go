@@ -367,6 +367,21 @@ func AppendVerdictBatch(b []byte, queue uint16, maxID uint32, v Verdict) []byte 
 	return appendVerdictMsg(b, msgVerdictBatch, queue, maxID, v)
 }
 
+// QuietSeq is the sequence number of AppendVerdictBatchQuiet's messages;
+// the requests of a Conn count up from 1 and never reach it.
+const QuietSeq = 0xfffffffe
+
+// AppendVerdictBatchQuiet is AppendVerdictBatch for a batch that may find
+// none of its packets queued (the kernel then answers ENOENT) without any
+// packet being lost: Conn counts the refusals of other verdicts in
+// Stats.VerdictErrors, not this one's.
+func AppendVerdictBatchQuiet(b []byte, queue uint16, maxID uint32, v Verdict) []byte {
+	start := len(b)
+	b = appendVerdictMsg(b, msgVerdictBatch, queue, maxID, v)
+	ne.PutUint32(b[start+8:], QuietSeq)
+	return b
+}
+
 // verdictMsgLen is the length of a verdict message without payload: the
 // nlmsghdr, the nfgenmsg and the NFQA_VERDICT_HDR attribute.
 const verdictMsgLen = nlmsgHdrLen + nfgenHdrLen + nlaHdrLen + 8

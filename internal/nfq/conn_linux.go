@@ -816,7 +816,7 @@ func (c *Conn) Next(p *Packet, block bool) error {
 			case KindError:
 				c.kernErrs.Add(1)
 				c.lastErrno.Store(uint32(ke.Errno))
-				if ke.Type == msgVerdict || ke.Type == msgVerdictBatch {
+				if (ke.Type == msgVerdict || ke.Type == msgVerdictBatch) && ke.Seq != QuietSeq {
 					c.verdictErrs.Add(1)
 				}
 			}
@@ -1013,6 +1013,8 @@ type Stats struct {
 	// VerdictErrors is the part of KernelErrors that answered verdicts:
 	// the kernel no longer held the packet (ENOENT: its hook or queue
 	// went away after the packet was read), or refused the verdict.
+	// Refusals of batches sent with AppendVerdictBatchQuiet are not
+	// counted.
 	VerdictErrors uint64
 }
 
