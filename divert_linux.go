@@ -1346,15 +1346,21 @@ func (b *linuxBackend) acceptSniffed(ks kernelQueueStats) {
 // drainUnread releases the packets left unread in the socket for at least
 // ParamQueueTime while no Recv runs: DROP, or ACCEPT for FlagSniff (whose
 // packets must not wait for a reader). A packet's age comes from the
-// kernel's queue id sequence, sampled every tick (b.ckpt): ids up to the
+// kernel's queue id sequence, sampled at ticks (b.ckpt): ids up to the
 // sequence seen QueueTime ago were queued at least that long ago; seq is
-// the last id the kernel gave out, read this tick.
+// the last id the kernel gave out, read this tick. A sample is kept at
+// most every qt/128, so that the ring reaches twice the queue time back
+// whatever the tick (FlagSniff ticks every 10 ms: 256 samples of each tick
+// reached 2.56 s back, and packets left unread under a longer queue time
+// were never released).
 func (b *linuxBackend) drainUnread(now, qt int64, seq uint32) {
 	if c := b.recvCalls.Load(); c != b.lastCalls {
 		b.lastCalls, b.lastCallT = c, now // a Recv started or ended since the last tick
 	}
-	b.ckpt[b.nckpt%len(b.ckpt)] = checkpoint{seq: seq, t: now}
-	b.nckpt++
+	if last := b.ckpt[(b.nckpt+len(b.ckpt)-1)%len(b.ckpt)]; b.nckpt == 0 || now-last.t >= qt/int64(len(b.ckpt)/2) {
+		b.ckpt[b.nckpt%len(b.ckpt)] = checkpoint{seq: seq, t: now}
+		b.nckpt++
+	}
 	var limit uint32
 	found := false
 	for i := range b.ckpt {

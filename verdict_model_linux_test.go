@@ -226,3 +226,34 @@ func TestSniffOneVerdictEach(t *testing.T) {
 		t.Errorf("%d verdicts refused and %d quiet batches refused, want 0 and 1 (the overflow's): %v", k.refused, k.quiet, k.verdicts)
 	}
 }
+
+// TestDrainUnreadLongQueueTime: a packet left unread is released once it
+// has waited ParamQueueTime, also when that is longer than the reaper's
+// samples of the id sequence would reach at one a tick (FlagSniff ticks
+// every 10 ms; 256 samples reached 2.56 s back). Here 5 s: the sniffed
+// packet is released (its original accepted, the copy counted expired)
+// after 5 s, not before.
+func TestDrainUnreadLongQueueTime(t *testing.T) {
+	k := &kernelModel{verdicts: map[uint32]int{}, drops: map[uint32]bool{}}
+	b := modelBackend(t, k, FlagSniff|FlagRecvOnly)
+	qt := int64(5 * time.Second)
+	pkt := fragV4(0, 8, false)
+	pkt[6], pkt[7] = 0, 0
+	k.queue(1, pkt)
+	now0 := nfq.Mono()
+	released := int64(-1)
+	for i := range 800 { // 8 s of 10 ms ticks
+		now := now0 + int64(i)*int64(10*time.Millisecond)
+		b.drainUnread(now, qt, 1)
+		if len(k.queued) == 0 {
+			released = now - now0
+			break
+		}
+	}
+	if released < qt || released > qt+qt/50 {
+		t.Fatalf("unread packet released after %v, want %v (to within 2%%; -1: never)", time.Duration(released), time.Duration(qt))
+	}
+	if s, _ := b.stats(); s.Expired != 1 || k.verdicts[1] != 1 || k.drops[1] || len(k.socket) != 0 {
+		t.Fatalf("expired %d, verdicts %v (dropped %v), %d left in the socket; want the copy expired, its original accepted once", s.Expired, k.verdicts, k.drops[1], len(k.socket))
+	}
+}
