@@ -174,6 +174,8 @@ type linuxBackend struct {
 	// originals (sniffAll says it did; see acceptSniffed and sniffed).
 	sniffThrough uint32
 	sniffAll     bool
+	// released: Close gave every packet its verdict; nothing more is sent.
+	released bool
 
 	st linuxStats
 
@@ -927,6 +929,13 @@ func (b *linuxBackend) flushLocked() error {
 	if len(b.acc) == 0 && len(b.vbuf) == 0 {
 		return nil
 	}
+	if b.released {
+		// Close's batch accepted every packet: what a receive call still
+		// running collects since would only be refused (ENOENT), and
+		// counted in Stats.RefusedVerdicts as packets lost.
+		b.acc, b.vbuf = b.acc[:0], b.vbuf[:0]
+		return nil
+	}
 	oldest, _, held := b.track.Oldest()
 	var maxBatch uint32
 	batch := false
@@ -1583,10 +1592,13 @@ func (b *linuxBackend) close() error {
 		}
 		// The kernel's batch covers ids up to maxID in wrapping order
 		// (maxID - id < 2^31): reach 2^30 beyond the newest id seen and as
-		// far back; held ids are far younger than that.
-		b.vbuf = nfq.AppendVerdictBatch(b.vbuf[:0], b.queue, b.lastID+1<<30, nfq.Accept)
-		b.conn.Send(b.vbuf) // ENOENT when nothing was queued: harmless
+		// far back; held ids are far younger than that. ENOENT when nothing
+		// was queued: no packet lost, so quiet (a receive call still
+		// running could read the answer into Stats.RefusedVerdicts).
+		b.vbuf = nfq.AppendVerdictBatchQuiet(b.vbuf[:0], b.queue, b.lastID+1<<30, nfq.Accept)
+		b.conn.Send(b.vbuf)
 		b.vbuf = b.vbuf[:0]
+		b.released = true
 		b.vmu.Unlock()
 	}
 	if b.member != nil {

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netdivert/divert/internal/nfq"
+	"github.com/netdivert/divert/internal/nftrules"
 )
 
 // kernelModel plays nfnetlink_queue for a backend whose Conn is fake (no
@@ -255,5 +256,70 @@ func TestDrainUnreadLongQueueTime(t *testing.T) {
 	}
 	if s, _ := b.stats(); s.Expired != 1 || k.verdicts[1] != 1 || k.drops[1] || len(k.socket) != 0 {
 		t.Fatalf("expired %d, verdicts %v (dropped %v), %d left in the socket; want the copy expired, its original accepted once", s.Expired, k.verdicts, k.drops[1], len(k.socket))
+	}
+}
+
+// TestCloseVerdictsNotRefused: Close's batch ACCEPT, which finds nothing
+// queued when the program sent everything back, and the verdicts a receive
+// call still running collects while Close removes the rules (after that
+// batch accepted its packets), are not packets lost: no refusal of them
+// may reach Stats.RefusedVerdicts (a receive call racing Close can read
+// the answers before the socket closes). Each packet gets one verdict.
+func TestCloseVerdictsNotRefused(t *testing.T) {
+	pkt := fragV4(0, 8, false)
+	pkt[6], pkt[7] = 0, 0
+	buf := make([]byte, MTUMax)
+	var a Address
+
+	// Everything sent back: Close's batch finds nothing.
+	k := &kernelModel{verdicts: map[uint32]int{}, drops: map[uint32]bool{}}
+	b := modelBackend(t, k, 0)
+	k.queue(1, pkt)
+	if _, err := b.recv(buf, &a); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.send(buf[:len(pkt)], &a); err != nil {
+		t.Fatal(err)
+	}
+	b.flush()
+	if err := b.close(); err != nil {
+		t.Fatal(err)
+	}
+	if k.verdicts[1] != 1 || k.refused != 0 {
+		t.Errorf("everything sent back, then Close: verdicts %v, %d refused; want one for id 1, none refused", k.verdicts, k.refused)
+	}
+
+	// A receive call has read packet 2 (one to pass, its verdict not yet
+	// handed to the verdict side) when Close comes, and hands it over
+	// while Close removes the rules, after Close's batch accepted it.
+	k = &kernelModel{verdicts: map[uint32]int{}, drops: map[uint32]bool{}}
+	b = modelBackend(t, k, 0)
+	k.queue(1, pkt)
+	k.queue(2, pkt)
+	b.rmu.Lock()
+	if err := b.conn.Next(&b.pkt, true); err != nil { // queued: no wait
+		t.Fatal(err)
+	}
+	b.pendAdd(b.pkt.ID, pendPass, 0, nil)
+	b.applyPending()
+	b.flush() // id 1 accepted
+	if err := b.conn.Next(&b.pkt, true); err != nil {
+		t.Fatal(err)
+	}
+	b.pendAdd(b.pkt.ID, pendPass, 0, nil)
+	leave := leaveNamespace
+	t.Cleanup(func() { leaveNamespace = leave })
+	leaveNamespace = func(*nftrules.Member) error {
+		b.applyPending() // the receive call goes on meanwhile
+		b.flush()
+		return nil
+	}
+	b.member = new(nftrules.Member)
+	if err := b.close(); err != nil {
+		t.Fatal(err)
+	}
+	b.rmu.Unlock()
+	if len(k.queued) != 0 || k.refused != 0 || k.verdicts[1] != 1 || k.verdicts[2] != 1 {
+		t.Errorf("a receive call racing Close: queued %v, verdicts %v, %d refused; want one verdict each, none refused", k.queued, k.verdicts, k.refused)
 	}
 }
