@@ -591,6 +591,13 @@ func (b *linuxBackend) recvUncounted(buf []byte, a *Address) (int, error) {
 	}
 	b.recvStart()
 	b.rmu.Lock()
+	if b.deadlinePassed() {
+		// It passed while another receive call held rmu: fail as Go's
+		// reads do once they have their lock, even with packets buffered.
+		b.rmu.Unlock()
+		b.recvEnd()
+		return 0, errDeadline
+	}
 	n, err := b.next(buf, a, true)
 	b.applyPending()
 	b.more.Store(b.conn.Buffered())
@@ -633,6 +640,11 @@ func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
 	}
 	b.recvStart()
 	b.rmu.Lock()
+	if b.deadlinePassed() { // as in recvUncounted
+		b.rmu.Unlock()
+		b.recvEnd()
+		return 0, errDeadline
+	}
 	var err, terr error
 	k := 0
 	for k < len(ms) && len(ms[k].Buf) > 0 { // an empty Buf ends the batch (RecvBatch)

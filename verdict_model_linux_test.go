@@ -2,6 +2,8 @@ package divert
 
 import (
 	"encoding/binary"
+	"errors"
+	"os"
 	"slices"
 	"syscall"
 	"testing"
@@ -321,5 +323,55 @@ func TestCloseVerdictsNotRefused(t *testing.T) {
 	b.rmu.Unlock()
 	if len(k.queued) != 0 || k.refused != 0 || k.verdicts[1] != 1 || k.verdicts[2] != 1 {
 		t.Errorf("a receive call racing Close: queued %v, verdicts %v, %d refused; want one verdict each, none refused", k.queued, k.verdicts, k.refused)
+	}
+}
+
+// TestDeadlinePassedWhileWaitingForLock: a receive call that waits for
+// another one to finish (its lock) and gets it after the read deadline
+// passed fails with os.ErrDeadlineExceeded, even with packets buffered, as
+// Go's reads do: they check the deadline once they hold their lock.
+func TestDeadlinePassedWhileWaitingForLock(t *testing.T) {
+	k := &kernelModel{verdicts: map[uint32]int{}, drops: map[uint32]bool{}}
+	b := modelBackend(t, k, 0)
+	pkt := fragV4(0, 8, false)
+	pkt[6], pkt[7] = 0, 0
+	for id := range uint32(3) {
+		k.queue(id+1, pkt)
+	}
+	buf := make([]byte, MTUMax)
+	var a Address
+	if _, err := b.recv(buf, &a); err != nil { // reads all three, returns 1
+		t.Fatal(err)
+	}
+	for _, batch := range []bool{false, true} {
+		if !b.conn.Buffered() {
+			t.Fatal("no packet buffered")
+		}
+		b.rmu.Lock() // another receive call
+		errc := make(chan error, 1)
+		go func() {
+			var err error
+			if batch {
+				ms := []Message{{Buf: make([]byte, MTUMax)}}
+				_, err = b.recvBatch(ms)
+			} else {
+				var a2 Address
+				_, err = b.recv(make([]byte, MTUMax), &a2)
+			}
+			errc <- err
+		}()
+		for uint32(b.recvCalls.Load()) == 0 { // past its first check, at the lock
+			time.Sleep(time.Millisecond)
+		}
+		if err := b.setReadDeadline(time.Now().Add(-time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		b.rmu.Unlock()
+		if err := <-errc; !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("batch %v: receive call that got its lock past the deadline: %v, want os.ErrDeadlineExceeded", batch, err)
+		}
+		if err := b.setReadDeadline(time.Time{}); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
