@@ -359,8 +359,9 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 			Timestamp: now,
 		}
 		if !b.filt.Match(dgram, &b.meta) {
+			// Every fragment goes on unseen: Stats.Passed.
 			b.verdictOnceLocked(p.ID, nfq.Accept)
-			b.finishPending(k, nfq.Accept)
+			b.passed += 1 + uint64(b.finishPending(k, nfq.Accept))
 			return 0, true, false, nil
 		}
 	}
@@ -430,18 +431,20 @@ func (fs *fragState) evict(k reassembly.Key) {
 }
 
 // finishPending gives verdict v to every fragment held for k that the
-// reaper has not dropped yet, and forgets k. Called with vmu held.
-func (b *linuxBackend) finishPending(k fragKey, v nfq.Verdict) {
+// reaper has not dropped yet, forgets k, and returns how many it gave a
+// verdict. Called with vmu held.
+func (b *linuxBackend) finishPending(k fragKey, v nfq.Verdict) (n int) {
 	fs := b.frag
 	pd := fs.pending[k]
 	if pd == nil {
-		return
+		return 0
 	}
 	delete(fs.pending, k)
 	for _, id := range pd.ids {
 		if !b.track.Release(id) {
 			continue // dropped by the reaper after ParamQueueTime
 		}
+		n++
 		if v == nfq.Accept {
 			b.acc = append(b.acc, id)
 		} else {
@@ -450,6 +453,7 @@ func (b *linuxBackend) finishPending(k fragKey, v nfq.Verdict) {
 	}
 	pd.ids = pd.ids[:0]
 	fs.spare = append(fs.spare, pd)
+	return n
 }
 
 // expirePending forgets datagrams whose fragments the reaper dropped (they

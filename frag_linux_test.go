@@ -747,6 +747,28 @@ func TestFragMalformedKeepsHeld(t *testing.T) {
 	}
 }
 
+// TestFragPassedCounted: a datagram reassembled in user space that the
+// filter does not match goes on unseen, every fragment of it: each counts
+// in Stats.Passed, as a whole packet the filter rejects does.
+func TestFragPassedCounted(t *testing.T) {
+	f, err := filter.Compile("tcp", filter.LayerNetworkForward)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newLinuxBackend(&openConfig{layer: LayerNetworkForward, filter: f})
+	b.userSide = true
+	b.frag = &fragState{reasm: reassembly.New(reassembly.Config{Timeout: time.Second}), pending: map[fragKey]*pendingDgram{}}
+	now := time.Now().UnixNano()
+	buf := make([]byte, MTUMax)
+	var a Address
+	for i, pk := range [][]byte{fragV4(0, 16, true), fragV4(16, 8, true), fragV4(24, 8, false)} {
+		b.reassemble(&nfq.Packet{ID: uint32(i + 1), Hook: nfq.HookPrerouting, Payload: pk}, buf, &a, now)
+	}
+	if s, err := b.stats(); err != nil || s.Passed != 3 || s.Received != 0 || len(b.acc) != 3 {
+		t.Fatalf("Stats %+v (%v), %d accepted: want the 3 fragments passed", s, err, len(b.acc))
+	}
+}
+
 // TestFragEvictedDropsHeld: a datagram the reassembler drops to stay
 // within its bounds cannot complete, so its fragments held in the queue
 // are dropped at once, not when ParamQueueTime runs out; the others stay
