@@ -87,7 +87,8 @@ type Config struct {
 // Close and the read deadline wake the waiter by asking the kernel for an
 // acknowledgement (an NLMSG_NOOP with NLM_F_ACK): the answer lands in the
 // socket, the receive returns, and Next skips it and looks at the state.
-// SO_RCVTIMEO bounds each wait as a safety net.
+// Such an answer is no packet: the wait after a read that brought answers
+// only is cold (see below). SO_RCVTIMEO bounds each wait as a safety net.
 //
 // While packets keep coming, a waiting receive keeps its P: it is a raw
 // syscall, bounded by a receive timeout of hotWait, and a timeout hands
@@ -157,12 +158,16 @@ type Conn struct {
 	drainedGen uint64
 
 	// blocking wait (see wake)
-	rflags   uintptr      // flags of the next read: MSG_DONTWAIT or MSG_WAITFORONE
-	rfirst   int          // first slot the next read fills
-	rmax     int          // most datagrams the next read takes
-	hot      bool         // SO_RCVTIMEO is hotWait and waits are raw syscalls
-	holdsHot atomic.Bool  // c holds one of the process's hot slots (takeHot)
-	wantHot  bool         // what the next blocking read should be
+	rflags   uintptr     // flags of the next read: MSG_DONTWAIT or MSG_WAITFORONE
+	rfirst   int         // first slot the next read fills
+	rmax     int         // most datagrams the next read takes
+	hot      bool        // SO_RCVTIMEO is hotWait and waits are raw syscalls
+	holdsHot atomic.Bool // c holds one of the process's hot slots (takeHot)
+	wantHot  bool        // what the next blocking read should be
+	// pktRead: a packet came with the last read that returned data, not
+	// only answers (a wake-up's acknowledgement, verdict errors): no sign
+	// of traffic, so the next wait is cold (see Next)
+	pktRead  bool
 	soloP    bool         // GOMAXPROCS was 1 when the reader last turned hot
 	yieldT   int64        // rtime of the read after the last yield before a hot wait
 	shared   atomic.Bool  // a Send ran while a Next waited: yield every yieldEvery (see Conn)
@@ -711,6 +716,7 @@ func (c *Conn) readInto(first int, block bool) error {
 				}
 			}
 			c.count = first + c.rn
+			c.pktRead = false // until Next decodes a packet of them
 			c.drained, c.drainedGen = c.rn < c.rmax, gen
 			c.rtime = epochUnix + mono()
 			if block {
@@ -812,6 +818,7 @@ func (c *Conn) Next(p *Packet, block bool) error {
 			}
 			switch kind {
 			case KindPacket:
+				c.pktRead = true
 				return nil
 			case KindError:
 				c.kernErrs.Add(1)
@@ -820,6 +827,12 @@ func (c *Conn) Next(p *Packet, block bool) error {
 					c.verdictErrs.Add(1)
 				}
 			}
+		}
+		if !c.pktRead {
+			// The last read brought answers only (Close's or the read
+			// deadline's wake-up, refused verdicts): no packets are
+			// coming, so the wait is not to keep the P.
+			c.wantHot = false
 		}
 		if err := c.fill(block); err != nil {
 			return err

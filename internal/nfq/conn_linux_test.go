@@ -1129,3 +1129,52 @@ func TestDeadlineFarFuture(t *testing.T) {
 		t.Errorf("blocking Next past a far-past deadline: %v", err)
 	}
 }
+
+// TestAnswersDoNotMakeWaitsHot: a wait keeps its P only while packets
+// keep coming (see Conn). A read that brings answers only, such as the
+// acknowledgement that wakes a waiting Next for a moved read deadline or
+// Close, is no sign of traffic: the next wait is cold, not a hot wait that
+// holds the P (the only one with GOMAXPROCS 1) until the receive timeout.
+func TestAnswersDoNotMakeWaitsHot(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[1])
+	c, err := Wrap(fds[0], Config{Queue: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	write := func(b []byte) {
+		t.Helper()
+		if _, err := unix.Write(fds[1], b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pkt := func(id uint32) []byte {
+		return AppendPacket(nil, &Packet{ID: id, Queue: 1, Payload: []byte{0x45, 0, 0, 20}})
+	}
+	// An acknowledgement (NLMSG_ERROR, error 0) of a wake-up message.
+	ack := appendHdr(nil, nlmsgError, 0, wakeSeq, 0, 0)
+	ack = ne.AppendUint32(ack, 0)
+	ack = append(ack, wakeMsg[:nlmsgHdrLen]...)
+	ack = finish(ack, 0)
+
+	var p Packet
+	write(pkt(1))
+	if err := c.Next(&p, true); err != nil || p.ID != 1 { // packets are coming: the next wait is hot
+		t.Fatalf("Next: %v (id %d)", err, p.ID)
+	}
+	write(ack)
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		write(pkt(2))
+	}()
+	if err := c.Next(&p, true); err != nil || p.ID != 2 {
+		t.Fatalf("Next past the acknowledgement: %v (id %d)", err, p.ID)
+	}
+	if s := c.Stats(); s.HotWaits != 1 || s.Waits != 3 {
+		t.Errorf("%d waits, %d of them hot; want 3 and 1: the wait after the read that brought the acknowledgement alone must be cold", s.Waits, s.HotWaits)
+	}
+}
