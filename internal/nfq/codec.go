@@ -344,6 +344,16 @@ func AppendVerdict(b []byte, queue uint16, id uint32, v Verdict, payload []byte)
 	return b
 }
 
+// AppendVerdictMark is AppendVerdict that also sets the packet's mark
+// (NFQA_MARK), which the kernel stores in the packet before it goes on.
+func AppendVerdictMark(b []byte, queue uint16, id uint32, v Verdict, mark uint32, payload []byte) []byte {
+	start := len(b)
+	b = AppendVerdict(b, queue, id, v, payload)
+	b = appendAttrBE32(b, attrMark, mark)
+	ne.PutUint32(b[start:], uint32(len(b)-start))
+	return b
+}
+
 // AppendVerdictRoom appends an NFQNL_MSG_VERDICT for packet id of queue
 // whose replacement payload is n bytes, and returns them (zeroed or not)
 // for the caller to fill in place: a payload built there needs no copy of

@@ -46,6 +46,30 @@ func TestAppendVerdict(t *testing.T) {
 	}
 }
 
+func TestAppendVerdictMark(t *testing.T) {
+	got := AppendVerdictMark(nil, 7, 9, Accept, 0xD1000102, []byte{0x45, 1, 2, 3, 4})
+	want := cat(
+		h32(52), h16(0x0301), h16(0x0001), h32(0), h32(0),
+		[]byte{0, 0, 0, 7},
+		h16(12), h16(2), []byte{0, 0, 0, 1, 0, 0, 0, 9},
+		h16(9), h16(10), []byte{0x45, 1, 2, 3, 4, 0, 0, 0}, // NFQA_PAYLOAD, padded to 4
+		h16(8), h16(3), []byte{0xD1, 0, 1, 2}, // NFQA_MARK, be32
+	)
+	if !bytes.Equal(got, want) {
+		t.Fatalf("verdict with payload and mark:\n got %x\nwant %x", got, want)
+	}
+	got = AppendVerdictMark(AppendVerdict(nil, 1, 1, Drop, nil), 1, 2, Accept, 5, nil)
+	want = cat(AppendVerdict(nil, 1, 1, Drop, nil),
+		h32(40), h16(0x0301), h16(0x0001), h32(0), h32(0),
+		[]byte{0, 0, 0, 1},
+		h16(12), h16(2), []byte{0, 0, 0, 1, 0, 0, 0, 2},
+		h16(8), h16(3), []byte{0, 0, 0, 5},
+	)
+	if !bytes.Equal(got, want) {
+		t.Fatalf("second message, mark only:\n got %x\nwant %x", got, want)
+	}
+}
+
 func TestAppendVerdictBatch(t *testing.T) {
 	got := AppendVerdictBatch(nil, 3, 100, Accept)
 	want := cat(
