@@ -176,13 +176,18 @@ const (
 	// before Recv sees them (the divert-socket "always defragment" option;
 	// on FreeBSD a FlagSniff handle's copies come as they are). On Linux
 	// and Windows Send refragments a datagram that arrived in fragments to
-	// the size of the largest of them (on Linux smaller if its route's MTU
-	// is), and one the program changed first gets the checksums its
-	// Address's clear bits ask for (see Send); on FreeBSD, where ipfw
-	// reassembled it, the kernel fragments it when it sends it out, to the
-	// interface's MTU. On Linux at LayerNetworkForward such a datagram
-	// leaves through the router's output path, not its forward hook, whose
-	// rules (a firewall's forward drop rules) never see it.
+	// the size of the largest of them, and one the program changed first
+	// gets the checksums its Address's clear bits ask for (see Send); on
+	// FreeBSD, where ipfw reassembled it, the kernel fragments it when it
+	// sends it out, to the interface's MTU. On Linux the fragments stay
+	// held in the queue until the datagram's verdict: sent back unchanged
+	// they are accepted as they came (the kernel forwards them through its
+	// forward hook, and answers ICMP when they do not fit the route),
+	// changed they carry its new fragments, and Drop, ParamQueueTime
+	// expiry and Close apply to them as to a held packet. Only a datagram
+	// the program grew past what its fragments can carry leaves as new
+	// raw packets (at LayerNetworkForward through the router's output
+	// path, which the forward hook's rules do not see).
 	FlagReassemble Flag = 1 << 33
 	// FlagFailOpen lets packets pass when the handle's queue overflows,
 	// instead of dropping them (Linux: the queue's fail-open flag). Windows
@@ -838,8 +843,8 @@ func (h *Handle) Shutdown(how ShutdownHow) error {
 // Later calls return net.ErrClosed. Only on Linux does a packet the program
 // has received (and not sent back) stay queued until Close reinjects it; on
 // FreeBSD, on Windows and in a Pipe it has left the queue, and unless sent
-// back first it is gone. So is, on Linux, a datagram FlagReassemble rebuilt
-// in user space (its fragments were dropped when it was delivered). On
+// back first it is gone. (On Linux a datagram FlagReassemble rebuilt in
+// user space stays queued as its fragments, which Close reinjects.) On
 // Linux removing a netfilter hook makes the kernel drop every packet queued
 // in the network namespace, other handles' too: so while another handle of
 // the process is open in the namespace, Close empties its table and leaves

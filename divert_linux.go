@@ -92,8 +92,11 @@ type sysAddr struct {
 	out   bool   // the Outbound Recv set: an Address whose Outbound differs names a new packet
 
 	// A datagram reassembled in user space (see frag_linux.go): its
-	// fragments are already dropped; Send emits it again.
+	// fragments are held in the queue, in the fragState slot dslot while
+	// its generation is dgen; Send and Drop give them their verdicts.
 	dgram   bool
+	dslot   uint32
+	dgen    uint32
 	fragID  uint32 // identification to refragment with
 	fragMTU uint32 // size of its largest fragment
 	fragDF  bool   // IPv4: its largest fragment had DF (reassembly.Info.DF)
@@ -1079,7 +1082,7 @@ func (b *linuxBackend) fresh(a *Address) bool {
 
 func (b *linuxBackend) send1(pkt []byte, a *Address, hold bool) (int, error) {
 	if a.sys.dgram && b.mine(a) && b.frag != nil {
-		return b.sendDgram(pkt, a)
+		return b.sendDgram(pkt, a, hold)
 	}
 	if b.held(a) {
 		n, err := b.verdict(a, nfq.Accept, pkt, hold)
@@ -1213,10 +1216,14 @@ func (b *linuxBackend) sendBatch(ms []Message) (int, error) {
 
 func (b *linuxBackend) drop(a *Address) error {
 	if a.sys.dgram {
-		if b.mine(a) {
-			b.st.dropped.Add(1)
+		if !b.mine(a) || b.frag == nil {
+			return nil // a copy answering it: a new packet, nothing queued
 		}
-		a.sys = sysAddr{} // its fragments were dropped when it was received
+		if err := b.dropDgram(a); err != nil {
+			return err
+		}
+		b.st.dropped.Add(1)
+		a.sys = sysAddr{}
 		return nil
 	}
 	if !b.held(a) {

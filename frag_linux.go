@@ -46,15 +46,12 @@ import (
 //     (internal/reassembly); the filter is evaluated on the whole
 //     datagram. Reinjecting a datagram the kernel handed over whole is an
 //     ACCEPT; the kernel fragments what it then sends. A datagram
-//     reassembled in user space had its fragments dropped when it was
-//     received: Send delivers it whole to the local stack (inbound; as
-//     fragments of lo's MTU, which the kernel reassembles, when it exceeds
-//     that: an IPv6 datagram of 65,537 to 65,575 bytes against lo's default
-//     65,536) or refragments it and sends the fragments as marked raw
-//     packets (outbound), in both cases with the checksums its Address's
-//     clear bits say are unfinished computed first when the program changed
-//     it, as for a whole packet. With FlagSniff the fragments continue and the program gets
-//     a copy of the datagram.
+//     reassembled in user space gets its verdict through its fragments,
+//     held in the queue (see "Verdicts" below): sent back unchanged, they
+//     are accepted and the kernel reassembles and delivers them as
+//     without the handle (inbound, from the interface they came in on).
+//     With FlagSniff the fragments continue and the program gets a copy
+//     of the datagram.
 //   - LayerNetwork with FlagFragments: inbound, the packets addressed to the
 //     host as they are on the wire, fragments included, before any
 //     reassembly (a prerouting chain below -400 restricted to local
@@ -71,9 +68,10 @@ import (
 //     forward hook takes unfragmented packets; a prerouting chain below -400
 //     takes every fragment not addressed to the host, and user space
 //     reassembles them. Each fragment is held in the queue until its
-//     datagram is complete; then the fragments are dropped and the datagram
-//     is handed to the program (a datagram the filter does not match has its
-//     fragments accepted unchanged). Its IfIdx, which the fragments do not
+//     datagram is complete; then the datagram is handed to the program, its
+//     fragments still held for its verdict (see "Verdicts" below; a
+//     datagram the filter does not match has its fragments accepted
+//     unchanged at once). Its IfIdx, which the fragments do not
 //     carry (they are taken before routing), is the interface the routing
 //     table forwards it through, asked over rtnetlink once per datagram (0
 //     when there is no route), as the forward hook gives it for whole
@@ -81,23 +79,26 @@ import (
 //     as the kernel's forwarding does before the forward hook; a datagram
 //     whose TTL would reach 0 is not handed over: its fragments go back to
 //     the kernel, which drops them and answers ICMP time exceeded, as it
-//     does for a whole packet. Send emits it again, changed or not,
-//     from the router as marked raw packets, fragmented to the size its
-//     largest fragment had (and smaller when the route's MTU says so). An
-//     IPv4 datagram has DF set when its largest fragment had (as Linux's
-//     reassembly marks it); sent back so, it is cut to that size with DF on
-//     every fragment, as Linux forwards it. One with DF set that does not
-//     fit otherwise (the program set DF, or the route's MTU is smaller than
-//     its largest fragment) gives an error wrapping
-//     reassembly.ErrDontFragment. The re-emitted packets leave through the
-//     router's output path, by their route, whatever the Address's IfIdx
-//     says, but for an IPv6 datagram to a link-scoped destination
-//     (fe80::/10), which Linux forwards only back onto the link it came
-//     in on (its IfIdx, from the route lookup): it leaves through IfIdx.
-//     Lower-priority forward handles do not see them, and neither do the
-//     forward hook's other rules: a firewall's forward drop rules, which
-//     judge the whole packets a handle reinjects, never see such a
-//     datagram (it passes the output hook's rules instead).
+//     does for a whole packet. Its fragments, accepted (unchanged or
+//     carrying the changed datagram's pieces), go on from prerouting as
+//     without the handle: routed by the kernel, through the forward hook
+//     (a firewall's forward rules judge them; lower-priority forward
+//     handles see them), their TTL decremented by the kernel, ICMP
+//     fragmentation needed (Packet Too Big) answered by the kernel when
+//     they do not fit the route. The verdicts set the handle's injection
+//     mark: with conntrack the kernel defragments them at -400 and the
+//     forward hook sees the whole datagram, which the handle's own rules
+//     (and those of equal or higher priority) then skip, as they skip
+//     its injections. But a datagram one of whose fragments already had
+//     a mark at the handle's chain (set by a rule before it, or by tc)
+//     keeps its marks, on which policy routing may depend: with conntrack
+//     the handle then sees it a second time, whole, at the forward hook
+//     (not fixed; marks set that early are rare: kube-proxy's and
+//     conntrack's restored marks come later). An IPv4 datagram has DF set when its largest
+//     fragment had (as Linux's reassembly marks it). A changed one the
+//     program set DF on that does not fit the size its largest fragment
+//     had gives an error wrapping reassembly.ErrDontFragment; it stays
+//     held.
 //   - FlagDrop: the kernel rules drop what they select, fragments included
 //     as each hook sees them; nothing is reassembled.
 //
@@ -105,8 +106,46 @@ import (
 // MTU, which the kernel's header-included raw send refuses (EMSGSIZE), is
 // sent as fragments of that MTU by the same code (see sendTooBig).
 //
-// For every user-space reassembly: Drop of a reassembled datagram has
-// nothing left to release; fragments whose datagram does not complete
+// Verdicts of a datagram reassembled in user space (not FlagSniff): its
+// fragments stay held in the queue, tracked like any held packet, and the
+// Address names them (sysAddr's dslot and dgen: a slot of fragState.held
+// and its generation; slots and records are reused, so nothing allocates
+// in steady state). Each fragment gets exactly one verdict:
+//
+//   - Send unchanged (its bytes hash as Recv handed them over):
+//     ACCEPT of every fragment, its original bytes.
+//   - Send changed: the datagram, with the checksums its Address's clear
+//     bits say are unfinished computed first, is cut again to the size its
+//     largest fragment had (with DF on every piece when that fragment had
+//     DF: reassembly.FragmentDF) with its identification, and the pieces
+//     replace the fragments' payloads in their ACCEPTs; fragments left
+//     over are dropped. At LayerNetworkForward the datagram was handed
+//     over with its TTL (hop limit) decremented, and the kernel decrements
+//     the pieces again: each piece gets one added back (up to 255, the
+//     IPv4 header checksum updated), so that what the program sent is
+//     what leaves the router (a TTL of 0 or 1 the program sets becomes 1
+//     or 2: the kernel drops the former and answers time exceeded).
+//   - Send of a datagram the program grew past what its fragments can
+//     carry (more pieces than fragments): the fragments are dropped and
+//     the datagram goes out as new marked raw packets, as before this
+//     design (sendDgramRaw): inbound at LayerNetwork whole to the local
+//     stack through lo (as fragments of lo's MTU when it exceeds that),
+//     otherwise refragmented from the router's output path, which the
+//     forward hook's rules do not judge, smaller when the route's MTU
+//     says so (not for IPv4 DF: reassembly.ErrDontFragment).
+//   - Drop: DROP of every fragment.
+//   - ParamQueueTime: the reaper drops each fragment when it has waited
+//     that long since it arrived (the first ones may go soon after the
+//     datagram is handed over, when it was slow to complete). A datagram
+//     one of whose fragments went is no longer queued: Send and Drop drop
+//     what is left of it and fail as for an expired packet.
+//   - Close: ACCEPT of every fragment still held (WinDivert reinjects held
+//     packets on close).
+//
+// A copy of the Address with Outbound reversed (an answer) names a new
+// packet, as for a whole packet: Send injects it raw, Drop does nothing.
+//
+// For every user-space reassembly: fragments whose datagram does not complete
 // within ParamQueueTime (its value when the datagram's first fragment came)
 // are dropped, and so are at once those of a datagram the reassembler gives
 // up to stay within its bounds (internal/reassembly's defaults: 1024
@@ -176,11 +215,17 @@ func parseFragKey(p []byte) (k fragKey, ok bool) {
 	return k, false
 }
 
-// pendingDgram is a datagram being reassembled: the queue ids of its
-// fragments, all held.
+// pendingDgram is a datagram being reassembled, or one handed to the
+// program whose verdict is to come: the queue ids of its fragments, all
+// held (but for those the reaper dropped after ParamQueueTime).
 type pendingDgram struct {
 	ids   []uint32
 	first int64 // when its first fragment arrived (ns)
+	// marked: a fragment came with a mark (set before the handle's chain),
+	// which its verdict keeps (see sendDgram)
+	marked bool
+	last   int64  // delivered: when its last fragment arrived (ns)
+	gen    uint32 // delivered: the generation its Address names (sysAddr.dgen)
 }
 
 // fragState is a handle's user-space reassembly.
@@ -192,6 +237,12 @@ type fragState struct {
 
 	pending map[fragKey]*pendingDgram // guarded by vmu
 	spare   []*pendingDgram           // reused entries, guarded by vmu
+	// held: the datagrams handed to the program whose fragments wait for
+	// Send or Drop, by slot (sysAddr.dslot; nil when free); free the free
+	// slots; gen the last generation given. Guarded by vmu.
+	held []*pendingDgram
+	free []uint32
+	gen  uint32
 	// evicted: datagrams the reassembler dropped for its bounds during
 	// the current AddInfo, whose held fragments go at once (see evict).
 	// Guarded by rmu.
@@ -335,10 +386,11 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 			} else {
 				pd = &pendingDgram{ids: make([]uint32, 0, 8)}
 			}
-			pd.first = now
+			pd.first, pd.marked = now, false
 			fs.pending[k] = pd
 		}
 		pd.ids = append(pd.ids, p.ID)
+		pd.marked = pd.marked || p.Mark != 0
 		b.track.Add(p.ID, now)
 		return 0, true, false, nil
 	case fs.info.Atomic || !fs.info.Fragmented:
@@ -365,14 +417,16 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 			return 0, true, false, nil
 		}
 	}
+	var slot, gen uint32
 	if sniff {
 		// A copy: the fragments continue (the others went on as they
 		// came).
 		b.verdictOnceLocked(p.ID, nfq.Accept)
 	} else {
-		// Handed to the program: the fragments leave the kernel.
-		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, p.ID, nfq.Drop, nil)
-		b.finishPending(k, nfq.Drop)
+		// Handed to the program: the fragments stay held, this one too,
+		// for the datagram's verdict (see sendDgram, dropDgram).
+		b.track.Add(p.ID, now)
+		slot, gen = b.holdDgram(k, p.ID, p.Mark, now)
 	}
 	n = copy(buf, dgram)
 	ts := p.Timestamp
@@ -394,6 +448,8 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 			owner:   b.serial,
 			out:     b.addrOutbound(outbound),
 			dgram:   true,
+			dslot:   slot,
+			dgen:    gen,
 			fragID:  fs.info.ID,
 			fragMTU: uint32(fs.info.MaxFragLen),
 			fragDF:  fs.info.DF,
@@ -457,7 +513,9 @@ func (b *linuxBackend) finishPending(k fragKey, v nfq.Verdict) (n int) {
 }
 
 // expirePending forgets datagrams whose fragments the reaper dropped (they
-// waited ParamQueueTime). Called with vmu held.
+// waited ParamQueueTime): those being reassembled, and those handed to the
+// program whose last fragment did (the others went before it). Called with
+// vmu held.
 func (b *linuxBackend) expirePending(now, qt int64) {
 	fs := b.frag
 	for k, pd := range fs.pending {
@@ -465,20 +523,293 @@ func (b *linuxBackend) expirePending(now, qt int64) {
 			b.finishPending(k, nfq.Drop)
 		}
 	}
+	for i, pd := range fs.held {
+		if pd != nil && now-pd.last >= qt {
+			b.releaseDgram(uint32(i), nfq.Drop)
+		}
+	}
 	fs.reasm.Expire(time.Unix(0, now))
 }
 
-// sendDgram emits a datagram reassembled in user space: inbound at
+// holdDgram moves the fragments held for k, and id, the last one (with
+// mark), to a
+// slot of fs.held for the program's verdict, and returns the slot and its
+// generation. The record and the slot are reused: nothing allocates in
+// steady state. Called with vmu held.
+func (b *linuxBackend) holdDgram(k fragKey, id, mark uint32, now int64) (slot, gen uint32) {
+	fs := b.frag
+	pd := fs.pending[k]
+	if pd != nil {
+		delete(fs.pending, k)
+	} else if m := len(fs.spare); m > 0 {
+		pd, fs.spare = fs.spare[m-1], fs.spare[:m-1]
+		pd.first, pd.marked = now, false
+	} else {
+		pd = &pendingDgram{ids: make([]uint32, 0, 8), first: now}
+	}
+	pd.ids = append(pd.ids, id)
+	pd.marked = pd.marked || mark != 0
+	pd.last = now
+	fs.gen++
+	if fs.gen == 0 {
+		fs.gen = 1
+	}
+	pd.gen = fs.gen
+	if m := len(fs.free); m > 0 {
+		slot, fs.free = fs.free[m-1], fs.free[:m-1]
+		fs.held[slot] = pd
+	} else {
+		slot = uint32(len(fs.held))
+		fs.held = append(fs.held, pd)
+	}
+	return slot, pd.gen
+}
+
+// heldDgram returns the record of the datagram a names, nil when its slot
+// was released (Send, Drop, or expiry). Called with vmu held.
+func (b *linuxBackend) heldDgram(a *Address) *pendingDgram {
+	fs := b.frag
+	if int(a.sys.dslot) >= len(fs.held) {
+		return nil
+	}
+	pd := fs.held[a.sys.dslot]
+	if pd == nil || pd.gen != a.sys.dgen {
+		return nil
+	}
+	return pd
+}
+
+// releaseDgram gives verdict v to every fragment of the datagram in slot
+// that is still held, and frees the slot. Called with vmu held.
+func (b *linuxBackend) releaseDgram(slot uint32, v nfq.Verdict) {
+	fs := b.frag
+	pd := fs.held[slot]
+	fs.held[slot] = nil
+	fs.free = append(fs.free, slot)
+	for _, id := range pd.ids {
+		if !b.track.Release(id) {
+			continue
+		}
+		if v == nfq.Accept {
+			b.acc = append(b.acc, id)
+		} else {
+			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, v, nil)
+		}
+	}
+	pd.ids = pd.ids[:0]
+	fs.spare = append(fs.spare, pd)
+}
+
+// dgramQueued reports whether every fragment of pd is still held: one the
+// reaper dropped (ParamQueueTime) leaves the datagram no longer queued.
+// Called with vmu held.
+func (b *linuxBackend) dgramQueued(pd *pendingDgram) bool {
+	for _, id := range pd.ids {
+		if _, ok := b.track.Lookup(id); !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// dgramGone is the error of Send and Drop for a datagram no longer
+// queued, the one verdictLocked gives a packet.
+func (b *linuxBackend) dgramGone(a *Address) error {
+	return fmt.Errorf("divert: datagram %d is no longer queued (already sent, dropped, or expired after %v)", a.sys.fragID, time.Duration(b.queueTime.Load()))
+}
+
+// dropDgram drops every held fragment of the datagram a names. Called
+// without vmu.
+func (b *linuxBackend) dropDgram(a *Address) error {
+	b.vmu.Lock()
+	defer b.vmu.Unlock()
+	if b.closed.Load() {
+		return errClosed
+	}
+	pd := b.heldDgram(a)
+	if pd == nil {
+		return b.dgramGone(a)
+	}
+	ok := b.dgramQueued(pd)
+	b.releaseDgram(a.sys.dslot, nfq.Drop) // what is left of it goes too
+	if !ok {
+		return b.dgramGone(a)
+	}
+	return b.flushLocked()
+}
+
+// sendDgram gives a datagram reassembled in user space, which the handle
+// holds as its fragments (see holdDgram), its verdict through them. Sent
+// back unchanged (its bytes hash as those Recv handed over; a change that
+// hashes equal, odds 2^-64, is taken for none), every fragment is accepted
+// as it came: the kernel then forwards or delivers them as without the
+// handle. Changed, it is cut again (see refragment) and the pieces replace
+// the fragments' payloads in their ACCEPTs, the fragments left over
+// dropped; one cut into more pieces than it came in fragments goes out as
+// marked raw packets instead (sendDgramRaw). At LayerNetworkForward the
+// verdicts also set the handle's injection mark, which its own rules (and
+// those of handles of higher priority) skip when conntrack has
+// defragmented the datagram before the forward hook, unless a fragment
+// came with a mark (set before the handle's chain, at -30401 and below),
+// which the kernel's routing may depend on: it is kept. A datagram some of
+// whose fragments the reaper dropped (ParamQueueTime) is no longer queued:
+// what is left of it is dropped and Send fails as for an expired packet.
+// hold leaves the verdicts for the caller to flush (SendBatch).
+func (b *linuxBackend) sendDgram(pkt []byte, a *Address, hold bool) (int, error) {
+	pkt, err := sendable(pkt)
+	if err != nil {
+		return 0, err
+	}
+	n := len(pkt) // the IP length, as WinDivertSend counts
+	changed := maphash.Bytes(dgramSeed, pkt) != a.sys.dsum
+	var frags [][]byte
+	fs := &b.fsend
+	if changed {
+		// Held until the pieces are copied into the verdicts.
+		fs.mu.Lock()
+		if frags, err = b.refragment(pkt, a); err != nil {
+			fs.mu.Unlock()
+			return 0, err
+		}
+	}
+	unlock := func() {
+		b.vmu.Unlock()
+		if changed {
+			fs.mu.Unlock()
+		}
+	}
+	b.vmu.Lock()
+	if b.closed.Load() {
+		unlock()
+		return 0, errClosed
+	}
+	pd := b.heldDgram(a)
+	if pd == nil {
+		unlock()
+		return 0, b.dgramGone(a)
+	}
+	if !b.dgramQueued(pd) {
+		b.releaseDgram(a.sys.dslot, nfq.Drop)
+		if !hold {
+			err = b.flushLocked()
+		}
+		unlock()
+		return 0, errors.Join(b.dgramGone(a), err)
+	}
+	if changed && len(frags) > len(pd.ids) {
+		// Grown past the fragments it came in: a new datagram, emitted
+		// raw (the forward hook's rules do not judge it).
+		b.releaseDgram(a.sys.dslot, nfq.Drop)
+		unlock()
+		return b.sendDgramRaw(pkt, a)
+	}
+	mark := b.layer == LayerNetworkForward && !pd.marked
+	slot := a.sys.dslot
+	fsl := b.frag
+	fsl.held[slot] = nil
+	fsl.free = append(fsl.free, slot)
+	for i, id := range pd.ids {
+		b.track.Release(id) // held: dgramQueued says so
+		switch {
+		case changed && i >= len(frags):
+			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, nfq.Drop, nil)
+		case mark:
+			var piece []byte
+			if changed {
+				piece = frags[i]
+			}
+			b.vbuf = nfq.AppendVerdictMark(b.vbuf, b.queue, id, nfq.Accept, b.ownMark, piece)
+		case changed:
+			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, nfq.Accept, frags[i])
+		default:
+			b.acc = append(b.acc, id)
+		}
+	}
+	pd.ids = pd.ids[:0]
+	fsl.spare = append(fsl.spare, pd)
+	if !hold {
+		err = b.flushLocked()
+	}
+	unlock()
+	if err != nil {
+		return 0, err
+	}
+	a.sys = sysAddr{}
+	return n, nil
+}
+
+// refragment cuts pkt, the program's changed datagram a names, into the
+// pieces that replace its fragments: the checksums a's clear bits say are
+// unfinished computed first (in a copy), then cut to the size its largest
+// fragment had, with DF on every piece when that fragment had it
+// (reassembly.FragmentDF) as Linux forwards such a datagram, and the
+// identification it came with. At LayerNetworkForward each piece's TTL
+// (hop limit) is one more than the program's (up to 255), the IPv4 header
+// checksum updated: the datagram was handed over decremented, and the
+// kernel decrements the pieces again as it forwards them, so what the
+// program sent is what leaves. Called with b.fsend.mu held.
+func (b *linuxBackend) refragment(pkt []byte, a *Address) ([][]byte, error) {
+	fs := &b.fsend
+	if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) {
+		fs.cbuf = append(fs.cbuf[:0], pkt...)
+		pkt = fs.cbuf
+		_ = CalcChecksums(pkt, nil, unfinished(a))
+	}
+	if fs.fbuf == nil {
+		fs.fbuf = make([]byte, 0, 2*MTUMax)
+		fs.flist = make([][]byte, 0, 64)
+	}
+	cut := reassembly.Fragment
+	if a.sys.fragDF {
+		cut = reassembly.FragmentDF
+	}
+	mtu := int(a.sys.fragMTU)
+	frags, err := cut(fs.fbuf[:0], fs.flist, pkt, mtu, a.sys.fragID)
+	if err != nil {
+		if errors.Is(err, reassembly.ErrDontFragment) {
+			return nil, fmt.Errorf("divert: send: the %d-byte datagram exceeds the %d bytes of its largest fragment and has DF set, so it cannot be refragmented: %w", len(pkt), mtu, err)
+		}
+		return nil, fmt.Errorf("divert: send: fragment the %d-byte datagram to %d bytes: %w", len(pkt), mtu, err)
+	}
+	if cap(frags) > cap(fs.flist) {
+		fs.flist = frags[:0]
+	}
+	oneV4ID(pkt, frags)
+	if b.layer == LayerNetworkForward {
+		for _, f := range frags {
+			incrementTTL(f)
+		}
+	}
+	return frags, nil
+}
+
+// incrementTTL adds one to the TTL (hop limit) of an IPv4 (IPv6) packet
+// below 255, updating the IPv4 header checksum.
+func incrementTTL(p []byte) {
+	switch p[0] >> 4 {
+	case 4:
+		if p[8] == 255 {
+			return
+		}
+		p[8]++
+		hl := int(p[0]&0xf) * 4
+		p[10], p[11] = 0, 0
+		binary.BigEndian.PutUint16(p[10:], ^packet.Checksum(p[:hl], 0))
+	case 6:
+		if p[7] < 255 {
+			p[7]++
+		}
+	}
+}
+
+// sendDgramRaw emits a datagram reassembled in user space that its held
+// fragments cannot carry (the program grew it) as new packets: inbound at
 // LayerNetwork whole to the local stack (as fragments when it exceeds lo's
 // MTU, see inboundFragments), otherwise refragmented to the size
 // it came in (or the route's MTU when smaller), each fragment a marked raw
-// packet. As for a packet sent back whole (verdictLocked), a datagram the
-// program changed gets the checksums a's clear bits say are unfinished
-// computed first (in a copy); one sent back unchanged goes as it came,
-// the sender's checksums included. Changed means that its bytes hash
-// otherwise than those Recv handed over (a change that hashes equal, odds
-// 2^-64, is taken for none).
-func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
+// packet, with the checksums a's clear bits say are unfinished computed
+// first (in a copy).
+func (b *linuxBackend) sendDgramRaw(pkt []byte, a *Address) (int, error) {
 	if b.inj == nil {
 		return 0, errors.New("divert: handle cannot inject")
 	}
@@ -491,7 +822,7 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address) (int, error) {
 	fs := &b.fsend
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
-	if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) && maphash.Bytes(dgramSeed, pkt) != a.sys.dsum {
+	if !(a.IPChecksum && a.TCPChecksum && a.UDPChecksum) {
 		fs.cbuf = append(fs.cbuf[:0], pkt...)
 		pkt = fs.cbuf
 		_ = CalcChecksums(pkt, nil, unfinished(a))

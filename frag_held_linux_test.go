@@ -1,0 +1,490 @@
+package divert
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/netdivert/divert/internal/netnstest"
+	"github.com/netdivert/divert/internal/nfq"
+	"github.com/netdivert/divert/internal/packet"
+	"github.com/netdivert/divert/internal/reassembly"
+)
+
+// The verdict of a datagram reassembled in user space goes through its
+// fragments, held in the queue (see frag_linux.go): these tests check what
+// that gives, the kernel's own handling of the fragments.
+
+// nftIn runs nft with argv in ns, failing t on error, and returns its
+// output.
+func nftIn(t *testing.T, ns *netnstest.NS, argv ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := ns.Run(ctx, append([]string{"nft"}, argv...)...)
+	if err != nil {
+		t.Fatalf("nft %v: %v: %s", argv, err, out)
+	}
+	return string(out)
+}
+
+// nftTable adds table inet name to ns with one base chain c of spec (e.g.
+// "type filter hook forward priority 0 ;") holding rules, and deletes it
+// when the test ends.
+func nftTable(t *testing.T, ns *netnstest.NS, name, spec string, rules ...string) {
+	t.Helper()
+	nftIn(t, ns, "add", "table", "inet", name)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if out, err := ns.Run(ctx, "nft", "delete", "table", "inet", name); err != nil {
+			t.Errorf("delete table %s: %v: %s", name, err, out)
+		}
+	})
+	nftIn(t, ns, "add", "chain", "inet", name, "c", "{ "+spec+" }")
+	for _, r := range rules {
+		nftIn(t, ns, append([]string{"add", "rule", "inet", name, "c"}, strings.Fields(r)...)...)
+	}
+}
+
+// nftCounter returns the packets counted by the rule of table inet name,
+// chain c, whose text contains match.
+func nftCounter(t *testing.T, ns *netnstest.NS, name, match string) int {
+	t.Helper()
+	out := nftIn(t, ns, "list", "chain", "inet", name, "c")
+	re := regexp.MustCompile(`counter packets (\d+)`)
+	for _, line := range strings.Split(out, "\n") {
+		if !strings.Contains(line, match) {
+			continue
+		}
+		if m := re.FindStringSubmatch(line); m != nil {
+			n, _ := strconv.Atoi(m[1])
+			return n
+		}
+	}
+	t.Fatalf("no counter rule with %q in:\n%s", match, out)
+	return 0
+}
+
+// TestFragHeldForwardFirewall: a fragmented datagram a FlagReassemble
+// forward handle sends back unchanged is judged by the router's forward
+// rules, as without the handle: a forward drop rule for its destination
+// stops it (the handle's verdict accepts its fragments, which go on to the
+// forward hook), with and without conntrack.
+func TestFragHeldForwardFirewall(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dhf", 1500)
+	for i, c := range fragCases() {
+		t.Run(caseName(c.v6, c.ct), func(t *testing.T) {
+			if c.ct {
+				withConntrack(t, r.Router())
+			}
+			dstA, fam := r.Right.B.V4, "ip"
+			if c.v6 {
+				dstA, fam = r.Right.B.V6, "ip6"
+			}
+			dst := netip.AddrPortFrom(dstA, 7130)
+			sink, err := r.RightHost().ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			h := openIn(t, r.Router(), "udp.DstPort == 7130", LayerNetworkForward, 0, FlagReassemble)
+			p := startFragPump(t, h, nil)
+			name := fmt.Sprintf("fwdrop%d", i)
+			nftTable(t, r.Router(), name, "type filter hook forward priority 0 ;",
+				fam+" daddr "+dstA.String()+" counter drop")
+			if err := r.LeftHost().SendUDP(dst, fragPayload("fw"), 1, 0); err != nil {
+				t.Fatal(err)
+			}
+			late, err := netnstest.RecvUDP(sink, 1, 700*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, errs := p.stop()
+			if len(got) != 1 || len(errs) != 1 || errs[0] != nil {
+				t.Fatalf("handle saw %d datagrams (Send: %v), want 1 sent back", len(got), errs)
+			}
+			if len(late) != 0 {
+				t.Errorf("the datagram passed the router's forward drop rule")
+			}
+			if n := nftCounter(t, r.Router(), name, "drop"); n == 0 {
+				t.Errorf("the forward drop rule counted nothing")
+			}
+		})
+	}
+}
+
+// TestFragHeldForwardSmallerMTU: a forwarded datagram sent back unchanged
+// whose route's MTU is smaller than its fragments is the kernel's to
+// refuse: an IPv4 one with DF, or an IPv6 one, makes the router answer the
+// sender ICMP fragmentation needed (Packet Too Big) with the route's MTU,
+// and nothing reaches the host behind it; Send succeeds (the fragments
+// were handed back).
+func TestFragHeldForwardSmallerMTU(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dhm", 1500)
+	ipIn(t, r.Router(), "link", "set", r.Right.A.If, "mtu", "1280")
+	for _, v6 := range []bool{false, true} {
+		t.Run(caseName(v6, false), func(t *testing.T) {
+			srcA, dstA := r.Left.A.V4, r.Right.B.V4
+			icmpFilt := "inbound and icmp.Type == 3 and icmp.Code == 4"
+			if v6 {
+				srcA, dstA = r.Left.A.V6, r.Right.B.V6
+				icmpFilt = "inbound and icmpv6.Type == 2"
+			}
+			dst := netip.AddrPortFrom(dstA, 7131)
+			sink, err := r.RightHost().ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			icmp := openIn(t, r.LeftHost(), icmpFilt, LayerNetwork, 0, FlagSniff)
+			ip := startFragPump(t, icmp, nil)
+			h := openIn(t, r.Router(), "udp.DstPort == 7131", LayerNetworkForward, 0, FlagReassemble)
+			p := startFragPump(t, h, nil)
+			d := udpPacket(t, netip.AddrPortFrom(srcA, 5031), dst, fragPayload("mtu"))
+			var id uint32 = 0x31313131
+			if !v6 {
+				binary.BigEndian.PutUint16(d[4:], 0x3131)
+				id = 0
+			}
+			frags, err := reassembly.Fragment(nil, nil, d, 1500, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ls := openIn(t, r.LeftHost(), "false", LayerNetwork, 0, FlagSendOnly)
+			for _, f := range frags {
+				if !v6 {
+					f[6] |= 0x40 // DF
+					CalcChecksums(f, nil, 0)
+				}
+				if _, err := ls.Send(f, &Address{Outbound: true, IPv6: v6, IPChecksum: true, UDPChecksum: true}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			late, err := netnstest.RecvUDP(sink, 1, 700*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, errs := p.stop()
+			icmps, _ := ip.stop()
+			if len(got) != 1 || len(errs) != 1 || errs[0] != nil {
+				t.Fatalf("handle saw %d datagrams (Send: %v), want 1 sent back", len(got), errs)
+			}
+			if len(late) != 0 {
+				t.Errorf("the datagram reached the host behind the smaller MTU")
+			}
+			if len(icmps) == 0 {
+				t.Fatalf("the sender got no ICMP fragmentation needed / Packet Too Big")
+			}
+			for _, s := range icmps {
+				pk, err := ParsePacket(s.pkt)
+				if err != nil || len(pk.ICMP) < 8 && len(pk.ICMPv6) < 8 {
+					t.Fatalf("ICMP %x: %v", s.pkt, err)
+				}
+				var mtu uint32
+				if v6 {
+					mtu = binary.BigEndian.Uint32(pk.ICMPv6[4:8])
+				} else {
+					mtu = uint32(binary.BigEndian.Uint16(pk.ICMP[6:8]))
+				}
+				if mtu != 1280 {
+					t.Errorf("ICMP names MTU %d, want 1280", mtu)
+				}
+			}
+		})
+	}
+}
+
+// TestFragHeldInboundIif: an IPv6 datagram reassembled in user space at
+// LayerNetwork inbound and sent back unchanged reaches the input rules as
+// its fragments did, from the link they came in on (not from lo), and
+// arrives intact. (A rule after the handle's counts the fragments, IPv6
+// packets whose next header is Fragment, from the sender on the veth.)
+func TestFragHeldInboundIif(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dhi", 1500)
+	dst := netip.AddrPortFrom(l.B.V6, 7132)
+	sink, err := l.B.NS.ListenUDP(dst.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, l.B.NS, "inbound and udp.DstPort == 7132", LayerNetwork, 0, 0)
+	p := startFragPump(t, h, nil)
+	// After the handle's chain (priority 0).
+	nftTable(t, l.B.NS, "iifcount", "type filter hook input priority 100 ;",
+		"iifname "+l.B.If+" ip6 saddr "+l.A.V6.String()+" ip6 nexthdr 44 counter",
+		"iifname lo ip6 saddr "+l.A.V6.String()+" counter")
+	if err := l.A.NS.SendUDP(dst, fragPayload("iif"), 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	recvd, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, errs := p.stop()
+	if len(got) != 1 || len(errs) != 1 || errs[0] != nil {
+		t.Fatalf("handle saw %d datagrams (Send: %v), want 1 sent back", len(got), errs)
+	}
+	if len(recvd) != 1 || !bytes.Equal(recvd[0], fragPayload("iif")) {
+		t.Fatalf("sink got %d datagrams, want the one intact", len(recvd))
+	}
+	if n := nftCounter(t, l.B.NS, "iifcount", "iifname \""+l.B.If+"\""); n < 2 {
+		t.Errorf("the input rule for %s counted %d packets, want the datagram's fragments (2 or more)", l.B.If, n)
+	}
+	if n := nftCounter(t, l.B.NS, "iifcount", "iifname \"lo\""); n != 0 {
+		t.Errorf("the input rule for lo counted %d packets, want 0", n)
+	}
+}
+
+// TestFragHeldForwardVerdicts: the verdicts a FlagReassemble forward
+// handle gives a datagram through its held fragments. Changed, it arrives
+// changed, byte for byte, its fragments leaving the router with the TTL
+// (hop limit) the program handed back (the kernel decrements them once
+// more: the handle adds one back); Drop drops every fragment; a datagram
+// whose fragments expired (ParamQueueTime) is no longer queued, for Send
+// and Drop; Close accepts the fragments of a datagram still held.
+func TestFragHeldForwardVerdicts(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dhv", 1500)
+	for _, c := range fragCases() {
+		t.Run(caseName(c.v6, c.ct), func(t *testing.T) {
+			if c.ct {
+				withConntrack(t, r.Router())
+			}
+			srcA, dstA := r.Left.A.V4, r.Right.B.V4
+			ttlOff, wireFilt := 8, "inbound && ip.SrcAddr == "
+			if c.v6 {
+				srcA, dstA = r.Left.A.V6, r.Right.B.V6
+				ttlOff, wireFilt = 7, "inbound && ipv6.SrcAddr == "
+			}
+			dst := netip.AddrPortFrom(dstA, 7133)
+			sink, err := r.RightHost().ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			wire := openIn(t, r.RightHost(), wireFilt+srcA.String(), LayerNetwork, 0, FlagFragments)
+			wp := startFragPump(t, wire, nil)
+			h := openIn(t, r.Router(), "udp.DstPort == 7133", LayerNetworkForward, 0, FlagReassemble)
+			buf := make([]byte, MTUMax)
+			var a Address
+			recv := func(tag string) []byte {
+				t.Helper()
+				if err := r.LeftHost().SendUDP(dst, fragPayload(tag), 1, 0); err != nil {
+					t.Fatal(err)
+				}
+				h.SetReadDeadline(time.Now().Add(3 * time.Second))
+				n, err := h.Recv(buf, &a)
+				if err != nil {
+					t.Fatalf("%s: Recv: %v", tag, err)
+				}
+				if !bytes.Contains(buf[:n], []byte(tag)) {
+					t.Fatalf("%s: handle got another %d-byte packet", tag, n)
+				}
+				return buf[:n]
+			}
+			arrives := func(want []byte) {
+				t.Helper()
+				got, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(got) != 1 || !bytes.Equal(got[0], want) {
+					t.Fatalf("sink got %d datagrams, want the %q one byte for byte", len(got), want[:3])
+				}
+			}
+
+			// Changed: the payload, then the TTL.
+			d := recv("chg")
+			copy(udpData(t, d), "CHG")
+			CalcChecksums(d, &a, 0)
+			if _, err := h.Send(d, &a); err != nil {
+				t.Fatalf("Send changed: %v", err)
+			}
+			want := fragPayload("chg")
+			copy(want, "CHG")
+			arrives(want)
+			d = recv("t40")
+			d[ttlOff] = 40
+			CalcChecksums(d, &a, 0)
+			if _, err := h.Send(d, &a); err != nil {
+				t.Fatalf("Send with TTL 40: %v", err)
+			}
+			arrives(fragPayload("t40"))
+
+			// Dropped.
+			recv("drp")
+			if err := h.Drop(&a); err != nil {
+				t.Fatalf("Drop: %v", err)
+			}
+
+			// Expired.
+			if err := h.SetParam(ParamQueueTime, QueueTimeMin); err != nil {
+				t.Fatal(err)
+			}
+			st0, _ := h.Stats()
+			d = recv("exp")
+			exp := a
+			for i := 0; ; i++ {
+				st, _ := h.Stats()
+				if st.Expired >= st0.Expired+2 {
+					break
+				}
+				if i == 100 {
+					t.Fatalf("the datagram's fragments did not expire: %+v", st)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if _, err := h.Send(d, &a); err == nil || !strings.Contains(err.Error(), "no longer queued") {
+				t.Errorf("Send of an expired datagram: %v, want no longer queued", err)
+			}
+			if err := h.Drop(&exp); err == nil || !strings.Contains(err.Error(), "no longer queued") {
+				t.Errorf("Drop of an expired datagram: %v, want no longer queued", err)
+			}
+
+			// Held at Close: accepted.
+			if err := h.SetParam(ParamQueueTime, QueueTimeMax); err != nil {
+				t.Fatal(err)
+			}
+			recv("cls")
+			if err := h.Close(); err != nil {
+				t.Fatal(err)
+			}
+			arrives(fragPayload("cls"))
+			late, err := netnstest.RecvUDP(sink, 1, 500*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(late) != 0 {
+				t.Errorf("a dropped or expired datagram arrived: %.3q", late[0])
+			}
+
+			onWire, _ := wp.stop()
+			ttls := map[string]int{"CHG": -1, "t40": -1}
+			for _, s := range onWire {
+				for tag := range ttls {
+					if isFragment(s.pkt) && bytes.Contains(s.pkt, []byte(tag)) {
+						ttls[tag] = int(s.pkt[ttlOff])
+					}
+				}
+			}
+			if ttls["CHG"] != 63 || ttls["t40"] != 40 {
+				t.Errorf("first fragments behind the router with TTL %d and %d, want 63 (the sender's 64, decremented once) and 40 (the program's)", ttls["CHG"], ttls["t40"])
+			}
+		})
+	}
+}
+
+// heldTestBackend is a LayerNetworkForward backend without a queue whose
+// reassembly takes fragV4 fragments, and deliver hands it the two
+// fragments of datagram ipID as queue ids id and id+1.
+func heldTestBackend() *linuxBackend {
+	b := newLinuxBackend(&openConfig{layer: LayerNetworkForward})
+	b.frag = &fragState{reasm: reassembly.New(reassembly.Config{Timeout: time.Minute}), pending: map[fragKey]*pendingDgram{}}
+	return b
+}
+
+func deliverV4(t testing.TB, b *linuxBackend, buf []byte, a *Address, id uint32, ipID uint16) int {
+	t.Helper()
+	return deliverFrags(t, b, buf, a, id, v4Frags(ipID))
+}
+
+// v4Frags returns the two fragments of datagram ipID.
+func v4Frags(ipID uint16) [][]byte {
+	fs := [][]byte{fragV4(0, 16, true), fragV4(16, 8, false)}
+	for _, f := range fs {
+		binary.BigEndian.PutUint16(f[4:6], ipID)
+		f[10], f[11] = 0, 0
+		binary.BigEndian.PutUint16(f[10:12], ^packet.Checksum(f[:20], 0))
+	}
+	return fs
+}
+
+// deliverFrags hands b frags, queue ids from id on; the last completes
+// the datagram.
+func deliverFrags(t testing.TB, b *linuxBackend, buf []byte, a *Address, id uint32, frags [][]byte) int {
+	t.Helper()
+	now := time.Now().UnixNano()
+	var n int
+	for i, f := range frags {
+		var delivered bool
+		var err error
+		n, _, delivered, err = b.reassemble(&nfq.Packet{ID: id + uint32(i), Hook: nfq.HookPrerouting, Payload: f}, buf, a, now)
+		if err != nil || delivered != (i == len(frags)-1) {
+			t.Fatalf("fragment %d: delivered %v, %v", i, delivered, err)
+		}
+	}
+	return n
+}
+
+// TestFragHeldPartlyExpired: a datagram one of whose held fragments the
+// reaper dropped (ParamQueueTime) is no longer queued: Send fails as for
+// an expired packet and drops the fragments left, once; the slot is free
+// and a second Send fails the same way without another verdict.
+func TestFragHeldPartlyExpired(t *testing.T) {
+	b := heldTestBackend()
+	buf := make([]byte, MTUMax)
+	var a Address
+	n := deliverV4(t, b, buf, &a, 1, 0x4242)
+	if b.track.Len() != 2 || len(b.vbuf) != 0 || len(b.acc) != 0 {
+		t.Fatalf("delivered: %d held, verdicts %x %v; want both fragments held", b.track.Len(), b.vbuf, b.acc)
+	}
+	b.track.PopOldest() // the reaper's DROP of id 1
+	a2 := a
+	if _, err := b.sendDgram(buf[:n], &a, true); err == nil || !strings.Contains(err.Error(), "no longer queued") {
+		t.Fatalf("Send: %v, want no longer queued", err)
+	}
+	if want := nfq.AppendVerdict(nil, b.queue, 2, nfq.Drop, nil); !bytes.Equal(b.vbuf, want) || len(b.acc) != 0 || b.track.Len() != 0 {
+		t.Fatalf("verdicts %x %v, %d held; want one DROP of id 2, nothing held", b.vbuf, b.acc, b.track.Len())
+	}
+	b.vbuf = b.vbuf[:0]
+	if _, err := b.sendDgram(buf[:n], &a2, true); err == nil || !strings.Contains(err.Error(), "no longer queued") || len(b.vbuf) != 0 {
+		t.Fatalf("second Send: %v, verdicts %x; want no longer queued, none", err, b.vbuf)
+	}
+	if len(b.frag.free) != 1 || len(b.frag.spare) != 1 {
+		t.Fatalf("%d free slots, %d spare records; want 1 and 1", len(b.frag.free), len(b.frag.spare))
+	}
+}
+
+// TestFragHeldNoAlloc: once its slot and record exist, holding a
+// delivered datagram's fragments and sending it back unchanged allocates
+// nothing; each fragment gets exactly one verdict, an ACCEPT that sets the
+// handle's mark (LayerNetworkForward).
+func TestFragHeldNoAlloc(t *testing.T) {
+	b := heldTestBackend()
+	buf := make([]byte, MTUMax)
+	var a Address
+	id := uint32(1)
+	frags := v4Frags(1) // the same datagram again and again
+	var want []byte
+	round := func() {
+		n := deliverFrags(t, b, buf, &a, id, frags)
+		if _, err := b.sendDgram(buf[:n], &a, true); err != nil {
+			t.Fatal(err)
+		}
+		want = nfq.AppendVerdictMark(want[:0], b.queue, id, nfq.Accept, b.ownMark, nil)
+		want = nfq.AppendVerdictMark(want, b.queue, id+1, nfq.Accept, b.ownMark, nil)
+		if !bytes.Equal(b.vbuf, want) || len(b.acc) != 0 || b.track.Len() != 0 {
+			t.Fatalf("verdicts %x %v, %d held; want two marked ACCEPTs %x", b.vbuf, b.acc, b.track.Len(), want)
+		}
+		b.vbuf = b.vbuf[:0]
+		id += 2
+	}
+	round()
+	if allocs := testing.AllocsPerRun(100, round); allocs != 0 {
+		t.Errorf("%v allocations a datagram, want 0", allocs)
+	}
+	if fs := b.frag; len(fs.held) != 1 || len(fs.free) != 1 || len(fs.spare) != 1 || len(fs.pending) != 0 {
+		t.Errorf("%d slots (%d free), %d spare records, %d pending; want the one slot and record reused", len(fs.held), len(fs.free), len(fs.spare), len(fs.pending))
+	}
+}
