@@ -488,3 +488,63 @@ func TestFragHeldNoAlloc(t *testing.T) {
 		t.Errorf("%d slots (%d free), %d spare records, %d pending; want the one slot and record reused", len(fs.held), len(fs.free), len(fs.spare), len(fs.pending))
 	}
 }
+
+// TestFragHeldSendBatch: SendBatch gives reassembled datagrams their
+// verdicts through their fragments too, changed or not, with a whole
+// packet between them: all arrive, the changed one changed.
+func TestFragHeldSendBatch(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dhb", 1500)
+	dst := netip.AddrPortFrom(r.Right.B.V4, 7134)
+	sink, err := r.RightHost().ListenUDP(dst.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	h := openIn(t, r.Router(), "udp.DstPort == 7134", LayerNetworkForward, 0, FlagReassemble)
+	ms := make([]Message, 3)
+	for i, tag := range []string{"chg", "small", "keep"} {
+		payload := fragPayload(tag)
+		if tag == "small" {
+			payload = []byte(tag)
+		}
+		if err := r.LeftHost().SendUDP(dst, payload, 1, 0); err != nil {
+			t.Fatal(err)
+		}
+		ms[i].Buf = make([]byte, MTUMax)
+		h.SetReadDeadline(time.Now().Add(3 * time.Second))
+		n, err := h.Recv(ms[i].Buf, &ms[i].Addr)
+		if err != nil {
+			t.Fatalf("Recv %s: %v", tag, err)
+		}
+		ms[i].N = n
+	}
+	d := ms[0].Buf[:ms[0].N]
+	copy(udpData(t, d), "CHG")
+	CalcChecksums(d, &ms[0].Addr, 0)
+	if n, err := h.SendBatch(ms); n != 3 || err != nil {
+		t.Fatalf("SendBatch: %d, %v", n, err)
+	}
+	got, err := netnstest.RecvUDP(sink, 3, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{"CHG": false, "small": false, "keep": false}
+	for _, g := range got {
+		for tag := range want {
+			if bytes.HasPrefix(g, []byte(tag)) {
+				w := fragPayload(tag)
+				if tag == "CHG" {
+					w = fragPayload("chg")
+					copy(w, "CHG")
+				} else if tag == "small" {
+					w = []byte(tag)
+				}
+				want[tag] = bytes.Equal(g, w)
+			}
+		}
+	}
+	if !want["CHG"] || !want["small"] || !want["keep"] || len(got) != 3 {
+		t.Errorf("sink got %d datagrams, intact: %v", len(got), want)
+	}
+}

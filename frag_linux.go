@@ -94,11 +94,11 @@ import (
 //     keeps its marks, on which policy routing may depend: with conntrack
 //     the handle then sees it a second time, whole, at the forward hook
 //     (not fixed; marks set that early are rare: kube-proxy's and
-//     conntrack's restored marks come later). An IPv4 datagram has DF set when its largest
-//     fragment had (as Linux's reassembly marks it). A changed one the
-//     program set DF on that does not fit the size its largest fragment
-//     had gives an error wrapping reassembly.ErrDontFragment; it stays
-//     held.
+//     conntrack's restored marks come later). An IPv4 datagram has DF
+//     set when its largest fragment had (as Linux's reassembly marks
+//     it). A changed one the program set DF on that does not fit the
+//     size its largest fragment had gives an error wrapping
+//     reassembly.ErrDontFragment; it stays held.
 //   - FlagDrop: the kernel rules drop what they select, fragments included
 //     as each hook sees them; nothing is reassembled.
 //
@@ -145,12 +145,12 @@ import (
 // A copy of the Address with Outbound reversed (an answer) names a new
 // packet, as for a whole packet: Send injects it raw, Drop does nothing.
 //
-// For every user-space reassembly: fragments whose datagram does not complete
-// within ParamQueueTime (its value when the datagram's first fragment came)
-// are dropped, and so are at once those of a datagram the reassembler gives
-// up to stay within its bounds (internal/reassembly's defaults: 1024
-// datagrams, 4 MiB); a malformed packet (a bad IPv4 header checksum or length)
-// is dropped alone, as the kernel drops it before its fragment queue;
+// For every user-space reassembly: fragments whose datagram does not
+// complete within ParamQueueTime (its value when the datagram's first
+// fragment came) are dropped, and so are at once those of a datagram the
+// reassembler gives up to stay within its bounds (internal/reassembly's
+// defaults: 1024 datagrams, 4 MiB); a malformed packet (a bad IPv4 header
+// checksum or length) is dropped alone, as the kernel drops it before its fragment queue;
 // overlapping or otherwise refused fragments are dropped at once, with the
 // fragments held for the same datagram (the kernel's reassembly would
 // refuse them too); an exact duplicate of a fragment held is not held
@@ -531,10 +531,9 @@ func (b *linuxBackend) expirePending(now, qt int64) {
 	fs.reasm.Expire(time.Unix(0, now))
 }
 
-// holdDgram moves the fragments held for k, and id, the last one (with
-// mark), to a
-// slot of fs.held for the program's verdict, and returns the slot and its
-// generation. The record and the slot are reused: nothing allocates in
+// holdDgram moves the fragments held for k, and id, the last one (which
+// came with mark), to a slot of fs.held for the program's verdict, and
+// returns the slot and its generation. The record and the slot are reused: nothing allocates in
 // steady state. Called with vmu held.
 func (b *linuxBackend) holdDgram(k fragKey, id, mark uint32, now int64) (slot, gen uint32) {
 	fs := b.frag
@@ -727,7 +726,10 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address, hold bool) (int, error)
 	}
 	pd.ids = pd.ids[:0]
 	fsl.spare = append(fsl.spare, pd)
-	if !hold {
+	// As verdictLocked: held back for SendBatch while one sendmsg can
+	// still take the verdicts (a datagram's pieces add at most 64 KiB and
+	// a header per fragment).
+	if !hold || len(b.vbuf) >= nfq.SendLimit/2 || len(b.acc) >= accInitCap {
 		err = b.flushLocked()
 	}
 	unlock()
