@@ -9,8 +9,11 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/netdivert/divert/internal/netnstest"
 	"github.com/netdivert/divert/internal/nfq"
@@ -546,5 +549,63 @@ func TestFragHeldSendBatch(t *testing.T) {
 	}
 	if !want["CHG"] || !want["small"] || !want["keep"] || len(got) != 3 {
 		t.Errorf("sink got %d datagrams, intact: %v", len(got), want)
+	}
+}
+
+// TestFragHeldBatchFlushes: verdicts SendBatch holds back for reassembled
+// datagrams are sent once they reach half of what one sendmsg should carry
+// (nfq.SendLimit), as for whole packets: six changed 60000-byte datagrams
+// (about 61 KB of pieces each) never make one Send larger than that. The
+// queue socket is a socketpair whose Sends a fake records.
+func TestFragHeldBatchFlushes(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[1])
+	c, err := nfq.Wrap(fds[0], nfq.Config{})
+	if err != nil {
+		unix.Close(fds[0])
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var sizes []int
+	c.SetFake(&nfq.Fake{Send: func(p []byte) syscall.Errno {
+		sizes = append(sizes, len(p))
+		return 0
+	}})
+	b := heldTestBackend()
+	b.attach(c)
+	buf := make([]byte, MTUMax)
+	var a Address
+	id := uint32(1)
+	src := netip.MustParseAddrPort("10.0.0.1:5000")
+	dst := netip.MustParseAddrPort("10.0.0.2:7000")
+	for i := range 6 {
+		d := udpPacket(t, src, dst, bytes.Repeat([]byte{'a'}, 60000))
+		binary.BigEndian.PutUint16(d[4:], uint16(0x600+i))
+		CalcChecksums(d, nil, 0)
+		frags, err := reassembly.Fragment(nil, nil, d, 1500, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := deliverFrags(t, b, buf, &a, id, frags)
+		id += uint32(len(frags))
+		copy(udpData(t, buf[:n]), "CHG")
+		CalcChecksums(buf[:n], &a, 0)
+		if _, err := b.sendDgram(buf[:n], &a, true); err != nil {
+			t.Fatalf("datagram %d: %v", i, err)
+		}
+	}
+	b.flush()
+	total := 0
+	for _, n := range sizes {
+		total += n
+		if n > nfq.SendLimit {
+			t.Errorf("a Send of %d bytes, more than nfq.SendLimit (%d)", n, nfq.SendLimit)
+		}
+	}
+	if len(sizes) < 2 || total < 6*60000 {
+		t.Errorf("%d Sends of %d bytes in all, want the six datagrams' pieces in two or more", len(sizes), total)
 	}
 }
