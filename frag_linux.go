@@ -496,9 +496,16 @@ func (b *linuxBackend) finishPending(k fragKey, v nfq.Verdict) (n int) {
 		return 0
 	}
 	delete(fs.pending, k)
+	return b.recycleDgram(pd, v)
+}
+
+// recycleDgram gives verdict v to every fragment of pd that the reaper has
+// not dropped yet (after ParamQueueTime), puts pd back for reuse, and
+// returns how many it gave a verdict. Called with vmu held.
+func (b *linuxBackend) recycleDgram(pd *pendingDgram, v nfq.Verdict) (n int) {
 	for _, id := range pd.ids {
 		if !b.track.Release(id) {
-			continue // dropped by the reaper after ParamQueueTime
+			continue
 		}
 		n++
 		if v == nfq.Accept {
@@ -508,7 +515,7 @@ func (b *linuxBackend) finishPending(k fragKey, v nfq.Verdict) (n int) {
 		}
 	}
 	pd.ids = pd.ids[:0]
-	fs.spare = append(fs.spare, pd)
+	b.frag.spare = append(b.frag.spare, pd)
 	return n
 }
 
@@ -585,18 +592,7 @@ func (b *linuxBackend) releaseDgram(slot uint32, v nfq.Verdict) {
 	pd := fs.held[slot]
 	fs.held[slot] = nil
 	fs.free = append(fs.free, slot)
-	for _, id := range pd.ids {
-		if !b.track.Release(id) {
-			continue
-		}
-		if v == nfq.Accept {
-			b.acc = append(b.acc, id)
-		} else {
-			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, v, nil)
-		}
-	}
-	pd.ids = pd.ids[:0]
-	fs.spare = append(fs.spare, pd)
+	b.recycleDgram(pd, v)
 }
 
 // dgramQueued reports whether every fragment of pd is still held: one the
