@@ -609,3 +609,92 @@ func TestFragHeldBatchFlushes(t *testing.T) {
 		t.Errorf("%d Sends of %d bytes in all, want the six datagrams' pieces in two or more", len(sizes), total)
 	}
 }
+
+// TestFragHeldShortenedQueueTime: ParamQueueTime lowered while a datagram
+// is being reassembled drops its first fragments from the queue (they
+// waited the new time), but the reassembler keeps the timeout the
+// datagram began with. The fragment that then completes it must not hand
+// over a datagram only it still carries: Send of it would ACCEPT that one
+// fragment and report success while the datagram can never arrive. It is
+// dropped, and nothing is delivered or held.
+func TestFragHeldShortenedQueueTime(t *testing.T) {
+	b := heldTestBackend() // the reassembler's timeout: a minute
+	buf := make([]byte, MTUMax)
+	var a Address
+	frags := [][]byte{fragV4(0, 16, true), fragV4(16, 8, true), fragV4(24, 8, false)}
+	now := time.Now().UnixNano()
+	for i, f := range frags[:2] {
+		if _, handled, delivered, err := b.reassemble(&nfq.Packet{ID: uint32(i + 1), Hook: nfq.HookPrerouting, Payload: f}, buf, &a, now); !handled || delivered || err != nil {
+			t.Fatalf("fragment %d: handled %v, delivered %v, %v", i+1, handled, delivered, err)
+		}
+	}
+	// ParamQueueTime now 1 s (setParam also lowers the reassembler's
+	// timeout, for datagrams begun from then on): the reaper's tick 2 s
+	// later drops ids 1 and 2.
+	qt := int64(time.Second)
+	b.queueTime.Store(qt)
+	b.frag.reasm.SetTimeout(time.Second)
+	later := now + 2*qt
+	b.vmu.Lock()
+	b.expireLocked(later, qt)
+	b.vmu.Unlock()
+	want := nfq.AppendVerdict(nil, b.queue, 1, nfq.Drop, nil)
+	want = nfq.AppendVerdict(want, b.queue, 2, nfq.Drop, nil)
+	if !bytes.Equal(b.vbuf, want) || b.track.Len() != 0 {
+		t.Fatalf("expired: verdicts %x, %d held; want DROPs of ids 1 and 2", b.vbuf, b.track.Len())
+	}
+	b.vbuf = b.vbuf[:0]
+	_, handled, delivered, err := b.reassemble(&nfq.Packet{ID: 3, Hook: nfq.HookPrerouting, Payload: frags[2]}, buf, &a, later)
+	if !handled || delivered || err != nil {
+		t.Fatalf("last fragment: handled %v, delivered %v, %v; want it handled and nothing delivered", handled, delivered, err)
+	}
+	want = nfq.AppendVerdict(nil, b.queue, 3, nfq.Drop, nil)
+	if !bytes.Equal(b.vbuf, want) || len(b.acc) != 0 || b.track.Len() != 0 {
+		t.Fatalf("verdicts %x %v, %d held; want one DROP of id 3, nothing held", b.vbuf, b.acc, b.track.Len())
+	}
+	if fs := b.frag; len(fs.pending) != 0 || len(fs.held)-len(fs.free) != 0 {
+		t.Fatalf("%d pending, %d slots in use; want none", len(fs.pending), len(fs.held)-len(fs.free))
+	}
+}
+
+// TestFragHeldLengthenedQueueTime: ParamQueueTime raised while a datagram
+// is being reassembled keeps its first fragments held after the
+// reassembler gave it up (the timeout it began with); a new datagram under
+// the same key then completes. Its fragments carry it: the ones left over
+// from the first are dropped, not accepted with it, and Send accepts only
+// its own.
+func TestFragHeldLengthenedQueueTime(t *testing.T) {
+	b := heldTestBackend()
+	b.frag.reasm = reassembly.New(reassembly.Config{Timeout: time.Second})
+	b.queueTime.Store(int64(time.Minute))
+	buf := make([]byte, MTUMax)
+	var a Address
+	frags := v4Frags(0x1234)
+	now := time.Now().UnixNano()
+	if _, _, delivered, err := b.reassemble(&nfq.Packet{ID: 1, Hook: nfq.HookPrerouting, Payload: frags[0]}, buf, &a, now); delivered || err != nil {
+		t.Fatalf("first fragment: delivered %v, %v", delivered, err)
+	}
+	later := now + int64(2*time.Second) // the reassembler's timeout passed, not the queue's
+	var n int
+	for i, f := range frags {
+		var delivered bool
+		var err error
+		n, _, delivered, err = b.reassemble(&nfq.Packet{ID: uint32(i + 2), Hook: nfq.HookPrerouting, Payload: f}, buf, &a, later)
+		if err != nil || delivered != (i == 1) {
+			t.Fatalf("fragment %d again: delivered %v, %v", i, delivered, err)
+		}
+	}
+	want := nfq.AppendVerdict(nil, b.queue, 1, nfq.Drop, nil)
+	if !bytes.Equal(b.vbuf, want) || b.track.Len() != 2 {
+		t.Fatalf("delivered: verdicts %x, %d held; want a DROP of id 1, ids 2 and 3 held", b.vbuf, b.track.Len())
+	}
+	b.vbuf = b.vbuf[:0]
+	if _, err := b.sendDgram(buf[:n], &a, true); err != nil {
+		t.Fatal(err)
+	}
+	want = nfq.AppendVerdictMark(nil, b.queue, 2, nfq.Accept, b.ownMark, nil)
+	want = nfq.AppendVerdictMark(want, b.queue, 3, nfq.Accept, b.ownMark, nil)
+	if !bytes.Equal(b.vbuf, want) || len(b.acc) != 0 || b.track.Len() != 0 {
+		t.Fatalf("Send: verdicts %x %v, %d held; want marked ACCEPTs of ids 2 and 3 only", b.vbuf, b.acc, b.track.Len())
+	}
+}

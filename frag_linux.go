@@ -146,8 +146,11 @@ import (
 // packet, as for a whole packet: Send injects it raw, Drop does nothing.
 //
 // For every user-space reassembly: fragments whose datagram does not
-// complete within ParamQueueTime (its value when the datagram's first
-// fragment came) are dropped, and so are at once those of a datagram the
+// complete within ParamQueueTime are dropped (the queue drops each held
+// fragment by the current value; the reassembler keeps the value a
+// datagram began with, and a datagram completed after the queue dropped
+// some of its fragments is not handed over, its last fragment dropped
+// too: see heldAll), and so are at once those of a datagram the
 // reassembler gives up to stay within its bounds (internal/reassembly's
 // defaults: 1024 datagrams, 4 MiB); a malformed packet (a bad IPv4 header
 // checksum or length) is dropped alone, as the kernel drops it before its fragment queue;
@@ -423,6 +426,9 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		// came).
 		b.verdictOnceLocked(p.ID, nfq.Accept)
 	} else {
+		if !b.heldAll(k, p.ID) {
+			return 0, true, false, nil
+		}
 		// Handed to the program: the fragments stay held, this one too,
 		// for the datagram's verdict (see sendDgram, dropDgram).
 		b.track.Add(p.ID, now)
@@ -463,6 +469,46 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		err = ErrTruncated
 	}
 	return n, true, true, err
+}
+
+// heldAll reports whether the queue holds every fragment of the datagram k
+// that id, the last of them, completed in the reassembler (fs.info): the
+// fragments held for k, and id, are as many as the reassembler counted
+// (duplicates are counted by neither). The two differ when ParamQueueTime
+// changed while the datagram was being reassembled, since the
+// reassembler keeps the timeout a datagram began with and the queue's
+// expiry (and expirePending) takes the current one. Lowered, the queue
+// dropped the first fragments while the reassembler kept their data:
+// handed over, the datagram could not be sent back through its fragments
+// (Send would accept the one left and report success), so id and what is
+// held for k are dropped, as the kernel drops a fragment whose
+// datagram's others it no longer has, and heldAll returns false. Raised,
+// the reassembler gave the datagram up while its first fragments stayed
+// held, and those of a new one under the same key joined them: the
+// oldest ids left over from the first are dropped, and the rest carry
+// the datagram. Called with vmu held.
+func (b *linuxBackend) heldAll(k fragKey, id uint32) bool {
+	fs := b.frag
+	pd := fs.pending[k]
+	held := 0
+	if pd != nil {
+		held = len(pd.ids)
+	}
+	switch want := fs.info.Fragments - 1; {
+	case held < want:
+		b.verdictOnceLocked(id, nfq.Drop)
+		b.finishPending(k, nfq.Drop)
+		return false
+	case held > want:
+		stale := held - want
+		for _, old := range pd.ids[:stale] {
+			if b.track.Release(old) {
+				b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, old, nfq.Drop, nil)
+			}
+		}
+		pd.ids = append(pd.ids[:0], pd.ids[stale:]...)
+	}
+	return true
 }
 
 // verdictOnceLocked gives packet id, read and noted, verdict v, unless a
