@@ -698,3 +698,60 @@ func TestFragHeldLengthenedQueueTime(t *testing.T) {
 		t.Fatalf("Send: verdicts %x %v, %d held; want marked ACCEPTs of ids 2 and 3 only", b.vbuf, b.acc, b.track.Len())
 	}
 }
+
+// TestFragSniffForwardOnce: a FlagSniff FlagReassemble handle at
+// LayerNetworkForward hands the program one copy of a forwarded
+// fragmented datagram, also when conntrack defragments it in the router
+// before the forward hook, where the handle's rules would queue the whole
+// datagram again unless its fragments carry the handle's mark.
+func TestFragSniffForwardOnce(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dsf", 1500)
+	for _, c := range fragCases() {
+		t.Run(caseName(c.v6, c.ct), func(t *testing.T) {
+			if c.ct {
+				withConntrack(t, r.Router())
+			}
+			dstAddr := r.Right.B.V4
+			if c.v6 {
+				dstAddr = r.Right.B.V6
+			}
+			dst := netip.AddrPortFrom(dstAddr, 7109)
+			sink, err := r.RightHost().ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			h := openIn(t, r.Router(), "udp.DstPort == 7109", LayerNetworkForward, 0, FlagReassemble|FlagSniff)
+			copies := make(chan int, 1)
+			go func() {
+				buf := make([]byte, MTUMax)
+				var a Address
+				n := 0
+				for range 100 { // bounded: one datagram is sent
+					if _, err := h.Recv(buf, &a); err != nil {
+						break
+					}
+					n++
+				}
+				copies <- n
+			}()
+			if err := r.LeftHost().SendUDP(dst, fragPayload("snf"), 1, 0); err != nil {
+				t.Fatal(err)
+			}
+			recvd, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+			if err != nil || len(recvd) != 1 {
+				t.Fatalf("sink: %d datagrams, %v; want 1", len(recvd), err)
+			}
+			// The datagram went through the forward hook: a second copy
+			// queued there is in the socket now; Shutdown lets Recv drain
+			// it, then end.
+			if err := h.Shutdown(ShutdownRecv); err != nil {
+				t.Fatal(err)
+			}
+			if n := <-copies; n != 1 {
+				t.Errorf("the program got %d copies of the datagram, want 1", n)
+			}
+		})
+	}
+}

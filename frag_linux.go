@@ -96,7 +96,10 @@ import (
 //     (not fixed; marks set that early are rare: kube-proxy's and
 //     conntrack's restored marks come later). An IPv4 datagram has DF
 //     set when its largest fragment had (as Linux's reassembly marks
-//     it). A changed one the program set DF on that does not fit the
+//     it). With FlagSniff the fragments are accepted as they come, with
+//     the injection mark likewise (unless they came with one), so that
+//     with conntrack the whole datagram is not queued, and copied to the
+//     program, a second time at the forward hook (see acceptSniffedFrag). A changed one the program set DF on that does not fit the
 //     size its largest fragment had gives an error wrapping
 //     reassembly.ErrDontFragment; it stays held.
 //   - FlagDrop: the kernel rules drop what they select, fragments included
@@ -372,7 +375,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		// A copy: the fragment goes on now (the reassembler has its
 		// bytes), as a sniffing handle holds nothing (see acceptSniffed);
 		// a duplicate too, as without the handle.
-		b.verdictOnceLocked(p.ID, nfq.Accept)
+		b.acceptSniffedFrag(p.ID, p.Mark)
 		return 0, true, false, nil
 	case !done && fs.info.Duplicate:
 		// Its data is held already: it is not held in the queue too (the
@@ -424,7 +427,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 	if sniff {
 		// A copy: the fragments continue (the others went on as they
 		// came).
-		b.verdictOnceLocked(p.ID, nfq.Accept)
+		b.acceptSniffedFrag(p.ID, p.Mark)
 	} else {
 		if !b.heldAll(k, p.ID) {
 			return 0, true, false, nil
@@ -469,6 +472,23 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		err = ErrTruncated
 	}
 	return n, true, true, err
+}
+
+// acceptSniffedFrag accepts fragment id, which came with mark, for a
+// sniffing handle. At LayerNetworkForward the ACCEPT sets the handle's
+// injection mark, as sendDgram's verdicts do: with conntrack the kernel
+// defragments the fragments at -400 and the forward hook sees the whole
+// datagram, which the handle's own rules then skip instead of queueing a
+// second copy of it. A fragment that came with a mark keeps it (see
+// sendDgram), and so does one the reaper's batch accepted first (see
+// acceptSniffed): a datagram that came so is seen twice with conntrack.
+// Called with vmu held.
+func (b *linuxBackend) acceptSniffedFrag(id, mark uint32) {
+	if b.layer != LayerNetworkForward || mark != 0 || b.sniffed(id) {
+		b.verdictOnceLocked(id, nfq.Accept)
+		return
+	}
+	b.vbuf = nfq.AppendVerdictMark(b.vbuf, b.queue, id, nfq.Accept, b.ownMark, nil)
 }
 
 // heldAll reports whether the queue holds every fragment of the datagram k
