@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"regexp"
@@ -751,6 +752,59 @@ func TestFragSniffForwardOnce(t *testing.T) {
 			}
 			if n := <-copies; n != 1 {
 				t.Errorf("the program got %d copies of the datagram, want 1", n)
+			}
+		})
+	}
+}
+
+// TestFragPassedForwardOnce: a forwarded fragmented datagram the
+// user-space filter rejects (the kernel rules cannot express its
+// timestamp condition, so they queue more) passes unseen, each of its
+// three fragments counted once in Stats.Passed, also when conntrack
+// defragments it in the router before the forward hook, where the
+// handle's rules would queue the whole datagram again unless its fragments
+// carry the handle's mark.
+func TestFragPassedForwardOnce(t *testing.T) {
+	netnstest.RequireRoot(t)
+	r := netnstest.Route(t, "dpf", 1500)
+	for _, c := range fragCases() {
+		t.Run(caseName(c.v6, c.ct), func(t *testing.T) {
+			if c.ct {
+				withConntrack(t, r.Router())
+			}
+			dstAddr := r.Right.B.V4
+			if c.v6 {
+				dstAddr = r.Right.B.V6
+			}
+			dst := netip.AddrPortFrom(dstAddr, 7111)
+			sink, err := r.RightHost().ListenUDP(dst.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			h := openIn(t, r.Router(), "udp.DstPort == 7111 and timestamp < 0", LayerNetworkForward, 0, FlagReassemble)
+			done := make(chan error, 1)
+			go func() {
+				buf := make([]byte, MTUMax)
+				var a Address
+				_, err := h.Recv(buf, &a) // nothing to see: ends with Shutdown
+				done <- err
+			}()
+			if err := r.LeftHost().SendUDP(dst, fragPayload("pas"), 1, 0); err != nil {
+				t.Fatal(err)
+			}
+			recvd, err := netnstest.RecvUDP(sink, 1, 3*time.Second)
+			if err != nil || len(recvd) != 1 {
+				t.Fatalf("sink: %d datagrams, %v; want 1", len(recvd), err)
+			}
+			if err := h.Shutdown(ShutdownRecv); err != nil {
+				t.Fatal(err)
+			}
+			if err := <-done; !errors.Is(err, ErrShutdown) {
+				t.Fatalf("Recv: %v, want ErrShutdown (nothing seen)", err)
+			}
+			if s := statsOf(t, h); s.Passed != 3 || s.Received != 0 {
+				t.Errorf("Stats %+v, want Passed 3 (the fragments, once each), Received 0", s)
 			}
 		})
 	}

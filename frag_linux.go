@@ -71,8 +71,9 @@ import (
 //     datagram is complete; then the datagram is handed to the program, its
 //     fragments still held for its verdict (see "Verdicts" below; a
 //     datagram the filter does not match has its fragments accepted
-//     unchanged at once). Its IfIdx, which the fragments do not
-//     carry (they are taken before routing), is the interface the routing
+//     unchanged at once, with the injection mark as below). Its IfIdx,
+//     which the fragments do not carry (they are taken before routing),
+//     is the interface the routing
 //     table forwards it through, asked over rtnetlink once per datagram (0
 //     when there is no route), as the forward hook gives it for whole
 //     packets and WinDivert reports it. Its TTL (hop limit) is decremented,
@@ -418,8 +419,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		}
 		if !b.filt.Match(dgram, &b.meta) {
 			// Every fragment goes on unseen: Stats.Passed.
-			b.verdictOnceLocked(p.ID, nfq.Accept)
-			b.passed += 1 + uint64(b.finishPending(k, nfq.Accept))
+			b.passed += uint64(b.passDgram(k, p.ID, p.Mark))
 			return 0, true, false, nil
 		}
 	}
@@ -489,6 +489,38 @@ func (b *linuxBackend) acceptSniffedFrag(id, mark uint32) {
 		return
 	}
 	b.vbuf = nfq.AppendVerdictMark(b.vbuf, b.queue, id, nfq.Accept, b.ownMark, nil)
+}
+
+// passDgram accepts the fragments of the datagram k, which the filter
+// does not match: id, the last, which came with mark, and those held for
+// k. It returns how many (Stats.Passed). At LayerNetworkForward the
+// ACCEPTs set the handle's injection mark, as sendDgram's verdicts do:
+// with conntrack the kernel defragments the fragments at -400 and the
+// forward hook sees the whole datagram, which the handle's own rules,
+// wider than the filter, would otherwise queue, and count, again. A
+// datagram a fragment of which came with a mark keeps its marks (see
+// sendDgram). Called with vmu held.
+func (b *linuxBackend) passDgram(k fragKey, id, mark uint32) int {
+	fs := b.frag
+	pd := fs.pending[k]
+	if b.layer != LayerNetworkForward || mark != 0 || pd != nil && pd.marked || b.sniffed(id) {
+		b.verdictOnceLocked(id, nfq.Accept)
+		return 1 + b.finishPending(k, nfq.Accept)
+	}
+	b.vbuf = nfq.AppendVerdictMark(b.vbuf, b.queue, id, nfq.Accept, b.ownMark, nil)
+	n := 1
+	if pd != nil {
+		delete(fs.pending, k)
+		for _, fid := range pd.ids {
+			if b.track.Release(fid) {
+				n++
+				b.vbuf = nfq.AppendVerdictMark(b.vbuf, b.queue, fid, nfq.Accept, b.ownMark, nil)
+			}
+		}
+		pd.ids = pd.ids[:0]
+		fs.spare = append(fs.spare, pd)
+	}
+	return n
 }
 
 // heldAll reports whether the queue holds every fragment of the datagram k

@@ -738,12 +738,13 @@ func TestFragMalformedKeepsHeld(t *testing.T) {
 	for i, pk := range [][]byte{fragV4(0, 16, true), bad, fragV4(16, 8, false)} {
 		b.reassemble(&nfq.Packet{ID: uint32(i + 1), Hook: nfq.HookPrerouting, Payload: pk}, buf, &a, now)
 	}
-	acc := map[uint32]bool{}
-	for _, id := range b.acc {
-		acc[id] = true
-	}
-	if !acc[1] || !acc[3] || acc[2] {
-		t.Fatalf("fragments accepted: %v, want ids 1 and 3 (2 dropped alone)", b.acc)
+	// At LayerNetworkForward the ACCEPTs set the handle's mark (see
+	// passDgram): the last fragment's first, then those held.
+	want := nfq.AppendVerdict(nil, b.queue, 2, nfq.Drop, nil)
+	want = nfq.AppendVerdictMark(want, b.queue, 3, nfq.Accept, b.ownMark, nil)
+	want = nfq.AppendVerdictMark(want, b.queue, 1, nfq.Accept, b.ownMark, nil)
+	if !bytes.Equal(b.vbuf, want) || len(b.acc) != 0 {
+		t.Fatalf("verdicts %x %v, want ids 1 and 3 accepted (marked), 2 dropped alone: %x", b.vbuf, b.acc, want)
 	}
 }
 
@@ -764,8 +765,14 @@ func TestFragPassedCounted(t *testing.T) {
 	for i, pk := range [][]byte{fragV4(0, 16, true), fragV4(16, 8, true), fragV4(24, 8, false)} {
 		b.reassemble(&nfq.Packet{ID: uint32(i + 1), Hook: nfq.HookPrerouting, Payload: pk}, buf, &a, now)
 	}
-	if s, err := b.stats(); err != nil || s.Passed != 3 || s.Received != 0 || len(b.acc) != 3 {
-		t.Fatalf("Stats %+v (%v), %d accepted: want the 3 fragments passed", s, err, len(b.acc))
+	// At LayerNetworkForward the ACCEPTs set the handle's mark (see
+	// passDgram): the last fragment's first, then those held.
+	var want []byte
+	for _, id := range []uint32{3, 1, 2} {
+		want = nfq.AppendVerdictMark(want, b.queue, id, nfq.Accept, b.ownMark, nil)
+	}
+	if s, err := b.stats(); err != nil || s.Passed != 3 || s.Received != 0 || !bytes.Equal(b.vbuf, want) || len(b.acc) != 0 {
+		t.Fatalf("Stats %+v (%v), verdicts %x %v: want the 3 fragments passed, accepted marked", s, err, b.vbuf, b.acc)
 	}
 }
 
