@@ -1277,7 +1277,7 @@ func (b *linuxBackend) reaper() {
 // forgets the datagrams whose fragments they were). Called with vmu held;
 // the caller flushes.
 func (b *linuxBackend) expireLocked(now, qt int64) {
-	var expired uint64
+	var expired int64
 	for {
 		id, at, ok := b.track.Oldest()
 		if !ok || now-at < qt {
@@ -1287,11 +1287,12 @@ func (b *linuxBackend) expireLocked(now, qt int64) {
 		b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, nfq.Drop, nil)
 		expired++
 	}
-	if expired > 0 {
-		b.st.expired.Add(expired)
-	}
 	if b.frag != nil {
-		b.expirePending(now, qt)
+		// A datagram's fragments count once (see expirePending).
+		expired += b.expirePending(now, qt)
+	}
+	if expired > 0 {
+		b.st.expired.Add(uint64(expired))
 	}
 }
 

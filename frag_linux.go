@@ -231,8 +231,11 @@ type pendingDgram struct {
 	// marked: a fragment came with a mark (set before the handle's chain),
 	// which its verdict keeps (see sendDgram)
 	marked bool
-	last   int64  // delivered: when its last fragment arrived (ns)
-	gen    uint32 // delivered: the generation its Address names (sysAddr.dgen)
+	last   int64 // delivered: when its last fragment arrived (ns)
+	// gone: how many of its fragments the reaper dropped (ParamQueueTime)
+	// that expirePending has seen, for Stats.Expired (see there)
+	gone int
+	gen  uint32 // delivered: the generation its Address names (sysAddr.dgen)
 }
 
 // fragState is a handle's user-space reassembly.
@@ -393,7 +396,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 			} else {
 				pd = &pendingDgram{ids: make([]uint32, 0, 8)}
 			}
-			pd.first, pd.marked = now, false
+			pd.first, pd.marked, pd.gone = now, false, 0
 			fs.pending[k] = pd
 		}
 		pd.ids = append(pd.ids, p.ID)
@@ -619,21 +622,55 @@ func (b *linuxBackend) recycleDgram(pd *pendingDgram, v nfq.Verdict) (n int) {
 
 // expirePending forgets datagrams whose fragments the reaper dropped (they
 // waited ParamQueueTime): those being reassembled, and those handed to the
-// program whose last fragment did (the others went before it). Called with
-// vmu held.
-func (b *linuxBackend) expirePending(now, qt int64) {
+// program whose last fragment did (the others went before it). It returns
+// what to add to the reaper's count of expired packets, which counted each
+// fragment it dropped, so that Stats.Expired counts a datagram once, as
+// Stats.Received does: when the first of its fragments goes, whether it
+// was still being reassembled (as WinDivert counts) or waited for its
+// verdict. Called with vmu held, after the reaper's drops of the tick.
+func (b *linuxBackend) expirePending(now, qt int64) (adjust int64) {
 	fs := b.frag
 	for k, pd := range fs.pending {
+		adjust += b.expiredFrags(pd)
 		if now-pd.first >= qt {
 			b.finishPending(k, nfq.Drop)
 		}
 	}
 	for i, pd := range fs.held {
-		if pd != nil && now-pd.last >= qt {
+		if pd == nil {
+			continue
+		}
+		adjust += b.expiredFrags(pd)
+		if now-pd.last >= qt {
 			b.releaseDgram(uint32(i), nfq.Drop)
 		}
 	}
 	fs.reasm.Expire(time.Unix(0, now))
+	return adjust
+}
+
+// expiredFrags returns what the fragments of pd the reaper dropped since
+// expirePending last looked add to Stats.Expired beyond the reaper's own
+// count (one each): minus their number, plus one for the datagram if they
+// are its first to go. The reaper drops in id order, and pd.ids are in
+// id order: those dropped are a prefix. Called with vmu held.
+func (b *linuxBackend) expiredFrags(pd *pendingDgram) (adjust int64) {
+	n := 0
+	for _, id := range pd.ids {
+		if _, ok := b.track.Lookup(id); ok {
+			break
+		}
+		n++
+	}
+	if n == pd.gone {
+		return 0
+	}
+	adjust = -int64(n - pd.gone)
+	if pd.gone == 0 {
+		adjust++
+	}
+	pd.gone = n
+	return adjust
 }
 
 // holdDgram moves the fragments held for k, and id, the last one (which
@@ -647,7 +684,7 @@ func (b *linuxBackend) holdDgram(k fragKey, id, mark uint32, now int64) (slot, g
 		delete(fs.pending, k)
 	} else if m := len(fs.spare); m > 0 {
 		pd, fs.spare = fs.spare[m-1], fs.spare[:m-1]
-		pd.first, pd.marked = now, false
+		pd.first, pd.marked, pd.gone = now, false, 0
 	} else {
 		pd = &pendingDgram{ids: make([]uint32, 0, 8), first: now}
 	}

@@ -39,7 +39,10 @@ type Stats struct {
 	// Expired is the number of queued packets released because they
 	// waited ParamQueueTime: held by the program without Send or Drop, or
 	// left unread. They are dropped; with FlagSniff the original went on
-	// and only the copy is lost. On Windows, where WinDivert expires
+	// and only the copy is lost. On Linux a datagram reassembled in user
+	// space counts once (as in Received), when the first of its fragments
+	// goes: one handed over, or one that did not complete in time. On
+	// Windows, where WinDivert expires
 	// packets without telling: with FlagReassemble, the incomplete
 	// datagrams whose fragments waited ParamQueueTime; otherwise 0. 0 on
 	// FreeBSD (divert(4) has no queue time). Linux LayerFlow: events
