@@ -860,3 +860,28 @@ func TestFragExpiredCountsDatagrams(t *testing.T) {
 		t.Fatalf("Stats %+v after Send, want Expired 2", s)
 	}
 }
+
+// TestFragHeldGrownSendFails: Send of a datagram grown past what its held
+// fragments can carry goes out raw; when that fails (here the handle
+// cannot inject), Send fails and the fragments stay held, no verdict
+// given, and the Address still names the datagram (for Drop or another
+// Send).
+func TestFragHeldGrownSendFails(t *testing.T) {
+	b := heldTestBackend() // no injector
+	buf := make([]byte, MTUMax)
+	var a Address
+	n := deliverV4(t, b, buf, &a, 1, 0x4242)
+	grown := append(bytes.Clone(buf[:n]), make([]byte, 40)...) // 4 pieces of 16 bytes
+	binary.BigEndian.PutUint16(grown[2:4], uint16(len(grown)))
+	grown[10], grown[11] = 0, 0
+	binary.BigEndian.PutUint16(grown[10:12], ^packet.Checksum(grown[:20], 0))
+	if _, err := b.sendDgram(grown, &a, false); err == nil || !strings.Contains(err.Error(), "cannot inject") {
+		t.Fatalf("Send grown: %v, want the raw send's error", err)
+	}
+	if b.track.Len() != 2 || len(b.vbuf) != 0 || len(b.acc) != 0 {
+		t.Fatalf("after the failed Send: %d held, verdicts %x %v; want both fragments held, no verdict", b.track.Len(), b.vbuf, b.acc)
+	}
+	if pd := b.heldDgram(&a); pd == nil || !b.dgramQueued(pd) {
+		t.Fatal("after the failed Send the Address no longer names the datagram")
+	}
+}

@@ -130,8 +130,9 @@ import (
 //     what leaves the router (a TTL of 0 or 1 the program sets becomes 1
 //     or 2: the kernel drops the former and answers time exceeded).
 //   - Send of a datagram the program grew past what its fragments can
-//     carry (more pieces than fragments): the fragments are dropped and
-//     the datagram goes out as new marked raw packets, as before this
+//     carry (more pieces than fragments): the datagram goes out as new
+//     marked raw packets, then the fragments are dropped (a raw send that
+//     fails leaves them held, and Send fails), as before this
 //     design (sendDgramRaw): inbound at LayerNetwork whole to the local
 //     stack through lo (as fragments of lo's MTU when it exceeds that),
 //     otherwise refragmented from the router's output path, which the
@@ -828,10 +829,23 @@ func (b *linuxBackend) sendDgram(pkt []byte, a *Address, hold bool) (int, error)
 	}
 	if changed && len(frags) > len(pd.ids) {
 		// Grown past the fragments it came in: a new datagram, emitted
-		// raw (the forward hook's rules do not judge it).
-		b.releaseDgram(a.sys.dslot, nfq.Drop)
+		// raw (the forward hook's rules do not judge it). The fragments
+		// are dropped once it went: a raw send that fails leaves them
+		// held, for the program to Send again or Drop.
 		unlock()
-		return b.sendDgramRaw(pkt, a)
+		slot, gen := a.sys.dslot, a.sys.dgen
+		if n, err = b.sendDgramRaw(pkt, a); err != nil {
+			return 0, err
+		}
+		b.vmu.Lock()
+		if pd := b.frag.held[slot]; pd != nil && pd.gen == gen {
+			b.releaseDgram(slot, nfq.Drop)
+			if !hold {
+				err = b.flushLocked()
+			}
+		}
+		b.vmu.Unlock()
+		return n, err
 	}
 	mark := b.layer == LayerNetworkForward && !pd.marked
 	slot := a.sys.dslot
