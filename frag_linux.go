@@ -349,8 +349,8 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 		// The fragments were taken at prerouting, before the kernel's
 		// forwarding decrements the TTL (hop limit) and the forward hook
 		// sees the packet: the datagram is handed over decremented, as the
-		// forward hook shows whole packets, and Send's raw sends, which do
-		// not decrement, then leave with the TTL the kernel would give.
+		// forward hook shows whole packets (its fragments' verdicts give the
+		// decrement back to the kernel's forwarding: see refragment).
 		// One whose TTL would reach 0 the kernel drops before the forward
 		// hook, answering ICMP time exceeded: its fragments go back to the
 		// kernel, which does so.
@@ -392,12 +392,7 @@ func (b *linuxBackend) reassemble(p *nfq.Packet, buf []byte, a *Address, now int
 	case !done:
 		pd := fs.pending[k]
 		if pd == nil {
-			if m := len(fs.spare); m > 0 {
-				pd, fs.spare = fs.spare[m-1], fs.spare[:m-1]
-			} else {
-				pd = &pendingDgram{ids: make([]uint32, 0, 8)}
-			}
-			pd.first, pd.marked, pd.gone = now, false, 0
+			pd = fs.newPending(now)
 			fs.pending[k] = pd
 		}
 		pd.ids = append(pd.ids, p.ID)
@@ -512,19 +507,11 @@ func (b *linuxBackend) passDgram(k fragKey, id, mark uint32) int {
 		return 1 + b.finishPending(k, nfq.Accept)
 	}
 	b.vbuf = nfq.AppendVerdictMark(b.vbuf, b.queue, id, nfq.Accept, b.ownMark, nil)
-	n := 1
-	if pd != nil {
-		delete(fs.pending, k)
-		for _, fid := range pd.ids {
-			if b.track.Release(fid) {
-				n++
-				b.vbuf = nfq.AppendVerdictMark(b.vbuf, b.queue, fid, nfq.Accept, b.ownMark, nil)
-			}
-		}
-		pd.ids = pd.ids[:0]
-		fs.spare = append(fs.spare, pd)
+	if pd == nil {
+		return 1
 	}
-	return n
+	delete(fs.pending, k)
+	return 1 + b.recycleDgram(pd, nfq.Accept, b.ownMark)
 }
 
 // heldAll reports whether the queue holds every fragment of the datagram k
@@ -598,21 +585,25 @@ func (b *linuxBackend) finishPending(k fragKey, v nfq.Verdict) (n int) {
 		return 0
 	}
 	delete(fs.pending, k)
-	return b.recycleDgram(pd, v)
+	return b.recycleDgram(pd, v, 0)
 }
 
 // recycleDgram gives verdict v to every fragment of pd that the reaper has
 // not dropped yet (after ParamQueueTime), puts pd back for reuse, and
-// returns how many it gave a verdict. Called with vmu held.
-func (b *linuxBackend) recycleDgram(pd *pendingDgram, v nfq.Verdict) (n int) {
+// returns how many it gave a verdict. An ACCEPT sets mark when it is not 0
+// (see passDgram). Called with vmu held.
+func (b *linuxBackend) recycleDgram(pd *pendingDgram, v nfq.Verdict, mark uint32) (n int) {
 	for _, id := range pd.ids {
 		if !b.track.Release(id) {
 			continue
 		}
 		n++
-		if v == nfq.Accept {
+		switch {
+		case v == nfq.Accept && mark != 0:
+			b.vbuf = nfq.AppendVerdictMark(b.vbuf, b.queue, id, v, mark, nil)
+		case v == nfq.Accept:
 			b.acc = append(b.acc, id)
-		} else {
+		default:
 			b.vbuf = nfq.AppendVerdict(b.vbuf, b.queue, id, v, nil)
 		}
 	}
@@ -683,11 +674,8 @@ func (b *linuxBackend) holdDgram(k fragKey, id, mark uint32, now int64) (slot, g
 	pd := fs.pending[k]
 	if pd != nil {
 		delete(fs.pending, k)
-	} else if m := len(fs.spare); m > 0 {
-		pd, fs.spare = fs.spare[m-1], fs.spare[:m-1]
-		pd.first, pd.marked, pd.gone = now, false, 0
 	} else {
-		pd = &pendingDgram{ids: make([]uint32, 0, 8), first: now}
+		pd = fs.newPending(now)
 	}
 	pd.ids = append(pd.ids, id)
 	pd.marked = pd.marked || mark != 0
@@ -705,6 +693,19 @@ func (b *linuxBackend) holdDgram(k fragKey, id, mark uint32, now int64) (slot, g
 		fs.held = append(fs.held, pd)
 	}
 	return slot, pd.gen
+}
+
+// newPending returns a record for a datagram whose first fragment came at
+// now: a spare one when there is one. Called with vmu held.
+func (fs *fragState) newPending(now int64) *pendingDgram {
+	var pd *pendingDgram
+	if m := len(fs.spare); m > 0 {
+		pd, fs.spare = fs.spare[m-1], fs.spare[:m-1]
+	} else {
+		pd = &pendingDgram{ids: make([]uint32, 0, 8)}
+	}
+	pd.first, pd.marked, pd.gone = now, false, 0
+	return pd
 }
 
 // heldDgram returns the record of the datagram a names, nil when its slot
@@ -728,7 +729,7 @@ func (b *linuxBackend) releaseDgram(slot uint32, v nfq.Verdict) {
 	pd := fs.held[slot]
 	fs.held[slot] = nil
 	fs.free = append(fs.free, slot)
-	b.recycleDgram(pd, v)
+	b.recycleDgram(pd, v, 0)
 }
 
 // dgramQueued reports whether every fragment of pd is still held: one the
