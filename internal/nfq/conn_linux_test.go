@@ -1013,16 +1013,7 @@ func TestHotSlots(t *testing.T) {
 // the length, MSG_TRUNC for a datagram longer than the slot, an empty
 // datagram, and EAGAIN on an empty socket.
 func TestReadOneLikeMany(t *testing.T) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fds[1])
-	c, err := Wrap(fds[0], Config{Queue: 1, CopyRange: 64})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c, peer := pairConn(t, Config{Queue: 1, CopyRange: 64})
 	size := len(c.slots[0])
 	type result struct {
 		n, len int
@@ -1053,7 +1044,7 @@ func TestReadOneLikeMany(t *testing.T) {
 		var got [2]result
 		for k, slots := range []int{1, 2} {
 			for _, block := range []bool{false, true} {
-				if _, err := unix.Write(fds[1], msg); err != nil {
+				if _, err := unix.Write(peer, msg); err != nil {
 					t.Fatal(err)
 				}
 				r := read(slots, block)
@@ -1088,16 +1079,7 @@ func TestReadOneLikeMany(t *testing.T) {
 // blocking Next fails at once; a datagram queued after the far deadline
 // was set is read.
 func TestDeadlineFarFuture(t *testing.T) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fds[1])
-	c, err := Wrap(fds[0], Config{Queue: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c, peer := pairConn(t, Config{Queue: 1})
 	for _, far := range []time.Time{
 		time.Unix(1<<62, 0),
 		time.Now().Add(time.Duration(1<<63 - 1)),
@@ -1112,7 +1094,7 @@ func TestDeadlineFarFuture(t *testing.T) {
 	}
 	// The other end plays the kernel: a blocking Next reads its packet.
 	msg := AppendPacket(nil, &Packet{ID: 7, Queue: 1, Payload: []byte{0x45, 0, 0, 20}})
-	if _, err := unix.Write(fds[1], msg); err != nil {
+	if _, err := unix.Write(peer, msg); err != nil {
 		t.Fatal(err)
 	}
 	var p Packet
@@ -1136,19 +1118,10 @@ func TestDeadlineFarFuture(t *testing.T) {
 // Close, is no sign of traffic: the next wait is cold, not a hot wait that
 // holds the P (the only one with GOMAXPROCS 1) until the receive timeout.
 func TestAnswersDoNotMakeWaitsHot(t *testing.T) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fds[1])
-	c, err := Wrap(fds[0], Config{Queue: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c, peer := pairConn(t, Config{Queue: 1})
 	write := func(b []byte) {
 		t.Helper()
-		if _, err := unix.Write(fds[1], b); err != nil {
+		if _, err := unix.Write(peer, b); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -1177,4 +1150,22 @@ func TestAnswersDoNotMakeWaitsHot(t *testing.T) {
 	if s := c.Stats(); s.HotWaits != 1 || s.Waits != 3 {
 		t.Errorf("%d waits, %d of them hot; want 3 and 1: the wait after the read that brought the acknowledgement alone must be cold", s.Waits, s.HotWaits)
 	}
+}
+
+// pairConn returns a Conn on one end of a datagram socketpair and the
+// other end, which plays the kernel; both close when the test ends.
+func pairConn(t *testing.T, cfg Config) (*Conn, int) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fds[1]) })
+	c, err := Wrap(fds[0], cfg)
+	if err != nil {
+		unix.Close(fds[0])
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c, fds[1]
 }
