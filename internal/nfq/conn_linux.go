@@ -35,13 +35,13 @@ const (
 	slotOverhead  = 1024 // netlink, nfgenmsg and attribute headers around the payload
 	sendLimit     = 256 << 10
 	sndBuf        = 1 << 20
-	// maxWait bounds one blocking receive (SO_RCVTIMEO): a safety net
-	// only, as Close and the read deadline wake the waiter with a message
-	// (see wake).
+	// maxWait bounds one cold wait (a deadline in the runtime poller): a
+	// safety net only, as Close and the read deadline wake the waiter
+	// with a message (see wake).
 	maxWait = 500 * time.Millisecond
-	// hotWait bounds a receive that waits holding its P (see Conn). The
-	// kernel counts SO_RCVTIMEO in ticks, rounded up: such a wait ends at
-	// the next tick, up to 4 ms later with HZ=250.
+	// hotWait bounds a receive that waits holding its P (see Conn), the
+	// socket's SO_RCVTIMEO. The kernel counts it in ticks, rounded up: such
+	// a wait ends at the next tick, up to 4 ms later with HZ=250.
 	hotWait = time.Millisecond
 	// yieldEvery is how often, at most, a reader on the only P yields
 	// before a hot wait once another goroutine has sent while it waited
@@ -78,25 +78,27 @@ type Config struct {
 // network namespace of the thread that opened it. Next honours
 // SetReadDeadline, and Close unblocks it.
 //
-// A blocking Next that finds nothing buffered does not park in the Go
-// runtime poller: it calls recvmmsg(2) with MSG_WAITFORONE on the socket,
-// which is in blocking mode and outside the poller, so one syscall on its
-// own thread both waits and reads the batch, and the kernel wakes that
-// thread directly when a packet arrives: no epoll wakeup, no separate poll
-// or EAGAIN read (see readInto).
+// A blocking Next that finds nothing buffered while packets keep coming
+// does not park in the Go runtime poller: it calls recvmmsg(2) with
+// MSG_WAITFORONE on the socket, which is in blocking mode and outside the
+// poller, so one syscall on its own thread both waits and reads the batch,
+// and the kernel wakes that thread directly when a packet arrives: no epoll
+// wakeup, no separate poll or EAGAIN read (see readInto).
 // Close and the read deadline wake the waiter by asking the kernel for an
 // acknowledgement (an NLMSG_NOOP with NLM_F_ACK): the answer lands in the
 // socket, the receive returns, and Next skips it and looks at the state.
 // Such an answer is no packet: the wait after a read that brought answers
-// only is cold (see below). SO_RCVTIMEO bounds each wait as a safety net.
+// only is cold (see below).
 //
 // While packets keep coming, a waiting receive keeps its P: it is a raw
 // syscall, bounded by a receive timeout of hotWait, and a timeout hands
-// the wait back to the scheduler (a normal blocking syscall, during which
-// the runtime gives the P to other goroutines) until packets come again. The runtime would otherwise take the P from a thread blocked
-// in a syscall after 20 µs, hand it off and wake sysmon and another thread
-// when the packet arrives: several context switches per wakeup, measured
-// as the main cost of an idle round trip and a tenth of the CPU under load.
+// the wait back to the scheduler until packets come again: a cold wait,
+// which parks the goroutine in the runtime poller (see coldPoll), bounded
+// by maxWait as a safety net. A wait in a normal blocking syscall would
+// have the runtime take the P from its thread after 20 µs, hand it off and
+// wake sysmon and another thread when the packet arrives: several context
+// switches per wakeup, measured as the main cost of an idle round trip and
+// a tenth of the CPU under load.
 // With one P (GOMAXPROCS 1) the reader yields before a hot wait
 // (runtime.Gosched), so that goroutines it made runnable, such as a worker
 // it just handed a packet to, and expired timers run first. A yield is not
@@ -179,6 +181,11 @@ type Conn struct {
 
 	fake *Fake // replaces the syscalls (SetFake)
 
+	// cold is where cold waits wait (see coldPoll); polling: the socket
+	// is in its epoll set (receive state).
+	cold    coldPoll
+	polling bool
+
 	closed      atomic.Bool
 	nbReads     atomic.Uint64 // non-blocking reads; blocking ones are waits
 	emptyRds    atomic.Uint64
@@ -255,12 +262,18 @@ func Open(cfg Config) (*Conn, error) {
 // newConn makes the Conn of fd, a socket in blocking mode, as cfg says
 // (its defaults filled in by Config.fill). On error fd is left open.
 func newConn(fd int, cfg *Config) (*Conn, error) {
-	tv := unix.NsecToTimeval(int64(maxWait))
+	// Only hot waits block in the kernel (see Conn).
+	tv := unix.NsecToTimeval(int64(hotWait))
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
 		return nil, fmt.Errorf("nfq: set receive timeout: %w", err)
 	}
+	ep, err := newColdPoll()
+	if err != nil {
+		return nil, err
+	}
 	c := &Conn{
-		sfd: newSysfd(fd),
+		cold: ep,
+		sfd:  newSysfd(fd),
 		cfg: QueueConfig{
 			CopyRange: cfg.CopyRange,
 			MaxLen:    cfg.MaxLen,
@@ -272,7 +285,7 @@ func newConn(fd int, cfg *Config) (*Conn, error) {
 		c.cfg.Flags |= FlagFailOpen
 	}
 	// A Conn dropped without Close still lets go of its socket (and so of
-	// its queue).
+	// its queue); the epoll instance's os.File has its own cleanup.
 	runtime.AddCleanup(c, func(s *sysfd) { s.close() }, c.sfd)
 	c.initRecv(cfg.Slots, int(cfg.CopyRange)+slotOverhead)
 	return c, nil
@@ -474,27 +487,31 @@ func (c *Conn) read(fd uintptr) {
 	} else {
 		// Turning hot takes one of the process's hot slots (see takeHot);
 		// without one the wait stays cold.
-		if c.hot != c.wantHot && (!c.wantHot || c.takeHot()) {
-			d := maxWait
-			if c.wantHot {
-				d = hotWait
-			}
-			tv := unix.NsecToTimeval(int64(d))
-			if unix.SetsockoptTimeval(int(fd), unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) == nil {
-				c.hot = c.wantHot
-				c.soloP = runtime.GOMAXPROCS(0) == 1
-				if !c.hot {
-					c.releaseHot()
-				}
-			} else {
+		if c.hot != c.wantHot {
+			if !c.wantHot {
+				c.hot = false
 				c.releaseHot()
-				c.hot, c.wantHot = false, false
+			} else if c.takeHot() {
+				c.hot = true
+				c.soloP = runtime.GOMAXPROCS(0) == 1
 			}
 		}
 		switch {
 		case c.hot:
+			if c.polling {
+				// Out of the epoll set while hot: each packet would
+				// otherwise run its callback too.
+				c.cold.remove(fd)
+				c.polling = false
+			}
 			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
+		case c.polling || c.cold.add(fd):
+			c.polling = true
+			n, e = c.cold.recv(fd, p, vlen)
 		default:
+			// The epoll set refused the socket (out of memory, or
+			// max_user_watches): wait in a blocking syscall, in hotWait
+			// slices.
 			n, _, e = unix.Syscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
 		}
 		if c.hot {
@@ -1011,9 +1028,9 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 
 // Stats are counters of a Conn.
 type Stats struct {
-	Reads        uint64        // receive syscalls (recvmmsg), EmptyReads included
-	EmptyReads   uint64        // receive syscalls that found nothing (EAGAIN)
-	Waits        uint64        // blocking receive syscalls (waits for the first packet), included in Reads
+	Reads        uint64        // receive syscalls (recvmmsg), EmptyReads included; a cold wait counts as one
+	EmptyReads   uint64        // non-blocking receive syscalls that found nothing (EAGAIN)
+	Waits        uint64        // waits for the first packet (a hot one is a blocking recvmmsg; see Conn), included in Reads
 	HotWaits     uint64        // Waits that kept the P, while packets kept coming (see Conn)
 	Yields       uint64        // times the reader, on the only P, yielded before a hot wait
 	Shared       bool          // a Send ran while a Next waited, so the reader yields every yieldEvery
@@ -1065,6 +1082,7 @@ func (c *Conn) Close() error {
 	// Wake a waiting Next: it returns, letting go of the socket (closed
 	// when the last reference to it ends).
 	c.wake()
+	c.cold.close()
 	if !c.sfd.close() {
 		return fmt.Errorf("nfq: close: %w", os.ErrClosed)
 	}
