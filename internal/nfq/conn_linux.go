@@ -219,9 +219,10 @@ func Open(cfg Config) (*Conn, error) {
 	cfg.fill()
 	// A blocking socket, outside the runtime poller, whose epoll would
 	// otherwise wake a thread for every packet that finds the socket
-	// empty, in parallel with the waiting Next (see Conn). Non-blocking
-	// reads are MSG_DONTWAIT; writes to the kernel never wait for the
-	// peer.
+	// empty, in parallel with the waiting Next (see Conn); cold waits
+	// reach the poller through an epoll instance of their own (see
+	// coldPoll). Non-blocking reads are MSG_DONTWAIT; writes to the kernel
+	// never wait for the peer.
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
 	if err != nil {
 		return nil, socketError("open netlink socket", err)
