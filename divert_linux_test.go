@@ -1960,7 +1960,11 @@ func TestReadWholeProc(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	buf, size, err := readWhole(f, nil)
+	fd, ok := procFileOf(f) // as the reaper reads it
+	if !ok {
+		t.Fatal("no descriptor")
+	}
+	buf, size, err := readWhole(fd, nil)
 	if err != nil || size <= 4096 {
 		t.Fatalf("read %d bytes (%v); %d queues should take more than 4096", size, err, n)
 	}
