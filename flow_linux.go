@@ -781,9 +781,9 @@ func netAdmin(c *netlink.Conn) bool {
 // its size with another.
 var ctConfig = &netlink.Config{MessageBufferSize: 64 << 10}
 
-// resyncDrain is how long, after an overflow, the reader goes on reading
-// the events the socket still holds (older than the dump) before it dumps
-// conntrack's table.
+// resyncDrain is how long, after an overflow, a receive must find the
+// socket empty before the reader dumps conntrack's table: the events the
+// socket still holds are older than the dump, and read first.
 const resyncDrain = 2 * time.Millisecond
 
 // flowRecvHook, when not nil, is called by the reader of a handle opened
@@ -794,12 +794,25 @@ var flowRecvHook func()
 func (b *flowBackend) read() {
 	defer close(b.done)
 	var (
-		due  bool          // an overflow awaits its dump
-		last time.Duration // how long the last dump took
+		due   bool          // an overflow awaits its dump
+		dueAt time.Time     // no dump before then
+		last  time.Duration // how long the last dump took
 	)
 	for {
 		if b.recvHook != nil {
 			b.recvHook()
+		}
+		if due {
+			// The dump waits for a receive that finds the socket empty
+			// for resyncDrain, however long since the overflow: until
+			// the reader has emptied the socket the kernel reports no
+			// further overflow (it sets ENOBUFS again only once the
+			// queue was empty: NETLINK_S_CONGESTED), so events dropped
+			// meanwhile, after a dump, would be lost unseen. A deadline
+			// armed once, at the overflow, could pass before the next
+			// receive (a loaded machine, a slow program) and have the
+			// dump run with events still queued.
+			_ = b.conn.SetReadDeadline(later(dueAt, time.Now().Add(resyncDrain)))
 		}
 		ms, err := b.conn.Receive()
 		if err != nil {
@@ -809,12 +822,11 @@ func (b *flowBackend) read() {
 				// is lost.
 				b.overflowed()
 				if !due && b.dump != nil {
-					// Read what the buffer still holds for a moment,
-					// then dump; no sooner after the last dump than it
-					// took, so that dumps take at most half the
-					// reader's time.
+					// Read what the buffer still holds, then dump; no
+					// sooner after the last dump than it took, so that
+					// dumps take at most half the reader's time.
 					due = true
-					_ = b.conn.SetReadDeadline(time.Now().Add(max(resyncDrain, last)))
+					dueAt = time.Now().Add(max(resyncDrain, last))
 				}
 				continue
 			case due && errors.Is(err, os.ErrDeadlineExceeded):
@@ -850,6 +862,14 @@ func (b *flowBackend) read() {
 			}
 		}
 	}
+}
+
+// later returns the later of a and b.
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // resync dumps conntrack's table (IPCTNL_MSG_CT_GET with NLM_F_DUMP, on

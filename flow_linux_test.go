@@ -1899,3 +1899,118 @@ func routerPingOnly(t *testing.T, r *netnstest.Routed, h *Handle) {
 		t.Fatalf("forwarded flows reported:\n%s", fmtFlows(got))
 	}
 }
+
+// TestFlowResyncWaitsForEmptySocket: after an overflow of the event
+// socket, the dump runs only once a receive has found the socket empty,
+// however late the reader comes back to it. Until the socket is emptied
+// the kernel reports no further overflow, and an event still queued when
+// the dump ran was read after it: the NEW of a flow that ended during the
+// overflow (its DESTROY lost) was reported established, and its deletion
+// never. Here the reader, after reading the overflow's ENOBUFS, is held
+// 30 ms before its next receive (far past resyncDrain); every flow
+// reported established must then be reported deleted, the dump having
+// found them all gone.
+func TestFlowResyncWaitsForEmptySocket(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "flq", 0)
+	var hold sync.Mutex
+	atHook := make(chan struct{}, 1)
+	var sleepNext atomic.Int32 // 2: sleep at the second call from now
+	flowRecvHook = func() {
+		select {
+		case atHook <- struct{}{}:
+		default:
+		}
+		hold.Lock()
+		hold.Unlock()
+		if !sleepNext.CompareAndSwap(2, 1) && sleepNext.CompareAndSwap(1, 0) {
+			time.Sleep(30 * time.Millisecond)
+		}
+	}
+	h := openFlowIn(t, l.A.NS, "not loopback")
+	flowRecvHook = nil
+	b := h.b.(*flowBackend)
+	if err := setRecvBuf(b.conn, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitHook := func() {
+		t.Helper()
+		select {
+		case <-atHook:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the reader never came back to its receive")
+		}
+	}
+	waitHook() // its first receive
+	// The reader held at its next receive, after the event of a first flow.
+	hold.Lock()
+	held := true
+	defer func() {
+		if held {
+			hold.Unlock()
+		}
+	}()
+	udpSend(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7060))
+	waitHook()
+	// A burst overflows the socket; every flow then ends, unseen.
+	var burst *net.UDPConn
+	if err := l.A.NS.Do(func() (err error) {
+		burst, err = net.ListenUDP("udp4", nil)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer burst.Close()
+	for i := range 200 {
+		if _, err := burst.WriteToUDPAddrPort([]byte("b"), netip.AddrPortFrom(l.B.V4, uint16(7200+i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flushConntrack(t, l.A.NS)
+	sleepNext.Store(2) // the receive after the one that reads ENOBUFS waits 30 ms
+	hold.Unlock()
+	held = false
+
+	// Every flow reported established is reported deleted.
+	est := map[uint64]Address{}
+	del := map[uint64]bool{}
+	var got []Address
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ms := make([]Message, 16)
+		h.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		n, err := h.RecvBatch(ms)
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatal(err)
+		}
+		for _, m := range ms[:n] {
+			got = append(got, m.Addr)
+			switch m.Addr.Event {
+			case EventFlowEstablished:
+				est[m.Addr.Flow.EndpointID] = m.Addr
+			case EventFlowDeleted:
+				del[m.Addr.Flow.EndpointID] = true
+			}
+		}
+		missing := 0
+		for id := range est {
+			if !del[id] {
+				missing++
+			}
+		}
+		if n == 0 && len(est) > 0 && missing == 0 && sleepNext.Load() == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			for id, a := range est {
+				if !del[id] {
+					t.Errorf("established and never deleted: %s", fmtFlow(&a))
+				}
+			}
+			t.Fatalf("after 5 s, %d events:\n%s", len(got), fmtFlows(got))
+		}
+	}
+	if st, _ := h.Stats(); st.Overflows == 0 {
+		t.Fatalf("stats %+v: no overflow; the test provoked none", st)
+	}
+}
