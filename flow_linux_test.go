@@ -1404,20 +1404,7 @@ func TestFlowResyncAfterOverflow(t *testing.T) {
 		}
 	}()
 	// A burst of flows fills the buffer: the events past it are lost.
-	var burst *net.UDPConn
-	if err := l.A.NS.Do(func() (err error) {
-		burst, err = net.ListenUDP("udp4", nil)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer burst.Close()
-	const flows = 200
-	for i := range flows {
-		if _, err := burst.WriteToUDPAddrPort([]byte("b"), netip.AddrPortFrom(l.B.V4, uint16(7200+i))); err != nil {
-			t.Fatal(err)
-		}
-	}
+	udpBurst(t, l.A.NS, l.B.V4, 7200, 200)
 	// Every entry deleted (D's DESTROY lost), then a UDP flow and a TCP
 	// connection whose events are lost; the old connection is picked up
 	// again.
@@ -1900,6 +1887,25 @@ func routerPingOnly(t *testing.T, r *netnstest.Routed, h *Handle) {
 	}
 }
 
+// udpBurst sends one datagram from ns to each of n ports of dst from
+// port on, from one socket, open until the test ends: n UDP flows at once.
+func udpBurst(t *testing.T, ns *netnstest.NS, dst netip.Addr, port uint16, n int) {
+	t.Helper()
+	var c *net.UDPConn
+	if err := ns.Do(func() (err error) {
+		c, err = net.ListenUDP("udp4", nil)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	for i := range n {
+		if _, err := c.WriteToUDPAddrPort([]byte("b"), netip.AddrPortFrom(dst, port+uint16(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestFlowResyncWaitsForEmptySocket: after an overflow of the event
 // socket, the dump runs only once a receive has found the socket empty,
 // however late the reader comes back to it. Until the socket is emptied
@@ -1953,19 +1959,7 @@ func TestFlowResyncWaitsForEmptySocket(t *testing.T) {
 	udpSend(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7060))
 	waitHook()
 	// A burst overflows the socket; every flow then ends, unseen.
-	var burst *net.UDPConn
-	if err := l.A.NS.Do(func() (err error) {
-		burst, err = net.ListenUDP("udp4", nil)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer burst.Close()
-	for i := range 200 {
-		if _, err := burst.WriteToUDPAddrPort([]byte("b"), netip.AddrPortFrom(l.B.V4, uint16(7200+i))); err != nil {
-			t.Fatal(err)
-		}
-	}
+	udpBurst(t, l.A.NS, l.B.V4, 7200, 200)
 	flushConntrack(t, l.A.NS)
 	sleepNext.Store(2) // the receive after the one that reads ENOBUFS waits 30 ms
 	hold.Unlock()
