@@ -781,14 +781,19 @@ func netAdmin(c *netlink.Conn) bool {
 // its size with another.
 var ctConfig = &netlink.Config{MessageBufferSize: 64 << 10}
 
-// resyncDrain is how long, after an overflow, a receive must find the
-// socket empty before the reader dumps conntrack's table: the events the
-// socket still holds are older than the dump, and read first.
-const resyncDrain = 2 * time.Millisecond
+// resyncDrain is how long, after an overflow, a receive waits for more
+// events before the reader dumps conntrack's table: the events the socket
+// still holds are older than the dump, and read first; the dump runs once
+// a receive found the socket empty (waited resyncDrain, or emptied it: see
+// emptied).
+var resyncDrain = 2 * time.Millisecond // a variable for tests
 
 // flowRecvHook, when not nil, is called by the reader of a handle opened
 // while it was set before each receive (tests: to hold the reader).
 var flowRecvHook func()
+
+// flowResyncHook, when not nil, is called before each dump (tests).
+var flowResyncHook func()
 
 // read is the reader goroutine: events from the socket to the queue.
 func (b *flowBackend) read() {
@@ -803,8 +808,9 @@ func (b *flowBackend) read() {
 			b.recvHook()
 		}
 		if due {
-			// The dump waits for a receive that finds the socket empty
-			// for resyncDrain, however long since the overflow: until
+			// The dump waits until a receive has emptied the socket (or
+			// waited resyncDrain for more), however long since the
+			// overflow: until
 			// the reader has emptied the socket the kernel reports no
 			// further overflow (it sets ENOBUFS again only once the
 			// queue was empty: NETLINK_S_CONGESTED), so events dropped
@@ -826,18 +832,12 @@ func (b *flowBackend) read() {
 					// sooner after the last dump than it took, so that
 					// dumps take at most half the reader's time.
 					due = true
-					dueAt = time.Now().Add(max(resyncDrain, last))
+					dueAt = time.Now().Add(last)
 				}
 				continue
 			case due && errors.Is(err, os.ErrDeadlineExceeded):
 				due = false
-				_ = b.conn.SetReadDeadline(time.Time{})
-				start := time.Now()
-				// A failed dump (Close, above all) deletes nothing:
-				// the overflow is counted, and the next receive says
-				// whether the socket is still open.
-				_ = b.resync()
-				last = time.Since(start)
+				last = b.resyncNow()
 				continue
 			}
 			b.mu.Lock()
@@ -861,7 +861,48 @@ func (b *flowBackend) read() {
 				b.tr.handle(&e, now)
 			}
 		}
+		if due && !time.Now().Before(dueAt) && b.emptied() {
+			// Events keep coming, but this receive emptied the socket:
+			// the dump need not wait for a quiet moment.
+			due = false
+			last = b.resyncNow()
+		}
 	}
+}
+
+// resyncNow dumps conntrack's table (resync) and returns how long it took.
+// A failed dump (Close, above all) deletes nothing: the overflow is
+// counted, and the next receive says whether the socket is still open.
+func (b *flowBackend) resyncNow() time.Duration {
+	_ = b.conn.SetReadDeadline(time.Time{})
+	if flowResyncHook != nil {
+		flowResyncHook()
+	}
+	start := time.Now()
+	_ = b.resync()
+	return time.Since(start)
+}
+
+// emptied reports whether the event socket holds nothing now: a peek that
+// finds nothing, which also lets the kernel report the next overflow (it
+// does once a receive found the queue empty). An overflow the peek meets
+// is counted.
+func (b *flowBackend) emptied() bool {
+	raw, err := b.conn.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var e error
+	var buf [1]byte
+	if raw.Control(func(fd uintptr) {
+		_, _, e = unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	}) != nil {
+		return false
+	}
+	if errors.Is(e, unix.ENOBUFS) {
+		b.overflowed() // the error is consumed: count it here
+	}
+	return errors.Is(e, unix.EAGAIN)
 }
 
 // later returns the later of a and b.

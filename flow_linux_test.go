@@ -2008,3 +2008,72 @@ func TestFlowResyncWaitsForEmptySocket(t *testing.T) {
 		t.Fatalf("stats %+v: no overflow; the test provoked none", st)
 	}
 }
+
+// TestFlowResyncDuringSteadyEvents: after an overflow, the dump does not
+// wait for a quiet moment of the event socket: with a new flow every
+// 0.5 ms it runs once a receive emptied the socket, while the flows keep
+// coming. The wait for a quiet moment is made 10 s here, so that only an
+// emptied socket can start the dump within the stream's 2 s.
+func TestFlowResyncDuringSteadyEvents(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "flz", 0)
+	var dumps atomic.Int32
+	flowResyncHook = func() { dumps.Add(1) }
+	drain := resyncDrain
+	resyncDrain = 10 * time.Second
+	t.Cleanup(func() { flowResyncHook, resyncDrain = nil, drain }) // after the handle's Close
+	h := openFlowIn(t, l.A.NS, "not loopback")
+	b := h.b.(*flowBackend)
+	if err := setRecvBuf(b.conn, 0); err != nil {
+		t.Fatal(err)
+	}
+	var steady *net.UDPConn
+	if err := l.A.NS.Do(func() (err error) {
+		steady, err = net.ListenUDP("udp4", nil)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer steady.Close()
+	// The handle's queue is read meanwhile, so that it never fills.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		ms := make([]Message, 64)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			h.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			h.RecvBatch(ms)
+		}
+	}()
+	defer func() { close(stop); wg.Wait() }()
+	const steadyFor = 2 * time.Second
+	end := time.Now().Add(steadyFor)
+	var during int32 = -1
+	for i := 0; time.Now().Before(end); i++ {
+		if i == 100 {
+			udpBurst(t, l.A.NS, l.B.V4, 7200, 200) // the overflow
+		}
+		if _, err := steady.WriteToUDPAddrPort([]byte("s"), netip.AddrPortFrom(l.B.V4, uint16(10000+i%20000))); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(500 * time.Microsecond)
+		if i > 100 && during < 0 && dumps.Load() > 0 {
+			during = int32(i)
+		}
+	}
+	st, _ := h.Stats()
+	if st.Overflows == 0 {
+		t.Fatalf("stats %+v: no overflow; the test provoked none", st)
+	}
+	if during < 0 {
+		t.Fatalf("no dump while the flows kept coming (%d dumps in all, stats %+v)", dumps.Load(), st)
+	}
+	t.Logf("first dump by flow %d of the steady stream; %d dumps, stats %+v", during, dumps.Load(), st)
+}
