@@ -1887,9 +1887,9 @@ func routerPingOnly(t *testing.T, r *netnstest.Routed, h *Handle) {
 	}
 }
 
-// udpBurst sends one datagram from ns to each of n ports of dst from
-// port on, from one socket, open until the test ends: n UDP flows at once.
-func udpBurst(t *testing.T, ns *netnstest.NS, dst netip.Addr, port uint16, n int) {
+// udpSocket opens an IPv4 UDP socket in ns, on an ephemeral port, open
+// until the test ends.
+func udpSocket(t *testing.T, ns *netnstest.NS) *net.UDPConn {
 	t.Helper()
 	var c *net.UDPConn
 	if err := ns.Do(func() (err error) {
@@ -1899,6 +1899,14 @@ func udpBurst(t *testing.T, ns *netnstest.NS, dst netip.Addr, port uint16, n int
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// udpBurst sends one datagram from ns to each of n ports of dst from
+// port on, from one socket, open until the test ends: n UDP flows at once.
+func udpBurst(t *testing.T, ns *netnstest.NS, dst netip.Addr, port uint16, n int) {
+	t.Helper()
+	c := udpSocket(t, ns)
 	for i := range n {
 		if _, err := c.WriteToUDPAddrPort([]byte("b"), netip.AddrPortFrom(dst, port+uint16(i))); err != nil {
 			t.Fatal(err)
@@ -2027,14 +2035,7 @@ func TestFlowResyncDuringSteadyEvents(t *testing.T) {
 	if err := setRecvBuf(b.conn, 0); err != nil {
 		t.Fatal(err)
 	}
-	var steady *net.UDPConn
-	if err := l.A.NS.Do(func() (err error) {
-		steady, err = net.ListenUDP("udp4", nil)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer steady.Close()
+	steady := udpSocket(t, l.A.NS)
 	// The handle's queue is read meanwhile, so that it never fills.
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
