@@ -316,9 +316,10 @@ var (
 	// ERROR_INSUFFICIENT_BUFFER), and on Linux, wrapped, when the packet is
 	// longer than the 65531 bytes the kernel's queue hands over (a whole
 	// 65535-byte datagram at the output hook, before fragmentation). On
-	// Linux such a packet can be sent back unchanged, not changed; on
-	// Windows and FreeBSD the packet has left the kernel, and only what
-	// was received can be sent. (On Linux, Send of the received bytes
+	// Linux such a packet can be sent back unchanged, not changed (Send
+	// then returns an error wrapping ErrTruncated and the packet stays
+	// held); on Windows and FreeBSD the packet has left the kernel, and
+	// only what was received can be sent. (On Linux, Send of the received bytes
 	// unchanged puts the whole original packet back; elsewhere, and with
 	// NewPipe, the cut packet is sent, and must then be whole: see Send.)
 	ErrTruncated = errors.New("divert: packet truncated: buffer too small")

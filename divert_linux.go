@@ -1013,7 +1013,9 @@ func (b *linuxBackend) verdictLocked(a *Address, v nfq.Verdict, pkt []byte, hold
 	fix := false
 	if v == nfq.Accept && !b.track.Unchanged(i, pkt) {
 		if s.trunc {
-			return 0, errors.New("divert: cannot reinject a changed packet the kernel handed over truncated")
+			// ErrTruncated, as Recv reported it: only the whole original
+			// can go back (unchanged); the packet stays held.
+			return 0, fmt.Errorf("divert: cannot reinject a changed packet: %w", errKernelTruncated)
 		}
 		if len(pkt) > nfq.MaxCopyRange {
 			// The verdict's payload attribute has a 16-bit length.

@@ -1633,7 +1633,8 @@ func TestLinuxDropV6Unclear(t *testing.T) {
 
 // TestLinuxKernelTruncatedRecv receives a packet longer than NFQUEUE
 // hands over (a 65535-byte UDP datagram at the output hook, before
-// fragmentation) into an MTUMax buffer: Recv must say it is cut, and
+// fragmentation) into an MTUMax buffer: Recv must say it is cut, sending
+// it back changed must fail with ErrTruncated and leave it held, and
 // sending it back unchanged must still deliver the whole datagram.
 func TestLinuxKernelTruncatedRecv(t *testing.T) {
 	netnstest.RequireRoot(t)
@@ -1650,6 +1651,11 @@ func TestLinuxKernelTruncatedRecv(t *testing.T) {
 	n, err := h.Recv(buf, &a)
 	if !errors.Is(err, ErrTruncated) || n != 65531 || binary.BigEndian.Uint16(buf[2:]) != 65535 {
 		t.Fatalf("Recv of a 65535-byte packet: n %d, err %v", n, err)
+	}
+	changed := bytes.Clone(buf[:n])
+	changed[n-1] ^= 0xff
+	if _, err := h.Send(changed, &a); !errors.Is(err, ErrTruncated) {
+		t.Fatalf("Send of the cut packet changed: %v, want ErrTruncated", err)
 	}
 	if _, err := h.Send(buf[:n], &a); err != nil {
 		t.Fatalf("Send unchanged: %v", err)
