@@ -251,9 +251,9 @@ func (p *Packet) setPort(port uint16, off int) error {
 	udp := false
 	cut, isCut := p.cutHeader()
 	switch {
-	case p.TCP != nil && len(p.TCP) >= 18:
+	case len(p.TCP) >= 18:
 		h, sum = p.TCP, p.TCP[16:18]
-	case p.UDP != nil && len(p.UDP) >= 8:
+	case len(p.UDP) >= 8:
 		h, sum, udp = p.UDP, p.UDP[6:8], true
 	case isCut && p.Protocol == packet.ProtoTCP && len(cut) >= 18:
 		h, sum = cut, cut[16:18] // cut after its checksum
