@@ -58,10 +58,15 @@ func lifecycleRun(t *testing.T, l *netnstest.Link, h *Handle, port uint16, n int
 					ch <- seen{m.Addr, bytes.Clone(m.Buf[:m.N])}
 				}
 				if errors.Is(err, os.ErrDeadlineExceeded) {
-					// As a program would, not in a spin. Spinning here
-					// with every thread on one CPU (taskset -c 0) left the
-					// sink's Read asleep for seconds with datagrams in its
-					// socket (Linux 6.18, go1.26; cause not found).
+					// As a program would, not in a spin. With every
+					// thread on one CPU (taskset -c 0, so GOMAXPROCS=1)
+					// two readers spinning here keep the only P busy, and
+					// a timer fires only when the scheduler next runs,
+					// after a spinning goroutine is preempted (10 ms): the
+					// sender's 300 µs sleeps took 15 ms each (p50, an
+					// execution trace), and the test 14.5 s instead of
+					// 3 s. A spin on a net.Conn past its deadline does
+					// the same: neither returns through the scheduler.
 					time.Sleep(time.Millisecond)
 					continue
 				}
