@@ -105,6 +105,10 @@ start() { # start QUEUE BIN: the daemon's pid in SP
 }
 sched_ns() { # CPU ns of every thread of process $1
 	local t s=0
+	if [ ! -d /proc/"$1"/task ]; then
+		echo "simul.sh: daemon $1 has exited (its stderr went to /dev/null: run it by hand)" >&2
+		return 1
+	fi
 	for t in /proc/"$1"/task/*/schedstat; do s=$((s + $(cut -d' ' -f1 "$t"))); done
 	echo "$s"
 }
