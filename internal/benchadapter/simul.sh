@@ -15,7 +15,9 @@
 #   - sends PINGS sequential echo round trips to each daemon's echo port, in
 #     PBLK alternating blocks: RTT p50 per daemon.
 # It prints per round the ratio ours/C of CPU per packet and the difference
-# ours-C of RTT p50, and their medians at the end. Daemons, echo servers and
+# ours-C of RTT p50, and at the end their medians, then their means with
+# standard errors (how far a median of N rounds can be trusted: RTT medians
+# of separate runs move by several us). Daemons, echo servers and
 # ping clients run on CPU 1, as run.sh's PIN=split places them.
 #
 # Sequential runs (run.sh, one daemon after the other) compare moments of
@@ -184,4 +186,9 @@ print(f"{len(ratios)} rounds: CPU per packet ours/C median {st.median(ratios):.3
       f"(range {min(ratios):.3f}-{max(ratios):.3f}); idle CPU per packet {st.median(idle):.3f} "
       f"(range {min(idle):.3f}-{max(idle):.3f}); RTT p50 ours-C median {st.median(diffs):+.1f} us "
       f"(range {min(diffs):+.1f} to {max(diffs):+.1f})")
+if len(ratios) > 1:
+    se = lambda x: st.stdev(x) / len(x) ** 0.5
+    print(f"means, with their standard errors: CPU per packet {st.mean(ratios):.3f} ± {se(ratios):.3f}; "
+          f"idle CPU per packet {st.mean(idle):.3f} ± {se(idle):.3f}; "
+          f"RTT p50 ours-C {st.mean(diffs):+.1f} ± {se(diffs):.1f} us")
 PY
