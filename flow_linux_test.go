@@ -1947,15 +1947,32 @@ func TestFlowResyncWaitsForEmptySocket(t *testing.T) {
 	if err := setRecvBuf(b.conn, 0); err != nil {
 		t.Fatal(err)
 	}
-	waitHook := func() {
+	// waitHook waits for the reader to come back to its receive, calling
+	// poke (when not nil) each second meanwhile. Once, in a CI run, the
+	// reader did not come back within 5 s of the first flow's datagram
+	// (cause not found; 40 runs under two busy loops passed): another
+	// flow each second tells a lost event from a stuck reader, and the
+	// failure reports the handle's counters.
+	waitHook := func(poke func()) {
 		t.Helper()
-		select {
-		case <-atHook:
-		case <-time.After(5 * time.Second):
-			t.Fatal("the reader never came back to its receive")
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		deadline := time.After(5 * time.Second)
+		for {
+			select {
+			case <-atHook:
+				return
+			case <-tick.C:
+				if poke != nil {
+					poke()
+				}
+			case <-deadline:
+				st, _ := h.Stats()
+				t.Fatalf("the reader never came back to its receive; stats %+v", st)
+			}
 		}
 	}
-	waitHook() // its first receive
+	waitHook(nil) // its first receive
 	// The reader held at its next receive, after the event of a first flow.
 	hold.Lock()
 	held := true
@@ -1965,7 +1982,12 @@ func TestFlowResyncWaitsForEmptySocket(t *testing.T) {
 		}
 	}()
 	udpSend(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7060))
-	waitHook()
+	pokes := 0
+	waitHook(func() {
+		pokes++
+		t.Logf("no receive yet: another flow (%d)", pokes)
+		udpSend(t, l.A.NS, netip.AddrPortFrom(l.B.V4, 7060+uint16(pokes)))
+	})
 	// A burst overflows the socket; every flow then ends, unseen.
 	udpBurst(t, l.A.NS, l.B.V4, 7200, 200)
 	flushConntrack(t, l.A.NS)
