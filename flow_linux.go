@@ -810,14 +810,13 @@ func (b *flowBackend) read() {
 		if due {
 			// The dump waits until a receive has emptied the socket (or
 			// waited resyncDrain for more), however long since the
-			// overflow: until
-			// the reader has emptied the socket the kernel reports no
-			// further overflow (it sets ENOBUFS again only once the
-			// queue was empty: NETLINK_S_CONGESTED), so events dropped
-			// meanwhile, after a dump, would be lost unseen. A deadline
-			// armed once, at the overflow, could pass before the next
-			// receive (a loaded machine, a slow program) and have the
-			// dump run with events still queued.
+			// overflow: until the reader has emptied the socket the
+			// kernel reports no further overflow (it sets ENOBUFS again
+			// only once the queue was empty: NETLINK_S_CONGESTED), so
+			// events dropped meanwhile, after a dump, would be lost
+			// unseen. A deadline armed once, at the overflow, could pass
+			// before the next receive (a loaded machine, a slow program)
+			// and have the dump run with events still queued.
 			_ = b.conn.SetReadDeadline(later(dueAt, time.Now().Add(resyncDrain)))
 		}
 		ms, err := b.conn.Receive()

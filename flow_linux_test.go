@@ -1941,6 +1941,7 @@ func TestFlowResyncWaitsForEmptySocket(t *testing.T) {
 			time.Sleep(30 * time.Millisecond)
 		}
 	}
+	t.Cleanup(func() { flowRecvHook = nil }) // also if the open fails
 	h := openFlowIn(t, l.A.NS, "not loopback")
 	flowRecvHook = nil
 	b := h.b.(*flowBackend)
