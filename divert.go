@@ -339,6 +339,14 @@ var (
 	// which the fragment does not hold (the IPv4 header checksum is fixed
 	// all the same). Reassemble the datagram first, or skip that checksum.
 	ErrFragment = errors.New("divert: a fragment holds only part of the datagram")
+	// ErrNotQueued is wrapped by the error Send and Drop return for a
+	// received packet (or reassembled datagram) that is no longer queued
+	// for its verdict: already sent or dropped, through its Address or a
+	// copy of it, or dropped when it waited ParamQueueTime. Nothing is
+	// sent. Only where received packets wait in the kernel's queue (Linux)
+	// or in a Pipe: on Windows and FreeBSD a received packet has left the
+	// kernel, and every Send injects it anew.
+	ErrNotQueued = errors.New("divert: packet no longer queued")
 )
 
 type shutdownError struct{}

@@ -1006,7 +1006,7 @@ func (b *linuxBackend) verdictLocked(a *Address, v nfq.Verdict, pkt []byte, hold
 	}
 	i, ok := b.track.Lookup(s.id)
 	if !ok {
-		return 0, fmt.Errorf("divert: packet %d is no longer queued (already sent, dropped, or expired after %v)", s.id, time.Duration(b.queueTime.Load()))
+		return 0, fmt.Errorf("%w: id %d (already sent, dropped, or expired after %v)", ErrNotQueued, s.id, time.Duration(b.queueTime.Load()))
 	}
 	n := len(pkt) // unchanged: the kernel's own packet, whole
 	var payload []byte
@@ -1019,7 +1019,7 @@ func (b *linuxBackend) verdictLocked(a *Address, v nfq.Verdict, pkt []byte, hold
 		}
 		if len(pkt) > nfq.MaxCopyRange {
 			// The verdict's payload attribute has a 16-bit length.
-			return 0, fmt.Errorf("divert: cannot reinject a changed packet of %d bytes: NFQUEUE takes at most %d", len(pkt), nfq.MaxCopyRange)
+			return 0, fmt.Errorf("divert: cannot reinject a changed packet of %d bytes: NFQUEUE takes at most %d: %w", len(pkt), nfq.MaxCopyRange, ErrNotSupported)
 		}
 		// The kernel takes any bytes; the packet stays held, for the
 		// program to send corrected or drop.

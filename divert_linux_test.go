@@ -321,8 +321,56 @@ func TestLinuxNoListenerAndQueueTime(t *testing.T) {
 		done <- err
 	}()
 	l.A.NS.Ping(l.B.V4, 1, time.Second)
-	if err := <-done; err == nil || !strings.Contains(err.Error(), "no longer queued") {
-		t.Fatalf("Send after the queue time: %v, want a no-longer-queued error", err)
+	if err := <-done; !errors.Is(err, ErrNotQueued) {
+		t.Fatalf("Send after the queue time: %v, want ErrNotQueued", err)
+	}
+}
+
+// TestLinuxSendErrorSentinels: Send's refusals of a held packet wrap
+// their sentinels. A changed packet longer than NFQUEUE takes wraps
+// ErrNotSupported and leaves the packet held (the unchanged one then goes
+// through); a copy of an Address whose packet was sent names a packet no
+// longer queued, for Send and for Drop (ErrNotQueued).
+func TestLinuxSendErrorSentinels(t *testing.T) {
+	netnstest.RequireRoot(t)
+	l := netnstest.Pair(t, "dse", 0)
+	h := openIn(t, l.B.NS, "icmp and inbound", LayerNetwork, 0, 0)
+	buf := make([]byte, MTUMax)
+	var a Address
+	got := make(chan error, 1)
+	go func() {
+		h.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, err := h.Recv(buf, &a)
+		if err == nil {
+			buf = buf[:n]
+		}
+		got <- err
+	}()
+	pinged := make(chan int, 1)
+	go func() {
+		n, _ := l.A.NS.Ping(l.B.V4, 1, 3*time.Second)
+		pinged <- n
+	}()
+	if err := <-got; err != nil {
+		t.Fatalf("Recv: %v", err)
+	}
+	big := make([]byte, MTUMax) // changed, and longer than the 65531 bytes NFQUEUE takes
+	copy(big, buf)
+	if _, err := h.Send(big, &a); !errors.Is(err, ErrNotSupported) {
+		t.Fatalf("Send of a changed %d-byte packet: %v, want ErrNotSupported", len(big), err)
+	}
+	before := a
+	if _, err := h.Send(buf, &a); err != nil {
+		t.Fatalf("Send of the packet unchanged after the refusal: %v (it must have stayed held)", err)
+	}
+	if n := <-pinged; n != 1 {
+		t.Fatalf("%d replies to the ping sent back unchanged, want 1", n)
+	}
+	if _, err := h.Send(buf, &before); !errors.Is(err, ErrNotQueued) {
+		t.Fatalf("Send through a copy of a sent packet's Address: %v, want ErrNotQueued", err)
+	}
+	if err := h.Drop(&before); !errors.Is(err, ErrNotQueued) {
+		t.Fatalf("Drop through a copy of a sent packet's Address: %v, want ErrNotQueued", err)
 	}
 }
 
@@ -386,8 +434,8 @@ func TestLinuxReaperParks(t *testing.T) {
 	if el := time.Since(start); el < 200*time.Millisecond {
 		t.Fatalf("expired %v after it was received, before the 200 ms queue time", el)
 	}
-	if _, err := h.Send(buf[:1], &a); err == nil || !strings.Contains(err.Error(), "no longer queued") {
-		t.Fatalf("Send after expiry: %v", err)
+	if _, err := h.Send(buf[:1], &a); !errors.Is(err, ErrNotQueued) {
+		t.Fatalf("Send after expiry: %v, want ErrNotQueued", err)
 	}
 }
 

@@ -349,11 +349,11 @@ func TestFragHeldForwardVerdicts(t *testing.T) {
 				}
 				time.Sleep(50 * time.Millisecond)
 			}
-			if _, err := h.Send(d, &a); err == nil || !strings.Contains(err.Error(), "no longer queued") {
-				t.Errorf("Send of an expired datagram: %v, want no longer queued", err)
+			if _, err := h.Send(d, &a); !errors.Is(err, ErrNotQueued) {
+				t.Errorf("Send of an expired datagram: %v, want ErrNotQueued", err)
 			}
-			if err := h.Drop(&exp); err == nil || !strings.Contains(err.Error(), "no longer queued") {
-				t.Errorf("Drop of an expired datagram: %v, want no longer queued", err)
+			if err := h.Drop(&exp); !errors.Is(err, ErrNotQueued) {
+				t.Errorf("Drop of an expired datagram: %v, want ErrNotQueued", err)
 			}
 
 			// Held at Close: accepted.
@@ -445,15 +445,15 @@ func TestFragHeldPartlyExpired(t *testing.T) {
 	}
 	b.track.PopOldest() // the reaper's DROP of id 1
 	a2 := a
-	if _, err := b.sendDgram(buf[:n], &a, true); err == nil || !strings.Contains(err.Error(), "no longer queued") {
-		t.Fatalf("Send: %v, want no longer queued", err)
+	if _, err := b.sendDgram(buf[:n], &a, true); !errors.Is(err, ErrNotQueued) {
+		t.Fatalf("Send: %v, want ErrNotQueued", err)
 	}
 	if want := nfq.AppendVerdict(nil, b.queue, 2, nfq.Drop, nil); !bytes.Equal(b.vbuf, want) || len(b.acc) != 0 || b.track.Len() != 0 {
 		t.Fatalf("verdicts %x %v, %d held; want one DROP of id 2, nothing held", b.vbuf, b.acc, b.track.Len())
 	}
 	b.vbuf = b.vbuf[:0]
-	if _, err := b.sendDgram(buf[:n], &a2, true); err == nil || !strings.Contains(err.Error(), "no longer queued") || len(b.vbuf) != 0 {
-		t.Fatalf("second Send: %v, verdicts %x; want no longer queued, none", err, b.vbuf)
+	if _, err := b.sendDgram(buf[:n], &a2, true); !errors.Is(err, ErrNotQueued) || len(b.vbuf) != 0 {
+		t.Fatalf("second Send: %v, verdicts %x; want ErrNotQueued, none", err, b.vbuf)
 	}
 	if len(b.frag.free) != 1 || len(b.frag.spare) != 1 {
 		t.Fatalf("%d free slots, %d spare records; want 1 and 1", len(b.frag.free), len(b.frag.spare))

@@ -747,7 +747,7 @@ func (b *linuxBackend) dgramQueued(pd *pendingDgram) bool {
 // dgramGone is the error of Send and Drop for a datagram no longer
 // queued, the one verdictLocked gives a packet.
 func (b *linuxBackend) dgramGone(a *Address) error {
-	return fmt.Errorf("divert: datagram %d is no longer queued (already sent, dropped, or expired after %v)", a.sys.fragID, time.Duration(b.queueTime.Load()))
+	return fmt.Errorf("%w: datagram %d (already sent, dropped, or expired after %v)", ErrNotQueued, a.sys.fragID, time.Duration(b.queueTime.Load()))
 }
 
 // dropDgram drops every held fragment of the datagram a names. Called

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -31,7 +30,7 @@ func lifecycleRun(t *testing.T, l *netnstest.Link, h *Handle, port uint16, n int
 		if errors.Is(err, net.ErrClosed) || errors.Is(err, ErrShutdown) {
 			return
 		}
-		if strings.Contains(err.Error(), "no longer queued") {
+		if errors.Is(err, ErrNotQueued) {
 			return // expired under a short queue time (counted in Expired)
 		}
 		t.Errorf("%s: %v", what, err)

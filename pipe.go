@@ -349,7 +349,7 @@ func (p *Pipe) send(b []byte, a *Address) (int, error) {
 	return len(b), nil
 }
 
-var errNoLongerQueued = errors.New("divert: pipe: packet is no longer queued (expired, or sent or dropped through a copy of its Address)")
+var errNoLongerQueued = fmt.Errorf("%w: pipe (expired, or sent or dropped through a copy of its Address)", ErrNotQueued)
 
 func (p *Pipe) sendBatch(ms []Message) (int, error) {
 	for i := range ms {

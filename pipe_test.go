@@ -91,8 +91,8 @@ func TestPipeAddressAfterVerdict(t *testing.T) {
 	_, err = h.Send(buf[:n], &a)
 	require.NoError(t, err, "the second Send of the same Address injects")
 	_, err = h.Send(buf[:n], &before)
-	require.ErrorContains(t, err, "no longer queued", "a copy taken before the Send names a packet already sent")
-	require.ErrorContains(t, h.Drop(&before), "no longer queued")
+	require.ErrorIs(t, err, divert.ErrNotQueued, "a copy taken before the Send names a packet already sent")
+	require.ErrorIs(t, h.Drop(&before), divert.ErrNotQueued)
 	for range 2 {
 		_, _, ok := p.Next(time.Second)
 		require.True(t, ok)
@@ -262,7 +262,7 @@ func TestPipeQueueLimits(t *testing.T) {
 	_, err = p.Deliver(udp4(t, 99, ""), divert.Address{}) // services the queue
 	require.NoError(t, err)
 	_, err = h.Send(buf[:n], &a)
-	require.ErrorContains(t, err, "no longer queued", "expired after QueueTime")
+	require.ErrorIs(t, err, divert.ErrNotQueued, "expired after QueueTime")
 }
 
 func TestPipeLifecycle(t *testing.T) {
@@ -461,7 +461,7 @@ func TestPipeDeadlineAndExpiry(t *testing.T) {
 	require.NoError(t, err)
 	time.Sleep(time.Duration(divert.QueueTimeMin)*time.Millisecond + 20*time.Millisecond)
 	_, err = h.Send(buf[:n], &a)
-	require.ErrorContains(t, err, "no longer queued", "held past the queue time")
+	require.ErrorIs(t, err, divert.ErrNotQueued, "held past the queue time")
 	_, err = p.Deliver(udp4(t, 3, "fresh"), divert.Address{})
 	require.NoError(t, err)
 	n, err = h.Recv(buf, &a)
