@@ -26,10 +26,18 @@
 # of each other (OTHER=<our adapter binary> runs that A/A check, or
 # compares two builds).
 #
+# With LONE=N (default 0, off) each round ends with N lone packets per
+# daemon: single pings, each from a new ping client, alternating between
+# the two echo ports LONE_GAP seconds apart [0.02], so that every packet
+# finds its daemon idle (on Linux a lone packet wakes a waiting reader
+# cold; see internal/nfq's Conn): CPU per lone packet (ours/C) and the
+# lone round trip's p50 (ours-C), printed after the other figures.
+#
 # Knobs: OURS (adapter binary; default: built from this package), OTHER
 # (C, or a second adapter binary), GEN_PPS [50000] per queue, DUR [3],
-# PINGS [2000] per daemon per round, PBLK [4], BENCH_DIR [../shared/bench]
-# (the shared bench: its gen, sink and cnfq are built into $OUT).
+# PINGS [2000] per daemon per round, PBLK [4], LONE [0], LONE_GAP [0.02],
+# BENCH_DIR [../shared/bench] (the shared bench: its gen, sink and cnfq are
+# built into $OUT).
 # PINGS is run.sh's count: with fewer, the costs each block pays once (a
 # daemon that idled through the other's block waits cold for its first
 # packet, then turns hot) weigh on the idle CPU per packet: at 400 pings a
@@ -44,6 +52,8 @@ GEN_PPS=${GEN_PPS:-50000}
 DUR=${DUR:-3}
 PINGS=${PINGS:-2000}
 PBLK=${PBLK:-4}
+LONE=${LONE:-0}
+LONE_GAP=${LONE_GAP:-0.02}
 OTHER=${OTHER:-C}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 BENCH_DIR=${BENCH_DIR:-$REPO/../shared/bench}
@@ -117,8 +127,8 @@ sched_ns() { # CPU ns of every thread of process $1
 qstat() { # queue $1: packets queued so far (id sequence) and dropped
 	ip netns exec "$RX" awk -v q="$1" '$1 == q {print $8, $6 + $7}' /proc/net/netfilter/nfnetlink_queue
 }
-ping_p50() { # echo port $1, n $2 -> p50 in µs
-	taskset -c 1 ip netns exec "$TX" "$OUT/gen" -ping -dst 10.200.1.2:"$1" -n "$2" -warm 20 -dur 20s |
+ping_p50() { # echo port $1, n $2[, warm-up round trips $3] -> p50 in µs
+	taskset -c 1 ip netns exec "$TX" "$OUT/gen" -ping -dst 10.200.1.2:"$1" -n "$2" -warm "${3:-20}" -dur 20s |
 		awk -F= '$1 == "rtt_p50_us" {print $2}'
 }
 
@@ -158,26 +168,44 @@ for r in $(seq "$ROUNDS"); do
 	c2=$(sched_ns "$dc") o2=$(sched_ns "$do")
 	read -r ic1 _ < <(qstat "$qc")
 	read -r io1 _ < <(qstat "$qo")
+	lc=() lo=()
+	for _ in $(seq "$LONE"); do
+		lc+=("$(ping_p50 $((9001 + 2 * qc)) 1 0)")
+		sleep "$LONE_GAP"
+		lo+=("$(ping_p50 $((9001 + 2 * qo)) 1 0)")
+		sleep "$LONE_GAP"
+	done
+	c3=$(sched_ns "$dc") o3=$(sched_ns "$do")
+	read -r lc1 _ < <(qstat "$qc")
+	read -r lo1 _ < <(qstat "$qo")
 	stop_daemons
 	python3 - "$r" "$c0" "$c1" "$o0" "$o1" "$nc0" "$nc1" "$no0" "$no1" "$dropc" "$dropo" \
-		"$c2" "$o2" "$ic0" "$ic1" "$io0" "$io1" "${pc[*]}" "${po[*]}" <<'PY' | tee -a "$OUT/rounds.txt"
+		"$c2" "$o2" "$ic0" "$ic1" "$io0" "$io1" "$c3" "$o3" "$lc1" "$lo1" \
+		"${pc[*]}" "${po[*]}" "${lc[*]}" "${lo[*]}" <<'PY' | tee -a "$OUT/rounds.txt"
 import statistics as st, sys
-r, c0, c1, o0, o1, nc0, nc1, no0, no1, dc, do, c2, o2, ic0, ic1, io0, io1 = map(int, sys.argv[1:18])
-pc = [float(x) for x in sys.argv[18].split()]
-po = [float(x) for x in sys.argv[19].split()]
+(r, c0, c1, o0, o1, nc0, nc1, no0, no1, dc, do, c2, o2, ic0, ic1, io0, io1,
+ c3, o3, lc1, lo1) = map(int, sys.argv[1:22])
+pc, po, lc, lo = ([float(x) for x in a.split()] for a in sys.argv[22:26])
 cc, co = (c1 - c0) / max(nc1 - nc0, 1), (o1 - o0) / max(no1 - no0, 1)
 ic, io = (c2 - c1) / max(ic1 - ic0, 1), (o2 - o1) / max(io1 - io0, 1)
-print(f"round {r}: cpu/pkt C {cc:.0f} ns, ours {co:.0f} ns, ratio {co / cc:.4f}; "
-      f"packets {nc1 - nc0} and {no1 - no0}, dropped {dc} and {do}; "
-      f"idle cpu/pkt C {ic:.0f} ns, ours {io:.0f} ns, ratio {io / ic:.4f}; "
-      f"rtt p50 C {st.median(pc):.1f}, ours {st.median(po):.1f}, diff {st.median(po) - st.median(pc):+.1f} us")
+line = (f"round {r}: cpu/pkt C {cc:.0f} ns, ours {co:.0f} ns, ratio {co / cc:.4f}; "
+        f"packets {nc1 - nc0} and {no1 - no0}, dropped {dc} and {do}; "
+        f"idle cpu/pkt C {ic:.0f} ns, ours {io:.0f} ns, ratio {io / ic:.4f}; "
+        f"rtt p50 C {st.median(pc):.1f}, ours {st.median(po):.1f}, diff {st.median(po) - st.median(pc):+.1f} us")
+if lc:
+    lcc, lco = (c3 - c2) / max(lc1 - ic1, 1), (o3 - o2) / max(lo1 - io1, 1)
+    line += (f"; lone packets {lc1 - ic1} and {lo1 - io1}, cpu/pkt C {lcc:.0f} ns, ours {lco:.0f} ns, "
+             f"lone ratio {lco / lcc:.3f}; lone rtt p50 C {st.median(lc):.1f}, ours {st.median(lo):.1f}, "
+             f"lone diff {st.median(lo) - st.median(lc):+.1f} us")
+print(line)
 PY
 done
 python3 - "$OUT/rounds.txt" <<'PY'
 import re, statistics as st, sys
 ratios, idle, diffs = [], [], []
 for line in open(sys.argv[1]):
-    m = re.search(r"ratio ([\d.]+);.*ratio ([\d.]+);.*diff ([-+\d.]+) us", line)
+    m = re.search(r"ours \d+ ns, ratio ([\d.]+);.*?idle cpu/pkt C \d+ ns, ours \d+ ns, ratio ([\d.]+);"
+                  r".*?rtt p50 C [\d.]+, ours [\d.]+, diff ([-+\d.]+) us", line)
     if m:
         ratios.append(float(m.group(1)))
         idle.append(float(m.group(2)))
@@ -186,6 +214,15 @@ print(f"{len(ratios)} rounds: CPU per packet ours/C median {st.median(ratios):.3
       f"(range {min(ratios):.3f}-{max(ratios):.3f}); idle CPU per packet {st.median(idle):.3f} "
       f"(range {min(idle):.3f}-{max(idle):.3f}); RTT p50 ours-C median {st.median(diffs):+.1f} us "
       f"(range {min(diffs):+.1f} to {max(diffs):+.1f})")
+lone, lonediff = [], []
+for line in open(sys.argv[1]):
+    m = re.search(r"lone ratio ([\d.]+);.*lone diff ([-+\d.]+) us", line)
+    if m:
+        lone.append(float(m.group(1)))
+        lonediff.append(float(m.group(2)))
+if lone:
+    print(f"lone packets: CPU per packet ours/C median {st.median(lone):.2f} (range {min(lone):.2f}-{max(lone):.2f}); "
+          f"RTT p50 ours-C median {st.median(lonediff):+.1f} us (range {min(lonediff):+.1f} to {max(lonediff):+.1f})")
 if len(ratios) > 1:
     se = lambda x: st.stdev(x) / len(x) ** 0.5
     print(f"means, with their standard errors: CPU per packet {st.mean(ratios):.3f} ± {se(ratios):.3f}; "
