@@ -1376,6 +1376,7 @@ func TestFlowResyncAfterOverflow(t *testing.T) {
 	defer old.Close()
 	var hold sync.Mutex
 	flowRecvHook = func() { hold.Lock(); hold.Unlock() }
+	t.Cleanup(func() { flowRecvHook = nil }) // also if the open fails
 	h := openFlowIn(t, l.A.NS, "not loopback")
 	flowRecvHook = nil
 	b := h.b.(*flowBackend)

@@ -200,6 +200,7 @@ func TestFlowFilterDropsForwarded(t *testing.T) {
 	r := netnstest.Route(t, "flbf", 0)
 	var receives atomic.Int64
 	flowRecvHook = func() { receives.Add(1) }
+	t.Cleanup(func() { flowRecvHook = nil }) // also if the open fails
 	h := openFlowIn(t, r.Router(), "true")
 	flowRecvHook = nil
 	const flows = 100
