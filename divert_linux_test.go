@@ -441,12 +441,14 @@ func TestLinuxReaperParks(t *testing.T) {
 }
 
 // TestLinuxReaperStaysParkedBetweenPackets: a program that sends each
-// packet back before it waits again leaves the reaper parked. The Recv's
-// end wakes it; finding nothing held and the next Recv running, it parks
-// again without a tick (whose work, a read of the kernel's /proc table
-// among it, made each lone packet cost 0.1-0.2 ms of CPU more). With one
-// P the reaper runs only once the reader waits again, after the Send, so
-// the count of ticks is exact: one per packet before, none now.
+// lone packet back before it waits again leaves the reaper parked. The
+// Recv's end wakes it; finding nothing held and the next Recv running, it
+// parks again without a tick (whose work, a read of the kernel's /proc
+// table among it, made each lone packet cost 0.1-0.2 ms of CPU more). With
+// one P the reaper runs only once the reader waits again, after the Send,
+// so the count of ticks is exact: one per packet before, none now. Packets
+// less than a quarter of a tick apart make it tick as before, rather than
+// be woken by every Recv's end.
 func TestLinuxReaperStaysParkedBetweenPackets(t *testing.T) {
 	netnstest.RequireRoot(t)
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
@@ -486,16 +488,32 @@ func TestLinuxReaperStaysParkedBetweenPackets(t *testing.T) {
 		time.Sleep(150 * time.Millisecond) // more than a tick
 	}
 	ticks := b.reaperTicks.Load() - t0
+	// Packets 10 ms apart, a tenth of a tick: the reaper ticks, and wakes
+	// a few times a tick, not once a packet.
+	w0 := b.reaperWakes.Load()
+	const dense = 30
+	for i := range dense {
+		n, err := l.A.NS.Ping(l.B.V4, 1, time.Second)
+		if err != nil || n != 1 {
+			t.Fatalf("dense ping %d: %d replies, %v", i, n, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	wakes := b.reaperWakes.Load() - w0
 	st, _ := h.Stats()
 	h.Close()
 	if err := <-done; !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("the Recv/Send loop ended with %v, want net.ErrClosed", err)
 	}
-	if st.Received != pings || st.Sent != pings {
-		t.Fatalf("Stats %+v, want %d received and sent", st, pings)
+	if st.Received != pings+dense || st.Sent != pings+dense {
+		t.Fatalf("Stats %+v, want %d received and sent", st, pings+dense)
 	}
+	t.Logf("reaper: %d ticks for %d lone packets, %d wake-ups for %d packets 10 ms apart", ticks, pings, wakes, dense)
 	if ticks > 1 {
 		t.Fatalf("the reaper ticked %d times for %d lone packets each sent back before the next Recv, want none", ticks, pings)
+	}
+	if wakes > dense/2 {
+		t.Fatalf("the reaper was woken %d times by %d packets 10 ms apart, want about one a tick (100 ms)", wakes, dense)
 	}
 }
 
