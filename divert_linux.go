@@ -647,10 +647,12 @@ func (b *linuxBackend) recvEnd() {
 
 // reaperWakeDelay is how long after a receive call's end the parked reaper
 // wakes. Not at once: the program is likely sending the packets back then,
-// and with more Ps the wake-up is another thread's, which would run beside
-// the program's verdicts on the packets' way (measured: lone round trips
-// 13 µs longer with two Ps on one CPU); and what the reaper does (expiry,
-// draining) counts in ticks of 10 ms or more.
+// and with one P a reaper woken at once ran at the reader's next yield,
+// between a packet's verdict and the wait, while what the verdict woke
+// waited for the CPU (side by side with the build before, lone round trips
+// were 4 µs shorter when it woke at once and re-parked, 16-23 µs shorter
+// with the delay; internal/benchadapter's log). What the reaper does
+// (expiry, draining) counts in ticks of 10 ms or more.
 const reaperWakeDelay = time.Millisecond
 
 func (b *linuxBackend) recvBatch(ms []Message) (int, error) {
@@ -1327,14 +1329,13 @@ func (b *linuxBackend) expireLocked(now, qt int64) {
 // longer wakes the process while an idle handle's program waits in Recv.
 // Woken a quarter of a tick or more after the last wake-up, it looks
 // again, and parks again if nothing changed but the call: a lone packet
-// that the program sent back before it waited in Recv again (with one P,
-// always: the reaper runs once the reader waits) then costs it no tick,
-// whose work (the kernel's queue table read from /proc among it) made such
-// a packet cost 0.1-0.2 ms of CPU more. Woken sooner, packets are coming:
-// it returns, to work and tick as before, rather than be woken by every
-// receive call (with more Ps each wake-up is a thread's; more than four
-// cost more than a tick's work). It returns false when the handle is
-// closing.
+// that the program sent back, waiting in Recv again, by the time the
+// reaper woke (reaperWakeDelay) then costs it no tick, whose work (the
+// kernel's queue table read from /proc among it) made such a packet cost
+// 0.1-0.2 ms of CPU more. Woken sooner, packets are coming: it returns, to
+// work and tick as before, rather than be woken by every receive call
+// (each wake-up costs a goroutine switch, with more Ps a thread's wake-up).
+// It returns false when the handle is closing.
 func (b *linuxBackend) parkReaper(tick int64) bool {
 	for {
 		calls := b.recvCalls.Load()
