@@ -192,7 +192,7 @@ line = (f"round {r}: cpu/pkt C {cc:.0f} ns, ours {co:.0f} ns, ratio {co / cc:.4f
         f"packets {nc1 - nc0} and {no1 - no0}, dropped {dc} and {do}; "
         f"idle cpu/pkt C {ic:.0f} ns, ours {io:.0f} ns, ratio {io / ic:.4f}; "
         f"rtt p50 C {st.median(pc):.1f}, ours {st.median(po):.1f}, diff {st.median(po) - st.median(pc):+.1f} us")
-if lc:
+if lc and lo:  # a lost reply leaves its ping out
     lcc, lco = (c3 - c2) / max(lc1 - ic1, 1), (o3 - o2) / max(lo1 - io1, 1)
     line += (f"; lone packets {lc1 - ic1} and {lo1 - io1}, cpu/pkt C {lcc:.0f} ns, ours {lco:.0f} ns, "
              f"lone ratio {lco / lcc:.3f}; lone rtt p50 C {st.median(lc):.1f}, ours {st.median(lo):.1f}, "
