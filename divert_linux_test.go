@@ -478,27 +478,26 @@ func TestLinuxReaperStaysParkedBetweenPackets(t *testing.T) {
 			t.Fatal("the reaper never parked while the Recv waited")
 		}
 	}
+	// pingEach sends n pings, gap apart, each of which must be answered.
+	pingEach := func(what string, n int, gap time.Duration) {
+		t.Helper()
+		for i := range n {
+			got, err := l.A.NS.Ping(l.B.V4, 1, time.Second)
+			if err != nil || got != 1 {
+				t.Fatalf("%s ping %d: %d replies, %v", what, i, got, err)
+			}
+			time.Sleep(gap)
+		}
+	}
 	t0 := b.reaperTicks.Load()
 	const pings = 6
-	for i := range pings {
-		n, err := l.A.NS.Ping(l.B.V4, 1, time.Second)
-		if err != nil || n != 1 {
-			t.Fatalf("ping %d: %d replies, %v", i, n, err)
-		}
-		time.Sleep(150 * time.Millisecond) // more than a tick
-	}
+	pingEach("lone", pings, 150*time.Millisecond) // more than a tick apart
 	ticks := b.reaperTicks.Load() - t0
 	// Packets a few ms apart, well within a quarter of a tick (25 ms): the
 	// reaper ticks, and wakes a few times a tick, not once a packet.
 	w0 := b.reaperWakes.Load()
 	const dense = 30
-	for i := range dense {
-		n, err := l.A.NS.Ping(l.B.V4, 1, time.Second)
-		if err != nil || n != 1 {
-			t.Fatalf("dense ping %d: %d replies, %v", i, n, err)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	pingEach("dense", dense, 2*time.Millisecond)
 	wakes := b.reaperWakes.Load() - w0
 	st, _ := h.Stats()
 	h.Close()
