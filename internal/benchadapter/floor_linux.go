@@ -2,9 +2,12 @@ package main
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -19,7 +22,13 @@ import (
 // algorithm: a blocking recvfrom of one datagram, then non-blocking ones
 // until EAGAIN or 64 packets, then one batch verdict. -loop floor-mmsg
 // reads as internal/nfq does: one recvmmsg of 8 datagrams with
-// MSG_WAITFORONE. Both parse only each message's packet id.
+// MSG_WAITFORONE. Both parse only each message's packet id. -loop
+// floor-poll waits as Go programs do: the socket is non-blocking and in the
+// runtime's poller for good (an *os.File's RawConn), each read is a
+// non-blocking recvmmsg of 8, and the goroutine parks in the poller when
+// one finds nothing; the floor of a loop that lets go of its P whenever
+// the queue is empty, as ours does after a hot wait (see internal/nfq's
+// Conn).
 //
 // Unlike cnfq, a floor loop's socket has a receive timeout: it is what
 // makes a signal end the wait (EINTR) rather than restart it, so that the
@@ -70,11 +79,52 @@ func (c *connLoop) runFloor(loop string, hot bool, stopping *atomic.Bool) (verdi
 			b = b[l:]
 		}
 	}
+	var rc interface {
+		Read(func(fd uintptr) bool) error
+	}
+	var poll *os.File
+	if loop == "floor-poll" {
+		// O_NONBLOCK belongs to the open file, which the duplicate shares
+		// with the Conn's descriptor; only this loop reads it.
+		dfd, err := unix.Dup(int(fd))
+		if err != nil {
+			return 0, 0, fmt.Errorf("dup: %w", err)
+		}
+		if err := unix.SetNonblock(dfd, true); err != nil {
+			unix.Close(dfd)
+			return 0, 0, fmt.Errorf("nonblock: %w", err)
+		}
+		poll = os.NewFile(uintptr(dfd), "nfqueue")
+		defer poll.Close()
+		r, err := poll.SyscallConn()
+		if err != nil {
+			return 0, 0, err
+		}
+		rc = r
+		poll.SetReadDeadline(time.Now().Add(floorTimeout * time.Microsecond))
+	}
 	p := uintptr(unsafe.Pointer(&buf[0]))
 	for !stopping.Load() {
 		var n uintptr
 		var e unix.Errno
-		if loop == "floor-mmsg" {
+		if poll != nil {
+			// Parks in the runtime poller while the socket is empty; the
+			// deadline lets the loop look at stopping.
+			err := rc.Read(func(fd uintptr) bool {
+				n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&hdrs[0])), slots, unix.MSG_DONTWAIT, 0, 0)
+				return e != unix.EAGAIN
+			})
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				poll.SetReadDeadline(time.Now().Add(floorTimeout * time.Microsecond))
+				continue
+			}
+			if err != nil {
+				return verdicts, batches, fmt.Errorf("read: %w", err)
+			}
+			for i := 0; e == 0 && i < int(n); i++ {
+				take(area[i*size : i*size+int(hdrs[i].Len)])
+			}
+		} else if loop == "floor-mmsg" {
 			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&hdrs[0])), slots, unix.MSG_WAITFORONE, 0, 0)
 			for i := 0; e == 0 && i < int(n); i++ {
 				take(area[i*size : i*size+int(hdrs[i].Len)])

@@ -16,7 +16,8 @@
 // the batch loop: the queue socket layer, internal/nfq, without a Handle;
 // see conn_linux.go), -loop floor-recv and -loop floor-mmsg (the floor under
 // that: the C batch loop's algorithm in Go with raw syscalls, reading one
-// datagram per recvfrom or eight per recvmmsg; see floor_linux.go) and
+// datagram per recvfrom or eight per recvmmsg; -loop floor-poll waits in
+// the runtime's poller instead; see floor_linux.go) and
 // -cpuprofile FILE (a pprof CPU profile of the whole run,
 // for `go tool pprof -top`). Because run.sh
 // passes no extra flags, the environment variables BENCHADAPTER_LOOP,
@@ -56,7 +57,7 @@ func main() {
 	rcvbuf := flag.Uint64("rcvbuf", divert.QueueSizeDefault, "netlink receive buffer bytes (divert.ParamQueueSize)")
 	maxdur := flag.Duration("t", 60*time.Second, "hard cap on lifetime")
 	batch := flag.Int("batch", 64, "messages per RecvBatch (1..255)")
-	loop := flag.String("loop", "batch", "loop under test: batch (RecvBatch→SendBatch), single (Recv→Send), conn (internal/nfq alone), floor-recv or floor-mmsg (raw syscalls)")
+	loop := flag.String("loop", "batch", "loop under test: batch (RecvBatch→SendBatch), single (Recv→Send), conn (internal/nfq alone), floor-recv or floor-mmsg (raw syscalls), floor-poll (raw syscalls, waiting in the runtime poller)")
 	cpuprofile := flag.String("cpuprofile", "", "write a pprof CPU profile of the run to this file")
 	if v := os.Getenv("BENCHADAPTER_LOOP"); v != "" {
 		*loop = v
@@ -87,9 +88,9 @@ func run(queue uint, qlen, rcvbuf uint64, maxdur time.Duration, batch int, loop,
 	if batch < 1 || batch > divert.BatchMax {
 		return fmt.Errorf("-batch %d out of range [1, %d]", batch, divert.BatchMax)
 	}
-	floor := loop == "floor-recv" || loop == "floor-mmsg"
+	floor := loop == "floor-recv" || loop == "floor-mmsg" || loop == "floor-poll"
 	if loop != "batch" && loop != "single" && loop != "conn" && !floor {
-		return fmt.Errorf("-loop %q: want batch, single, conn, floor-recv or floor-mmsg", loop)
+		return fmt.Errorf("-loop %q: want batch, single, conn, floor-recv, floor-mmsg or floor-poll", loop)
 	}
 	// No FlagPassThrough, no FlagFailOpen: a slow loop must show up as loss.
 	var h stopper

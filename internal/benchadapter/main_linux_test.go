@@ -33,7 +33,7 @@ func TestMain(m *testing.M) {
 // queue in copy-packet mode, reinjects every queued packet unchanged, exits
 // within 3 s of SIGTERM and then reports exactly the verdicts it gave.
 func TestAdapterContract(t *testing.T) {
-	for _, loop := range []string{"batch", "single", "conn", "floor-recv", "floor-mmsg"} {
+	for _, loop := range []string{"batch", "single", "conn", "floor-recv", "floor-mmsg", "floor-poll"} {
 		// One P is what the bench gives the adapter (PIN=split pins it to
 		// one CPU): the stop must get through a wait that holds the P.
 		for _, procs := range []int{1, 2} {
