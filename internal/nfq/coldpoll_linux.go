@@ -40,6 +40,18 @@ type coldRead struct {
 	n             uintptr
 	e             syscall.Errno
 	try           func(uintptr) bool
+
+	// epoll_ctl's arguments and result, likewise (see ctl)
+	op    uintptr
+	ev    unix.EpollEvent
+	ce    syscall.Errno
+	doCtl func(uintptr)
+	ctls  uint64 // epoll_ctl calls made (for tests)
+}
+
+func (a *coldRead) ctl(ep uintptr) {
+	a.ctls++
+	_, _, a.ce = unix.RawSyscall6(unix.SYS_EPOLL_CTL, ep, a.op, a.sock, uintptr(unsafe.Pointer(&a.ev)), 0, 0)
 }
 
 func (a *coldRead) read(uintptr) bool {
@@ -70,22 +82,21 @@ func newColdPoll() (coldPoll, error) {
 		return coldPoll{}, fmt.Errorf("nfq: epoll instance: %w", err)
 	}
 	a := &coldRead{}
-	a.try = a.read
+	a.try, a.doCtl = a.read, a.ctl
 	return coldPoll{f: f, rc: rc, a: a}, nil
 }
 
 // ctl runs epoll_ctl on the instance for sock, holding the instance's
 // descriptor (a concurrent close cannot hand its number to another file
-// meanwhile).
+// meanwhile). It allocates nothing: the arguments live in cp.a.
 func (cp coldPoll) ctl(op int, sock uintptr) bool {
-	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(sock)}
-	var e syscall.Errno
-	if err := cp.rc.Control(func(ep uintptr) {
-		_, _, e = unix.RawSyscall6(unix.SYS_EPOLL_CTL, ep, uintptr(op), sock, uintptr(unsafe.Pointer(&ev)), 0, 0)
-	}); err != nil {
+	a := cp.a
+	a.op, a.sock = uintptr(op), sock
+	a.ev = unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(sock)}
+	if err := cp.rc.Control(a.doCtl); err != nil {
 		return false
 	}
-	return e == 0 || (op == unix.EPOLL_CTL_ADD && e == unix.EEXIST)
+	return a.ce == 0 || (op == unix.EPOLL_CTL_ADD && a.ce == unix.EEXIST)
 }
 
 // add puts sock in the set; it reports whether sock is in it.

@@ -79,23 +79,67 @@ func TestColdWaitWakes(t *testing.T) {
 			t.Fatalf("round %d: Next still blocked after 5 s", i)
 		}
 	}
-	// A datagram came: the next wait is hot, with the socket out of the
-	// set. The hot wait reads the datagram written meanwhile.
-	if _, err := unix.Write(peer, AppendPacket(nil, &Packet{ID: 100, Queue: 1, Payload: []byte{0x45, 0, 0, 20}})); err != nil {
-		t.Fatal(err)
-	}
-	hot0 := c.Stats().HotWaits
-	if err := c.Next(&p, true); err != nil || p.ID != 100 {
-		t.Fatalf("Next: %v (id %d)", err, p.ID)
-	}
-	if c.Stats().HotWaits != hot0+1 {
-		t.Fatalf("the wait after a datagram was not hot: %+v", c.Stats())
-	}
-	if w := epollWatches(t, c); len(w) != 0 {
-		t.Fatalf("epoll set %v after a hot wait, want it empty", w)
+	// A datagram came: the next wait is hot, with the socket still in the
+	// set (a lone packet's hot wait times out); once a hot wait brought a
+	// datagram, the next one takes the socket out of the set. Each hot
+	// wait reads the datagram written before it.
+	for id, want := range []int{1, 0} {
+		if _, err := unix.Write(peer, AppendPacket(nil, &Packet{ID: uint32(100 + id), Queue: 1, Payload: []byte{0x45, 0, 0, 20}})); err != nil {
+			t.Fatal(err)
+		}
+		hot0 := c.Stats().HotWaits
+		if err := c.Next(&p, true); err != nil || p.ID != uint32(100+id) {
+			t.Fatalf("Next: %v (id %d)", err, p.ID)
+		}
+		if c.Stats().HotWaits != hot0+1 {
+			t.Fatalf("the wait after a datagram was not hot: %+v", c.Stats())
+		}
+		if w := epollWatches(t, c); len(w) != want {
+			t.Fatalf("epoll set %v after hot wait %d, want %d descriptors", w, id+1, want)
+		}
 	}
 	if s := c.Stats(); s.Waits-s.HotWaits < 12 {
 		t.Fatalf("%d cold waits, want 12 at least", s.Waits-s.HotWaits)
+	}
+}
+
+// TestColdWaitLonePackets checks that lone datagrams, each followed by a
+// hot wait that times out and then by a cold wait, leave the socket in the
+// epoll set: no epoll_ctl call after the first, where taking the socket out
+// for the hot wait and back for the cold one cost two per datagram.
+func TestColdWaitLonePackets(t *testing.T) {
+	c, peer := pairConn(t, Config{Queue: 1})
+	var p Packet
+	var ctls uint64
+	for i := uint32(1); i <= 6; i++ {
+		before := c.Stats()
+		ch := waitCold(t, c, &p)
+		if _, err := unix.Write(peer, AppendPacket(nil, &Packet{ID: i, Queue: 1, Payload: []byte{0x45, 0, 0, 20}})); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-ch:
+			if err != nil || p.ID != i {
+				t.Fatalf("round %d: Next: %v (id %d)", i, err, p.ID)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("round %d: Next still blocked after 5 s", i)
+		}
+		s := c.Stats()
+		if i > 1 && s.HotWaits == before.HotWaits {
+			t.Fatalf("round %d: no hot wait before the cold one: %+v", i, s)
+		}
+		if s.Waits-s.HotWaits == before.Waits-before.HotWaits {
+			t.Fatalf("round %d: the datagram did not come to a cold wait: %+v", i, s)
+		}
+		if i == 1 {
+			ctls = c.cold.a.ctls
+		} else if c.cold.a.ctls != ctls {
+			t.Fatalf("round %d: %d epoll_ctl calls since the first lone datagram", i, c.cold.a.ctls-ctls)
+		}
+		if w := epollWatches(t, c); len(w) != 1 {
+			t.Fatalf("round %d: epoll set %v, want the socket", i, w)
+		}
 	}
 }
 
@@ -149,5 +193,28 @@ func TestColdWaitNoAlloc(t *testing.T) {
 	}
 	if s := c.Stats(); s.HotWaits != cold0.HotWaits || s.Waits-cold0.Waits != 51 {
 		t.Fatalf("stats %+v then %+v: want 51 cold waits", cold0, s)
+	}
+
+	// A burst after a cold wait: two hot waits, the second of which takes
+	// the socket out of the epoll set, then a cold wait puts it back.
+	ctls := c.cold.a.ctls
+	burst := func() {
+		for range 3 {
+			if _, err := unix.Write(peer, msg); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Next(&p, true); err != nil || p.ID != 7 {
+				t.Fatalf("Next: %v (id %d)", err, p.ID)
+			}
+		}
+		c.wantHot = false
+	}
+	if a := testing.AllocsPerRun(20, burst); a != 0 {
+		t.Fatalf("%v allocations per burst", a)
+	}
+	// 21 removals, and an addition at each burst's cold wait but the first
+	// (the cold waits before left the socket in the set).
+	if n := c.cold.a.ctls - ctls; n != 2*21-1 {
+		t.Fatalf("%d epoll_ctl calls for 21 bursts, want %d", n, 2*21-1)
 	}
 }

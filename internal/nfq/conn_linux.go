@@ -164,6 +164,7 @@ type Conn struct {
 	rfirst   int         // first slot the next read fills
 	rmax     int         // most datagrams the next read takes
 	hot      bool        // SO_RCVTIMEO is hotWait and waits are raw syscalls
+	hotData  bool        // the last wait was hot and brought datagrams
 	holdsHot atomic.Bool // c holds one of the process's hot slots (takeHot)
 	wantHot  bool        // what the next blocking read should be
 	// pktRead: a packet came with the last read that returned data, not
@@ -490,7 +491,7 @@ func (c *Conn) read(fd uintptr) {
 		// without one the wait stays cold.
 		if c.hot != c.wantHot {
 			if !c.wantHot {
-				c.hot = false
+				c.hot, c.hotData = false, false
 				c.releaseHot()
 			} else if c.takeHot() {
 				c.hot = true
@@ -499,9 +500,16 @@ func (c *Conn) read(fd uintptr) {
 		}
 		switch {
 		case c.hot:
-			if c.polling {
-				// Out of the epoll set while hot: each packet would
-				// otherwise run its callback too.
+			if c.polling && c.hotData {
+				// Out of the epoll set once hot waits bring packets: each
+				// packet would otherwise run its callback too. Not at the
+				// first hot wait after a cold one: a lone packet is
+				// followed by a hot wait that times out, and taking the
+				// socket out then putting it back cost two epoll_ctl calls
+				// per lone packet (an epitem allocated, hooked into the
+				// socket's wait queue, unhooked and freed): 14% of its CPU,
+				// measured side by side (internal/benchadapter/simul.sh
+				// with LONE).
 				c.cold.remove(fd)
 				c.polling = false
 			}
@@ -739,6 +747,7 @@ func (c *Conn) readInto(first int, block bool) error {
 			c.rtime = epochUnix + mono()
 			if block {
 				c.wantHot = true // packets are coming
+				c.hotData = c.hot
 			}
 			return nil
 		case unix.EAGAIN:
