@@ -107,10 +107,11 @@ func (cp coldPoll) remove(sock uintptr) { cp.ctl(unix.EPOLL_CTL_DEL, sock) }
 
 // recv is a cold wait: it reads sock (in the set) without blocking, and
 // while nothing is queued parks in the runtime poller until the socket
-// turns readable. It returns the datagrams read, or EAGAIN when the wait
-// ended without any: maxWait passed, or the instance was closed (Close).
-func (cp coldPoll) recv(sock, p, vlen uintptr) (uintptr, syscall.Errno) {
-	cp.f.SetReadDeadline(time.Now().Add(maxWait))
+// turns readable, for at most d. It returns the datagrams read, or EAGAIN
+// when the wait ended without any: d passed, kick ended it, or the
+// instance was closed (Close).
+func (cp coldPoll) recv(sock, p, vlen uintptr, d time.Duration) (uintptr, syscall.Errno) {
+	cp.f.SetReadDeadline(time.Now().Add(d))
 	a := cp.a
 	a.sock, a.p, a.vlen = sock, p, vlen
 	if err := cp.rc.Read(a.try); err != nil {
@@ -118,6 +119,10 @@ func (cp coldPoll) recv(sock, p, vlen uintptr) (uintptr, syscall.Errno) {
 	}
 	return a.n, a.e
 }
+
+// kick ends a cold wait in progress (EAGAIN); a later one sets its own
+// deadline.
+func (cp coldPoll) kick() { cp.f.SetReadDeadline(time.Unix(1, 0)) }
 
 // close closes the instance; a cold wait in it returns EAGAIN.
 func (cp coldPoll) close() { cp.f.Close() }

@@ -72,7 +72,7 @@ func TestColdWaitWakes(t *testing.T) {
 			if err != nil || p.ID != i {
 				t.Fatalf("round %d: Next: %v (id %d)", i, err, p.ID)
 			}
-			if d := time.Since(start); d > maxWait/2 {
+			if d := time.Since(start); d > wakeBound {
 				t.Fatalf("round %d: the datagram woke the cold wait after %v: not by its readiness", i, d)
 			}
 		case <-time.After(5 * time.Second):
@@ -143,6 +143,70 @@ func TestColdWaitLonePackets(t *testing.T) {
 	}
 }
 
+// wakeBound is how soon a wake-up (a packet, Close, a deadline) must end a
+// wait in these tests: far above a loaded machine's latency, far below
+// maxWait, the safety net.
+const wakeBound = 300 * time.Millisecond
+
+// TestColdWaitDeadline checks that a cold wait honours the read deadline
+// by itself where nothing answers the wake-up message (the peer of a
+// socketpair does not): a deadline set before the wait, one set during it,
+// and a later one set during it, which the wait goes on to.
+func TestColdWaitDeadline(t *testing.T) {
+	if maxWait < 4*wakeBound {
+		t.Fatalf("maxWait %v is too short for this test", maxWait)
+	}
+	c, peer := pairConn(t, Config{Queue: 1})
+	var p Packet
+	get := func(ch chan error, what string, min time.Duration, start time.Time) {
+		t.Helper()
+		select {
+		case err := <-ch:
+			if d := time.Since(start); !errors.Is(err, os.ErrDeadlineExceeded) || d < min || d > wakeBound {
+				t.Fatalf("%s: %v after %v, want %v after %v to %v", what, err, d, os.ErrDeadlineExceeded, min, wakeBound)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: Next still blocked after 5 s", what)
+		}
+	}
+
+	// Set before the wait.
+	start := time.Now()
+	c.SetReadDeadline(start.Add(60 * time.Millisecond))
+	ch := make(chan error, 1)
+	go func() { ch <- c.Next(&p, true) }()
+	get(ch, "deadline set before a cold wait", 55*time.Millisecond, start)
+
+	// Set during the wait.
+	c.SetReadDeadline(time.Time{})
+	ch = waitCold(t, c, &p)
+	start = time.Now()
+	c.SetReadDeadline(start.Add(40 * time.Millisecond))
+	get(ch, "deadline set during a cold wait", 35*time.Millisecond, start)
+
+	// A later deadline set during the wait: the wait goes on, and reads
+	// the datagram that comes before it.
+	c.SetReadDeadline(time.Time{})
+	ch = waitCold(t, c, &p)
+	c.SetReadDeadline(time.Now().Add(time.Minute))
+	select {
+	case err := <-ch:
+		t.Fatalf("Next returned when a later deadline was set: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if _, err := unix.Write(peer, AppendPacket(nil, &Packet{ID: 9, Queue: 1, Payload: []byte{0x45, 0, 0, 20}})); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-ch:
+		if err != nil || p.ID != 9 {
+			t.Fatalf("Next: %v (id %d)", err, p.ID)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Next still blocked 5 s after the datagram")
+	}
+}
+
 // TestColdWaitClose checks that Close ends a cold wait at once, with
 // os.ErrClosed, even where nothing answers its wake-up message (the peer
 // of a socketpair does not), and closes the epoll instance.
@@ -161,7 +225,7 @@ func TestColdWaitClose(t *testing.T) {
 		if !errors.Is(err, os.ErrClosed) {
 			t.Fatalf("Next woken by Close: %v", err)
 		}
-		if d := time.Since(start); d > maxWait*3/4 {
+		if d := time.Since(start); d > wakeBound {
 			t.Fatalf("Close ended the cold wait after %v: only by the safety net", d)
 		}
 	case <-time.After(5 * time.Second):
