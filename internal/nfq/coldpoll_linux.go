@@ -46,11 +46,11 @@ type coldRead struct {
 	ev    unix.EpollEvent
 	ce    syscall.Errno
 	doCtl func(uintptr)
-	ctls  uint64 // epoll_ctl calls made (for tests)
+	ctls  [4]uint64 // epoll_ctl calls made, by op (for tests)
 }
 
 func (a *coldRead) ctl(ep uintptr) {
-	a.ctls++
+	a.ctls[a.op&3]++
 	_, _, a.ce = unix.RawSyscall6(unix.SYS_EPOLL_CTL, ep, a.op, a.sock, uintptr(unsafe.Pointer(&a.ev)), 0, 0)
 }
 
@@ -86,13 +86,14 @@ func newColdPoll() (coldPoll, error) {
 	return coldPoll{f: f, rc: rc, a: a}, nil
 }
 
-// ctl runs epoll_ctl on the instance for sock, holding the instance's
-// descriptor (a concurrent close cannot hand its number to another file
-// meanwhile). It allocates nothing: the arguments live in cp.a.
-func (cp coldPoll) ctl(op int, sock uintptr) bool {
+// ctl runs epoll_ctl on the instance for sock, with events (EPOLLIN, or
+// none), holding the instance's descriptor (a concurrent close cannot hand
+// its number to another file meanwhile). It allocates nothing: the
+// arguments live in cp.a.
+func (cp coldPoll) ctl(op int, sock uintptr, events uint32) bool {
 	a := cp.a
 	a.op, a.sock = uintptr(op), sock
-	a.ev = unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(sock)}
+	a.ev = unix.EpollEvent{Events: events, Fd: int32(sock)}
 	if err := cp.rc.Control(a.doCtl); err != nil {
 		return false
 	}
@@ -100,10 +101,17 @@ func (cp coldPoll) ctl(op int, sock uintptr) bool {
 }
 
 // add puts sock in the set; it reports whether sock is in it.
-func (cp coldPoll) add(sock uintptr) bool { return cp.ctl(unix.EPOLL_CTL_ADD, sock) }
+func (cp coldPoll) add(sock uintptr) bool { return cp.ctl(unix.EPOLL_CTL_ADD, sock, unix.EPOLLIN) }
 
 // remove takes sock out of the set.
-func (cp coldPoll) remove(sock uintptr) { cp.ctl(unix.EPOLL_CTL_DEL, sock) }
+func (cp coldPoll) remove(sock uintptr) { cp.ctl(unix.EPOLL_CTL_DEL, sock, 0) }
+
+// mask leaves sock in the set with no events: a packet then runs the
+// set's callback, which returns at once, and never makes the instance
+// readable. arm undoes it. Each reports whether it succeeded.
+func (cp coldPoll) mask(sock uintptr) bool { return cp.ctl(unix.EPOLL_CTL_MOD, sock, 0) }
+
+func (cp coldPoll) arm(sock uintptr) bool { return cp.ctl(unix.EPOLL_CTL_MOD, sock, unix.EPOLLIN) }
 
 // recv is a cold wait: it reads sock (in the set) without blocking, and
 // while nothing is queued parks in the runtime poller until the socket

@@ -171,6 +171,7 @@ type Conn struct {
 	rmax     int         // most datagrams the next read takes
 	hot      bool        // SO_RCVTIMEO is hotWait and waits are raw syscalls
 	hotData  bool        // the last wait was hot and brought datagrams
+	masked   bool        // the socket is in the cold epoll set with no events (see hotOut)
 	holdsHot atomic.Bool // c holds one of the process's hot slots (takeHot)
 	wantHot  bool        // what the next blocking read should be
 	// pktRead: a packet came with the last read that returned data, not
@@ -506,22 +507,11 @@ func (c *Conn) read(fd uintptr) {
 		}
 		switch {
 		case c.hot:
-			if c.polling && c.hotData {
-				// Out of the epoll set once hot waits bring packets: each
-				// packet would otherwise run its callback too. Not at the
-				// first hot wait after a cold one: a lone packet is
-				// followed by a hot wait that times out, and taking the
-				// socket out then putting it back cost two epoll_ctl calls
-				// per lone packet (an epitem allocated, hooked into the
-				// socket's wait queue, unhooked and freed): 14% of its CPU,
-				// measured side by side (internal/benchadapter/simul.sh
-				// with LONE).
-				c.cold.remove(fd)
-				c.polling = false
+			if c.polling {
+				c.hotOut(fd)
 			}
 			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
-		case c.polling || c.cold.add(fd):
-			c.polling = true
+		case c.polling && !c.masked || c.coldIn(fd):
 			n, e = c.cold.recv(fd, p, vlen, c.coldLimit())
 		default:
 			// The epoll set refused the socket (out of memory, or
@@ -536,6 +526,49 @@ func (c *Conn) read(fd uintptr) {
 		}
 	}
 	c.rn, c.rerr = int(n), e
+}
+
+// hotOut keeps the epoll set of cold waits (see coldPoll) from reacting to
+// packets that come while c waits hot: each would run the set's callback,
+// and with more Ps the callback wakes the thread the runtime's poller
+// sleeps in. Once hot waits bring packets the socket leaves the set. At the
+// first hot wait after a cold one it stays: with one P as it is, since no
+// thread sleeps in the poller while the reader holds the only P, and with
+// more masked (no event). A lone packet is followed by a hot wait that
+// times out and a cold wait again, and taking the socket out of the set and
+// putting it back cost two epoll_ctl calls per lone packet (an epitem
+// allocated, hooked into the socket's wait queue, unhooked and freed): 14%
+// of its CPU, measured side by side (internal/benchadapter/simul.sh with
+// LONE); the socket left in the set unmasked made the second packet of a
+// pair 26 µs later with two Ps (the poller's thread woke first).
+func (c *Conn) hotOut(fd uintptr) {
+	switch {
+	case c.hotData:
+		c.cold.remove(fd)
+		c.polling, c.masked = false, false
+	case !c.masked && !c.soloP:
+		if c.cold.mask(fd) {
+			c.masked = true
+		} else {
+			c.cold.remove(fd)
+			c.polling = false
+		}
+	}
+}
+
+// coldIn puts the socket in the cold epoll set, with EPOLLIN; it reports
+// whether it is there.
+func (c *Conn) coldIn(fd uintptr) bool {
+	if c.polling && c.masked {
+		if c.cold.arm(fd) {
+			c.masked = false
+			return true
+		}
+		c.cold.remove(fd)
+		c.polling, c.masked = false, false
+	}
+	c.polling = c.cold.add(fd)
+	return c.polling
 }
 
 // coldLimit is how long a cold wait may last: maxWait, or less if the
