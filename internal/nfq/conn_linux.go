@@ -539,8 +539,11 @@ func (c *Conn) read(fd uintptr) {
 // putting it back cost two epoll_ctl calls per lone packet (an epitem
 // allocated, hooked into the socket's wait queue, unhooked and freed): 14%
 // of its CPU, measured side by side (internal/benchadapter/simul.sh with
-// LONE); the socket left in the set unmasked made the second packet of a
-// pair 26 µs later with two Ps (the poller's thread woke first).
+// LONE). Left in the set unmasked with two Ps, it made the second packet of
+// a pair come back about 26 µs later (the set's callback wakes the poller's
+// thread when another P is idle). With one P the unmasked socket costs that
+// second packet the set's callback, about 3 µs, and masking it 5% more CPU
+// per lone packet; it stays unmasked.
 func (c *Conn) hotOut(fd uintptr) {
 	switch {
 	case c.hotData:
