@@ -64,20 +64,8 @@ func TestColdWaitWakes(t *testing.T) {
 		if w := epollWatches(t, c); len(w) != 1 || w[0] != sock {
 			t.Fatalf("round %d: epoll set %v while waiting cold, want [%d]", i, w, sock)
 		}
-		start := time.Now()
-		if _, err := unix.Write(peer, AppendPacket(nil, &Packet{ID: i, Queue: 1, Payload: []byte{0x45, 0, 0, 20}})); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case err := <-ch:
-			if err != nil || p.ID != i {
-				t.Fatalf("round %d: Next: %v (id %d)", i, err, p.ID)
-			}
-			if d := time.Since(start); d > wakeBound {
-				t.Fatalf("round %d: the datagram woke the cold wait after %v: not by its readiness", i, d)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("round %d: Next still blocked after 5 s", i)
+		if d := deliver(t, peer, ch, &p, i); d > wakeBound {
+			t.Fatalf("round %d: the datagram woke the cold wait after %v: not by its readiness", i, d)
 		}
 	}
 	// A datagram came: the next wait is hot, with the socket still in the
@@ -110,14 +98,7 @@ func TestColdWaitWakes(t *testing.T) {
 // the two that mask it for the hot wait and arm it again, where taking it
 // out for the hot wait and back for the cold one cost an epitem's
 // allocation and release per datagram.
-func TestColdWaitLonePackets(t *testing.T) {
-	for _, procs := range []int{1, 2} {
-		t.Run(fmt.Sprintf("procs=%d", procs), func(t *testing.T) {
-			defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(procs))
-			testColdWaitLonePackets(t, procs)
-		})
-	}
-}
+func TestColdWaitLonePackets(t *testing.T) { withProcs(t, testColdWaitLonePackets) }
 
 func testColdWaitLonePackets(t *testing.T, procs int) {
 	c, peer := pairConn(t, Config{Queue: 1})
@@ -125,18 +106,7 @@ func testColdWaitLonePackets(t *testing.T, procs int) {
 	var ctls [4]uint64
 	for i := uint32(1); i <= 6; i++ {
 		before := c.Stats()
-		ch := waitCold(t, c, &p)
-		if _, err := unix.Write(peer, AppendPacket(nil, &Packet{ID: i, Queue: 1, Payload: []byte{0x45, 0, 0, 20}})); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case err := <-ch:
-			if err != nil || p.ID != i {
-				t.Fatalf("round %d: Next: %v (id %d)", i, err, p.ID)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("round %d: Next still blocked after 5 s", i)
-		}
+		deliver(t, peer, waitCold(t, c, &p), &p, i)
 		s := c.Stats()
 		if i > 1 && s.HotWaits == before.HotWaits {
 			t.Fatalf("round %d: no hot wait before the cold one: %+v", i, s)
@@ -161,6 +131,36 @@ func testColdWaitLonePackets(t *testing.T, procs int) {
 		if w := epollWatches(t, c); len(w) != 1 {
 			t.Fatalf("round %d: epoll set %v, want the socket", i, w)
 		}
+	}
+}
+
+// deliver writes a datagram with id to peer, the other end of the Conn's
+// socket, and waits for the Next whose result ch brings (waitCold) to
+// return it; it returns how long that took from the write.
+func deliver(t *testing.T, peer int, ch chan error, p *Packet, id uint32) time.Duration {
+	t.Helper()
+	start := time.Now()
+	if _, err := unix.Write(peer, AppendPacket(nil, &Packet{ID: id, Queue: 1, Payload: []byte{0x45, 0, 0, 20}})); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-ch:
+		if err != nil || p.ID != id {
+			t.Fatalf("datagram %d: Next: %v (id %d)", id, err, p.ID)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("datagram %d: Next still blocked after 5 s", id)
+	}
+	return time.Since(start)
+}
+
+// withProcs runs f as subtests with GOMAXPROCS 1, then 2.
+func withProcs(t *testing.T, f func(t *testing.T, procs int)) {
+	for _, procs := range []int{1, 2} {
+		t.Run(fmt.Sprintf("procs=%d", procs), func(t *testing.T) {
+			defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(procs))
+			f(t, procs)
+		})
 	}
 }
 
@@ -215,17 +215,7 @@ func TestColdWaitDeadline(t *testing.T) {
 		t.Fatalf("Next returned when a later deadline was set: %v", err)
 	case <-time.After(100 * time.Millisecond):
 	}
-	if _, err := unix.Write(peer, AppendPacket(nil, &Packet{ID: 9, Queue: 1, Payload: []byte{0x45, 0, 0, 20}})); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-ch:
-		if err != nil || p.ID != 9 {
-			t.Fatalf("Next: %v (id %d)", err, p.ID)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Next still blocked 5 s after the datagram")
-	}
+	deliver(t, peer, ch, &p, 9)
 }
 
 // TestColdWaitClose checks that Close ends a cold wait at once, with
@@ -259,14 +249,7 @@ func TestColdWaitClose(t *testing.T) {
 
 // TestColdWaitNoAlloc checks that a cold wait allocates nothing (with a
 // datagram queued, it reads it at its first try).
-func TestColdWaitNoAlloc(t *testing.T) {
-	for _, procs := range []int{1, 2} {
-		t.Run(fmt.Sprintf("procs=%d", procs), func(t *testing.T) {
-			defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(procs))
-			testColdWaitNoAlloc(t, procs)
-		})
-	}
-}
+func TestColdWaitNoAlloc(t *testing.T) { withProcs(t, testColdWaitNoAlloc) }
 
 func testColdWaitNoAlloc(t *testing.T, procs int) {
 	c, peer := pairConn(t, Config{Queue: 1})
