@@ -35,7 +35,8 @@ func epollWatches(t *testing.T, c *Conn) []int {
 }
 
 // waitCold starts a blocking Next in a goroutine and returns once it waits
-// cold, past any hot wait (hotWait is at most a tick, 10 ms with HZ=100).
+// cold, past any hot wait (its 1 ms receive timeout lasts a tick or two:
+// up to 8.8 ms measured with HZ=250, 20 ms with HZ=100).
 func waitCold(t *testing.T, c *Conn, p *Packet) chan error {
 	t.Helper()
 	ch := make(chan error, 1)
