@@ -1401,7 +1401,7 @@ func (b *linuxBackend) parkReaper(tick int64) bool {
 		}
 		b.parked.Store(true)
 		// A call that ended since the Load above either changed recvCalls,
-		// seen here, or saw parked set and sends on wake (both atomics are
+		// seen here, or saw parked set and armed wake (both atomics are
 		// sequentially consistent), so no wake-up is lost.
 		waited := false
 		if b.recvCalls.Load() == calls {

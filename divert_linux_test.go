@@ -428,6 +428,16 @@ func reaperHandle(t *testing.T, name string) (*netnstest.Link, *Handle) {
 	return l, h
 }
 
+// waitParked waits, 2 s at most, for b's reaper to park while a Recv waits.
+func waitParked(t *testing.T, b *linuxBackend) {
+	t.Helper()
+	for end := time.Now().Add(2 * time.Second); !b.parked.Load(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("the reaper never parked while the Recv waited")
+		}
+	}
+}
+
 // waitExpired waits for the one packet h holds, received at start with
 // Address a, to be dropped after the 200 ms queue time, and checks that it
 // can no longer be sent.
@@ -479,12 +489,7 @@ func TestLinuxReaperHeldWhileReceiving(t *testing.T) {
 		_, err = h.Recv(make([]byte, MTUMax), new(Address))
 		second <- err
 	}()
-	time.Sleep(100 * time.Millisecond) // the Recv waits; the reaper parks at its next tick
-	for end := time.Now().Add(2 * time.Second); !b.parked.Load(); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(end) {
-			t.Fatal("the reaper never parked while the Recv waited")
-		}
-	}
+	waitParked(t, b) // the Recv waits; the reaper parks at its next tick
 	start := time.Now()
 	go l.A.NS.Ping(l.B.V4, 1, time.Second)
 	if err := <-first; err != nil {
@@ -498,14 +503,13 @@ func TestLinuxReaperHeldWhileReceiving(t *testing.T) {
 }
 
 // TestLinuxReaperStaysParkedBetweenPackets: a program that sends each
-// lone packet back before it waits again leaves the reaper parked. The
-// Recv's end wakes it; finding nothing held and the next Recv running, it
-// parks again without a tick (whose work, a read of the kernel's /proc
-// table among it, made each lone packet cost 0.1-0.2 ms of CPU more). With
-// one P the reaper runs only once the reader waits again, after the Send,
-// so the count of ticks is exact: one per packet before, none now. Packets
-// less than a quarter of a tick apart make it tick as before, rather than
-// be woken by every Recv's end.
+// lone packet back before it waits again leaves the reaper parked, with no
+// tick (whose work, a read of the kernel's /proc table among it, made each
+// lone packet cost 0.1-0.2 ms of CPU more) and no wake-up: the Recv's end
+// arms one, and the next Recv, finding nothing held, stops it (lookAhead).
+// With one P the reaper runs only once the reader waits again, after the
+// Send, so the counts are exact. Packets less than a quarter of a tick
+// apart wake it to tick as before, rather than at every Recv's end.
 func TestLinuxReaperStaysParkedBetweenPackets(t *testing.T) {
 	netnstest.RequireRoot(t)
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
@@ -530,11 +534,7 @@ func TestLinuxReaperStaysParkedBetweenPackets(t *testing.T) {
 	}()
 	// The reaper parks at its first tick (100 ms with the default queue
 	// time) while the Recv waits.
-	for end := time.Now().Add(2 * time.Second); !b.parked.Load(); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(end) {
-			t.Fatal("the reaper never parked while the Recv waited")
-		}
-	}
+	waitParked(t, b)
 	// pingEach sends n pings, gap apart, each of which must be answered.
 	pingEach := func(what string, n int, gap time.Duration) {
 		t.Helper()

@@ -7,6 +7,7 @@ import (
 	"os"
 	"runtime"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -79,9 +80,7 @@ func (c *connLoop) runFloor(loop string, hot bool, stopping *atomic.Bool) (verdi
 			b = b[l:]
 		}
 	}
-	var rc interface {
-		Read(func(fd uintptr) bool) error
-	}
+	var rc syscall.RawConn
 	var poll *os.File
 	if loop == "floor-poll" {
 		// O_NONBLOCK belongs to the open file, which the duplicate shares
