@@ -19,6 +19,11 @@
  *                     SA_RESTART, as the runtime's);
  *   MON=2             the same thread without the signal.
  *
+ * RCVTIMEO=N (microseconds, default 0: none) gives the queue socket a
+ * receive timeout, as a Go reader that waits in a raw syscall, holding its
+ * P, needs so that a signal ends the wait (see internal/nfq's Conn; its
+ * hot waits use 1000): each blocking recv that sleeps then arms a timer.
+ *
  * Every thread of the process is on the CPU taskset gives it, as the Go
  * daemons' are. It takes the bench adapter's arguments (-q N; the others
  * are ignored: queue length 4096, receive buffer 4 MiB, as simul.sh gives
@@ -45,6 +50,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 #include <libnetfilter_queue/libnetfilter_queue.h>
@@ -111,6 +117,14 @@ int main(int argc, char **argv)
 	if (!qh || nfq_set_mode(qh, NFQNL_COPY_PACKET, 0xffff) < 0 || nfq_set_queue_maxlen(qh, 4096) < 0) { perror("queue"); return 1; }
 	nfnl_rcvbufsiz(nfq_nfnlh(h), 4 << 20);
 	int fd = nfq_fd(h);
+	const char *tmo = getenv("RCVTIMEO");
+	if (tmo && atol(tmo) > 0) {
+		struct timeval tv = {atol(tmo) / 1000000, atol(tmo) % 1000000};
+		if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0) {
+			perror("SO_RCVTIMEO");
+			return 1;
+		}
+	}
 	reader = syscall(SYS_gettid);
 	pthread_t t;
 	const char *mon = getenv("MON");
