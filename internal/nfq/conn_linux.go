@@ -173,7 +173,6 @@ type Conn struct {
 	rmax     int         // most datagrams the next read takes
 	hot      bool        // SO_RCVTIMEO is hotWait and waits are raw syscalls
 	hotData  bool        // the last wait was hot and brought datagrams
-	masked   bool        // the socket is in the cold epoll set with no events (see hotOut)
 	holdsHot atomic.Bool // c holds one of the process's hot slots (takeHot)
 	wantHot  bool        // what the next blocking read should be
 	// pktRead: a packet came with the last read that returned data, not
@@ -191,10 +190,10 @@ type Conn struct {
 
 	fake *Fake // replaces the syscalls (SetFake)
 
-	// cold is where cold waits wait (see coldPoll); polling: the socket
-	// is in its epoll set (receive state).
-	cold    coldPoll
-	polling bool
+	// cold is where cold waits wait (see coldPoll); inSet: where the socket
+	// stands in its epoll set (receive state).
+	cold  coldPoll
+	inSet coldSet
 
 	closed      atomic.Bool
 	nbReads     atomic.Uint64 // non-blocking reads; blocking ones are waits
@@ -509,11 +508,11 @@ func (c *Conn) read(fd uintptr) {
 		}
 		switch {
 		case c.hot:
-			if c.polling {
+			if c.inSet != setOut {
 				c.hotOut(fd)
 			}
 			n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, p, vlen, c.rflags, 0, 0)
-		case c.polling && !c.masked || c.coldIn(fd):
+		case c.inSet == setArmed || c.coldIn(fd):
 			n, e = c.cold.recv(fd, p, vlen, c.coldLimit())
 		default:
 			// The epoll set refused the socket (out of memory, or
@@ -550,30 +549,41 @@ func (c *Conn) hotOut(fd uintptr) {
 	switch {
 	case c.hotData:
 		c.cold.remove(fd)
-		c.polling, c.masked = false, false
-	case !c.masked && !c.soloP:
+		c.inSet = setOut
+	case c.inSet == setArmed && !c.soloP:
 		if c.cold.mask(fd) {
-			c.masked = true
+			c.inSet = setMasked
 		} else {
 			c.cold.remove(fd)
-			c.polling = false
+			c.inSet = setOut
 		}
 	}
 }
 
+// coldSet is where the queue socket stands in the epoll set of cold waits.
+type coldSet uint8
+
+const (
+	setOut    coldSet = iota // not in the set
+	setArmed                 // in it with EPOLLIN
+	setMasked                // in it with no events (see hotOut)
+)
+
 // coldIn puts the socket in the cold epoll set, with EPOLLIN; it reports
 // whether it is there.
 func (c *Conn) coldIn(fd uintptr) bool {
-	if c.polling && c.masked {
+	if c.inSet == setMasked {
 		if c.cold.arm(fd) {
-			c.masked = false
+			c.inSet = setArmed
 			return true
 		}
 		c.cold.remove(fd)
-		c.polling, c.masked = false, false
+		c.inSet = setOut
 	}
-	c.polling = c.cold.add(fd)
-	return c.polling
+	if c.inSet == setOut && c.cold.add(fd) {
+		c.inSet = setArmed
+	}
+	return c.inSet == setArmed
 }
 
 // coldLimit is how long a cold wait may last: maxWait, or less if the
